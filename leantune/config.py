@@ -202,6 +202,24 @@ class LoraConfig(Section):
 # ---------------------------------------------------------------------------------------- train
 
 
+class DistributedConfig(Section):
+    nproc_per_node: int = Field(
+        1, ge=1, description="Training processes on this machine, one per GPU (on the CPU: processes with the gloo "
+        "backend). Above 1 (or with nnodes above 1) training is launched with torchrun.",
+    )
+    nnodes: int = Field(1, ge=1, description="Machines taking part; above 1 needs train.distributed.rdzv_endpoint.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: a full replica of the trainable weights per process; fsdp: sharded (full and LoRA).",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend; 'auto' picks nccl on CUDA and gloo on the CPU.",
+    )
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of the rendezvous every node reaches (multi-node); one machine needs none.",
+    )
+    rdzv_id: str = Field("leantune", description="Rendezvous id shared by the nodes of one run (multi-node).")
+
+
 class TrainConfig(Section):
     global_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step; fixed for the run.")
     micro_batch_size: int = Field(
@@ -230,6 +248,9 @@ class TrainConfig(Section):
         False,
         description="Also write runs/<name>/merged/: the adapter merged into the base model (LoRA/QLoRA; the "
         "QLoRA base is reloaded unquantised in the compute dtype), loadable without peft.",
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Data-parallel training over several processes (torchrun).",
     )
 
 
@@ -382,6 +403,10 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     if cfg.model.method == "full" and cfg.lora.target_modules != "all-linear":
         problems.append("lora.target_modules: set but model.method is 'full', which trains every weight; "
                         "remove lora.target_modules or use method 'lora'")
+    d = t.distributed
+    if d.nnodes > 1 and not d.rdzv_endpoint:
+        problems.append("train.distributed.rdzv_endpoint: required when train.distributed.nnodes is above 1; give "
+                        "host:port of a machine every node reaches, e.g. node0.example:29500")
     s = cfg.model.scratch
     if s.num_heads % s.num_kv_heads:
         problems.append(
