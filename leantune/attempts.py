@@ -18,8 +18,14 @@ An attempt ends in one of these outcomes (`classify`):
   4. halve tokenize.max_seq_len, down to 64 (a fresh start on re-tokenized data)
 A killed process gets rungs 1-2 only (it may have been preempted rather than out of memory) and
 otherwise resumes unchanged. A NaN loss halves train.lr, and moves fp16 to bf16 where the GPU
-supports it (fp16's range is the usual cause); train.lr is part of what a checkpoint must match,
-so that attempt starts fresh.
+supports it (fp16's range is the usual cause). The lower lr alone resumes from the last checkpoint
+(saved before the NaN step), the schedule rescaled by new/old on load (checkpoint.py); a dtype
+change starts fresh.
+
+Training runs in its own process (leantune/training/launch.py). A failing process writes
+run_dir/attempt_error.json (`write_failure`: outcome, message, device facts) before it exits; the
+flow turns that file, or the exit status when there is none (SIGKILL), into `AttemptFailed` or the
+process's UserError (`attempt_failure`).
 
 `Adjustment.resume` says whether the next attempt may continue from the last checkpoint (the
 checkpoint manager's resume fingerprint is unchanged); `retokenize` whether the tokenize stage
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,10 +49,22 @@ from leantune.training.checkpoint import resume_fingerprint
 
 EXIT_STOPPED = 75  # the training loop's exit status after a clean stop on a signal (loop.py)
 MIN_SEQ_LEN = 64  # attempts do not shorten sequences below this (most records would be cut)
+FAILURE_FILE = "attempt_error.json"  # what a failed training process says about its end (write_failure)
 
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; another attempt with a lower learning rate may not."""
+
+
+class AttemptFailed(RuntimeError):
+    """A training process that ended without finishing, as the flow sees it: its outcome (see `classify`),
+    what it said (the failure file, or its exit status) and the device facts `adjust` needs."""
+
+    def __init__(self, outcome: str, message: str, returncode: int | None = None, *,
+                 device_type: str | None = None, bf16_supported: bool | None = None):
+        super().__init__(message)
+        self.outcome, self.message, self.returncode = outcome, message, returncode
+        self.device_type, self.bf16_supported = device_type, bf16_supported
 
 
 @dataclass
@@ -81,6 +100,8 @@ def classify(error: BaseException | None = None, returncode: int | None = None) 
     if error is not None:
         from leantune.training.adaptive import is_out_of_memory
 
+        if isinstance(error, AttemptFailed):
+            return error.outcome
         if isinstance(error, NonFiniteLoss):
             return "nan"
         if is_out_of_memory(error):
@@ -133,11 +154,75 @@ def report_from_run(attempt: int, run_dir: Path, *, error: BaseException | None 
                 step, micro = entry["step"], entry["micro_batch_size"]
             elif entry.get("event") == "micro_batch":
                 micro = entry["new"]  # the controller changed it after the last logged step
-    message = f"{type(error).__name__}: {error}" if error is not None else (
-        f"exit status {returncode}" if returncode else "")
+    if isinstance(error, AttemptFailed):
+        message = error.message
+        device_type = error.device_type or device_type
+        bf16_supported = error.bf16_supported if error.bf16_supported is not None else bf16_supported
+    elif error is not None:
+        message = f"{type(error).__name__}: {error}"
+    else:
+        message = f"exit status {returncode}" if returncode else ""
     return AttemptReport(attempt=attempt, outcome=classify(error, returncode), message=message, step=step,
                          micro_batch_size=micro, device_type=device_type, bf16_supported=bf16_supported,
                          reading=last_reading(Path(run_dir) / "monitor.csv"))
+
+
+# ------------------------------------------------------------------ the training process's failure file
+
+
+def write_failure(run_dir: Path, error: BaseException, cfg: RunConfig | None = None) -> None:
+    """Write run_dir/attempt_error.json: how the training process failed, for the flow to read.
+
+    {"outcome": classify(error), "error_type", "message", "user_error": a UserError that another
+    attempt would only repeat, "device_type", "bf16_supported"}. Written whole (a temporary file
+    renamed), so the flow reads either all of it or none; a process killed by a signal writes none.
+    """
+    device_type = bf16 = None
+    if cfg is not None:
+        try:
+            device_type, bf16 = device_facts(cfg)
+        except Exception:  # the failure itself may be the device's; the report goes out without the facts
+            pass
+    outcome = classify(error)
+    data = {"outcome": outcome, "error_type": type(error).__name__, "message": str(error),
+            "user_error": isinstance(error, UserError) and outcome == "error",
+            "device_type": device_type, "bf16_supported": bf16}
+    tmp = Path(run_dir) / f".{FAILURE_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, Path(run_dir) / FAILURE_FILE)
+
+
+def attempt_failure(run_dir: Path, returncode: int) -> Exception:
+    """The error a training process that exited with `returncode` (not 0) stands for in the flow.
+
+    From its failure file when it wrote one: a UserError for a user's mistake (the flow ends with
+    its message), else AttemptFailed with its outcome. Without one, from the exit status: killed by
+    SIGKILL, or an error.
+    """
+    path = Path(run_dir) / FAILURE_FILE
+    if path.is_file():
+        info = json.loads(path.read_text())
+        if info["user_error"]:
+            return UserError(info["message"])
+        return AttemptFailed(info["outcome"], f"{info['error_type']}: {info['message']}", returncode,
+                             device_type=info["device_type"], bf16_supported=info["bf16_supported"])
+    outcome = classify(returncode=returncode)
+    if outcome == "killed":
+        message = ("the training process was killed (SIGKILL: the kernel's out-of-memory killer, a preempted "
+                   "machine or a person)")
+    else:
+        message = f"the training process exited with status {returncode} without saying why; its log above may"
+    return AttemptFailed(outcome, message, returncode)
+
+
+def device_facts(cfg: RunConfig) -> tuple[str, bool | None]:
+    """The device type training runs on, and whether it computes in bf16 (CUDA only; else None)."""
+    import torch
+
+    from leantune.modeling import resolve_device
+
+    device = resolve_device(cfg)
+    return device.type, torch.cuda.is_bf16_supported() if device.type == "cuda" else None
 
 
 def adjust(config: RunConfig, report: AttemptReport) -> Adjustment | None:

@@ -205,11 +205,15 @@ class LoraConfig(Section):
 class DistributedConfig(Section):
     nproc_per_node: int = Field(
         1, ge=1, description="Training processes on this machine, one per GPU (on the CPU: processes with the gloo "
-        "backend). Above 1 (or with nnodes above 1) training is launched with torchrun.",
+        "backend). Above 1 (or with nnodes above 1) training is launched with torchrun. Each process trains on "
+        "train.global_batch_size / (nproc_per_node x nnodes) sequences of every step, in micro-batches of at most "
+        "train.micro_batch_size; the update is the single-process one.",
     )
     nnodes: int = Field(1, ge=1, description="Machines taking part; above 1 needs train.distributed.rdzv_endpoint.")
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="ddp: a full replica of the trainable weights per process; fsdp: sharded (full and LoRA).",
+        "ddp", description="ddp: a full replica of the model per process, gradients summed after every step. fsdp "
+        "(sharded weights) is refused for now: its collectives run inside forward and backward, where a process "
+        "out of memory would leave the others waiting.",
     )
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend; 'auto' picks nccl on CUDA and gloo on the CPU.",
@@ -229,7 +233,8 @@ class TrainConfig(Section):
         None, ge=1, description="Optimizer steps to run; default: epochs x sequences / global_batch_size."
     )
     epochs: float = Field(1.0, gt=0, description="Passes over the training sequences when max_steps is not set.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate. Changing it on resume rescales the "
+                      "schedule from the checkpoint on by new/old (recorded in metrics.jsonl).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps before the schedule.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
@@ -407,6 +412,17 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     if d.nnodes > 1 and not d.rdzv_endpoint:
         problems.append("train.distributed.rdzv_endpoint: required when train.distributed.nnodes is above 1; give "
                         "host:port of a machine every node reaches, e.g. node0.example:29500")
+    world = d.nproc_per_node * d.nnodes
+    if world > 1 and t.global_batch_size % world:
+        problems.append(f"train.global_batch_size: {t.global_batch_size} does not split evenly over {world} training "
+                        f"processes (train.distributed.nproc_per_node x nnodes); use a multiple of {world}, e.g. "
+                        f"{world * max(1, round(t.global_batch_size / world))}")
+    if d.strategy == "fsdp":
+        problems.append("train.distributed.strategy: 'fsdp' is not supported (its collectives inside forward and "
+                        "backward would leave the other processes waiting when one runs out of memory); use ddp")
+    if d.backend == "nccl" and t.device == "cpu":
+        problems.append("train.distributed.backend: nccl needs CUDA devices but train.device is 'cpu'; use "
+                        "train.distributed.backend=gloo (or auto)")
     s = cfg.model.scratch
     if s.num_heads % s.num_kv_heads:
         problems.append(

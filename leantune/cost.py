@@ -21,9 +21,11 @@ for one GPU):
                                  u the assumed utilisation
   energy                     E = t x board power x POWER_FRACTION
   cost                       rent = t x price per hour; electricity = E x power.price_per_kwh
-  after a run                MFU = D M / (t_measured x peak): the utilisation actually achieved,
-                             and each estimate's relative error against the measurement
-                             (run_dir/cost.json, `run_cost_report`; D = the tokens trained)
+  after a run                achieved FLOP/s = D M / t_measured, on any device (the CPU too);
+                             on a catalogued GPU also MFU = D M / (t_measured x peak): the
+                             utilisation actually achieved, and each estimate's relative error
+                             against the measurement (run_dir/cost.json, `run_cost_report`;
+                             D = the tokens trained)
 
 Assumed utilisation (`DEFAULT_UTILISATION`): 0.40 for full fine-tunes and 0.35 for LoRA, typical
 of well-fed single-GPU training in bf16, and 0.25 for QLoRA, whose 4-bit weights are dequantised
@@ -192,12 +194,22 @@ def run_costs(cfg, summary: dict, gpu: Gpu, shape=None) -> dict:
     est = estimate(work, gpu, precision=precision, price_per_kwh=price)
     got = measured(work, gpu, seconds=summary["train_seconds"], energy_j=summary.get("energy_j"),
                    precision=precision, price_per_kwh=price)
-    return {"gpu": gpu.name, "estimate": est.to_dict(), "measured": got.to_dict(), "error": estimate_error(est, got)}
+    return {**achieved(work, summary), "gpu": gpu.name, "estimate": est.to_dict(), "measured": got.to_dict(),
+            "error": estimate_error(est, got)}
+
+
+def achieved(workload: Workload, summary: dict) -> dict:
+    """The compute a finished run achieved on any device: model FLOPs (D M) over its training time."""
+    flops = workload.tokens * workload.model_flops_per_token
+    return {"device": summary.get("device"), "tokens": workload.tokens, "seconds": summary["train_seconds"],
+            "model_flops": flops, "achieved_flops_per_s": flops / summary["train_seconds"]}
 
 
 def run_cost_report(cfg, run_dir: Path, summary: dict) -> dict | None:
-    """run_dir/cost.json for a run trained on a catalogued GPU (power.gpu, else the one the monitor
-    saw): `run_costs`. None, and no file, for a run on the CPU, a GPU the catalogue lacks, or a model
+    """run_dir/cost.json of a finished run: the model FLOP/s it achieved (`achieved`) on any device, and
+    for a run on a catalogued GPU (power.gpu, else the one the monitor saw) also `run_costs`: the
+    estimate, the measured cost and MFU, the error. Elsewhere (the CPU, a GPU the catalogue lacks: no
+    known peak) "gpu", "estimate", "measured" and "error" are None. None, and no file, for a model
     whose shape is unknown."""
     from leantune.probe import model_shape
 
@@ -206,9 +218,13 @@ def run_cost_report(cfg, run_dir: Path, summary: dict) -> dict | None:
     index = Path(run_dir) / "tokens" / "train" / "index.json"
     vocab = json.loads(index.read_text())["tokenizer"]["vocab_size"] if index.is_file() else None
     shape = model_shape(cfg, vocab)
-    if gpu is None or shape is None or not summary.get("train_seconds"):
+    if shape is None or not summary.get("train_seconds"):
         return None
-    report = run_costs(cfg, summary, gpu, shape)
+    if gpu is not None:
+        report = run_costs(cfg, summary, gpu, shape)
+    else:
+        report = {**achieved(workload_from_config(cfg, summary["tokens"], shape), summary), "gpu": None,
+                  "estimate": None, "measured": None, "error": None}
     (Path(run_dir) / "cost.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

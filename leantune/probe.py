@@ -250,14 +250,15 @@ def model_shape(cfg: RunConfig, vocab_size: int | None = None) -> ModelShape | N
 
 
 def free_memory_bytes(device_type: str, index: int = 0) -> int:
-    """Free memory of the training device: CUDA's free memory, or available host RAM on the CPU."""
+    """Free memory of the training device: CUDA's free memory, or on the CPU available host RAM (in a
+    container: what its cgroup's memory limit leaves, when that is less)."""
     if device_type == "cuda":
         import torch
 
         return torch.cuda.mem_get_info(index)[0]
-    import psutil
+    from leantune.monitor.hostmem import host_memory
 
-    return psutil.virtual_memory().available
+    return host_memory().available_bytes
 
 
 @dataclass(frozen=True)

@@ -2,21 +2,20 @@
 
 `probe_memory` (a task) picks the starting method, micro-batch and gradient checkpointing
 (leantune/probe.py) and publishes the estimate. `after_failure` turns a failed training attempt
-into the next config (leantune/attempts.py) and prepares the run directory for it; `record_success`
-closes the history; `publish_attempts` is the history's artifact.
+(the AttemptFailed or UserError tasks/train.py raised for the training process) into the next config
+(leantune/attempts.py) and prepares the run directory for it; `record_success` closes the history;
+`publish_attempts` is the history's artifact.
 
 On disk: runs/<name>/attempts.jsonl, one line per attempt (attempts.history_entry); config.yaml
 is rewritten with the config the next attempt trains with, so `--resume` continues with it. A
-checkpoint the next attempt cannot resume from (other method, learning rate or data) is moved to
+checkpoint the next attempt cannot resume from (other method or data) is moved to
 attempts/attempt-N/checkpoints/ with that attempt's metrics.jsonl, never deleted.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import shutil
-import traceback
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -58,24 +57,14 @@ def probe_memory(config: RunConfig, run_dir: Path) -> RunConfig:
     return started
 
 
-def _device_facts(config: RunConfig) -> tuple[str, bool | None]:
-    import torch
-
-    from leantune.modeling import resolve_device
-
-    device = resolve_device(config)
-    return device.type, torch.cuda.is_bf16_supported() if device.type == "cuda" else None
-
-
 def after_failure(config: RunConfig, run_dir: Path, attempt: int, error: BaseException) -> Adjustment | None:
     """Record the failed attempt and return the next one's adjustment (None: do not try again).
 
     For an adjustment that cannot resume, the attempt's checkpoints move to attempts/attempt-N/.
     """
     log = get_run_logger()
-    device_type, bf16 = _device_facts(config)
-    report = report_from_run(attempt, run_dir, error=error, device_type=device_type, bf16_supported=bf16)
-    _release(error, device_type)
+    # The device facts adjust needs (the type, bf16) come with the error: the training process wrote them.
+    report = report_from_run(attempt, run_dir, error=error)
     adjustment = adjust(config, report)
     _append_history(run_dir, history_entry(report, adjustment))
     if adjustment is None:
@@ -93,18 +82,6 @@ def after_failure(config: RunConfig, run_dir: Path, attempt: int, error: BaseExc
                 shutil.move(run_dir / name, kept / name)
     (run_dir / "config.yaml").write_text(dump_config(adjustment.config))
     return adjustment
-
-
-def _release(error: BaseException, device_type: str) -> None:
-    """Free the failed attempt's model and activations: the error's traceback holds its frames (and
-    Prefect keeps the error in the task's state), so the next attempt would start with them allocated."""
-    traceback.clear_frames(error.__traceback__)
-    error.__traceback__ = None
-    gc.collect()
-    if device_type == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
 
 
 def record_success(run_dir: Path, attempt: int, summary: dict) -> None:

@@ -1,21 +1,82 @@
-"""Prefect wrapper of the training stage: the loop in-process, a summary log line and artifact."""
+"""Prefect wrapper of the training stage: training in its own process, its log and progress in the
+flow run, a summary log line and artifact.
 
+The training process (leantune/training/launch.py: `python -m leantune.training.loop`, or torchrun)
+reads the config from run_dir/config.yaml, so the task writes the config it is given there first.
+While it runs, its output goes to the task's log line by line, and the steps it appends to
+metrics.jsonl update two artifacts: a progress bar (key training-progress, updated in place) and a
+table of the latest steps (key training-metrics). When it fails, the task raises what it stands for
+(leantune.attempts.attempt_failure): AttemptFailed (oom, nan, killed, error), which the flow's attempt
+loop may answer with another attempt, or the UserError it reported, which ends the run.
+"""
+
+import json
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from leantune.config import RunConfig
+from leantune.attempts import EXIT_STOPPED, attempt_failure
+from leantune.config import RunConfig, dump_config
 from leantune.cost import run_cost_report
 from leantune.errors import UserError
-from leantune.training.loop import train
+from leantune.training.launch import progress_markdown, run_training, training_command
+from leantune.training.optim import total_steps
+
+PROGRESS_EVERY_S = 10.0  # the artifacts are updated at most this often (and after the last step)
+
+
+class _ProgressArtifacts:
+    """The progress bar and latest-steps table of one training attempt, from its metrics.jsonl lines."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.steps: list[dict] = []
+        self._published_at: float | None = None
+        self._published_step: int | None = None
+        self.bar = create_progress_artifact(0.0, key="training-progress", description=f"Training: {total} steps")
+
+    def add(self, lines: list[dict]) -> None:
+        for line in lines:
+            if "event" in line or "loss" not in line:
+                continue
+            # A resume drops the steps after its checkpoint and runs them again.
+            while self.steps and self.steps[-1]["step"] >= line["step"]:
+                self.steps.pop()
+            self.steps.append(line)
+        if self._published_at is None or time.monotonic() - self._published_at >= PROGRESS_EVERY_S:
+            self.publish()
+
+    def publish(self) -> None:
+        if not self.steps or self.steps[-1]["step"] == self._published_step:
+            return
+        step = self.steps[-1]["step"]
+        update_progress_artifact(self.bar, 100.0 * step / self.total,
+                                 description=f"Training: step {step} of {self.total}")
+        create_markdown_artifact(progress_markdown(self.steps, self.total), key="training-metrics",
+                                 description="Training: the latest steps (loss, lr, tokens/s, micro-batch)")
+        self._published_at, self._published_step = time.monotonic(), step
+
+
+def training_steps(config: RunConfig, run_dir: Path) -> int:
+    index = json.loads((run_dir / "tokens" / "train" / "index.json").read_text())
+    return total_steps(config, index["counts"]["sequences"])
 
 
 @task(name="train", cache_policy=NO_CACHE, persist_result=False)
 def train_model(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     log = get_run_logger()
-    s = train(config, run_dir, resume=resume)
+    # The training process reads its config here: the probe's, an adjusted attempt's or --resume --set's.
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    progress = _ProgressArtifacts(training_steps(config, run_dir))
+    returncode = run_training(training_command(config, run_dir, resume), run_dir, on_log=log.log,
+                              on_metrics=progress.add)
+    progress.publish()
+    if returncode not in (0, EXIT_STOPPED):
+        raise attempt_failure(run_dir, returncode)
+    s = json.loads((run_dir / "training.json").read_text())
     if not s["completed"]:
         raise UserError(f"training stopped after step {s['steps']} of {s['total_steps']} (checkpoint saved); "
                         f"continue it with: python flows/finetune.py --resume {run_dir.name}")
@@ -43,10 +104,13 @@ def train_model(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     if s["power_limit"] is not None:
         rows.append(("power limit", f"{s['power_limit']['status']}: {s['power_limit']['message']}"))
     cost = run_cost_report(config, run_dir, s)
-    if cost is not None:
+    if cost is not None and cost["gpu"] is not None:
         m, e = cost["measured"], cost["error"]
         rows.append((f"cost on {cost['gpu']} (cost.json)", f"{m['rent_usd']:.2f} USD rent, MFU {m['utilisation']:.1%}; "
                      f"the estimate's time error {e['seconds']:+.0%}"))
+    elif cost is not None:
+        rows.append(("compute (cost.json)", f"{cost['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s of model FLOPs on "
+                     f"{cost['device']} (no MFU: no catalogued peak for it)"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     create_markdown_artifact(f"## Training\n\n| | |\n|---|---|\n{table}\n", key="training-summary",
                              description="Training: steps, losses, micro-batch, throughput, memory")

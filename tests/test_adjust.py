@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from leantune.attempts import (
+    AttemptFailed,
     AttemptReport,
     NonFiniteLoss,
     adjust,
@@ -91,9 +92,10 @@ def test_nan_halves_the_learning_rate_and_leaves_fp16_where_bf16_is_supported():
     cfg = cfg_with("train.lr=2e-4", "model.dtype=fp16")
     a = adjust(cfg, AttemptReport(attempt=1, outcome="nan", step=30, bf16_supported=True))
     assert a.changes == ["train.lr: 0.0002 -> 0.0001", "model.dtype: fp16 -> bf16"]
-    assert not a.resume  # train.lr is part of a checkpoint's resume fingerprint
+    assert not a.resume  # other weights dtype: a fresh start
     b = adjust(cfg, AttemptReport(attempt=1, outcome="nan", step=30, bf16_supported=False))
     assert b.changes == ["train.lr: 0.0002 -> 0.0001"]
+    assert b.resume  # a lower lr alone continues from the checkpoint, its schedule rescaled on load
 
 
 @pytest.mark.parametrize("outcome", ["completed", "stopped", "error"])
@@ -134,6 +136,11 @@ def test_report_from_a_run_directory(tmp_path):
     assert last_reading(tmp_path / "missing.csv") is None
     killed = report_from_run(3, tmp_path / "empty", returncode=-9)
     assert (killed.outcome, killed.step, killed.reading, killed.message) == ("killed", None, None, "exit status -9")
+    # A training process's failure carries its outcome, message and device facts.
+    failed = report_from_run(4, tmp_path, error=AttemptFailed("nan", "NonFiniteLoss: the training loss is nan", 1,
+                                                             device_type="cuda", bf16_supported=True))
+    assert (failed.outcome, failed.message, failed.device_type, failed.bf16_supported, failed.step) == (
+        "nan", "NonFiniteLoss: the training loss is nan", "cuda", True, 2)
 
 
 def test_history_of_two_failures_and_a_success():
@@ -148,5 +155,5 @@ def test_history_of_two_failures_and_a_success():
     assert a2.config.train.micro_batch_size == 4 and a2.config.train.lr == pytest.approx(1e-4)
     table = history_markdown(entries)
     assert "| 1 | oom | 3 | out of memory at step 3 | train.micro_batch_size: 8 -> 4 |" in table
-    assert "| 2 | nan | 9 | the loss became NaN or infinite at step 9 | train.lr: 0.0002 -> 0.0001 (fresh start) |" in table
+    assert "| 2 | nan | 9 | the loss became NaN or infinite at step 9 | train.lr: 0.0002 -> 0.0001 |" in table
     assert "| 3 | completed | 20 | - | - |" in table

@@ -99,13 +99,18 @@ def test_cost_json_for_a_run_on_a_catalogued_gpu(tmp_path):
     assert report["gpu"] == "RTX 4060" and json.loads((tmp_path / "cost.json").read_text()) == report
     flops = 50_000 * 2 * (2 * model_shape(cfg, 900).total_params + 2 * 2 * 64 * 512)
     assert report["measured"]["utilisation"] == pytest.approx(flops / (2.0 * 30.2e12))
-    # power.gpu names the GPU when NVML could not; a CPU run or an unknown GPU gets no cost.json.
+    assert report["achieved_flops_per_s"] == pytest.approx(flops / 2.0)
+    # power.gpu names the GPU when NVML could not; a CPU run or an unknown GPU gets the achieved FLOP/s only.
     named = load_config(overrides=["power.gpu=H100"])
     assert run_cost_report(named, tmp_path, {**summary, "gpu_name": None})["gpu"] == "H100"
-    (tmp_path / "cost.json").unlink()
-    assert run_cost_report(cfg, tmp_path, {**summary, "device": "cpu"}) is None
-    assert run_cost_report(cfg, tmp_path, {**summary, "gpu_name": "Tesla T4"}) is None
-    assert not (tmp_path / "cost.json").exists()
+    for other in ({**summary, "device": "cpu", "gpu_name": None}, {**summary, "gpu_name": "Tesla T4"}):
+        (tmp_path / "cost.json").unlink()
+        report = run_cost_report(cfg, tmp_path, other)
+        assert json.loads((tmp_path / "cost.json").read_text()) == report
+        assert (report["gpu"], report["measured"], report["estimate"], report["device"]) == (
+            None, None, None, other["device"])
+        assert (report["model_flops"], report["achieved_flops_per_s"]) == (pytest.approx(flops),
+                                                                           pytest.approx(flops / 2.0))
 
 
 def test_a_broken_catalogue_names_the_gpu_and_field(tmp_path):

@@ -170,3 +170,38 @@ def test_sigterm_saves_at_the_stop_step_and_exits_cleanly(tokenized_run, referen
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 
     resume_and_check(run_dir, reference, stop_step)
+
+
+def test_resume_with_another_lr_continues_the_schedule_rescaled(tokenized_run, tmp_path):
+    """--resume --set train.lr=... (and the NaN retry): from the checkpoint on, every step's lr is the
+    old schedule's times new/old, and the rescale is in metrics.jsonl."""
+    from run_helpers import new_run
+
+    from leantune.training.loop import train
+
+    cfg, run_dir = new_run(tokenized_run, tmp_path, "train.max_steps=6", "checkpoint.every_steps=1",
+                           "checkpoint.keep_last=10", "train.eval_every=1000", "monitor.enabled=false",
+                           "train.warmup_steps=2", "train.schedule=cosine")
+    train(cfg, run_dir)
+    reference = {m["step"]: m["lr"] for m in metric_lines(run_dir)}
+    for step in (4, 5, 6):
+        shutil.rmtree(run_dir / "checkpoints" / f"step-{step}")
+    lower = load_config(run_dir / "config.yaml", overrides=["train.lr=4e-3"])  # conftest's 1e-2 times 0.4
+    (run_dir / "config.yaml").write_text(dump_config(lower))
+
+    summary = train(lower, run_dir, resume=True)
+    assert summary["resumed_from_step"] == 3 and summary["steps"] == 6
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    [rescale] = [m for m in lines if m.get("event") == "lr_rescale"]
+    # One parameter group: LoRA's matrices (no biases or norms train).
+    assert rescale == {"event": "lr_rescale", "step": 3, "old": [1e-2], "new": [4e-3], "factor": [pytest.approx(0.4)]}
+    resumed = {m["step"]: m["lr"] for m in metric_lines(run_dir)}
+    assert [resumed[s] for s in (1, 2, 3)] == [reference[s] for s in (1, 2, 3)]  # the kept lines
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(reference[step] * 0.4, rel=1e-12)
+    # The new peak is the config's from now on: a checkpoint saved after the resume holds it.
+    assert CheckpointManager(lower, run_dir, run_fingerprints(lower, run_dir)).latest().name == "step-6"
+    import torch
+
+    saved = torch.load(run_dir / "checkpoints" / "step-6" / "scheduler.pt", weights_only=True)
+    assert saved["base_lrs"] == [4e-3]

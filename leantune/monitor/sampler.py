@@ -2,7 +2,8 @@
 
 `Monitor` takes a `Sample` every `monitor.interval_seconds`: per GPU memory used/total,
 utilisation, power draw and limit, temperature, SM clock, throttle reasons and energy; the torch
-allocator's current, peak and reserved memory (CUDA); the process RSS and CPU share; host RAM.
+allocator's current, peak and reserved memory (CUDA); the process RSS and CPU share; host RAM
+(available and total; in a container the cgroup's limit when it is tighter, hostmem.py).
 Each sample is appended to monitor.csv (flushed, so a killed run keeps its readings) and stored
 as `Monitor.latest`, an immutable object the training loop reads without any lock (replacing a
 reference is atomic in CPython), and handed to `on_sample` (the feedback policy, policy.py).
@@ -38,6 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from leantune.config import MonitorConfig
+from leantune.monitor.hostmem import host_memory
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +364,6 @@ class Monitor:
 
     def sample_once(self) -> Sample:
         """Take one sample now: store it as `latest`, write it to monitor.csv, call on_sample."""
-        import psutil
-
         now = self._clock()
         gpus: tuple[GpuReading, ...] = ()
         if self._reader is not None:
@@ -380,13 +380,14 @@ class Monitor:
             allocated = torch.cuda.memory_allocated(index) / MIB
             peak = torch.cuda.max_memory_allocated(index) / MIB
             reserved = torch.cuda.memory_reserved(index) / MIB
-        ram = psutil.virtual_memory()
+        # In a container its cgroup's limit, not the host's RAM, is what the process can use.
+        ram = host_memory()
         sample = Sample(
             time=self._wall_clock(), elapsed_s=now - self._t0, backend="nvml" if gpus else "psutil",
             device_type=self.device_type, gpus=gpus, torch_allocated_mb=allocated, torch_peak_mb=peak,
             torch_reserved_mb=reserved, rss_mb=self._process.memory_info().rss / MIB,
-            cpu_pct=self._process.cpu_percent(None), ram_available_mb=ram.available / MIB,
-            ram_total_mb=ram.total / MIB, nvml_error=self._pending_nvml_error,
+            cpu_pct=self._process.cpu_percent(None), ram_available_mb=ram.available_bytes / MIB,
+            ram_total_mb=ram.total_bytes / MIB, nvml_error=self._pending_nvml_error,
         )
         self._pending_nvml_error = None
         self.latest = sample

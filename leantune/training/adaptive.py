@@ -9,6 +9,11 @@ The free-memory share is an input so that the resource monitor can feed it and t
 
 Growth backs off: an out-of-memory error at a size the controller grew to doubles the number of
 headroom steps needed before it tries to grow again.
+
+Data parallel (torchrun): each process has a controller for its share of the global batch
+(global_batch_size / world size sequences; `global_batch_size` below is that share). After every
+step attempt the processes agree on the smallest micro-batch, which the others `adopt`, and they
+grow on the smallest free-memory share of them all, so their controllers stay in step.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ class Change:
     step: int
     old: int
     new: int
-    reason: str  # "oom", "oom_after_growth", "probe_oom", "headroom" or "memory_high" (the monitor)
+    # "oom", "oom_after_growth", "probe_oom", "headroom", "memory_high" (the monitor) or
+    # "oom_other_rank" (data parallel: another process ran out of memory and halved its micro-batch)
+    reason: str
 
     def event(self) -> dict:
         return {"event": "micro_batch", "step": self.step, "old": self.old, "new": self.new, "reason": self.reason}
@@ -66,9 +73,11 @@ class MicroBatchController:
         self.grown = False
 
     @classmethod
-    def from_config(cls, cfg) -> MicroBatchController:
+    def from_config(cls, cfg, world_size: int = 1) -> MicroBatchController:
+        """The controller of one process; with several (data parallel) it splits that process's share
+        of the global batch, train.global_batch_size / world_size sequences."""
         a = cfg.adaptive
-        return cls(cfg.train.global_batch_size, cfg.train.micro_batch_size, enabled=a.enabled,
+        return cls(cfg.train.global_batch_size // world_size, cfg.train.micro_batch_size, enabled=a.enabled,
                    max_micro_batch_size=a.max_micro_batch_size, grow_after_steps=a.grow_after_steps,
                    headroom_fraction=a.headroom_fraction)
 
@@ -113,6 +122,20 @@ class MicroBatchController:
         self.grown = False
         self.headroom_steps = 0
         return Change(step, old, self.micro_batch_size, "memory_high")
+
+    def adopt(self, step: int, micro_batch_size: int) -> Change | None:
+        """Take the smaller micro-batch another data-parallel process settled on (the smallest wins, so every
+        process splits its share the same way); None when it is not smaller. A size reached by growing
+        backs off as the other process's did after its out-of-memory error."""
+        if micro_batch_size >= self.micro_batch_size:
+            return None
+        if self.grown:
+            self.grow_after_steps *= 2
+        old = self.micro_batch_size
+        self.micro_batch_size = largest_divisor(self.global_batch_size, micro_batch_size)
+        self.grown = False
+        self.headroom_steps = 0
+        return Change(step, old, self.micro_batch_size, "oom_other_rank")
 
     def after_step(self, step: int, free_fraction: float | None) -> Change | None:
         """Record a finished step's free-memory share (None: no reading); grow after a long enough streak."""

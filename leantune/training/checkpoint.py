@@ -4,7 +4,8 @@
 every `checkpoint.every_minutes` minutes of a monotonic clock, after SIGTERM/SIGINT, or on
 `request(reason)` from the resource monitor), writes checkpoints, keeps the last
 `checkpoint.keep_last` plus the best one, finds the newest intact one (`latest`) and restores it
-(`load`) after checking that the run it continues is the same run.
+(`load`) after checking that the run it continues is the same run. A different train.lr is allowed:
+the restored schedule is rescaled by new/old (`_rescale_lr`, recorded in `lr_rescale`).
 
 On-disk format of `checkpoints/step-N/` (N = optimizer steps completed):
   adapter.safetensors   LoRA/QLoRA: the adapter tensors (peft's get_peft_model_state_dict), or
@@ -13,6 +14,8 @@ On-disk format of `checkpoints/step-N/` (N = optimizer steps completed):
   scheduler.pt          scheduler.state_dict()      } torch.load(weights_only=True): tensors,
   scaler.pt             GradScaler state (fp16 only) } numbers, strings, lists, dicts only
   rng.pt                RNG states: python `random`, numpy's global RNG, torch CPU, every CUDA device
+  rng-rank-R.pt         data parallel: the same for rank R >= 1 (rng.pt is rank 0's); each rank draws
+                        its own dropout, so each restores its own state
   state.json            the loop's state (data cursor, micro-batch, step and token counters, ...)
   manifest.json         format + version, step, creation time, save reason, metric, the run's
                         fingerprints, the resume-relevant config (`resume_fingerprint`), and the
@@ -62,9 +65,15 @@ RESUMABLE_CHANGES = (
     "train.eval_every",
     "train.log_every",
     "train.max_attempts",
+    # A new peak lr rescales the restored schedule by new/old on load (`_rescale_lr`): the NaN retry
+    # and `--resume --set train.lr=...` continue the run with a lower or higher lr from there on.
+    "train.lr",
     "train.export_merged",  # what is written after the last step
     # Moving a run to another machine is legitimate, and 'auto' may resolve differently anyway.
     "train.device",
+    # Data parallel gives the single-process update, so a run may resume on more or fewer GPUs; only
+    # dropout's random numbers (per-rank RNG states) then differ from an uninterrupted run.
+    "train.distributed",
     "model.gradient_checkpointing",  # recomputation saves memory and gives the same gradients
     "data.chunk_size",  # streaming granularity; the data fingerprint guards the resulting tokens
     "validation.max_reject_fraction",  # only decides whether the data stage fails
@@ -291,6 +300,30 @@ def _load_weights(model, path: Path, kind: str) -> None:
     set_peft_model_state_dict(model, saved)
 
 
+# ---------------------------------------------------------------------------------- learning rate
+
+
+def _rescale_lr(optimizer, scheduler, configured_lrs: list[float], step: int) -> dict | None:
+    """Put the configured peak lrs into a restored optimizer and schedule; None when they are the checkpoint's.
+
+    The schedule is a multiplier of the peak lr (optim.lr_multiplier), so scaling the peak (the
+    scheduler's base_lrs and each group's initial_lr) and the current lr by new/old continues the
+    same schedule at the new height: the next step's lr is the old schedule's times new/old.
+    """
+    saved_lrs = list(scheduler.base_lrs)
+    if saved_lrs == configured_lrs:
+        return None
+    factors = [new / old for new, old in zip(configured_lrs, saved_lrs, strict=True)]
+    for group, new, factor in zip(optimizer.param_groups, configured_lrs, factors, strict=True):
+        group["initial_lr"] = new
+        group["lr"] = group["lr"] * factor
+    scheduler.base_lrs = list(configured_lrs)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    log.warning("resume at step %d with train.lr %s instead of the checkpoint's %s: the learning-rate schedule "
+                "is rescaled by %s", step, _show(configured_lrs[0]), _show(saved_lrs[0]), _show(factors[0]))
+    return {"old": saved_lrs, "new": configured_lrs, "factor": factors}
+
+
 # ------------------------------------------------------------------------------------ the manager
 
 
@@ -318,6 +351,8 @@ class CheckpointManager:
         self._signalled: str | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._verified: set[Path] = set()
+        # What the last `load` did to the learning rate: {"old", "new", "factor"} (lists per group), or None.
+        self.lr_rescale: dict | None = None
 
     # ------------------------------------------------------------------------------ triggers
 
@@ -386,12 +421,13 @@ class CheckpointManager:
     # ---------------------------------------------------------------------------------- save
 
     def save(self, step: int, model, optimizer, scheduler, state: dict, metric: float | None = None, *,
-             scaler=None, reason: str | None = None) -> Path:
+             scaler=None, reason: str | None = None, rank_rngs: list[dict] | None = None) -> Path:
         """Write checkpoints/step-`step`/ atomically, update best.json, apply retention; return its path.
 
         `state` is the loop's JSON-able state; `metric` (lower is better, e.g. validation loss)
         competes for best; `scaler` is the fp16 GradScaler; `reason` (what `due` returned) goes
-        into the manifest.
+        into the manifest. Data parallel: rank 0 saves, `rank_rngs` are the `rng_state()`s of ranks
+        1, 2, ... and the other ranks call `mark_saved`.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{step}"
@@ -406,6 +442,8 @@ class CheckpointManager:
         if scaler is not None:
             _torch_save(scaler.state_dict(), tmp / "scaler.pt")
         _torch_save(rng_state(), tmp / "rng.pt")
+        for rank, rng in enumerate(rank_rngs or [], start=1):
+            _torch_save(rng, tmp / f"rng-rank-{rank}.pt")
         _write_json(tmp / "state.json", state)
 
         files = {}
@@ -421,6 +459,7 @@ class CheckpointManager:
             "created_unix": now,
             "reason": reason,
             "metric": metric,
+            "world_size": 1 + len(rank_rngs or []),
             "weights": weights,
             "fingerprints": self.fingerprints,
             "resume_config": resume_fingerprint(self.cfg),
@@ -447,12 +486,17 @@ class CheckpointManager:
                 os.replace(best_tmp, self.dir / "best.json")
         self._prune(keep=final)
 
+        self.mark_saved(step)
+        log.info("checkpoint %s saved (%s)", final, reason or "manual")
+        return final
+
+    def mark_saved(self, step: int) -> None:
+        """Note that step `step` is saved (by this manager, or data parallel: by rank 0's), so the
+        triggers (every_minutes, requests) start over."""
         self._last_saved_step = step
         self._last_save_time = self._clock()
         with self._lock:
             self._requests.clear()
-        log.info("checkpoint %s saved (%s)", final, reason or "manual")
-        return final
 
     def best(self) -> dict | None:
         """best.json: {"checkpoint", "step", "metric"} of the lowest-metric checkpoint, or None."""
@@ -535,8 +579,10 @@ class CheckpointManager:
             log.warning("checkpoint %s is unusable: %s; falling back to an older checkpoint", path, problem)
         return None
 
-    def load(self, path: Path, model, optimizer, scheduler, scaler=None) -> dict:
+    def load(self, path: Path, model, optimizer, scheduler, scaler=None, *, rank: int = 0) -> dict:
         """Restore weights, optimizer, scheduler, (scaler) and RNG states from `path`; return the loop state.
+
+        Data parallel: every rank loads the same checkpoint; rank R restores the RNG state saved for it.
 
         Refuses (UserError) a checkpoint that does not verify, comes from a newer leantune, or
         belongs to a run whose resume-relevant config, data or tokenizer differ from this one.
@@ -552,8 +598,11 @@ class CheckpointManager:
         self._check_same_run(path, manifest)
 
         _load_weights(model, path, manifest["weights"])
+        # The peak lrs this run's config asks for, before the checkpoint's replace them.
+        configured_lrs = list(scheduler.base_lrs)
         optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
         scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
+        self.lr_rescale = _rescale_lr(optimizer, scheduler, configured_lrs, manifest["step"])
         has_scaler = (path / "scaler.pt").is_file()
         if scaler is not None and has_scaler:
             scaler.load_state_dict(_torch_load(path / "scaler.pt"))
@@ -562,7 +611,13 @@ class CheckpointManager:
                         "changed): the loss scale starts afresh", path, "with" if has_scaler else "without",
                         "does not use" if has_scaler else "uses")
         # Last, so that nothing between here and the next step draws from the restored RNGs.
-        set_rng_state(_torch_load(path / "rng.pt"))
+        rng = path / ("rng.pt" if rank == 0 else f"rng-rank-{rank}.pt")
+        if rng.is_file():
+            set_rng_state(_torch_load(rng))
+        else:
+            log.warning("checkpoint %s was saved by %d process(es) and has no RNG state for rank %d: its random "
+                        "numbers (dropout) start from train.seed and differ from an uninterrupted run", path,
+                        manifest.get("world_size", 1), rank)
 
         self._last_saved_step = manifest["step"]
         self._last_save_time = self._clock()
@@ -570,8 +625,10 @@ class CheckpointManager:
         return json.loads((path / "state.json").read_text())
 
     def _check_same_run(self, path: Path, manifest: dict) -> None:
+        # A key that has since become resumable (e.g. train.lr) is no longer compared.
+        saved_config = {k: v for k, v in manifest["resume_config"].items() if not _may_change(k)}
         problems = [f"{line}: resume needs the same value; restore it or start a new run"
-                    for line in config_changes(manifest["resume_config"], resume_fingerprint(self.cfg))]
+                    for line in config_changes(saved_config, resume_fingerprint(self.cfg))]
         saved = manifest["fingerprints"]
         what = {
             "data": "the training tokens (tokens/train) differ from those the checkpoint was trained on: resume "
@@ -582,8 +639,8 @@ class CheckpointManager:
         for key in sorted(saved.keys() | self.fingerprints.keys()):
             if saved.get(key) == self.fingerprints.get(key):
                 continue
-            # A config change is already named key by key above.
-            if key == "config" and problems:
+            # The config is compared key by key above (its hash also moves when RESUMABLE_CHANGES grows).
+            if key == "config":
                 continue
             problems.append(what.get(key, f"the run's '{key}' fingerprint changed from {saved.get(key)} to "
                                           f"{self.fingerprints.get(key)}: resume needs the same run; start a new run"))

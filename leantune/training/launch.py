@@ -1,16 +1,35 @@
-"""How the flow starts training: the command line of the training process (torchrun for several).
+"""How the flow starts training: the command line of the training process (torchrun for several),
+running it, and following it.
 
 Training runs in its own process so that an attempt killed by the operating system (host out of
 memory) or by a signal is an exit status the flow can read and answer with another attempt, and so
 that torchrun can start one process per GPU. The flow itself stays a single process.
+
+`run_training` starts the process, passes its output on line by line (`log_record`: the level of
+each logging line, no progress bars) and the steps it appends to metrics.jsonl (`MetricsFollower`),
+and stops it with SIGTERM (checkpoint, exit 75) when the caller is interrupted. How it ended is its
+exit status plus the failure file it leaves (leantune.attempts.write_failure / attempt_failure).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+from leantune.attempts import FAILURE_FILE
 from leantune.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 
 def training_command(cfg: RunConfig, run_dir: Path, resume: bool) -> list[str]:
@@ -29,3 +48,163 @@ def training_command(cfg: RunConfig, run_dir: Path, resume: bool) -> list[str]:
     else:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={d.rdzv_endpoint}", f"--rdzv-id={d.rdzv_id}"]
     return [*cmd, "-m", *entry]
+
+
+# ------------------------------------------------------------------------------- running the process
+
+# How long a training process asked to stop (SIGTERM) may take to save its checkpoint before it is killed.
+STOP_GRACE_S = 600.0
+# The child's logging lines (loop.main's basicConfig): "2026-01-01 12:00:00,123 WARNING name: message".
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)$", re.S)
+# Progress bars draw with carriage returns; on a pipe they are switched off, and these catch any that are not.
+CHILD_ENV = {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def log_record(line: str, previous_level: int) -> tuple[int, str] | None:
+    """(level, text) under which a line of the training process's output goes to the flow's log, or None.
+
+    Logging lines keep their level (their timestamp is dropped: the flow's log has its own); a
+    traceback is an error; other lines (print, library warnings) are info. Of a line redrawn with
+    carriage returns (a progress bar) only the last drawing is kept, and an empty one is dropped.
+    """
+    text = line.rstrip("\r\n").rsplit("\r", 1)[-1].rstrip()
+    if not text:
+        return None
+    if m := _LOG_LINE.match(text):
+        return logging.getLevelName(m.group(1)), m.group(2)
+    if text.startswith("Traceback (most recent call last)"):
+        return logging.ERROR, text
+    # Continuation lines (a traceback's frames, a multi-line message) stay at the level they belong to.
+    return (previous_level if line[:1].isspace() or previous_level >= logging.ERROR else logging.INFO), text
+
+
+class MetricsFollower:
+    """The lines appended to metrics.jsonl since the last call: whole lines only, parsed.
+
+    A resume rewrites the file (it drops the steps it will redo); a file shorter than what was read
+    is read again from its start. from_end: skip what the file holds now (a previous attempt's
+    lines, which the next training process rewrites).
+    """
+
+    def __init__(self, path: Path, from_end: bool = False):
+        self.path = Path(path)
+        self._offset = self.path.stat().st_size if from_end and self.path.is_file() else 0
+
+    def new_lines(self) -> list[dict]:
+        try:
+            if self.path.stat().st_size < self._offset:
+                self._offset = 0
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        self._offset += end + 1
+        lines = []
+        for raw in data[:end].splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                continue  # only a killed writer leaves a broken line, and it is not followed by more
+        return lines
+
+
+def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], None],
+                 on_metrics: Callable[[list[dict]], None], poll_s: float = 0.5,
+                 stop_grace_s: float = STOP_GRACE_S) -> int:
+    """Run the training process `cmd` to its end and return its exit status.
+
+    Its output (stdout and stderr, in order) goes line by line to `on_log(level, text)` (see
+    `log_record`); the lines it appends to run_dir/metrics.jsonl go to `on_metrics` as they come.
+    Both are called from this thread. An exception here (Ctrl-C's KeyboardInterrupt, Prefect
+    cancelling the run) first stops the process: SIGTERM, which makes it save a checkpoint and exit
+    75, then SIGKILL if it is not gone after `stop_grace_s`; then the exception goes on.
+    """
+    run_dir = Path(run_dir)
+    # What a failed process leaves (leantune.attempts.FAILURE_FILE) must be this attempt's.
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+    follower = MetricsFollower(run_dir / "metrics.jsonl", from_end=True)
+    # Bytes, split on newlines only: text mode would turn a progress bar's carriage returns into lines.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **CHILD_ENV})
+    lines: queue.Queue[str | None] = queue.Queue()
+    # A thread reads the pipe so that a chatty process never blocks on it while this one polls.
+    reader = threading.Thread(target=_pump, args=(proc.stdout, lines), name="training-output", daemon=True)
+    reader.start()
+    level = logging.INFO
+
+    def forward_output() -> None:
+        """Pass on the lines read so far."""
+        nonlocal level
+        while True:
+            try:
+                line = lines.get_nowait()
+            except queue.Empty:
+                return
+            if line is None:  # the end of the output
+                return
+            if (record := log_record(line, level)) is not None:
+                level = record[0]
+                on_log(*record)
+
+    try:
+        while proc.poll() is None:
+            forward_output()
+            if metrics := follower.new_lines():
+                on_metrics(metrics)
+            time.sleep(poll_s)
+    except BaseException:
+        _stop(proc, stop_grace_s)
+        # What it said while stopping (its checkpoint) still reaches the log.
+        reader.join(timeout=10)
+        forward_output()
+        raise
+    reader.join()
+    forward_output()
+    if metrics := follower.new_lines():
+        on_metrics(metrics)
+    return proc.returncode
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for raw in stream:
+        lines.put(raw.decode("utf-8", errors="replace"))
+    lines.put(None)
+    stream.close()
+
+
+def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+    if proc.poll() is not None:
+        return
+    log.warning("stopping the training process (pid %d): it saves a checkpoint, then exits", proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except BaseException:
+        # Out of time, or interrupted once more while waiting: stop at once.
+        proc.kill()
+        proc.wait()
+        log.warning("killed the training process (pid %d) before it finished its checkpoint", proc.pid)
+
+
+# ------------------------------------------------------------------------------------------ progress
+
+RECENT_STEPS = 10  # the progress table shows this many of the latest steps
+
+
+def progress_markdown(steps: list[dict], total: int) -> str:
+    """Training progress as markdown: where the run is, then a table of its latest metrics.jsonl step lines."""
+    last = steps[-1]
+    lines = [
+        "## Training progress", "",
+        f"step {last['step']} of {total} ({last['step'] / total:.0%}): loss {last['loss']:.4f}, lr {last['lr']:.3g}, "
+        f"{last['tokens_per_s']:,.0f} tokens/s, micro-batch {last['micro_batch_size']}", "",
+        "| step | loss | lr | tokens/s | micro-batch | validation loss |", "|---|---|---|---|---|---|",
+    ]
+    for m in steps[-RECENT_STEPS:]:
+        val = f"{m['val_loss']:.4f}" if m.get("val_loss") is not None else "-"
+        lines.append(f"| {m['step']} | {m['loss']:.4f} | {m['lr']:.3g} | {m['tokens_per_s']:,.0f} | "
+                     f"{m['micro_batch_size']} | {val} |")
+    return "\n".join(lines) + "\n"

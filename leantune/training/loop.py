@@ -29,22 +29,28 @@ checkpoint could save it.
 Outputs in the run directory:
   metrics.jsonl   one line per optimizer step (every train.log_every steps): step, epoch
                   (fractional, epochs completed), loss, lr, grad_norm, tokens (non-padding),
-                  tokens_per_s, micro_batch_size, accumulation_steps, peak_memory_mb (CUDA: peak
-                  allocated during the step; CPU: the process's peak RSS so far), elapsed_s,
+                  tokens_per_s (all ranks), micro_batch_size and accumulation_steps (per rank),
+                  world_size, peak_memory_mb (rank 0's; CUDA: peak allocated during the step; CPU: the
+                  process's peak RSS so far), elapsed_s,
                   energy_j (the GPUs' energy during the step, from the monitor; absent without NVML)
                   and val_loss on evaluation steps; plus one line per micro-batch change
-                  {"event": "micro_batch", "step", "old", "new", "reason"} and one per decision of the
-                  resource monitor {"event": "monitor", "step", "action", "reason", "reading"}
+                  {"event": "micro_batch", "step", "old", "new", "reason"}, one per decision of the
+                  resource monitor {"event": "monitor", "step", "action", "reason", "reading"}, and
+                  on a resume with another train.lr {"event": "lr_rescale", "step", "old", "new",
+                  "factor"} (per parameter group; checkpoint.py)
   monitor.csv     the resource samples (leantune/monitor/sampler.py)
   checkpoints/    see checkpoint.py; saved when due, on a new best validation loss, and at the end
   adapter/        PEFT format (save_pretrained) plus the tokenizer; full fine-tune: the whole model
   merged/         with train.export_merged: the adapter merged into the base, plus the tokenizer
-  training.json   the summary `train` returns
+  training.json   the summary `train` returns (with world_size, tokens_per_s, rank_peak_memory_mb)
 
-Run it directly (the kill/resume tests do, and later torchrun):
+Run it directly (the kill/resume tests do), or under torchrun for data parallel (launch.py):
     python -m leantune.training.loop RUN_DIR [--resume]
+    python -m torch.distributed.run --standalone --nproc-per-node=N -m leantune.training.loop RUN_DIR
 Exit codes: 0 finished, 2 a UserError (message on stderr), 75 stopped by SIGTERM/SIGINT after
-saving a checkpoint (resume to continue).
+saving a checkpoint (resume to continue), 1 any other error. A failed run also leaves
+attempt_error.json (leantune.attempts.write_failure): the outcome (oom, nan, error) and message the
+flow's attempt loop reads; a process killed by a signal leaves none.
 """
 
 from __future__ import annotations
@@ -68,8 +74,11 @@ from leantune.errors import DataError, UserError
 from leantune.monitor.sampler import Monitor
 from leantune.tokenization import TokenShards, collate
 from leantune.training.adaptive import MicroBatchController, is_out_of_memory
+from leantune.training.distributed import DistContext, process_group
 
-log = logging.getLogger(__name__)
+# Named, not __name__: run as `python -m leantune.training.loop` this module is __main__, and the
+# flow shows the child's log lines under their logger name.
+log = logging.getLogger("leantune.training.loop")
 
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped cleanly, try again (resume)
 
@@ -86,18 +95,31 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
         default: the resource monitor's latest reading, else the device's free memory after the step.
     monitor: test hook; a Monitor to use (e.g. one reading a FakeNvml) instead of one built from
         cfg.monitor; the loop sets its on_sample to the feedback policy, starts and stops it.
+
+    Under torchrun (WORLD_SIZE above 1) every process calls this (see distributed.py): each trains on
+    its share of every global batch, only rank 0 writes metrics.jsonl, monitor.csv, checkpoints, the
+    adapter and training.json, and every rank returns the summary. The hooks act in their own process.
     """
+    from leantune.modeling import resolve_device
+
+    with process_group(cfg, resolve_device(cfg)) as dist:
+        return _train(cfg, Path(run_dir), dist, resume=resume, oom_injector=oom_injector, headroom=headroom,
+                      monitor=monitor)
+
+
+def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
+           oom_injector: Callable[[int, int, int], bool] | None, headroom: Callable[[int], float | None] | None,
+           monitor: Monitor | None) -> dict:
     import torch
     from transformers import AutoTokenizer
 
     from leantune.attempts import NonFiniteLoss
-    from leantune.modeling import build_model, describe_model, resolve_device, resolve_precision
+    from leantune.modeling import build_model, describe_model, resolve_precision
     from leantune.monitor.policy import Feedback
     from leantune.monitor.power import power_limit
-    from leantune.training.checkpoint import CheckpointManager, run_fingerprints
+    from leantune.training.checkpoint import CheckpointManager, rng_state, run_fingerprints
     from leantune.training.optim import build_optimizer, build_scheduler, total_steps
 
-    run_dir = Path(run_dir)
     t = cfg.train
     started = time.monotonic()
 
@@ -111,12 +133,15 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
     num_steps = total_steps(cfg, len(train_shards))
 
     # ---- model, optimizer, schedule, loss scaling
-    device = resolve_device(cfg)
+    device = dist.device  # cuda:LOCAL_RANK under torchrun on GPUs
     precision = resolve_precision(cfg, device)
     # Fresh runs draw weights, LoRA init and dropout from train.seed; a resume restores the RNGs.
     _seed_everything(t.seed)
     model = build_model(cfg, tokenizer, device)
     log.info("model: %s", describe_model(model))
+    if dist.rank > 0:
+        # Every rank built the same weights from train.seed; each draws its own dropout, as it has its own data.
+        torch.manual_seed(int(np.random.SeedSequence([t.seed, dist.rank]).generate_state(1)[0]))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, num_steps)
@@ -127,7 +152,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
     mask_dtype = precision
     # flash-attention takes no 4D mask: a micro-batch becomes one row, documents found from position ids.
     one_row = model.config._attn_implementation == "flash_attention_2"
-    controller = MicroBatchController.from_config(cfg)
+    controller = MicroBatchController.from_config(cfg, dist.world_size)
 
     # ---- resume: the newest intact checkpoint, when asked or when the run already has some
     ckpt = CheckpointManager(cfg, run_dir, run_fingerprints(cfg, run_dir))
@@ -135,38 +160,73 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
              "val_loss": None, "best_val_loss": None, "best_step": None, "peak_memory_mb": 0.0,
              "micro_batch_changes": 0, "energy_j": None}
     resumed_from = None
-    if resume or (run_dir / "checkpoints").is_dir():
-        latest = ckpt.latest()
-        if latest is None:
-            log.warning("resume: no intact checkpoint in %s; training from the start", run_dir / "checkpoints")
-        else:
-            saved = ckpt.load(latest, model, optimizer, scheduler, scaler if scaler.is_enabled() else None)
-            controller.load_state_dict(saved.pop("adaptive"))
-            state.update(saved)
-            resumed_from = state["step"]
-    metrics = _MetricsFile(run_dir / "metrics.jsonl", keep_until_step=state["step"])
+    look = resume or (run_dir / "checkpoints").is_dir()
+    # Rank 0 picks the checkpoint (latest() also removes what interrupted writes left); every rank loads it.
+    latest = dist.broadcast(ckpt.latest() if look and dist.is_main else None)
+    if look and latest is None:
+        log.warning("resume: no intact checkpoint in %s; training from the start", run_dir / "checkpoints")
+    elif latest is not None:
+        saved = ckpt.load(latest, model, optimizer, scheduler, scaler if scaler.is_enabled() else None,
+                          rank=dist.rank)
+        controller.load_state_dict(saved.pop("adaptive"))
+        state.update(saved)
+        resumed_from = state["step"]
+    metrics = _MetricsFile(run_dir / "metrics.jsonl" if dist.is_main else None, keep_until_step=state["step"])
+    if ckpt.lr_rescale is not None:  # resumed with another train.lr: the schedule continues rescaled
+        metrics.write({"event": "lr_rescale", "step": state["step"], **ckpt.lr_rescale})
 
     def record(change) -> None:
         metrics.write(change.event())
         state["micro_batch_changes"] += 1
 
+    def settle(step: int, oom: bool, probe: bool = False) -> bool:
+        """After an attempt at a step (or the probe): True when it succeeded on every rank. Otherwise the
+        partial gradients are dropped and the micro-batch halved (data parallel: the smallest of all ranks
+        wins), and the attempt is to be redone. Called outside the except block, so the traceback (holding
+        activations) is already released."""
+        fatal = None
+        if oom:
+            _free_memory(model, device)
+            try:
+                record(controller.on_oom(step, probe=probe))
+            except UserError as e:  # one sequence does not fit: the other ranks must hear of it before it is raised
+                fatal = e
+        if dist.enabled:
+            # Every rank reaches this all-reduce whatever happened in its forward and backward: 0 out of
+            # memory at a micro-batch of 1, 1 out of memory, 2 done.
+            worst, smallest = dist.min_all([0 if fatal else 1 if oom else 2, controller.micro_batch_size])
+            if fatal is None and worst == 0:
+                raise UserError("out of memory in another training process with a micro-batch of 1 sequence; "
+                                "its error (in the log of rank 0 or that rank) says what to change")
+            if fatal is None and (change := controller.adopt(step, int(smallest))) is not None:
+                record(change)
+            if worst < 2 and not oom:
+                _free_memory(model, device)  # this rank's gradients of an attempt another rank could not finish
+            oom = worst < 2
+        if fatal is not None:
+            raise fatal
+        return not oom
+
     # ---- worst-case probe: the longest sequences first, so a too-large micro-batch fails in seconds
     if cfg.adaptive.probe_longest_first:
         longest = np.argsort(-train_shards.lengths, kind="stable")
         while True:
+            oom = False
             try:
                 # oom_injector sees step 0 for the probe.
                 if oom_injector is not None and oom_injector(0, 0, controller.micro_batch_size):
                     raise torch.OutOfMemoryError("injected out-of-memory in the start-up probe")
                 _probe(model, train_shards, longest[:controller.micro_batch_size], device, autocast,
                        mask_dtype, one_row)
-                break
             except Exception as e:
                 if not (controller.enabled and is_out_of_memory(e)):
                     raise
-            # Outside the except block, so the traceback (holding activations) is already released.
-            _free_memory(model, device)
-            record(controller.on_oom(state["step"], probe=True))
+                oom = True
+            if settle(state["step"], oom, probe=True):
+                break
+
+    # The model forward runs on: DDP around it with several ranks (it broadcasts rank 0's weights now).
+    forward_model = dist.wrap(model)
 
     # ---- the loop
     order_cache: dict[int, np.ndarray] = {}
@@ -180,7 +240,8 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
     # ---- the resource monitor (monitor.csv) and its feedback; the power limit, restored in `finally`
     feedback = Feedback(cfg.monitor, ckpt.request)
     resources = contextlib.ExitStack()
-    if cfg.monitor.enabled:
+    # Data parallel: rank 0's monitor decides for all (its shrink reaches the others through `settle`).
+    if cfg.monitor.enabled and dist.is_main:
         monitor = monitor or Monitor(cfg.monitor, run_dir / "monitor.csv", device_type=device.type,
                                      device_index=device.index)
         monitor.on_sample = feedback
@@ -194,6 +255,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
     ckpt.install_signal_handlers()
     saved_step = resumed_from
     stopped = False
+    rank_peaks_mb = [0.0] * dist.world_size
     try:
         while state["step"] < num_steps:
             step = state["step"] + 1
@@ -205,6 +267,8 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
             # The loss of the step is normalised by every target token of the global batch.
             targets = sum(int((it["labels"][1:] != -100).sum()) for it in items)
             tokens = sum(len(it["input_ids"]) for it in items)
+            # Data parallel: this rank's disjoint share of the global batch (a single process: all of it).
+            mine = items[dist.share(len(items))]
             lr = scheduler.get_last_lr()[0]
 
             # A redo after out-of-memory must draw the same random numbers (dropout) as a first try.
@@ -212,30 +276,34 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
             while True:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
+                oom = False
+                mb = controller.micro_batch_size
+                ce_sum = torch.zeros((), device=device)
                 try:
-                    mb = controller.micro_batch_size
-                    ce_sum = torch.zeros((), device=device)
-                    for k in range(controller.accumulation_steps):
-                        if oom_injector is not None and oom_injector(step, k, mb):
-                            raise torch.OutOfMemoryError(f"injected out-of-memory at step {step}, micro-batch {k}")
-                        inputs, labels = model_inputs(items[k * mb:(k + 1) * mb], train_shards.pad_id, mask_dtype,
-                                                      one_row, device)
-                        with autocast:
-                            logits = model(**inputs).logits
-                        micro_ce = summed_cross_entropy(logits, labels)
-                        del logits
-                        scaler.scale(micro_ce / targets).backward()
-                        ce_sum += micro_ce.detach()
-                    break
+                    # No gradient all-reduce inside backward (distributed.py says why): gradients stay local.
+                    with dist.no_sync(forward_model):
+                        for k in range(controller.accumulation_steps):
+                            if oom_injector is not None and oom_injector(step, k, mb):
+                                raise torch.OutOfMemoryError(f"injected out-of-memory at step {step}, micro-batch {k}")
+                            inputs, labels = model_inputs(mine[k * mb:(k + 1) * mb], train_shards.pad_id,
+                                                          mask_dtype, one_row, device)
+                            with autocast:
+                                logits = forward_model(**inputs).logits
+                            micro_ce = summed_cross_entropy(logits, labels)
+                            del logits
+                            scaler.scale(micro_ce / targets).backward()
+                            ce_sum += micro_ce.detach()
                 except Exception as e:
                     if not (controller.enabled and is_out_of_memory(e)):
                         raise
-                # Redo the whole step: drop the partial gradients (outside the except block, so the
-                # traceback's activations are gone), halve the micro-batch, restart from micro-batch 0.
-                _free_memory(model, device)
-                record(controller.on_oom(step))
+                    oom = True
+                if settle(step, oom):
+                    break
+                # Redo the whole step, from micro-batch 0 with the halved micro-batch.
                 _set_torch_rng_state(device, rng_at_start)
 
+            # Every rank finished its share: sum the gradients (and the loss) of all shares.
+            dist.sum_gradients(trainable, ce_sum)
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
             scaler.step(optimizer)
@@ -256,7 +324,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
             line = {"step": step, "epoch": round((epoch * len(train_shards) + offset) / len(train_shards), 6),
                     "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                     "tokens_per_s": tokens / step_seconds, "micro_batch_size": mb,
-                    "accumulation_steps": t.global_batch_size // mb,
+                    "accumulation_steps": len(mine) // mb, "world_size": dist.world_size,
                     "peak_memory_mb": peak_mb, "elapsed_s": round(state["elapsed_s"], 3)}
             energy_end = monitor.energy_j() if monitor is not None else None
             if energy_start is not None and energy_end is not None:
@@ -267,7 +335,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
             val_loss = None
             if val_shards is not None and (step % t.eval_every == 0 or step == num_steps):
                 val_loss = evaluate(model, val_shards, controller.micro_batch_size, device, autocast,
-                                    mask_dtype, one_row)
+                                    mask_dtype, one_row, dist)
                 line["val_loss"] = val_loss
                 state["val_loss"] = val_loss
             if step % t.log_every == 0 or step == num_steps:
@@ -283,11 +351,27 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
                     record(change)
                     _free_memory(model, device)  # give the cache back, so the monitor sees the drop
 
-            # Growth is decided on this step's free memory and takes effect from the next step.
             reading = monitor.latest if monitor is not None else None
             free = reading.free_fraction if reading is not None else None
-            change = controller.after_step(step, headroom(step) if headroom else (
-                free if free is not None else _free_memory_share(device)))
+            free = headroom(step) if headroom else (free if free is not None else _free_memory_share(device))
+            stop = ckpt.stop_requested
+            due = ckpt.due(step)
+            # Data parallel: one exchange per step, so that every rank decides alike from here on: grow on the
+            # smallest free share, checkpoint when any rank has one due, stop when any rank was signalled (a
+            # signal reaches the ranks at different steps); plus each rank's peak memory.
+            readings = dist.gather_all([-1.0 if free is None else free, due is not None, stop, peak_mb])
+            if any(r[0] < 0 for r in readings):
+                free = None
+            else:
+                free = min(r[0] for r in readings)
+            if due is None and any(r[1] for r in readings):
+                due = "other_rank"
+            stop = any(r[2] for r in readings)
+            rank_peaks_mb = [max(old, r[3]) for old, r in zip(rank_peaks_mb, readings, strict=True)]
+            state["peak_memory_mb"] = max(state["peak_memory_mb"], *rank_peaks_mb)
+
+            # Growth is decided on this step's free memory and takes effect from the next step.
+            change = controller.after_step(step, free)
             if change is not None:
                 record(change)
 
@@ -296,12 +380,18 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
             improved = val_loss is not None and (state["best_val_loss"] is None or val_loss < state["best_val_loss"])
             if improved:
                 state.update(best_val_loss=val_loss, best_step=step)
-            reason = ckpt.due(step) or ("best" if improved else None) or ("final" if step == num_steps else None)
+            reason = due or ("best" if improved else None) or ("final" if step == num_steps else None)
             if reason is not None:
-                ckpt.save(step, model, optimizer, scheduler, {**state, "adaptive": controller.state_dict()},
-                          metric=val_loss, scaler=scaler if scaler.is_enabled() else None, reason=reason)
+                # Every rank's RNG state goes into the checkpoint (rank 0 writes it), so each resumes exactly.
+                rngs = dist.gather_to_main(rng_state())
+                if dist.is_main:
+                    ckpt.save(step, model, optimizer, scheduler, {**state, "adaptive": controller.state_dict()},
+                              metric=val_loss, scaler=scaler if scaler.is_enabled() else None, reason=reason,
+                              rank_rngs=rngs[1:])
+                else:
+                    ckpt.mark_saved(step)
                 saved_step = step
-            if ckpt.stop_requested:
+            if stop:
                 stopped = True
                 log.warning("stopped after step %d (checkpoint %s); resume to continue", step,
                             f"step-{saved_step}" if saved_step is not None else "none")
@@ -314,7 +404,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
 
     # ---- outputs: the adapter in PEFT format (full fine-tune: the model), and the merged model
     adapter_dir = merged_dir = None
-    if not stopped:
+    if not stopped and dist.is_main:
         adapter_dir = run_dir / "adapter"
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
@@ -337,7 +427,12 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
         "micro_batch_size": controller.micro_batch_size,
         "micro_batch_changes": state["micro_batch_changes"],
         "peak_memory_mb": state["peak_memory_mb"],
+        # Data parallel: the processes and each one's peak memory (in this process's part of the run).
+        "world_size": dist.world_size,
+        "rank_peak_memory_mb": rank_peaks_mb,
         "train_seconds": round(state["elapsed_s"], 3),
+        # Over the optimizer steps of the whole run (resumes included), all ranks together.
+        "tokens_per_s": state["tokens_seen"] / state["elapsed_s"] if state["elapsed_s"] else None,
         # Energy of the GPUs over the optimizer steps of the whole run (resumes included), from the monitor.
         "energy_j": state["energy_j"],
         "energy_per_step_j": state["energy_j"] / state["step"] if state["energy_j"] is not None else None,
@@ -351,7 +446,8 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
         "adapter": str(adapter_dir) if adapter_dir else None,
         "merged": str(merged_dir) if merged_dir else None,
     }
-    (run_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if dist.is_main:
+        (run_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -429,13 +525,19 @@ def summed_cross_entropy(logits, labels):
 # ----------------------------------------------------------------------------------- eval, probe
 
 
-def evaluate(model, shards: TokenShards, batch_size: int, device, autocast, mask_dtype, one_row: bool) -> float:
-    """Mean per-token cross-entropy over every target token of `shards` (the validation split)."""
+def evaluate(model, shards: TokenShards, batch_size: int, device, autocast, mask_dtype, one_row: bool,
+             dist: DistContext | None = None) -> float:
+    """Mean per-token cross-entropy over every target token of `shards` (the validation split).
+
+    dist (data parallel): each rank evaluates every world_size-th sequence, and the sums are added up.
+    """
     import torch
 
     model.eval()  # no dropout
     # Similar lengths together: less padding, and the order does not matter for a sum.
     order = np.argsort(shards.lengths, kind="stable")
+    if dist is not None:
+        order = order[dist.rank::dist.world_size]
     ce = torch.zeros((), device=device, dtype=torch.float64)
     targets = 0
     with torch.no_grad():
@@ -447,6 +549,9 @@ def evaluate(model, shards: TokenShards, batch_size: int, device, autocast, mask
                 logits = model(**inputs).logits
             ce += summed_cross_entropy(logits, labels).double()
     model.train()
+    if dist is not None:
+        ce_total, targets_total = dist.sum_all([float(ce), targets])
+        return ce_total / max(targets_total, 1)
     return float(ce) / max(targets, 1)
 
 
@@ -541,11 +646,15 @@ class _MetricsFile:
     """metrics.jsonl, appended line by line and flushed, so a killed run leaves whole lines.
 
     On resume from step K the lines of steps after K are dropped: those steps will run again.
-    A fresh start (K = 0) starts an empty file.
+    A fresh start (K = 0) starts an empty file. path None (data parallel, ranks other than 0): lines
+    are dropped, rank 0 writes the file.
     """
 
-    def __init__(self, path: Path, keep_until_step: int):
+    def __init__(self, path: Path | None, keep_until_step: int):
         self.path = path
+        self._f = None
+        if path is None:
+            return
         kept = []
         if keep_until_step and path.is_file():
             kept = [line for line in path.read_text().splitlines()
@@ -554,11 +663,13 @@ class _MetricsFile:
         self._f = open(path, "a", encoding="utf-8")
 
     def write(self, obj: dict) -> None:
-        self._f.write(json.dumps(obj) + "\n")
-        self._f.flush()
+        if self._f is not None:
+            self._f.write(json.dumps(obj) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def _progress_bar(total: int, initial: int):
@@ -612,13 +723,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="continue from the newest intact checkpoint (automatic when checkpoints exist)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = None
     try:
         cfg = load_config(args.run_dir / "config.yaml")
         summary = train(cfg, args.run_dir, resume=args.resume)
-    except UserError as e:
-        print(f"leantune: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
+    except Exception as e:
+        from leantune.attempts import classify, write_failure
+
+        # The flow that started this process reads why it failed from the run directory.
+        if args.run_dir.is_dir():
+            write_failure(args.run_dir, e, cfg)
+        if isinstance(e, UserError):
+            print(f"leantune: {e}", file=sys.stderr)
+            return 2
+        if classify(e) in ("oom", "nan"):
+            # Resource outcomes the flow answers with another attempt: the message says it all.
+            log.error("%s: %s", type(e).__name__, e)
+            return 1
+        raise
+    print(f"leantune: training {'finished' if summary['completed'] else 'stopped'} after step {summary['steps']}; "
+          f"summary in {args.run_dir / 'training.json'}")
     return 0 if summary["completed"] else EXIT_STOPPED
 
 

@@ -1,0 +1,110 @@
+"""The training process as the flow runs it (leantune/training/launch.py): its output as log records, the
+metrics it appends followed as they come, its failure file, and a stop (Ctrl-C, cancellation) that lets it
+checkpoint first."""
+
+import json
+import logging
+import signal
+import sys
+
+import pytest
+from run_helpers import new_run
+
+from leantune.attempts import AttemptFailed, attempt_failure, write_failure
+from leantune.errors import UserError
+from leantune.training.launch import (
+    MetricsFollower,
+    log_record,
+    progress_markdown,
+    run_training,
+    training_command,
+)
+
+
+def test_log_lines_keep_their_level_and_lose_their_timestamp():
+    assert log_record("2026-01-01 12:00:00,123 WARNING leantune.x: near the limit\n", logging.INFO) == (
+        logging.WARNING, "leantune.x: near the limit")
+    assert log_record("plain print\n", logging.WARNING) == (logging.INFO, "plain print")
+    assert log_record("Traceback (most recent call last):\n", logging.INFO) == (logging.ERROR,
+                                                                                 "Traceback (most recent call last):")
+    # A traceback's frames and its last line stay errors; an indented continuation keeps its record's level.
+    assert log_record('  File "x.py", line 1\n', logging.ERROR) == (logging.ERROR, '  File "x.py", line 1')
+    assert log_record("ValueError: boom\n", logging.ERROR) == (logging.ERROR, "ValueError: boom")
+    assert log_record("  more of it\n", logging.WARNING) == (logging.WARNING, "  more of it")
+    # A progress bar redrawn with carriage returns: only its last drawing, and nothing when that is empty.
+    assert log_record(" 10%|#  | 1/10\r 20%|## | 2/10\n", logging.INFO) == (logging.INFO, " 20%|## | 2/10")
+    assert log_record("\r\n", logging.INFO) is None
+    assert log_record("a CRLF line\r\n", logging.INFO) == (logging.INFO, "a CRLF line")
+
+
+def test_the_metrics_follower_reads_whole_new_lines_and_rereads_a_rewritten_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    follower = MetricsFollower(path)
+    assert follower.new_lines() == []  # not there yet
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert follower.new_lines() == [{"step": 1}, {"step": 2}]
+    assert follower.new_lines() == []  # the half-written line waits for its end
+    with open(path, "a") as f:
+        f.write('ep": 3}\n')
+    assert follower.new_lines() == [{"step": 3}]
+    path.write_text('{"step": 1}\n')  # a resume from step 1 rewrites the file
+    assert follower.new_lines() == [{"step": 1}]
+    # A new attempt's follower skips the old lines until the process rewrites the file or appends.
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    next_attempt = MetricsFollower(path, from_end=True)
+    assert next_attempt.new_lines() == []
+    path.write_text('{"step": 1}\n')
+    assert next_attempt.new_lines() == [{"step": 1}]
+
+
+def test_progress_markdown_shows_the_latest_steps():
+    steps = [{"step": s, "loss": 1.0 / s, "lr": 1e-4 * s, "tokens_per_s": 1000.0 * s, "micro_batch_size": 4}
+             for s in range(1, 13)]
+    steps[-1]["val_loss"] = 0.25
+    md = progress_markdown(steps, 20)
+    assert "step 12 of 20 (60%): loss 0.0833, lr 0.0012, 12,000 tokens/s, micro-batch 4" in md
+    assert "| 12 | 0.0833 | 0.0012 | 12,000 | 4 | 0.2500 |" in md
+    assert "| 3 | 0.3333 | 0.0003 | 3,000 | 4 | - |" in md and "| 2 |" not in md  # the latest 10 only
+
+
+def test_the_failure_file_becomes_the_error_the_flow_sees(tmp_path):
+    import torch
+
+    write_failure(tmp_path, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    failure = attempt_failure(tmp_path, 1)
+    assert isinstance(failure, AttemptFailed) and (failure.outcome, failure.returncode) == ("oom", 1)
+    assert failure.message == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    write_failure(tmp_path, UserError("train.lr: must be positive; set it above 0"))
+    failure = attempt_failure(tmp_path, 2)
+    assert type(failure) is UserError and str(failure) == "train.lr: must be positive; set it above 0"
+    (tmp_path / "attempt_error.json").unlink()
+    assert attempt_failure(tmp_path, -signal.SIGKILL).outcome == "killed"
+    assert attempt_failure(tmp_path, 137).outcome == "killed"
+    unexplained = attempt_failure(tmp_path, 1)
+    assert unexplained.outcome == "error" and "exited with status 1" in unexplained.message
+
+
+def test_an_interrupted_caller_stops_the_process_after_a_checkpoint(tokenized_run, tmp_path):
+    cfg, run_dir = new_run(tokenized_run, tmp_path, "train.max_steps=40", "checkpoint.every_steps=1000",
+                         "train.eval_every=1000", "monitor.enabled=false")
+    seen, logged = [], []
+
+    def interrupt_at_step_2(lines):
+        seen.extend(m["step"] for m in lines if "loss" in m)
+        if seen and seen[-1] >= 2:
+            raise KeyboardInterrupt
+
+    cmd = training_command(cfg, run_dir, resume=False)
+    assert cmd[:3] == [sys.executable, "-m", "leantune.training.loop"]
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cmd, run_dir, on_log=lambda level, text: logged.append((level, text)),
+                     on_metrics=interrupt_at_step_2, poll_s=0.05)
+    summary = json.loads((run_dir / "training.json").read_text())
+    assert summary["completed"] is False and 2 <= summary["steps"] < 40
+    [checkpoint] = (run_dir / "checkpoints").glob("step-*")
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert (manifest["step"], manifest["reason"]) == (summary["steps"], "signal")
+    # The process's own log lines reached the caller with their levels.
+    assert (logging.WARNING, "leantune.training.checkpoint: SIGTERM received: saving a checkpoint at the end of this "
+            "step, then stopping (send it again to stop at once)") in logged
+    assert any(level == logging.INFO and ": model: {'total_params'" in text for level, text in logged)
