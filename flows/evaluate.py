@@ -10,26 +10,19 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-# leantune runs offline: no telemetry from the temporary server (a user's own setting wins).
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# leantune's own messages (the models loaded, the sets read) go to the run's log and the UI.
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "leantune")
+from tasks.logs import failure_exit_code, set_up_flow_process  # first: before Prefect is imported
+
+set_up_flow_process()
 
 from prefect import flow, get_run_logger
 
 from leantune.config import ConfigError, RunConfig, load_config
 from leantune.errors import UserError
 from tasks.evaluate import evaluate_sycophancy
-from tasks.logs import quiet_user_error_tracebacks
-
-quiet_user_error_tracebacks()
-logging.getLogger("leantune").setLevel(logging.INFO)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 DEFAULT_RUN_CONFIG = load_config(DEFAULT_CONFIG)
@@ -111,16 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         files = state.result()["files"]
         print(f"leantune: evaluation finished; results in {Path(files['base']).parent}")
         return 0
-    try:
-        state.result()
-    except UserError as e:
-        print(f"leantune: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a bug or an environment fault: say what and where the logs are
-        print(f"leantune: the evaluation failed: {e.__class__.__name__}: {e} (the log above has the details)",
-              file=sys.stderr)
-        return 1
-    return 1
+    return failure_exit_code(state, "evaluation")
 
 
 if __name__ == "__main__":

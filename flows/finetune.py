@@ -9,17 +9,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
-# The temporary server a local run starts sends a telemetry heartbeat that can fail with
-# "database is locked" and print a long traceback; leantune runs offline. A user's own setting wins.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# leantune's own messages (the model summary, which monitor backend runs, a resume's fallback) go to
-# the run's log and the UI beside the tasks' lines.
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "leantune")
+from tasks.logs import failure_exit_code, set_up_flow_process  # first: before Prefect is imported
+
+set_up_flow_process()
 
 from prefect import flow, get_run_logger
 
@@ -28,15 +23,11 @@ from leantune.errors import UserError
 from leantune.rundir import create_run_dir
 from tasks.attempts import after_failure, probe_memory, publish_attempts, record_success
 from tasks.evaluate import evaluate_sycophancy
-from tasks.logs import quiet_user_error_tracebacks
 from tasks.prepare import prepare_data
 from tasks.report import report_run
 from tasks.tokenize import tokenize_data
 from tasks.train import train_model
 from tasks.validate import validate_data
-
-quiet_user_error_tracebacks()
-logging.getLogger("leantune").setLevel(logging.INFO)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 # The UI form starts from the offline default, so a run triggered with no changes works anywhere.
@@ -65,9 +56,11 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
         tokenize_data(config, run_dir)
 
     # ---- stage 4: train — adaptive micro-batch, checkpoints, validation loss; adapter in PEFT format.
-    # The memory probe picks the start; an attempt that fails for a resource reason (out of memory,
-    # NaN loss) is adjusted and trained again (from its last checkpoint where it can), up to
-    # train.max_attempts. Prefect retries are for transient faults only.
+    # Each attempt is a training process of its own (tasks/train.py). The memory probe picks the start;
+    # an attempt that fails for a resource reason (out of memory, NaN loss, the process killed) is
+    # adjusted and trained again (from its last checkpoint where it can), up to train.max_attempts.
+    # Prefect retries are for transient faults only; Ctrl-C or a cancellation stops the process after
+    # a checkpoint.
     if not resume:
         config = probe_memory(config, run_dir)
     for attempt in range(1, config.train.max_attempts + 1):
@@ -121,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="RUN_NAME",
                    help="continue the run RUN_NAME under run.output_dir from its newest checkpoint, with the "
                    "config.yaml it was started with (--set may change settings that do not alter the updates, "
-                   "e.g. train.micro_batch_size; others are refused by name)")
+                   "e.g. train.micro_batch_size, or train.lr, which rescales the schedule; others are refused by name)")
     return p.parse_args(argv)
 
 
@@ -152,16 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_completed():
         print(f"leantune: run finished; outputs in {state.result()}")
         return 0
-    try:
-        state.result()
-    except UserError as e:
-        print(f"leantune: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a bug or an environment fault: say what and where the logs are
-        print(f"leantune: the run failed: {e.__class__.__name__}: {e} (the log above has the details)",
-              file=sys.stderr)
-        return 1
-    return 1
+    return failure_exit_code(state, "run")
 
 
 if __name__ == "__main__":

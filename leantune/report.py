@@ -7,18 +7,25 @@ is absent) gets a line saying so, never an invented number.
 Plots, next to report.md: loss.png (training and validation loss per step), lr.png (learning rate
 per step), memory.png (peak memory per step; the monitor's process RSS and GPU memory over time
 when monitor.csv has them), power.png (GPU power over time, only when monitor.csv has power readings).
+
+report.md links its plots relatively, so it reads well beside them; `inline_images` gives the same
+markdown with the images embedded as data: URIs, for the Prefect UI (see tasks/report.py).
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
+import re
 from pathlib import Path
 
 from leantune.attempts import history_markdown
 from leantune.evaluation.compare import table_rows
 from leantune.jsonl import iter_jsonl
 
+# The plots a run can have, as (file stem, title); each is also a Prefect artifact, key "<stem>-plot".
+PLOTS = (("loss", "Loss"), ("lr", "Learning rate"), ("memory", "Memory"), ("power", "Power"))
 PLOT_SIZE = (8, 4.5)  # inches; at PLOT_DPI a 1200x675 image, readable on a screen and in a PR
 PLOT_DPI = 150
 
@@ -42,6 +49,34 @@ def write_report(run_dir: Path) -> Path:
     path = run_dir / "report.md"
     path.write_text("\n".join(sections))
     return path
+
+
+def png_data_uri(path: Path) -> str:
+    """The PNG file as a data: URI, for an image where its file cannot be reached (the Prefect UI)."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+# A markdown image whose target is a relative path to a PNG file: ![alt](loss.png), ![alt](eval/x.png).
+_RELATIVE_PNG = re.compile(r"!\[([^\]]*)\]\((?![a-z]+:)([^)\s]+\.png)\)")
+
+
+def inline_images(markdown: str, base_dir: Path) -> str:
+    """`markdown` with each relative PNG link that exists under base_dir replaced by the image as a data: URI.
+
+    report.md keeps relative links (readable beside its PNG files); the Prefect UI renders markdown
+    in a browser that cannot reach those files, so the artifact carries the images themselves.
+    """
+    def inline(match: re.Match) -> str:
+        path = Path(base_dir) / match.group(2)
+        return f"![{match.group(1)}]({png_data_uri(path)})" if path.is_file() else match.group(0)
+
+    return _RELATIVE_PNG.sub(inline, markdown)
+
+
+def plot_files(run_dir: Path) -> list[tuple[str, str, Path]]:
+    """(stem, title, path) of each plot of PLOTS that the run has."""
+    return [(stem, title, Path(run_dir) / f"{stem}.png") for stem, title in PLOTS
+            if (Path(run_dir) / f"{stem}.png").is_file()]
 
 
 # ------------------------------------------------------------------------------------------ reading

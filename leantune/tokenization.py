@@ -59,6 +59,7 @@ from leantune.config import RunConfig
 from leantune.data.quality import add_token_lengths
 from leantune.errors import DataError, UserError
 from leantune.jsonl import chunks, iter_jsonl
+from leantune.progress import progress_bar
 
 FORMAT_VERSION = 1
 # Sequences per mega-batch in length-grouped batching: lengths are sorted only within a random
@@ -415,6 +416,7 @@ def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Pat
             writer.add([window[i] for i in bin_])
         window.clear()
 
+    bar = progress_bar(f"tokenize {out_dir.name}", "record")
     for chunk in chunks(iter_jsonl(records_path), cfg.data.chunk_size):
         results = encode_batch(tokenizer, [r["messages"] for r in chunk], t.train_on)
         for record, result in zip(chunk, results, strict=True):
@@ -446,6 +448,8 @@ def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Pat
                     emit_window()
             else:
                 writer.add([(ordinal, ids, mask)])
+        bar.update(len(chunk))
+    bar.close()
     emit_window()
     index = writer.close()
     np.save(out_dir / "lengths.npy", np.frombuffer(lengths, dtype=np.int32))

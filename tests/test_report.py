@@ -1,14 +1,17 @@
 """The run report: its numbers are the source files' numbers, its plots are real images, missing stages are said."""
 
+import base64
 import csv
 import json
+import re
 
+import pytest
 from PIL import Image
 from run_helpers import new_run
 
 from leantune.jsonl import iter_jsonl
 from leantune.monitor.sampler import CSV_COLUMNS
-from leantune.report import write_report
+from leantune.report import inline_images, write_report
 from leantune.training.loop import train
 
 COMPARISON = {"confidence": 0.95, "sets": {"false-claims": {"overall": {
@@ -120,3 +123,55 @@ def test_missing_stages_are_said(tokenized_run, tmp_path):
 def test_report_of_an_empty_directory(tmp_path):
     report = write_report(tmp_path).read_text()
     assert "Prepare did not run" in report and "Tokenize did not run" in report
+
+
+def _latest_artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                           sort=ArtifactSort.CREATED_DESC, limit=1)
+    return artifact
+
+
+def _data_uri_images(markdown: str) -> list[bytes]:
+    return [base64.b64decode(b64) for b64 in re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)]
+
+
+def test_inline_images_embeds_existing_relative_pngs_only(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "chart.png").write_bytes(b"\x89PNG chart")
+    (tmp_path / "loss.png").write_bytes(b"\x89PNG loss")
+    markdown = ("![Loss](loss.png)\n![Chart](eval/chart.png)\n![Gone](missing.png)\n"
+                "![Web](https://example.org/x.png)\n[a link](loss.png)\n")
+
+    inlined = inline_images(markdown, tmp_path)
+
+    assert _data_uri_images(inlined) == [b"\x89PNG loss", b"\x89PNG chart"]
+    # What cannot or need not be inlined stays as written: a missing file, a URL, a plain link.
+    assert "![Gone](missing.png)" in inlined
+    assert "![Web](https://example.org/x.png)" in inlined
+    assert "[a link](loss.png)" in inlined
+
+
+@pytest.mark.flow
+def test_report_task_publishes_each_plot_as_an_artifact_the_ui_can_show(prefect_server, tokenized_run, tmp_path):
+    from tasks.report import report_run
+
+    run_dir = _trained_run(tokenized_run, tmp_path)
+
+    report_run(run_dir)
+
+    on_disk = (run_dir / "report.md").read_text()
+    assert "](loss.png)" in on_disk  # the file keeps relative links, readable beside its PNGs
+    for stem in ("loss", "lr", "memory"):
+        artifact = _latest_artifact(f"{stem}-plot")
+        assert artifact.type == "markdown"
+        assert _data_uri_images(artifact.data) == [(run_dir / f"{stem}.png").read_bytes()]
+    report = _latest_artifact("run-report").data
+    assert "](loss.png)" not in report
+    assert _data_uri_images(report) == [(run_dir / f"{stem}.png").read_bytes() for stem in ("loss", "lr", "memory")]
+    # The rest of the report is the file's text.
+    assert report.split("## Plots")[0] == on_disk.split("## Plots")[0]

@@ -32,6 +32,7 @@ from leantune.data.normalize import IdSet, record_id
 from leantune.data.sources import RawRow, iter_source
 from leantune.errors import DataError
 from leantune.jsonl import JsonlWriter, chunks
+from leantune.progress import progress_bar
 
 # Longest raw text copied into rejects.jsonl; enough to recognise a row, bounded for huge rows.
 MAX_REJECT_RAW_CHARS = 2000
@@ -74,6 +75,8 @@ def _prepare_source(src: SourceConfig, index: int, data: DataConfig, seen: IdSet
     fmt = src.format if src.format != "auto" else detect_format([r.value for r in first if r.error is None])
     stats = {"format": fmt or "unknown", "read": 0, **dict.fromkeys(BINS, 0), "reasons": Counter()}
     examples: dict[str, str] = {}
+    # Sources stream, so their length is unknown: the bar counts rows and shows the rate.
+    bar = progress_bar(f"prepare {name}", "row")
     for chunk in chain([first], row_chunks):
         for row in chunk:
             stats["read"] += 1
@@ -99,6 +102,8 @@ def _prepare_source(src: SourceConfig, index: int, data: DataConfig, seen: IdSet
                 if seen is not None:
                     seen.add(rid)
                 records.write({"id": rid, "messages": messages, "source": name})
+        bar.update(len(chunk))
+    bar.close()
     stats["reasons"] = dict(sorted(stats["reasons"].items()))
     _check_balance(f"source '{name}'", stats)
     return stats, examples

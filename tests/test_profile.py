@@ -1,0 +1,187 @@
+"""The profile flow: one CSV row per combination, numbers that agree with the training metrics, skips with reasons."""
+
+import base64
+import csv
+import re
+
+import pytest
+from PIL import Image
+
+from flows.profiling import main, profile
+from leantune.config import load_config
+from leantune.errors import UserError
+from leantune.jsonl import iter_jsonl
+from leantune.profile import COLUMNS, NO_ENERGY_NOTE, Combination, combinations, plan, run_combination
+
+SMALL = [
+    "data.synthetic.num_records=120", "data.val_fraction=0.1", "data.chunk_size=64",
+    "model.scratch.hidden_size=32", "model.scratch.intermediate_size=64", "lora.r=4", "lora.alpha=8",
+    "train.device=cpu", "train.global_batch_size=4",
+]
+
+
+def _latest_artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                           sort=ArtifactSort.CREATED_DESC, limit=1)
+    return artifact
+
+
+@pytest.mark.flow
+def test_a_2x2_sweep_writes_consistent_rows_and_reports_what_cannot_run(prefect_server, tmp_path):
+    cfg = load_config(overrides=[*SMALL, f"run.output_dir={tmp_path}", "run.name=p"])
+
+    # 2 micro-batches x 2 lengths run; fp16 and a power limit cannot run on the CPU and must be rows too.
+    profile_dir = profile(cfg, micro_batch_sizes=[1, 2], max_seq_lens=[128, 256], precisions=["fp32", "fp16"],
+                          power_limits_w=[None, 90], steps=3)
+
+    with open(profile_dir / "profile.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    assert len(rows) == 16
+    ran = [r for r in rows if r["status"] == "ok"]
+    assert [(r["max_seq_len"], r["micro_batch_size"]) for r in ran] == [("128", "1"), ("128", "2"), ("256", "1"),
+                                                                         ("256", "2")]
+    assert all(r["precision"] == "fp32" and r["power_limit_w"] == "" for r in ran)
+    for r in ran:
+        tokens_per_s, seconds = float(r["tokens_per_s"]), float(r["seconds_per_10k_tokens"])
+        assert tokens_per_s > 0 and float(r["peak_memory_mb"]) > 0
+        assert seconds == pytest.approx(10_000 / tokens_per_s, rel=1e-4)
+        assert r["energy_j_per_10k_tokens"] == "" and NO_ENERGY_NOTE in r["note"]  # no NVML on this machine
+        # The numbers are the combination's own training metrics, warm-up step left out.
+        run_dir = profile_dir / "sweep" / r["combination"]
+        steps = [m for m in iter_jsonl(run_dir / "metrics.jsonl") if "event" not in m]
+        assert [m["step"] for m in steps] == [1, 2, 3] and int(r["steps_measured"]) == 2
+        assert int(r["tokens_measured"]) == sum(m["tokens"] for m in steps[1:])
+        # Each optimizer step is the global batch of 4 sequences of at most max_seq_len tokens.
+        assert all(0 < m["tokens"] <= 4 * int(r["max_seq_len"]) for m in steps)
+        assert all(m["micro_batch_size"] == int(r["micro_batch_size"]) for m in steps)
+        seconds_measured = sum(m["tokens"] / m["tokens_per_s"] for m in steps[1:])
+        assert tokens_per_s == pytest.approx(int(r["tokens_measured"]) / seconds_measured, rel=1e-4)
+        assert float(r["peak_memory_mb"]) == max(m["peak_memory_mb"] for m in steps)
+        assert not (run_dir / "checkpoints").exists()
+
+    skipped = [r for r in rows if r["status"] != "ok"]
+    assert len(skipped) == 12 and {r["status"] for r in skipped} == {"skipped"}
+    for r in skipped:
+        assert r["tokens_per_s"] == r["peak_memory_mb"] == ""
+        if r["power_limit_w"]:
+            assert r["note"].startswith("power.limit_watts=90: training runs on the CPU")
+        else:
+            assert r["precision"] == "fp16" and r["note"].startswith("model.dtype: fp16 is not supported on the CPU")
+
+    with Image.open(profile_dir / "profile.png") as image:
+        assert image.format == "PNG" and image.width >= 800 and image.height >= 400
+    table = _latest_artifact("profile-table")
+    assert table.type == "table"
+    plot = _latest_artifact("profile-plot")
+    [b64] = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", plot.data)
+    assert base64.b64decode(b64) == (profile_dir / "profile.png").read_bytes()
+
+
+def test_combinations_keep_the_given_order_and_drop_repeats():
+    combos = combinations([4, 1, 4], [256, 128], ["adamw"], ["fp32"], [None])
+    assert [(c.max_seq_len, c.micro_batch_size) for c in combos] == [(256, 4), (256, 1), (128, 4), (128, 1)]
+    assert combos[0].name == "mb4-seq256-adamw-fp32-nolimit"
+    with pytest.raises(UserError, match="max_seq_lens is empty"):
+        combinations([1], [], ["adamw"], ["fp32"], [None])
+
+
+def test_plan_checks_every_combination_before_anything_runs():
+    base = load_config(overrides=SMALL)
+    configs = plan(base, combinations([1, 3], [128], ["adamw"], ["fp32"], [None]), steps=4)
+    # The global batch (4) is kept where the micro-batch divides it and rounded up where it does not.
+    assert [(c.train.micro_batch_size, c.train.global_batch_size, c.train.max_steps, c.adaptive.enabled)
+            for c in configs.values()] == [(1, 4, 4, False), (3, 6, 4, False)]
+    with pytest.raises(UserError, match="use at least 2"):
+        plan(base, combinations([1], [128], ["adamw"], ["fp32"], [None]), steps=1)
+    with pytest.raises(UserError, match="tokenize.max_seq_len"):
+        plan(base, combinations([1], [8], ["adamw"], ["fp32"], [None]), steps=3)
+
+
+def test_an_8bit_optimizer_without_bitsandbytes_is_a_skipped_row(tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    combo = Combination(2, 128, "adamw_8bit", "fp32", None)
+    cfg = plan(load_config(overrides=SMALL), [combo], steps=3)[combo]
+
+    row = run_combination(cfg, combo, tmp_path)
+
+    assert row["status"] == "skipped" and "bitsandbytes is not installed" in row["note"]
+    assert not (tmp_path / "sweep").exists()  # nothing was started
+
+
+def test_cli_rejects_a_bad_sweep_before_starting_anything(capsys):
+    assert main(["--micro-batch", "0"]) == 2
+    assert "train.micro_batch_size" in capsys.readouterr().err
+    assert main(["--steps", "1"]) == 2
+    assert "use at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--optimizer", "sgd"])
+    assert exit_info.value.code == 2
+    assert "sgd: not one of adamw, adamw_8bit, paged_adamw_8bit" in capsys.readouterr().err
+
+
+def _fail_or_fake_training(monkeypatch, outcome):
+    """Replace the training loop: raise `outcome` or return it as the summary, writing no metrics."""
+    import leantune.training.loop
+
+    def train(cfg, run_dir, **kwargs):
+        (run_dir / "checkpoints" / "step-1").mkdir(parents=True)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(leantune.training.loop, "train", train)
+
+
+def test_an_out_of_memory_is_a_row_not_a_failed_sweep(tmp_path, monkeypatch):
+    import torch
+
+    _fail_or_fake_training(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    combo = Combination(8, 256, "adamw", "fp32", None)
+    cfg = plan(load_config(overrides=SMALL), [combo], steps=3)[combo]
+
+    row = run_combination(cfg, combo, tmp_path)
+
+    assert row["status"] == "out_of_memory"
+    assert row["note"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert not (tmp_path / "sweep" / combo.name / "checkpoints").exists()
+
+
+def test_a_power_limit_the_gpu_refused_is_a_skipped_row_not_a_mislabelled_one(tmp_path, monkeypatch):
+    import torch
+
+    import leantune.modeling
+
+    monkeypatch.setattr(leantune.modeling, "resolve_device", lambda cfg: torch.device("cuda"))
+    message = "power.limit_watts=90: setting a GPU power limit needs root; training goes on at the current limit"
+    _fail_or_fake_training(monkeypatch, {"device": "cuda", "gpu_name": "fake", "power_limit": {
+        "status": "no_permission", "message": message}})
+    combo = Combination(2, 128, "adamw", "fp32", 90.0)
+    cfg = plan(load_config(overrides=SMALL), [combo], steps=3)[combo]
+
+    row = run_combination(cfg, combo, tmp_path)
+
+    assert (row["status"], row["note"], row.get("tokens_per_s")) == ("skipped", message, None)
+
+
+def test_the_ui_form_offers_the_configs_own_values_with_descriptions():
+    from prefect.utilities.callables import parameter_schema
+
+    properties = parameter_schema(profile.fn).model_dump()["properties"]
+
+    assert properties["optimizers"]["items"]["enum"] == ["adamw", "adamw_8bit", "paged_adamw_8bit"]
+    assert properties["precisions"]["items"]["enum"] == ["auto", "bf16", "fp16", "fp32"]
+    assert properties["micro_batch_sizes"]["default"] == [1, 2, 4]
+    assert properties["micro_batch_sizes"]["items"] == {"type": "integer"}
+    assert properties["power_limits_w"]["default"] == [None]
+    assert all(properties[name]["description"] for name in ("max_seq_lens", "power_limits_w", "steps"))

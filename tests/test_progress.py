@@ -1,0 +1,62 @@
+"""Progress bars of prepare and tokenize: drawn on a terminal, silent in logs; third-party bars off in the flows."""
+
+import io
+import os
+import re
+import sys
+
+from leantune.config import load_config
+from leantune.data.prepare import prepare
+from leantune.progress import quiet_third_party
+from leantune.tokenization import tokenize
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_prepare_and_tokenize_bars_count_rows_on_a_terminal_and_stay_silent_elsewhere(tmp_path, monkeypatch):
+    cfg = load_config(overrides=["data.synthetic.num_records=60", "data.chunk_size=25", "data.val_fraction=0.1"])
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    stats = prepare(cfg, tmp_path / "data")
+    # The split by hand (the validate stage's job): tokenize reads train.jsonl and val.jsonl.
+    records = (tmp_path / "data" / "records.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "data" / "train.jsonl").write_text("".join(records[:50]))
+    (tmp_path / "data" / "val.jsonl").write_text("".join(records[50:]))
+    tokenized = tokenize(cfg, tmp_path / "data", tmp_path / "tokens")
+
+    drawn = terminal.getvalue()
+    # The last update of each bar shows every row or record read.
+    assert re.findall(r"prepare synthetic: (\d+)row", drawn)[-1] == str(stats["totals"]["read"]) == "60"
+    assert re.findall(r"tokenize train: (\d+)record", drawn)[-1] == str(tokenized["train"]["counts"]["records_read"])
+    assert re.findall(r"tokenize val: (\d+)record", drawn)[-1] == str(tokenized["val"]["counts"]["records_read"])
+    assert tokenized["train"]["counts"]["records_read"] == 50
+
+    log_file = io.StringIO()  # not a terminal: a log file, a Prefect worker, CI
+    monkeypatch.setattr(sys, "stderr", log_file)
+    prepare(cfg, tmp_path / "again")
+    assert log_file.getvalue() == ""
+
+
+def test_quiet_third_party_turns_off_the_libraries_bars(monkeypatch):
+    import datasets
+    import huggingface_hub
+    from transformers.utils import logging as transformers_logging
+
+    for name in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
+                 "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        monkeypatch.setenv(name, "")  # so that monkeypatch puts back whatever was there before the test
+        monkeypatch.delenv(name)
+    datasets.enable_progress_bars()
+    huggingface_hub.utils.enable_progress_bars()
+    transformers_logging.enable_progress_bar()
+
+    quiet_third_party()
+
+    assert not datasets.is_progress_bar_enabled()
+    assert huggingface_hub.utils.are_progress_bars_disabled()
+    assert not transformers_logging.is_progress_bar_enabled()
+    assert transformers_logging.get_verbosity() == transformers_logging.ERROR
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # for libraries imported later, and child processes
