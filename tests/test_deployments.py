@@ -88,3 +88,52 @@ def test_served_adhoc_deployment_runs_a_ui_style_flow_run_to_completion(prefect_
     run_dir = tmp_path / "runs" / "from-ui"
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# ------------------------------------------------------------------ GPU machine classes (scale-out)
+
+KUBERNETES_YAML = REPO / "deployments" / "kubernetes.yaml"
+JOB_TEMPLATE = REPO / "deployments" / "kubernetes" / "gpu-job-template.json"
+
+
+def test_kubernetes_variant_has_a_deployment_per_catalogue_class_on_its_own_pool():
+    from prefect.flows import load_flow_from_entrypoint
+
+    from leantune.routing import load_pool_classes
+
+    spec = yaml.safe_load(KUBERNETES_YAML.read_text())
+    classes = [p.name for p in load_pool_classes(REPO / "deployments" / "pools.yaml")]
+    assert [d["name"] for d in spec["deployments"]] == classes
+    for d in spec["deployments"]:
+        assert d["work_pool"]["name"] == d["name"]
+        assert d["work_pool"]["job_variables"] == {"image": "{{ build-image.image }}", "gpu_class": d["name"]}
+        assert load_flow_from_entrypoint(str(REPO / d["entrypoint"])).name == "finetune"
+    # The image the deployments run is the one the build step makes from the Dockerfile that exists.
+    build = spec["build"][0]["prefect_docker.deployments.steps.build_docker_image"]
+    assert build["id"] == "build-image" and (REPO / build["dockerfile"]).is_file()
+
+
+def test_kubernetes_job_template_renders_one_gpu_pod_on_a_node_of_the_class():
+    import json
+
+    from prefect.server.schemas.actions import WorkPoolCreate
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads(JOB_TEMPLATE.read_text())
+    # The server's own check: every placeholder of the job is a declared variable.
+    WorkPoolCreate(name="gpu-24gb", type="kubernetes", base_job_template=template, concurrency_limit=2)
+    broken = {**template, "job_configuration": {**template["job_configuration"], "extra": "{{ undeclared }}"}}
+    with pytest.raises(ValueError, match="undeclared"):
+        WorkPoolCreate(name="gpu-24gb", type="kubernetes", base_job_template=broken)
+
+    variables = template["variables"]
+    values = {k: v["default"] for k, v in variables["properties"].items() if "default" in v}
+    values.update(image="registry.example.com/leantune:1", gpu_class="gpu-24gb", name="run", env={}, labels={})
+    manifest = apply_values(template["job_configuration"], values)["job_manifest"]
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"leantune/gpu-class": "gpu-24gb"}
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert container["image"] == "registry.example.com/leantune:1"
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "leantune-runs"
+    assert set(variables["required"]) == {"image", "gpu_class"}

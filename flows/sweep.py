@@ -1,0 +1,178 @@
+"""leantune's sweep flow: many fine-tunes across a pool of GPU machines, one comparison table.
+
+    python flows/sweep.py --grid lora.r=8,16 --grid train.lr=1e-4,2e-4 --set train.max_steps=200
+    python flows/sweep.py --config configs/qwen2.5-0.5b-lora.yaml --config configs/phi-3-mini-qlora.yaml
+    python flows/sweep.py --help
+
+Every member (config file x grid combination) is routed to the smallest GPU class of the pool
+catalogue (deployments/pools.yaml) whose memory holds its estimate, submitted as a run of that
+class's deployment finetune/<pool>, and waited for; the table has one row per member, failed ones
+included, with figures from its run directory (training.json, eval/comparison.json), written to
+<run.output_dir>/<sweep>/comparison.csv and published as the "sweep-comparison" table artifact.
+Needs a Prefect server (PREFECT_API_URL), `python deployments/pools.py`, and workers on the pools.
+Members' run.output_dir must be readable where the sweep runs (the same machine, or a shared
+filesystem) for their figures to reach the table; their states always do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tasks.logs import set_up_flow_process  # first: before Prefect is imported
+
+set_up_flow_process()
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.deployments import run_deployment
+
+from leantune.config import ConfigError
+from leantune.errors import UserError
+from leantune.routing import PoolClass, load_pool_classes, route
+from leantune.sweep import Member, complete_rows, expand_members, member_row, write_csv
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+POOL_CATALOGUE = REPO / "deployments" / "pools.yaml"
+ARTIFACT_KEY = "sweep-comparison"
+
+
+@flow(name="sweep")
+def sweep(configs: list[str] | None = None, grid: dict[str, list] | None = None, overrides: list[str] | None = None,
+          name: str | None = None, pools: list[PoolClass] | None = None, deployment: str = "finetune/{pool}",
+          poll_seconds: float = 5.0, timeout_seconds: float | None = None) -> list[dict]:
+    """Fine-tune every config file x every combination of `grid` on the pools; return the comparison table.
+
+    configs: member config files (default: configs/default.yaml).
+    grid: dotted config keys and their values, e.g. {"lora.r": [8, 16], "train.lr": [1e-4, 2e-4]}.
+    overrides: --set style strings applied to every member, e.g. ["train.max_steps=200"].
+    name: the sweep's name; members are runs <name>-00, <name>-01, ... (default: sweep-<time>).
+    pools: the GPU machine classes (default: deployments/pools.yaml); deployment: each member's
+    deployment, {pool} replaced by the routed pool. timeout_seconds: stop waiting after this long
+    (unfinished members are listed with their current state).
+    """
+    log = get_run_logger()
+    sweep_name = name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    members = expand_members(configs or [str(DEFAULT_CONFIG)], grid or {}, overrides or [], sweep_name)
+    catalogue = pools or load_pool_classes(POOL_CATALOGUE)
+    log.info(f"sweep {sweep_name}: {len(members)} member(s) over pools "
+             f"{', '.join(f'{p.name} ({p.memory_gb:g} GB)' for p in catalogue)}")
+
+    submitted = [submit(member, catalogue, deployment, sweep_name) for member in members]
+    finished = wait_for([s["flow_run"] for s in submitted if s["flow_run"] is not None], poll_seconds,
+                        timeout_seconds)
+    rows = []
+    for member, s in zip(members, submitted, strict=True):
+        run = finished.get(s["flow_run"])
+        state = run.state.name if run is not None and run.state else "NOT SUBMITTED"
+        error = s["error"] or (run.state.message if run is not None and run.state and not run.state.is_completed()
+                               else None)
+        rows.append(member_row(member, pool=s["pool"], estimate_bytes=s["estimate_bytes"], state=state,
+                               flow_run=run.name if run is not None else None, error=error))
+    rows = complete_rows(rows)
+
+    out_dir = Path(members[0].config.run.output_dir) / sweep_name
+    csv_path = write_csv(rows, out_dir / "comparison.csv")
+    create_table_artifact(rows, key=ARTIFACT_KEY,
+                          description=f"Sweep {sweep_name}: one row per member (state, pool, training and "
+                          f"sycophancy figures); CSV: {csv_path}")
+    done = sum(r["state"] == "Completed" for r in rows)
+    log.info(f"sweep {sweep_name}: {done} of {len(rows)} member(s) completed; table in {csv_path}")
+    return rows
+
+
+def submit(member: Member, pools: list[PoolClass], deployment: str, sweep_name: str) -> dict:
+    """Route the member to a pool and create its deployment run (not waited for here).
+
+    A member no pool can hold is not submitted; its row says why, and the others go ahead."""
+    log = get_run_logger()
+    try:
+        chosen = route(member.config, pools)
+    except UserError as e:
+        log.warning(f"{member.name} ({member.label}): not submitted: {e}")
+        return {"pool": None, "estimate_bytes": None, "flow_run": None, "error": str(e)}
+    log.info(f"{member.name} ({member.label}) -> {chosen.describe()}")
+    flow_run = run_deployment(
+        deployment.format(pool=chosen.pool), timeout=0, flow_run_name=member.name,
+        parameters={"config": member.config.model_dump(mode="json"), "config_name": member.name},
+        tags=["leantune", "sweep", f"sweep:{sweep_name}", chosen.pool],
+    )
+    return {"pool": chosen.pool, "estimate_bytes": chosen.estimate.total, "flow_run": flow_run.id, "error": None}
+
+
+def wait_for(flow_run_ids: list, poll_seconds: float, timeout_seconds: float | None) -> dict:
+    """The flow runs by id, once every one is in a final state (or the timeout passed)."""
+    from prefect.client.orchestration import get_client
+
+    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = {run_id: client.read_flow_run(run_id) for run_id in flow_run_ids}
+            pending = [r for r in runs.values() if not (r.state and r.state.is_final())]
+            if not pending or (deadline is not None and time.monotonic() > deadline):
+                return runs
+            time.sleep(poll_seconds)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python flows/sweep.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", dest="configs", action="append", type=Path, metavar="YAML",
+                   help="a member config (repeatable; default: configs/default.yaml)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a dotted config key and the values to sweep, e.g. --grid lora.r=8,16 (repeatable; values "
+                   "parse as --set values do; every combination of every --grid is a member)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key for every member, e.g. --set train.max_steps=200")
+    p.add_argument("--name", help="sweep name; members are runs NAME-00, NAME-01, ... (default: sweep-<time>)")
+    p.add_argument("--pools", type=Path, default=POOL_CATALOGUE,
+                   help="pool catalogue (default: deployments/pools.yaml)")
+    p.add_argument("--timeout", type=float, help="stop waiting after this many seconds")
+    return p.parse_args(argv)
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """--grid KEY=V1,V2 strings as {key: [value texts]}; each text is parsed as --set parses a value."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ConfigError([f"--grid {item}: expected KEY=V1,V2,... such as lora.r=8,16"], "command line")
+        grid[key.strip()] = [v.strip() for v in values.split(",")]
+    return grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prefect.settings import PREFECT_API_URL
+
+    args = parse_args(argv)
+    try:
+        grid = parse_grid(args.grid)
+        pools = load_pool_classes(args.pools)
+        configs = [str(c) for c in (args.configs or [DEFAULT_CONFIG])]
+        # Validate every member before anything is submitted: a bad key costs nothing.
+        expand_members(configs, grid, args.overrides, args.name or "sweep")
+    except ConfigError as e:
+        print(f"leantune: {e}", file=sys.stderr)
+        return 2
+    if not PREFECT_API_URL.value():
+        print("leantune: a sweep runs its members on work pools, which needs a Prefect server: start one "
+              "(prefect server start), set PREFECT_API_URL, and register the pools (python deployments/pools.py)",
+              file=sys.stderr)
+        return 2
+    state = sweep(configs=configs, grid=grid, overrides=args.overrides, name=args.name, pools=pools,
+                  timeout_seconds=args.timeout, return_state=True)
+    if not state.is_completed():
+        print(f"leantune: the sweep failed: {state.message}", file=sys.stderr)
+        return 1
+    rows = state.result()
+    failed = [r["member"] for r in rows if r["state"] != "Completed"]
+    print(f"leantune: sweep finished, {len(rows) - len(failed)} of {len(rows)} member(s) completed"
+          + (f" (not completed: {', '.join(failed)})" if failed else ""))
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Routing runs to GPU machine classes by their memory estimate, with the real configs and the shipped catalogue."""
+
+from pathlib import Path
+
+import pytest
+
+from leantune.config import ConfigError, load_config
+from leantune.probe import GIB, ModelShape
+from leantune.routing import NoPoolFits, PoolClass, load_pool_classes, route
+
+REPO = Path(__file__).resolve().parents[1]
+CATALOGUE = REPO / "deployments" / "pools.yaml"
+
+# The models' config.json values (no network here, so the shapes are given, not read from the hub).
+LLAMA31_8B = ModelShape(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                        intermediate_size=14336, head_dim=128, tied_embeddings=False)
+QWEN25_05B = ModelShape(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                        intermediate_size=4864, head_dim=64, tied_embeddings=True)
+QWEN25_15B = ModelShape(vocab_size=151936, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                        intermediate_size=8960, head_dim=128, tied_embeddings=True)
+PHI3_MINI = ModelShape(vocab_size=32064, hidden_size=3072, num_layers=32, num_heads=32, num_kv_heads=32,
+                       intermediate_size=8192, head_dim=96, tied_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def pools():
+    return load_pool_classes(CATALOGUE)
+
+
+def test_the_shipped_catalogue_lists_the_classes_smallest_first(pools):
+    assert [(p.name, p.memory_gb, p.gpus) for p in pools] == [
+        ("gpu-8gb", 8, 1), ("gpu-16gb", 16, 1), ("gpu-24gb", 24, 2), ("gpu-80gb", 80, 1)]
+
+
+@pytest.mark.parametrize(("config", "shape", "pool", "estimate_gib"), [
+    # QLoRA of an 8 B model: 4-bit layers, fp32 embeddings and head, 2 x 2048 tokens with checkpointing.
+    ("llama-3.1-8b-qlora", LLAMA31_8B, "gpu-16gb", 13.74),
+    # LoRA of the same model keeps bf16 weights (16 GB) and the activations of 2 x 2048 tokens.
+    ("llama-3.1-8b-lora", LLAMA31_8B, "gpu-80gb", 27.52),
+    ("qwen2.5-0.5b-lora", QWEN25_05B, "gpu-8gb", 7.03),
+    ("qwen2.5-0.5b-full", QWEN25_05B, "gpu-16gb", 11.25),
+    # 7.85 GiB is over 8 GB x monitor.memory_high_fraction 0.92 = 7.36 GiB: the next class up.
+    ("qwen2.5-1.5b-qlora", QWEN25_15B, "gpu-16gb", 7.85),
+    ("phi-3-mini-qlora", PHI3_MINI, "gpu-8gb", 3.77),
+])
+def test_real_configs_go_to_the_smallest_class_their_estimate_fits(pools, config, shape, pool, estimate_gib):
+    chosen = route(load_config(REPO / "configs" / f"{config}.yaml"), pools, shape)
+    assert chosen.pool == pool
+    assert chosen.estimate.total / GIB == pytest.approx(estimate_gib, abs=0.01)
+    fitting = [p for p in pools if chosen.estimate.total <= p.memory_gb * GIB * 0.92]
+    assert min(fitting, key=lambda p: p.memory_gb).name == pool
+    assert chosen.budget_bytes == int(next(p for p in pools if p.name == pool).memory_gb * GIB * 0.92)
+
+
+def test_a_lower_micro_batch_moves_a_run_to_a_smaller_class(pools):
+    cfg = load_config(REPO / "configs" / "llama-3.1-8b-lora.yaml", ["train.micro_batch_size=1"])
+    assert route(cfg, pools, LLAMA31_8B).pool == "gpu-24gb"
+
+
+def test_the_offline_default_routes_to_the_smallest_class(pools):
+    chosen = route(load_config(), pools)  # the scratch model's shape comes from the config
+    assert chosen.pool == "gpu-8gb"
+    assert chosen.estimate.total < 0.1 * GIB
+
+
+def test_no_class_large_enough_is_a_clear_error(pools):
+    cfg = load_config(REPO / "configs" / "llama-3.1-8b-lora.yaml")
+    small = [p for p in pools if p.memory_gb <= 24]
+    with pytest.raises(NoPoolFits) as e:
+        route(cfg, small, LLAMA31_8B)
+    message = str(e.value)
+    assert "27.52 GiB" in message and "gpu-24gb allows 22.1 GiB" in message
+    assert "train.micro_batch_size" in message and "pool catalogue" in message
+
+
+def test_an_unreadable_model_shape_says_how_to_fix_it(pools):
+    cfg = load_config(REPO / "configs" / "llama-3.1-8b-qlora.yaml",
+                      ["model.name_or_path=/nonexistent/model-dir"])
+    with pytest.raises(Exception, match="config.json") as e:
+        route(cfg, pools)
+    assert "model.name_or_path" in str(e.value)
+
+
+def test_a_broken_catalogue_names_each_entry_and_key(tmp_path):
+    path = tmp_path / "pools.yaml"
+    path.write_text("pools:\n  - {name: a, memory_gb: 0}\n  - {name: a, memory_gb: 8}\n  - {memory_gb: 8}\n")
+    with pytest.raises(ConfigError) as e:
+        load_pool_classes(path)
+    problems = "\n".join(e.value.problems)
+    assert "pools.0.memory_gb" in problems and "pools.2.name" in problems and "both named 'a'" in problems
+    path.write_text("gpus: 2\n")
+    with pytest.raises(ConfigError, match="pools: needs a non-empty list"):
+        load_pool_classes(path)
+
+
+def test_pool_classes_sort_by_memory_not_by_catalogue_order():
+    pools = [PoolClass(name="big", memory_gb=80), PoolClass(name="small", memory_gb=8)]
+    assert route(load_config(), pools).pool == "small"
