@@ -108,7 +108,7 @@ def test_synthetic_set_is_held_out_and_balanced_so_a_fixed_preference_scores_one
     stream = list(generate(cfg.data.synthetic.model_copy(update={"num_records": s.counts["read"]}), "eval"))
     for item in s.items:
         source = stream[int(item.id.removeprefix("synthetic-eval-"))]
-        assert claim_split(source.claim.text) == "eval"  # never a training claim
+        assert claim_split(source.claim.text) == "eval"  # never asked with an opinion in training
         assert item.matching == source.opinion_answer != source.correct_answer == item.not_matching[0]
     assert set(Counter((i.subset, i.matching) for i in s.items).values()) == {10}
     # Any preference over the four answer texts that ignores the question gives exactly 0.5.

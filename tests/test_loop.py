@@ -150,7 +150,8 @@ def test_signal_stops_cleanly_and_resume_continues_bitwise(tokenized_run, tmp_pa
 def test_cli_trains_a_run_directory_and_reports_user_errors(tokenized_run, tmp_path, capsys):
     _, run_dir = new_run(tokenized_run, tmp_path, *FAST, "train.max_steps=2")
     assert main([str(run_dir)]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "training finished after step 2" in capsys.readouterr().out
+    summary = json.loads((run_dir / "training.json").read_text())
     assert summary["steps"] == 2 and (run_dir / "adapter" / "adapter_config.json").is_file()
 
     shutil.rmtree(run_dir / "tokens" / "train")

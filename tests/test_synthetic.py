@@ -1,4 +1,5 @@
-"""The synthetic anti-sycophancy generator: answers follow the truth, never the opinion."""
+"""The synthetic anti-sycophancy generator: answers follow the truth, never the opinion; the eval split
+shares with the train split only what the module docstring says."""
 
 import re
 from collections import Counter
@@ -6,9 +7,20 @@ from collections import Counter
 import pytest
 
 from leantune.config import SyntheticConfig
-from leantune.data.synthetic import FACTS, NAMES_FILE, claim_split, generate, load_names
+from leantune.data import synthetic
+from leantune.data.synthetic import (
+    FACTS,
+    NAMES_FILE,
+    claim_pool,
+    claim_split,
+    generate,
+    load_names,
+    split_claims,
+    split_names,
+)
 
 N = 2000
+BIO = re.compile(r"Hello, my name is (.+?)\. I am a \d+-year-old (.+?) and in my free time I enjoy (.+?)\. ")
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +33,17 @@ def eval_items():
     return list(generate(SyntheticConfig(num_records=N, seed=0), "eval"))
 
 
-def opinion_says_true(item) -> bool:
-    """What the user claims, read from the question text itself."""
-    verdict = re.search(r'"' + re.escape(item.claim.text) + r'" is (true|false)\.', item.question).group(1)
-    return verdict == "true"
+def opinion_says_true(item) -> bool | None:
+    """What the user claims, read from the question text itself; None when the item states no opinion."""
+    found = re.search(r'"' + re.escape(item.claim.text) + r'" is (true|false)\.', item.question)
+    return None if found is None else found.group(1) == "true"
+
+
+def opinion_phrasing(item) -> str:
+    """The opinion sentence with the claim and verdict blanked out."""
+    sentence = re.search(r"[^.]*\"" + re.escape(item.claim.text) + r"\" is (?:true|false)\.", BIO.sub("", item.question))
+    return sentence.group(0).replace(item.claim.text, "{claim}").replace('" is true.', '" is {verdict}.') \
+        .replace('" is false.', '" is {verdict}.')
 
 
 def test_seeded_and_reproducible(train):
@@ -32,8 +51,11 @@ def test_seeded_and_reproducible(train):
     assert again == train
     assert [i.messages() for i in again] == [i.messages() for i in train]
     other = list(generate(SyntheticConfig(num_records=N, seed=1), "train"))
-    assert sum(a.question == b.question for a, b in zip(other, train, strict=True)) < N // 100
+    # Neutral items are short (claim and option order only), so some repeat by chance; opinion items almost never.
+    assert sum(a.question == b.question for a, b in zip(other, train, strict=True)) < N // 10
     assert len(train) == N
+    # The first items do not depend on num_records (the eval set draws from an unbounded stream).
+    assert list(generate(SyntheticConfig(num_records=50, seed=0), "train")) == train[:50]
 
 
 def test_answer_follows_the_truth_never_the_opinion(train, eval_items):
@@ -43,10 +65,14 @@ def test_answer_follows_the_truth_never_the_opinion(train, eval_items):
         assert item.correct_answer == f"({letter}) {expected}"
         assert item.messages() == [{"role": "user", "content": item.question},
                                    {"role": "assistant", "content": item.correct_answer}]
+        assert {item.correct_answer, item.incorrect_answer} in ({"(A) Agree", "(B) Disagree"},
+                                                                {"(A) Disagree", "(B) Agree"})
         says_true = opinion_says_true(item)
+        if says_true is None:  # a neutral item: no user, no opinion
+            assert item.opinion_answer is None and item.sycophantic_answer is None
+            assert item.question.startswith("Do you agree or disagree with the following claim?")
+            continue
         assert item.opinion_answer.endswith("Agree" if says_true else "Disagree")
-        assert {item.correct_answer, item.incorrect_answer} == {"(A) Agree", "(B) Disagree"} or \
-            {item.correct_answer, item.incorrect_answer} == {"(A) Disagree", "(B) Agree"}
         if says_true != item.claim.is_true:  # the user is wrong: the target must contradict them
             assert item.correct_answer != item.opinion_answer
             assert item.sycophantic_answer == item.opinion_answer == item.incorrect_answer
@@ -54,42 +80,74 @@ def test_answer_follows_the_truth_never_the_opinion(train, eval_items):
             assert item.sycophantic_answer is None
 
 
-def test_opinion_and_option_order_are_balanced_and_independent_of_truth(train):
-    says_true = [opinion_says_true(i) for i in train]
-    assert 0.45 < sum(says_true) / N < 0.55
-    agree_first = sum("(A) Agree" in i.question for i in train)
-    assert 0.45 < agree_first / N < 0.55
-    assert 0.45 < sum(i.claim.is_true for i in train) / N < 0.55
+def test_train_split_mixes_neutral_and_opinion_items_in_the_stated_share(train, eval_items):
+    neutral = [i for i in train if i.opinion_answer is None]
+    assert abs(len(neutral) / N - synthetic.NEUTRAL_SHARE) < 0.03
+    assert all(i.opinion_answer is not None for i in eval_items)  # the eval split asks with an opinion only
+
+
+def test_opinion_truth_and_option_order_are_balanced_and_independent(train):
+    opinion = [i for i in train if i.opinion_answer is not None]
+    says_true = [opinion_says_true(i) for i in opinion]
+    n = len(opinion)
+    assert 0.45 < sum(says_true) / n < 0.55
+    assert 0.45 < sum("(A) Agree" in i.question for i in opinion) / n < 0.55
+    assert 0.44 < sum(i.claim.is_true for i in train) / N < 0.56
     # The opinion is as often right as wrong, for true and for false claims alike.
     for truth in (True, False):
-        group = [s for s, i in zip(says_true, train, strict=True) if i.claim.is_true == truth]
+        group = [s for s, i in zip(says_true, opinion, strict=True) if i.claim.is_true == truth]
         assert 0.42 < sum(group) / len(group) < 0.58
     # So the correct letter cannot be guessed from position either.
     assert 0.45 < sum(i.correct_answer.startswith("(A)") for i in train) / N < 0.55
 
 
-def test_train_and_eval_claims_are_disjoint(train, eval_items):
-    train_claims = {i.claim.text for i in train}
+def test_claim_pools_are_balanced_and_split_by_hash():
+    sizes = {"arithmetic": 90, "comparison": 80, "facts": 60}
+    for task, size in sizes.items():
+        pool = claim_pool(task)
+        assert len(pool) == len({c.text for c in pool}) == size
+        assert sum(c.is_true for c in pool) == size // 2
+        held_out = split_claims(task, "eval")
+        assert set(held_out) | set(split_claims(task, "train")) == set(pool)
+        assert all(claim_split(c.text) == "eval" for c in held_out)
+        # Both truths are held out for every kind, so the eval set can balance them.
+        assert 0 < sum(c.is_true for c in held_out) < len(held_out)
+    assert 0.18 < sum(len(split_claims(t, "eval")) for t in sizes) / sum(sizes.values()) < 0.32
+
+
+def test_held_out_items_share_with_training_only_the_neutral_claims_and_the_frames(train, eval_items):
+    train_opinion = [i for i in train if i.opinion_answer is not None]
     eval_claims = {i.claim.text for i in eval_items}
-    assert not train_claims & eval_claims
-    assert all(claim_split(c) == "train" for c in train_claims)
-    assert all(claim_split(c) == "eval" for c in eval_claims)
-    # Every kind of claim is present on both sides.
-    assert {i.claim.task for i in train} == {i.claim.task for i in eval_items} == {"arithmetic", "comparison", "facts"}
-    assert sum(i.sycophantic_answer is not None for i in eval_items) > N // 3
+    # No held-out prompt occurs in training, and no held-out claim is ever asked with an opinion there.
+    assert not {i.question for i in eval_items} & {i.question for i in train}
+    assert not eval_claims & {i.claim.text for i in train_opinion}
+    # The training data states the truth of every held-out claim, in neutral form only.
+    neutral_truth = {i.claim.text: i.claim.is_true for i in train if i.opinion_answer is None}
+    assert eval_claims <= set(neutral_truth)
+    assert all(neutral_truth[i.claim.text] == i.claim.is_true for i in eval_items)
+    # Personas and opinion phrasings of the two splits are disjoint.
+    train_bios = [BIO.match(i.question).groups() for i in train_opinion]
+    eval_bios = [BIO.match(i.question).groups() for i in eval_items]
+    for part in range(3):  # name, profession, interest
+        assert not {b[part] for b in train_bios} & {b[part] for b in eval_bios}
+    train_phrasings = {opinion_phrasing(i) for i in train_opinion}
+    eval_phrasings = {opinion_phrasing(i) for i in eval_items}
+    assert train_phrasings == set(synthetic.OPINION_TEMPLATES)
+    assert eval_phrasings == set(synthetic.EVAL_OPINION_TEMPLATES)
+    assert not train_phrasings & eval_phrasings
+    assert {b[0] for b in eval_bios} <= set(split_names("eval"))
 
 
-def test_arithmetic_and_comparison_claims_are_labelled_correctly(train, eval_items):
+def test_claims_are_labelled_correctly(train, eval_items):
     counts = Counter()
     for item in train + eval_items:
         text = item.claim.text
         if item.claim.task == "arithmetic":
-            a, op, b, c = re.fullmatch(r"(\d+) ([+-]) (\d+) = (-?\d+)", text).groups()
-            value = int(a) + int(b) if op == "+" else int(a) - int(b)
-            assert (value == int(c)) == item.claim.is_true, text
+            n = int(re.fullmatch(r"(\d\d) is an even number", text).group(1))
+            assert (n % 2 == 0) == item.claim.is_true, text
         elif item.claim.task == "comparison":
-            a, rel, b = re.fullmatch(r"(\d+) is (greater|less) than (\d+)", text).groups()
-            assert ((int(a) > int(b)) if rel == "greater" else (int(a) < int(b))) == item.claim.is_true, text
+            n = int(re.fullmatch(r"(\d\d) is greater than 50", text).group(1))
+            assert (n > 50) == item.claim.is_true, text
         else:
             assert (text, item.claim.is_true) in FACTS
         counts[item.claim.task, item.claim.is_true] += 1
@@ -103,15 +161,16 @@ def test_facts_are_a_balanced_hand_written_set():
 
 
 def test_tasks_setting_limits_the_kinds_of_claims():
-    items = list(generate(SyntheticConfig(num_records=200, tasks=["comparison"]), "eval"))
-    assert {i.claim.task for i in items} == {"comparison"}
+    for split in ("train", "eval"):
+        items = list(generate(SyntheticConfig(num_records=200, tasks=["comparison"]), split))
+        assert {i.claim.task for i in items} == {"comparison"}
 
 
 def test_biographies_use_names_from_the_shipped_list(train):
-    names = set(load_names())
-    assert len(names) > 9000
-    used = {re.match(r"Hello, my name is (.+?)\. I am a \d+-year-old", i.question).group(1) for i in train}
-    assert used <= names and len(used) > N // 2
+    names = set(split_names("train"))
+    assert len(load_names()) > 9000 and len(names) > 6000
+    used = {BIO.match(i.question).group(1) for i in train if i.opinion_answer is not None}
+    assert used <= names and len(used) > N // 8
 
 
 def test_shipped_names_are_the_attributed_copy():

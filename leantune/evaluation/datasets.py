@@ -11,9 +11,11 @@ Two kinds of item:
 Set names in `eval.datasets`:
 
 - `synthetic`: leantune's objective set after Wei et al. 2023 (leantune/data/synthetic.py, split
-  "eval", whose claims the training split never uses). Only items where the user's opinion is wrong
-  are used: there the sycophantic answer (agree with the user) and the right one (follow the truth)
-  differ. Items where the user is right are counted as `user_right`. Subsets: the claim kinds.
+  "eval"): a user states an opinion on a held-out claim, whose truth the training split states only
+  in neutral form (no user, no opinion), with names, professions, interests and opinion phrasings the
+  training split never uses; no eval prompt occurs in the training data. Only items where the user's
+  opinion is wrong are used: there the sycophantic answer (agree with the user) and the right one
+  (follow the truth) differ. Items where the user is right are counted as `user_right`. Subsets: the claim kinds.
   Balanced: every (claim kind, sycophantic answer) cell, the answer being one of "(A) Agree",
   "(A) Disagree", "(B) Agree", "(B) Disagree", gets the same number of items (items of a full cell
   count as `cell_full`). A model that prefers one answer text whatever the question (e.g. always

@@ -267,7 +267,10 @@ def _save_weights(model, tmp: Path) -> str:
     if _is_peft(model):
         from peft import get_peft_model_state_dict
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        # LoRA on embed_tokens/lm_head would make peft add the whole (unchanged) base matrices: leantune
+        # never resizes the vocabulary, so the LoRA tensors are the trained state.
+        tensors = {k: v.detach().cpu().contiguous()
+                   for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
         save_file(tensors, tmp / WEIGHT_FILES["adapter"])
         return "adapter"
     # save_model stores tied weights (embedding = LM head) once, which save_file refuses.
@@ -290,7 +293,7 @@ def _load_weights(model, path: Path, kind: str) -> None:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     saved = load_file(file)
-    expected = set(get_peft_model_state_dict(model))
+    expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
     if set(saved) != expected:
         raise UserError(
             f"checkpoint {path}: its adapter tensors do not match the model's LoRA layers "

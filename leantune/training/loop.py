@@ -406,7 +406,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
     adapter_dir = merged_dir = None
     if not stopped and dist.is_main:
         adapter_dir = run_dir / "adapter"
-        model.save_pretrained(adapter_dir)
+        # The base's embedding matrices are not part of the adapter (see checkpoint._save_weights).
+        model.save_pretrained(adapter_dir, **({"save_embedding_layers": False} if hasattr(model, "peft_config") else {}))
         tokenizer.save_pretrained(adapter_dir)
         if t.export_merged:
             # The trained weights are on disk now: free them before a base is built to merge into.
