@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ from leantune.training.checkpoint import resume_fingerprint
 EXIT_STOPPED = 75  # the training loop's exit status after a clean stop on a signal (loop.py)
 MIN_SEQ_LEN = 64  # attempts do not shorten sequences below this (most records would be cut)
 FAILURE_FILE = "attempt_error.json"  # what a failed training process says about its end (write_failure)
+# torchrun's summary of a failed worker (torch.distributed.elastic ChildFailedError): "exitcode  : -9 (pid: 123)".
+TORCHRUN_WORKER_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)\b")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -192,14 +195,20 @@ def write_failure(run_dir: Path, error: BaseException, cfg: RunConfig | None = N
     os.replace(tmp, Path(run_dir) / FAILURE_FILE)
 
 
-def attempt_failure(run_dir: Path, returncode: int) -> Exception:
+def attempt_failure(run_dir: Path, returncode: int, worker_exitcodes: list[int] = ()) -> Exception:
     """The error a training process that exited with `returncode` (not 0) stands for in the flow.
 
     From its failure file when it wrote one: a UserError for a user's mistake (the flow ends with
     its message), else AttemptFailed with its outcome. Without one, from the exit status: killed by
-    SIGKILL, or an error.
+    SIGKILL, or an error. worker_exitcodes: the workers' exit codes torchrun reported (TORCHRUN_WORKER_EXIT).
     """
     path = Path(run_dir) / FAILURE_FILE
+    # Under torchrun a rank killed by SIGKILL writes nothing and torchrun exits 1; its summary names the
+    # worker's exit code. That kill is the cause even when a surviving rank wrote a failure file about
+    # the broken connection to it.
+    if any(code == -signal.SIGKILL for code in worker_exitcodes):
+        return AttemptFailed("killed", "a training process was killed (SIGKILL: the kernel's out-of-memory "
+                             "killer, a preempted machine or a person); torchrun stopped the others", returncode)
     if path.is_file():
         info = json.loads(path.read_text())
         if info["user_error"]:

@@ -18,7 +18,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from leantune.attempts import EXIT_STOPPED, attempt_failure
+from leantune.attempts import EXIT_STOPPED, TORCHRUN_WORKER_EXIT, attempt_failure
 from leantune.config import RunConfig, dump_config
 from leantune.cost import run_cost_report
 from leantune.errors import UserError
@@ -71,11 +71,19 @@ def train_model(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     # The training process reads its config here: the probe's, an adjusted attempt's or --resume --set's.
     (run_dir / "config.yaml").write_text(dump_config(config))
     progress = _ProgressArtifacts(training_steps(config, run_dir))
-    returncode = run_training(training_command(config, run_dir, resume), run_dir, on_log=log.log,
+    worker_exitcodes = []
+
+    def on_log(level: int, text: str) -> None:
+        # torchrun's own summary of a failed worker: how a killed rank (which writes nothing) is told apart.
+        if match := TORCHRUN_WORKER_EXIT.match(text):
+            worker_exitcodes.append(int(match.group(1)))
+        log.log(level, text)
+
+    returncode = run_training(training_command(config, run_dir, resume), run_dir, on_log=on_log,
                               on_metrics=progress.add)
     progress.publish()
     if returncode not in (0, EXIT_STOPPED):
-        raise attempt_failure(run_dir, returncode)
+        raise attempt_failure(run_dir, returncode, worker_exitcodes)
     s = json.loads((run_dir / "training.json").read_text())
     if not s["completed"]:
         raise UserError(f"training stopped after step {s['steps']} of {s['total_steps']} (checkpoint saved); "

@@ -10,7 +10,7 @@ import sys
 import pytest
 from run_helpers import new_run
 
-from leantune.attempts import AttemptFailed, attempt_failure, write_failure
+from leantune.attempts import TORCHRUN_WORKER_EXIT, AttemptFailed, attempt_failure, write_failure
 from leantune.errors import UserError
 from leantune.training.launch import (
     MetricsFollower,
@@ -108,3 +108,16 @@ def test_an_interrupted_caller_stops_the_process_after_a_checkpoint(tokenized_ru
     assert (logging.WARNING, "leantune.training.checkpoint: SIGTERM received: saving a checkpoint at the end of this "
             "step, then stopping (send it again to stop at once)") in logged
     assert any(level == logging.INFO and ": model: {'total_params'" in text for level, text in logged)
+
+
+def test_a_rank_killed_under_torchrun_is_a_killed_attempt(tmp_path):
+    # torchrun's failure summary as torch 2.13 prints it after rank 1 was SIGKILLed (rank 0 then got SIGTERM).
+    summary = ["  exitcode  : -15 (pid: 20344)  (SIGTERM)", "  exitcode  : -9 (pid: 20345)  (SIGKILL)",
+               "E1129 03:51:39.589000 20339 api.py:1002] failed (exitcode: -9) local_rank: 1 (pid: 20345)"]
+    codes = [int(m.group(1)) for line in summary if (m := TORCHRUN_WORKER_EXIT.match(line))]
+    assert codes == [-15, -9]
+    # The surviving rank's failure file (a broken connection) is not the cause: the kill is.
+    write_failure(tmp_path, RuntimeError("Connection closed by peer"))
+    failure = attempt_failure(tmp_path, 1, codes)
+    assert isinstance(failure, AttemptFailed) and failure.outcome == "killed" and "killed" in failure.message
+    assert attempt_failure(tmp_path, 1, [1]).outcome == "error"  # a worker that failed on its own
