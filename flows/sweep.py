@@ -32,7 +32,14 @@ from prefect.deployments import run_deployment
 from leantune.config import ConfigError
 from leantune.errors import UserError
 from leantune.routing import PoolClass, load_pool_classes, route
-from leantune.sweep import Member, complete_rows, expand_members, member_row, write_csv
+from leantune.sweep import (
+    Member,
+    add_scaling_efficiency,
+    complete_rows,
+    expand_members,
+    member_row,
+    write_csv,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -72,6 +79,7 @@ def sweep(configs: list[str] | None = None, grid: dict[str, list] | None = None,
                                else None)
         rows.append(member_row(member, pool=s["pool"], estimate_bytes=s["estimate_bytes"], state=state,
                                flow_run=run.name if run is not None else None, error=error))
+    add_scaling_efficiency(members, rows)
     rows = complete_rows(rows)
 
     out_dir = Path(members[0].config.run.output_dir) / sweep_name

@@ -213,6 +213,13 @@ def _training_section(run_dir: Path, steps: list[dict], events: list[dict]) -> s
             f"micro-batch: {summary['micro_batch_size']} at the end, {summary['micro_batch_changes']} change(s)",
             f"peak memory: {summary['peak_memory_mb']:.0f} MiB",
         ]
+        world_size = summary.get("world_size", 1)
+        if world_size > 1 and tokens_per_s:
+            # The efficiency needs a one-process run of the same config: a sweep over
+            # train.distributed.nproc_per_node puts it in its comparison table (leantune/sweep.py).
+            lines.append(f"processes: {world_size} (data parallel), {tokens_per_s / world_size:.0f} tokens/s per "
+                         "process; peak memory per rank: "
+                         + ", ".join(f"{mb:.0f}" for mb in summary.get("rank_peak_memory_mb") or []) + " MiB")
         if summary["energy_j"] is not None:
             lines.append(f"energy: {summary['energy_j'] / 3600:.2f} Wh ({summary['energy_j']:.0f} J; "
                          f"{summary['energy_per_1k_tokens_j']:.2f} J per 1k tokens)")

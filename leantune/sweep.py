@@ -20,7 +20,10 @@ from leantune.probe import GIB
 
 # Columns every row has, in order; evaluation columns follow, per set.
 BASE_COLUMNS = ["member", "overrides", "config", "pool", "estimate_gib", "state", "flow_run", "run_dir", "steps",
-                "final_loss", "final_val_loss", "best_val_loss", "tokens_per_s", "peak_memory_mb", "error"]
+                "final_loss", "final_val_loss", "best_val_loss", "tokens_per_s", "processes", "scaling_efficiency",
+                "peak_memory_mb", "error"]
+# Grid keys that change only how many processes train; members that differ in nothing else form a scaling series.
+PROCESS_KEYS = ("train.distributed.nproc_per_node=", "train.distributed.nnodes=")
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ def member_row(member: Member, *, pool: str | None, estimate_bytes: int | None, 
             "final_val_loss": _round(training.get("final_val_loss")),
             "best_val_loss": _round(training.get("best_val_loss")),
             "tokens_per_s": round(training["tokens"] / seconds, 1) if seconds else None,
+            "processes": training.get("world_size", 1),
             "peak_memory_mb": _round(training.get("peak_memory_mb"), 1),
         })
     comparison = _read_json(member.run_dir / "eval" / "comparison.json")
@@ -105,6 +109,21 @@ def member_row(member: Member, *, pool: str | None, estimate_bytes: int | None, 
             f"{set_name} McNemar p": _round(overall["mcnemar_p"]),
         })
     return row
+
+
+def add_scaling_efficiency(members: list[Member], rows: list[dict]) -> None:
+    """Fill `scaling_efficiency` of each member that trained with N > 1 processes: its tokens/s over N x the
+    tokens/s of the member with one process and otherwise the same config and overrides (a sweep with
+    `--grid train.distributed.nproc_per_node=1,2,4`). Left empty without such a one-process member."""
+    def series(member: Member) -> tuple:
+        return member.config_path, tuple(o for o in member.overrides if not o.startswith(PROCESS_KEYS))
+
+    single = {series(m): r["tokens_per_s"] for m, r in zip(members, rows, strict=True)
+              if r.get("processes") == 1 and r.get("tokens_per_s")}
+    for member, row in zip(members, rows, strict=True):
+        n, tokens_per_s, reference = row.get("processes"), row.get("tokens_per_s"), single.get(series(member))
+        if n and n > 1 and tokens_per_s and reference:
+            row["scaling_efficiency"] = round(tokens_per_s / (n * reference), 3)
 
 
 def table_columns(rows: list[dict]) -> list[str]:

@@ -125,6 +125,19 @@ def test_report_of_an_empty_directory(tmp_path):
     assert "Prepare did not run" in report and "Tokenize did not run" in report
 
 
+def test_a_data_parallel_run_reports_its_processes(tmp_path):
+    summary = {"completed": True, "steps": 4, "total_steps": 4, "resumed_from_step": None, "tokens": 8000,
+               "train_seconds": 2.0, "device": "cpu", "gpu_name": None, "final_loss": 1.5, "final_val_loss": None,
+               "best_val_loss": None, "best_step": None, "micro_batch_size": 2, "micro_batch_changes": 0,
+               "peak_memory_mb": 900.0, "energy_j": None, "world_size": 2, "rank_peak_memory_mb": [900.0, 880.4]}
+    (tmp_path / "training.json").write_text(json.dumps(summary))
+    report = write_report(tmp_path).read_text()
+    assert "- processes: 2 (data parallel), 2000 tokens/s per process; peak memory per rank: 900, 880 MiB" in report
+    summary["world_size"] = 1
+    (tmp_path / "training.json").write_text(json.dumps(summary))
+    assert "processes:" not in write_report(tmp_path).read_text()
+
+
 def _latest_artifact(key: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

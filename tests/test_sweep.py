@@ -15,7 +15,14 @@ import pytest
 from conftest import TOKENIZED_RUN_OVERRIDES
 
 from leantune.config import ConfigError
-from leantune.sweep import complete_rows, expand_members, grid_overrides, member_row, write_csv
+from leantune.sweep import (
+    add_scaling_efficiency,
+    complete_rows,
+    expand_members,
+    grid_overrides,
+    member_row,
+    write_csv,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "configs" / "default.yaml"
@@ -186,3 +193,19 @@ def test_a_sweep_runs_two_members_on_a_process_worker_and_gathers_them(prefect_s
     # The pool's concurrency limit of 1: the second member started after the first ended.
     first, second = sorted(runs, key=lambda run: run.start_time)
     assert second.start_time >= first.end_time
+
+
+def test_a_process_count_grid_gets_its_scaling_efficiency(tmp_path):
+    members = expand_members([DEFAULT], {"lora.r": [8, 16], "train.distributed.nproc_per_node": [1, 2]},
+                             [f"run.output_dir={tmp_path}"], "s")
+    # (lora.r, processes, tokens/s); r=16 with one process failed, so its 2-process member has no reference.
+    measured = {0: (1, 1000.0), 1: (2, 1600.0), 3: (2, 1500.0)}
+    for i, (n, tokens_per_s) in measured.items():
+        members[i].run_dir.mkdir(parents=True)
+        (members[i].run_dir / "training.json").write_text(json.dumps(
+            {"steps": 3, "tokens": tokens_per_s * 2, "train_seconds": 2.0, "world_size": n}))
+    rows = [member_row(m, pool="gpu-24gb", estimate_bytes=2**30, state="Completed", flow_run=None) for m in members]
+    add_scaling_efficiency(members, rows)
+    rows = complete_rows(rows)
+    assert [r["processes"] for r in rows] == [1, 2, None, 2]
+    assert [r["scaling_efficiency"] for r in rows] == [None, 0.8, None, None]  # 1600 / (2 x 1000)
