@@ -218,7 +218,7 @@ def tokens_dir(tmp_path_factory):
     from leantune.data.prepare import prepare
     from leantune.tokenization import tokenize
 
-    cfg = config("data.synthetic.num_records=80", "tokenize.vocab_size=300", "tokenize.max_seq_len=200",
+    cfg = config("data.synthetic.num_records=160", "tokenize.vocab_size=300", "tokenize.max_seq_len=200",
                  "data.chunk_size=16")
     run = tmp_path_factory.mktemp("run")
     prepare(cfg, run / "data")
