@@ -14,6 +14,7 @@ idle page cache does not read as memory in use (the same figure as `docker stats
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,13 @@ def cgroup_dirs(root: Path | None = None, proc_cgroup: Path | None = None) -> li
     return levels
 
 
+@functools.cache
+def _own_cgroup_dirs() -> tuple[_Level, ...]:
+    """This process's cgroups, found once: a process does not move between cgroups, and the monitor reads
+    host memory every sample."""
+    return tuple(cgroup_dirs())
+
+
 def _read_level(level: _Level) -> tuple[int, int] | None:
     """(limit, working set) of one cgroup, or None when it has no limit or cannot be read."""
     try:
@@ -90,7 +98,8 @@ def host_memory(root: Path | None = None, proc_cgroup: Path | None = None) -> Ho
 
     ram = psutil.virtual_memory()
     best = HostMemory(ram.total, ram.available, "host")
-    for level in cgroup_dirs(root, proc_cgroup):
+    levels = _own_cgroup_dirs() if root is None and proc_cgroup is None else cgroup_dirs(root, proc_cgroup)
+    for level in levels:
         read = _read_level(level)
         # v1 writes "no limit" as a huge number; a limit above the host's RAM does not bind either.
         if read is None or read[0] >= ram.total:
