@@ -237,3 +237,19 @@ def test_flow_trains_publishes_a_summary_and_resumes(prefect_server, tmp_path, c
 
     assert flow_main(["--resume", "nope", "--set", f"run.output_dir={tmp_path}"]) == 2
     assert "nope has no config.yaml" in capsys.readouterr().err
+
+
+def test_adapter_and_checkpoint_hold_lora_tensors_only_with_lora_on_the_embeddings(tokenized_run, tmp_path):
+    # configs/default.yaml targets embed_tokens and lm_head too; peft would then add the whole base matrices.
+    from safetensors.torch import load_file
+
+    from leantune.training.loop import train
+
+    cfg, run_dir = new_run(tokenized_run, tmp_path, *FAST, "train.max_steps=1", "monitor.enabled=false",
+                           "lora.target_modules=[q_proj,v_proj,embed_tokens,lm_head]")
+    train(cfg, run_dir)
+    saved = adapter(run_dir)
+    assert any("embed_tokens.lora_embedding_A" in k for k in saved) and any("lm_head.lora_A" in k for k in saved)
+    assert all("lora_" in k for k in saved), [k for k in saved if "lora_" not in k]
+    checkpoint = load_file(run_dir / "checkpoints" / "step-1" / "adapter.safetensors")
+    assert len(checkpoint) == len(saved) and all("lora_" in k for k in checkpoint)
