@@ -68,10 +68,10 @@ def cgroup_dirs(root: Path | None = None, proc_cgroup: Path | None = None) -> li
 
 
 @functools.cache
-def _own_cgroup_dirs() -> tuple[_Level, ...]:
-    """This process's cgroups, found once: a process does not move between cgroups, and the monitor reads
-    host memory every sample."""
-    return tuple(cgroup_dirs())
+def _own_cgroup_dirs(root: Path, proc_cgroup: Path) -> tuple[_Level, ...]:
+    """This process's cgroups, found once per (root, proc entry): a process does not move between cgroups,
+    and the monitor reads host memory every sample."""
+    return tuple(cgroup_dirs(root, proc_cgroup))
 
 
 def _read_level(level: _Level) -> tuple[int, int] | None:
@@ -98,7 +98,8 @@ def host_memory(root: Path | None = None, proc_cgroup: Path | None = None) -> Ho
 
     ram = psutil.virtual_memory()
     best = HostMemory(ram.total, ram.available, "host")
-    levels = _own_cgroup_dirs() if root is None and proc_cgroup is None else cgroup_dirs(root, proc_cgroup)
+    levels = (_own_cgroup_dirs(CGROUP_ROOT, PROC_CGROUP) if root is None and proc_cgroup is None
+              else cgroup_dirs(root, proc_cgroup))
     for level in levels:
         read = _read_level(level)
         # v1 writes "no limit" as a huge number; a limit above the host's RAM does not bind either.
