@@ -15,6 +15,8 @@ from flows.finetune import main as flow_main
 from leantune.config import load_config
 from leantune.training.optim import lr_multiplier
 
+pytestmark = pytest.mark.slow
+
 CHILD = Path(__file__).with_name("training_child.py")
 SMALL_RUN = [
     "data.synthetic.num_records=120", "data.val_fraction=0.1", "tokenize.vocab_size=400", "tokenize.max_seq_len=128",

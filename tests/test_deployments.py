@@ -14,6 +14,8 @@ from conftest import TOKENIZED_RUN_OVERRIDES
 
 from leantune.config import load_config
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 

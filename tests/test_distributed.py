@@ -18,6 +18,8 @@ from run_helpers import adapter, assert_same_weights, new_run
 from leantune.config import ConfigError, load_config
 from leantune.training.loop import train
 
+pytestmark = pytest.mark.slow
+
 LAUNCHER = Path(__file__).with_name("dist_train.py")
 MAX_STEPS = 6
 # Validation at step 3 and 6 (sharded over the ranks), checkpoints every 2 steps (per-rank RNG states),

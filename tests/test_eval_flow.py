@@ -17,6 +17,8 @@ from leantune.evaluation.runner import build_eval_model, evaluate
 from leantune.evaluation.scoring import encode_items, score_encoded
 from leantune.training.loop import train
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 EVAL = ["eval.max_items=12", "eval.synthetic_items=24", "eval.batch_size=5"]

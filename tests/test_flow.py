@@ -16,6 +16,8 @@ from leantune.errors import DataError
 from leantune.jsonl import iter_jsonl
 from tasks.logs import quiet_user_error_tracebacks
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = [

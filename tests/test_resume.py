@@ -17,6 +17,8 @@ from leantune.config import dump_config, load_config
 from leantune.training.checkpoint import CheckpointManager, run_fingerprints
 from leantune.training.loop import EXIT_STOPPED
 
+pytestmark = pytest.mark.slow
+
 MAX_STEPS = 12
 # Dropout on, so a resume that failed to restore the torch RNG would diverge.
 RESUME_OVERRIDES = [f"train.max_steps={MAX_STEPS}", "checkpoint.every_steps=1", "checkpoint.keep_last=2",

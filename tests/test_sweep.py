@@ -24,6 +24,8 @@ from leantune.sweep import (
     write_csv,
 )
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "configs" / "default.yaml"
 TEST_POOL = "leantune-test-cpu"

@@ -20,6 +20,8 @@ from leantune.training.launch import (
     training_command,
 )
 
+pytestmark = pytest.mark.slow
+
 
 def test_log_lines_keep_their_level_and_lose_their_timestamp():
     assert log_record("2026-01-01 12:00:00,123 WARNING leantune.x: near the limit\n", logging.INFO) == (
