@@ -3,7 +3,8 @@
 Supported input formats (fields other than these are ignored):
 
 - ``alpaca``: ``instruction`` and ``output`` (required), ``input`` and ``system`` (optional).
-  The user message is the instruction, followed by a blank line and the input when there is one.
+  The user message is the instruction, followed by a blank line and the input when there is one
+  (an empty instruction leaves the input alone).
 - ``sharegpt``: ``conversations``, a list of ``{"from": ..., "value": ...}``; ``from`` is
   ``human``/``user``, ``gpt``/``assistant`` or ``system``.
 - ``messages`` (OpenAI style): ``messages``, a list of ``{"role": ..., "content": ...}`` with role
@@ -15,7 +16,8 @@ Supported input formats (fields other than these are ignored):
   'assistant' the loss covers the entire text. The empty user message is the one place an empty
   content is allowed; later stages must let it through.
 
-Every content is normalised (`normalize_text`). A conversation must be: an optional leading system
+Every content is normalised (`normalize_text`); one with nothing visible left (only spaces or
+invisible format characters such as a zero-width space) is empty. A conversation must be: an optional leading system
 message, then user and assistant alternating, starting with user and ending with assistant.
 A row that breaks a rule raises `RowError` with a short stable code and a detail.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from leantune.data.normalize import has_lone_surrogate, normalize_text
+from leantune.data.normalize import has_lone_surrogate, is_blank, normalize_text
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 
@@ -72,10 +74,9 @@ def to_messages(row: Any, fmt: str) -> list[dict]:
     if not isinstance(row, dict):
         raise RowError("not_an_object", f"expected a JSON object, got {type_name(row)}")
     if fmt == "alpaca":
-        user = _text(row, "instruction")
-        extra = _text(row, "input", required=False)
-        if extra:
-            user = f"{user}\n\n{extra}"
+        # Either part may be empty: the blank line only goes between two parts that say something.
+        parts = (_text(row, "instruction"), _text(row, "input", required=False))
+        user = "\n\n".join(part for part in parts if part)
         messages = _with_system(row, [("user", user), ("assistant", _text(row, "output"))])
     elif fmt == "prompt_completion":
         messages = [("user", _text(row, "prompt")), ("assistant", _text(row, "completion"))]
@@ -90,7 +91,7 @@ def to_messages(row: Any, fmt: str) -> list[dict]:
     _check_order([role for role, _ in messages])
     # The empty user prompt of a 'text' record is by design; every other content must say something.
     for i, (role, content) in enumerate(messages):
-        if not content and not (fmt == "text" and i == 0):
+        if is_blank(content) and not (fmt == "text" and i == 0):
             raise RowError("empty_content", f"message {i} ({role}) is empty after normalisation")
     return [{"role": role, "content": content} for role, content in messages]
 

@@ -29,6 +29,15 @@ def normalize_text(text: str) -> str:
     return _CONTROL.sub("", unicodedata.normalize("NFC", text)).strip()
 
 
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: only whitespace, separators and invisible format characters
+    (Unicode categories Z* and Cf: zero-width space, joiners, BOM, direction marks...)."""
+    return all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text)
+
+
+_INVISIBLE = {"Zs", "Zl", "Zp", "Cf"}
+
+
 def has_lone_surrogate(text: str) -> bool:
     """True when `text` holds a UTF-16 surrogate (JSON "\\ud800" escapes), which UTF-8 cannot encode."""
     return _SURROGATE.search(text) is not None

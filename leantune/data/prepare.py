@@ -1,7 +1,8 @@
 """Stage 1, prepare: every source streamed into canonical records, every row accounted for.
 
 For each source in `data.sources`, rows are read in chunks of `data.chunk_size`; the format is
-detected from the first chunk (or forced by the source's `format`). Each row then ends up in exactly
+forced by the source's `format`, or detected per file (a directory may mix formats) from the file's
+first `data.chunk_size` rows that parse. Each row then ends up in exactly
 one bin:
 
 - rejected: it cannot become a valid record (reason codes in `formats`/`sources`); written to
@@ -23,7 +24,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from itertools import chain
+from collections.abc import Iterator
 from pathlib import Path
 
 from leantune.config import DataConfig, RunConfig, SourceConfig, source_name
@@ -37,6 +38,7 @@ from leantune.progress import progress_bar
 # Longest raw text copied into rejects.jsonl; enough to recognise a row, bounded for huge rows.
 MAX_REJECT_RAW_CHARS = 2000
 BINS = ("kept", "rejected", "duplicates", "not_selected")
+DETECT_ROWS_FACTOR = 10  # format detection looks at no more than this many chunks of a file's rows
 
 
 def prepare(cfg: RunConfig, data_dir: Path) -> dict:
@@ -70,16 +72,16 @@ def _prepare_source(src: SourceConfig, index: int, data: DataConfig, seen: IdSet
                     records: JsonlWriter, rejects: JsonlWriter) -> tuple[dict, dict[str, str]]:
     """Stream one source into the writers; return its counts and one example per reject reason."""
     name = source_name(src)
-    row_chunks = chunks(iter_source(src, data, index), data.chunk_size)
-    first = next(row_chunks, [])
-    fmt = src.format if src.format != "auto" else detect_format([r.value for r in first if r.error is None])
-    stats = {"format": fmt or "unknown", "read": 0, **dict.fromkeys(BINS, 0), "reasons": Counter()}
+    stats = {"format": "unknown", "read": 0, **dict.fromkeys(BINS, 0), "reasons": Counter()}
+    formats: list[str] = []  # the formats the source's files were read as, in order of first use
     examples: dict[str, str] = {}
     # Sources stream, so their length is unknown: the bar counts rows and shows the rate.
     bar = progress_bar(f"prepare {name}", "row")
-    for chunk in chain([first], row_chunks):
-        for row in chunk:
+    for chunk in chunks(_with_formats(iter_source(src, data, index), src.format, data.chunk_size), data.chunk_size):
+        for row, fmt in chunk:
             stats["read"] += 1
+            if fmt is not None and fmt not in formats:
+                formats.append(fmt)
             try:
                 messages = _convert(row, fmt, index)
             except RowError as e:
@@ -104,9 +106,36 @@ def _prepare_source(src: SourceConfig, index: int, data: DataConfig, seen: IdSet
                 records.write({"id": rid, "messages": messages, "source": name})
         bar.update(len(chunk))
     bar.close()
+    stats["format"] = ", ".join(formats) or "unknown"
     stats["reasons"] = dict(sorted(stats["reasons"].items()))
     _check_balance(f"source '{name}'", stats)
     return stats, examples
+
+
+def _with_formats(rows: Iterator[RawRow], forced: str, chunk_size: int) -> Iterator[tuple[RawRow, str | None]]:
+    """Each row with the format it is read as: `forced`, or the one detected for its file from the
+    file's first `chunk_size` rows that parse (looking at most DETECT_ROWS_FACTOR x `chunk_size` rows,
+    so a file of broken rows is not held in memory)."""
+    if forced != "auto":
+        yield from ((row, forced) for row in rows)
+        return
+    pending: list[RawRow] = []
+    parsed, file, fmt = 0, None, None
+    for row in rows:
+        if row.file != file:
+            yield from ((r, detect_format([p.value for p in pending if p.error is None])) for r in pending)
+            pending, parsed, file, fmt = [], 0, row.file, None
+        if fmt is not None:
+            yield row, fmt
+            continue
+        pending.append(row)
+        parsed += row.error is None
+        if parsed >= chunk_size or len(pending) >= DETECT_ROWS_FACTOR * chunk_size:
+            fmt = detect_format([p.value for p in pending if p.error is None])
+            yield from ((r, fmt) for r in pending)
+            pending = []
+    fmt = detect_format([p.value for p in pending if p.error is None])
+    yield from ((r, fmt) for r in pending)
 
 
 def _convert(row: RawRow, fmt: str | None, index: int) -> list[dict]:
@@ -116,7 +145,7 @@ def _convert(row: RawRow, fmt: str | None, index: int) -> list[dict]:
         if not isinstance(row.value, dict):
             raise RowError("not_an_object", f"expected a JSON object, got {type_name(row.value)}")
         fields = ", ".join(sorted(map(str, row.value))[:10]) or "none"
-        raise RowError("unknown_format", f"no format detected for this source (this row's fields: {fields}); "
+        raise RowError("unknown_format", f"no format detected for this file (this row's fields: {fields}); "
                                          f"set data.sources.{index}.format to one of {', '.join(FORMATS)}")
     return to_messages(row.value, fmt)
 

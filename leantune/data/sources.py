@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ from leantune.config import DataConfig, SourceConfig, source_name
 from leantune.data.formats import RowError, type_name
 from leantune.errors import DataError
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark, skipped at the start of a file
+# How much of a .json file is looked at to tell JSON Lines saved under that name (_is_json_lines).
+SNIFF_LINES, SNIFF_BYTES = 5, 1 << 20
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -80,11 +84,23 @@ def _file_rows(name: str, path: Path, batch_rows: int) -> Iterator[RawRow]:
         yield from _parquet_rows(name, path, batch_rows)
 
 
+def _physical_lines(f) -> Iterator[bytes]:
+    """The lines of binary file `f`, each with its ending: "\\n", "\\r\\n" or a lone "\\r" (old Mac files)."""
+    for line in f:
+        if b"\r" in line.rstrip(b"\r\n"):
+            yield from (part for part in _LONE_CR.split(line) if part)
+        else:
+            yield line
+
+
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # the place just after a "\r" that is not part of "\r\n"
+
+
 def _jsonl_rows(name: str, path: Path) -> Iterator[RawRow]:
     with open(path, "rb") as f:
-        for line_no, line in enumerate(f, 1):
+        for line_no, line in enumerate(_physical_lines(f), 1):
             if line_no == 1:
-                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is not content
+                line = line.removeprefix(BOM)  # a UTF-8 byte order mark is not content
             if not line.strip():
                 continue
             try:
@@ -100,13 +116,42 @@ def _jsonl_rows(name: str, path: Path) -> Iterator[RawRow]:
                 yield RawRow(name, str(path), line_no, text, error=RowError("bad_json", f"{e.msg} at column {e.colno}"))
 
 
+def _is_json_lines(path: Path) -> bool:
+    """Whether a .json file is really JSON Lines: its first line is a whole JSON object and more lines
+    follow, or (a broken first row) it starts unindented with "{" and another of its first lines is an
+    unindented whole object. A JSON document's rows are indented or on one line, so it never matches."""
+    with open(path, "rb") as f:
+        lines = []
+        for line in _physical_lines(f):
+            if line.strip():
+                lines.append(line.removeprefix(BOM) if not lines else line)
+            if len(lines) == SNIFF_LINES or sum(map(len, lines)) > SNIFF_BYTES:
+                break
+    if len(lines) < 2 or not lines[0].startswith(b"{"):
+        return False
+    return any(line.startswith(b"{") and isinstance(_loads_or_none(line), dict) for line in lines)
+
+
+def _loads_or_none(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 def _json_rows(name: str, path: Path) -> Iterator[RawRow]:
+    if _is_json_lines(path):
+        yield from _jsonl_rows(name, path)
+        return
     import ijson
 
     row_no = 0
     with open(path, "rb") as f:
+        if f.read(len(BOM)) != BOM:  # a UTF-8 byte order mark is not content
+            f.seek(0)
         try:
-            for where, value in _json_values(ijson.parse(f, use_float=True)):
+            # multiple_values: a second document after the first is read too, never silently left out.
+            for where, value in _json_values(ijson.parse(f, use_float=True, multiple_values=True)):
                 row_no += 1
                 raw = json.dumps(value, ensure_ascii=False)
                 if where is None:
@@ -124,31 +169,32 @@ def _json_rows(name: str, path: Path) -> Iterator[RawRow]:
 def _json_values(events: Iterator[tuple]) -> Iterator[tuple[str | None, Any]]:
     """(None, row) for each row of a top-level array, or of each array value of a top-level object;
     (where, value) for anything else: a top-level object's value that is not an array, or a
-    document that is neither an array nor an object."""
+    top-level value that is neither an array nor an object. Every top-level value of the file is
+    read, in order (several arrays one after another count as one array)."""
     from ijson.common import ObjectBuilder
 
-    _, event, value = next(events)
-    if event == "start_array":
-        yield from ((None, item) for item in _array_items(events))
-        return
-    if event != "start_map":
-        yield "the document", value
-        return
-    key = None
-    for _, event, value in events:
-        if event == "map_key":
-            key = value
-        elif event == "start_array":
+    for document, (_, event, value) in enumerate(events, 1):
+        if event == "start_array":
             yield from ((None, item) for item in _array_items(events))
-        elif event == "start_map":
-            builder = ObjectBuilder()
-            builder.event(event, value)
-            _build(events, builder)
-            yield f"top-level key '{key}'", builder.value
-        elif event == "end_map":
-            return
-        else:
-            yield f"top-level key '{key}'", value
+            continue
+        if event != "start_map":
+            yield ("the document" if document == 1 else f"top-level value {document}"), value
+            continue
+        key = None
+        for _, event, value in events:
+            if event == "map_key":
+                key = value
+            elif event == "start_array":
+                yield from ((None, item) for item in _array_items(events))
+            elif event == "start_map":
+                builder = ObjectBuilder()
+                builder.event(event, value)
+                _build(events, builder)
+                yield f"top-level key '{key}'", builder.value
+            elif event == "end_map":
+                break
+            else:
+                yield f"top-level key '{key}'", value
 
 
 def _array_items(events: Iterator[tuple]) -> Iterator[Any]:
@@ -186,9 +232,9 @@ def _csv_rows(name: str, path: Path) -> Iterator[RawRow]:
     consumed: list[tuple[str, bool]] = []
 
     def lines(f) -> Iterator[str]:
-        for i, line in enumerate(f):
+        for i, line in enumerate(_physical_lines(f)):
             if i == 0:
-                line = line.removeprefix(b"\xef\xbb\xbf")
+                line = line.removeprefix(BOM)
             try:
                 text, ok = line.decode("utf-8"), True
             except UnicodeDecodeError:

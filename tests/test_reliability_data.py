@@ -1,0 +1,111 @@
+"""Reliability of the data stage under bad input (issue 14): no row is lost uncounted, formats are
+detected per file from rows that parse, and normalisation leaves no invisible or half-empty turns."""
+
+import json
+
+from leantune.config import RunConfig
+from leantune.data.formats import to_messages
+from leantune.data.prepare import prepare
+from leantune.jsonl import iter_jsonl
+
+
+def config(*paths, chunk_size=1000, **source):
+    return RunConfig.model_validate({"data": {"sources": [{"path": str(p), **source} for p in paths],
+                                              "chunk_size": chunk_size},
+                                     "validation": {"max_reject_fraction": 1.0}})
+
+
+def alpaca(i):
+    return {"instruction": f"question {i}", "input": "", "output": f"answer {i}"}
+
+
+def messages(i):
+    return {"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": f"hi {i}"}]}
+
+
+def counts(stats, path):
+    s = stats["sources"][str(path)]
+    return s["read"], s["kept"], s["rejected"]
+
+
+def test_json_lines_saved_as_json_reads_every_line(tmp_path):
+    path = tmp_path / "jsonl_as.json"
+    path.write_text("".join(json.dumps(alpaca(i)) + "\n" for i in range(40)))
+    stats = prepare(config(path), tmp_path / "out")
+    assert counts(stats, path) == (40, 40, 0)
+    # Its line numbers are the file's lines, as for .jsonl.
+    path.write_text("{broken\n" + "".join(json.dumps(alpaca(i)) + "\n" for i in range(40)))
+    stats = prepare(config(path), tmp_path / "out")
+    assert counts(stats, path) == (41, 40, 1)
+    [reject] = iter_jsonl(tmp_path / "out" / "rejects.jsonl")
+    assert (reject["line"], reject["reason"]) == (1, "bad_json")
+
+
+def test_json_with_two_top_level_arrays_reads_both(tmp_path):
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps([alpaca(i) for i in range(20)]) + "\n" + json.dumps([alpaca(i) for i in range(20, 45)]))
+    stats = prepare(config(path), tmp_path / "out")
+    assert counts(stats, path) == (45, 45, 0)
+    # Trailing rubbish after the document is one counted reject, not silence.
+    path.write_text(json.dumps([alpaca(i) for i in range(5)]) + " nonsense")
+    stats = prepare(config(path), tmp_path / "out")
+    assert counts(stats, path) == (6, 5, 1)
+
+
+def test_json_array_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([alpaca(i) for i in range(40)], indent=2).encode())
+    stats = prepare(config(path), tmp_path / "out")
+    assert counts(stats, path) == (40, 40, 0)
+
+
+def test_pretty_printed_json_is_not_taken_for_json_lines(tmp_path):
+    path = tmp_path / "pretty.json"
+    rows = [alpaca(i) for i in range(6)]
+    path.write_text("[\n" + ",\n".join("  " + json.dumps(r) for r in rows) + "\n]\n")
+    assert counts(prepare(config(path), tmp_path / "out"), path) == (6, 6, 0)
+    path.write_text("{\n\"train\": [\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]}\n")
+    assert counts(prepare(config(path), tmp_path / "out"), path) == (6, 6, 0)
+
+
+def test_a_directory_of_mixed_formats_is_detected_per_file(tmp_path):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(json.dumps(alpaca(i)) + "\n" for i in range(30)))
+    (d / "b.jsonl").write_text("".join(json.dumps(messages(i)) + "\n" for i in range(10)))
+    stats = prepare(config(d), tmp_path / "out")
+    s = stats["sources"][str(d)]
+    assert (s["read"], s["kept"], s["rejected"], s["format"]) == (40, 40, 0, "alpaca, messages")
+
+
+def test_format_is_detected_from_the_first_rows_that_parse(tmp_path):
+    path = tmp_path / "bad_start.jsonl"
+    path.write_text("{oops\n" * 6 + "".join(json.dumps(alpaca(i)) + "\n" for i in range(40)))
+    stats = prepare(config(path, chunk_size=5), tmp_path / "out")
+    assert counts(stats, path) == (46, 40, 6)
+    assert stats["totals"]["reasons"] == {"bad_json": 6}
+
+
+def test_cr_only_line_endings_are_lines(tmp_path):
+    path = tmp_path / "mac.jsonl"
+    path.write_bytes(b"".join(json.dumps(alpaca(i)).encode() + b"\r" for i in range(10)))
+    assert counts(prepare(config(path), tmp_path / "out"), path) == (10, 10, 0)
+    csv_path = tmp_path / "mac.csv"
+    csv_path.write_bytes(b"prompt,completion\r" + b"".join(f"p{i},c{i}\r".encode() for i in range(10)))
+    assert counts(prepare(config(csv_path), tmp_path / "out"), csv_path) == (10, 10, 0)
+
+
+def test_invisible_reply_is_empty_and_empty_instruction_leaves_the_input_alone():
+    import pytest
+
+    from leantune.data.formats import RowError
+
+    with pytest.raises(RowError) as e:
+        to_messages({"prompt": "hi", "completion": "\u200b"}, "prompt_completion")
+    assert e.value.code == "empty_content"
+    with pytest.raises(RowError):
+        to_messages({"prompt": "hi", "completion": " \u200b\u2060\ufeff "}, "prompt_completion")
+    got = to_messages({"instruction": "", "input": "the input", "output": "x"}, "alpaca")
+    assert got[0] == {"role": "user", "content": "the input"}
+    got = to_messages({"instruction": "do", "input": "this", "output": "x"}, "alpaca")
+    assert got[0] == {"role": "user", "content": "do\n\nthis"}
