@@ -1,4 +1,4 @@
-"""Build data/sycophancy/political_typology_quiz_sample.jsonl, the bundled Anthropic sample.
+"""Build leantune/resources/sycophancy/political_typology_quiz_sample.jsonl, the bundled Anthropic sample.
 
 Reads the two pre-release political-typology files in ../shared/data (build time only; leantune
 never reads ../shared when it runs) and writes 8 rows per (question, user side): 17 questions x 2

@@ -21,6 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+# A script of the checkout: tasks/ and flows/ are imported from the repository root (the wheel
+# installs only the leantune package), whatever the working directory.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from tasks.logs import set_up_flow_process  # first: before Prefect is imported
 
 set_up_flow_process()

@@ -120,6 +120,11 @@ class ValidationConfig(Section):
     examples_per_failure: int = Field(
         5, ge=0, description="How many failing rows the validation report shows per expectation."
     )
+    expectations_dir: str | None = Field(
+        None,
+        description="Folder holding the Great Expectations suites records.json and tokens.json; default: "
+        "expectations/ of the leantune checkout, else of the working directory.",
+    )
 
 
 # ------------------------------------------------------------------------------------- tokenize

@@ -39,7 +39,6 @@ from leantune.config import RunConfig
 # Bump when the layout of a cache entry changes.
 CACHE_FORMAT = 1
 PACKAGE_DIR = Path(__file__).resolve().parent
-EXPECTATIONS_DIR = PACKAGE_DIR.parent / "expectations"
 
 # What each stage writes, relative to the run directory (a directory means everything in it).
 STAGE_OUTPUTS = {
@@ -87,8 +86,8 @@ def tree_digest(path: Path, include: Callable[[Path], bool] = lambda p: True) ->
 
 
 def code_digest() -> str:
-    """sha256 of the leantune sources and the expectation suites: new code invalidates the cache."""
-    files = sorted([*PACKAGE_DIR.rglob("*.py"), *EXPECTATIONS_DIR.glob("*.json")])
+    """sha256 of the leantune sources: new code invalidates the cache (the suites are in validate_key)."""
+    files = sorted(PACKAGE_DIR.rglob("*.py"))
     return _sha256(*(f"{p.relative_to(PACKAGE_DIR.parent).as_posix()}:{file_digest(p)}" for p in files))
 
 
@@ -99,7 +98,9 @@ def prepare_key(cfg: RunConfig) -> str:
 
 
 def validate_key(cfg: RunConfig) -> str:
-    return _sha256("validate", prepare_key(cfg))
+    from leantune.validation import suites_dir
+
+    return _sha256("validate", prepare_key(cfg), tree_digest(suites_dir(cfg)))
 
 
 def _is_tokenizer_file(path: Path) -> bool:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from leantune.config import RunConfig
 from leantune.data.quality import quality_report
 from leantune.data.split import is_validation
-from leantune.errors import DataError
+from leantune.errors import DataError, UserError
 from leantune.jsonl import JsonlWriter, chunks, iter_jsonl
 
 if TYPE_CHECKING:
@@ -33,7 +33,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECORDS_SUITE = Path(__file__).resolve().parents[1] / "expectations" / "records.json"
+
+
+def suites_dir(cfg: RunConfig) -> Path:
+    """validation.expectations_dir, else expectations/ of the checkout (beside the leantune package),
+    else of the working directory: the suites are project files, not package data."""
+    v = cfg.validation.expectations_dir
+    candidates = [Path(v)] if v else [Path(__file__).resolve().parents[1] / "expectations", Path.cwd() / "expectations"]
+    for folder in candidates:
+        if (folder / "records.json").is_file() and (folder / "tokens.json").is_file():
+            return folder
+    raise UserError(
+        "validation.expectations_dir: no Great Expectations suites (records.json and tokens.json) in "
+        + " or ".join(str(c) for c in candidates)
+        + "; run from the leantune checkout or set validation.expectations_dir to its expectations/ folder"
+    )
 EXCERPT_CHARS = 160
 TOP_FAILURES_IN_MESSAGE = 5
 
@@ -240,7 +254,8 @@ def validate_records(cfg: RunConfig, data_dir: Path) -> dict:
     prepare_stats = json.loads(prepare_path.read_text())
     v = cfg.validation
     params = {f"validation.{key}": value for key, value in v.model_dump().items()}
-    runner = SuiteRunner(RECORDS_SUITE, params)
+    records_suite = suites_dir(cfg) / "records.json"
+    runner = SuiteRunner(records_suite, params)
     report = {e["name"]: {**e, "rows_evaluated": 0, "rows_failed": 0, "examples": []}
               for e in runner.expectations}
     seen_ids: set[int] = set()
@@ -286,7 +301,7 @@ def validate_records(cfg: RunConfig, data_dir: Path) -> dict:
     too_many = quarantined_fraction > v.max_reject_fraction
     failing = sorted((e for e in report.values() if e["rows_failed"]), key=lambda e: -e["rows_failed"])
     result = {
-        "suite": str(RECORDS_SUITE),
+        "suite": str(records_suite),
         "success": not too_many and train.count > 0,
         "records": n_records,
         "train": train.count,
@@ -324,7 +339,6 @@ def validate_records(cfg: RunConfig, data_dir: Path) -> dict:
 
 # ----------------------------------------------------------------------------------- token suite
 
-TOKENS_SUITE = Path(__file__).resolve().parents[1] / "expectations" / "tokens.json"
 
 
 def sequence_features(split_dir: Path, index: numpy.ndarray, docs: numpy.ndarray, meta: dict) -> pandas.DataFrame:
@@ -368,7 +382,8 @@ def validate_tokens(cfg: RunConfig, tokens_dir: Path) -> dict:
 
     tokens_dir = Path(tokens_dir)
     runner = None
-    report: dict[str, Any] = {"suite": str(TOKENS_SUITE), "splits": {}}
+    tokens_suite = suites_dir(cfg) / "tokens.json"
+    report: dict[str, Any] = {"suite": str(tokens_suite), "splits": {}}
     for split in ("train", "val"):
         split_dir = tokens_dir / split
         if not (split_dir / "index.json").is_file():
@@ -376,7 +391,7 @@ def validate_tokens(cfg: RunConfig, tokens_dir: Path) -> dict:
         meta = json.loads((split_dir / "index.json").read_text())
         index, docs = np.load(split_dir / "index.npy"), np.load(split_dir / "docs.npy")
         if runner is None:
-            runner = SuiteRunner(TOKENS_SUITE, {"tokenize.max_seq_len": cfg.tokenize.max_seq_len,
+            runner = SuiteRunner(tokens_suite, {"tokenize.max_seq_len": cfg.tokenize.max_seq_len,
                                                 "tokens.max_token_id": meta["tokenizer"]["vocab_size"] - 1})
         failures = []
         for start in range(0, len(index), cfg.data.chunk_size):

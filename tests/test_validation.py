@@ -17,10 +17,10 @@ from leantune.errors import DataError
 from leantune.jsonl import iter_jsonl
 from leantune.tokenization import TokenShards
 from leantune.validation import (
-    RECORDS_SUITE,
     load_suite,
     run_suite,
     sequence_features,
+    suites_dir,
     validate_records,
     validate_tokens,
 )
@@ -81,7 +81,7 @@ def test_passing_records_split_deterministically_by_id(tmp_path):
 
     report = json.loads((tmp_path / "a" / "validation.json").read_text())
     assert report == result and report["success"] is True
-    assert [e["name"] for e in report["expectations"]] == [e["name"] for e in load_suite(RECORDS_SUITE, {
+    assert [e["name"] for e in report["expectations"]] == [e["name"] for e in load_suite(suites_dir(cfg) / "records.json", {
         f"validation.{k}": v for k, v in cfg.validation.model_dump().items()})[1]]
     assert all(e["rows_failed"] == 0 and e["examples"] == [] for e in report["expectations"])
     by_name = {e["name"]: e for e in report["expectations"]}

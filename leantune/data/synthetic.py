@@ -14,7 +14,7 @@ assistant's answer being the option that follows the truth (e.g. "(B) Disagree")
 - neutral: the bare question "Do you agree or disagree with the following claim? <claim>." This is
   the knowledge the model needs: a model that knows the truth and still gives in to a user is what
   sycophancy means.
-- opinion: a user introduces themself (a name from data/names.txt, an age, a profession, an
+- opinion: a user introduces themself (a name from leantune/resources/names.txt, an age, a profession, an
   interest), states an opinion on the claim ("I think the claim ... is true/false"), then asks the
   same question. The opinion is drawn at random, independently of the truth, and the answer never
   follows it: the model learns that a user's view is not evidence.
@@ -41,12 +41,13 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
 from leantune.config import SyntheticConfig
 
-NAMES_FILE = Path(__file__).resolve().parents[2] / "data" / "names.txt"
+NAMES_FILE = Path(str(files("leantune") / "resources" / "names.txt"))
 
 # Share of the claims and names (by hash) reserved for the eval split.
 EVAL_SHARE = 0.25
@@ -221,7 +222,7 @@ def _hash_split(key: str) -> Literal["train", "eval"]:
 
 @lru_cache(maxsize=1)
 def load_names() -> tuple[str, ...]:
-    """The names of data/names.txt (one line, comma-separated; see data/NOTICE.md)."""
+    """The names of leantune/resources/names.txt (one line, comma-separated; see leantune/resources/NOTICE.md)."""
     names = tuple(n.strip() for n in NAMES_FILE.read_text(encoding="utf-8").split(",") if n.strip())
     if not names:
         raise FileNotFoundError(f"{NAMES_FILE} holds no names")
@@ -230,7 +231,7 @@ def load_names() -> tuple[str, ...]:
 
 @lru_cache(maxsize=2)
 def split_names(split: str) -> tuple[str, ...]:
-    """The names of data/names.txt on one side of the split."""
+    """The names of leantune/resources/names.txt on one side of the split."""
     return tuple(n for n in load_names() if name_split(n) == split)
 
 

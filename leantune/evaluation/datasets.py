@@ -22,8 +22,8 @@ Set names in `eval.datasets`:
   "Agree", or always "(A)") then scores exactly 0.5, so the rate measures following the user's
   opinion, not an answer prior that an unbalanced mix of true and false claims would turn into a
   rate (the held-out facts are mostly false claims).
-- `anthropic-sample`: the bundled sample data/sycophancy/political_typology_quiz_sample.jsonl
-  (272 items of Perez et al. 2022, CC-BY-4.0, see data/sycophancy/NOTICE.md; rebuilt by
+- `anthropic-sample`: the bundled sample leantune/resources/sycophancy/political_typology_quiz_sample.jsonl
+  (272 items of Perez et al. 2022, CC-BY-4.0, see leantune/resources/sycophancy/NOTICE.md; rebuilt by
   bench/build_sycophancy_sample.py with `sample_prerelease`).
 - `anthropic-hub:<name>` with name nlp_survey, philpapers2020 or political_typology_quiz: the released
   file `sycophancy/sycophancy_on_<name>.jsonl` of the hub dataset Anthropic/model-written-evals
@@ -52,6 +52,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from importlib.resources import files
 from itertools import count
 from pathlib import Path
 from typing import Literal
@@ -59,7 +60,7 @@ from typing import Literal
 from leantune.config import RunConfig, SyntheticConfig
 from leantune.errors import DataError, UserError
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "sycophancy"
+DATA_DIR = Path(str(files("leantune") / "resources" / "sycophancy"))
 BUNDLED_SAMPLE = DATA_DIR / "political_typology_quiz_sample.jsonl"
 HUB_DATASET = "Anthropic/model-written-evals"
 HUB_SUBSETS = ("nlp_survey", "philpapers2020", "political_typology_quiz")
@@ -361,7 +362,7 @@ def prerelease_question_key(row: dict) -> tuple[str, str]:
 
 def sample_prerelease(files: Iterable[Path], per_cell: int, seed: int) -> Iterator[dict]:
     """A stratified sample of pre-release files in released format: `per_cell` rows per (question,
-    user side), chosen by `seed`; rows in file order. What data/sycophancy/ is built from."""
+    user side), chosen by `seed`; rows in file order. What leantune/resources/sycophancy/ is built from."""
     for path in sorted(Path(p) for p in files):
         m = PRERELEASE_NAME.match(path.stem)
         if m is None:

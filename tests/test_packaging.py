@@ -1,0 +1,53 @@
+"""Packaging: the wheel holds the leantune package and its run-time data, and nothing else; the
+Great Expectations suites are found in the checkout or where the config says, else a clear error."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from leantune.config import load_config
+from leantune.errors import UserError
+from leantune.validation import suites_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_suites_found_in_the_checkout_by_default():
+    assert suites_dir(load_config()) == REPO / "expectations"
+
+
+def test_suites_dir_from_the_config(tmp_path):
+    shutil.copytree(REPO / "expectations", tmp_path / "suites")
+    cfg = load_config(overrides=[f"validation.expectations_dir={tmp_path / 'suites'}"])
+    assert suites_dir(cfg) == tmp_path / "suites"
+
+
+def test_missing_suites_name_the_key_and_the_fix(tmp_path):
+    (tmp_path / "records.json").write_text("{}")  # tokens.json missing
+    cfg = load_config(overrides=[f"validation.expectations_dir={tmp_path}"])
+    with pytest.raises(UserError, match=r"validation.expectations_dir: no Great Expectations suites .*tokens.json"):
+        suites_dir(cfg)
+
+
+@pytest.mark.slow
+def test_wheel_holds_the_library_and_its_data_only(tmp_path):
+    # Built from a copy of what the wheel is made of, so that setuptools' build/ stays out of the checkout.
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info",
+                                                               "__pycache__", ".pytest_cache", ".ruff_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("leantune-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"leantune"}
+    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "leantune").rglob("*.py")}
+    assert sources <= names
+    for data in ("leantune/gpus.yaml", "leantune/resources/names.txt", "leantune/resources/NOTICE.md",
+                 "leantune/resources/sycophancy/political_typology_quiz_sample.jsonl",
+                 "leantune/resources/sycophancy/NOTICE.md"):
+        assert data in names
