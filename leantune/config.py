@@ -167,7 +167,16 @@ class ScratchModelConfig(Section):
     num_layers: int = Field(2, ge=1, description="Scratch model: number of decoder layers.")
     num_heads: int = Field(4, ge=1, description="Scratch model: attention heads.")
     num_kv_heads: int = Field(2, ge=1, description="Scratch model: key/value heads (grouped-query attention).")
-    intermediate_size: int = Field(128, ge=8, description="Scratch model: MLP width.")
+    intermediate_size: int = Field(128, ge=8, description="Scratch model: MLP width (each expert's, for an MoE).")
+    architecture: Literal["llama", "mixtral", "olmoe", "qwen2_moe"] = Field(
+        "llama",
+        description="Scratch model: 'llama' (dense), or a Mixture-of-Experts decoder as transformers implements it: "
+        "'mixtral', 'olmoe', 'qwen2_moe' (routed experts plus a gated shared expert of the same width). Their "
+        "experts are fused 3-D parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj): LoRA reaches them "
+        "through lora.target_parameters.",
+    )
+    num_experts: int = Field(4, ge=2, description="Scratch MoE: routed experts per layer.")
+    num_experts_per_tok: int = Field(2, ge=1, description="Scratch MoE: experts each token is routed to (top-k).")
 
 
 class ModelConfig(Section):
@@ -201,6 +210,13 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the head."
+    )
+    target_parameters: list[str] = Field(
+        default_factory=list,
+        description="Mixture-of-Experts: parameter names (suffixes) to adapt with PEFT's LoRA for nn.Parameter weights, "
+        "e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] for the fused 3-D experts of Mixtral, OLMoE and "
+        "Qwen-MoE in transformers 5.x (one rank-r adapter per expert). PEFT does not support lora.dropout on them "
+        "(set it to 0). The routers (mlp.gate) are not linear layers and stay frozen.",
     )
 
 
@@ -244,6 +260,14 @@ class TrainConfig(Section):
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps before the schedule.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0,
+        description="Mixture-of-Experts: weight of the router's load-balancing loss added to the training loss; "
+        "default: the model config's router_aux_loss_coef (Mixtral 0.02, OLMoE 0.01, Qwen-MoE 0.001); 0 turns it "
+        "off. It is computed per sequence and normalised by the tokens of the whole global batch, so the update "
+        "does not depend on the micro-batch split (leantune/moe.py); metrics.jsonl reports it as router_aux_loss. "
+        "Dense models have no router and ignore it.",
+    )
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="Optimizer; the 8-bit and paged ones come from bitsandbytes."
     )
@@ -437,6 +461,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             f"model.scratch.hidden_size: {s.hidden_size} must be a multiple of model.scratch.num_heads {s.num_heads}"
         )
+    problems += moe_config_problems(cfg)
     if cfg.validation.min_content_chars > cfg.validation.max_content_chars:
         problems.append("validation.min_content_chars: larger than validation.max_content_chars; swap them")
     for i, src in enumerate(cfg.data.sources):
@@ -449,6 +474,34 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"data.sources: two sources are both named '{name}'; give them distinct 'name's")
     return problems
+
+
+def moe_config_problems(cfg: RunConfig) -> list[str]:
+    """What PEFT 0.21 and transformers 5.x cannot do with Mixture-of-Experts weights, found before a model loads."""
+    problems = []
+    s, m, lora = cfg.model.scratch, cfg.model, cfg.lora
+    moe_scratch = m.name_or_path == "scratch" and s.architecture != "llama"
+    if moe_scratch and s.num_experts_per_tok > s.num_experts:
+        problems.append(f"model.scratch.num_experts_per_tok: {s.num_experts_per_tok} is more than "
+                        f"model.scratch.num_experts {s.num_experts}; lower it")
+    if lora.target_parameters and m.method == "full":
+        problems.append("lora.target_parameters: set but model.method is 'full', which trains every weight; remove it "
+                        "or use method 'lora'")
+    if lora.target_parameters and lora.dropout > 0:
+        problems.append(f"lora.dropout: {lora.dropout} is not supported by PEFT's LoRA on parameters "
+                        "(lora.target_parameters; it cannot apply dropout inside the fused expert matmul); set "
+                        "lora.dropout=0")
+    if moe_scratch and m.method == "qlora":
+        problems.append(qlora_moe_problem(f"the scratch '{s.architecture}' model"))
+    return problems
+
+
+def qlora_moe_problem(what: str) -> str:
+    """Why QLoRA is refused for a Mixture-of-Experts model (also raised when a hub model turns out to be one)."""
+    return (f"model.method: qlora cannot quantise the experts of {what}: transformers 5.x stores them as fused 3-D "
+            "parameters, which bitsandbytes leaves unquantised and peft's k-bit preparation upcasts to fp32, so "
+            "QLoRA would hold nearly every weight in 32-bit; use model.method=lora (experts frozen in bf16, "
+            "adapters via lora.target_parameters)")
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

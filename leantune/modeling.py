@@ -146,29 +146,42 @@ def _quiet_peft_import() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 
-def _build_scratch(cfg: RunConfig, tokenizer, attention: str):
-    """The tiny Llama of model.scratch, vocabulary and special ids from the tokenizer, seeded by train.seed."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def scratch_hf_config(cfg: RunConfig, vocab_size: int, special_ids: dict | None = None):
+    """The transformers config of the tiny model of model.scratch: a Llama, or a Mixture-of-Experts decoder."""
+    import transformers
 
     s = cfg.model.scratch
-    config = LlamaConfig(
-        vocab_size=_token_rows(tokenizer),
-        hidden_size=s.hidden_size,
-        intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.num_layers,
-        num_attention_heads=s.num_heads,
-        num_key_value_heads=s.num_kv_heads,
-        max_position_embeddings=cfg.tokenize.max_seq_len,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        attn_implementation=attention,
+    common = dict(
+        vocab_size=vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
+        max_position_embeddings=cfg.tokenize.max_seq_len, **(special_ids or {}),
     )
+    if s.architecture == "llama":
+        return transformers.LlamaConfig(**common)
+    experts = {"num_experts_per_tok": s.num_experts_per_tok}
+    if s.architecture == "mixtral":
+        return transformers.MixtralConfig(**common, **experts, num_local_experts=s.num_experts)
+    if s.architecture == "olmoe":
+        return transformers.OlmoeConfig(**common, **experts, num_experts=s.num_experts)
+    # qwen2_moe: routed experts of moe_intermediate_size plus one gated shared expert, on every layer.
+    return transformers.Qwen2MoeConfig(**common, **experts, num_experts=s.num_experts,
+                                       moe_intermediate_size=s.intermediate_size,
+                                       shared_expert_intermediate_size=s.intermediate_size, decoder_sparse_step=1)
+
+
+def _build_scratch(cfg: RunConfig, tokenizer, attention: str):
+    """The tiny model of model.scratch, vocabulary and special ids from the tokenizer, seeded by train.seed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = scratch_hf_config(cfg, _token_rows(tokenizer), {
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id})
+    config._attn_implementation = attention
     # A private RNG stream: the weights depend on train.seed only, and the caller's RNG is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        return LlamaForCausalLM(config)
+        return AutoModelForCausalLM.from_config(config)
 
 
 @contextlib.contextmanager
@@ -191,6 +204,7 @@ def _load_pretrained(cfg: RunConfig, name: str, revision: str | None, trust_remo
 
     quantization = None
     if cfg.model.method == "qlora":
+        _refuse_qlora_of_moe(name, revision, trust_remote_code)
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=cfg.model.quant_type,
@@ -213,6 +227,21 @@ def _load_pretrained(cfg: RunConfig, name: str, revision: str | None, trust_remo
             f"model.name_or_path: cannot load '{name}' (revision {revision or 'default'}): {e}; give a local "
             "directory with config.json and weights, a reachable hub id, or 'scratch' for the offline model"
         ) from None
+
+
+def _refuse_qlora_of_moe(name: str, revision: str | None, trust_remote_code: bool) -> None:
+    """QLoRA of a Mixture-of-Experts model is refused from its config.json, before any weight is read."""
+    from transformers import AutoConfig
+
+    from leantune.config import qlora_moe_problem
+    from leantune.moe import moe_geometry
+
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError:
+        return  # from_pretrained below reports what is wrong with the name
+    if moe_geometry(config) is not None:
+        raise UserError(qlora_moe_problem(f"'{name}'"))
 
 
 def _token_rows(tokenizer) -> int:
@@ -252,14 +281,17 @@ def _add_lora(cfg: RunConfig, model):
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
+        # Mixture-of-Experts: the fused 3-D expert weights (peft's ParamWrapper, one adapter per expert).
+        target_parameters=cfg.lora.target_parameters or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
     # LoRA A is drawn at random: seed it so a run's adapter init depends on train.seed only.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
+        experts = _expert_parameter_names(model)
         try:
-            return get_peft_model(model, lora)
+            peft_model = get_peft_model(model, lora)
         except ValueError as e:
             if "not found in the base model" not in str(e):
                 raise
@@ -267,12 +299,23 @@ def _add_lora(cfg: RunConfig, model):
                 f"lora.target_modules: {cfg.lora.target_modules} match no layer of the model; its linear "
                 f"layers are named {sorted(_linear_names(model))}; or use 'all-linear'"
             ) from None
+    wrapped = {m.parameter_name for m in peft_model.modules() if type(m).__name__ == "ParamWrapper"}
+    if cfg.lora.target_parameters and not wrapped:
+        # peft only warns when target_modules matched something.
+        raise UserError(f"lora.target_parameters: {cfg.lora.target_parameters} match no parameter of the model; "
+                        f"its 3-D expert parameters are {sorted(experts) or 'none (not a Mixture-of-Experts)'}")
+    return peft_model
 
 
 def _linear_names(model) -> set[str]:
     import torch
 
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _expert_parameter_names(model) -> set[str]:
+    """Dotted suffixes (module.parameter) of the model's 3-D parameters: fused experts."""
+    return {".".join(name.split(".")[-3:]) for name, p in model.named_parameters() if p.dim() == 3}
 
 
 def _real_numel(param) -> int:

@@ -71,6 +71,7 @@ import numpy as np
 
 from leantune.config import RunConfig, load_config
 from leantune.errors import DataError, UserError
+from leantune.moe import ExpertLoad, RouterTap, moe_geometry, token_segments
 from leantune.monitor.sampler import Monitor
 from leantune.tokenization import TokenShards, collate
 from leantune.training.adaptive import MicroBatchController, is_out_of_memory
@@ -139,6 +140,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
     _seed_everything(t.seed)
     model = build_model(cfg, tokenizer, device)
     log.info("model: %s", describe_model(model))
+    # Mixture-of-Experts: the routers' load-balancing loss and expert counts (leantune/moe.py); None when dense.
+    moe, aux_coef = _router_tap(cfg, model)
     if dist.rank > 0:
         # Every rank built the same weights from train.seed; each draws its own dropout, as it has its own data.
         torch.manual_seed(int(np.random.SeedSequence([t.seed, dist.rank]).generate_state(1)[0]))
@@ -158,7 +161,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
     ckpt = CheckpointManager(cfg, run_dir, run_fingerprints(cfg, run_dir))
     state = {"step": 0, "epoch": 0, "offset": 0, "tokens_seen": 0, "elapsed_s": 0.0, "loss": None,
              "val_loss": None, "best_val_loss": None, "best_step": None, "peak_memory_mb": 0.0,
-             "micro_batch_changes": 0, "energy_j": None}
+             "micro_batch_changes": 0, "energy_j": None, "expert_counts": None}
     resumed_from = None
     look = resume or (run_dir / "checkpoints").is_dir()
     # Rank 0 picks the checkpoint (latest() also removes what interrupted writes left); every rank loads it.
@@ -172,6 +175,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
         state.update(saved)
         resumed_from = state["step"]
     metrics = _MetricsFile(run_dir / "metrics.jsonl" if dist.is_main else None, keep_until_step=state["step"])
+    expert_load = ExpertLoad(len(moe.routers), moe.geometry.num_experts, state["expert_counts"]) if moe else None
     if ckpt.lr_rescale is not None:  # resumed with another train.lr: the schedule continues rescaled
         metrics.write({"event": "lr_rescale", "step": state["step"], **ckpt.lr_rescale})
 
@@ -279,6 +283,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
                 oom = False
                 mb = controller.micro_batch_size
                 ce_sum = torch.zeros((), device=device)
+                # MoE: the step's router loss (sum of n_s aux_s) and expert counts, summed like ce_sum.
+                moe_sums = [torch.zeros((), device=device), 0] if moe is not None else []
                 try:
                     # No gradient all-reduce inside backward (distributed.py says why): gradients stay local.
                     with dist.no_sync(forward_model):
@@ -287,13 +293,25 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
                                 raise torch.OutOfMemoryError(f"injected out-of-memory at step {step}, micro-batch {k}")
                             inputs, labels = model_inputs(mine[k * mb:(k + 1) * mb], train_shards.pad_id,
                                                           mask_dtype, one_row, device)
+                            if moe is not None:
+                                moe.start()
                             with autocast:
                                 logits = forward_model(**inputs).logits
                             micro_ce = summed_cross_entropy(logits, labels)
                             del logits
-                            scaler.scale(micro_ce / targets).backward()
+                            objective = micro_ce / targets
+                            if moe is not None:
+                                micro = mine[k * mb:(k + 1) * mb]
+                                width = None if one_row else inputs["input_ids"].shape[1]
+                                aux, counts = moe.finish(token_segments([len(it["input_ids"]) for it in micro], width),
+                                                         len(micro))
+                                objective = objective + aux_coef * aux / tokens
+                                moe_sums = [moe_sums[0] + aux.detach(), moe_sums[1] + counts]
+                            scaler.scale(objective).backward()
                             ce_sum += micro_ce.detach()
                 except Exception as e:
+                    if moe is not None:
+                        moe.discard()
                     if not (controller.enabled and is_out_of_memory(e)):
                         raise
                     oom = True
@@ -303,7 +321,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
                 _set_torch_rng_state(device, rng_at_start)
 
             # Every rank finished its share: sum the gradients (and the loss) of all shares.
-            dist.sum_gradients(trainable, ce_sum)
+            dist.sum_gradients(trainable, ce_sum, *moe_sums)
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
             scaler.step(optimizer)
@@ -338,8 +356,15 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
                                     mask_dtype, one_row, dist)
                 line["val_loss"] = val_loss
                 state["val_loss"] = val_loss
+            if moe is not None:
+                line["router_aux_loss"] = float(moe_sums[0]) / tokens
+                expert_load.add(moe_sums[1].cpu().numpy())
             if step % t.log_every == 0 or step == num_steps:
+                if moe is not None:  # the expert load of the steps since the last line
+                    line.update(expert_load.take())
                 metrics.write(line)
+            if moe is not None:
+                state["expert_counts"] = expert_load.state()
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", mb=mb, refresh=False)
 
@@ -453,6 +478,20 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
 
 
 # ------------------------------------------------------------------------------------------ data
+
+
+def _router_tap(cfg: RunConfig, model):
+    """A RouterTap on a Mixture-of-Experts model and the router loss coefficient; (None, 0.0) when dense."""
+    geometry = moe_geometry(model.config)
+    if geometry is None:
+        return None, 0.0
+    coef = cfg.train.router_aux_loss_coef
+    if coef is None:
+        coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+    tap = RouterTap(model, geometry)
+    log.info("mixture of experts: %d routers, %d experts, top-%d; router loss coefficient %g", len(tap.routers),
+             geometry.num_experts, geometry.top_k, coef)
+    return tap, coef
 
 
 def _open_shards(directory: Path) -> TokenShards:

@@ -1,0 +1,162 @@
+"""Mixture-of-Experts: scratch MoE models, LoRA on fused experts, the router loss and its split invariance,
+expert load against an independent count, and what is refused at config time."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from run_helpers import adapter, assert_same_weights, new_run
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from leantune.config import ConfigError, load_config
+from leantune.errors import UserError
+from leantune.modeling import build_model, scratch_hf_config
+from leantune.moe import RouterTap, expert_load_figures, moe_geometry, token_segments
+from leantune.tokenization import TokenShards, collate
+from leantune.training.loop import epoch_order, next_global_batch, train
+
+CPU = torch.device("cpu")
+FAST = ["train.eval_every=1000", "checkpoint.every_steps=1000"]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# The tiny OLMoE of the tests: 4 experts, top-2; LoRA on attention and on every expert.
+MOE = ["model.scratch.architecture=olmoe", "model.scratch.num_experts=4", "model.scratch.num_experts_per_tok=2",
+       "lora.target_modules=[q_proj,v_proj]", f"lora.target_parameters=[{','.join(EXPERTS)}]", "lora.dropout=0",
+       "train.router_aux_loss_coef=0.1"]
+
+
+def steps_of(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "event" not in m]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe", "qwen2_moe"])
+def test_scratch_moe_trains_lora_on_its_fused_experts(arch):
+    cfg = load_config(overrides=[f"model.scratch.architecture={arch}", "model.scratch.num_experts=4",
+                                 "model.scratch.hidden_size=32", "model.scratch.intermediate_size=16",
+                                 f"lora.target_parameters=[{','.join(EXPERTS)}]", "lora.dropout=0",
+                                 "lora.target_modules=[q_proj,v_proj]", "lora.r=4"])
+    config = scratch_hf_config(cfg, 300)
+    assert moe_geometry(config).num_experts == 4 and moe_geometry(config).top_k == 2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    from leantune.modeling import _add_lora
+
+    peft_model = _add_lora(cfg, model)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    # One adapter per fused expert tensor and layer: r x experts columns of A, and B.
+    expert_a = [n for n in trainable if "experts" in n and "lora_A" in n]
+    assert len(expert_a) == 2 * 2
+    a = dict(peft_model.named_parameters())[expert_a[0]]
+    assert a.shape[0] == 4 * 4  # r x num_experts
+    assert not any("mlp.gate." in n for n in trainable)  # routers stay frozen
+    out = peft_model(input_ids=torch.randint(0, 300, (2, 12)))
+    out.logits.float().pow(2).mean().backward()
+    assert all(dict(peft_model.named_parameters())[n].grad is not None for n in trainable)
+
+
+def test_router_loss_of_one_sequence_is_transformers_and_ignores_padding():
+    from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+    cfg = load_config(overrides=MOE + ["model.scratch.hidden_size=32", "model.scratch.intermediate_size=16"])
+    config = scratch_hf_config(cfg, 300)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    torch.nn.init.normal_(model.model.layers[0].mlp.gate.weight, std=0.5)  # OLMoE's routers start at zero
+    torch.nn.init.normal_(model.model.layers[1].mlp.gate.weight, std=0.5)
+    tap = RouterTap(model, moe_geometry(config))
+    ids = torch.randint(0, 300, (2, 10))
+    per_sequence = []
+    for row, n in ((0, 10), (1, 7)):
+        tap.start()
+        out = model(input_ids=ids[row:row + 1, :n], output_router_logits=True)
+        weighted, counts = tap.finish(token_segments([n], n), 1)
+        expected = load_balancing_loss_func(out.router_logits, 4, 2)
+        # Sum of n_s aux_s over the micro-batch: n times transformers' value for one sequence.
+        torch.testing.assert_close(weighted / n, expected)
+        assert counts.shape == (2, 4) and counts.sum() == 2 * 2 * n
+        per_sequence.append((weighted, counts))
+    # The two sequences in one right-padded micro-batch: the pads (3 of row 1) count nowhere.
+    tap.start()
+    model(input_ids=ids, attention_mask=(torch.arange(10)[None] < torch.tensor([[10], [7]])).long())
+    weighted, counts = tap.finish(token_segments([10, 7], 10), 2)
+    torch.testing.assert_close(weighted, per_sequence[0][0] + per_sequence[1][0])
+    torch.testing.assert_close(counts, per_sequence[0][1] + per_sequence[1][1])
+
+
+def test_expert_load_figures():
+    figures = expert_load_figures(np.array([[2, 2, 2, 2], [8, 0, 0, 0]]))
+    assert figures["expert_load"] == [[0.25] * 4, [1.0, 0.0, 0.0, 0.0]]
+    assert figures["expert_imbalance"] == [1.0, 4.0] and figures["expert_imbalance_max"] == 4.0
+
+
+def test_micro_batch_splits_give_the_same_update_with_the_router_loss(tokenized_run, tmp_path):
+    weights, lines = {}, {}
+    for micro in (1, 2, 8):
+        cfg, run_dir = new_run(tokenized_run, tmp_path, *FAST, *MOE, "train.max_steps=3",
+                               f"train.micro_batch_size={micro}", name=f"mb{micro}")
+        train(cfg, run_dir)
+        weights[micro], lines[micro] = adapter(run_dir), steps_of(run_dir)
+    assert any("experts" in k for k in weights[1])
+    for micro in (2, 8):
+        assert_same_weights(weights[micro], weights[1])
+        for key in ("loss", "router_aux_loss"):
+            np.testing.assert_allclose([m[key] for m in lines[micro]], [m[key] for m in lines[1]], rtol=1e-5)
+        assert [m["expert_load"] for m in lines[micro]] == [m["expert_load"] for m in lines[1]]
+    # The router loss is in the update: without it the weights differ.
+    cfg, run_dir = new_run(tokenized_run, tmp_path, *FAST, *MOE, "train.max_steps=3", "train.router_aux_loss_coef=0",
+                           name="no-aux")
+    train(cfg, run_dir)
+    differ = max(float((adapter(run_dir)[k] - v).abs().max()) for k, v in weights[1].items())
+    assert differ > 1e-6
+    assert all(m["router_aux_loss"] > 0.9 for m in lines[1])  # top-2 of 4: at least ~1 (k/E x E / k ...)
+
+
+def test_expert_load_in_metrics_matches_an_independent_count(tokenized_run, tmp_path):
+    cfg, run_dir = new_run(tokenized_run, tmp_path, *FAST, *MOE, "train.max_steps=1",
+                           "tokenize.packing=false", name="load")
+    from leantune.tokenization import tokenize
+
+    tokenize(cfg, run_dir / "data", run_dir / "tokens")  # unpacked: sequences of unequal lengths, padded
+    train(cfg, run_dir)
+    line = steps_of(run_dir)[0]
+
+    # Step 1 ran on the initial weights (LoRA B is zero, so the base model's routing): count its global
+    # batch's top-2 choices from the router logits transformers returns, real tokens only.
+    shards = TokenShards(run_dir / "tokens" / "train")
+    batch, *_ = next_global_batch(lambda e: epoch_order(shards, e, 8, cfg.train.seed), 0, 0, 8)
+    tok = AutoTokenizer.from_pretrained(run_dir / "tokens" / "tokenizer")
+    model = build_model(cfg, tok, CPU).eval()
+    counts = np.zeros((2, 4), np.int64)
+    with torch.no_grad():
+        for i in batch:
+            item = shards[int(i)]
+            out = model(**{k: v for k, v in collate([item], shards.pad_id).items() if k != "labels"},
+                        output_router_logits=True)
+            for layer, logits in enumerate(out.router_logits):
+                counts[layer] += np.bincount(logits.topk(2, dim=-1).indices.flatten().numpy(), minlength=4)
+    assert counts.sum() == 2 * 2 * line["tokens"]
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(line["expert_load"], shares, atol=1e-6)
+    np.testing.assert_allclose(line["expert_imbalance"], shares.max(axis=1) * 4, atol=1e-3)
+
+
+def test_what_peft_and_transformers_cannot_do_is_refused_at_config_time():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["model.scratch.architecture=mixtral", "model.method=qlora"])
+    assert "model.method: qlora cannot quantise the experts" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[f"lora.target_parameters=[{EXPERTS[0]}]", "lora.dropout=0.1"])
+    assert "lora.dropout: 0.1 is not supported by PEFT's LoRA on parameters" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["model.scratch.architecture=olmoe", "model.scratch.num_experts_per_tok=5"])
+    assert "model.scratch.num_experts_per_tok: 5 is more than model.scratch.num_experts 4" in str(e.value)
+
+
+def test_target_parameters_that_match_nothing_are_a_user_error():
+    cfg = load_config(overrides=["lora.target_parameters=[mlp.experts.gate_up_proj]", "lora.dropout=0",
+                                 "model.scratch.hidden_size=32", "model.scratch.intermediate_size=16"])
+    from leantune.modeling import _add_lora
+
+    with pytest.raises(UserError, match="its 3-D expert parameters are none"):
+        _add_lora(cfg, AutoModelForCausalLM.from_config(scratch_hf_config(cfg, 300)))
