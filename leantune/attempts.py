@@ -43,7 +43,7 @@ import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from leantune.config import RunConfig
+from leantune.config import RunConfig, largest_divisor
 from leantune.errors import UserError
 from leantune.probe import with_values
 from leantune.training.checkpoint import resume_fingerprint
@@ -267,8 +267,7 @@ def _memory_rung(cfg: RunConfig, report: AttemptReport, allow_fresh_start: bool)
     """The first rung of the memory ladder (module docstring) that still changes something."""
     micro = report.micro_batch_size or cfg.train.micro_batch_size
     if micro > 1:
-        batch = cfg.train.global_batch_size
-        return {"train.micro_batch_size": max(d for d in range(1, micro // 2 + 1) if batch % d == 0)}
+        return {"train.micro_batch_size": largest_divisor(cfg.train.global_batch_size, micro // 2)}
     if not cfg.model.gradient_checkpointing:
         return {"model.gradient_checkpointing": True}
     if not allow_fresh_start:

@@ -424,7 +424,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     if t.global_batch_size % t.micro_batch_size:
         problems.append(
             f"train.micro_batch_size: {t.micro_batch_size} does not divide train.global_batch_size "
-            f"{t.global_batch_size}; use a divisor such as {_largest_divisor(t.global_batch_size, t.micro_batch_size)}"
+            f"{t.global_batch_size}; use a divisor such as {largest_divisor(t.global_batch_size, t.micro_batch_size)}"
         )
     if t.micro_batch_size > t.global_batch_size:
         problems.append("train.micro_batch_size: larger than train.global_batch_size; lower it")
@@ -504,8 +504,14 @@ def qlora_moe_problem(what: str) -> str:
             "adapters via lora.target_parameters)")
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+def divisors(n: int, at_most: int) -> list[int]:
+    """The divisors of n that are at most `at_most`, largest first (at least [1]): the micro-batch sizes
+    that split a global batch of n."""
+    return [d for d in range(max(1, min(n, at_most)), 0, -1) if n % d == 0]
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    return divisors(n, at_most)[0]
 
 
 def source_name(src: SourceConfig) -> str:

@@ -56,7 +56,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 
-from leantune.config import RunConfig, apply_overrides, validate_config
+from leantune.config import RunConfig, apply_overrides, divisors, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def plan_start(cfg: RunConfig, shape: ModelShape, free_bytes: int, device_type: 
     monitor.memory_high_fraction of `free_bytes`; the lightest one, with fits=False, when none does."""
     budget = int(free_bytes * cfg.monitor.memory_high_fraction)
     global_batch = cfg.train.global_batch_size
-    micro_sizes = [d for d in range(cfg.train.micro_batch_size, 0, -1) if global_batch % d == 0]
+    micro_sizes = divisors(global_batch, cfg.train.micro_batch_size)
     checkpointing = [True] if cfg.model.gradient_checkpointing else [False, True]
     start = METHOD_LADDER.index(cfg.model.method)
     methods = [m for m in METHOD_LADDER[start:] if m != "qlora" or device_type == "cuda" or cfg.model.method == "qlora"]

@@ -20,12 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from leantune.config import largest_divisor
 from leantune.errors import UserError
-
-
-def largest_divisor(n: int, at_most: int) -> int:
-    """The largest divisor of n that is at most `at_most` (1 when at_most < 1 would leave none)."""
-    return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
