@@ -20,13 +20,20 @@ def create_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
     """
     name = cfg.run.name or default_run_name(config_name)
     run_dir = Path(cfg.run.output_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(
-            f"run directory {run_dir} already exists and is not empty; continue that run with "
-            f"--resume {name}, choose another name with --run-name (or run.name in the config), or "
-            f"delete that directory"
-        )
+    if problem := run_dir_problem(cfg, name):
+        raise UserError(problem)
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
     (run_dir / "tokens").mkdir(exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     return run_dir
+
+
+def run_dir_problem(cfg: RunConfig, name: str | None = None) -> str | None:
+    """Why a new run named `name` (default: run.name) cannot start, or None: its directory exists and is not empty."""
+    name = name or cfg.run.name
+    run_dir = Path(cfg.run.output_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        return (f"run directory {run_dir} already exists and is not empty; continue that run with "
+                f"--resume {name}, choose another name with --run-name (or run.name in the config), or "
+                f"delete that directory")
+    return None

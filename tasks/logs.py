@@ -14,9 +14,16 @@ class _HideUserErrorTraceback(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], UserError):
+            # For the console's filter, which sees the record after this one (_UserErrorOnceOnConsole).
+            start = str(record.exc_info[1]).split("\n", 1)[0][:60]
+            _USER_ERROR_STARTS.update((start, repr(start)[1:-1]))  # a state's message shows it as a repr
+            record.leantune_user_error = True
             record.exc_info = None
             record.exc_text = None
         return True
+
+
+_USER_ERROR_STARTS: set[str] = set()  # the start of every UserError's message logged in this process
 
 
 def quiet_user_error_tracebacks() -> None:
@@ -31,21 +38,59 @@ def set_up_flow_process() -> None:
     """What every leantune flow script does first, before Prefect is imported (it reads these settings then).
 
     - No telemetry: the temporary server a local run starts sends a heartbeat that can fail with
-      "database is locked" and print a long traceback; leantune runs offline.
+      "database is locked" and print a long traceback; leantune runs offline. DO_NOT_TRACK also keeps
+      Prefect's client from printing its "collects anonymous usage data" notice.
     - leantune's own messages (the model summary, the monitor backend, a resume's fallback) go to the
       run's log and the UI beside the tasks' lines.
-    - Third-party progress bars and chatter off (leantune/progress.py); a UserError's traceback hidden.
-    A user's own environment settings win.
+    - Third-party progress bars and chatter off (leantune/progress.py); a UserError's traceback hidden,
+      and on the terminal its message shown once (`_UserErrorOnceOnConsole`).
+    A user's own environment settings win. Prefect is imported at the end (its logging set up).
     """
     import os
 
     from leantune.progress import quiet_third_party
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "leantune")
     quiet_third_party()
     quiet_user_error_tracebacks()
     logging.getLogger("leantune").setLevel(logging.INFO)
+    import prefect.main  # noqa: F401  (sets up Prefect's logging: its console handler exists from here on)
+
+    show_user_errors_once_on_console()
+
+
+class _UserErrorOnceOnConsole(logging.Filter):
+    """On the terminal, a run that fails with a UserError says why once: in the script's `leantune:` line.
+
+    Prefect reports a failed run's exception four times (the task's error, the task's final state, the
+    flow's error, the flow's final state), each with the whole message. This filter sits on the console
+    handler only, so the run's log on the server (the UI) keeps every line: on the console the error
+    lines are dropped and a final state that repeats the message reads "Finished in state Failed".
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "leantune_user_error", False):  # marked by _HideUserErrorTraceback
+            return False
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        message = record.getMessage()
+        if not any(start in message for start in _USER_ERROR_STARTS):
+            return True
+        if message.startswith("Finished in state "):
+            # The console handler is the last to see the record (the API handler sits on the run loggers).
+            record.msg, record.args = "Finished in state Failed (a user error; the last line says what to fix)", ()
+            return True
+        return False
+
+
+def show_user_errors_once_on_console() -> None:
+    """Install `_UserErrorOnceOnConsole` on the root logger's console handlers (Prefect's; idempotent)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, _UserErrorOnceOnConsole) for f in handler.filters):
+            handler.addFilter(_UserErrorOnceOnConsole())
 
 
 def failure_exit_code(state, what: str) -> int:

@@ -227,13 +227,28 @@ def test_flow_trains_publishes_a_summary_and_resumes(prefect_server, tmp_path, c
     assert f"| final training loss | {first['final_loss']:.4f} |" in artifact.data
 
     # --resume continues the run in place: no data stage runs again, training starts from its checkpoint.
+    # (As if stopped after its last checkpoint: no training summary, no report yet.)
     tokens_written = (run_dir / "tokens" / "train" / "index.json").stat().st_mtime_ns
+    (run_dir / "training.json").unlink()
+    (run_dir / "report.md").unlink()
     capsys.readouterr()
     assert flow_main(["--resume", "r", "--set", f"run.output_dir={tmp_path}"]) == 0
     assert f"outputs in {run_dir}" in capsys.readouterr().out
     assert (run_dir / "tokens" / "train" / "index.json").stat().st_mtime_ns == tokens_written
     again = json.loads((run_dir / "training.json").read_text())
     assert again["resumed_from_step"] == 2 and again["steps"] == 2
+    completed_rows = (run_dir / "attempts.jsonl").read_text().count('"completed"')
+
+    # A run stopped after training (no report) resumes with what is left: no training, no new attempt row.
+    (run_dir / "report.md").unlink()
+    assert flow_main(["--resume", "r", "--set", f"run.output_dir={tmp_path}"]) == 0
+    assert (run_dir / "report.md").is_file()
+    assert json.loads((run_dir / "training.json").read_text()) == again
+    assert (run_dir / "attempts.jsonl").read_text().count('"completed"') == completed_rows
+    # A finished run is not run again: the script says so.
+    capsys.readouterr()
+    assert flow_main(["--resume", "r", "--set", f"run.output_dir={tmp_path}"]) == 0
+    assert "run r has already finished" in capsys.readouterr().out
 
     assert flow_main(["--resume", "nope", "--set", f"run.output_dir={tmp_path}"]) == 2
     assert "nope has no config.yaml" in capsys.readouterr().err

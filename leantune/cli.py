@@ -1,0 +1,125 @@
+"""The finetune command line, checked before Prefect, torch or a stage is imported.
+
+`python flows/finetune.py` parses its arguments here and checks everything that needs no server:
+the config, the data paths, the run name (a new run must not exist; a resumed one must, and must
+not be finished). A user error is answered in about a second, before any Prefect server starts,
+and leaves nothing on disk. This module imports only argparse, yaml and pydantic (leantune.config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from leantune.config import RunConfig, load_config
+from leantune.errors import UserError
+from leantune.rundir import default_run_name, run_dir_problem
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+class RunFinished(UserError):
+    """--resume of a run that has already finished: nothing to do; the message says what to do instead."""
+
+
+@dataclass
+class FinetuneRequest:
+    """What a checked command line asks for: the config (run.name set), its name, and whether it resumes."""
+
+    config: RunConfig
+    config_name: str
+    resume: bool
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # An unquoted --set value with spaces splits into several arguments: say so beside argparse's words.
+        if "unrecognized arguments" in message:
+            message += ("; a --set value with spaces must be quoted as one argument, e.g. "
+                        "--set 'data.sources=[{kind: file, path: my.jsonl}]'")
+        super().error(message)
+
+
+def finetune_parser() -> argparse.ArgumentParser:
+    p = _ArgumentParser(
+        prog="python flows/finetune.py",
+        description="Fine-tune an LLM with leantune. Without arguments it runs the offline default "
+        "(configs/default.yaml; no network, no GPU).",
+    )
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                   help="YAML config (default: configs/default.yaml); every key is documented in leantune/config.py")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set train.lr=1e-4 (repeatable; values parse as YAML; "
+                   "quote a value with spaces: --set 'data.sources=[{kind: file, path: my.jsonl}]')")
+    p.add_argument("--run-name", help="name of the run directory under run.output_dir (same as --set run.name=...)")
+    p.add_argument("--resume", metavar="RUN_NAME",
+                   help="continue the run RUN_NAME under run.output_dir from its newest checkpoint, with the "
+                   "config.yaml it was started with (--set may change settings that do not alter the updates, "
+                   "e.g. train.micro_batch_size, or train.lr, which rescales the schedule; others are refused by name)")
+    return p
+
+
+def finetune_request(argv: list[str] | None = None) -> FinetuneRequest:
+    """Parse and check a finetune command line; raise UserError (RunFinished, ConfigError) for what is wrong.
+
+    `--help` and argparse's own errors exit here (status 0 and 2), as argparse does.
+    """
+    args = finetune_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume and args.run_name:
+        raise UserError("--resume names the run to continue; leave out --run-name")
+    if args.run_name:
+        overrides.append(f"run.name={args.run_name}")
+    config = load_config(args.config, overrides)
+    if args.resume:
+        # The run continues with its own resolved config; --config only says where runs are.
+        run_dir = Path(config.run.output_dir) / args.resume
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: {run_dir} has no config.yaml, so it is not a leantune run; check the name "
+                            "(and run.output_dir)")
+        if (run_dir / "report.md").is_file():
+            raise RunFinished(
+                f"run {args.resume} has already finished (report: {run_dir / 'report.md'}); there is nothing to "
+                f"resume. Evaluate it again with: python flows/evaluate.py --run {run_dir}; or train again as a "
+                "new run with --run-name NEW_NAME")
+        config = load_config(run_dir / "config.yaml",
+                             [*overrides, f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
+        return FinetuneRequest(config, args.config.stem, resume=True)
+    check_data_paths(config)
+    # The name is fixed now, so that the run directory checked here is the one the flow creates.
+    config.run.name = config.run.name or default_run_name(args.config.stem)
+    if problem := run_dir_problem(config):
+        raise UserError(problem)
+    return FinetuneRequest(config, args.config.stem, resume=False)
+
+
+def check_data_paths(config: RunConfig) -> None:
+    """Every kind=file source must exist (relative paths from the current directory); one UserError lists all."""
+    missing = [f"data.sources.{i}.path: '{src.path}' does not exist (resolved from {Path.cwd()}); give an "
+               f"existing file or directory" for i, src in enumerate(config.data.sources)
+               if src.kind == "file" and src.path and not Path(src.path).exists()]
+    if missing:
+        raise UserError("\n".join(missing) if len(missing) > 1 else missing[0])
+
+
+def training_finished(run_dir: Path) -> bool:
+    """Whether the run's training completed (training.json says so and the adapter is there)."""
+    path = Path(run_dir) / "training.json"
+    return path.is_file() and json.loads(path.read_text()).get("completed", False) and (
+        Path(run_dir) / "adapter").is_dir()
+
+
+def request_or_exit(argv: list[str] | None = None) -> FinetuneRequest:
+    """`finetune_request` for a script: a user error is one line on stderr and exit 2; a finished run exit 0."""
+    try:
+        return finetune_request(argv)
+    except RunFinished as e:
+        print(f"leantune: {e}")
+        sys.exit(0)
+    except UserError as e:
+        print(f"leantune: {e}", file=sys.stderr)
+        sys.exit(2)
+
