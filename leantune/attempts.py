@@ -16,11 +16,13 @@ An attempt ends in one of these outcomes (`classify`):
   2. turn on gradient checkpointing (resumable: the same gradients)
   3. a lighter method: full -> lora, lora -> qlora on CUDA (a fresh start: other weights train)
   4. halve tokenize.max_seq_len, down to 64 (a fresh start on re-tokenized data)
-A killed process gets rungs 1-2 only (it may have been preempted rather than out of memory) and
-otherwise resumes unchanged. A NaN loss halves train.lr, and moves fp16 to bf16 where the GPU
-supports it (fp16's range is the usual cause). The lower lr alone resumes from the last checkpoint
-(saved before the NaN step), the schedule rescaled by new/old on load (checkpoint.py); a dtype
-change starts fresh.
+A killed process resumes unchanged (so its weights end bitwise equal to an uninterrupted run's)
+unless the monitor's last reading shows memory use at or above monitor.memory_high_fraction (the
+kernel's out-of-memory killer); then it gets rungs 1-2 only. Rung 1 keeps the same updates up to
+float rounding (the micro-batches are summed in another grouping), not bitwise. A NaN loss halves
+train.lr, and moves fp16 to bf16 where the GPU supports it (fp16's range is the usual cause). The
+lower lr alone resumes from the last checkpoint (saved before the NaN step), the schedule rescaled
+by new/old on load (checkpoint.py); a dtype change starts fresh.
 
 Training runs in its own process (leantune/training/launch.py). A failing process writes
 run_dir/attempt_error.json (`write_failure`: outcome, message, device facts) before it exits; the
@@ -242,10 +244,13 @@ def adjust(config: RunConfig, report: AttemptReport) -> Adjustment | None:
         changes = _memory_rung(config, report, allow_fresh_start=True)
         reason = f"out of memory {where}{seen}"
     elif report.outcome == "killed":
-        changes = _memory_rung(config, report, allow_fresh_start=False)
-        reason = f"process killed {where}{seen}" + ("" if changes else "; resuming unchanged")
+        # Only a kill with memory near full is answered with less memory: any other kill (a preempted
+        # machine, a person) resumes unchanged, so the run ends bitwise equal to an uninterrupted one.
+        pressure = _memory_pressure(config, report.reading)
+        changes = _memory_rung(config, report, allow_fresh_start=False) if pressure else None
+        reason = f"process killed {where}{seen}" + (f"; {pressure}" if pressure else "; no sign of memory pressure")
         if not changes:
-            return Adjustment(config, reason)
+            return Adjustment(config, reason + "; resuming unchanged")
     elif report.outcome == "nan":
         changes = {"train.lr": config.train.lr / 2}
         if config.model.dtype == "fp16" and report.bf16_supported:
@@ -261,6 +266,17 @@ def adjust(config: RunConfig, report: AttemptReport) -> Adjustment | None:
         resume=resume_fingerprint(new) == resume_fingerprint(config),
         retokenize=new.section_hash("tokenize") != config.section_hash("tokenize"),
     )
+
+
+def _memory_pressure(cfg: RunConfig, reading: dict | None) -> str | None:
+    """Why the last monitor reading suggests the kill was for memory (use at or above
+    monitor.memory_high_fraction), or None when it does not or there is no reading."""
+    limit = cfg.monitor.memory_high_fraction
+    for key, what in (("gpu_memory_used_fraction", "GPU"), ("host_memory_used_fraction", "host")):
+        used = (reading or {}).get(key)
+        if used is not None and used >= limit:
+            return f"{what} memory was {used:.0%} used (monitor.memory_high_fraction {limit})"
+    return None
 
 
 def _memory_rung(cfg: RunConfig, report: AttemptReport, allow_fresh_start: bool) -> dict | None:

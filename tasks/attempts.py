@@ -7,7 +7,8 @@
 `publish_attempts` is the history's artifact.
 
 On disk: runs/<name>/attempts.jsonl, one line per attempt (attempts.history_entry); config.yaml
-is rewritten with the config the next attempt trains with, so `--resume` continues with it. A
+holds the config the last attempt that ran trained with (the train task writes it), so `--resume`
+continues with it. A
 checkpoint the next attempt cannot resume from (other method or data) is moved to
 attempts/attempt-N/checkpoints/ with that attempt's metrics.jsonl, never deleted.
 """
@@ -80,7 +81,8 @@ def after_failure(config: RunConfig, run_dir: Path, attempt: int, error: BaseExc
             if (run_dir / name).exists():
                 kept.mkdir(parents=True, exist_ok=True)
                 shutil.move(run_dir / name, kept / name)
-    (run_dir / "config.yaml").write_text(dump_config(adjustment.config))
+    # config.yaml is not written here: the train task writes the config each attempt trains with, so
+    # an adjustment no attempt follows (the last attempt failed) never reaches the run's config.
     return adjustment
 
 

@@ -22,6 +22,7 @@ from leantune.attempts import EXIT_STOPPED, TORCHRUN_WORKER_EXIT, attempt_failur
 from leantune.config import RunConfig, dump_config
 from leantune.cost import run_cost_report
 from leantune.errors import UserError
+from leantune.runlock import check_run_dir_free
 from leantune.training.launch import progress_markdown, run_training, training_command
 from leantune.training.optim import total_steps
 
@@ -69,6 +70,7 @@ def training_steps(config: RunConfig, run_dir: Path) -> int:
 def train_model(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     log = get_run_logger()
     # The training process reads its config here: the probe's, an adjusted attempt's or --resume --set's.
+    check_run_dir_free(run_dir)  # another process training in this run: refused before anything is written
     (run_dir / "config.yaml").write_text(dump_config(config))
     progress = _ProgressArtifacts(training_steps(config, run_dir))
     worker_exitcodes = []

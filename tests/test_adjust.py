@@ -81,11 +81,27 @@ def test_a_killed_process_tries_only_resumable_rungs_then_resumes_unchanged():
                            reading={"host_memory_used_fraction": 0.97})
     a = adjust(cfg, report)
     assert a.changes == ["train.micro_batch_size: 8 -> 1"] and a.resume
-    assert "process killed at step 40 (last reading: host memory 97% used)" == a.reason
+    assert a.reason == ("process killed at step 40 (last reading: host memory 97% used); host memory was 97% used "
+                        "(monitor.memory_high_fraction 0.92)")
     done = cfg_with("train.micro_batch_size=1", "model.gradient_checkpointing=true")
-    same = adjust(done, AttemptReport(attempt=2, outcome="killed", step=41, micro_batch_size=1))
+    same = adjust(done, AttemptReport(attempt=2, outcome="killed", step=41, micro_batch_size=1,
+                                      reading={"host_memory_used_fraction": 0.97}))
     assert same.config == done and same.changes == [] and same.resume
-    assert same.reason == "process killed at step 41; resuming unchanged"
+    assert same.reason.endswith("; resuming unchanged")
+
+
+def test_a_kill_without_memory_pressure_resumes_with_the_same_settings():
+    # A preempted machine or a person: halving the micro-batch would make the resumed weights differ
+    # in the last bits from an uninterrupted run's, for nothing.
+    cfg = cfg_with()
+    for reading in (None, {"host_memory_used_fraction": 0.40}, {"host_memory_used_fraction": 0.5,
+                                                                "gpu_memory_used_fraction": 0.91}):
+        a = adjust(cfg, AttemptReport(attempt=1, outcome="killed", step=7, micro_batch_size=8, reading=reading))
+        assert a.config == cfg and a.changes == [] and a.resume, reading
+        assert a.reason.endswith("; no sign of memory pressure; resuming unchanged")
+    gpu_full = adjust(cfg, AttemptReport(attempt=1, outcome="killed", step=7, micro_batch_size=8,
+                                         reading={"host_memory_used_fraction": 0.5, "gpu_memory_used_fraction": 0.95}))
+    assert gpu_full.changes == ["train.micro_batch_size: 8 -> 4"]
 
 
 def test_nan_halves_the_learning_rate_and_leaves_fp16_where_bf16_is_supported():

@@ -61,6 +61,7 @@ import gc
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -73,6 +74,7 @@ from leantune.config import RunConfig, load_config
 from leantune.errors import DataError, UserError
 from leantune.moe import ExpertLoad, RouterTap, moe_geometry, token_segments
 from leantune.monitor.sampler import Monitor
+from leantune.runlock import RunDirBusy, hold_run_dir
 from leantune.tokenization import TokenShards, collate
 from leantune.training.adaptive import MicroBatchController, is_out_of_memory
 from leantune.training.distributed import DistContext, process_group
@@ -765,8 +767,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = None
     try:
-        cfg = load_config(args.run_dir / "config.yaml")
-        summary = train(cfg, args.run_dir, resume=args.resume)
+        # One process trains in a run directory at a time (rank 0 holds the lock for all ranks).
+        with hold_run_dir(args.run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+            cfg = load_config(args.run_dir / "config.yaml")
+            summary = train(cfg, args.run_dir, resume=args.resume)
+    except RunDirBusy as e:
+        print(f"leantune: {e}", file=sys.stderr)  # the run belongs to its holder: nothing is written in it
+        return 2
     except Exception as e:
         from leantune.attempts import classify, write_failure
 
