@@ -16,13 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 # `python deployments/serve.py` puts deployments/ on the path, not the repository root the flows import from.
 sys.path.insert(0, str(REPO))
 
+import yaml  # noqa: E402
 from prefect import serve  # noqa: E402
+from prefect.schedules import Cron  # noqa: E402
 
 from flows.evaluate import evaluate_flow  # noqa: E402
 from flows.finetune import DEFAULT_CONFIG, finetune  # noqa: E402
 from leantune.config import load_config  # noqa: E402
 
-NIGHTLY_CRON = "0 2 * * *"
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+
+
+def nightly_schedules() -> list:
+    """The nightly deployment's schedules as prefect.yaml defines them (cron and timezone): one definition."""
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    [nightly] = [d for d in spec["deployments"] if d["name"] == "nightly"]
+    return [Cron(s["cron"], timezone=s["timezone"]) for s in nightly["schedules"]]
 
 
 def deployments() -> list:
@@ -30,7 +39,7 @@ def deployments() -> list:
     default = load_config(DEFAULT_CONFIG).model_dump(mode="json")
     return [
         finetune.to_deployment(
-            name="nightly", cron=NIGHTLY_CRON, parameters={"config": default, "config_name": "nightly"},
+            name="nightly", schedules=nightly_schedules(), parameters={"config": default, "config_name": "nightly"},
             description="Nightly fine-tune with configs/default.yaml (as it was when served), at 02:00 UTC.",
             tags=["leantune", "nightly"], concurrency_limit=1,
         ),
