@@ -48,6 +48,7 @@ from pathlib import Path
 from leantune.config import RunConfig, largest_divisor
 from leantune.errors import UserError
 from leantune.probe import with_values
+from leantune.tables import markdown_table
 from leantune.training.checkpoint import resume_fingerprint
 
 EXIT_STOPPED = 75  # the training loop's exit status after a clean stop on a signal (loop.py)
@@ -326,11 +327,11 @@ def history_entry(report: AttemptReport, adjustment: Adjustment | None) -> dict:
 
 def history_markdown(entries: list[dict]) -> str:
     """The attempt history as a markdown table."""
-    lines = ["| attempt | outcome | step | reason | change for the next attempt |", "|---|---|---|---|---|"]
+    rows = []
     for e in entries:
         change = "; ".join(e["changes"]) or ("resume unchanged" if e["reason"] else "-")
         if e["changes"] and e["resume"] is False:
             change += " (fresh start)"
-        lines.append(f"| {e['attempt']} | {e['outcome']} | {e['step'] if e['step'] is not None else '-'} | "
-                     f"{e['reason'] or e['message'] or '-'} | {change} |")
-    return "\n".join(lines) + "\n"
+        rows.append([e["attempt"], e["outcome"], e["step"] if e["step"] is not None else "-",
+                     e["reason"] or e["message"] or "-", change])
+    return markdown_table(["attempt", "outcome", "step", "reason", "change for the next attempt"], rows)

@@ -33,6 +33,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from leantune import tables
 from leantune.config import RunConfig, apply_overrides, describe_errors, dump_config
 from leantune.errors import UserError
 from leantune.jsonl import iter_jsonl
@@ -314,11 +315,10 @@ def table_rows(rows: list[dict]) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     shown = table_rows(rows)
     header = list(shown[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in shown]
+    table = tables.markdown_table(header, ([r[h] for h in header] for r in shown))
     if any(NO_ENERGY_NOTE in (r.get("note") or "") for r in rows):
-        lines.append(f"\n{NO_ENERGY_NOTE[0].upper()}{NO_ENERGY_NOTE[1:]}.")
-    return "\n".join(lines) + "\n"
+        table += f"\n{NO_ENERGY_NOTE[0].upper()}{NO_ENERGY_NOTE[1:]}.\n"
+    return table
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 from leantune.attempts import history_markdown
 from leantune.evaluation.compare import table_rows
 from leantune.jsonl import iter_jsonl
+from leantune.tables import markdown_table
 
 # The plots a run can have, as (file stem, title); each is also a Prefect artifact, key "<stem>-plot".
 PLOTS = (("loss", "Loss"), ("lr", "Learning rate"), ("memory", "Memory"), ("power", "Power"))
@@ -114,12 +115,6 @@ def _number(cell: str):
         return cell
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -136,7 +131,7 @@ def _data_section(data_dir: Path) -> str:
         keys = ["read", "kept", "rejected", "duplicates", "not_selected"]
         rows = [[name, s["format"], *(s[k] for k in keys)] for name, s in prepare["sources"].items()]
         rows.append(["**total**", "", *(prepare["totals"][k] for k in keys)])
-        out.append(_table(["source", "format", *keys], rows))
+        out.append(markdown_table(["source", "format", *keys], rows))
         reasons = prepare["totals"]["reasons"]
         out.append("Reject reasons: " + (", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
                                          if reasons else "none") + " (every rejected row is in data/rejects.jsonl).\n")
@@ -146,7 +141,7 @@ def _data_section(data_dir: Path) -> str:
         splits = ["train", "val", "quarantined"]
         rows = [[name, *(s[k] for k in splits)] for name, s in quality["sources"].items()]
         rows.append(["**total**", *(quality["totals"][k] for k in splits)])
-        out.append("After validation, per source:\n\n" + _table(["source", *splits], rows))
+        out.append("After validation, per source:\n\n" + markdown_table(["source", *splits], rows))
     validation = _load(data_dir / "validation.json")
     if validation is None:
         out.append("Validation did not run (no data/validation.json).\n")
@@ -155,7 +150,7 @@ def _data_section(data_dir: Path) -> str:
                    f"val {validation['val']}, quarantined {validation['quarantined']} "
                    f"({validation['quarantined_fraction']:.2%}; the run fails above "
                    f"{validation['max_reject_fraction']:.0%}); suite {'passed' if validation['success'] else 'FAILED'}.\n")
-        out.append(_table(["expectation", "rows evaluated", "rows failed"],
+        out.append(markdown_table(["expectation", "rows evaluated", "rows failed"],
                           [[e["name"], e["rows_evaluated"], e["rows_failed"]] for e in validation["expectations"]]))
     if quality is None:
         out.append("No quality metrics (no data/quality.json).\n")
@@ -163,7 +158,7 @@ def _data_section(data_dir: Path) -> str:
         rows = [[name, q["count"], _fmt(q["mean"], ".1f"), q["p50"], q["p90"], q["p99"], q["max"]]
                 for name, q in quality.items()
                 if name in ("conversation_chars", "assistant_turn_chars", "turns", "tokens")]
-        out.append("Quality (lengths per record):\n\n" + _table(["metric", "count", "mean", "p50", "p90", "p99", "max"],
+        out.append("Quality (lengths per record):\n\n" + markdown_table(["metric", "count", "mean", "p50", "p90", "p99", "max"],
                                                                rows))
     return "\n".join(out)
 
@@ -183,7 +178,7 @@ def _tokens_section(tokens_dir: Path) -> str:
     index = _load(tokens_dir / "train" / "index.json") or _load(tokens_dir / "val" / "index.json")
     out.append(f"Tokenizer {index['tokenizer']['name']} (vocabulary {index['tokenizer']['vocab_size']}), "
                f"max_seq_len {index['max_seq_len']}, packing {index['packing']}, training on {index['train_on']}.\n")
-    out.append(_table(["split", "records", "documents", "sequences", "tokens", "trainable", "padding",
+    out.append(markdown_table(["split", "records", "documents", "sequences", "tokens", "trainable", "padding",
                        "truncated", "dropped overlong", "no trainable token"], rows))
     return "\n".join(out)
 
@@ -228,11 +223,11 @@ def _training_section(run_dir: Path, steps: list[dict], events: list[dict]) -> s
         out.append("".join(f"- {line}\n" for line in lines))
     changes = [e for e in events if e["event"] == "micro_batch"]
     if changes:
-        out.append("Micro-batch changes:\n\n" + _table(["step", "old", "new", "reason"],
+        out.append("Micro-batch changes:\n\n" + markdown_table(["step", "old", "new", "reason"],
                                                        [[e["step"], e["old"], e["new"], e["reason"]] for e in changes]))
     decisions = [e for e in events if e["event"] == "monitor"]
     if decisions:
-        out.append("Resource monitor decisions:\n\n" + _table(["step", "action", "reason"],
+        out.append("Resource monitor decisions:\n\n" + markdown_table(["step", "action", "reason"],
                                                              [[e["step"], e["action"], e["reason"]] for e in decisions]))
     return "\n".join(out)
 
@@ -251,7 +246,7 @@ def _evaluation_section(eval_dir: Path) -> str:
     out = ["## Evaluation\n",
            f"Sycophancy rate (lower is better) with {comparison['confidence']:.0%} intervals, "
            "base and tuned on the same items:\n",
-           _table(list(rows[0]), [list(r.values()) for r in rows]) if rows else "No items were evaluated.\n"]
+           markdown_table(list(rows[0]), [list(r.values()) for r in rows]) if rows else "No items were evaluated.\n"]
     if (eval_dir / "sycophancy.png").is_file():
         out.append("![sycophancy rate, base and tuned](eval/sycophancy.png)\n")
     return "\n".join(out)

@@ -33,6 +33,7 @@ from leantune.attempts import (
 )
 from leantune.config import RunConfig, dump_config
 from leantune.probe import GIB, probe
+from leantune.tables import markdown_table
 
 
 @task(name="probe-memory", cache_policy=NO_CACHE, persist_result=False)
@@ -44,10 +45,10 @@ def probe_memory(config: RunConfig, run_dir: Path) -> RunConfig:
     if plan is None:
         log.info(f"probe: the shape of {config.model.name_or_path} is unknown here; starting as configured")
         return config
-    rows = "\n".join(f"| {k} | {v / GIB:.3f} |" for k, v in plan.estimate.to_dict().items())
+    rows = markdown_table(["component", "GiB"], ([k, f"{v / GIB:.3f}"] for k, v in plan.estimate.to_dict().items()))
     create_markdown_artifact(
         f"## Memory probe\n\nfree {plan.free_bytes / GIB:.2f} GiB, budget {plan.budget_bytes / GIB:.2f} GiB "
-        f"(monitor.memory_high_fraction), fits: {plan.fits}\n\n| component | GiB |\n|---|---|\n{rows}\n\n"
+        f"(monitor.memory_high_fraction), fits: {plan.fits}\n\n{rows}\n"
         f"changes: {', '.join(plan.changes) or 'none'}\n", key="memory-probe",
         description="Estimated training memory against the device's free memory")
     if not plan.changes:

@@ -23,6 +23,7 @@ from leantune.config import RunConfig, dump_config
 from leantune.cost import run_cost_report
 from leantune.errors import UserError
 from leantune.runlock import check_run_dir_free
+from leantune.tables import markdown_table
 from leantune.training.launch import progress_markdown, run_training, training_command
 from leantune.training.optim import total_steps
 
@@ -121,8 +122,7 @@ def train_model(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     elif cost is not None:
         rows.append(("compute (cost.json)", f"{cost['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s of model FLOPs on "
                      f"{cost['device']} (no MFU: no catalogued peak for it)"))
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    create_markdown_artifact(f"## Training\n\n| | |\n|---|---|\n{table}\n", key="training-summary",
+    create_markdown_artifact("## Training\n\n" + markdown_table(["", ""], rows), key="training-summary",
                              description="Training: steps, losses, micro-batch, throughput, memory")
     log.info(f"train: {s['steps']} steps, {s['tokens']:,} tokens at {tokens_per_s:,.0f} tokens/s; loss "
              f"{s['final_loss']:.4f}, best validation loss {best}; micro-batch {s['micro_batch_size']}; "

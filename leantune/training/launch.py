@@ -28,6 +28,7 @@ from pathlib import Path
 
 from leantune.attempts import FAILURE_FILE
 from leantune.config import RunConfig
+from leantune.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +198,9 @@ RECENT_STEPS = 10  # the progress table shows this many of the latest steps
 def progress_markdown(steps: list[dict], total: int) -> str:
     """Training progress as markdown: where the run is, then a table of its latest metrics.jsonl step lines."""
     last = steps[-1]
-    lines = [
-        "## Training progress", "",
-        f"step {last['step']} of {total} ({last['step'] / total:.0%}): loss {last['loss']:.4f}, lr {last['lr']:.3g}, "
-        f"{last['tokens_per_s']:,.0f} tokens/s, micro-batch {last['micro_batch_size']}", "",
-        "| step | loss | lr | tokens/s | micro-batch | validation loss |", "|---|---|---|---|---|---|",
-    ]
-    for m in steps[-RECENT_STEPS:]:
-        val = f"{m['val_loss']:.4f}" if m.get("val_loss") is not None else "-"
-        lines.append(f"| {m['step']} | {m['loss']:.4f} | {m['lr']:.3g} | {m['tokens_per_s']:,.0f} | "
-                     f"{m['micro_batch_size']} | {val} |")
-    return "\n".join(lines) + "\n"
+    rows = [[m["step"], f"{m['loss']:.4f}", f"{m['lr']:.3g}", f"{m['tokens_per_s']:,.0f}", m["micro_batch_size"],
+             f"{m['val_loss']:.4f}" if m.get("val_loss") is not None else "-"] for m in steps[-RECENT_STEPS:]]
+    return (f"## Training progress\n\nstep {last['step']} of {total} ({last['step'] / total:.0%}): loss "
+            f"{last['loss']:.4f}, lr {last['lr']:.3g}, {last['tokens_per_s']:,.0f} tokens/s, micro-batch "
+            f"{last['micro_batch_size']}\n\n"
+            + markdown_table(["step", "loss", "lr", "tokens/s", "micro-batch", "validation loss"], rows))
