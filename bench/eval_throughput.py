@@ -94,7 +94,7 @@ def main() -> int:
     from leantune.modeling import resolve_device, resolve_precision
     from leantune.tokenization import load_tokenizer, pad_id
 
-    cfg = load_config(ROOT / "configs" / "default.yaml", args.overrides)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", args.overrides)
     device = resolve_device(cfg)
     precision = resolve_precision(cfg, device)
     autocast = (torch.autocast(device.type, dtype=precision) if precision != torch.float32

@@ -1,4 +1,4 @@
-"""The design behind the end-to-end sycophancy check of the offline default (configs/default.yaml):
+"""The design behind the end-to-end sycophancy check of the tiny smoke config (configs/smoke.yaml):
 the held-out synthetic set the flow evaluates on is disjoint at prompt level from the training data
 the flow generates, shares with it exactly what leantune/data/synthetic.py says, and is balanced.
 
@@ -14,7 +14,7 @@ from leantune.config import load_config
 from leantune.data.synthetic import generate, split_claims
 from leantune.evaluation.datasets import synthetic_set
 
-DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")

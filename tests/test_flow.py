@@ -19,6 +19,7 @@ from tasks.logs import quiet_user_error_tracebacks
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
 
 SMALL = [
     "data.synthetic.num_records=300", "data.val_fraction=0.1", "tokenize.vocab_size=400",
@@ -73,8 +74,8 @@ def test_cli_config_error_exits_2_with_every_problem(capsys):
 def test_cli_data_error_exits_2_with_a_message(prefect_server, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n{\"instruction\": \"\", \"output\": \"\"}\n")
-    code = main(["--set", f"data.sources=[{{kind: file, path: {bad}}}]", "--set", f"run.output_dir={tmp_path}",
-                 "--run-name", "bad"])
+    code = main(["--config", str(SMOKE), "--set", f"data.sources=[{{kind: file, path: {bad}}}]",
+                 "--set", f"run.output_dir={tmp_path}", "--run-name", "bad"])
     err = capsys.readouterr().err
     assert code == 2
     assert "rejects.jsonl" in err
@@ -98,7 +99,8 @@ def test_cli_user_error_prints_no_traceback_in_a_real_process(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)  # not the test harness's server: the user's own temporary one
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "flows" / "finetune.py"), "--set", f"data.sources=[{{kind: file, path: {bad}}}]",
+        [sys.executable, str(ROOT / "flows" / "finetune.py"), "--config", str(SMOKE),
+         "--set", f"data.sources=[{{kind: file, path: {bad}}}]",
          "--set", f"run.output_dir={tmp_path}", "--run-name", "bad"],
         capture_output=True, text=True, timeout=300, env=env)
     output = proc.stdout + proc.stderr
@@ -136,7 +138,7 @@ def test_cli_run_log_carries_leantunes_own_messages(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "flows" / "finetune.py"), *[f"--set={o}" for o in SMALL],
+        [sys.executable, str(ROOT / "flows" / "finetune.py"), "--config", str(SMOKE), *[f"--set={o}" for o in SMALL],
          "--set", "eval.enabled=false", "--set", "train.max_steps=2", "--set", f"run.output_dir={tmp_path}",
          "--run-name", "logs"],
         capture_output=True, text=True, timeout=300, env=env)

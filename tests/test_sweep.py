@@ -27,7 +27,7 @@ from leantune.sweep import (
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT = REPO / "configs" / "default.yaml"
+DEFAULT = REPO / "configs" / "smoke.yaml"
 TEST_POOL = "leantune-test-cpu"
 
 
@@ -43,7 +43,7 @@ def test_members_are_configs_times_grid_named_after_the_sweep(tmp_path):
     other.write_text("lora:\n  alpha: 64\n")
     members = expand_members([DEFAULT, other], {"lora.r": [8, 16]}, [f"run.output_dir={tmp_path}"], "s1")
     assert [(m.name, m.config_path.name, m.config.lora.r, m.config.lora.alpha) for m in members] == [
-        ("s1-00", "default.yaml", 8, 32), ("s1-01", "default.yaml", 16, 32),
+        ("s1-00", "smoke.yaml", 8, 32), ("s1-01", "smoke.yaml", 16, 32),
         ("s1-02", "other.yaml", 8, 64), ("s1-03", "other.yaml", 16, 64)]
     assert members[1].label == "lora.r=16" and members[1].run_dir == tmp_path / "s1-01"
 
