@@ -11,12 +11,41 @@ import os
 import sys
 
 
-def progress_bar(desc: str, unit: str, total: int | None = None):
+def progress_bar(desc: str, unit: str, total: int | None = None, initial: int = 0):
     """A tqdm bar on an interactive terminal; disabled (a no-op that still counts) elsewhere."""
     from tqdm import tqdm
 
-    return tqdm(desc=desc, unit=unit, total=total, file=sys.stderr, dynamic_ncols=True,
+    return tqdm(desc=desc, unit=unit, total=total, initial=initial, file=sys.stderr, dynamic_ncols=True,
                 disable=not sys.stderr.isatty())
+
+
+class TrainingBar:
+    """The training's bar in the flow's terminal, drawn from the step lines of metrics.jsonl.
+
+    The training process's own bar cannot draw: its output reaches the flow through a pipe. This
+    one shows the step of total, the pace and ETA (tqdm's, from the steps as they arrive), the loss
+    and tokens/s. Like `progress_bar`, it draws only on an interactive terminal.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self._bar = None
+
+    def update(self, step_lines: list[dict]) -> None:
+        if not step_lines:
+            return
+        last = step_lines[-1]
+        if self._bar is None:
+            # A resumed attempt starts at its checkpoint: its first line's step less one, not 0.
+            self._bar = progress_bar("train", "step", self.total, initial=step_lines[0]["step"] - 1)
+        if last["step"] < self._bar.n:  # a resume went back to its checkpoint
+            self._bar.reset(total=self.total)
+        self._bar.set_postfix_str(f"loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tokens/s", refresh=False)
+        self._bar.update(last["step"] - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def quiet_third_party() -> None:
@@ -42,3 +71,29 @@ def quiet_third_party() -> None:
 
         transformers_logging.disable_progress_bar()
         transformers_logging.set_verbosity_error()
+
+
+def training_eta_s(steps: list[dict], total: int) -> float | None:
+    """Seconds to the last of `total` steps at the pace of the step lines so far (their elapsed_s); None
+    before two lines of one attempt."""
+    first, last = steps[0], steps[-1]
+    if last["step"] <= first["step"] or "elapsed_s" not in first or "elapsed_s" not in last:
+        return None
+    return (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"]) * (total - last["step"])
+
+
+def training_percent(step: int, total: int) -> float:
+    """The training-progress artifact's value: percent done, to one decimal (the UI prints it as it is)."""
+    return round(100.0 * step / total, 1)
+
+
+def training_progress_text(steps: list[dict], total: int) -> str:
+    """'Training: step 31 of 462, ETA 14:22; loss 0.2134, 13,509 tokens/s': the training-progress artifact's description."""
+    from tqdm import tqdm
+
+    last = steps[-1]
+    eta = training_eta_s(steps, total)
+    when = "" if eta is None else f", ETA {tqdm.format_interval(eta)}"
+    return (f"Training: step {last['step']} of {total}{when}; loss {last['loss']:.4f}, "
+            f"{last['tokens_per_s']:,.0f} tokens/s")
+

@@ -4,8 +4,10 @@ flow run, a summary log line and artifact.
 The training process (leantune/training/launch.py: `python -m leantune.training.loop`, or torchrun)
 reads the config from run_dir/config.yaml, so the task writes the config it is given there first.
 While it runs, its output goes to the task's log line by line, and the steps it appends to
-metrics.jsonl update two artifacts: a progress bar (key training-progress, updated in place) and a
-table of the latest steps (key training-metrics). When it fails, the task raises what it stands for
+metrics.jsonl update two artifacts, each one artifact updated in place (a new version per update would
+bury the run's other artifacts under hundreds): a progress bar (key training-progress) and a table of
+the latest steps (key training-metrics); on a terminal they also draw a bar (leantune.progress.TrainingBar).
+When it fails, the task raises what it stands for
 (leantune.attempts.attempt_failure): AttemptFailed (oom, nan, killed, error), which the flow's attempt
 loop may answer with another attempt, or the UserError it reported, which ends the run.
 """
@@ -13,15 +15,19 @@ loop may answer with another attempt, or the UserError it reported, which ends t
 import json
 import time
 from pathlib import Path
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
 
 from leantune.attempts import EXIT_STOPPED, TORCHRUN_WORKER_EXIT, attempt_failure
 from leantune.config import RunConfig, dump_config
 from leantune.cost import run_cost_report
 from leantune.errors import UserError
+from leantune.progress import TrainingBar, training_percent, training_progress_text
 from leantune.runlock import check_run_dir_free
 from leantune.tables import markdown_table
 from leantune.training.launch import progress_markdown, run_training, training_command
@@ -30,8 +36,9 @@ from leantune.training.optim import total_steps
 PROGRESS_EVERY_S = 10.0  # the artifacts are updated at most this often (and after the last step)
 
 
-class _ProgressArtifacts:
-    """The progress bar and latest-steps table of one training attempt, from its metrics.jsonl lines."""
+class _TrainingProgress:
+    """One training attempt's progress, from its metrics.jsonl step lines: the training-progress bar and the
+    training-metrics table (each one artifact, updated in place), and the bar in the flow's terminal."""
 
     def __init__(self, total: int):
         self.total = total
@@ -39,8 +46,11 @@ class _ProgressArtifacts:
         self._published_at: float | None = None
         self._published_step: int | None = None
         self.bar = create_progress_artifact(0.0, key="training-progress", description=f"Training: {total} steps")
+        self._table: UUID | None = None  # the training-metrics artifact, created at the first publish
+        self.terminal = TrainingBar(total)
 
     def add(self, lines: list[dict]) -> None:
+        new = []
         for line in lines:
             if "event" in line or "loss" not in line:
                 continue
@@ -48,6 +58,8 @@ class _ProgressArtifacts:
             while self.steps and self.steps[-1]["step"] >= line["step"]:
                 self.steps.pop()
             self.steps.append(line)
+            new.append(line)
+        self.terminal.update(new)
         if self._published_at is None or time.monotonic() - self._published_at >= PROGRESS_EVERY_S:
             self.publish()
 
@@ -55,11 +67,21 @@ class _ProgressArtifacts:
         if not self.steps or self.steps[-1]["step"] == self._published_step:
             return
         step = self.steps[-1]["step"]
-        update_progress_artifact(self.bar, 100.0 * step / self.total,
-                                 description=f"Training: step {step} of {self.total}")
-        create_markdown_artifact(progress_markdown(self.steps, self.total), key="training-metrics",
-                                 description="Training: the latest steps (loss, lr, tokens/s, micro-batch)")
+        update_progress_artifact(self.bar, training_percent(step, self.total),
+                                 description=training_progress_text(self.steps, self.total))
+        table = progress_markdown(self.steps, self.total)
+        if self._table is None:
+            self._table = create_markdown_artifact(
+                table, key="training-metrics", description="Training: the latest steps (loss, lr, tokens/s, micro-batch)")
+        else:
+            # In place: a new version per update would bury the run's other artifacts.
+            with get_client(sync_client=True) as client:
+                client.update_artifact(self._table, ArtifactUpdate(data=table))
         self._published_at, self._published_step = time.monotonic(), step
+
+    def close(self) -> None:
+        self.publish()
+        self.terminal.close()
 
 
 def training_steps(config: RunConfig, run_dir: Path) -> int:
@@ -73,7 +95,7 @@ def train_model(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     # The training process reads its config here: the probe's, an adjusted attempt's or --resume --set's.
     check_run_dir_free(run_dir)  # another process training in this run: refused before anything is written
     (run_dir / "config.yaml").write_text(dump_config(config))
-    progress = _ProgressArtifacts(training_steps(config, run_dir))
+    progress = _TrainingProgress(training_steps(config, run_dir))
     worker_exitcodes = []
 
     def on_log(level: int, text: str) -> None:
@@ -82,9 +104,11 @@ def train_model(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             worker_exitcodes.append(int(match.group(1)))
         log.log(level, text)
 
-    returncode = run_training(training_command(config, run_dir, resume), run_dir, on_log=on_log,
-                              on_metrics=progress.add)
-    progress.publish()
+    try:
+        returncode = run_training(training_command(config, run_dir, resume), run_dir, on_log=on_log,
+                                  on_metrics=progress.add)
+    finally:
+        progress.close()
     if returncode not in (0, EXIT_STOPPED):
         raise attempt_failure(run_dir, returncode, worker_exitcodes)
     s = json.loads((run_dir / "training.json").read_text())
