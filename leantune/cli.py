@@ -17,6 +17,7 @@ from pathlib import Path
 from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
 from leantune.rundir import default_run_name, run_dir_problem
+from leantune.training.checkpoint import resume_refusal
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -87,6 +88,8 @@ def finetune_request(argv: list[str] | None = None) -> FinetuneRequest:
                 "new run with --run-name NEW_NAME")
         config = load_config(run_dir / "config.yaml",
                              [*overrides, f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
+        if refusal := resume_refusal(config, run_dir):  # refused before the flow writes anything
+            raise UserError(refusal)
         return FinetuneRequest(config, args.config.stem, resume=True)
     check_data_paths(config)
     # The name is fixed now, so that the run directory checked here is the one the flow creates.

@@ -30,6 +30,7 @@ from leantune.errors import UserError
 from leantune.progress import TrainingBar, training_percent, training_progress_text
 from leantune.runlock import check_run_dir_free
 from leantune.tables import markdown_table
+from leantune.training.checkpoint import resume_refusal
 from leantune.training.launch import progress_markdown, run_training, training_command
 from leantune.training.optim import total_steps
 
@@ -93,7 +94,11 @@ def training_steps(config: RunConfig, run_dir: Path) -> int:
 def train_model(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     log = get_run_logger()
     # The training process reads its config here: the probe's, an adjusted attempt's or --resume --set's.
-    check_run_dir_free(run_dir)  # another process training in this run: refused before anything is written
+    # Refused before anything is written: another process training in this run, or a resume whose
+    # settings would alter the updates (config.yaml must keep the run's own config then).
+    check_run_dir_free(run_dir)
+    if resume and (refusal := resume_refusal(config, run_dir)):
+        raise UserError(refusal)
     (run_dir / "config.yaml").write_text(dump_config(config))
     progress = _TrainingProgress(training_steps(config, run_dir))
     worker_exitcodes = []

@@ -161,6 +161,34 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return lines
 
 
+def resume_config_problems(manifest: dict, cfg: RunConfig) -> list[str]:
+    """One line per setting of `cfg` that differs from a checkpoint manifest's and would alter the updates."""
+    # A key that has since become resumable (e.g. train.lr) is no longer compared.
+    saved_config = {k: v for k, v in manifest["resume_config"].items() if not _may_change(k)}
+    return [f"{line}: resume needs the same value; restore it or start a new run"
+            for line in config_changes(saved_config, resume_fingerprint(cfg))]
+
+
+def resume_refusal(cfg: RunConfig, run_dir: Path) -> str | None:
+    """Why `cfg` cannot resume the newest readable checkpoint of `run_dir` (a setting that would alter the
+    updates changed), or None. Reads manifests only: nothing is loaded, written or removed, so a resume
+    can be refused before anything of the run is touched (the training process checks everything again)."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    found = sorted(((int(m.group(1)), p) for p in checkpoints.glob("step-*") if (m := STEP_DIR.match(p.name))),
+                   reverse=True) if checkpoints.is_dir() else []
+    for _, path in found:
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+            problems = resume_config_problems(manifest, cfg)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # an incomplete or corrupt checkpoint: the training process falls back past it
+        if not problems:
+            return None
+        lines = "\n".join(f"  - {p}" for p in problems)
+        return f"cannot resume from {path}: this run differs from the checkpoint's run:\n{lines}"
+    return None
+
+
 # ---------------------------------------------------------------------------------- file helpers
 
 
@@ -502,9 +530,25 @@ class CheckpointManager:
             self._requests.clear()
 
     def best(self) -> dict | None:
-        """best.json: {"checkpoint", "step", "metric"} of the lowest-metric checkpoint, or None."""
+        """best.json: {"checkpoint", "step", "metric"} of the lowest-metric checkpoint, or None.
+
+        A best.json that is not such an object (empty, cut short, edited) is corrupt like any other
+        checkpoint file: it is reported and counts as absent, and the next save with a metric rewrites it.
+        """
         path = self.dir / "best.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            best = json.loads(path.read_text())
+            if isinstance(best, dict) and isinstance(best.get("checkpoint"), str) and \
+                    isinstance(best.get("metric"), int | float):
+                return best
+            problem = "not an object with checkpoint and metric"
+        except (OSError, ValueError) as e:
+            problem = f"unreadable: {e}"
+        log.warning("checkpoint: %s is corrupt (%s); ignoring it, the next evaluated checkpoint rewrites it",
+                    path, problem)
+        return None
 
     def _steps(self) -> list[tuple[int, Path]]:
         """(step, path) of every step-N directory, newest first."""
@@ -628,10 +672,7 @@ class CheckpointManager:
         return json.loads((path / "state.json").read_text())
 
     def _check_same_run(self, path: Path, manifest: dict) -> None:
-        # A key that has since become resumable (e.g. train.lr) is no longer compared.
-        saved_config = {k: v for k, v in manifest["resume_config"].items() if not _may_change(k)}
-        problems = [f"{line}: resume needs the same value; restore it or start a new run"
-                    for line in config_changes(saved_config, resume_fingerprint(self.cfg))]
+        problems = resume_config_problems(manifest, self.cfg)
         saved = manifest["fingerprints"]
         what = {
             "data": "the training tokens (tokens/train) differ from those the checkpoint was trained on: resume "
