@@ -45,9 +45,8 @@ import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from leantune.config import RunConfig, largest_divisor
+from leantune.config import RunConfig, largest_divisor, with_values
 from leantune.errors import UserError
-from leantune.probe import with_values
 from leantune.tables import markdown_table
 from leantune.training.checkpoint import resume_fingerprint
 

@@ -689,6 +689,15 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def with_values(cfg: RunConfig, values: dict) -> RunConfig:
+    """A validated copy of `cfg` with dotted keys set (cross-field checks run again)."""
+    raw = cfg.model_dump(mode="json")
+    problems = apply_overrides(raw, [f"{key}={json.dumps(value)}" for key, value in values.items()])
+    if problems:
+        raise ValueError(f"with_values: {problems}")  # a leantune bug: the keys are its own
+    return validate_config(raw, "adjusted config")
+
+
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML (written to runs/<name>/config.yaml)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _answer(args) -> list[dict]:
-    from leantune.config import load_config
-    from leantune.probe import GIB, estimate_for_config, model_shape, with_values
+    from leantune.config import load_config, with_values
+    from leantune.probe import GIB, estimate_for_config, model_shape
 
     cfg = load_config(args.config)
     changes = {}

@@ -350,3 +350,17 @@ def describe_model(model) -> dict:
         "quantized_4bit": bool(quant_types),
         "quant_type": quant_types.pop() if len(quant_types) == 1 else None,
     }
+
+
+def build_base_model(cfg: RunConfig, tokenizer, device):
+    """The base model of `cfg` without adapters, unquantised, in the compute dtype, in eval mode.
+
+    What an adapter in run_dir/adapter is loaded onto with `PeftModel.from_pretrained`.
+    """
+    # LoRA's build stores the frozen base in the compute dtype (QLoRA's would be 4-bit); the
+    # fresh adapter it adds is removed again.
+    as_lora = cfg.model_copy(update={"model": cfg.model.model_copy(update={"method": "lora",
+                                                                           "gradient_checkpointing": False})})
+    base = build_model(as_lora, tokenizer, device).unload()
+    base.requires_grad_(False)
+    return base.eval()

@@ -52,11 +52,10 @@ is the adaptive controller's job, on measured headroom.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 
-from leantune.config import RunConfig, apply_overrides, divisors, validate_config
+from leantune.config import RunConfig, divisors, with_values
 
 log = logging.getLogger(__name__)
 
@@ -284,15 +283,6 @@ class StartPlan:
                 "gradient_checkpointing": self.gradient_checkpointing, "estimate_bytes": self.estimate.to_dict(),
                 "free_bytes": self.free_bytes, "budget_bytes": self.budget_bytes, "fits": self.fits,
                 "changes": self.changes}
-
-
-def with_values(cfg: RunConfig, values: dict) -> RunConfig:
-    """A validated copy of `cfg` with dotted keys set (cross-field checks run again)."""
-    raw = cfg.model_dump(mode="json")
-    problems = apply_overrides(raw, [f"{key}={json.dumps(value)}" for key, value in values.items()])
-    if problems:
-        raise ValueError(f"with_values: {problems}")  # a leantune bug: the keys are its own
-    return validate_config(raw, "adjusted config")
 
 
 def plan_start(cfg: RunConfig, shape: ModelShape, free_bytes: int, device_type: str) -> StartPlan:

@@ -11,10 +11,10 @@ import torch
 from run_helpers import adapter, assert_same_weights, new_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from leantune.modeling import build_model
+from leantune.modeling import build_base_model, build_model
 from leantune.tokenization import TokenShards, collate, tokenize
 from leantune.training.checkpoint import CheckpointManager, run_fingerprints
-from leantune.training.loop import build_base_model, epoch_order, main, next_global_batch, train
+from leantune.training.loop import epoch_order, main, next_global_batch, train
 from leantune.training.optim import build_optimizer, build_scheduler, lr_multiplier
 
 CPU = torch.device("cpu")

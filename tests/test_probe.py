@@ -184,7 +184,7 @@ def tiny_cfg(*extra):
 
 def budget_for(cfg, shape, device_type, **changes):
     """Free memory at which `cfg` with `changes` just fits under monitor.memory_high_fraction."""
-    from leantune.probe import with_values
+    from leantune.config import with_values
 
     est = estimate_for_config(with_values(cfg, changes), shape, device_type)
     return int(est.total / cfg.monitor.memory_high_fraction) + 1

@@ -134,7 +134,7 @@ def _eval_config(cfg: RunConfig) -> RunConfig:
 def build_eval_model(cfg: RunConfig, tokenizer, device):
     """The base model of `cfg` in eval mode, unquantised in the compute dtype (the same weights the
     run's adapter was trained on: a 'scratch' model is rebuilt from train.seed)."""
-    from leantune.training.loop import build_base_model
+    from leantune.modeling import build_base_model
 
     return build_base_model(_eval_config(cfg), tokenizer, device)
 

@@ -722,26 +722,12 @@ def _progress_bar(total: int, initial: int):
                 disable=not sys.stderr.isatty())
 
 
-def build_base_model(cfg: RunConfig, tokenizer, device):
-    """The base model of `cfg` without adapters, unquantised, in the compute dtype, in eval mode.
-
-    What an adapter in run_dir/adapter is loaded onto with `PeftModel.from_pretrained`.
-    """
-    from leantune.modeling import build_model
-
-    # LoRA's build stores the frozen base in the compute dtype (QLoRA's would be 4-bit); the
-    # fresh adapter it adds is removed again.
-    as_lora = cfg.model_copy(update={"model": cfg.model.model_copy(update={"method": "lora",
-                                                                           "gradient_checkpointing": False})})
-    base = build_model(as_lora, tokenizer, device).unload()
-    base.requires_grad_(False)
-    return base.eval()
-
-
 def _export_merged(cfg: RunConfig, tokenizer, device, adapter_dir: Path, out_dir: Path) -> Path | None:
     """run_dir/merged: the saved adapter merged into a fresh unquantised base (merging into a
     4-bit QLoRA base would round the update to 4 bits)."""
     from peft import PeftModel
+
+    from leantune.modeling import build_base_model
 
     if cfg.model.method == "full":
         log.warning("train.export_merged: nothing to merge with model.method=full; %s is the whole model",
