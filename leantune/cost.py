@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from leantune.errors import UserError
 
@@ -51,18 +52,19 @@ CATALOGUE = Path(__file__).with_name("gpus.yaml")
 DEFAULT_UTILISATION = {"full": 0.40, "lora": 0.35, "qlora": 0.25}
 POWER_FRACTION = 0.85  # average draw under training load, as a share of the board power (assumed)
 FP32_SHARE_OF_TENSOR_PEAK = 0.1  # fp32 inputs bypass the tensor cores' bf16/fp16 paths
-GPU_FIELDS = ("aliases", "bf16_tflops", "fp16_tflops", "memory_gb", "board_power_w", "price_per_hour", "source")
 
 
-@dataclass(frozen=True)
-class Gpu:
+class Gpu(BaseModel):
+    """One GPU of the catalogue; leantune/gpus.yaml documents each field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
     name: str
     aliases: tuple[str, ...]
-    bf16_tflops: float
-    fp16_tflops: float
-    memory_gb: float
-    board_power_w: float
-    price_per_hour: float
+    bf16_tflops: float = Field(gt=0)
+    fp16_tflops: float = Field(gt=0)
+    memory_gb: float = Field(gt=0)
+    board_power_w: float = Field(gt=0)
+    price_per_hour: float = Field(ge=0)
     source: str
 
     def peak_flops(self, precision: str) -> float:
@@ -83,17 +85,15 @@ def load_catalogue(path: Path | None = None) -> dict[str, Gpu]:
         raise UserError(f"GPU catalogue {path}: cannot read it ({e}); fix the file or pass another --catalogue") from None
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"GPU catalogue {path}: expected a mapping of GPU names to their figures")
-    gpus = {}
+    gpus, problems = {}, []
     for name, entry in raw.items():
-        missing = [f for f in GPU_FIELDS if not isinstance(entry, dict) or f not in entry]
-        if missing:
-            raise UserError(f"GPU catalogue {path}: '{name}' lacks {', '.join(missing)}; every GPU needs "
-                            f"{', '.join(GPU_FIELDS)}")
         try:
-            gpus[str(name)] = Gpu(name=str(name), aliases=tuple(entry["aliases"]), source=str(entry["source"]),
-                                  **{f: float(entry[f]) for f in GPU_FIELDS if f not in ("aliases", "source")})
-        except (TypeError, ValueError) as e:
-            raise UserError(f"GPU catalogue {path}: '{name}' has a value that is not a number ({e})") from None
+            gpus[str(name)] = Gpu.model_validate({**(entry if isinstance(entry, dict) else {}), "name": str(name)})
+        except ValidationError as e:
+            problems += [f"'{name}' {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+    if problems:
+        raise UserError(f"GPU catalogue {path}: " + "; ".join(problems) + "; fix the file (leantune/gpus.yaml "
+                        "documents every field) or pass another --catalogue")
     return gpus
 
 

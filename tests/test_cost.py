@@ -116,11 +116,17 @@ def test_cost_json_for_a_run_on_a_catalogued_gpu(tmp_path):
 def test_a_broken_catalogue_names_the_gpu_and_field(tmp_path):
     path = tmp_path / "gpus.yaml"
     path.write_text("Mine:\n  aliases: []\n  bf16_tflops: 10\n")
-    with pytest.raises(UserError, match="'Mine' lacks fp16_tflops, memory_gb, board_power_w, price_per_hour, source"):
+    with pytest.raises(UserError, match="'Mine' fp16_tflops: Field required; 'Mine' memory_gb: Field required; "
+                       "'Mine' board_power_w: Field required; 'Mine' price_per_hour: Field required; "
+                       "'Mine' source: Field required; fix the file"):
         load_catalogue(path)
     path.write_text("Mine:\n  aliases: []\n  bf16_tflops: fast\n  fp16_tflops: 1\n  memory_gb: 1\n  board_power_w: 1\n"
                     "  price_per_hour: 1\n  source: me\n")
-    with pytest.raises(UserError, match="'Mine' has a value that is not a number"):
+    with pytest.raises(UserError, match="'Mine' bf16_tflops: Input should be a valid number"):
+        load_catalogue(path)
+    path.write_text("Mine:\n  aliases: []\n  bf16_tflops: 1\n  fp16_tflops: 1\n  memory_gb: 0\n  board_power_w: 1\n"
+                    "  price_per_hour: 1\n  source: me\n  colour: red\n")
+    with pytest.raises(UserError, match="'Mine' memory_gb: Input should be greater than 0; 'Mine' colour: Extra inputs"):
         load_catalogue(path)
 
 
