@@ -27,11 +27,14 @@ Memory of a training step (bytes; p = 2 for bf16/fp16 compute, 4 for fp32):
                 LoRA: per adapted linear with input width n: dropout > 0 keeps its mask (1 byte on
                   CUDA, p on the CPU) and its output (p) of width n; dropout 0 keeps each distinct
                   input once (q/k/v share one, gate/up another); plus p r for the A output
-              after the layers: 4 (h + 1) for the final norm; the logits: V (p + 8) (the logits in
-              p, their fp32 log-softmax kept for backward, and its gradient)
+              after the layers: 4 (h + 1) for the final norm; p h + 8 per target token (the gradient
+              of its hidden row and its index; every token counted as a target)
               packed sequences add their block-diagonal attention mask, p T
-              gradient checkpointing keeps only each layer's input, p h per layer, and recomputes
-              one layer at a time once the logits are freed: L p h + max(one layer, logits) + the rest
+  loss chunk  once per micro-batch, not per token: the output head and the cross-entropy run over
+              target rows only, in chunks of CHUNK_LOGITS logits (training/loss.py): V (p + 8) per
+              row of a chunk (the logits in p, their fp32 log-softmax and its gradient)
+  gradient checkpointing keeps only each layer's input, p h per layer, and recomputes one layer at
+              a time once the loss chunks are freed: L p h + max(one layer, loss chunk) + the rest
               qlora adds one dequantised weight (the largest linear, in p) at a time.
   optimizer step on the CPU: torch's foreach AdamW makes one fp32 temporary per trainable
               parameter (CUDA uses the fused kernel); it does not coexist with the activations.
@@ -56,6 +59,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 
 from leantune.config import RunConfig, divisors, with_values
+from leantune.training.loss import CHUNK_LOGITS
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +193,15 @@ def estimate_memory(shape: ModelShape, *, method: str, compute_bytes: int, micro
             widths = {INPUT_GROUP[n]: shapes[n][0] for n in adapted}
             layer += p * sum(widths.values())
         layer += p * lora_r * len(adapted)
-    logits = shape.vocab_size * (p + 8)
+    tokens = micro_batch_size * seq_len
+    # The head and loss run over target rows only, a chunk at a time (training/loss.py); every token may be a target.
+    chunk = min(tokens, max(1, CHUNK_LOGITS // shape.vocab_size)) * shape.vocab_size * (p + 8)
+    per_token = 4 * (h + 1) + p * h + 8 + (p * seq_len if packed else 0)
     if gradient_checkpointing:
-        # The logits are freed by the time backward recomputes the last layer.
-        per_token = shape.num_layers * p * h + max(layer, logits)
+        # The loss's chunks are freed by the time backward recomputes the last layer.
+        activations = (shape.num_layers * p * h + per_token) * tokens + max(layer * tokens, chunk)
     else:
-        per_token = shape.num_layers * layer + logits
-    per_token += 4 * (h + 1) + (p * seq_len if packed else 0)
-    activations = per_token * micro_batch_size * seq_len
+        activations = (shape.num_layers * layer + per_token) * tokens + chunk
     if method == "qlora":
         activations += max(n_in * n_out for n_in, n_out in (shapes[n] for n in LLAMA_LINEARS)) * p
 

@@ -156,14 +156,14 @@ def test_a_nan_loss_stops_the_attempt_before_it_is_checkpointed(tokenized_run, t
     import leantune.training.loop as loop
 
     calls = []
-    real = loop.summed_cross_entropy
+    real = loop.target_cross_entropy
 
-    def poisoned(logits, labels):
+    def poisoned(model, inputs, labels):
         calls.append(1)
-        ce = real(logits, labels)
+        ce = real(model, inputs, labels)
         return ce * float("nan") if len(calls) > 4 else ce  # 2 micro-batches per step: step 3 turns NaN
 
-    monkeypatch.setattr(loop, "summed_cross_entropy", poisoned)
+    monkeypatch.setattr(loop, "target_cross_entropy", poisoned)
     cfg, run_dir = new_run(tokenized_run, tmp_path, "nan", "checkpoint.every_steps=1", "adaptive.probe_longest_first=false")
     with pytest.raises(NonFiniteLoss, match="the training loss is nan at step 3") as caught:
         train(cfg, run_dir)

@@ -78,6 +78,7 @@ from leantune.runlock import RunDirBusy, hold_run_dir
 from leantune.tokenization import TokenShards, collate
 from leantune.training.adaptive import MicroBatchController, is_out_of_memory
 from leantune.training.distributed import DistContext, process_group
+from leantune.training.loss import target_cross_entropy
 
 # Named, not __name__: run as `python -m leantune.training.loop` this module is __main__, and the
 # flow shows the child's log lines under their logger name.
@@ -297,10 +298,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
                                                           mask_dtype, one_row, device)
                             if moe is not None:
                                 moe.start()
-                            with autocast:
-                                logits = forward_model(**inputs).logits
-                            micro_ce = summed_cross_entropy(logits, labels)
-                            del logits
+                            with autocast:  # the head only at target positions, in chunks (loss.py)
+                                micro_ce = target_cross_entropy(forward_model, inputs, labels)
                             objective = micro_ce / targets
                             if moe is not None:
                                 micro = mine[k * mb:(k + 1) * mb]
@@ -554,16 +553,6 @@ def model_inputs(items: list[dict], pad_id: int, mask_dtype, one_row: bool, devi
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, labels
 
 
-def summed_cross_entropy(logits, labels):
-    """Sum (not mean) of the per-token cross-entropy over the micro-batch's target tokens."""
-    import torch.nn.functional as F
-
-    # Position t predicts token t+1: shift the labels left; the last position predicts nothing.
-    # The first token of every document is never a target, so no prediction crosses documents.
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-
-
 # ----------------------------------------------------------------------------------- eval, probe
 
 
@@ -588,8 +577,7 @@ def evaluate(model, shards: TokenShards, batch_size: int, device, autocast, mask
             targets += sum(int((it["labels"][1:] != -100).sum()) for it in items)
             inputs, labels = model_inputs(items, shards.pad_id, mask_dtype, one_row, device)
             with autocast:
-                logits = model(**inputs).logits
-            ce += summed_cross_entropy(logits, labels).double()
+                ce += target_cross_entropy(model, inputs, labels).double()
     model.train()
     if dist is not None:
         ce_total, targets_total = dist.sum_all([float(ce), targets])
@@ -607,8 +595,8 @@ def _probe(model, shards: TokenShards, indices: np.ndarray, device, autocast, ma
         items = [shards[int(i)] for i in indices]
         inputs, labels = model_inputs(items, shards.pad_id, mask_dtype, one_row, device)
         with autocast:
-            logits = model(**inputs).logits
-        summed_cross_entropy(logits, labels).backward()
+            loss = target_cross_entropy(model, inputs, labels)
+        loss.backward()
     finally:
         # Also after an out-of-memory error, so a probe that is retried smaller starts the same.
         model.zero_grad(set_to_none=True)

@@ -1,0 +1,133 @@
+"""The target-only chunked loss (leantune/training/loss.py) equals the full-logits path: the summed
+loss and every gradient within 1e-5 (fp32), and no [batch, seq, vocab] tensor is ever made."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from leantune.config import load_config
+from leantune.modeling import build_model
+from leantune.tokenization import collate
+from leantune.training.loss import summed_cross_entropy, target_cross_entropy
+
+VOCAB = 300
+TINY = ["train.device=cpu", "model.scratch.hidden_size=64", "model.scratch.intermediate_size=128",
+        "model.scratch.num_layers=2", "model.scratch.num_heads=4", "model.scratch.num_kv_heads=2",
+        f"tokenize.vocab_size={VOCAB}", "tokenize.max_seq_len=64", "lora.dropout=0.0"]
+
+
+class Tokenizer:  # what build_model reads of a tokenizer
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __len__(self):
+        return VOCAB
+
+    def get_vocab(self):
+        return {str(i): i for i in range(VOCAB)}
+
+
+def batch(packed: bool, rows: int = 3, length: int = 40):
+    """Rows of random tokens, the first part of every document not a target (a prompt), uneven lengths."""
+    rng = np.random.default_rng(1)
+    items = []
+    for r in range(rows):
+        n = length - 7 * r
+        ids = rng.integers(3, VOCAB, n)
+        docs = np.array([n // 2, n - n // 2]) if packed else np.array([n])
+        labels = ids.copy()
+        start = 0
+        for d in docs:
+            labels[start:start + d // 2] = -100  # the "prompt" of each document
+            start += d
+        items.append({"input_ids": ids, "labels": labels, "doc_lengths": docs,
+                      "position_ids": np.concatenate([np.arange(d) for d in docs])})
+    inputs = collate(items, 0)
+    return inputs, inputs.pop("labels")
+
+
+def grads_of(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss.detach()), grads
+
+
+def assert_same_loss_and_gradients(model, inputs, labels, chunk_logits):
+    ref_loss, ref = grads_of(model, lambda: summed_cross_entropy(model(**inputs).logits, labels))
+    loss, new = grads_of(model, lambda: target_cross_entropy(model, inputs, labels, chunk_logits=chunk_logits))
+    assert loss == pytest.approx(ref_loss, rel=1e-6, abs=1e-5)
+    assert new.keys() == ref.keys() and ref
+    for name, g in ref.items():
+        torch.testing.assert_close(new[name], g, rtol=1e-5, atol=1e-5, msg=name)
+    return ref
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["lora.target_modules=[q_proj,v_proj,embed_tokens,lm_head]"],
+    ["model.method=full"],
+], ids=["lora-all-linear", "lora-on-lm_head-and-embeddings", "full"])
+def test_chunked_loss_and_gradients_equal_the_full_logits_path(overrides, packed):
+    model = build_model(load_config(overrides=TINY + overrides), Tokenizer(), torch.device("cpu"))
+    inputs, labels = batch(packed)
+    # 7 rows per chunk: several chunks, the last one short.
+    ref = assert_same_loss_and_gradients(model, inputs, labels, chunk_logits=7 * VOCAB)
+    if "lm_head" in str(overrides):
+        assert any("lm_head" in n and "lora" in n for n in ref)  # the head's LoRA is trained through the chunks
+
+
+def test_tied_embeddings_get_the_gradient_of_both_uses():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    inputs, labels = batch(packed=False)
+    ref = assert_same_loss_and_gradients(model, inputs, labels, chunk_logits=5 * VOCAB)
+    assert "model.embed_tokens.weight" in ref
+
+
+def test_softcapped_logits_as_gemma2_computes_them():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           final_logit_softcapping=3.0))
+    inputs, labels = batch(packed=False)
+    assert_same_loss_and_gradients(model, inputs, labels, chunk_logits=6 * VOCAB)
+
+
+def test_no_gradient_path_and_no_full_logits_tensor():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if (isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == VOCAB
+                        and t.untyped_storage().data_ptr() not in weights):  # not the head's weight, transposed
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    model = build_model(load_config(overrides=TINY), Tokenizer(), torch.device("cpu"))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    inputs, labels = batch(packed=True)
+    with torch.no_grad():
+        ref = summed_cross_entropy(model(**inputs).logits, labels)
+        with Largest():
+            loss = target_cross_entropy(model, inputs, labels, chunk_logits=8 * VOCAB)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    assert Largest.numel <= 8 * VOCAB < labels.numel() * VOCAB
+    Largest.numel = 0
+    with Largest():
+        target_cross_entropy(model, inputs, labels, chunk_logits=8 * VOCAB).backward()
+    assert 0 < Largest.numel <= 8 * VOCAB
