@@ -504,6 +504,15 @@ def qlora_moe_problem(what: str) -> str:
             "adapters via lora.target_parameters)")
 
 
+def compute_dtype(dtype: str, device_type: str, bf16_supported: bool = True) -> str:
+    """model.dtype for a device type: 'auto' is bf16 on CUDA where supported, else fp16, and fp32 on the CPU."""
+    if dtype != "auto":
+        return dtype
+    if device_type != "cuda":
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
 def divisors(n: int, at_most: int) -> list[int]:
     """The divisors of n that are at most `at_most`, largest first (at least [1]): the micro-batch sizes
     that split a global batch of n."""

@@ -46,6 +46,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from leantune.config import compute_dtype
 from leantune.errors import UserError
 
 CATALOGUE = Path(__file__).with_name("gpus.yaml")
@@ -189,7 +190,7 @@ def run_costs(cfg, summary: dict, gpu: Gpu, shape=None) -> dict:
     if shape is None:
         raise UserError(f"cost: the shape of {cfg.model.name_or_path} cannot be read here; no FLOP count")
     work = workload_from_config(cfg, summary["tokens"], shape)
-    precision = _precision(cfg, "cuda")
+    precision = compute_dtype(cfg.model.dtype, "cuda")
     price = cfg.power.price_per_kwh
     est = estimate(work, gpu, precision=precision, price_per_kwh=price)
     got = measured(work, gpu, seconds=summary["train_seconds"], energy_j=summary.get("energy_j"),
@@ -234,12 +235,6 @@ def workload_from_config(cfg, tokens: int, shape) -> Workload:
     return Workload(params=shape.total_params, tokens=tokens, seq_len=cfg.tokenize.max_seq_len,
                     method=cfg.model.method, gradient_checkpointing=cfg.model.gradient_checkpointing,
                     layers=shape.num_layers, attention_width=shape.num_heads * shape.head_dim)
-
-
-def _precision(cfg, device_type: str) -> str:
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    return "bf16" if device_type == "cuda" else "fp32"
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -342,7 +337,7 @@ def _answer(args) -> list[dict]:
     price = args.price_per_kwh if args.price_per_kwh is not None else cfg.power.price_per_kwh
     rows = []
     for gpu in gpus:
-        figures = estimate(work, gpu, utilisation=args.utilisation, precision=_precision(cfg, "cuda"),
+        figures = estimate(work, gpu, utilisation=args.utilisation, precision=compute_dtype(cfg.model.dtype, "cuda"),
                            price_per_kwh=price)
         # Cards sold as "N GB" hold N GiB; the run must stay under monitor.memory_high_fraction of it.
         budget = gpu.memory_gb * GIB * cfg.monitor.memory_high_fraction

@@ -15,7 +15,7 @@ import tempfile
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from leantune.config import RunConfig
+from leantune.config import RunConfig, compute_dtype
 from leantune.errors import UserError
 
 if TYPE_CHECKING:
@@ -43,13 +43,9 @@ def resolve_precision(cfg: RunConfig, device: torch.device) -> torch.dtype:
     """The compute dtype from model.dtype: 'auto' is bf16 on CUDA where supported, else fp16, fp32 on CPU."""
     import torch
 
-    wanted = cfg.model.dtype
     on_cuda = device.type == "cuda"
     bf16_ok = not on_cuda or torch.cuda.is_bf16_supported()
-    if wanted == "auto":
-        if not on_cuda:
-            return torch.float32
-        return torch.bfloat16 if bf16_ok else torch.float16
+    wanted = compute_dtype(cfg.model.dtype, device.type, bf16_ok)
     if wanted == "fp16" and not on_cuda:
         # fp16 training needs loss scaling and fast fp16 kernels, which CPUs do not have.
         raise UserError("model.dtype: fp16 is not supported on the CPU; use model.dtype=fp32 (or auto)")

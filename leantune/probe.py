@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 
-from leantune.config import RunConfig, divisors, with_values
+from leantune.config import RunConfig, compute_dtype, divisors, with_values
 from leantune.training.loss import CHUNK_LOGITS
 
 log = logging.getLogger(__name__)
@@ -214,9 +214,7 @@ def estimate_memory(shape: ModelShape, *, method: str, compute_bytes: int, micro
 
 def compute_bytes(cfg: RunConfig, device_type: str) -> int:
     """Bytes per activation: model.dtype, with 'auto' as modeling.resolve_precision reads it."""
-    if cfg.model.dtype == "fp32" or (cfg.model.dtype == "auto" and device_type != "cuda"):
-        return 4
-    return 2
+    return 4 if compute_dtype(cfg.model.dtype, device_type) == "fp32" else 2
 
 
 def estimate_for_config(cfg: RunConfig, shape: ModelShape, device_type: str) -> MemoryEstimate:
