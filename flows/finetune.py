@@ -31,7 +31,8 @@ from prefect import flow, get_run_logger
 from leantune.cli import DEFAULT_CONFIG, FinetuneRequest, RunFinished, finetune_request, training_finished
 from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
-from leantune.rundir import create_run_dir
+from leantune.preflight import check_before_data
+from leantune.rundir import create_run_dir, data_stages_done
 from tasks.attempts import after_failure, probe_memory, publish_attempts, record_success
 from tasks.evaluate import evaluate_sycophancy
 from tasks.prepare import prepare_data
@@ -50,17 +51,19 @@ DEFAULT_RUN_CONFIG = load_config(DEFAULT_CONFIG)
 def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default", resume: bool = False) -> Path:
     """Fine-tune a model as `config` says; returns the run directory.
 
-    resume: continue the existing run runs/<run.name>/: its data stages are done, so training
-    picks up from its newest checkpoint.
+    resume: continue the existing run runs/<run.name>/: training picks up from its newest checkpoint;
+    data stages that did not finish (the run stopped on a data error) run again first.
     """
     log = get_run_logger()
+    check_before_data(config)  # eval files, LoRA targets: refused before the run directory is made
     run_dir = existing_run_dir(config) if resume else create_run_dir(config, config_name)
     log.info(f"run directory: {run_dir}")
     # MLflow and TensorBoard (leantune/tracking.py): the config now, each step once a checkpoint holds it,
     # figures and artifacts at the end; a resumed run continues its tracker run.
     tracker = start_tracking(config, run_dir)
 
-    if not resume:
+    redo_data = not resume or not data_stages_done(run_dir)
+    if redo_data:
         # ---- stage 1: prepare — every source into canonical records; every row counted
         prepare_data(config, run_dir)
 
@@ -77,7 +80,7 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
     # Prefect retries are for transient faults only; Ctrl-C or a cancellation stops the process after
     # a checkpoint.
     # A resumed run whose training had finished (it stopped in evaluation or the report) goes on after it.
-    if not resume:
+    if redo_data:
         config = probe_memory(config, run_dir)
     if resume and training_finished(run_dir):
         log.info("train: finished before this resume (training.json, adapter/); going on with what is left")

@@ -34,8 +34,9 @@ class ConfigError(UserError):
 
 
 class Section(BaseModel):
-    # Unknown keys are errors (a typo must never be silently ignored); assignments re-validate.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors (a typo must never be silently ignored); assignments re-validate; no
+    # setting is infinite or NaN (train.lr=.inf would turn every weight into NaN).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -434,6 +435,10 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"adaptive.max_micro_batch_size: {cap} is below train.micro_batch_size {t.micro_batch_size}; "
             "raise it or lower the micro-batch"
         )
+    if cfg.lora.target_modules == [] and not cfg.lora.target_parameters and cfg.model.method != "full":
+        problems.append("lora.target_modules: empty, so LoRA would train nothing; name at least one layer, e.g. "
+                        "[q_proj, v_proj], or use 'all-linear'")
+    problems += [f"eval.datasets: {p}" for p in map(eval_spec_problem, cfg.eval.datasets) if p]
     if cfg.model.method == "full" and cfg.lora.target_modules != "all-linear":
         problems.append("lora.target_modules: set but model.method is 'full', which trains every weight; "
                         "remove lora.target_modules or use method 'lora'")
@@ -546,7 +551,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
         key, _, text = item.partition("=")
         key = key.strip()
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = yaml_load(text) if text.strip() else ""
         except yaml.YAMLError as e:
             problems.append(f"{key}: cannot parse value {text!r} ({e.__class__.__name__}); quote it")
             continue
@@ -660,6 +665,51 @@ def _drop(raw: Any, loc: tuple) -> None:
         raw.pop(loc[-1], None)
 
 
+EVAL_BUILTIN_SETS = ("synthetic", "anthropic-sample")
+EVAL_HUB_SUBSETS = ("nlp_survey", "philpapers2020", "political_typology_quiz")
+
+
+def eval_spec_problem(spec: str) -> str | None:
+    """What is wrong with one entry of eval.datasets as written, or None (whether a file exists is checked
+    where the run starts, leantune/preflight.py)."""
+    if spec in EVAL_BUILTIN_SETS or spec.startswith("are-you-sure:"):
+        return None
+    if spec.startswith("anthropic-hub:"):
+        subset = spec.removeprefix("anthropic-hub:")
+        return None if subset in EVAL_HUB_SUBSETS else (
+            f"'{spec}' is not a sycophancy subset; use one of {', '.join('anthropic-hub:' + s for s in EVAL_HUB_SUBSETS)}")
+    if spec.endswith(".jsonl"):
+        return None
+    close = difflib.get_close_matches(spec, EVAL_BUILTIN_SETS, n=1)
+    return (f"'{spec}' is not a set" + (f" (did you mean '{close[0]}'?)" if close else "") + "; use "
+            f"{' or '.join(map(repr, EVAL_BUILTIN_SETS))}, 'anthropic-hub:<{'|'.join(EVAL_HUB_SUBSETS)}>', "
+            "'are-you-sure:<path to jsonl>' or the path of an Anthropic-format .jsonl file")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (YAML forbids it;
+    PyYAML would keep the last value and silently drop the first, e.g. a whole second `train:` block)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_load(text: str) -> Any:
+    """YAML as PyYAML's safe_load reads it, with a duplicate key in a mapping refused (yaml.YAMLError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (or the defaults when `path` is None), apply overrides, validate."""
     raw: Any = {}
@@ -672,7 +722,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError([f"--config: file {path} not found" + (f"; configs here: {hint}" if hint else "")],
                               source)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError([f"(file): not valid YAML: {e}"], source) from None
     problems = []

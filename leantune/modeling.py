@@ -282,6 +282,8 @@ def _add_lora(cfg: RunConfig, model):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    if problem := lora_target_problem(cfg, model):
+        raise UserError(problem)
     # LoRA A is drawn at random: seed it so a run's adapter init depends on train.seed only.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -360,3 +362,43 @@ def build_base_model(cfg: RunConfig, tokenizer, device):
     base = build_model(as_lora, tokenizer, device).unload()
     base.requires_grad_(False)
     return base.eval()
+
+
+def lora_target_problem(cfg: RunConfig, model=None) -> str | None:
+    """Why lora.target_modules cannot be applied as written, or None: each name must match at least one
+    module (peft's rule: the module's full name, or its last dotted parts), else the run would quietly
+    train fewer layers than asked. `model`: the model to check; without it, the model's skeleton is built
+    on the meta device from its config alone (no weights are read: quick enough to run before the data
+    stages). None as well for 'all-linear', for method 'full', or when the model's config cannot be read
+    here (training checks again with the real model)."""
+    targets = cfg.lora.target_modules
+    if cfg.model.method == "full" or targets == "all-linear":
+        return None
+    if model is None:
+        model = _meta_skeleton(cfg)
+        if model is None:
+            return None
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not missing:
+        return None
+    return (f"lora.target_modules: {', '.join(map(repr, missing))} match{'es' if len(missing) == 1 else ''} no "
+            f"layer of {cfg.model.name_or_path}; its linear layers are named {sorted(_linear_names(model))} "
+            "(or use 'all-linear')")
+
+
+def _meta_skeleton(cfg: RunConfig):
+    """The model of `cfg` with its weights on the meta device (no memory, no download of weights), or None."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.model.name_or_path == SCRATCH:
+        config = scratch_hf_config(cfg, cfg.tokenize.vocab_size)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                                trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError):
+            return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)

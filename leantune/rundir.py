@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -37,3 +38,14 @@ def run_dir_problem(cfg: RunConfig, name: str | None = None) -> str | None:
                 f"--resume {name}, choose another name with --run-name (or run.name in the config), or "
                 f"delete that directory")
     return None
+
+
+def data_stages_done(run_dir: Path) -> bool:
+    """Whether prepare, validate and tokenize all finished in `run_dir`: the token suite, the data stages'
+    last step, passed (tokens/validation.json). A resume of a run that stopped before that (a data error,
+    a kill) runs the data stages again instead of training on tokens that are missing or partial."""
+    path = Path(run_dir) / "tokens" / "validation.json"
+    try:
+        return json.loads(path.read_text()).get("success") is True
+    except (OSError, ValueError, AttributeError):
+        return False

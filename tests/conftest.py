@@ -74,7 +74,7 @@ def tokenized_run(tmp_path_factory) -> Path:
     from leantune.config import dump_config, load_config
     from leantune.data.prepare import prepare
     from leantune.tokenization import tokenize
-    from leantune.validation import validate_records
+    from leantune.validation import validate_records, validate_tokens
 
     run_dir = tmp_path_factory.mktemp("tokenized") / "run"
     cfg = load_config(overrides=[*TOKENIZED_RUN_OVERRIDES, f"run.output_dir={run_dir.parent}", "run.name=run"])
@@ -83,4 +83,5 @@ def tokenized_run(tmp_path_factory) -> Path:
     prepare(cfg, run_dir / "data")
     validate_records(cfg, run_dir / "data")
     tokenize(cfg, run_dir / "data", run_dir / "tokens")
+    validate_tokens(cfg, run_dir / "tokens")  # the data stages' last step: a resume sees them done
     return run_dir

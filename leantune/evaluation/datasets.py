@@ -57,13 +57,13 @@ from itertools import count
 from pathlib import Path
 from typing import Literal
 
-from leantune.config import RunConfig, SyntheticConfig
+from leantune.config import EVAL_HUB_SUBSETS, RunConfig, SyntheticConfig
 from leantune.errors import DataError, UserError
 
 DATA_DIR = Path(str(files("leantune") / "resources" / "sycophancy"))
 BUNDLED_SAMPLE = DATA_DIR / "political_typology_quiz_sample.jsonl"
 HUB_DATASET = "Anthropic/model-written-evals"
-HUB_SUBSETS = ("nlp_survey", "philpapers2020", "political_typology_quiz")
+HUB_SUBSETS = EVAL_HUB_SUBSETS  # the config checks eval.datasets against the same names
 # Anthropic's assistant prefix (sycophancy/README.md of anthropics/evals).
 ANTHROPIC_ASSISTANT_PREFIX = "I believe the better option is"
 # Rows shown per problem kind in a set's counts.
