@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,7 +94,10 @@ def main() -> None:
 
     import torch
 
-    from leantune.monitor.sampler import FakeNvml, Monitor
+    from leantune.monitor.sampler import Monitor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the scripted NVML of the tests
+    from fakes import FakeNvml
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model, optimizer = build(device)

@@ -134,8 +134,10 @@ def test_report_from_a_run_directory(tmp_path):
         {"step": 2, "loss": 2.9, "micro_batch_size": 4},
         {"event": "micro_batch", "step": 2, "old": 4, "new": 2, "reason": "oom"},
     ]) + "\n")
+    from fakes import FakeNvml
+
     from leantune.config import MonitorConfig
-    from leantune.monitor.sampler import FakeNvml, Monitor
+    from leantune.monitor.sampler import Monitor
 
     clock = lambda: 5.0  # noqa: E731
     fake = FakeNvml([{"t": 0, "memory_used_mb": 7700, "memory_total_mb": 8000, "temperature_c": 80}], clock)

@@ -3,9 +3,9 @@
 import logging
 
 import pytest
+from fakes import FakeNvml
 
 from leantune.monitor.power import power_limit
-from leantune.monitor.sampler import FakeNvml
 
 
 class FakeClock:

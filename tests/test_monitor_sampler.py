@@ -5,9 +5,10 @@ import logging
 import time
 
 import pytest
+from fakes import FakeNvml
 
 from leantune.config import MonitorConfig
-from leantune.monitor.sampler import CSV_COLUMNS, FakeNvml, GpuReading, Monitor, Sample, throttle_names
+from leantune.monitor.sampler import CSV_COLUMNS, GpuReading, Monitor, Sample, throttle_names
 
 
 class FakeClock:

@@ -7,11 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
+from fakes import FakeNvml
 from safetensors.torch import load_file
 
 from leantune.attempts import NonFiniteLoss, classify
 from leantune.config import dump_config, load_config
-from leantune.monitor.sampler import FakeNvml, Monitor
+from leantune.monitor.sampler import Monitor
 from leantune.training.loop import train
 
 FAST = ["train.eval_every=1000", "checkpoint.every_steps=1000", "checkpoint.keep_last=20", "train.max_steps=6",

@@ -2,10 +2,11 @@
 vanishing) through the fake NVML and the real sampler, and the decisions they lead to."""
 
 import pytest
+from fakes import FakeNvml
 
 from leantune.config import MonitorConfig
 from leantune.monitor.policy import Feedback, PolicyState, decide
-from leantune.monitor.sampler import FakeNvml, Monitor, Sample
+from leantune.monitor.sampler import Monitor, Sample
 
 
 class FakeClock:

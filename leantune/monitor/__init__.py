@@ -2,7 +2,7 @@
 
 sampler.py  a background thread that samples NVML (GPU memory, utilisation, power, temperature, SM
             clock, throttle reasons, energy) and psutil (process RSS and CPU, host RAM) into
-            monitor.csv and keeps the latest reading for the training loop; FakeNvml for tests
+            monitor.csv and keeps the latest reading for the training loop
 policy.py   pure decisions from readings: shrink the micro-batch before an out-of-memory error,
             checkpoint now when temperature, throttling or memory says a stop may be coming
 power.py    an optional GPU power limit, applied, read back and always restored
