@@ -276,7 +276,7 @@ def _add_lora(cfg: RunConfig, model):
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
+        target_modules=_explicit_targets(model, cfg.lora.target_modules),
         # Mixture-of-Experts: the fused 3-D expert weights (peft's ParamWrapper, one adapter per expert).
         target_parameters=cfg.lora.target_parameters or None,
         bias="none",
@@ -303,6 +303,29 @@ def _add_lora(cfg: RunConfig, model):
         raise UserError(f"lora.target_parameters: {cfg.lora.target_parameters} match no parameter of the model; "
                         f"its 3-D expert parameters are {sorted(experts) or 'none (not a Mixture-of-Experts)'}")
     return peft_model
+
+
+def _explicit_targets(model, targets: list[str] | str) -> list[str] | str:
+    """A Mixture-of-Experts model's LoRA targets as the full names of the modules they name.
+
+    peft 0.21 rewrites the targets of Mixtral- and OLMoE-type models as if they were transformers 4.x
+    adapters: 'all-linear' or 'gate_proj'/'up_proj'/'down_proj' silently become LoRA on the fused experts
+    (at twice the rank) and on the router weight. Full module names pass through unchanged, so
+    lora.target_modules keeps meaning nn.Linear/nn.Embedding modules and lora.target_parameters the experts.
+    """
+    import torch
+
+    from leantune.moe import moe_geometry
+
+    if moe_geometry(model.config) is None:
+        return targets
+    head = model.get_output_embeddings()
+    names = [name for name, m in model.named_modules()
+             if (isinstance(m, torch.nn.Linear) and (targets != "all-linear" or m is not head)
+                 or isinstance(m, torch.nn.Embedding) and targets != "all-linear")
+             and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets)]
+    # Nothing matched: the names as given, for peft's "not found" error (a UserError below).
+    return names or targets
 
 
 def _linear_names(model) -> set[str]:

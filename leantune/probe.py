@@ -85,31 +85,80 @@ class ModelShape:
     intermediate_size: int
     head_dim: int
     tied_embeddings: bool
+    # Mixture-of-Experts (every layer's MLP): routed experts of width intermediate_size, top-k per token,
+    # and a shared expert of width shared_expert_size (Qwen-MoE; 0 without). num_experts 0: dense.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    shared_expert_size: int = 0
 
     @classmethod
     def from_hf_config(cls, config) -> ModelShape:
-        """From a transformers config (a multimodal one's text_config)."""
+        """From a transformers config (a multimodal one's text_config); MoE configs give their expert width."""
+        from leantune.moe import moe_geometry
+
         c = getattr(config, "text_config", None) or config
         heads = c.num_attention_heads
+        moe = moe_geometry(c)
         return cls(
             vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, num_heads=heads,
             num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-            intermediate_size=c.intermediate_size,
+            intermediate_size=(moe and getattr(c, "moe_intermediate_size", None)) or c.intermediate_size,
             head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
             tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            num_experts=moe.num_experts if moe else 0, experts_per_token=moe.top_k if moe else 0,
+            shared_expert_size=(getattr(c, "shared_expert_intermediate_size", 0) or 0) if moe else 0,
         )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of one layer's linears, by module name (fused Phi-3 names included)."""
         h, i = self.hidden_size, self.intermediate_size
         a, c = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.is_moe:
+            # The nn.Linear layers of an MoE layer: attention, and the shared expert's MLP (Qwen-MoE) with its
+            # sigmoid gate; the routed experts are 3-D parameters (`expert_tensors`), the router a 2-D one.
+            s = self.shared_expert_size
+            shared = {"gate_proj": (h, s), "up_proj": (h, s), "down_proj": (s, h), "shared_expert_gate": (h, 1)}
+            return {"q_proj": (h, a), "k_proj": (h, c), "v_proj": (h, c), "o_proj": (a, h),
+                    **(shared if s else {})}
         return {"q_proj": (h, a), "k_proj": (h, c), "v_proj": (h, c), "o_proj": (a, h), "gate_proj": (h, i),
                 "up_proj": (h, i), "down_proj": (i, h), "qkv_proj": (h, a + 2 * c), "gate_up_proj": (h, 2 * i)}
 
+    def expert_tensors(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of one expert in each fused 3-D expert parameter of a layer, by lora.target_parameters name."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {"mlp.experts.gate_up_proj": (h, 2 * i), "mlp.experts.down_proj": (i, h)} if self.is_moe else {}
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        """The linears of one layer ('all-linear')."""
+        return tuple(self.linears()) if self.is_moe else LLAMA_LINEARS
+
+    @property
+    def expert_params(self) -> int:
+        """Routed experts of every layer: all of them are resident."""
+        return self.num_layers * self.num_experts * sum(n * m for n, m in self.expert_tensors().values())
+
+    @property
+    def router_params(self) -> int:
+        return self.num_layers * self.num_experts * self.hidden_size
+
     @property
     def linear_params(self) -> int:
+        """Every matmul weight: the linears, and an MoE's routed experts and routers."""
         shapes = self.linears()
-        return self.num_layers * sum(shapes[n][0] * shapes[n][1] for n in LLAMA_LINEARS)
+        dense = self.num_layers * sum(shapes[n][0] * shapes[n][1] for n in self.linear_names)
+        return dense + self.expert_params + self.router_params
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token's forward pass multiplies: an MoE's top-k experts instead of all of them."""
+        if not self.is_moe:
+            return self.total_params
+        return self.total_params - self.expert_params * (self.num_experts - self.experts_per_token) // self.num_experts
 
     @property
     def other_params(self) -> int:
@@ -124,12 +173,19 @@ class ModelShape:
     def adapted(self, targets: list[str] | str) -> list[str]:
         """The linears of one layer LoRA adapts ('all-linear': every one, the output head excepted)."""
         if targets == "all-linear":
-            return list(LLAMA_LINEARS)
+            return list(self.linear_names)
         return [t for t in targets if t in self.linears()]
 
-    def lora_params(self, r: int, targets: list[str] | str) -> int:
-        shapes = self.linears()
-        return self.num_layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in self.adapted(targets))
+    def adapted_experts(self, target_parameters: list[str]) -> list[str]:
+        """The fused expert parameters of one layer LoRA adapts (lora.target_parameters)."""
+        return [t for t in self.expert_tensors() if any(t.endswith(p) or p.endswith(t) for p in target_parameters)]
+
+    def lora_params(self, r: int, targets: list[str] | str, target_parameters: list[str] = ()) -> int:
+        """LoRA parameters; peft's ParamWrapper gives a fused expert tensor A of r E x in and B of out x r E."""
+        shapes, experts = self.linears(), self.expert_tensors()
+        linear = sum(r * (shapes[n][0] + shapes[n][1]) for n in self.adapted(targets))
+        fused = sum(r * self.num_experts * sum(experts[n]) for n in self.adapted_experts(list(target_parameters)))
+        return self.num_layers * (linear + fused)
 
 
 @dataclass(frozen=True)
@@ -159,7 +215,8 @@ class MemoryEstimate:
 def estimate_memory(shape: ModelShape, *, method: str, compute_bytes: int, micro_batch_size: int, seq_len: int,
                     gradient_checkpointing: bool, lora_r: int = 16, lora_targets: list[str] | str = "all-linear",
                     lora_dropout: float = 0.0, optimizer: str = "adamw", device_type: str = "cuda",
-                    attention: str = "sdpa", double_quant: bool = True, packed: bool = False) -> MemoryEstimate:
+                    attention: str = "sdpa", double_quant: bool = True, packed: bool = False,
+                    lora_target_parameters: list[str] = ()) -> MemoryEstimate:
     """The peak memory of one training step; the formula is in the module docstring."""
     p = compute_bytes
     h, i, n_h = shape.hidden_size, shape.intermediate_size, shape.num_heads
@@ -176,10 +233,10 @@ def estimate_memory(shape: ModelShape, *, method: str, compute_bytes: int, micro
             weights = round(shape.linear_params * per_weight) + shape.other_params * 4
         else:
             weights = shape.total_params * p
-        trainable_params = shape.lora_params(lora_r, lora_targets)
+        trainable_params = shape.lora_params(lora_r, lora_targets, lora_target_parameters)
         trainable = trainable_params * 4
 
-    layer = p * (2 * a + 2 * c + 3 * i) + 4 * (n_h + 2 * h + 2)
+    layer = p * (2 * a + 2 * c) + _mlp_activations(shape, p) + 4 * (n_h + 2 * h + 2)
     if attention == "eager":
         layer += p * n_h * seq_len
     if method == "full":
@@ -204,12 +261,35 @@ def estimate_memory(shape: ModelShape, *, method: str, compute_bytes: int, micro
         activations = (shape.num_layers * layer + per_token) * tokens + chunk
     if method == "qlora":
         activations += max(n_in * n_out for n_in, n_out in (shapes[n] for n in LLAMA_LINEARS)) * p
+    if method != "full" and shape.is_moe:
+        # peft's LoRA on a fused expert tensor (lora.target_parameters) adds B A to the whole tensor on every
+        # forward: per layer two tensors of its full size stay for backward (measured on the CPU: the merged
+        # weight and the copy the grouped expert matmul keeps), and backward adds two more for its gradient, one
+        # layer at a time. Checkpointing keeps none between layers: the recomputed layer's two and the two of
+        # its gradient.
+        merged = p * shape.num_experts * sum(
+            n * m for n, m in (shape.expert_tensors()[t] for t in shape.adapted_experts(list(lora_target_parameters))))
+        activations += merged * (4 if gradient_checkpointing else 2 * shape.num_layers + 2)
 
     return MemoryEstimate(
         weights=weights, trainable=trainable, gradients=trainable_params * 4,
         optimizer=trainable_params * OPTIMIZER_STATE_BYTES[optimizer], activations=activations,
         optimizer_step=trainable_params * 4 if device_type != "cuda" and optimizer == "adamw" else 0,
     )
+
+
+def _mlp_activations(shape: ModelShape, p: int) -> int:
+    """Bytes one token's MLP keeps for backward: the dense gate, its SiLU and up (p 3i); or, in an MoE
+    layer, the router's logits and fp32 probabilities (E (p + 4)), and per expert the token is routed to
+    (transformers' grouped experts): its gathered input, gate-up output, activation and gated product, the
+    expert output and the weighted output (p (2h + 4i)) and its routing index and weight (16); plus the
+    shared expert's MLP and gate (p (3s + 1))."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    if not shape.is_moe:
+        return p * 3 * i
+    routed = shape.experts_per_token * (p * (2 * h + 4 * i) + 16)
+    shared = p * (3 * shape.shared_expert_size + 1) if shape.shared_expert_size else 0
+    return shape.num_experts * (p + 4) + routed + shared
 
 
 def compute_bytes(cfg: RunConfig, device_type: str) -> int:
@@ -226,6 +306,7 @@ def estimate_for_config(cfg: RunConfig, shape: ModelShape, device_type: str) -> 
         lora_targets=cfg.lora.target_modules, lora_dropout=cfg.lora.dropout, optimizer=cfg.train.optimizer,
         device_type=device_type, attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
         double_quant=cfg.model.double_quant, packed=cfg.tokenize.packing,
+        lora_target_parameters=cfg.lora.target_parameters,
     )
 
 
@@ -235,11 +316,9 @@ def model_shape(cfg: RunConfig, vocab_size: int | None = None) -> ModelShape | N
     that cannot be read here."""
     m = cfg.model
     if m.name_or_path == "scratch":
-        s = m.scratch
-        return ModelShape(vocab_size=vocab_size or cfg.tokenize.vocab_size, hidden_size=s.hidden_size,
-                          num_layers=s.num_layers, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
-                          intermediate_size=s.intermediate_size, head_dim=s.hidden_size // s.num_heads,
-                          tied_embeddings=False)
+        from leantune.modeling import scratch_hf_config
+
+        return ModelShape.from_hf_config(scratch_hf_config(cfg, vocab_size or cfg.tokenize.vocab_size))
     from transformers import AutoConfig
 
     try:
@@ -296,7 +375,9 @@ def plan_start(cfg: RunConfig, shape: ModelShape, free_bytes: int, device_type: 
     micro_sizes = divisors(global_batch, cfg.train.micro_batch_size)
     checkpointing = [True] if cfg.model.gradient_checkpointing else [False, True]
     start = METHOD_LADDER.index(cfg.model.method)
-    methods = [m for m in METHOD_LADDER[start:] if m != "qlora" or device_type == "cuda" or cfg.model.method == "qlora"]
+    # QLoRA needs CUDA (unless asked for), and is refused for a Mixture-of-Experts (config.qlora_moe_problem).
+    methods = [m for m in METHOD_LADDER[start:]
+               if m != "qlora" or ((device_type == "cuda" or cfg.model.method == "qlora") and not shape.is_moe)]
     candidate = None
     for method in methods:
         for gc in checkpointing:
@@ -328,6 +409,11 @@ def probe(cfg: RunConfig, vocab_size: int | None = None) -> StartPlan | None:
     shape = model_shape(cfg, vocab_size)
     if shape is None:
         return None
+    if shape.is_moe and cfg.model.method == "qlora":
+        from leantune.config import qlora_moe_problem
+        from leantune.errors import UserError
+
+        raise UserError(qlora_moe_problem(f"'{cfg.model.name_or_path}'"))
     device = resolve_device(cfg)
     plan = plan_start(cfg, shape, free_memory_bytes(device.type, device.index or 0), device.type)
     log.info("memory probe: estimated %s against %.2f GiB free (budget %.2f GiB)%s", plan.estimate.describe(),

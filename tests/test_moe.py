@@ -53,6 +53,10 @@ def test_scratch_moe_trains_lora_on_its_fused_experts(arch):
     out = peft_model(input_ids=torch.randint(0, 300, (2, 12)))
     out.logits.float().pow(2).mean().backward()
     assert all(dict(peft_model.named_parameters())[n].grad is not None for n in trainable)
+    from leantune.probe import model_shape
+
+    count = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert count == model_shape(cfg, 300).lora_params(4, ["q_proj", "v_proj"], EXPERTS)
 
 
 def test_router_loss_of_one_sequence_is_transformers_and_ignores_padding():
@@ -160,3 +164,78 @@ def test_target_parameters_that_match_nothing_are_a_user_error():
 
     with pytest.raises(UserError, match="its 3-D expert parameters are none"):
         _add_lora(cfg, AutoModelForCausalLM.from_config(scratch_hf_config(cfg, 300)))
+
+
+# ------------------------------------------------------------------------------- the estimator
+
+# Published architectures (their config.json values) and parameter counts (total, active): Mixtral-8x7B
+# (Mistral AI), OLMoE-1B-7B (Muennighoff et al. 2024), Qwen1.5-MoE-A2.7B (Qwen team).
+PUBLISHED = {
+    "mixtral-8x7b": (dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                          num_experts_per_tok=2), 46.7e9, 12.9e9),
+    "olmoe-1b-7b": (dict(model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+                         num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+                         num_experts_per_tok=8), 6.9e9, 1.3e9),
+    "qwen1.5-moe-a2.7b": (dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                               moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_hidden_layers=24,
+                               num_attention_heads=16, num_key_value_heads=16, num_experts=60,
+                               num_experts_per_tok=4), 14.3e9, 2.7e9),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_moe_parameter_counts_match_the_published_ones(name):
+    from transformers import AutoConfig
+
+    from leantune.probe import ModelShape
+
+    values, total, active = PUBLISHED[name]
+    config = AutoConfig.for_model(**values)
+    shape = ModelShape.from_hf_config(config)
+    # Exactly what transformers builds (on the meta device: no memory), norms and biases aside.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    exact = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    geometry = moe_geometry(config)
+    assert shape.total_params == pytest.approx(exact, rel=1e-4)
+    assert shape.active_params == pytest.approx(
+        exact - experts * (geometry.num_experts - geometry.top_k) / geometry.num_experts, rel=1e-4)
+    assert shape.total_params == pytest.approx(total, rel=0.01)
+    # Published actives have two significant digits: OLMoE's 1.28 B is "1.3 B" (1.4% off), the others within 1%.
+    assert shape.active_params == pytest.approx(active, rel=0.01) or round(shape.active_params / 1e8) == active / 1e8
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["lora.target_parameters=[]"],
+    ["model.gradient_checkpointing=true"],
+    ["model.scratch.architecture=qwen2_moe"],
+    ["model.scratch.architecture=mixtral", "model.method=full", "lora.target_parameters=[]",
+     "lora.target_modules=all-linear", "train.micro_batch_size=2"],
+], ids=["lora-experts", "lora-attention-only", "lora-experts-checkpointing", "qwen2-moe-shared-expert", "full"])
+def test_moe_estimate_is_within_15_percent_of_the_measured_peak(overrides):
+    from test_probe import TINY, peak_of_training_steps
+
+    from leantune.probe import estimate_for_config, model_shape
+
+    cfg = load_config(overrides=TINY + ["model.scratch.architecture=olmoe", "model.scratch.num_experts=8",
+                                        "lora.dropout=0", "lora.target_modules=[q_proj,v_proj]",
+                                        f"lora.target_parameters=[{','.join(EXPERTS)}]", *overrides])
+    measured = peak_of_training_steps(cfg)
+    estimated = estimate_for_config(cfg, model_shape(cfg), "cpu").total
+    assert estimated == pytest.approx(measured, rel=0.15)
+
+
+def test_all_linear_on_an_moe_means_its_linear_layers_only():
+    # peft 0.21 alone would turn 'all-linear' on OLMoE/Mixtral into LoRA on the experts and the router weight.
+    cfg = load_config(overrides=["model.scratch.architecture=olmoe", "model.scratch.hidden_size=32",
+                                 "model.scratch.intermediate_size=16", "lora.r=4"])
+    from leantune.modeling import _add_lora
+    from leantune.probe import model_shape
+
+    model = _add_lora(cfg, AutoModelForCausalLM.from_config(scratch_hf_config(cfg, 300)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert not any("experts" in n or "gate" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == model_shape(cfg, 300).lora_params(4, "all-linear")
