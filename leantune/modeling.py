@@ -410,6 +410,30 @@ def lora_target_problem(cfg: RunConfig, model=None) -> str | None:
             "(or use 'all-linear')")
 
 
+def moe_problems(cfg: RunConfig, model=None) -> list[str]:
+    """What PEFT/transformers cannot do with this Mixture-of-Experts model as configured: QLoRA of its fused
+    experts, lora.target_parameters that name none of its parameters. From the meta-device skeleton (built only
+    when QLoRA or target_parameters are asked for); [] when the model's config cannot be read here."""
+    from leantune.config import qlora_moe_problem
+    from leantune.moe import moe_geometry
+
+    if not (cfg.model.method == "qlora" or cfg.lora.target_parameters and cfg.model.method == "lora"):
+        return []
+    model = model if model is not None else _meta_skeleton(cfg)
+    if model is None:
+        return []
+    problems = []
+    if cfg.model.method == "qlora" and moe_geometry(model.config) is not None:
+        problems.append(qlora_moe_problem(f"'{cfg.model.name_or_path}'"))
+    names = [n for n, _ in model.named_parameters()]
+    missing = [t for t in cfg.lora.target_parameters if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        problems.append(f"lora.target_parameters: {', '.join(map(repr, missing))} match no parameter of "
+                        f"{cfg.model.name_or_path}; its 3-D expert parameters are "
+                        f"{sorted(_expert_parameter_names(model)) or 'none (not a Mixture-of-Experts)'}")
+    return problems
+
+
 def _meta_skeleton(cfg: RunConfig):
     """The model of `cfg` with its weights on the meta device (no memory, no download of weights), or None."""
     import torch

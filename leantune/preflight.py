@@ -18,7 +18,7 @@ def check_before_data(cfg: RunConfig) -> None:
 
 
 def problems_before_data(cfg: RunConfig) -> list[str]:
-    from leantune.modeling import lora_target_problem
+    from leantune.modeling import lora_target_problem, moe_problems
 
     problems = []
     if cfg.eval.enabled:
@@ -31,4 +31,5 @@ def problems_before_data(cfg: RunConfig) -> list[str]:
                                 "give an existing jsonl file")
     if problem := lora_target_problem(cfg):
         problems.append(problem)
+    problems += moe_problems(cfg)
     return problems

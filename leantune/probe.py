@@ -68,7 +68,7 @@ LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 # Which saved tensor feeds each linear: linears of one group share their input.
 INPUT_GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_proj": "attn_in",
                "o_proj": "attn_out", "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in",
-               "down_proj": "mlp_mid"}
+               "down_proj": "mlp_mid", "shared_expert_gate": "mlp_in"}
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit weights + one fp32 absmax per block of 64
 NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 8-bit absmax + an fp32 scale per 256 blocks
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}

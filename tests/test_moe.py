@@ -239,3 +239,39 @@ def test_all_linear_on_an_moe_means_its_linear_layers_only():
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert not any("experts" in n or "gate" in n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable == model_shape(cfg, 300).lora_params(4, "all-linear")
+
+
+def test_a_local_moe_model_is_checked_before_the_data_stages(tmp_path):
+    from transformers import MixtralConfig
+
+    from leantune.preflight import problems_before_data
+
+    MixtralConfig(vocab_size=300, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4).save_pretrained(tmp_path)
+    base = [f"model.name_or_path={tmp_path}", "eval.enabled=false", "lora.dropout=0"]
+    problems = problems_before_data(load_config(overrides=base + ["model.method=qlora"]))
+    assert problems == [f"model.method: qlora cannot quantise the experts of '{tmp_path}': transformers 5.x stores "
+                        "them as fused 3-D parameters, which bitsandbytes leaves unquantised and peft's k-bit "
+                        "preparation upcasts to fp32, so QLoRA would hold nearly every weight in 32-bit; use "
+                        "model.method=lora (experts frozen in bf16, adapters via lora.target_parameters)"]
+    problems = problems_before_data(load_config(overrides=base + ["lora.target_parameters=[experts.w1]"]))
+    assert len(problems) == 1 and "lora.target_parameters: 'experts.w1' match no parameter" in problems[0]
+    assert "'mlp.experts.down_proj', 'mlp.experts.gate_up_proj'" in problems[0]
+    assert problems_before_data(load_config(overrides=base + [f"lora.target_parameters=[{EXPERTS[0]}]"])) == []
+
+
+@pytest.mark.parametrize("name, published, gib", [
+    ("mixtral-8x7b-lora", "mixtral-8x7b", 88.4), ("olmoe-1b-7b-lora", "olmoe-1b-7b", 18.7),
+    ("qwen1.5-moe-a2.7b-lora", "qwen1.5-moe-a2.7b", 34.7),
+])
+def test_moe_configs_validate_and_their_memory_is_the_one_they_state(name, published, gib):
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from leantune.probe import GIB, ModelShape, estimate_for_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    shape = ModelShape.from_hf_config(AutoConfig.for_model(**PUBLISHED[published][0]))
+    assert shape.is_moe and cfg.model.method == "lora"
+    assert estimate_for_config(cfg, shape, "cuda").total / GIB == pytest.approx(gib, abs=0.05)
