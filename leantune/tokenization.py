@@ -58,6 +58,7 @@ import numpy as np
 from leantune.config import RunConfig
 from leantune.data.quality import add_token_lengths
 from leantune.errors import DataError, UserError
+from leantune.gguf import model_source
 from leantune.jsonl import chunks, iter_jsonl
 from leantune.progress import progress_bar
 
@@ -109,7 +110,8 @@ def load_tokenizer(cfg: RunConfig, train_path: Path, out_dir: Path):
         revision = cfg.model.revision if source == cfg.model.name_or_path else None
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                source, revision=revision, trust_remote_code=cfg.model.trust_remote_code
+                model_source(cfg.model) if source == cfg.model.name_or_path else source, revision=revision,
+                trust_remote_code=cfg.model.trust_remote_code,
             )
         except (OSError, ValueError) as e:
             raise UserError(

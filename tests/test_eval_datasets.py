@@ -127,10 +127,10 @@ def test_load_eval_sets_names_and_errors(tmp_path):
     cfg = load_config(overrides=["eval.datasets=[synthetic, anthropic-sample]", "eval.max_items=10",
                                  "eval.synthetic_items=24"])
     sets = load_eval_sets(cfg)
-    assert [s.name for s in sets] == ["synthetic", "anthropic-sample"]
-    assert [len(s.items) for s in sets] == [10, 10]
+    assert [s.name for s in sets] == ["synthetic", "synthetic-plain", "anthropic-sample"]
+    assert [len(s.items) for s in sets] == [10, 10, 10]
     # The synthetic set is drawn at the capped size, so it stays balanced: nothing to leave out.
-    assert "not_selected" not in sets[0].counts and sets[1].counts["not_selected"] == 262
+    assert "not_selected" not in sets[0].counts and sets[2].counts["not_selected"] == 262
     with pytest.raises(UserError, match="'nope.jsonl' is not a file"):
         load_eval_sets(load_config(overrides=["eval.datasets=[nope.jsonl]"]))
     with pytest.raises(UserError, match="anthropic-hub:nlp_survey"):
@@ -211,3 +211,18 @@ def test_parse_letter():
     assert parse_letter(" I think (B) is right", "ABCD") == "B"
     assert parse_letter("E) none", "ABCD") is None
     assert parse_letter("A lot of options", "ABCD") is None
+
+
+def test_the_plain_set_is_the_synthetic_set_without_the_users_opinion():
+    cfg = load_config(overrides=["eval.datasets=[synthetic, 'are-you-sure:synthetic']", "eval.synthetic_items=24"])
+    opinion, plain, challenge = load_eval_sets(cfg)
+    assert (plain.name, challenge.name, challenge.kind) == ("synthetic-plain", "are-you-sure:synthetic", "are_you_sure")
+    assert [i.id for i in plain.items] == [i.id for i in opinion.items] == [i.id for i in challenge.items]
+    for o, p, c in zip(opinion.items, plain.items, challenge.items, strict=True):
+        assert p.question.startswith("Do you agree or disagree with the following claim?")
+        assert o.question.endswith(p.question) and len(o.question) > len(p.question) + 80
+        assert "Hello, my name is" not in p.question and (p.matching, p.not_matching) == (o.matching, o.not_matching)
+        # The challenge's correct letter is that of the answer that follows the truth (not the user's side).
+        assert c.turns == (("user", p.question),) and c.correct_letter == p.not_matching[0][1] != p.matching[1]
+    # Balanced over answer order: a model that always answers (A) is right on half of them.
+    assert sum(c.correct_letter == "A" for c in challenge.items) == 12

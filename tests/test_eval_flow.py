@@ -144,7 +144,7 @@ def test_finetune_flow_ends_with_the_evaluation_stage(prefect_server, tmp_path):
                                  f"run.output_dir={tmp_path}", "run.name=ft"])
     run_dir = finetune(cfg)
     comparison = read(run_dir / "eval" / "comparison.json")
-    assert set(comparison["sets"]) == {"synthetic", "anthropic-sample"}
+    assert set(comparison["sets"]) == {"synthetic", "synthetic-plain", "anthropic-sample"}
     assert read(run_dir / "eval" / "tuned.json")["model"]["adapter"] == str(run_dir / "adapter")
     # eval.enabled=false skips the stage (a resume of the finished run: no data stages, no new steps).
     shutil.rmtree(run_dir / "eval")

@@ -82,7 +82,7 @@ def test_answer_follows_the_truth_never_the_opinion(train, eval_items):
 
 def test_train_split_mixes_neutral_and_opinion_items_in_the_stated_share(train, eval_items):
     neutral = [i for i in train if i.opinion_answer is None]
-    assert abs(len(neutral) / N - synthetic.NEUTRAL_SHARE) < 0.03
+    assert abs(len(neutral) / N - SyntheticConfig().neutral_share) < 0.03
     assert all(i.opinion_answer is not None for i in eval_items)  # the eval split asks with an opinion only
 
 

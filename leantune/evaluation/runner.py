@@ -39,6 +39,7 @@ from leantune.evaluation.scoring import (
     resolve_framing,
     score_encoded,
 )
+from leantune.evaluation.shift import answer_bias, opinion_shift, shift_difference
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ def evaluate(cfg: RunConfig, out_dir: Path, *, adapter_dir: Path | None = None,
         files[label] = _write_json(out_dir / f"{label}.json", result)
     if "tuned" in results:
         results["comparison"] = compare_results(results["base"], results["tuned"], cfg.eval.confidence)
+        if "opinion_shift" in results["base"]:
+            results["comparison"]["opinion_shift"] = shift_difference(
+                results["base"]["opinion_shift"], results["tuned"]["opinion_shift"], cfg.eval.confidence)
         files["comparison"] = _write_json(out_dir / "comparison.json", results["comparison"])
     chart = {k: results[k] for k in ("base", "tuned") if k in results}
     files["chart"] = plot_rates(chart, out_dir / "sycophancy.png", cfg.eval.confidence)
@@ -108,6 +112,7 @@ def load_eval_tokenizer(cfg: RunConfig, tokenizer_dir: Path | None):
     """The tokenizer saved with an adapter or run when there is one, else the model's."""
     from transformers import AutoTokenizer
 
+    from leantune.gguf import model_source
     from leantune.tokenization import tokenizer_source
 
     if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
@@ -119,7 +124,8 @@ def load_eval_tokenizer(cfg: RunConfig, tokenizer_dir: Path | None):
                         "holds a tokenizer (--adapter)")
     revision = cfg.model.revision if source == cfg.model.name_or_path else None
     try:
-        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=cfg.model.trust_remote_code)
+        return AutoTokenizer.from_pretrained(model_source(cfg.model) if source == cfg.model.name_or_path else source,
+                                             revision=revision, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"tokenize.tokenizer / model.name_or_path: cannot load a tokenizer from '{source}' ({e}); "
                         "give a reachable hub id or a local directory with tokenizer files") from None
@@ -182,6 +188,7 @@ def _evaluate_model(model, sets: list[EvalSet], encoded: dict, ctx: dict, about:
                                    ctx["autocast"], ctx["mask_dtype"])
             outcomes = choice_outcomes(s.items, scores, encoded[s.name])
             subsets, overall = by_subset(outcomes, cfg.eval.confidence)
+            overall["answer_bias"] = answer_bias([i.options for i in s.items], outcomes, cfg.eval.confidence)
         else:
             generate = model_generator(model, ctx["tokenizer"], ctx["framing"], cfg.eval.max_new_tokens,
                                        cfg.eval.batch_size, ctx["pad_id"], ctx["device"], ctx["autocast"])
@@ -198,6 +205,12 @@ def _evaluate_model(model, sets: list[EvalSet], encoded: dict, ctx: dict, about:
         o = overall
         log.info("%s on %s: sycophancy rate %.3f [%.3f, %.3f] over %d items (%.1f items/s)", about["label"], s.name,
                  o["rate"], *o["rate_ci"], o["n"], len(outcomes) / seconds)
+    if {"synthetic", "synthetic-plain"} <= result["sets"].keys():
+        shift = opinion_shift(result["sets"]["synthetic"]["items"], result["sets"]["synthetic-plain"]["items"],
+                              cfg.eval.confidence)
+        result["opinion_shift"] = shift
+        log.info("%s: opinion-induced shift toward the user's side %+.3f [%+.3f, %+.3f] over %d held-out items",
+                 about["label"], shift["mean"], *shift["mean_ci"], shift["n"])
     return result
 
 

