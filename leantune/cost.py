@@ -8,7 +8,10 @@ price); edit it or pass --catalogue.
 
 The formula (a FLOP count, as in Kaplan et al. 2020 and the PaLM paper's model-FLOPs utilisation,
 for one GPU):
-  N parameters, L layers, a attention width, T sequence length, D training tokens (x epochs)
+  N parameters a token multiplies, L layers, a attention width, T sequence length, D training tokens (x epochs);
+  for a Mixture-of-Experts N is the active count (the top-k experts of each layer, the shared expert, the
+  router and attention; probe.ModelShape.active_params), while memory counts every expert, since all stay
+  resident. One GPU holds every expert, so there is no all-to-all exchange of expert parallelism to add.
   forward FLOPs per token    F = 2N + 2 L a T   (each weight multiplies once per token; causal
                                                  attention's QK^T and AV cost 2 T a each per layer,
                                                  halved by the mask; 0 when only N is known)
@@ -126,6 +129,7 @@ class Workload:
 
     @property
     def forward_flops_per_token(self) -> float:
+        """2N (N: the active parameters of an MoE) plus causal attention."""
         attention = 2 * self.layers * self.attention_width * self.seq_len if self.layers and self.attention_width else 0
         return 2 * self.params + attention
 
@@ -232,7 +236,7 @@ def run_cost_report(cfg, run_dir: Path, summary: dict) -> dict | None:
 
 def workload_from_config(cfg, tokens: int, shape) -> Workload:
     """The workload of a RunConfig training `tokens` tokens (over all epochs) on a model of `shape`."""
-    return Workload(params=shape.total_params, tokens=tokens, seq_len=cfg.tokenize.max_seq_len,
+    return Workload(params=shape.active_params, tokens=tokens, seq_len=cfg.tokenize.max_seq_len,
                     method=cfg.model.method, gradient_checkpointing=cfg.model.gradient_checkpointing,
                     layers=shape.num_layers, attention_width=shape.num_heads * shape.head_dim)
 
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True,
                    help="a parameter count (8B, 500M), a local model directory or a cached hub id (its config.json "
                    "gives layers and widths too, and the memory check), or 'scratch' (with --config)")
+    p.add_argument("--active", help="with a parameter count for --model: the parameters active per token of a "
+                   "Mixture-of-Experts, e.g. --model 46.7B --active 12.9B (a model directory gives them itself)")
     p.add_argument("--tokens", required=True, help="training tokens per epoch, e.g. 20M")
     p.add_argument("--gpu", action="append", help="a GPU of the catalogue (repeatable); default: all of them")
     p.add_argument("--config", type=Path, help="a run config: method, sequence length, micro-batch, LoRA, dtype "
@@ -319,8 +325,15 @@ def _answer(args) -> list[dict]:
     if count is None and shape is None:
         raise UserError(f"--model: cannot read the config of {args.model!r} here (no network to the hub?); give "
                         "a local directory, or its parameter count such as 8B")
+    active = count
+    if args.active:
+        active = parse_count(args.active)
+        if count is None:
+            raise UserError("--active: only with a parameter count for --model; a model's config gives its own")
+        if active is None or active > count:
+            raise UserError(f"--active: {args.active!r} is not a count up to --model's {args.model}; write e.g. 12.9B")
     work = workload_from_config(cfg, int(tokens * cfg.train.epochs), shape) if shape else Workload(
-        params=count, tokens=int(tokens * cfg.train.epochs), seq_len=cfg.tokenize.max_seq_len,
+        params=active, tokens=int(tokens * cfg.train.epochs), seq_len=cfg.tokenize.max_seq_len,
         method=cfg.model.method, gradient_checkpointing=cfg.model.gradient_checkpointing)
     catalogue = load_catalogue(args.catalogue)
     if args.gpu:

@@ -2,6 +2,7 @@
 expert load against an independent count, and what is refused at config time."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,7 +266,6 @@ def test_a_local_moe_model_is_checked_before_the_data_stages(tmp_path):
     ("qwen1.5-moe-a2.7b-lora", "qwen1.5-moe-a2.7b", 34.7),
 ])
 def test_moe_configs_validate_and_their_memory_is_the_one_they_state(name, published, gib):
-    from pathlib import Path
 
     from transformers import AutoConfig
 
@@ -275,3 +275,36 @@ def test_moe_configs_validate_and_their_memory_is_the_one_they_state(name, publi
     shape = ModelShape.from_hf_config(AutoConfig.for_model(**PUBLISHED[published][0]))
     assert shape.is_moe and cfg.model.method == "lora"
     assert estimate_for_config(cfg, shape, "cuda").total / GIB == pytest.approx(gib, abs=0.05)
+
+
+# ------------------------------------------------------------------------------- the cost model
+
+
+def test_cost_model_counts_flops_from_active_parameters_and_memory_from_all(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from leantune.cost import main, workload_from_config
+    from leantune.probe import ModelShape
+
+    values, _, _ = PUBLISHED["mixtral-8x7b"]
+    config = AutoConfig.for_model(**values)
+    shape = ModelShape.from_hf_config(config)
+    cfg = load_config(overrides=["tokenize.max_seq_len=2048"])
+    work = workload_from_config(cfg, 10**7, shape)
+    assert work.forward_flops_per_token == 2 * shape.active_params + 2 * 32 * 4096 * 2048
+
+    def rows(*argv):
+        assert main([*argv, "--tokens", "10M", "--json"]) == 0
+        return {r["gpu"]: r for r in json.loads(capsys.readouterr().out)}
+
+    sparse, dense = rows("--model", "46.7B", "--active", "12.9B", "--gpu", "H100"), rows("--model", "46.7B",
+                                                                                        "--gpu", "H100")
+    assert sparse["H100"]["seconds"] / dense["H100"]["seconds"] == pytest.approx(12.9 / 46.7)
+    # A model directory: its config gives the active count (time) and every expert (memory).
+    config.save_pretrained(tmp_path)
+    mixtral = Path(__file__).resolve().parents[1] / "configs" / "mixtral-8x7b-lora.yaml"
+    by_gpu = rows("--model", str(tmp_path), "--config", str(mixtral), "--gpu", "H100",
+                  "--gpu", "H200")
+    assert by_gpu["H100"]["fits"] == "no (88.4 GiB)" and by_gpu["H200"]["fits"] == "yes (88.4 GiB)"
+    assert main(["--model", "46.7B", "--active", "50B", "--tokens", "1M"]) == 2
+    assert "--active: '50B' is not a count up to --model's 46.7B" in capsys.readouterr().err
