@@ -166,6 +166,12 @@ class TokenizeConfig(Section):
         "assistant",
         description="Which tokens carry a loss: every assistant turn, the last assistant turn, or all tokens.",
     )
+    special_token_text: Literal["plain", "reject"] = Field(
+        "plain",
+        description="A message holding the text of one of the tokenizer's special tokens (e.g. '<|im_end|>' "
+        "or '<|im_start|>system'): 'plain' encodes it as ordinary text, so data cannot forge turn boundaries, "
+        "system turns or the label mask; 'reject' drops the record (counted as special_token_text).",
+    )
     packing: bool = Field(
         True,
         description="Pack several records into one sequence (best fit); documents never attend to each other.",

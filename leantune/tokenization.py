@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from array import array
 from bisect import bisect_left, bisect_right, insort
@@ -77,6 +78,7 @@ CHATML_TEMPLATE = (
 )
 
 TrainOn = Literal["assistant", "last_assistant", "all"]
+SpecialText = Literal["plain", "reject"]
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -196,7 +198,7 @@ def pad_id(tokenizer) -> int:
 class EncodeFailure:
     """Why a record could not be encoded: its template raised, or is not prefix-stable."""
 
-    kind: Literal["template_error", "template_unstable"]
+    kind: Literal["template_error", "template_unstable", "special_token_text"]
     reason: str
 
 
@@ -225,13 +227,77 @@ def _trainable_turns(messages: list[dict], train_on: TrainOn) -> list[int]:
     return turns[-1:] if train_on == "last_assistant" else turns
 
 
+def special_token_texts(tokenizer) -> dict[str, int]:
+    """{text: id} of the tokenizer's special tokens: the control tokens a chat template writes
+    (<|im_start|>, <|im_end|>, <|endoftext|>...), which text in the data must never turn into."""
+    texts = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for text in tokenizer.all_special_tokens:
+        texts.setdefault(text, tokenizer.convert_tokens_to_ids(text))
+    return texts
+
+
+def _special_text_spans(tokenizer, conversations: list[list[dict]], full: list, special: SpecialText,
+                        spans: list) -> dict[int, list[tuple[int, int]]]:
+    """The character spans, in each rendered conversation, of the contents that hold special-token text.
+
+    With special='reject' such a record's entry in `spans` becomes an EncodeFailure instead. A content
+    the template did not copy verbatim is looked for in vain: that record fails too, as the special
+    token text could not be kept plain."""
+    texts = special_token_texts(tokenizer)
+    if not texts:
+        return {}
+    pattern = re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True))))
+    found: dict[int, list[tuple[int, int]]] = {}
+    for i, messages in enumerate(conversations):
+        if isinstance(spans[i], EncodeFailure) or not any(pattern.search(m["content"]) for m in messages):
+            continue
+        pos, where = 0, []
+        for k, m in enumerate(messages):
+            hit = match.group() if (match := pattern.search(m["content"])) else None
+            at = full[i].find(m["content"], pos) if m["content"] else -1
+            if at >= 0:
+                pos = at + len(m["content"])
+            if hit is None:
+                continue
+            if special == "reject" or at < 0:
+                spans[i] = EncodeFailure("special_token_text", (
+                    f"message {k} ({m['role']}) holds the text of the special token {hit!r}, which would become "
+                    "that control token (a forged turn boundary)" + (
+                        "; set tokenize.special_token_text='plain' to train on it as plain text" if at >= 0 else
+                        "; the chat template does not copy the content verbatim, so it cannot be kept plain")))
+                break
+            where.append((at, pos))
+        else:
+            if where:
+                found[i] = where
+    return found
+
+
+def _as_plain_text(tokenizer, text: str, ids: list[int], offsets: list, protect: list[tuple[int, int]]):
+    """`ids`/`offsets` of `text` with each special token inside a `protect` span re-encoded as plain text."""
+    special_ids = set(special_token_texts(tokenizer).values())
+    out_ids, out_offsets = [], []
+    for token, (s, e) in zip(ids, offsets, strict=True):
+        if token in special_ids and any(a <= s and e <= b for a, b in protect):
+            plain = tokenizer(text[s:e], add_special_tokens=False, split_special_tokens=True,
+                              return_offsets_mapping=True, return_attention_mask=False)
+            out_ids += plain["input_ids"]
+            out_offsets += [(s + ps, s + pe) for ps, pe in plain["offset_mapping"]]
+        else:
+            out_ids.append(token)
+            out_offsets.append((s, e))
+    return out_ids, out_offsets
+
+
 def encode_batch(
-    tokenizer, conversations: list[list[dict]], train_on: TrainOn
+    tokenizer, conversations: list[list[dict]], train_on: TrainOn, special: SpecialText = "plain"
 ) -> list[tuple[list[int], list[int]] | EncodeFailure]:
     """Encode conversations with the chat template: (input_ids, trainable mask) or a failure each.
 
     Renders are batched per call (prefixes of all records at once) and the texts tokenized in one
-    batch, which is what makes this fast; see the module docstring for the masking rule.
+    batch, which is what makes this fast; see the module docstring for the masking rule. Text of a
+    special token inside a message (e.g. "<|im_end|>") stays plain text (`special`='plain') or fails
+    the record as special_token_text ('reject'); only the template's own special tokens are control tokens.
     """
     full = _render(tokenizer, conversations, add_generation_prompt=False)
     spans: list[list[tuple[int, int]] | EncodeFailure] = []
@@ -264,6 +330,7 @@ def encode_batch(
         else:
             spans[i].append((len(start), len(end)))
 
+    protect = _special_text_spans(tokenizer, conversations, full, special, spans)
     ok = [i for i, s in enumerate(spans) if not isinstance(s, EncodeFailure)]
     encoded = tokenizer(
         [full[i] for i in ok],
@@ -274,6 +341,8 @@ def encode_batch(
     ) if ok else {"input_ids": [], "offset_mapping": []}
     results: list[tuple[list[int], list[int]] | EncodeFailure] = list(spans)
     for i, ids, offsets in zip(ok, encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        if i in protect:
+            ids, offsets = _as_plain_text(tokenizer, full[i], ids, offsets, protect[i])
         mask = [0] * len(ids)
         # Offsets rise monotonically along the tokens, so a span's tokens are one contiguous run:
         # from the first token ending after the span start to the last one starting before its end.
@@ -396,7 +465,8 @@ def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Pat
     """Stream canonical records into token shards in `out_dir`; return the index.json summary.
 
     Every record read is counted once: written (possibly truncated), dropped_overlong,
-    no_trainable (nothing to learn after truncation), template_error or template_unstable.
+    no_trainable (nothing to learn after truncation), template_error, template_unstable or
+    special_token_text (tokenize.special_token_text='reject').
     """
     t = cfg.tokenize
     out_dir = Path(out_dir)
@@ -407,8 +477,8 @@ def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Pat
     dtype = np.uint16 if vocab < 65536 else np.uint32
     writer = _ShardWriter(out_dir, dtype, t.shard_tokens, t.max_seq_len)
     counts = dict.fromkeys(("records_read", "records_written", "truncated", "dropped_overlong",
-                            "no_trainable", "template_error", "template_unstable"), 0)
-    examples: dict[str, list[dict]] = {"template_error": [], "template_unstable": []}
+                            "no_trainable", "template_error", "template_unstable", "special_token_text"), 0)
+    examples: dict[str, list[dict]] = {"template_error": [], "template_unstable": [], "special_token_text": []}
     lengths = array("i")
     total_tokens = trainable_tokens = 0
     window: list[tuple[int, list[int], list[int]]] = []
@@ -420,7 +490,7 @@ def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Pat
 
     bar = progress_bar(f"tokenize {out_dir.name}", "record")
     for chunk in chunks(iter_jsonl(records_path), cfg.data.chunk_size):
-        results = encode_batch(tokenizer, [r["messages"] for r in chunk], t.train_on)
+        results = encode_batch(tokenizer, [r["messages"] for r in chunk], t.train_on, t.special_token_text)
         for record, result in zip(chunk, results, strict=True):
             ordinal = counts["records_read"]
             counts["records_read"] += 1
