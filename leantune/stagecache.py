@@ -42,7 +42,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 # What each stage writes, relative to the run directory (a directory means everything in it).
 STAGE_OUTPUTS = {
-    "prepare": ["data/records.jsonl", "data/rejects.jsonl", "data/prepare.json"],
+    "prepare": ["data/records.jsonl", "data/rejects.jsonl", "data/duplicates.jsonl", "data/prepare.json"],
     "validate": ["data/train.jsonl", "data/val.jsonl", "data/quarantine.jsonl", "data/validation.json",
                  "data/quality.json"],
     "tokenize": ["tokens", "data/quality.json"],

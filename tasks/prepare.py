@@ -27,5 +27,5 @@ def prepare_data(config: RunConfig, run_dir: Path) -> dict:
     t = stats["totals"]
     log.info(f"prepare: read {t['read']} rows -> kept {t['kept']}, rejected {t['rejected']}, "
              f"duplicates {t['duplicates']}, not selected {t['not_selected']} "
-             f"(rejects in {run_dir / 'data' / 'rejects.jsonl'})")
+             f"(rejects in {run_dir / 'data' / 'rejects.jsonl'}, duplicates in {run_dir / 'data' / 'duplicates.jsonl'})")
     return stats

@@ -159,10 +159,15 @@ def test_duplicates_are_removed_and_counted_within_and_across_sources(tmp_path):
     assert [(s["kept"], s["duplicates"], s["rejected"]) for s in stats["sources"].values()] == [(3, 2, 0), (1, 1, 1)]
     ids = [r["id"] for r in iter_jsonl(tmp_path / "on" / "records.jsonl")]
     assert len(ids) == len(set(ids)) == 4
+    # Each duplicate is listed with where it is, like a reject; its id is the kept copy's.
+    assert [(d["source"], Path(d["file"]).name, d["line"]) for d in iter_jsonl(tmp_path / "on" / "duplicates.jsonl")] == [
+        ("a", "a.jsonl", 3), ("a", "a.jsonl", 4), ("b", "b.jsonl", 1)]
+    assert {d["id"] for d in iter_jsonl(tmp_path / "on" / "duplicates.jsonl")} <= set(ids)
     cfg.data.dedupe = False
     stats = prepare(cfg, tmp_path / "off")
     assert [(s["kept"], s["duplicates"]) for s in stats["sources"].values()] == [(5, 0), (2, 0)]
     assert balanced(stats)
+    assert list(iter_jsonl(tmp_path / "off" / "duplicates.jsonl")) == []
 
 
 def test_weight_keeps_a_deterministic_share_by_id(tmp_path):

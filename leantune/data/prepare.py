@@ -7,14 +7,16 @@ one bin:
 
 - rejected: it cannot become a valid record (reason codes in `formats`/`sources`); written to
   rejects.jsonl with its source, file, line, reason, detail and raw text;
-- duplicate: its id equals a record already kept (any source), when `data.dedupe` is on;
+- duplicate: its id equals a record already kept (any source), when `data.dedupe` is on; written to
+  duplicates.jsonl with its source, file, line and the id (the kept copy is the record of that id);
 - not_selected: left out by the source's `weight` (a fixed share of ids, chosen by id hash) or past
   its `max_rows`;
 - kept: written to records.jsonl.
 
 read = kept + rejected + duplicates + not_selected, per source and in total; prepare checks it and
 raises AssertionError if it ever fails. Outputs in `data_dir`: records.jsonl (one canonical record
-per line: {"id", "messages", "source"}), rejects.jsonl, prepare.json (the returned statistics).
+per line: {"id", "messages", "source"}), rejects.jsonl, duplicates.jsonl, prepare.json (the returned
+statistics).
 The train/validation split is the next stage's job.
 """
 
@@ -52,16 +54,18 @@ def prepare(cfg: RunConfig, data_dir: Path) -> dict:
     seen = IdSet() if cfg.data.dedupe else None
     sources: dict[str, dict] = {}
     examples: dict[str, dict[str, str]] = {}
-    with JsonlWriter(data_dir / "records.jsonl") as records, JsonlWriter(data_dir / "rejects.jsonl") as rejects:
+    with (JsonlWriter(data_dir / "records.jsonl") as records, JsonlWriter(data_dir / "rejects.jsonl") as rejects,
+          JsonlWriter(data_dir / "duplicates.jsonl") as duplicates):
         for index, src in enumerate(cfg.data.sources):
             name = source_name(src)
-            sources[name], examples[name] = _prepare_source(src, index, cfg.data, seen, records, rejects)
+            sources[name], examples[name] = _prepare_source(src, index, cfg.data, seen, records, rejects, duplicates)
     totals = {key: sum(s[key] for s in sources.values()) for key in ("read", *BINS)}
     totals["reasons"] = dict(sorted(sum((Counter(s["reasons"]) for s in sources.values()), Counter()).items()))
     _check_balance("all sources", totals)
-    if (totals["kept"], totals["rejected"]) != (records.count, rejects.count):
-        raise AssertionError(f"counted kept={totals['kept']}, rejected={totals['rejected']} but wrote "
-                             f"{records.count} records and {rejects.count} rejects")
+    if (totals["kept"], totals["rejected"], totals["duplicates"]) != (records.count, rejects.count, duplicates.count):
+        raise AssertionError(f"counted kept={totals['kept']}, rejected={totals['rejected']}, duplicates="
+                             f"{totals['duplicates']} but wrote {records.count} records, {rejects.count} rejects "
+                             f"and {duplicates.count} duplicates")
     stats = {"sources": sources, "totals": totals}
     (data_dir / "prepare.json").write_text(json.dumps(stats, indent=2) + "\n")
     _raise_if_unusable(cfg, stats, examples, data_dir / "rejects.jsonl")
@@ -69,7 +73,8 @@ def prepare(cfg: RunConfig, data_dir: Path) -> dict:
 
 
 def _prepare_source(src: SourceConfig, index: int, data: DataConfig, seen: IdSet | None,
-                    records: JsonlWriter, rejects: JsonlWriter) -> tuple[dict, dict[str, str]]:
+                    records: JsonlWriter, rejects: JsonlWriter,
+                    duplicates: JsonlWriter) -> tuple[dict, dict[str, str]]:
     """Stream one source into the writers; return its counts and one example per reject reason."""
     name = source_name(src)
     stats = {"format": "unknown", "read": 0, **dict.fromkeys(BINS, 0), "reasons": Counter()}
@@ -95,6 +100,7 @@ def _prepare_source(src: SourceConfig, index: int, data: DataConfig, seen: IdSet
             rid = record_id(messages)
             if seen is not None and rid in seen:
                 stats["duplicates"] += 1
+                duplicates.write({"source": name, "file": row.file, "line": row.line, "id": rid})
             elif not _selected(rid, name, src.weight):
                 stats["not_selected"] += 1
             elif src.max_rows is not None and stats["kept"] >= src.max_rows:
