@@ -46,11 +46,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from leantune.config import RunConfig, largest_divisor, with_values
-from leantune.errors import UserError
+from leantune.errors import NoSpaceLeft, UserError
 from leantune.tables import markdown_table
 from leantune.training.checkpoint import resume_fingerprint
 
 EXIT_STOPPED = 75  # the training loop's exit status after a clean stop on a signal (loop.py)
+EXIT_NO_SPACE = 28  # the training loop's exit status when the disk is full (ENOSPC's number; loop.py)
 MIN_SEQ_LEN = 64  # attempts do not shorten sequences below this (most records would be cut)
 FAILURE_FILE = "attempt_error.json"  # what a failed training process says about its end (write_failure)
 # torchrun's summary of a failed worker (torch.distributed.elastic ChildFailedError): "exitcode  : -9 (pid: 123)".
@@ -217,12 +218,16 @@ def attempt_failure(run_dir: Path, returncode: int, worker_exitcodes: list[int] 
             return UserError(info["message"])
         return AttemptFailed(info["outcome"], f"{info['error_type']}: {info['message']}", returncode,
                              device_type=info["device_type"], bf16_supported=info["bf16_supported"])
+    if returncode == EXIT_NO_SPACE:  # the disk was too full for the failure file
+        return NoSpaceLeft(f"no space left on device in {run_dir}; free space and resume with --resume "
+                           f"{Path(run_dir).name}")
     outcome = classify(returncode=returncode)
     if outcome == "killed":
         message = ("the training process was killed (SIGKILL: the kernel's out-of-memory killer, a preempted "
                    "machine or a person)")
     else:
-        message = f"the training process exited with status {returncode} without saying why; its log above may"
+        message = (f"the training process exited with status {returncode} without saying why; its log above "
+                   "may show the cause")
     return AttemptFailed(outcome, message, returncode)
 
 

@@ -2,7 +2,7 @@
 
 import logging
 
-from leantune.errors import UserError
+from leantune.errors import UserError, no_space_left
 
 
 class _HideUserErrorTraceback(logging.Filter):
@@ -107,6 +107,9 @@ def failure_exit_code(state, what: str) -> int:
         print(f"leantune: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        if full := no_space_left(e, "the run directory"):  # a full disk, met by the flow's own writes
+            print(f"leantune: {full}", file=sys.stderr)
+            return 1
         print(f"leantune: the {what} failed: {e.__class__.__name__}: {e} (the log above has the details)",
               file=sys.stderr)
     return 1

@@ -71,7 +71,7 @@ from pathlib import Path
 import numpy as np
 
 from leantune.config import RunConfig, load_config
-from leantune.errors import DataError, UserError
+from leantune.errors import DataError, NoSpaceLeft, UserError, no_space_left
 from leantune.moe import ExpertLoad, RouterTap, moe_geometry, token_segments
 from leantune.monitor.sampler import Monitor
 from leantune.runlock import RunDirBusy, hold_run_dir
@@ -749,14 +749,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leantune: {e}", file=sys.stderr)  # the run belongs to its holder: nothing is written in it
         return 2
     except Exception as e:
-        from leantune.attempts import classify, write_failure
+        from leantune.attempts import EXIT_NO_SPACE, FAILURE_FILE, classify, write_failure
 
+        # A full disk is the user's to fix: one line saying so, not the chained tracebacks of each write.
+        e = no_space_left(e, args.run_dir, args.run_dir.name) or e
         # The flow that started this process reads why it failed from the run directory.
         if args.run_dir.is_dir():
-            write_failure(args.run_dir, e, cfg)
+            try:
+                write_failure(args.run_dir, e, cfg)
+            except OSError as unwritten:  # the disk is full: the exit status tells the flow instead
+                log.error("could not write %s: %s", args.run_dir / FAILURE_FILE, unwritten)
         if isinstance(e, UserError):
             print(f"leantune: {e}", file=sys.stderr)
-            return 2
+            return EXIT_NO_SPACE if isinstance(e, NoSpaceLeft) else 2
         if classify(e) in ("oom", "nan"):
             # Resource outcomes the flow answers with another attempt: the message says it all.
             log.error("%s: %s", type(e).__name__, e)
