@@ -35,6 +35,7 @@ from leantune.preflight import check_before_data
 from leantune.rundir import create_run_dir, data_stages_done
 from tasks.attempts import after_failure, probe_memory, publish_attempts, record_success
 from tasks.evaluate import evaluate_sycophancy
+from tasks.filtration import filter_claims
 from tasks.prepare import prepare_data
 from tasks.report import report_run
 from tasks.server import connect_to_prefect
@@ -64,7 +65,10 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
 
     redo_data = not resume or not data_stages_done(run_dir)
     if redo_data:
-        # ---- stage 1: prepare — every source into canonical records; every row counted
+        # ---- stage 1: prepare — every source into canonical records; every row counted. Synthetic data
+        # with Wei et al.'s filtration first asks the base model which training claims it knows.
+        if config.data.synthetic.filtration and any(s.kind == "synthetic" for s in config.data.sources):
+            config = filter_claims(config, run_dir)
         prepare_data(config, run_dir)
 
         # ---- stage 2: validate — Great Expectations over chunks; quarantine; train/val split; quality

@@ -1,0 +1,75 @@
+"""Wei et al.'s filtration step (2023, "Simple synthetic data reduces sycophancy in large language models",
+section 3): opinion-bearing training records only for claims the base model already knows.
+
+Before the data is prepared, the base model of the run answers every training-side claim of the synthetic
+pool asked plainly (no user, no opinion; leantune/data/synthetic.py's question and choices), once with
+"Agree" as option (A) and once as option (B), scored by log-likelihood like the evaluation
+(leantune/evaluation/scoring.py). A claim is known when the correct option wins in both orders, so an
+answer-order preference alone cannot make a claim known. Teaching a model to disagree with a user about a
+claim it does not know would teach it to answer at random, not to keep to what it knows. The known claims
+go to `data.synthetic.known_claims` (the generator then writes opinion items on those only); the counts go
+to data/filtration.json. Held-out (evaluation-side) claims are never scored here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from leantune.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def filter_known_claims(cfg: RunConfig, data_dir: Path) -> RunConfig:
+    """`cfg` with data.synthetic.known_claims set from the base model's plain answers; writes
+    data_dir/filtration.json with the counts per claim kind."""
+    import torch
+
+    from leantune.data.synthetic import plain_item, split_claims
+    from leantune.evaluation.datasets import ChoiceItem
+    from leantune.evaluation.runner import build_eval_model, load_eval_tokenizer
+    from leantune.evaluation.scoring import encode_items, resolve_framing, score_encoded
+    from leantune.modeling import resolve_device, resolve_precision
+    from leantune.tokenization import pad_id
+
+    started = time.monotonic()
+    synthetic = cfg.data.synthetic
+    claims = [c for task in synthetic.tasks for c in split_claims(task, "train")]
+    # One item per claim and order; the "matching" answer of a ChoiceItem is the one that should lose.
+    items = []
+    for c in claims:
+        for agree_first in (True, False):
+            plain = plain_item(c, agree_first)
+            items.append(ChoiceItem(id=f"{c.text}|{'AB'[not agree_first]}", subset=c.task, question=plain.question,
+                                    matching=plain.incorrect_answer, not_matching=(plain.correct_answer,)))
+    tokenizer = load_eval_tokenizer(cfg, None)
+    framing = resolve_framing(cfg.eval.framing, tokenizer)
+    device = resolve_device(cfg)
+    precision = resolve_precision(cfg, device)
+    model = build_eval_model(cfg, tokenizer, device)
+    encoded = encode_items(tokenizer, framing, items)
+    scores = score_encoded(model, encoded, cfg.eval.batch_size, pad_id(tokenizer), device,
+                           torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32), precision)
+    del model
+    correct = [lp[1] > lp[0] for lp in scores]
+    picks_a = sum((lp[1] > lp[0]) == item.not_matching[0].startswith("(A)") for item, lp in zip(items, scores, strict=True))
+    known = [c for i, c in enumerate(claims) if correct[2 * i] and correct[2 * i + 1]]
+    by_task = {task: {"scored": sum(c.task == task for c in claims), "known": sum(c.task == task for c in known),
+                      "correct_in_one_order": sum(c.task == task and (correct[2 * i] != correct[2 * i + 1])
+                                                  for i, c in enumerate(claims))}
+               for task in synthetic.tasks}
+    summary = {"method": "plain question, both answer orders, log-likelihood; known = correct in both",
+               "model": cfg.model.name_or_path, "claims_scored": len(claims), "claims_known": len(known),
+               "by_task": by_task, "plain_accuracy": sum(correct) / len(correct),
+               "picks_option_a": picks_a / len(items), "seconds": round(time.monotonic() - started, 1),
+               "known_claims": [c.text for c in known]}
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "filtration.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log.info("filtration: the base model knows %d of %d training-side claims (plain accuracy %.3f, option (A) "
+             "chosen %.3f of the time)", len(known), len(claims), summary["plain_accuracy"], summary["picks_option_a"])
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "synthetic": synthetic.model_copy(update={"known_claims": [c.text for c in known]})})})
