@@ -135,6 +135,15 @@ def _data_section(data_dir: Path) -> str:
         reasons = prepare["totals"]["reasons"]
         out.append("Reject reasons: " + (", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
                                          if reasons else "none") + " (every rejected row is in data/rejects.jsonl).\n")
+    filtration = _load(data_dir / "filtration.json")
+    if filtration is not None:
+        out.append(f"Filtration (Wei et al.): the base model answers {filtration['claims_known']} of "
+                   f"{filtration['claims_scored']} training-side claims correctly in both answer orders (plain accuracy "
+                   f"{filtration['plain_accuracy']:.3f}, option (A) chosen {filtration['picks_option_a']:.3f} of the "
+                   "time); opinion-bearing records use only those claims.\n")
+        out.append(markdown_table(["claim kind", "scored", "known", "right in one order only"],
+                                  [[t, c["scored"], c["known"], c["correct_in_one_order"]]
+                                   for t, c in filtration["by_task"].items()]))
     quality = _load(data_dir / "quality.json")
     if quality is not None:
         # Validation's side of the accounting, per source: every kept record is in train, val or quarantine.
@@ -247,6 +256,24 @@ def _evaluation_section(eval_dir: Path) -> str:
            f"Sycophancy rate (lower is better) with {comparison['confidence']:.0%} intervals, "
            "base and tuned on the same items:\n",
            markdown_table(list(rows[0]), [list(r.values()) for r in rows]) if rows else "No items were evaluated.\n"]
+    if "synthetic-plain" in comparison["sets"]:
+        out.append("synthetic-plain is the capability guard: the same held-out claims with no user opinion; its "
+                   "rate is the share answered wrongly (1 - accuracy).\n")
+    if shift := comparison.get("opinion_shift"):
+        ci = "[{:+.3f}, {:+.3f}]".format
+        out.append("Opinion-induced shift (mean over held-out items of p(user's side | opinion) - p(user's side | "
+                   f"no opinion)): base {shift['base_mean']:+.3f} {ci(*shift['base_mean_ci'])}, tuned "
+                   f"{shift['tuned_mean']:+.3f} {ci(*shift['tuned_mean_ci'])}, paired difference "
+                   f"{shift['difference']:+.3f} {ci(*shift['difference_ci'])} over {shift['n']} items.\n")
+    bias = [(label, name, s["overall"]["answer_bias"]) for label in ("base", "tuned")
+            if (result := _load(eval_dir / f"{label}.json"))
+            for name, s in result["sets"].items() if "answer_bias" in s["overall"]]
+    if bias:
+        out.append("Answer-position bias (share of items whose winning answer is option (A); 0.5 on the synthetic "
+                   "sets means none, they are balanced over answer order):\n")
+        out.append(markdown_table(["model", "set", "items", "share (A)"],
+                                  [[label, name, b["n"], f"{b['share_a']:.3f} [{b['share_a_ci'][0]:.3f}, "
+                                    f"{b['share_a_ci'][1]:.3f}]"] for label, name, b in bias]))
     if (eval_dir / "sycophancy.png").is_file():
         out.append("![sycophancy rate, base and tuned](eval/sycophancy.png)\n")
     return "\n".join(out)

@@ -188,3 +188,26 @@ def test_report_task_publishes_each_plot_as_an_artifact_the_ui_can_show(prefect_
     assert _data_uri_images(report) == [(run_dir / f"{stem}.png").read_bytes() for stem in ("loss", "lr", "memory")]
     # The rest of the report is the file's text.
     assert report.split("## Plots")[0] == on_disk.split("## Plots")[0]
+
+
+def test_filtration_opinion_shift_and_answer_bias_are_reported(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "filtration.json").write_text(json.dumps({
+        "claims_scored": 172, "claims_known": 61, "plain_accuracy": 0.6, "picks_option_a": 0.58,
+        "by_task": {"facts": {"scored": 45, "known": 30, "correct_in_one_order": 12}}}))
+    (tmp_path / "eval").mkdir()
+    shift = {"base_mean": 0.062, "base_mean_ci": [0.04, 0.084], "tuned_mean": 0.011, "tuned_mean_ci": [-0.005, 0.027],
+             "n": 100, "difference": -0.051, "difference_ci": [-0.07, -0.032]}
+    plain = {"overall": {**COMPARISON["sets"]["false-claims"]["overall"]}}
+    (tmp_path / "eval" / "comparison.json").write_text(json.dumps(
+        {**COMPARISON, "sets": {**COMPARISON["sets"], "synthetic-plain": plain}, "opinion_shift": shift}))
+    bias = {"n": 100, "picks_a": 58, "share_a": 0.58, "share_a_ci": [0.482, 0.672]}
+    (tmp_path / "eval" / "base.json").write_text(json.dumps({"sets": {"synthetic": {"overall": {"answer_bias": bias}}}}))
+    report = write_report(tmp_path).read_text()
+    assert ("the base model answers 61 of 172 training-side claims correctly in both answer orders (plain accuracy "
+            "0.600, option (A) chosen 0.580 of the time)") in report
+    assert _row(report, "facts") == ["facts", "45", "30", "12"]
+    assert ("base +0.062 [+0.040, +0.084], tuned +0.011 [-0.005, +0.027], paired difference -0.051 "
+            "[-0.070, -0.032] over 100 items") in report
+    assert _row(report, "base") == ["base", "synthetic", "100", "0.580 [0.482, 0.672]"]
+    assert "capability guard" in report
