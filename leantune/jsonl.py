@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict]:
@@ -34,7 +37,10 @@ class JsonlWriter:
         self._f = open(self.path, "w", encoding="utf-8")
 
     def write(self, obj: dict) -> None:
-        self._f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        text = json.dumps(obj, ensure_ascii=False)
+        if _SURROGATE.search(text):  # a rejected row's lone surrogate: UTF-8 cannot hold it, its escape can
+            text = json.dumps(obj)
+        self._f.write(text + "\n")
         self.count += 1
 
     def close(self) -> None:

@@ -109,3 +109,16 @@ def test_invisible_reply_is_empty_and_empty_instruction_leaves_the_input_alone()
     assert got[0] == {"role": "user", "content": "the input"}
     got = to_messages({"instruction": "do", "input": "this", "output": "x"}, "alpaca")
     assert got[0] == {"role": "user", "content": "do\n\nthis"}
+
+
+def test_a_lone_surrogate_in_a_json_array_is_one_reject_not_the_rest_of_the_file(tmp_path):
+    # yajl's C parser cannot decode "\udfff"; the rows after it used to become one bad_json reject.
+    rows = [alpaca(i) for i in range(30)]
+    rows[10]["output"] = "lone \udfff"
+    path = tmp_path / "surrogate.json"
+    path.write_text(json.dumps(rows, indent=1))
+    stats = prepare(config(path), tmp_path / "out")
+    assert counts(stats, path) == (30, 29, 1)
+    [reject] = iter_jsonl(tmp_path / "out" / "rejects.jsonl")
+    assert (reject["line"], reject["reason"]) == (11, "invalid_unicode")
+    assert "\\udfff" in (tmp_path / "out" / "rejects.jsonl").read_text()  # written as its escape

@@ -18,6 +18,7 @@ that is unreadable as a whole (an unknown extension, a corrupt parquet file) is 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -146,24 +147,33 @@ def _json_rows(name: str, path: Path) -> Iterator[RawRow]:
     import ijson
 
     row_no = 0
-    with open(path, "rb") as f:
-        if f.read(len(BOM)) != BOM:  # a UTF-8 byte order mark is not content
-            f.seek(0)
-        try:
-            # multiple_values: a second document after the first is read too, never silently left out.
-            for where, value in _json_values(ijson.parse(f, use_float=True, multiple_values=True)):
-                row_no += 1
-                raw = json.dumps(value, ensure_ascii=False)
-                if where is None:
-                    yield RawRow(name, str(path), row_no, raw, value=value)
-                else:
-                    yield RawRow(name, str(path), row_no, raw, error=RowError(
-                        "bad_structure", f"{where} is {type_name(value)}, expected an array of rows"))
-        except (ijson.JSONError, UnicodeDecodeError) as e:
-            # The document is broken from here on: what was read stays, the rest is one rejected row.
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            yield RawRow(name, str(path), row_no + 1, "", error=RowError(
-                "bad_json", f"the JSON document is invalid after row {row_no}: {detail}"))
+    # yajl's C parser cannot decode the escape of a lone UTF-16 surrogate ("\\udfff", which a row
+    # may hold; it becomes an invalid_unicode reject): the pure-Python parser then reads the file
+    # again, from the row after the last one read.
+    for backend in (ijson, ijson.get_backend("python")):
+        with open(path, "rb") as f:
+            if f.read(len(BOM)) != BOM:  # a UTF-8 byte order mark is not content
+                f.seek(0)
+            try:
+                # multiple_values: a second document after the first is read too, never silently left out.
+                values = _json_values(backend.parse(f, use_float=True, multiple_values=True))
+                for where, value in itertools.islice(values, row_no, None):
+                    row_no += 1
+                    raw = json.dumps(value, ensure_ascii=False)
+                    if where is None:
+                        yield RawRow(name, str(path), row_no, raw, value=value)
+                    else:
+                        yield RawRow(name, str(path), row_no, raw, error=RowError(
+                            "bad_structure", f"{where} is {type_name(value)}, expected an array of rows"))
+                return
+            except (ijson.JSONError, UnicodeDecodeError) as e:
+                if isinstance(e, UnicodeDecodeError) and backend is ijson:
+                    continue
+                # The document is broken from here on: what was read stays, the rest is one rejected row.
+                detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                yield RawRow(name, str(path), row_no + 1, "", error=RowError(
+                    "bad_json", f"the JSON document is invalid after row {row_no}: {detail}"))
+                return
 
 
 def _json_values(events: Iterator[tuple]) -> Iterator[tuple[str | None, Any]]:
