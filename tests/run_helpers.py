@@ -1,10 +1,14 @@
 """Helpers shared by the training tests: a fresh copy of the `tokenized_run` fixture, adapter weights."""
 
 import shutil
+from pathlib import Path
 
 from safetensors.torch import load_file
 
 from leantune.config import dump_config, load_config
+
+# The tiny scratch model's config: what command-line flow tests run (configs/default.yaml is the real model).
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
 
 def new_run(tokenized_run, tmp_path, *overrides, name="run"):

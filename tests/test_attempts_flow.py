@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from run_helpers import SMOKE
 
 import tasks.train
 from flows.finetune import finetune
@@ -130,7 +131,8 @@ def test_a_killed_training_process_is_retried_from_its_checkpoint(prefect_server
 def test_a_user_error_in_the_training_process_ends_the_run_with_its_message(prefect_server, tmp_path, monkeypatch,
                                                                            capsys):
     inject_faults(monkeypatch, "user@2")
-    sets = [arg for setting in [*SMALL_RUN, f"run.output_dir={tmp_path}"] for arg in ("--set", setting)]
+    sets = ["--config", str(SMOKE), *(arg for setting in [*SMALL_RUN, f"run.output_dir={tmp_path}"]
+                                      for arg in ("--set", setting))]
     assert flow_main([*sets, "--run-name", "u"]) == 2
     assert "leantune: data.sources: injected user error at step 2; fix the config" in capsys.readouterr().err
     [entry] = history(tmp_path / "u")

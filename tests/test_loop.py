@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from run_helpers import adapter, assert_same_weights, new_run
+from run_helpers import SMOKE, adapter, assert_same_weights, new_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from leantune.modeling import build_base_model, build_model
@@ -213,7 +213,8 @@ def test_flow_trains_publishes_a_summary_and_resumes(prefect_server, tmp_path, c
 
     from flows.finetune import main as flow_main
 
-    sets = [arg for setting in [*FLOW_RUN, f"run.output_dir={tmp_path}"] for arg in ("--set", setting)]
+    sets = ["--config", str(SMOKE), *(arg for setting in [*FLOW_RUN, f"run.output_dir={tmp_path}"]
+                                      for arg in ("--set", setting))]
     assert flow_main([*sets, "--run-name", "r"]) == 0
     run_dir = tmp_path / "r"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
