@@ -151,6 +151,7 @@ def test_out_of_memory_errors_are_recognised():
 # ------------------------------------------------------------------------------------ in the loop
 
 
+@pytest.mark.slow
 def test_oom_mid_step_redoes_the_step_with_the_same_sequences_and_the_same_result(tokenized_run, tmp_path,
                                                                                   monkeypatch):
     steps = range(1, 6)

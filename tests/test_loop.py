@@ -205,6 +205,7 @@ FLOW_RUN = ["data.synthetic.num_records=120", "data.val_fraction=0.1", "tokenize
             "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=2"]
 
 
+@pytest.mark.slow
 @pytest.mark.flow
 def test_flow_trains_publishes_a_summary_and_resumes(prefect_server, tmp_path, capsys):
     from prefect.client.orchestration import get_client

@@ -318,6 +318,7 @@ def test_hub_full_loads_fp32_master_weights_and_passes_trust_remote_code(tokeniz
     assert kwargs["revision"] is None
 
 
+@pytest.mark.slow
 def test_hub_qlora_passes_a_4bit_quantization_config(tokenizer, fake_hub):
     from transformers import BitsAndBytesConfig
 

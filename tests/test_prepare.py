@@ -263,6 +263,7 @@ def test_lost_record_is_detected(tmp_path, monkeypatch):
         prepare(config(src("alpaca.jsonl")), tmp_path)
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_input(tmp_path):
     sys.path.insert(0, str(BENCH))
     try:

@@ -31,6 +31,7 @@ def _latest_artifact(key: str):
     return artifact
 
 
+@pytest.mark.slow
 @pytest.mark.flow
 def test_a_2x2_sweep_writes_consistent_rows_and_reports_what_cannot_run(prefect_server, tmp_path):
     cfg = load_config(overrides=[*SMALL, f"run.output_dir={tmp_path}", "run.name=p"])

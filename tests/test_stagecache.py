@@ -125,6 +125,7 @@ def test_irrelevant_setting_keeps_every_hit(first):
     assert ran == {"prepare": False, "validate": False, "tokenize": False}
 
 
+@pytest.mark.slow
 @pytest.mark.flow
 def test_flow_tasks_skip_cached_stages_and_say_so(prefect_server, first, tmp_path):
     import logging

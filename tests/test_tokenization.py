@@ -270,6 +270,7 @@ def file_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_output_is_byte_identical_across_runs_and_processes(tmp_path):
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", make_records(120))
