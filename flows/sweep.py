@@ -44,6 +44,7 @@ from leantune.sweep import (
     member_row,
     write_csv,
 )
+from leantune.tracking import as_children, finish_parent_run, start_parent_run
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -72,6 +73,10 @@ def sweep(configs: list[str] | None = None, grid: dict[str, list] | None = None,
     log.info(f"sweep {sweep_name}: {len(members)} member(s) over pools "
              f"{', '.join(f'{p.name} ({p.memory_gb:g} GB)' for p in catalogue)}")
 
+    # One MLflow run for the sweep, each member's run its child (leantune/tracking.py; members on other machines
+    # need a shared tracking.mlflow_uri for that).
+    parent_run = start_parent_run(members[0].config, sweep_name, {"leantune.sweep": sweep_name})
+    members = as_children(members, parent_run)
     submitted = [submit(member, catalogue, deployment, sweep_name) for member in members]
     finished = wait_for([s["flow_run"] for s in submitted if s["flow_run"] is not None], poll_seconds,
                         timeout_seconds)
@@ -91,6 +96,7 @@ def sweep(configs: list[str] | None = None, grid: dict[str, list] | None = None,
     create_table_artifact(rows, key=ARTIFACT_KEY,
                           description=f"Sweep {sweep_name}: one row per member (state, pool, training and "
                           f"sycophancy figures); CSV: {csv_path}")
+    finish_parent_run(members[0].config, parent_run, [csv_path])
     done = sum(r["state"] == "Completed" for r in rows)
     log.info(f"sweep {sweep_name}: {done} of {len(rows)} member(s) completed; table in {csv_path}")
     return rows

@@ -394,6 +394,30 @@ class EvalConfig(Section):
     )
 
 
+class TrackingConfig(Section):
+    mlflow: bool = Field(
+        True,
+        description="Log the run to MLflow: the config as params, per-step metrics, data, validation and "
+        "evaluation figures, the adapter, report and plots as artifacts. On by default: the local store "
+        "needs no server and no network, and every run can be compared in `mlflow ui` later.",
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI: a server (http://host:5000) or a database (sqlite:///path/mlflow.db, "
+        "postgresql://...); default: the SQLite store <run.output_dir>/mlflow.db with artifacts in "
+        "<run.output_dir>/mlartifacts/, shared by every run under run.output_dir.",
+    )
+    mlflow_experiment: str = Field("leantune", min_length=1, description="The MLflow experiment runs are logged to.")
+    tensorboard: bool = Field(
+        True, description="Write TensorBoard event files (per-step metrics, figures) to <run dir>/tensorboard/."
+    )
+    parent_run_id: str | None = Field(
+        None,
+        description="The MLflow run this run is a child of; flows/sweep.py sets it to the sweep's run for each "
+        "member, so a sweep's members are child runs of one parent.",
+    )
+
+
 class RunSection(Section):
     name: str | None = Field(
         None, description="Run name, the folder under output_dir; default: '<config name>-<timestamp>'."
@@ -434,6 +458,9 @@ class RunConfig(Section):
     power: PowerConfig = Field(default_factory=PowerConfig, description="GPU power limit, energy and cost.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="The sycophancy evaluation.")
     run: RunSection = Field(default_factory=RunSection, description="Run name and output directory.")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Experiment tracking: MLflow and TensorBoard."
+    )
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RunConfig:

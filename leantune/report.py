@@ -24,6 +24,7 @@ from leantune.attempts import history_markdown
 from leantune.evaluation.compare import table_rows
 from leantune.jsonl import iter_jsonl
 from leantune.tables import markdown_table
+from leantune.tracking import tracking_lines
 
 # The plots a run can have, as (file stem, title); each is also a Prefect artifact, key "<stem>-plot".
 PLOTS = (("loss", "Loss"), ("lr", "Learning rate"), ("memory", "Memory"), ("power", "Power"))
@@ -44,6 +45,7 @@ def write_report(run_dir: Path) -> Path:
         _training_section(run_dir, steps, events),
         _attempts_section(run_dir / "attempts.jsonl"),
         _evaluation_section(run_dir / "eval"),
+        _tracking_section(run_dir),
         "## Plots\n\n" + ("\n".join(f"![{title}]({path.name})\n" for title, path in plots)
                           if plots else "No plots: training did not run (no metrics.jsonl).\n"),
     ]
@@ -245,6 +247,12 @@ def _attempts_section(path: Path) -> str:
     if not path.is_file():
         return "## Attempts\n\nNo attempt history (no attempts.jsonl).\n"
     return "## Attempts\n\n" + history_markdown(list(iter_jsonl(path)))
+
+
+def _tracking_section(run_dir: Path) -> str:
+    lines = tracking_lines(run_dir)
+    return "## Tracking\n\n" + ("".join(f"- {line}\n" for line in lines) if lines
+                                else "Not tracked: tracking.mlflow and tracking.tensorboard were off.\n")
 
 
 def _evaluation_section(eval_dir: Path) -> str:

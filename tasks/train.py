@@ -31,6 +31,7 @@ from leantune.progress import TrainingBar, training_percent, training_progress_t
 from leantune.runlock import check_run_dir_free
 from leantune.tables import markdown_table
 from leantune.training.checkpoint import resume_refusal
+from leantune.tracking import Tracker
 from leantune.training.launch import progress_markdown, run_training, training_command
 from leantune.training.optim import total_steps
 
@@ -91,7 +92,7 @@ def training_steps(config: RunConfig, run_dir: Path) -> int:
 
 
 @task(name="train", cache_policy=NO_CACHE, persist_result=False)
-def train_model(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+def train_model(config: RunConfig, run_dir: Path, resume: bool = False, tracker: Tracker | None = None) -> dict:
     log = get_run_logger()
     # The training process reads its config here: the probe's, an adjusted attempt's or --resume --set's.
     # Refused before anything is written: another process training in this run, or a resume whose
@@ -109,9 +110,14 @@ def train_model(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             worker_exitcodes.append(int(match.group(1)))
         log.log(level, text)
 
+    def on_metrics(lines: list[dict]) -> None:
+        progress.add(lines)
+        if tracker is not None:
+            tracker.log_steps()  # MLflow and TensorBoard get the steps a checkpoint holds (leantune/tracking.py)
+
     try:
         returncode = run_training(training_command(config, run_dir, resume), run_dir, on_log=on_log,
-                                  on_metrics=progress.add)
+                                  on_metrics=on_metrics)
     finally:
         progress.close()
     if returncode not in (0, EXIT_STOPPED):

@@ -84,6 +84,7 @@ RESUMABLE_CHANGES = (
     "power",
     "eval",
     "run",
+    "tracking",  # where the run is logged, not what it computes
 )
 
 

@@ -1,0 +1,48 @@
+"""Prefect wrapper of experiment tracking (leantune/tracking.py): the flow run's id and name as tags,
+the MLflow run in an artifact, and the run ended as FAILED or KILLED when the flow run fails.
+
+`start_tracking` returns the run's `Tracker`; the train task logs steps through it as checkpoints hold
+them, `finish_tracking` logs the rest and ends the MLflow run. `end_tracking` is a flow state hook
+(on_failure, on_crashed, on_cancellation) that finds the tracker its flow run started.
+"""
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from leantune.config import RunConfig
+from leantune.tracking import Tracker, tracking_lines
+
+_STARTED: dict[str, Tracker] = {}  # flow run id -> the tracker it started, for end_tracking
+
+
+@task(name="track", cache_policy=NO_CACHE, persist_result=False)
+def start_tracking(config: RunConfig, run_dir: Path) -> Tracker:
+    """Start (or, for a resumed run, continue) the run's MLflow run and TensorBoard writer."""
+    tracker = Tracker(config, run_dir)
+    tracker.start({"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)})
+    _STARTED[str(flow_run.id)] = tracker
+    lines = tracking_lines(run_dir) + [f"{backend} is left out: {problem}"
+                                       for backend, problem in tracker.problems.items()]
+    if lines:
+        create_markdown_artifact("## Tracking\n\n" + "\n".join(f"- {line}" for line in lines) + "\n",
+                                 key="tracking", description=f"Where run {Path(run_dir).name} is tracked")
+        get_run_logger().info("tracking: " + "; ".join(lines))
+    return tracker
+
+
+@task(name="track-finish", cache_policy=NO_CACHE, persist_result=False)
+def finish_tracking(tracker: Tracker) -> None:
+    """Log the figures and artifacts and end the MLflow run as finished."""
+    _STARTED.pop(str(flow_run.id), None)
+    tracker.finish("FINISHED")
+
+
+def end_tracking(flow, run, state) -> None:
+    """Flow state hook: log what the failed (or cancelled) run has and end its MLflow run so."""
+    tracker = _STARTED.pop(str(run.id), None)
+    if tracker is not None:
+        tracker.finish("KILLED" if state.is_cancelled() else "FAILED")

@@ -1,0 +1,188 @@
+"""Experiment tracking (leantune/tracking.py): MLflow on a local store and TensorBoard event files, read back
+through MLflow's client and TensorBoard's event reader; steps logged once a checkpoint holds them, never twice
+across a kill and resume; an unreachable server reported once while the run goes on."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from leantune.config import load_config
+from leantune.tracking import TENSORBOARD_DIR, TRACKING_FILE, Tracker, mlflow_uri, numbers, start_parent_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def step_line(step: int, loss: float, **extra) -> dict:
+    return {"step": step, "epoch": step / 10, "loss": loss, "lr": 1e-3, "grad_norm": 0.5, "tokens": 100,
+            "tokens_per_s": 1000.0, "micro_batch_size": 4, "peak_memory_mb": 10.0, **extra}
+
+
+def write_steps(run_dir: Path, lines: list[dict], checkpoint: int) -> None:
+    """metrics.jsonl as a training process leaves it, and its newest checkpoint directory."""
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (run_dir / "checkpoints" / f"step-{checkpoint}").mkdir(parents=True, exist_ok=True)
+
+
+def loss_lines(run_dir: Path) -> list[dict]:
+    lines = [json.loads(raw) for raw in (run_dir / "metrics.jsonl").read_text().splitlines() if raw.strip()]
+    return [m for m in lines if "event" not in m and "loss" in m]
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_figures_are_numbers_with_intervals_split():
+    comparison = {"synthetic": {"overall": {"tuned": {"rate": 0.25, "rate_ci": [0.1, 0.5]}, "mcnemar_p": 0.03,
+                                            "intervals_overlap": False, "note": "text"}}}
+    assert numbers(comparison, "eval") == {
+        "eval/synthetic/overall/tuned/rate": 0.25, "eval/synthetic/overall/tuned/rate_ci_low": 0.1,
+        "eval/synthetic/overall/tuned/rate_ci_high": 0.5, "eval/synthetic/overall/mcnemar_p": 0.03,
+        "eval/synthetic/overall/intervals_overlap": 0.0}
+
+
+@pytest.mark.slow
+def test_steps_reach_mlflow_once_a_checkpoint_holds_them_and_never_twice(tmp_path):
+    from mlflow import MlflowClient
+
+    cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r"])
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    first = [step_line(s, 2.0 - 0.1 * s) for s in range(1, 7)]
+    write_steps(run_dir, first, checkpoint=4)  # killed after step 6; step-4 is its newest checkpoint
+    tracker = Tracker(cfg, run_dir)
+    tracker.start({"prefect.flow_run_id": "one"})
+    tracker.log_steps()
+    client = MlflowClient(tracking_uri=mlflow_uri(cfg))
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "train/loss")] == [1, 2, 3, 4]
+
+    # The resumed process ran steps 5 and 6 again with another lr (other losses), then 7 and 8.
+    final = first[:4] + [step_line(s, 1.0 - 0.05 * s, val_loss=1.5) for s in range(5, 9)]
+    write_steps(run_dir, final, checkpoint=8)
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "comparison.json").write_text(json.dumps(
+        {"sets": {"synthetic": {"overall": {"difference": -0.25, "difference_ci": [-0.4, -0.1]}}}}))
+    resumed = Tracker(cfg, run_dir)
+    resumed.start({"prefect.flow_run_id": "two"})
+    resumed.finish()
+
+    assert resumed.run_id == tracker.run_id
+    run = client.get_run(tracker.run_id)
+    history = client.get_metric_history(tracker.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(m["step"], m["loss"]) for m in final]
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "val/loss")] == [5, 6, 7, 8]
+    assert run.data.metrics["eval/synthetic/overall/difference_ci_high"] == -0.1
+    assert run.data.tags["prefect.flow_run_id"] == "two"
+    assert run.data.params["train.lr"] == "0.003"
+    assert run.info.status == "FINISHED"
+    assert json.loads((run_dir / TRACKING_FILE).read_text())["steps_logged"] == 8
+    tb = tensorboard_scalars(run_dir, "train/loss")
+    assert [s for s, _ in tb] == [m["step"] for m in final]
+    assert [v for _, v in tb] == pytest.approx([m["loss"] for m in final], rel=1e-6)
+
+    # A sweep's member: a child of the sweep's run.
+    parent = start_parent_run(cfg, "sweep-x")
+    member_cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=m", f"tracking.parent_run_id={parent}"])
+    (tmp_path / "m").mkdir()
+    member = Tracker(member_cfg, tmp_path / "m")
+    member.start()
+    assert client.get_run(member.run_id).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_an_unreachable_mlflow_server_is_reported_once_and_tensorboard_goes_on(tmp_path, caplog):
+    url = f"http://127.0.0.1:{closed_port()}"
+    cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r", f"tracking.mlflow_uri={url}"])
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    lines = [step_line(s, 3.0 / s) for s in range(1, 4)]
+    write_steps(run_dir, lines, checkpoint=3)
+    with caplog.at_level(logging.WARNING, logger="leantune.tracking"):
+        tracker = Tracker(cfg, run_dir)
+        tracker.start()
+        tracker.log_steps()
+        tracker.finish("FINISHED")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "leantune.tracking"]
+    assert len(warnings) == 1 and url in warnings[0], warnings
+    assert tracker.run_id is None
+    tb = tensorboard_scalars(run_dir, "train/loss")
+    assert [s for s, _ in tb] == [1, 2, 3]
+    assert [v for _, v in tb] == pytest.approx([3.0 / s for s in range(1, 4)], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.flow
+def test_the_flow_killed_and_resumed_is_one_mlflow_run_equal_to_its_files(tmp_path):
+    """The tiny-model flow as a user runs it, killed (flow and training process, SIGKILL) after MLflow has
+    some steps, then resumed: one MLflow run holding the config, every step of metrics.jsonl once, the
+    evaluation and the artifacts; TensorBoard's loss series equal to metrics.jsonl."""
+    from mlflow import MlflowClient
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    settings = ["data.synthetic.num_records=300", "data.val_fraction=0.1", "tokenize.vocab_size=400",
+                "tokenize.max_seq_len=128", "train.max_steps=150", "train.eval_every=50",
+                "checkpoint.every_steps=5", "eval.max_items=16", f"run.output_dir={tmp_path}"]
+    command = [sys.executable, str(ROOT / "flows" / "finetune.py"), "--config", str(SMOKE),
+               *[f"--set={s}" for s in settings]]
+    first = subprocess.Popen([*command, "--run-name", "t"], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "t"
+    deadline = time.monotonic() + 600
+    try:
+        while not (run_dir / TRACKING_FILE).is_file() or json.loads((run_dir / TRACKING_FILE).read_text())[
+                "steps_logged"] < 10:
+            assert first.poll() is None and time.monotonic() < deadline, "no steps in MLflow before the kill"
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not (run_dir / "training.json").exists(), "training finished before the kill; raise train.max_steps"
+
+    resumed = subprocess.run([*command, "--resume", "t"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("leantune").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "t"
+    assert run.data.params["train.max_steps"] == "150" and run.data.params["model.name_or_path"] == "scratch"
+    assert run.data.tags["prefect.flow_run_id"]
+    steps = loss_lines(run_dir)
+    assert [m["step"] for m in steps] == list(range(1, 151))
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(m["step"], m["loss"]) for m in steps]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [50, 100, 150]
+
+    overall = json.loads((run_dir / "eval" / "comparison.json").read_text())["sets"]["synthetic"]["overall"]
+    metrics = run.data.metrics
+    assert metrics["eval/synthetic/overall/tuned/rate"] == overall["tuned"]["rate"]
+    assert metrics["eval/synthetic/overall/difference_ci_low"] == overall["difference_ci"][0]
+    assert metrics["data/read"] == 300
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "report.md", "loss.png", "adapter"} <= artifacts
+    assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert run.info.run_id in (run_dir / "report.md").read_text()
+
+    tb = tensorboard_scalars(run_dir, "train/loss")
+    assert [s for s, _ in tb] == [m["step"] for m in steps]
+    assert [v for _, v in tb] == pytest.approx([m["loss"] for m in steps], rel=1e-6)
