@@ -62,9 +62,6 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
     # MLflow and TensorBoard (leantune/tracking.py): the config now, each step once a checkpoint holds it,
     # figures and artifacts at the end; a resumed run continues its tracker run.
     tracker = start_tracking(config, run_dir)
-    # MLflow and TensorBoard (leantune/tracking.py): the config now, each step once a checkpoint holds it,
-    # figures and artifacts at the end; a resumed run continues its tracker run.
-    tracker = start_tracking(config, run_dir)
 
     redo_data = not resume or not data_stages_done(run_dir)
     if redo_data:
@@ -114,7 +111,6 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
 
     # ---- stage 6: report
     report_run(run_dir)
-    finish_tracking(tracker)
     finish_tracking(tracker)
 
     return run_dir

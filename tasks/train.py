@@ -30,8 +30,8 @@ from leantune.errors import UserError
 from leantune.progress import TrainingBar, training_percent, training_progress_text
 from leantune.runlock import check_run_dir_free
 from leantune.tables import markdown_table
-from leantune.training.checkpoint import resume_refusal
 from leantune.tracking import Tracker
+from leantune.training.checkpoint import resume_refusal
 from leantune.training.launch import progress_markdown, run_training, training_command
 from leantune.training.optim import total_steps
 
