@@ -117,6 +117,16 @@ def model_source(model_cfg) -> str:
     return str(target)
 
 
+def already_loadable(model_cfg) -> str | None:
+    """What transformers can load for model.name_or_path without dequantizing anything: model.name_or_path
+    itself, or a GGUF's cached directory; None for a GGUF whose cache is not written yet."""
+    name = model_cfg.name_or_path
+    if not is_gguf_source(name):
+        return name
+    target = cached_model_dir(name, model_cfg.cache_dir)
+    return str(target) if (target / MARKER).is_file() else None
+
+
 def gguf_architecture(path: Path) -> str:
     """general.architecture of a GGUF file; a file gguf cannot read (corrupt, truncated) is a UserError."""
     from gguf import GGUFReader

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from leantune.config import RunConfig, compute_dtype
 from leantune.errors import UserError
-from leantune.gguf import model_source
+from leantune.gguf import already_loadable, model_source
 
 if TYPE_CHECKING:
     import torch
@@ -278,6 +278,9 @@ def _add_lora(cfg: RunConfig, model):
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=_explicit_targets(model, cfg.lora.target_modules),
+        # A tied embedding/output matrix (SmolLM2, Gemma) adapted on both sides gets one tied adapter, so
+        # the embedding and the head stay the same matrix after training and merging.
+        ensure_weight_tying=_adapts_tied_embeddings(cfg, model),
         # Mixture-of-Experts: the fused 3-D expert weights (peft's ParamWrapper, one adapter per expert).
         target_parameters=cfg.lora.target_parameters or None,
         bias="none",
@@ -327,6 +330,12 @@ def _explicit_targets(model, targets: list[str] | str) -> list[str] | str:
              and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets)]
     # Nothing matched: the names as given, for peft's "not found" error (a UserError below).
     return names or targets
+
+
+def _adapts_tied_embeddings(cfg: RunConfig, model) -> bool:
+    targets = cfg.lora.target_modules
+    return (bool(getattr(model.config, "tie_word_embeddings", False)) and isinstance(targets, list)
+            and bool({"embed_tokens", "lm_head"} & set(targets)))
 
 
 def _linear_names(model) -> set[str]:
@@ -442,9 +451,11 @@ def _meta_skeleton(cfg: RunConfig):
 
     if cfg.model.name_or_path == SCRATCH:
         config = scratch_hf_config(cfg, cfg.tokenize.vocab_size)
+    elif (source := already_loadable(cfg.model)) is None:
+        return None  # a GGUF not dequantized yet: training checks with the real model
     else:
         try:
-            config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+            config = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
                                                 trust_remote_code=cfg.model.trust_remote_code)
         except (OSError, ValueError):
             return None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from leantune.config import EVAL_BUILTIN_SETS, RunConfig
 from leantune.errors import UserError
+from leantune.evaluation.datasets import SYNTHETIC_CHALLENGE
 
 
 def check_before_data(cfg: RunConfig) -> None:
@@ -23,7 +24,7 @@ def problems_before_data(cfg: RunConfig) -> list[str]:
     problems = []
     if cfg.eval.enabled:
         for spec in cfg.eval.datasets:
-            if spec in EVAL_BUILTIN_SETS or spec.startswith("anthropic-hub:"):
+            if spec in (*EVAL_BUILTIN_SETS, SYNTHETIC_CHALLENGE) or spec.startswith("anthropic-hub:"):
                 continue
             path = Path(spec.removeprefix("are-you-sure:"))
             if not path.is_file():

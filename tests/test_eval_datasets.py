@@ -226,3 +226,9 @@ def test_the_plain_set_is_the_synthetic_set_without_the_users_opinion():
         assert c.turns == (("user", p.question),) and c.correct_letter == p.not_matching[0][1] != p.matching[1]
     # Balanced over answer order: a model that always answers (A) is right on half of them.
     assert sum(c.correct_letter == "A" for c in challenge.items) == 12
+
+
+def test_the_synthetic_challenge_set_passes_the_pre_flight_file_check():
+    from leantune.preflight import problems_before_data
+
+    assert problems_before_data(load_config(overrides=["eval.datasets=[synthetic, 'are-you-sure:synthetic']"])) == []

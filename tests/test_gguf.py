@@ -196,3 +196,45 @@ def test_every_method_trains_on_the_cached_model(smollm2_cache, method):
         assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
     if method == "qlora":
         assert any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_lora_on_the_tied_embedding_and_head_keeps_them_one_matrix(smollm2_cache):
+    import torch
+    from transformers import AutoTokenizer
+
+    from leantune.modeling import build_model
+
+    _, cached, _, _ = smollm2_cache
+    cfg = load_config(overrides=[f"model.name_or_path={SMOLLM2}", f"model.cache_dir={cached.parent}",
+                                 "train.device=cpu", "lora.r=4", "lora.target_modules=[q_proj, embed_tokens, lm_head]"])
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    model = build_model(cfg, tokenizer, torch.device("cpu"))
+    ids = torch.tensor([tokenizer("Paris is the capital of France.")["input_ids"]])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):  # B starts at zero: the second step moves A too
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    merged = model.merge_and_unload()
+    embedding, head = merged.model.embed_tokens.weight, merged.lm_head.weight
+    original = cached_embedding(cached)
+    assert float((embedding - original).abs().max()) > 1e-4  # the adapter changed the matrix...
+    assert torch.equal(embedding, head)  # ...and the embedding and the head are still the same matrix
+
+
+def cached_embedding(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")["model.embed_tokens.weight"]
+
+
+def test_already_loadable_never_dequantizes(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", "llama")
+    model = load_config(overrides=[f"model.name_or_path={path}", f"model.cache_dir={tmp_path / 'c'}"]).model
+    assert g.already_loadable(model) is None and not (tmp_path / "c").exists()
+    target = g.cached_model_dir(str(path), tmp_path / "c")
+    target.mkdir(parents=True)
+    (target / g.MARKER).write_text("{}")
+    assert g.already_loadable(model) == str(target)
+    assert g.already_loadable(load_config(overrides=["model.name_or_path=Qwen/Qwen2.5-0.5B"]).model) == "Qwen/Qwen2.5-0.5B"
