@@ -9,10 +9,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
+
+if __name__ == "__main__":
+    # The command line is checked before Prefect, torch or a stage is imported (leantune/cli.py).
+    from leantune.cli import evaluate_request, request_or_exit
+
+    REQUEST = request_or_exit(evaluate_request, sys.argv[1:])
 
 # A script of the checkout: tasks/ and flows/ are imported from the repository root (the wheel
 # installs only the leantune package), whatever the working directory.
@@ -24,11 +29,12 @@ set_up_flow_process()
 
 from prefect import flow, get_run_logger
 
-from leantune.config import ConfigError, RunConfig, load_config
+from leantune.cli import DEFAULT_CONFIG, EvaluateRequest, evaluate_request
+from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
 from tasks.evaluate import evaluate_sycophancy
+from tasks.server import connect_to_prefect
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 DEFAULT_RUN_CONFIG = load_config(DEFAULT_CONFIG)
 
 
@@ -63,47 +69,15 @@ def output_dir(config: RunConfig, run_dir: str | None) -> Path:
     return Path(config.run.output_dir) / f"eval-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python flows/evaluate.py",
-        description="Evaluate the sycophancy of a model (log-likelihood of the sycophantic answer against the "
-        "others, Anthropic's model-written-evals sets and leantune's synthetic set), or of a fine-tuned model "
-        "against its base on the same items. Results: base.json, tuned.json, comparison.json, sycophancy.png.",
-    )
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                   help="YAML config with the model and the eval section (default: configs/default.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set eval.max_items=100 (repeatable; values parse as YAML)")
-    p.add_argument("--run", metavar="RUN_DIR",
-                   help="a finetune run directory: evaluates its adapter against its base model with the run's "
-                   "config.yaml (--set still applies; --config is not used); results in RUN_DIR/eval/")
-    p.add_argument("--adapter", metavar="DIR",
-                   help="a PEFT adapter directory (or a fully fine-tuned model) to compare against the model of "
-                   "--config; its tokenizer is used when it holds one")
-    p.add_argument("--out", metavar="DIR", help="where the results go (default: RUN_DIR/eval with --run, else "
-                   "<run.output_dir>/eval-<model>-<time>)")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.run and args.adapter:
-        print("leantune: --run evaluates the run's own adapter; leave out --adapter", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None, request: EvaluateRequest | None = None) -> int:
     try:
-        if args.run:
-            run_config = Path(args.run) / "config.yaml"
-            if not run_config.is_file():
-                print(f"leantune: --run: {args.run} has no config.yaml, so it is not a leantune run directory",
-                      file=sys.stderr)
-                return 2
-            config = load_config(run_config, args.overrides)
-        else:
-            config = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        request = request or evaluate_request(argv)
+        connect_to_prefect()
+    except UserError as e:
         print(f"leantune: {e}", file=sys.stderr)
         return 2
-    state = evaluate_flow(config, run_dir=args.run, adapter=args.adapter, out_dir=args.out, return_state=True)
+    state = evaluate_flow(request.config, run_dir=request.run, adapter=request.adapter, out_dir=request.out,
+                          return_state=True)
     if state.is_completed():
         files = state.result()["files"]
         print(f"leantune: evaluation finished; results in {Path(files['base']).parent}")
@@ -112,4 +86,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(request=REQUEST))

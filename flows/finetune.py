@@ -16,7 +16,7 @@ if __name__ == "__main__":
     # missing data path or a taken run name answer in about a second, with no server started.
     from leantune.cli import request_or_exit
 
-    REQUEST = request_or_exit(sys.argv[1:])
+    REQUEST = request_or_exit(argv=sys.argv[1:])
 
 # A script of the checkout: tasks/ and flows/ are imported from the repository root (the wheel
 # installs only the leantune package), whatever the working directory.

@@ -45,17 +45,22 @@ class _ArgumentParser(argparse.ArgumentParser):
         super().error(message)
 
 
+def _config_arguments(p: argparse.ArgumentParser, config_help: str, set_example: str) -> None:
+    """--config and --set, as every flow script takes them."""
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override one config key, e.g. --set {set_example} (repeatable; values parse as YAML; "
+                   "quote a value with spaces: --set 'data.sources=[{kind: file, path: my.jsonl}]')")
+
+
 def finetune_parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(
         prog="python flows/finetune.py",
         description="Fine-tune an LLM with leantune. Without arguments it runs the offline default "
         "(configs/default.yaml; no network, no GPU).",
     )
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                   help="YAML config (default: configs/default.yaml); every key is documented in leantune/config.py")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set train.lr=1e-4 (repeatable; values parse as YAML; "
-                   "quote a value with spaces: --set 'data.sources=[{kind: file, path: my.jsonl}]')")
+    _config_arguments(p, "YAML config (default: configs/default.yaml); every key is documented in leantune/config.py",
+                      "train.lr=1e-4")
     p.add_argument("--run-name", help="name of the run directory under run.output_dir (same as --set run.name=...)")
     p.add_argument("--resume", metavar="RUN_NAME",
                    help="continue the run RUN_NAME under run.output_dir from its newest checkpoint, with the "
@@ -117,10 +122,52 @@ def training_finished(run_dir: Path) -> bool:
         Path(run_dir) / "adapter").is_dir()
 
 
-def request_or_exit(argv: list[str] | None = None) -> FinetuneRequest:
-    """`finetune_request` for a script: a user error is one line on stderr and exit 2; a finished run exit 0."""
+@dataclass
+class EvaluateRequest:
+    """What a checked evaluate command line asks for (see `evaluate_parser`)."""
+
+    config: RunConfig
+    run: str | None
+    adapter: str | None
+    out: str | None
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = _ArgumentParser(
+        prog="python flows/evaluate.py",
+        description="Evaluate the sycophancy of a model (log-likelihood of the sycophantic answer against the "
+        "others, Anthropic's model-written-evals sets and leantune's synthetic set), or of a fine-tuned model "
+        "against its base on the same items. Results: base.json, tuned.json, comparison.json, sycophancy.png.",
+    )
+    _config_arguments(p, "YAML config with the model and the eval section (default: configs/default.yaml)",
+                      "eval.max_items=100")
+    p.add_argument("--run", metavar="RUN_DIR",
+                   help="a finetune run directory: evaluates its adapter against its base model with the run's "
+                   "config.yaml (--set still applies; --config is not used); results in RUN_DIR/eval/")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a PEFT adapter directory (or a fully fine-tuned model) to compare against the model of "
+                   "--config; its tokenizer is used when it holds one")
+    p.add_argument("--out", metavar="DIR", help="where the results go (default: RUN_DIR/eval with --run, else "
+                   "OUTPUT_DIR/eval-MODEL-TIME)")
+    return p
+
+
+def evaluate_request(argv: list[str] | None = None) -> EvaluateRequest:
+    """Parse and check an evaluate command line; raise UserError (ConfigError) for what is wrong."""
+    args = evaluate_parser().parse_args(argv)
+    if args.run and args.adapter:
+        raise UserError("--run evaluates the run's own adapter; leave out --adapter")
+    if args.run and not (Path(args.run) / "config.yaml").is_file():
+        raise UserError(f"--run: {args.run} has no config.yaml, so it is not a leantune run directory")
+    config = load_config(Path(args.run) / "config.yaml" if args.run else args.config, args.overrides)
+    return EvaluateRequest(config, args.run, args.adapter, args.out)
+
+
+def request_or_exit(check=finetune_request, argv: list[str] | None = None):
+    """`check(argv)` (finetune_request, evaluate_request) for a script: a user error is one line on stderr
+    and exit 2; a finished run exit 0."""
     try:
-        return finetune_request(argv)
+        return check(argv)
     except RunFinished as e:
         print(f"leantune: {e}")
         sys.exit(0)

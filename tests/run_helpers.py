@@ -29,3 +29,16 @@ def assert_same_weights(a, b, rel=1e-5):
     for key in a:
         err = float((a[key] - b[key]).norm() / b[key].norm())
         assert err <= rel, f"{key}: relative difference {err:.2e}"
+
+
+def apply_served_deployments():
+    """Register deployments/serve.py's deployments on the current Prefect server; return the serve module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("leantune_serve", Path(__file__).resolve().parents[1]
+                                                  / "deployments" / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    for d in serve.deployments():
+        d.apply()
+    return serve

@@ -114,3 +114,12 @@ def test_a_user_error_in_a_stage_reads_once_on_the_terminal(prefect_server, tmp_
     assert output.count("Finished in state Failed (a user error; the last line says what to fix)") == 2
     assert proc.stderr.rstrip().splitlines()[-1].startswith("leantune: no record kept from any source")
     assert "Traceback" not in output
+
+
+def test_evaluate_help_and_a_missing_run_import_neither_torch_nor_prefect(tmp_path):
+    probe = PROBE.format(script=str(ROOT / "flows" / "evaluate.py")).replace("flows/finetune.py", "flows/evaluate.py")
+    for args, expected in ((["--help"], 0), (["--run", str(tmp_path / "missing")], 2)):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+        assert proc.stdout.strip().splitlines()[-1] == f"EXIT {expected} False False", proc.stdout + proc.stderr
+    assert "has no config.yaml" in proc.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TOKENIZED_RUN_OVERRIDES
+from run_helpers import apply_served_deployments
 
 from leantune.config import load_config
 
@@ -46,17 +47,11 @@ def tiny_config(output_dir: Path) -> dict:
 
 @pytest.mark.flow
 def test_served_adhoc_deployment_runs_a_ui_style_flow_run_to_completion(prefect_server, tmp_path):
-    import importlib.util
-
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
-    spec = importlib.util.spec_from_file_location("leantune_serve", REPO / "deployments" / "serve.py")
-    serve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve)
-    for d in serve.deployments():
-        d.apply()
+    apply_served_deployments()
     # As the UI's "Run" button does: a flow run of the deployment with the form's parameters,
     # scheduled now, for whatever serves the deployment to pick up.
     flow_run = run_deployment("finetune/adhoc", parameters={"config": tiny_config(tmp_path / "runs")}, timeout=0)
