@@ -303,6 +303,13 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="Optimizer; the 8-bit and paged ones come from bitsandbytes."
     )
+    compile: Literal["off", "default", "max-autotune-no-cudagraphs"] = Field(
+        "off", description="torch.compile the model's decoder (TorchInductor, dynamic shapes; training/loss.py): "
+        "'default' fuses element-wise work (RMSNorm, SiLU x up, rotary embeddings, LoRA's additions) into fewer "
+        "kernels; 'max-autotune-no-cudagraphs' also tunes matmul kernels (long compiles; for CUDA). The first steps "
+        "pay the compile: seconds to minutes on CUDA, many minutes on a small CPU, where it does not pay for "
+        "short runs, hence off by default. Needs a C++ compiler on the CPU, Triton on CUDA.",
+    )
     eval_every: int = Field(50, ge=1, description="Validation loss every this many steps.")
     log_every: int = Field(1, ge=1, description="Write metrics.jsonl every this many steps.")
     seed: int = Field(0, description="Seed for weights init, LoRA init, dropout and data order.")

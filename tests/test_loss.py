@@ -131,3 +131,20 @@ def test_no_gradient_path_and_no_full_logits_tensor():
     with Largest():
         target_cross_entropy(model, inputs, labels, chunk_logits=8 * VOCAB).backward()
     assert 0 < Largest.numel <= 8 * VOCAB
+
+
+@pytest.mark.slow  # TorchInductor compiles C++ kernels: minutes on a small CPU
+def test_compiled_decoder_gives_the_same_losses_and_gradients():
+    from leantune.training.loss import compile_decoder
+
+    cfg = load_config(overrides=[*TINY, "model.scratch.num_layers=1", "train.compile=default"])
+    eager = build_model(cfg, Tokenizer(), torch.device("cpu"))
+    compiled = build_model(cfg, Tokenizer(), torch.device("cpu"))
+    compile_decoder(compiled, cfg.train.compile)
+    for rows, length in [(3, 40), (2, 33)]:  # a second shape: dynamic, not a recompile per length
+        inputs, labels = batch(packed=False, rows=rows, length=length)
+        ref_loss, ref = grads_of(eager, lambda m=eager: target_cross_entropy(m, inputs, labels))
+        loss, new = grads_of(compiled, lambda m=compiled: target_cross_entropy(m, inputs, labels))
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for name, g in ref.items():
+            torch.testing.assert_close(new[name], g, rtol=1e-4, atol=1e-5, msg=name)

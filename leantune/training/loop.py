@@ -78,7 +78,7 @@ from leantune.runlock import RunDirBusy, hold_run_dir
 from leantune.tokenization import TokenShards, collate
 from leantune.training.adaptive import MicroBatchController, is_out_of_memory
 from leantune.training.distributed import DistContext, process_group
-from leantune.training.loss import target_cross_entropy
+from leantune.training.loss import compile_decoder, target_cross_entropy
 
 # Named, not __name__: run as `python -m leantune.training.loop` this module is __main__, and the
 # flow shows the child's log lines under their logger name.
@@ -143,6 +143,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
     _seed_everything(t.seed)
     model = build_model(cfg, tokenizer, device)
     log.info("model: %s", describe_model(model))
+    if t.compile != "off":
+        compile_decoder(model, t.compile)
     # Mixture-of-Experts: the routers' load-balancing loss and expert counts (leantune/moe.py); None when dense.
     moe, aux_coef = _router_tap(cfg, model)
     if dist.rank > 0:

@@ -43,6 +43,12 @@ def causal_lm_parts(model):
     return model.get_decoder(), model.get_output_embeddings(), model.config
 
 
+def compile_decoder(model, mode: str) -> None:
+    """train.compile: torch.compile the decoder in place (TorchInductor, dynamic shapes), the module
+    `target_cross_entropy` calls; the head and the loss stay eager (they run on target rows only)."""
+    causal_lm_parts(model)[0].compile(mode=mode, dynamic=True)
+
+
 def target_cross_entropy(model, inputs: dict, labels, chunk_logits: int = CHUNK_LOGITS):
     """Sum (not mean) of the per-token cross-entropy over the target tokens of a micro-batch.
 
