@@ -4,11 +4,14 @@
 
 Registers the same three deployments as deployments/prefect.yaml (nightly fine-tune at 02:00 UTC,
 ad-hoc fine-tune for the UI, evaluation) on the Prefect server of PREFECT_API_URL and runs their
-flow runs as subprocesses of this machine until stopped with Ctrl-C.
+flow runs as subprocesses of this machine until stopped with Ctrl-C or SIGTERM; a running training
+saves a checkpoint first (`GracefulRunner`), so `--resume` continues it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -17,12 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
-from prefect import serve  # noqa: E402
+from prefect.runner import Runner  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 
 from flows.evaluate import evaluate_flow  # noqa: E402
 from flows.finetune import DEFAULT_CONFIG, finetune  # noqa: E402
 from leantune.config import load_config  # noqa: E402
+from leantune.training.launch import STOP_GRACE_S  # noqa: E402
 
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 
@@ -55,5 +59,47 @@ def deployments() -> list:
     ]
 
 
+class GracefulRunner(Runner):
+    """Prefect's Runner, stopped by SIGTERM the way Ctrl-C stops it.
+
+    Prefect 3.8.8's `Runner.handle_sigterm` calls the async `stop()` from the signal handler (the
+    coroutine is never awaited) and exits at once: the flow-run processes are killed without a signal
+    they can act on, so a running training goes on as an orphan with no checkpoint and its flow run
+    stays Running. Here SIGTERM is passed on to the flow-run processes first: Prefect's engine turns it
+    into a crash of the run, on the way out of which the train task stops its training process with
+    SIGTERM (a checkpoint, then exit); they get up to STOP_GRACE_S to end, then the runner shuts down
+    as on Ctrl-C.
+    """
+
+    def handle_sigterm(self, *args) -> None:
+        import psutil
+
+        runs = psutil.Process().children()
+        self._logger.info(f"SIGTERM: stopping {len(runs)} flow run process(es) (a training saves a checkpoint "
+                          "first), then shutting down")
+        for process in runs:
+            try:
+                process.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(runs, timeout=STOP_GRACE_S)
+        for process in alive:
+            process.kill()
+        # Shutting down cancels Prefect's control-channel reads, which asyncio would log as tracebacks.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        raise KeyboardInterrupt
+
+
+def main() -> None:
+    runner = GracefulRunner(pause_on_shutdown=True)
+    for deployment in deployments():
+        runner.add_deployment(deployment)
+    print("serving finetune/nightly, finetune/adhoc and evaluate/evaluate; stop with Ctrl-C or SIGTERM", flush=True)
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        print("serve.py: stopped", flush=True)
+
+
 if __name__ == "__main__":
-    serve(*deployments())
+    main()

@@ -319,7 +319,7 @@ class TrainConfig(Section):
     )
     export_merged: bool = Field(
         False,
-        description="Also write runs/<name>/merged/: the adapter merged into the base model (LoRA/QLoRA; the "
+        description="Also write runs/NAME/merged/: the adapter merged into the base model (LoRA/QLoRA; the "
         "QLoRA base is reloaded unquantised in the compute dtype), loadable without peft.",
     )
     distributed: DistributedConfig = Field(
@@ -375,8 +375,8 @@ class EvalConfig(Section):
     datasets: list[str] = Field(
         default_factory=lambda: ["synthetic", "anthropic-sample"],
         description="Evaluation sets: 'synthetic' (held-out synthetic claims the user is wrong about), "
-        "'anthropic-sample' (the bundled Anthropic sample), 'anthropic-hub:<nlp_survey|philpapers2020|"
-        "political_typology_quiz>' (needs network), 'are-you-sure:<path>' (a meg-tong/sycophancy-eval "
+        "'anthropic-sample' (the bundled Anthropic sample), 'anthropic-hub:SUBSET' with SUBSET "
+        "one of nlp_survey, philpapers2020, political_typology_quiz (needs network), 'are-you-sure:PATH' (a meg-tong/sycophancy-eval "
         "are_you_sure.jsonl), or paths to Anthropic-format jsonl (released or pre-release); see "
         "leantune/evaluation/datasets.py.",
     )
@@ -411,12 +411,12 @@ class TrackingConfig(Section):
     mlflow_uri: str | None = Field(
         None,
         description="MLflow tracking URI: a server (http://host:5000) or a database (sqlite:///path/mlflow.db, "
-        "postgresql://...); default: the SQLite store <run.output_dir>/mlflow.db with artifacts in "
-        "<run.output_dir>/mlartifacts/, shared by every run under run.output_dir.",
+        "postgresql://...); default: the SQLite store OUTPUT_DIR/mlflow.db with artifacts in "
+        "OUTPUT_DIR/mlartifacts/ (OUTPUT_DIR: run.output_dir), shared by every run under run.output_dir.",
     )
     mlflow_experiment: str = Field("leantune", min_length=1, description="The MLflow experiment runs are logged to.")
     tensorboard: bool = Field(
-        True, description="Write TensorBoard event files (per-step metrics, figures) to <run dir>/tensorboard/."
+        True, description="Write TensorBoard event files (per-step metrics, figures) to the run's folder, runs/NAME/tensorboard/."
     )
     parent_run_id: str | None = Field(
         None,
@@ -427,13 +427,13 @@ class TrackingConfig(Section):
 
 class RunSection(Section):
     name: str | None = Field(
-        None, description="Run name, the folder under output_dir; default: '<config name>-<timestamp>'."
+        None, description="Run name, the folder under output_dir; default: CONFIG-TIMESTAMP, e.g. default-20250101-120000."
     )
-    output_dir: str = Field("runs", description="Directory under which runs/<name>/ is written.")
+    output_dir: str = Field("runs", description="Directory under which each run's folder (runs/NAME/) is written.")
     cache: bool = Field(
         True,
         description="Reuse the outputs of prepare, validate and tokenize from an earlier run with the same "
-        "inputs and settings (kept in <output_dir>/.cache/); off: always run them.",
+        "inputs and settings (kept in OUTPUT_DIR/.cache/); off: always run them.",
     )
 
 
@@ -795,13 +795,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         # Overrides may reach into sections the file leaves to their defaults (data.sources.0.path).
         raw = _merge(RunConfig().model_dump(mode="json"), raw)
         problems = apply_overrides(raw, overrides or [])
+    # A problem may come from the file or from an override: the message names both.
+    where = f"{source} and --set" if overrides else source
     try:
-        cfg = validate_config(raw, source)
+        cfg = validate_config(raw, where)
     except ConfigError as e:
         problems += e.problems
-        raise ConfigError(problems, source) from None
+        raise ConfigError(problems, where) from None
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError(problems, where)
     return cfg
 
 

@@ -307,7 +307,10 @@ def _plots(run_dir: Path, steps: list[dict], monitor: list[dict]) -> list[tuple[
     val = [(m["step"], m["val_loss"]) for m in steps if m.get("val_loss") is not None]
     if val:
         ax.plot(*_xy(val), marker="o", label="validation loss")
-    _finish(ax, "Loss per optimizer step", "optimizer step", "cross-entropy (nats per target token)")
+    # Log scale: on a linear one the first steps' high loss squashes the rest of the run into a flat line.
+    if all(m["loss"] > 0 for m in steps):
+        ax.set_yscale("log")
+    _finish(ax, "Loss per optimizer step", "optimizer step", "cross-entropy (nats per target token, log scale)")
     plots.append(("Loss", _save(fig, run_dir / "loss.png")))
 
     fig, ax = plt.subplots(figsize=PLOT_SIZE)

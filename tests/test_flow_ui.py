@@ -1,5 +1,7 @@
 """What the Prefect UI shows of a run: a handful of artifacts, the live ones updated in place."""
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -63,3 +65,90 @@ def test_served_nightly_schedule_is_prefect_yamls_with_its_timezone():
                       if d["name"] == "nightly"]
     served = [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules]
     assert served == [(s["cron"], s["timezone"]) for s in yaml_nightly["schedules"]] == [("0 2 * * *", "UTC")]
+
+
+def readme_server_commands() -> list[str]:
+    """The first two commands of the README's Prefect section, as written (comments dropped)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Running on a schedule or from the Prefect UI"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    block = block[:block.index("```")]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines()][:2]
+
+
+@pytest.mark.slow
+def test_the_readmes_server_steps_give_the_ui_the_servers_own_api_address(tmp_path):
+    import shlex
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    set_url, start = readme_server_commands()
+    assert set_url == ".venv/bin/prefect config set PREFECT_API_URL=http://127.0.0.1:4311/api"
+    assert start == ".venv/bin/prefect server start --host 127.0.0.1 --port 4311"
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 4311)) == 0:
+            pytest.skip("port 4311 of the README is taken on this machine")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DO_NOT_TRACK": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    for key in ("PREFECT_API_URL", "PREFECT_UI_API_URL"):
+        env.pop(key, None)
+    subprocess.run(shlex.split(set_url), cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
+    server = subprocess.Popen(shlex.split(start), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        settings = None
+        deadline = time.monotonic() + 240
+        while settings is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                settings = httpx.get("http://127.0.0.1:4311/ui-settings", timeout=5).json()
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert settings is not None, "the server did not answer within 240 s"
+        assert settings["api_url"] == "http://127.0.0.1:4311/api"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def test_field_descriptions_have_no_angle_bracket_placeholders_the_ui_form_would_strip():
+    import re
+
+    from leantune.config import RunConfig
+
+    descriptions = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("description"), str):
+                descriptions.append(node["description"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(RunConfig.model_json_schema())
+    assert len(descriptions) > 50
+    # The UI renders descriptions as markdown with HTML sanitised: a tag-like "runs/<name>/" shows as
+    # "runs//" (text such as the token '<|im_end|>' is no tag and stays).
+    assert [d for d in descriptions if re.search(r"<[A-Za-z][^<>]*>", d)] == []
+
+
+def test_the_loss_plot_has_a_log_scale_so_the_first_steps_do_not_flatten_the_rest(tmp_path, monkeypatch):
+    import leantune.report as report
+
+    scales = {}
+
+    def save(fig, path):
+        scales[path.name] = fig.axes[0].get_yscale()
+        return path
+
+    monkeypatch.setattr(report, "_save", save)
+    steps = [{"step": s, "loss": 8.0 / s, "lr": 1e-3, "tokens_per_s": 100.0, "micro_batch_size": 4, "peak_memory_mb": 500.0}
+             for s in range(1, 21)]
+    report._plots(tmp_path, steps, [])
+    assert scales["loss.png"] == "log"
+    assert scales["lr.png"] == "linear"
