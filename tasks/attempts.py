@@ -33,6 +33,7 @@ from leantune.attempts import (
 )
 from leantune.config import RunConfig, dump_config
 from leantune.probe import GIB, probe
+from leantune.runlock import RunDirBusy
 from leantune.tables import markdown_table
 
 
@@ -64,6 +65,8 @@ def after_failure(config: RunConfig, run_dir: Path, attempt: int, error: BaseExc
 
     For an adjustment that cannot resume, the attempt's checkpoints move to attempts/attempt-N/.
     """
+    if isinstance(error, RunDirBusy):  # the run belongs to another live process: nothing of it is touched
+        return None
     log = get_run_logger()
     # The device facts adjust needs (the type, bf16) come with the error: the training process wrote them.
     report = report_from_run(attempt, run_dir, error=error)

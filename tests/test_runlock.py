@@ -53,3 +53,13 @@ def test_a_second_training_process_exits_2_and_writes_nothing(tmp_path, holder):
     assert f"leantune: run directory {tmp_path} is in use by process {holder.pid}" in out.stderr
     assert "Traceback" not in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no attempt_error.json, no metrics
+
+
+def test_a_busy_run_is_not_recorded_as_a_failed_attempt_of_it(tmp_path, holder):
+    from leantune.config import load_config
+    from tasks.attempts import after_failure
+
+    with pytest.raises(RunDirBusy) as e:
+        check_run_dir_free(tmp_path)
+    assert after_failure(load_config(), tmp_path, 1, e.value) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]  # no attempts.jsonl in the other's run
