@@ -147,11 +147,22 @@ class ExpertLoad:
 
 def expert_load_figures(counts: np.ndarray) -> dict:
     """expert_load: per layer, each expert's share of the routed assignments; expert_imbalance: per layer,
-    max share / mean share; expert_imbalance_max: the worst layer's."""
+    max share / mean share; expert_imbalance_max: the worst layer's; expert_assignments: the top-k
+    assignments per layer behind the shares (tokens x k), so that intervals can be added up."""
     counts = np.asarray(counts, dtype=np.float64)
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
     mean = 1.0 / counts.shape[1]
     imbalance = shares.max(axis=1) / mean
     return {"expert_load": np.round(shares, 6).tolist(), "expert_imbalance": np.round(imbalance, 4).tolist(),
-            "expert_imbalance_max": round(float(imbalance.max()), 4)}
+            "expert_imbalance_max": round(float(imbalance.max()), 4), "expert_assignments": int(totals.max())}
+
+
+def run_expert_load(lines: list[dict]) -> np.ndarray | None:
+    """Per layer and expert, the share of the routed assignments over every metrics line that has them."""
+    intervals = [np.asarray(m["expert_load"]) * m["expert_assignments"] for m in lines if "expert_load" in m]
+    if not intervals:
+        return None
+    counts = np.sum(intervals, axis=0)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)

@@ -6,7 +6,9 @@ is absent) gets a line saying so, never an invented number.
 
 Plots, next to report.md: loss.png (training and validation loss per step), lr.png (learning rate
 per step), memory.png (peak memory per step; the monitor's process RSS and GPU memory over time
-when monitor.csv has them), power.png (GPU power over time, only when monitor.csv has power readings).
+when monitor.csv has them), power.png (GPU power over time, only when monitor.csv has power readings),
+expert-load.png (Mixture-of-Experts only: a layer x expert heat map of each expert's share of the routed
+tokens over the run).
 
 report.md links its plots relatively, so it reads well beside them; `inline_images` gives the same
 markdown with the images embedded as data: URIs, for the Prefect UI (see tasks/report.py).
@@ -27,7 +29,8 @@ from leantune.tables import markdown_table
 from leantune.tracking import tracking_lines
 
 # The plots a run can have, as (file stem, title); each is also a Prefect artifact, key "<stem>-plot".
-PLOTS = (("loss", "Loss"), ("lr", "Learning rate"), ("memory", "Memory"), ("power", "Power"))
+PLOTS = (("loss", "Loss"), ("lr", "Learning rate"), ("memory", "Memory"), ("power", "Power"),
+         ("expert-load", "Expert load"))
 PLOT_SIZE = (8, 4.5)  # inches; at PLOT_DPI a 1200x675 image, readable on a screen and in a PR
 PLOT_DPI = 150
 
@@ -232,6 +235,7 @@ def _training_section(run_dir: Path, steps: list[dict], events: list[dict]) -> s
         else:
             lines.append("energy: not measured (no NVML energy readings)")
         out.append("".join(f"- {line}\n" for line in lines))
+    out.append(_experts_part(steps))
     changes = [e for e in events if e["event"] == "micro_batch"]
     if changes:
         out.append("Micro-batch changes:\n\n" + markdown_table(["step", "old", "new", "reason"],
@@ -290,6 +294,23 @@ def _evaluation_section(eval_dir: Path) -> str:
 # ------------------------------------------------------------------------------------------ plots
 
 
+def _experts_part(steps: list[dict]) -> str:
+    """Mixture-of-Experts: the router loss and, per layer, how unevenly the experts were loaded over the run."""
+    from leantune.moe import run_expert_load
+
+    shares = run_expert_load(steps)
+    if shares is None:
+        return ""
+    aux = [m["router_aux_loss"] for m in steps if "router_aux_loss" in m]
+    mean = 1 / shares.shape[1]
+    rows = [[layer, f"{row.max() / mean:.2f}", f"{row.min() / mean:.2f}", int(row.argmax())]
+            for layer, row in enumerate(shares)]
+    return (f"Mixture of experts: {shares.shape[1]} experts per layer; router load-balancing loss "
+            f"{_fmt(aux[0])} at the first step, {_fmt(aux[-1])} at the last (1 x top-k is perfectly even).\n\n"
+            "Expert load over the run, per layer (share / the even share 1/E; the heat map is expert-load.png):\n\n"
+            + markdown_table(["layer", "busiest expert", "idlest expert", "busiest is"], rows))
+
+
 def _plots(run_dir: Path, steps: list[dict], monitor: list[dict]) -> list[tuple[str, Path]]:
     """Draw each plot the data allows; return (title, path) pairs."""
     if not steps:
@@ -344,6 +365,17 @@ def _plots(run_dir: Path, steps: list[dict], monitor: list[dict]) -> list[tuple[
             ax.plot(*_xy(points), linestyle="--", label=f"{label} power limit")
         _finish(ax, "GPU power over time", "time since the monitor started (s)", "power (W)")
         plots.append(("Power", _save(fig, run_dir / "power.png")))
+
+    from leantune.moe import run_expert_load
+
+    shares = run_expert_load(steps)
+    if shares is not None:
+        fig, ax = plt.subplots(figsize=PLOT_SIZE)
+        image = ax.imshow(shares * shares.shape[1], aspect="auto", cmap="viridis", interpolation="nearest")
+        fig.colorbar(image, ax=ax, label="share of routed tokens / even share (1 = balanced)")
+        ax.set(title="Expert load over the run (Mixture of Experts)", xlabel="expert", ylabel="layer")
+        fig.tight_layout()
+        plots.append(("Expert load", _save(fig, run_dir / "expert-load.png")))
     return plots
 
 

@@ -2,6 +2,7 @@
 expert load against an independent count, and what is refused at config time."""
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -126,20 +127,7 @@ def test_expert_load_in_metrics_matches_an_independent_count(tokenized_run, tmp_
     train(cfg, run_dir)
     line = steps_of(run_dir)[0]
 
-    # Step 1 ran on the initial weights (LoRA B is zero, so the base model's routing): count its global
-    # batch's top-2 choices from the router logits transformers returns, real tokens only.
-    shards = TokenShards(run_dir / "tokens" / "train")
-    batch, *_ = next_global_batch(lambda e: epoch_order(shards, e, 8, cfg.train.seed), 0, 0, 8)
-    tok = AutoTokenizer.from_pretrained(run_dir / "tokens" / "tokenizer")
-    model = build_model(cfg, tok, CPU).eval()
-    counts = np.zeros((2, 4), np.int64)
-    with torch.no_grad():
-        for i in batch:
-            item = shards[int(i)]
-            out = model(**{k: v for k, v in collate([item], shards.pad_id).items() if k != "labels"},
-                        output_router_logits=True)
-            for layer, logits in enumerate(out.router_logits):
-                counts[layer] += np.bincount(logits.topk(2, dim=-1).indices.flatten().numpy(), minlength=4)
+    counts = independent_counts(cfg, run_dir)
     assert counts.sum() == 2 * 2 * line["tokens"]
     shares = counts / counts.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(line["expert_load"], shares, atol=1e-6)
@@ -308,3 +296,113 @@ def test_cost_model_counts_flops_from_active_parameters_and_memory_from_all(tmp_
     assert by_gpu["H100"]["fits"] == "no (88.4 GiB)" and by_gpu["H200"]["fits"] == "yes (88.4 GiB)"
     assert main(["--model", "46.7B", "--active", "50B", "--tokens", "1M"]) == 2
     assert "--active: '50B' is not a count up to --model's 46.7B" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ flow, report, resume
+
+
+def independent_counts(cfg, run_dir):
+    """Top-k choices of the initial model (LoRA B is zero: the base's routing) over the global batch of step 1,
+    counted from the router logits transformers returns, real tokens only."""
+    shards = TokenShards(run_dir / "tokens" / "train")
+    gbs = cfg.train.global_batch_size
+    batch, *_ = next_global_batch(lambda e: epoch_order(shards, e, gbs, cfg.train.seed), 0, 0, gbs)
+    tok = AutoTokenizer.from_pretrained(run_dir / "tokens" / "tokenizer")
+    model = build_model(cfg, tok, CPU).eval()
+    s = cfg.model.scratch
+    counts = np.zeros((s.num_layers, s.num_experts), np.int64)
+    with torch.no_grad():
+        for i in batch:
+            inputs = {k: v for k, v in collate([shards[int(i)]], shards.pad_id).items() if k != "labels"}
+            # The decoder itself: the causal-LM head would also compute transformers' own router loss, which
+            # fails on the 4-D mask of packed sequences.
+            decoder = model.get_base_model().model
+            for layer, logits in enumerate(decoder(**inputs, output_router_logits=True).router_logits):
+                counts[layer] += np.bincount(logits.topk(s.num_experts_per_tok, dim=-1).indices.flatten().numpy(),
+                                             minlength=s.num_experts)
+    return counts
+
+
+@pytest.mark.slow
+@pytest.mark.flow
+def test_a_tiny_moe_fine_tunes_through_the_flow_with_expert_load_in_the_report(prefect_server, tmp_path):
+    from flows.finetune import finetune
+
+    cfg = load_config(overrides=[
+        "data.synthetic.num_records=300", "data.val_fraction=0.1", "tokenize.vocab_size=400",
+        "tokenize.max_seq_len=128", "data.chunk_size=64", f"run.output_dir={tmp_path}", "run.name=moe",
+        "model.scratch.hidden_size=32", "model.scratch.intermediate_size=32", "lora.r=4", "lora.alpha=8",
+        "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=1", "eval.max_items=16",
+        "eval.datasets=[synthetic]", *MOE])
+    run_dir = finetune(cfg)
+    line = steps_of(run_dir)[0]
+    assert line["router_aux_loss"] > 0 and len(line["expert_load"]) == 2
+
+    counts = independent_counts(cfg, run_dir)
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(line["expert_load"], shares, atol=1e-6)
+    report = (run_dir / "report.md").read_text()
+    assert "![Expert load](expert-load.png)" in report and (run_dir / "expert-load.png").is_file()
+    for layer, row in enumerate(shares):
+        assert f"| {layer} | {row.max() * 4:.2f} | {row.min() * 4:.2f} | {int(row.argmax())} |" in report
+    # The adapter holds the expert LoRA tensors and PEFT loads it back onto the base (the evaluation did).
+    assert any("experts" in k for k in adapter(run_dir))
+    assert (run_dir / "eval" / "comparison.json").is_file()
+
+
+@pytest.mark.slow
+def test_moe_sigkill_then_resume_is_bitwise_equal(tokenized_run, tmp_path):
+    from test_resume import make_run, metric_lines, resume_and_check, run_to_end, start, wait_for_step
+
+    from leantune.training.checkpoint import CheckpointManager, run_fingerprints
+
+    # Expert load is logged every 4 steps and checkpoints are taken every 3: a resume starts inside a logging
+    # interval, so the counts of its first steps must come back from the checkpoint.
+    moe = [*MOE, "train.log_every=4", "checkpoint.every_steps=3"]
+    reference = make_run(tokenized_run, tmp_path / "reference", *moe)
+    run_to_end(reference)
+    assert [m["step"] for m in metric_lines(reference)] == [4, 8, 12]
+    run_dir = make_run(tokenized_run, tmp_path / "killed", *moe)
+    proc = start(run_dir)
+    wait_for_step(proc, run_dir, 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=240)
+    cfg = load_config(run_dir / "config.yaml")
+    latest = CheckpointManager(cfg, run_dir, run_fingerprints(cfg, run_dir)).latest()
+    step = int(latest.name.removeprefix("step-"))
+    assert step % 4  # inside an interval
+    resume_and_check(run_dir, reference, step)
+
+
+def test_the_training_metrics_artifact_shows_the_router_loss_and_expert_imbalance():
+    from leantune.training.launch import progress_markdown
+
+    line = {"step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 100.0, "micro_batch_size": 4,
+            "router_aux_loss": 2.01, **expert_load_figures(np.array([[3, 1], [2, 2]]))}
+    markdown = progress_markdown([line], 10)
+    assert "router loss | expert imbalance (max/mean) |" in markdown and "| 2.0100 | 1.50 |" in markdown
+
+
+def test_run_expert_load_adds_up_the_intervals():
+    from leantune.moe import run_expert_load
+
+    lines = [{"step": 1}, expert_load_figures(np.array([[3, 1], [2, 2]])), expert_load_figures(np.array([[0, 4], [0, 4]]))]
+    np.testing.assert_allclose(run_expert_load(lines), [[3 / 8, 5 / 8], [2 / 8, 6 / 8]])
+    assert run_expert_load([{"step": 1}]) is None
+
+
+def test_the_start_plan_of_an_moe_never_falls_back_to_qlora():
+    from leantune.probe import estimate_for_config, model_shape, plan_start
+
+    cfg = load_config(overrides=[*MOE, "train.global_batch_size=8", "train.micro_batch_size=4"])
+    shape = model_shape(cfg)
+    assert shape.is_moe
+    # Too little memory for anything: the lightest plan is LoRA with micro-batch 1 and checkpointing, not QLoRA.
+    plan = plan_start(cfg, shape, free_bytes=1, device_type="cuda")
+    assert (plan.fits, plan.method, plan.micro_batch_size, plan.gradient_checkpointing) == (False, "lora", 1, True)
+    # Enough for micro-batch 2 without checkpointing: the plan halves the micro-batch first.
+    from leantune.config import with_values
+
+    need = estimate_for_config(with_values(cfg, {"train.micro_batch_size": 2}), shape, "cuda").total
+    plan = plan_start(cfg, shape, free_bytes=int(need / cfg.monitor.memory_high_fraction) + 1, device_type="cuda")
+    assert (plan.fits, plan.method, plan.micro_batch_size, plan.gradient_checkpointing) == (True, "lora", 2, False)

@@ -200,7 +200,12 @@ def progress_markdown(steps: list[dict], total: int) -> str:
     last = steps[-1]
     rows = [[m["step"], f"{m['loss']:.4f}", f"{m['lr']:.3g}", f"{m['tokens_per_s']:,.0f}", m["micro_batch_size"],
              f"{m['val_loss']:.4f}" if m.get("val_loss") is not None else "-"] for m in steps[-RECENT_STEPS:]]
+    header = ["step", "loss", "lr", "tokens/s", "micro-batch", "validation loss"]
+    if "router_aux_loss" in last:  # Mixture of Experts: the router loss and the worst layer's expert imbalance
+        header += ["router loss", "expert imbalance (max/mean)"]
+        for row, m in zip(rows, steps[-RECENT_STEPS:], strict=True):
+            row += [f"{m['router_aux_loss']:.4f}", f"{m['expert_imbalance_max']:.2f}" if "expert_load" in m else "-"]
     return (f"## Training progress\n\nstep {last['step']} of {total} ({last['step'] / total:.0%}): loss "
             f"{last['loss']:.4f}, lr {last['lr']:.3g}, {last['tokens_per_s']:,.0f} tokens/s, micro-batch "
             f"{last['micro_batch_size']}\n\n"
-            + markdown_table(["step", "loss", "lr", "tokens/s", "micro-batch", "validation loss"], rows))
+            + markdown_table(header, rows))
