@@ -186,3 +186,34 @@ def test_the_flow_killed_and_resumed_is_one_mlflow_run_equal_to_its_files(tmp_pa
     tb = tensorboard_scalars(run_dir, "train/loss")
     assert [s for s, _ in tb] == [m["step"] for m in steps]
     assert [v for _, v in tb] == pytest.approx([m["loss"] for m in steps], rel=1e-6)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.slow
+@pytest.mark.flow
+def test_the_flow_finishes_with_the_mlflow_server_unreachable(prefect_server, tmp_path):
+    from flows.finetune import finetune
+
+    url = f"http://127.0.0.1:{closed_port()}"
+    cfg = load_config(SMOKE, ["data.synthetic.num_records=300", "data.val_fraction=0.1", "tokenize.vocab_size=400",
+                              "tokenize.max_seq_len=128", "train.max_steps=4", "checkpoint.every_steps=2",
+                              "eval.enabled=false", f"tracking.mlflow_uri={url}", f"run.output_dir={tmp_path}",
+                              "run.name=t"])
+    records = _Records()
+    logging.getLogger("leantune.tracking").addHandler(records)
+    try:
+        run_dir = finetune(cfg)
+    finally:
+        logging.getLogger("leantune.tracking").removeHandler(records)
+    assert json.loads((run_dir / "training.json").read_text())["completed"] is True
+    assert len(records.messages) == 1 and url in records.messages[0], records.messages
+    assert "mlflow" not in json.loads((run_dir / TRACKING_FILE).read_text())
+    assert [s for s, _ in tensorboard_scalars(run_dir, "train/loss")] == [1, 2, 3, 4]
