@@ -34,6 +34,7 @@ from leantune.profile import combinations, markdown_table, plan, read_csv
 from leantune.rundir import create_run_dir
 from tasks.prepare import prepare_data
 from tasks.profile import profile_combination, publish_profile, tokenize_seq_len
+from tasks.server import connect_to_prefect
 from tasks.validate import validate_data
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         # The sweep is checked here too, so a bad value costs no server start.
         combos = combinations(args.micro_batch, args.seq_len, args.optimizer, args.precision, args.power_limit)
         plan(config, combos, args.steps)
+        connect_to_prefect()  # the temporary server, with a safe start-up wait (tasks/server.py)
     except (ConfigError, UserError) as e:
         print(f"leantune: {e}", file=sys.stderr)
         return 2
