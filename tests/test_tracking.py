@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -62,6 +63,7 @@ def test_figures_are_numbers_with_intervals_split():
 
 @pytest.mark.slow
 def test_steps_reach_mlflow_once_a_checkpoint_holds_them_and_never_twice(tmp_path):
+    """Also: a sweep member is a child run of the sweep's run; a failed flow run ends its MLflow run FAILED."""
     from mlflow import MlflowClient
 
     cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r"])
@@ -106,6 +108,15 @@ def test_steps_reach_mlflow_once_a_checkpoint_holds_them_and_never_twice(tmp_pat
     member = Tracker(member_cfg, tmp_path / "m")
     member.start()
     assert client.get_run(member.run_id).data.tags["mlflow.parentRunId"] == parent
+
+    # The flow's state hook ends the MLflow run of a flow run that failed as FAILED.
+    from prefect.states import Failed
+
+    from tasks.track import _STARTED, end_tracking
+
+    _STARTED["flow-run-id"] = member
+    end_tracking(None, SimpleNamespace(id="flow-run-id"), Failed())
+    assert client.get_run(member.run_id).info.status == "FAILED"
 
 
 def test_an_unreachable_mlflow_server_is_reported_once_and_tensorboard_goes_on(tmp_path, caplog):
