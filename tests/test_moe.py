@@ -406,3 +406,18 @@ def test_the_start_plan_of_an_moe_never_falls_back_to_qlora():
     need = estimate_for_config(with_values(cfg, {"train.micro_batch_size": 2}), shape, "cuda").total
     plan = plan_start(cfg, shape, free_bytes=int(need / cfg.monitor.memory_high_fraction) + 1, device_type="cuda")
     assert (plan.fits, plan.method, plan.micro_batch_size, plan.gradient_checkpointing) == (True, "lora", 2, False)
+
+
+def test_qlora_of_a_local_moe_is_refused_before_its_weights_load(tmp_path):
+    from transformers import MixtralConfig
+
+    # config.json only: loading weights would fail with another message; the refusal comes first.
+    MixtralConfig(vocab_size=300, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4).save_pretrained(tmp_path)
+    cfg = load_config(overrides=[f"model.name_or_path={tmp_path}", "model.method=qlora", "train.device=cpu"])
+
+    class Tokenizer:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    with pytest.raises(UserError, match="model.method: qlora cannot quantise the experts of"):
+        build_model(cfg, Tokenizer(), CPU)
