@@ -52,6 +52,7 @@ def test_a_run_has_a_bounded_number_of_artifacts_and_the_live_ones_keep_one_id(p
     assert "tokens/s" in bar.description
 
 
+@pytest.mark.slow  # imports the flows (torch, transformers, Prefect): ~30 s on a busy 2-core machine
 def test_served_nightly_schedule_is_prefect_yamls_with_its_timezone():
     import importlib.util
 
