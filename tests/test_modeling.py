@@ -420,7 +420,8 @@ def test_8bit_optimizer_keeps_8bit_state_for_large_tensors(tokenizer):
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # A one-layer model of each family's architecture, to check the LoRA names a config lists.
-FAMILIES = {"meta-llama/": "LlamaConfig", "Qwen/": "Qwen2Config", "microsoft/Phi-3": "Phi3Config",
+FAMILIES = {"mistralai/Mixtral": "MixtralConfig", "allenai/OLMoE": "OlmoeConfig", "Qwen/Qwen1.5-MoE": "Qwen2MoeConfig",
+            "meta-llama/": "LlamaConfig", "Qwen/": "Qwen2Config", "microsoft/Phi-3": "Phi3Config",
             "google/gemma-2": "Gemma2Config"}
 
 
@@ -439,6 +440,9 @@ def test_real_model_configs_name_existing_layers(path):
     linears = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     targets = cfg.lora.target_modules
     assert targets == "all-linear" or set(targets) <= linears, f"{path.name}: {set(targets) - linears}"
+    # Mixture-of-Experts: the fused 3-D expert parameters LoRA targets by name.
+    params = [n for n, _ in model.named_parameters()]
+    assert all(any(n.endswith(f".{t}") for n in params) for t in cfg.lora.target_parameters), path.name
     assert cfg.model.trust_remote_code is False
     if family == "Gemma2Config":
         # Gemma-2 soft-caps attention logits, which transformers' sdpa path refuses.
