@@ -196,6 +196,17 @@ def test_a_sweep_runs_two_members_on_a_process_worker_and_gathers_them(prefect_s
     first, second = sorted(runs, key=lambda run: run.start_time)
     assert second.start_time >= first.end_time
 
+    # MLflow (the default store under run.output_dir): one run for the sweep, the members its children.
+    from mlflow import MlflowClient
+
+    tracking = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    found = tracking.search_runs([tracking.get_experiment_by_name("leantune").experiment_id])
+    [parent] = [r for r in found if r.info.run_name == "t"]
+    children = {r.info.run_name: r.data.tags.get("mlflow.parentRunId") for r in found if r is not parent}
+    assert children == {"t-00": parent.info.run_id, "t-01": parent.info.run_id}
+    assert parent.info.status == "FINISHED"
+    assert "comparison.csv" in {a.path for a in tracking.list_artifacts(parent.info.run_id)}
+
 
 def test_a_process_count_grid_gets_its_scaling_efficiency(tmp_path):
     members = expand_members([DEFAULT], {"lora.r": [8, 16], "train.distributed.nproc_per_node": [1, 2]},
