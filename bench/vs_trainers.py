@@ -140,7 +140,8 @@ def run_leantune(pristine: Path, steps: int) -> dict:
     from transformers import AutoTokenizer
 
     from leantune.config import load_config
-    from leantune.training.loop import build_base_model, train
+    from leantune.modeling import build_base_model
+    from leantune.training.loop import train
 
     run = pristine.parent / "leantune"
     shutil.rmtree(run, ignore_errors=True)
@@ -204,8 +205,9 @@ def run_hf(pristine: Path, steps: int, runner: str) -> dict:
     else:
         from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(**common, max_length=MAX_SEQ_LEN, packing=runner == "trl-packing",
-                         padding_free=runner == "trl-padding-free")
+        packing = runner == "trl-packing"  # padding-free alone takes no max_length (the sequences fit already)
+        args = SFTConfig(**common, max_length=MAX_SEQ_LEN if packing else None, packing=packing,
+                         padding_free=not packing)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              callbacks=[Timer()])
         trainer.data_collator = counted(trainer.data_collator)
