@@ -1,8 +1,10 @@
 """The profile sweep: training throughput, time, memory and energy per setting, as in the RTX 4060 seed study.
 
 The grid is every combination of micro-batch size (train.micro_batch_size), sequence length
-(tokenize.max_seq_len), optimizer (train.optimizer), precision (model.dtype) and GPU power limit
-(power.limit_watts), on top of one base config. Each combination trains `steps` optimizer steps of
+(tokenize.max_seq_len), optimizer (train.optimizer), precision (model.dtype), GPU power limit
+(power.limit_watts) and, for the scratch model, architecture (model.scratch.architecture: an MoE and
+its dense counterpart 'llama', same width, depth and attention, one MLP of an expert's width), on top
+of one base config. Each combination trains `steps` optimizer steps of
 the real training loop (leantune/training/loop.py), in this process, on data prepared once and
 tokenized once per sequence length. Its row says:
 
@@ -13,6 +15,10 @@ tokenized once per sequence length. Its row says:
                            peak resident memory during the combination (reset before each one)
   energy_j_per_10k_tokens  GPU energy of the measured steps per 10k tokens, from NVML's energy counter;
                            blank where NVML has none (the CPU, most laptops' drivers)
+  step_ms, attention_ms, experts_ms, router_ms, optimizer_ms, other_ms
+                           the execution-time breakdown: a second, profiled training of the same steps
+                           (torch.profiler, leantune/breakdown.py says how each part is attributed);
+                           ms per optimizer step, the parts adding up to step_ms; blank with breakdown off
 
 A combination that cannot run here is a row with status "skipped" and the reason: a power limit
 without an NVIDIA GPU (or without the right to set one), fp16 on the CPU, an 8-bit optimizer without
@@ -21,7 +27,8 @@ bitsandbytes. One that runs out of memory is a row with status "out_of_memory": 
 Outputs in the profile directory (`<run.output_dir>/<run.name>/`): profile.csv (one row per
 combination, COLUMNS), profile.png (throughput and peak memory per combination), config.yaml (the
 base config), data/ and tokens/seq-<L>/ (the shared data), sweep/<combination>/ (each training's
-metrics.jsonl, training.json, monitor.csv and adapter; its checkpoints are deleted once measured).
+metrics.jsonl, training.json, monitor.csv and adapter; its checkpoints are deleted once measured), and
+sweep/<combination>/breakdown/ (the profiled training of the breakdown).
 """
 
 from __future__ import annotations
@@ -40,9 +47,10 @@ from leantune.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["combination", "micro_batch_size", "max_seq_len", "optimizer", "precision", "power_limit_w", "status",
-           "steps_measured", "tokens_measured", "tokens_per_s", "seconds_per_10k_tokens", "peak_memory_mb",
-           "energy_j_per_10k_tokens", "device", "note"]
+BREAKDOWN_COLUMNS = ["step_ms", "attention_ms", "experts_ms", "router_ms", "optimizer_ms", "other_ms"]
+COLUMNS = ["combination", "micro_batch_size", "max_seq_len", "optimizer", "precision", "power_limit_w",
+           "architecture", "status", "steps_measured", "tokens_measured", "tokens_per_s", "seconds_per_10k_tokens",
+           "peak_memory_mb", "energy_j_per_10k_tokens", *BREAKDOWN_COLUMNS, "device", "note"]
 # The first optimizer step pays one-off costs; every row needs at least one step after it.
 MIN_STEPS = 2
 EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
@@ -56,12 +64,14 @@ class Combination:
     optimizer: str
     precision: str
     power_limit_w: float | None
+    architecture: str | None = None  # model.scratch.architecture; None: the base config's model
 
     @property
     def name(self) -> str:
-        """A short label, also the directory name: mb4-seq256-adamw-fp32-nolimit."""
+        """A short label, also the directory name: mb4-seq256-adamw-fp32-nolimit(-olmoe)."""
         power = "nolimit" if self.power_limit_w is None else f"{self.power_limit_w:g}W"
-        return f"mb{self.micro_batch_size}-seq{self.max_seq_len}-{self.optimizer}-{self.precision}-{power}"
+        arch = "" if self.architecture is None else f"-{self.architecture}"
+        return f"mb{self.micro_batch_size}-seq{self.max_seq_len}-{self.optimizer}-{self.precision}-{power}{arch}"
 
     def overrides(self, steps: int, global_batch_size: int) -> list[str]:
         power = "null" if self.power_limit_w is None else f"{self.power_limit_w:g}"
@@ -81,21 +91,25 @@ class Combination:
             # One checkpoint at the end (the loop always writes it), none in between to time.
             f"checkpoint.every_steps={steps + 1}",
             "checkpoint.every_minutes=1000000",
+            # The dense counterpart has no experts for lora.target_parameters to reach.
+            *([f"model.scratch.architecture={self.architecture}"] if self.architecture else []),
+            *(["lora.target_parameters=[]"] if self.architecture == "llama" else []),
         ]
 
 
 def combinations(micro_batch_sizes: list[int], max_seq_lens: list[int], optimizers: list[str],
-                 precisions: list[str], power_limits_w: list[float | None]) -> list[Combination]:
+                 precisions: list[str], power_limits_w: list[float | None],
+                 architectures: list[str | None] = (None,)) -> list[Combination]:
     """Every combination, in the order given (sequence length outermost, so each tokenization is used in a row)."""
     axes = {"micro_batch_sizes": micro_batch_sizes, "max_seq_lens": max_seq_lens, "optimizers": optimizers,
-            "precisions": precisions, "power_limits_w": power_limits_w}
+            "precisions": precisions, "power_limits_w": power_limits_w, "architectures": architectures}
     for name, values in axes.items():
         if not values:
             raise UserError(f"profile: {name} is empty; give at least one value")
     unique = {name: list(dict.fromkeys(values)) for name, values in axes.items()}
-    return [Combination(mb, seq, opt, prec, power) for seq, mb, opt, prec, power in itertools.product(
+    return [Combination(mb, seq, opt, prec, power, arch) for seq, mb, opt, prec, power, arch in itertools.product(
         unique["max_seq_lens"], unique["micro_batch_sizes"], unique["optimizers"], unique["precisions"],
-        unique["power_limits_w"])]
+        unique["power_limits_w"], unique["architectures"])]
 
 
 def global_batch_for(base: RunConfig, micro_batch_size: int) -> int:
@@ -113,6 +127,10 @@ def combination_config(base: RunConfig, combo: Combination, steps: int) -> RunCo
     """The base config with the combination's settings; an invalid value is a UserError naming the sweep axis."""
     from pydantic import ValidationError
 
+    if combo.architecture is not None and base.model.name_or_path != "scratch":
+        raise UserError(f"profile: architectures sweeps model.scratch.architecture, but model.name_or_path is "
+                        f"'{base.model.name_or_path}', not 'scratch'; leave architectures at [null] and profile the "
+                        "MoE config and its dense counterpart as two runs")
     raw = base.model_dump(mode="json")
     problems = apply_overrides(raw, combo.overrides(steps, global_batch_for(base, combo.micro_batch_size)))
     try:
@@ -122,7 +140,7 @@ def combination_config(base: RunConfig, combo: Combination, steps: int) -> RunCo
     except ValidationError as e:
         raise UserError(f"profile: combination {combo.name} is not a valid config: " + "; ".join(describe_errors(e))
                         + " (the sweep's values go into train.micro_batch_size, tokenize.max_seq_len, "
-                        "train.optimizer, model.dtype and power.limit_watts)") from None
+                        "train.optimizer, model.dtype, power.limit_watts and model.scratch.architecture)") from None
 
 
 def plan(base: RunConfig, combos: list[Combination], steps: int) -> dict[Combination, RunConfig]:
@@ -170,25 +188,34 @@ def skip_reason(cfg: RunConfig) -> str | None:
     return None
 
 
-def run_combination(cfg: RunConfig, combo: Combination, profile_dir: Path) -> dict:
-    """Train `combo` for cfg.train.max_steps steps in sweep/<name>/ and return its CSV row."""
-    from leantune.training.adaptive import is_out_of_memory
-    from leantune.training.loop import train
-
-    row = {**_settings(combo), "device": "", "note": ""}
-    reason = skip_reason(cfg)
-    if reason is not None:
-        return {**row, "status": "skipped", "note": reason}
-    run_dir = Path(profile_dir) / "sweep" / combo.name
+def _training_dir(run_dir: Path, cfg: RunConfig, shared_tokens: Path) -> Path:
+    """A fresh run directory for one training of the sweep, its tokens linked to the shared ones."""
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a rerun of the same profile directory measures afresh
     (run_dir / "tokens").mkdir(parents=True)
-    shared = Path(profile_dir).resolve() / "tokens" / f"seq-{combo.max_seq_len}"
     # Training reads tokens/train and tokens/tokenizer only; the shared shards are linked, not copied.
     # No tokens/val: validation loss is not what is measured, so it is not computed.
     for part in ("train", "tokenizer"):
-        (run_dir / "tokens" / part).symlink_to(shared / part, target_is_directory=True)
+        (run_dir / "tokens" / part).symlink_to(shared_tokens / part, target_is_directory=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
+    return run_dir
+
+
+def run_combination(cfg: RunConfig, combo: Combination, profile_dir: Path, breakdown: bool = False) -> dict:
+    """Train `combo` for cfg.train.max_steps steps in sweep/<name>/ and return its CSV row.
+
+    breakdown: then train the same steps again under torch.profiler in sweep/<name>/breakdown/ for the
+    execution-time breakdown columns (a second run, so the profiler's overhead is not in the throughput).
+    """
+    from leantune.training.adaptive import is_out_of_memory
+    from leantune.training.loop import train
+
+    row = {**_settings(combo), "architecture": _architecture(cfg), "device": "", "note": ""}
+    reason = skip_reason(cfg)
+    if reason is not None:
+        return {**row, "status": "skipped", "note": reason}
+    shared = Path(profile_dir).resolve() / "tokens" / f"seq-{combo.max_seq_len}"
+    run_dir = _training_dir(Path(profile_dir) / "sweep" / combo.name, cfg, shared)
     peak_reset = reset_peak_rss()
     try:
         summary = train(cfg, run_dir)
@@ -213,7 +240,30 @@ def run_combination(cfg: RunConfig, combo: Combination, profile_dir: Path) -> di
     if summary["device"] == "cpu" and not peak_reset:
         notes.append("peak memory: the process's peak so far (its peak RSS could not be reset)")
     row["note"] = "; ".join(notes)
+    if breakdown:
+        row.update(profile_breakdown(cfg, run_dir / "breakdown", shared))
     return row
+
+
+def profile_breakdown(cfg: RunConfig, run_dir: Path, shared_tokens: Path) -> dict:
+    """The execution-time breakdown (BREAKDOWN_COLUMNS) of cfg's training, profiled in run_dir."""
+    from leantune.breakdown import breakdown, profiled_parts
+    from leantune.training.loop import train
+
+    _training_dir(run_dir, cfg, shared_tokens)
+    try:
+        with profiled_parts() as events:
+            train(cfg, run_dir)
+    finally:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        _release_memory()
+    parts = breakdown(events)
+    return {k: parts[k] for k in BREAKDOWN_COLUMNS}
+
+
+def _architecture(cfg: RunConfig) -> str:
+    """model.scratch.architecture for the scratch model; blank for a pretrained one."""
+    return cfg.model.scratch.architecture if cfg.model.name_or_path == "scratch" else ""
 
 
 def _settings(combo: Combination) -> dict:
@@ -283,7 +333,8 @@ def read_csv(path: Path) -> list[dict]:
     """profile.csv back as rows like those written: numbers as numbers, empty cells as None."""
     numbers = {"micro_batch_size": int, "max_seq_len": int, "steps_measured": int, "tokens_measured": int,
                "power_limit_w": float, "tokens_per_s": float, "seconds_per_10k_tokens": float,
-               "peak_memory_mb": float, "energy_j_per_10k_tokens": float}
+               "peak_memory_mb": float, "energy_j_per_10k_tokens": float,
+               **dict.fromkeys(BREAKDOWN_COLUMNS, float)}
     with open(path, newline="") as f:
         return [{k: (numbers[k](v) if v != "" else None) if k in numbers else v for k, v in row.items()}
                 for row in csv.DictReader(f)]
@@ -301,15 +352,26 @@ def table_rows(rows: list[dict]) -> list[dict]:
             "micro-batch": r["micro_batch_size"], "seq len": r["max_seq_len"], "optimizer": r["optimizer"],
             "precision": r["precision"],
             "power limit": "none" if r["power_limit_w"] is None else f"{r['power_limit_w']:g} W",
+            "architecture": r.get("architecture") or "",
             "status": r["status"],
             "tokens/s": cell(r.get("tokens_per_s") if ok else None, ",.0f"),
             "s / 10k tokens": cell(r.get("seconds_per_10k_tokens") if ok else None, ".2f"),
             "peak memory (MiB)": cell(r.get("peak_memory_mb") if ok else None, ",.0f"),
             "J / 10k tokens": cell(r.get("energy_j_per_10k_tokens") if ok else None, ",.1f"),
+            **_breakdown_cells(r if ok else {}),
             # The energy note would repeat on every row; markdown_table says it once under the table.
             "note": "; ".join(n for n in (r.get("note") or "").split("; ") if n and n != NO_ENERGY_NOTE),
         })
     return out
+
+
+def _breakdown_cells(r: dict) -> dict:
+    """The profiled step time and each part's share of it; n/a without a breakdown."""
+    step = r.get("step_ms")
+    cells = {"profiled step (ms)": "n/a" if step is None else f"{step:,.1f}"}
+    for part in ("attention", "experts", "router", "optimizer", "other"):
+        cells[f"{part} %"] = "n/a" if step is None else f"{100 * r[f'{part}_ms'] / step:.1f}"
+    return cells
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -363,7 +425,8 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 def _plot_label(r: dict) -> str:
     power = "" if r["power_limit_w"] is None else f", {r['power_limit_w']:g} W"
-    return f"mb {r['micro_batch_size']}, seq {r['max_seq_len']}, {r['optimizer']}, {r['precision']}{power}"
+    arch = f", {r['architecture']}" if r.get("architecture") else ""
+    return f"mb {r['micro_batch_size']}, seq {r['max_seq_len']}, {r['optimizer']}, {r['precision']}{power}{arch}"
 
 
 def write_summary(rows: list[dict], profile_dir: Path) -> dict:

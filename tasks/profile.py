@@ -28,14 +28,17 @@ def tokenize_seq_len(config: RunConfig, profile_dir: Path, max_seq_len: int) -> 
 
 @task(name="profile-combination", task_run_name="profile-{combo.name}", cache_policy=NO_CACHE,
       persist_result=False)
-def profile_combination(config: RunConfig, combo: Combination, profile_dir: Path) -> dict:
-    row = run_combination(config, combo, profile_dir)
+def profile_combination(config: RunConfig, combo: Combination, profile_dir: Path, breakdown: bool) -> dict:
+    row = run_combination(config, combo, profile_dir, breakdown)
     log = get_run_logger()
     if row["status"] == "ok":
         energy = (f", {row['energy_j_per_10k_tokens']:,.1f} J per 10k tokens"
                   if row["energy_j_per_10k_tokens"] is not None else "")
         log.info(f"{combo.name}: {row['tokens_per_s']:,.0f} tokens/s ({row['seconds_per_10k_tokens']:.2f} s per "
                  f"10k tokens), peak memory {row['peak_memory_mb']:,.0f} MiB{energy}")
+        if row.get("step_ms") is not None:
+            log.info(f"{combo.name}: profiled step {row['step_ms']:,.1f} ms: " + ", ".join(
+                f"{part} {row[f'{part}_ms']:,.1f}" for part in ("attention", "experts", "router", "optimizer", "other")))
     else:
         log.warning(f"{combo.name}: {row['status']}: {row['note']}")
     return row

@@ -185,4 +185,71 @@ def test_the_ui_form_offers_the_configs_own_values_with_descriptions():
     assert properties["micro_batch_sizes"]["default"] == [1, 2, 4]
     assert properties["micro_batch_sizes"]["items"] == {"type": "integer"}
     assert properties["power_limits_w"]["default"] == [None]
+    assert properties["architectures"]["items"]["anyOf"][0]["enum"] == ["llama", "mixtral", "olmoe", "qwen2_moe"]
     assert all(properties[name]["description"] for name in ("max_seq_lens", "power_limits_w", "steps"))
+
+
+def test_the_breakdown_attributes_forward_ranges_backward_nodes_and_the_optimizer():
+    from leantune.breakdown import BACKWARD_PREFIX, Event, breakdown
+
+    def ev(name, start, end, seq=-1, backward=False):  # times in ms; the profiler's are microseconds
+        return Event(name, start * 1000, end * 1000, seq, thread=1, fwd_thread=1 if backward else 0)
+
+    events = [
+        ev("leantune::attention", -30, -20), ev("aten::mm", -28, -22, seq=1),  # before the window: warm-up step
+        ev("Optimizer.step#AdamW.step", 0, 10),  # the window starts at the end of the first optimizer step
+        ev("leantune::attention", 20, 50), ev("aten::linear", 22, 40, seq=5),
+        ev("leantune::experts", 50, 90), ev("leantune::router", 55, 60), ev("aten::linear", 56, 59, seq=6),
+        ev("aten::mm", 62, 80, seq=7), ev("aten::linear", 90, 95, seq=8),  # the LM head: in no part
+        ev(BACKWARD_PREFIX + "MmBackward0", 100, 104, seq=8, backward=True),
+        ev(BACKWARD_PREFIX + "MmBackward0", 104, 114, seq=7, backward=True),
+        ev("aten::mm", 105, 110),  # inside a backward node: not counted again
+        ev(BACKWARD_PREFIX + "AddmmBackward0", 114, 117, seq=6, backward=True),
+        ev(BACKWARD_PREFIX + "AddmmBackward0", 117, 127, seq=5, backward=True),
+        ev(BACKWARD_PREFIX + "torch::autograd::AccumulateGrad", 127, 130, backward=True),
+        ev("Optimizer.zero_grad#AdamW.zero_grad", 130, 132),
+        ev("Optimizer.step#AdamW.step", 140, 160),
+    ]
+
+    parts = breakdown(events)
+
+    # The window is 10..160 ms, one optimizer step. attention: 30 forward + 10 backward; experts: 40 - 5
+    # (router) + 10; router: 5 + 3; optimizer: 2 + 20; other: 150 - 115 (LM head, its backward, AccumulateGrad).
+    assert parts == {"steps": 1, "step_ms": 150.0, "attention_ms": 40.0, "experts_ms": 45.0, "router_ms": 8.0,
+                     "optimizer_ms": 22.0, "other_ms": 35.0}
+    with pytest.raises(ValueError, match="2 or more"):
+        breakdown(events[:3])
+
+
+@pytest.mark.slow  # four short trainings (timed and profiled, MoE and dense): ~45 s on this 2-core CPU
+def test_an_moe_and_its_dense_counterpart_get_a_breakdown_that_adds_up(tokenized_run, tmp_path):
+    from leantune.config import load_config as load
+    from leantune.profile import BREAKDOWN_COLUMNS, table_rows
+
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "seq-256").symlink_to(tokenized_run / "tokens", target_is_directory=True)
+    base = load(tokenized_run / "config.yaml", overrides=[
+        "model.scratch.num_experts=4", "model.scratch.num_experts_per_tok=2", "lora.target_modules=[q_proj,v_proj]",
+        "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]", "train.router_aux_loss_coef=0.1"])
+    combos = combinations([8], [256], ["adamw"], ["fp32"], [None], ["olmoe", "llama"])
+
+    rows = [run_combination(cfg, combo, tmp_path, breakdown=True) for combo, cfg in plan(base, combos, 3).items()]
+
+    moe, dense = rows
+    assert (moe["architecture"], dense["architecture"]) == ("olmoe", "llama")
+    assert moe["status"] == dense["status"] == "ok"
+    for r in rows:
+        parts = [r[c] for c in BREAKDOWN_COLUMNS[1:]]
+        assert r["step_ms"] > 0 and all(p >= 0 for p in parts[:-1])
+        assert sum(parts) == pytest.approx(r["step_ms"], abs=0.01)
+        assert r["attention_ms"] > 0 and r["experts_ms"] > 0 and r["optimizer_ms"] > 0
+        # Other is what is left after the parts: never negative beyond rounding.
+        assert r["other_ms"] >= -0.01
+        shares = table_rows([r])[0]
+        assert sum(float(shares[f"{p} %"]) for p in ("attention", "experts", "router", "optimizer", "other")) \
+            == pytest.approx(100, abs=0.3)
+    assert moe["router_ms"] > 0 and dense["router_ms"] == 0
+    # The dense counterpart has no experts for lora.target_parameters: it was cleared, not an error.
+    assert (tmp_path / "sweep" / dense["combination"] / "breakdown" / "metrics.jsonl").is_file()
+    with pytest.raises(UserError, match="model.name_or_path"):
+        plan(load(overrides=["model.name_or_path=some/model"]), combos, 3)
