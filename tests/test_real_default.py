@@ -1,6 +1,6 @@
 """configs/default.yaml end to end on the real SmolLM2-135M-Instruct, shrunk to a few steps and items: the
 filtration step, LoRA training, and the evaluation's plain set, opinion-induced shift and answer bias.
-The full-size run's figures are in the README (they take minutes, not seconds)."""
+The base model's figures at the default's eval size are in the README (they take many minutes on a CPU)."""
 
 import json
 from pathlib import Path
