@@ -2,7 +2,7 @@
 
     python deployments/pools.py                          # the classes of deployments/pools.yaml
     python deployments/pools.py --catalogue my-pools.yaml
-    prefect worker start --pool gpu-24gb --limit 1       # then, on each GPU machine, one worker per GPU
+    python deployments/worker.py --pool gpu-24gb --limit 1   # then, on each GPU machine, one worker per GPU
 
 For each machine class of the catalogue: a process work pool of that name with a concurrency limit
 of the class's GPU count (an existing pool keeps its job template; its limit and description are
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in register(pools):
         print(f"registered {name}")
     print("Start one worker per GPU on each machine, from its checkout:  "
-          "CUDA_VISIBLE_DEVICES=<i> prefect worker start --pool <pool> --limit 1")
+          "CUDA_VISIBLE_DEVICES=<i> python deployments/worker.py --pool <pool> --limit 1")
     return 0
 
 

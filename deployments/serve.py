@@ -11,7 +11,6 @@ saves a checkpoint first (`GracefulRunner`), so `--resume` continues it.
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from prefect.schedules import Cron  # noqa: E402
 from flows.evaluate import evaluate_flow  # noqa: E402
 from flows.finetune import DEFAULT_CONFIG, finetune  # noqa: E402
 from leantune.config import load_config  # noqa: E402
-from leantune.training.launch import STOP_GRACE_S  # noqa: E402
+from leantune.training.launch import stop_flow_runs_then_interrupt  # noqa: E402
 
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 
@@ -72,22 +71,9 @@ class GracefulRunner(Runner):
     """
 
     def handle_sigterm(self, *args) -> None:
-        import psutil
-
-        runs = psutil.Process().children()
-        self._logger.info(f"SIGTERM: stopping {len(runs)} flow run process(es) (a training saves a checkpoint "
-                          "first), then shutting down")
-        for process in runs:
-            try:
-                process.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(runs, timeout=STOP_GRACE_S)
-        for process in alive:
-            process.kill()
-        # Shutting down cancels Prefect's control-channel reads, which asyncio would log as tracebacks.
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        raise KeyboardInterrupt
+        self._logger.info("SIGTERM: stopping the flow run processes (a training saves a checkpoint first), "
+                          "then shutting down")
+        stop_flow_runs_then_interrupt()
 
 
 def main() -> None:

@@ -190,6 +190,33 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> None:
         log.warning("killed the training process (pid %d) before it finished its checkpoint", proc.pid)
 
 
+def stop_flow_runs_then_interrupt(*_signal_args) -> None:
+    """Signal handler of a Prefect runner or worker (deployments/serve.py, deployments/worker.py) that stops.
+
+    Its child processes are flow runs: each gets SIGTERM, which Prefect's engine turns into a crash of
+    the run, on the way out of which the train task stops its training process with SIGTERM (a
+    checkpoint, then exit 75). They get up to STOP_GRACE_S to end (then they are killed), and the
+    runner or worker stops as on Ctrl-C, with no flow run left for it to wait on.
+    """
+    import psutil
+
+    children = psutil.Process().children()
+    for process in children:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=STOP_GRACE_S)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    # Shutting down cancels Prefect's control-channel reads, which asyncio would log as tracebacks.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    raise KeyboardInterrupt
+
+
 # ------------------------------------------------------------------------------------------ progress
 
 RECENT_STEPS = 10  # the progress table shows this many of the latest steps
