@@ -6,8 +6,8 @@ on sys.path): training throughput, time per 10k tokens, peak memory and energy p
     python flows/profiling.py --micro-batch 1,2,4 --seq-len 128,256 --precision fp32,bf16 --steps 8
     python flows/profiling.py --config configs/qwen2.5-0.5b-lora.yaml --optimizer adamw,adamw_8bit \\
         --precision bf16 --power-limit none,100,115           # on a GPU
-    python flows/profiling.py --config configs/smoke.yaml --architecture olmoe,llama \
-        --set lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj] --set lora.dropout=0
+    python flows/profiling.py --config configs/smoke.yaml --architecture olmoe,llama --set lora.target_modules=all-linear \
+        --set lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]
                                                                 # a tiny MoE against its dense counterpart
     python flows/profiling.py --help
 

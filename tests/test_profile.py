@@ -2,6 +2,7 @@
 
 import base64
 import csv
+import json
 import re
 
 import pytest
@@ -11,7 +12,16 @@ from flows.profiling import main, profile
 from leantune.config import load_config
 from leantune.errors import UserError
 from leantune.jsonl import iter_jsonl
-from leantune.profile import COLUMNS, NO_ENERGY_NOTE, Combination, combinations, plan, run_combination
+from leantune.profile import (
+    BREAKDOWN_COLUMNS,
+    COLUMNS,
+    NO_ENERGY_NOTE,
+    Combination,
+    combinations,
+    plan,
+    read_csv,
+    run_combination,
+)
 
 SMALL = [
     "data.synthetic.num_records=120", "data.val_fraction=0.1", "data.chunk_size=64",
@@ -38,7 +48,7 @@ def test_a_2x2_sweep_writes_consistent_rows_and_reports_what_cannot_run(prefect_
 
     # 2 micro-batches x 2 lengths run; fp16 and a power limit cannot run on the CPU and must be rows too.
     profile_dir = profile(cfg, micro_batch_sizes=[1, 2], max_seq_lens=[128, 256], precisions=["fp32", "fp16"],
-                          power_limits_w=[None, 90], steps=3)
+                          power_limits_w=[None, 90], steps=3, breakdown=False)
 
     with open(profile_dir / "profile.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -83,6 +93,26 @@ def test_a_2x2_sweep_writes_consistent_rows_and_reports_what_cannot_run(prefect_
     plot = _latest_artifact("profile-plot")
     [b64] = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", plot.data)
     assert base64.b64decode(b64) == (profile_dir / "profile.png").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.flow
+def test_the_flow_profiles_an_moe_against_its_dense_counterpart_with_a_time_breakdown(prefect_server, tmp_path):
+    cfg = load_config(overrides=[*SMALL, f"run.output_dir={tmp_path}", "run.name=moe", "lora.dropout=0",
+                                 "lora.target_modules=[q_proj,v_proj]",
+                                 "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"])
+
+    profile_dir = profile(cfg, micro_batch_sizes=[2], max_seq_lens=[128], architectures=["olmoe", "llama"], steps=2)
+
+    rows = read_csv(profile_dir / "profile.csv")
+    assert [(r["architecture"], r["status"]) for r in rows] == [("olmoe", "ok"), ("llama", "ok")]
+    for r in rows:
+        assert sum(r[c] for c in BREAKDOWN_COLUMNS[1:]) == pytest.approx(r["step_ms"], abs=0.01)
+    assert rows[0]["router_ms"] > 0 and rows[1]["router_ms"] == 0
+    [moe, dense] = json.loads(_latest_artifact("profile-table").data)
+    assert (moe["architecture"], dense["architecture"]) == ("olmoe", "llama")
+    assert float(moe["router %"]) > 0 and dense["router %"] == "0.0"
+    assert float(dense["experts %"]) > 0 and moe["profiled step (ms)"] == f"{rows[0]['step_ms']:,.1f}"
 
 
 def test_combinations_keep_the_given_order_and_drop_repeats():
@@ -221,10 +251,10 @@ def test_the_breakdown_attributes_forward_ranges_backward_nodes_and_the_optimize
         breakdown(events[:3])
 
 
-@pytest.mark.slow  # four short trainings (timed and profiled, MoE and dense): ~45 s on this 2-core CPU
+@pytest.mark.slow  # four short trainings (timed and profiled, MoE and dense): 20-45 s on this 2-core CPU
 def test_an_moe_and_its_dense_counterpart_get_a_breakdown_that_adds_up(tokenized_run, tmp_path):
     from leantune.config import load_config as load
-    from leantune.profile import BREAKDOWN_COLUMNS, table_rows
+    from leantune.profile import table_rows
 
     (tmp_path / "tokens").mkdir()
     (tmp_path / "tokens" / "seq-256").symlink_to(tokenized_run / "tokens", target_is_directory=True)
