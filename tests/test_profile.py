@@ -155,6 +155,8 @@ def test_cli_rejects_a_bad_sweep_before_starting_anything(capsys):
     assert "train.micro_batch_size" in capsys.readouterr().err
     assert main(["--steps", "1"]) == 2
     assert "use at least 2" in capsys.readouterr().err
+    assert main(["--architecture", "olmoe", "--set", "model.name_or_path=some/model"]) == 2
+    assert "architectures sweeps model.scratch.architecture" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["--optimizer", "sgd"])
     assert exit_info.value.code == 2
