@@ -27,7 +27,7 @@ from leantune.training.launch import stop_flow_runs_then_interrupt  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python deployments/worker.py", description=__doc__.splitlines()[0])
     parser.add_argument("--pool", required=True, help="the process work pool to take flow runs from")
     parser.add_argument("--name", help="the worker's name (default: Prefect's generated one)")
     parser.add_argument("--limit", type=int, help="at most this many flow runs at a time (default: no limit)")
