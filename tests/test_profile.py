@@ -285,3 +285,32 @@ def test_an_moe_and_its_dense_counterpart_get_a_breakdown_that_adds_up(tokenized
     assert (tmp_path / "sweep" / dense["combination"] / "breakdown" / "metrics.jsonl").is_file()
     with pytest.raises(UserError, match="model.name_or_path"):
         plan(load(overrides=["model.name_or_path=some/model"]), combos, 3)
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "llama"])
+def test_the_profiled_parts_of_a_real_model_add_up_and_only_an_moe_has_a_router(arch):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, OlmoeConfig, OlmoeForCausalLM
+
+    from leantune.breakdown import breakdown, profiled_parts
+
+    shape = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = (OlmoeForCausalLM(OlmoeConfig(**shape, num_experts=4, num_experts_per_tok=2)) if arch == "olmoe"
+             else LlamaForCausalLM(LlamaConfig(**shape)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 64, (2, 16))
+
+    with profiled_parts() as events:
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    parts = breakdown(events)
+
+    assert parts["steps"] == 2
+    assert sum(parts[f"{p}_ms"] for p in ("attention", "experts", "router", "optimizer", "other")) \
+        == pytest.approx(parts["step_ms"], abs=0.01)
+    assert min(parts["attention_ms"], parts["experts_ms"], parts["optimizer_ms"], parts["other_ms"] + 0.01) > 0
+    assert (parts["router_ms"] > 0) == (arch == "olmoe")
