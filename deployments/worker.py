@@ -48,11 +48,17 @@ async def run_worker(args: argparse.Namespace) -> None:
     await worker.start(printer=print)
 
 
+def stop(signum: int, _frame) -> None:
+    print(f"worker.py: {signal.Signals(signum).name}: stopping its flow runs (a training saves a checkpoint "
+          "first), then the worker", flush=True)
+    stop_flow_runs_then_interrupt()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Installed before asyncio.run, which then leaves SIGINT to this handler as well.
-    signal.signal(signal.SIGTERM, stop_flow_runs_then_interrupt)
-    signal.signal(signal.SIGINT, stop_flow_runs_then_interrupt)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         asyncio.run(run_worker(args))
     except KeyboardInterrupt:

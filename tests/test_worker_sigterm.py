@@ -44,4 +44,5 @@ def test_sigterm_ends_the_worker_in_seconds_with_the_training_checkpointed(prefe
     # A generous bound tells "stops" from "hangs" without timing the machine.
     assert took < 60, f"worker.py took {took:.0f} s to stop\n{output[-3000:]}"
     assert worker.returncode == 0, output[-3000:]
+    assert "worker.py: SIGTERM: stopping its flow runs" in output and "Traceback" not in output, output[-3000:]
     assert_stopped_with_a_checkpoint(flow_run.id, training, tmp_path / "stopped", output)
