@@ -127,7 +127,7 @@ def test_explicit_lora_targets_are_respected_and_unknown_ones_named(tokenizer):
     adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")}
     assert adapted == {"q_proj", "v_proj"}
     assert describe_model(model)["trainable_params"] == 2 * (256 + 192)
-    with pytest.raises(UserError, match=r"lora.target_modules: .*query.* match no layer.*q_proj"):
+    with pytest.raises(UserError, match=r"lora.target_modules: .*query.* matches no layer.*q_proj"):
         build_model(cfg_with("model.method=lora", "lora.target_modules=[query]"), tokenizer, CPU)
 
 
