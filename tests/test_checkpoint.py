@@ -406,15 +406,20 @@ def test_sigterm_sets_stop_requested_and_handlers_are_restored(tmp_path):
 
 def test_second_sigint_interrupts_at_once(tmp_path):
     mgr = manager(make_cfg(), tmp_path)
-    mgr.install_signal_handlers()
+    # Python's own handler, whatever an earlier test in this process (a flow, Prefect) left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert mgr.stop_requested
-        with pytest.raises(KeyboardInterrupt):
+        mgr.install_signal_handlers()
+        try:
             os.kill(os.getpid(), signal.SIGINT)
+            assert mgr.stop_requested
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            mgr.restore_signal_handlers()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        mgr.restore_signal_handlers()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_on_signal_false_leaves_handlers_alone(tmp_path):
