@@ -67,7 +67,7 @@ def test_flow_on_a_run_scores_base_and_tuned_on_the_same_items(prefect_server, t
 
     tokenizer = AutoTokenizer.from_pretrained(trained_run / "adapter")
     model = build_eval_model(cfg, tokenizer, CPU)
-    items = load_eval_sets(cfg)[1].items
+    items = next(s for s in load_eval_sets(cfg) if s.name == "anthropic-sample").items
     fresh = score_encoded(model, encode_items(tokenizer, "chat_template", items), 4, tokenizer.pad_token_id, CPU,
                           torch.autocast("cpu", enabled=False), torch.float32)
     assert [pytest.approx(x, abs=1e-4) for x in fresh] == logprobs(base, "anthropic-sample")
