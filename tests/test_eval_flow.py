@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import SMOKE
 
 from flows.evaluate import main
 from leantune.config import dump_config, load_config
@@ -122,8 +123,8 @@ def test_cli_user_errors_exit_2_with_a_message(prefect_server, trained_run, tmp_
     assert "'missing.jsonl' is not a file" in err and "Traceback" not in err
     assert main(["--set", "eval.max_items=0"]) == 2
     assert "eval.max_items" in capsys.readouterr().err
-    # The scratch model has no tokenizer of its own outside a run.
-    assert main(["--out", str(tmp_path / "x")]) == 2
+    # The scratch model (configs/smoke.yaml) has no tokenizer of its own outside a run.
+    assert main(["--config", str(SMOKE), "--out", str(tmp_path / "x")]) == 2
     assert "evaluate the run" in capsys.readouterr().err
 
 
