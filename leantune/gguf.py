@@ -12,8 +12,6 @@ evaluation, the memory probe) reads that directory; `model_source` is the one pl
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.util
 import json
 import logging
@@ -24,6 +22,7 @@ import time
 from pathlib import Path
 
 from leantune.errors import UserError
+from leantune.stagecache import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -83,26 +82,13 @@ def check_model_file(name: str) -> None:
         gguf_path(name)
 
 
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """The file's sha256 (computed once per process for an unchanged file)."""
-    stat = path.stat()
-    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def cached_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     """Where the dequantized model of GGUF `name` lives in the cache (whether or not it is there yet)."""
     path = gguf_path(name)
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return root / f"{path.stem}-{file_sha256(path)[:16]}"
+    return root / f"{path.stem}-{file_digest(path)[:16]}"
 
 
 def model_source(model_cfg) -> str:
@@ -171,7 +157,7 @@ def dequantize_to(path: Path, target: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({
-            "gguf": str(path), "sha256": file_sha256(path), "architecture": architecture,
+            "gguf": str(path), "sha256": file_digest(path), "architecture": architecture,
             "dequantize_seconds": round(time.monotonic() - started, 1)}, indent=1))
         os.rename(tmp, target)
     except OSError:
