@@ -1,13 +1,155 @@
-"""The run directory, runs/<name>/: created once per run, holding the resolved config and every output."""
+"""The run directory, runs/<name>/: created once per run, holding the resolved config and every output.
+
+`RunDir` names every file and folder a run writes, in one place; stages, tasks, flows and the report
+take their paths from it. The files inside data/ and inside a token split are named by the stage that
+writes them (leantune/data/prepare.py, leantune/validation.py, leantune/tokenization.py).
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from leantune.config import RunConfig, dump_config
 from leantune.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The layout of runs/<name>/ (see the design notes' "Run directory")."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, run_dir: str | Path | RunDir) -> RunDir:
+        return run_dir if isinstance(run_dir, RunDir) else cls(Path(run_dir))
+
+    @property
+    def config(self) -> Path:
+        """The resolved config (`write_config`)."""
+        return self.root / "config.yaml"
+
+    @property
+    def data(self) -> Path:
+        """Prepare's and validate's outputs: records, rejects, the train/val split, their reports."""
+        return self.root / "data"
+
+    @property
+    def quality(self) -> Path:
+        """Validate's data-quality metrics of the records (leantune/data/quality.py)."""
+        return self.data / "quality.json"
+
+    @property
+    def tokens(self) -> Path:
+        """Tokenize's outputs: the token shards training reads, the tokenizer, the token checks."""
+        return self.root / "tokens"
+
+    @property
+    def train_tokens(self) -> Path:
+        return self.tokens / "train"
+
+    @property
+    def val_tokens(self) -> Path:
+        return self.tokens / "val"
+
+    @property
+    def train_index(self) -> Path:
+        """The train split's shard index (counts, tokens, the tokenize config hash)."""
+        return self.train_tokens / "index.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.tokens / "tokenizer"
+
+    @property
+    def token_lengths(self) -> Path:
+        """Tokenize's length summary of the tokenized conversations (the report merges it with quality.json)."""
+        return self.tokens / "lengths.json"
+
+    @property
+    def token_validation(self) -> Path:
+        """The token suite's result, the data stages' last output (`data_stages_done`)."""
+        return self.tokens / "validation.json"
+
+    @property
+    def metrics(self) -> Path:
+        """One line per optimizer step and per event (leantune/metrics.py)."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def monitor(self) -> Path:
+        """The resource samples (leantune/monitor/sampler.py)."""
+        return self.root / "monitor.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        """The final adapter (PEFT format) or, for a full fine-tune, the whole model."""
+        return self.root / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        """With train.export_merged: the adapter merged into the base."""
+        return self.root / "merged"
+
+    @property
+    def training(self) -> Path:
+        """The summary training returns (training.json)."""
+        return self.root / "training.json"
+
+    @property
+    def cost(self) -> Path:
+        return self.root / "cost.json"
+
+    @property
+    def eval(self) -> Path:
+        """base.json, tuned.json, comparison.json and the chart of the evaluation."""
+        return self.root / "eval"
+
+    @property
+    def attempts(self) -> Path:
+        """attempts/attempt-N/: the checkpoints and metrics of each failed attempt, kept."""
+        return self.root / "attempts"
+
+    @property
+    def attempt_log(self) -> Path:
+        """One line per training attempt (attempts.history_entry)."""
+        return self.root / "attempts.jsonl"
+
+    @property
+    def failure(self) -> Path:
+        """How a failed training process ended (leantune.attempts.write_failure)."""
+        return self.root / "attempt_error.json"
+
+    @property
+    def tracking(self) -> Path:
+        """Where the run is tracked: the MLflow run and the steps logged (leantune/tracking.py)."""
+        return self.root / "tracking.json"
+
+    @property
+    def lock(self) -> Path:
+        """Held while a flow works in the run (leantune/runlock.py)."""
+        return self.root / ".lock"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    def plot(self, stem: str) -> Path:
+        """A report chart, <stem>.png."""
+        return self.root / f"{stem}.png"
+
+
+def write_config(run_dir: str | Path | RunDir, cfg: RunConfig) -> Path:
+    """Write the resolved config to run_dir/config.yaml: the one writer of that file."""
+    path = RunDir.of(run_dir).config
+    path.write_text(dump_config(cfg))
+    return path
 
 
 def default_run_name(config_name: str) -> str:
@@ -23,9 +165,10 @@ def create_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
     run_dir = Path(cfg.run.output_dir) / name
     if problem := run_dir_problem(cfg, name):
         raise UserError(problem)
-    (run_dir / "data").mkdir(parents=True, exist_ok=True)
-    (run_dir / "tokens").mkdir(exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    layout = RunDir(run_dir)
+    layout.data.mkdir(parents=True, exist_ok=True)
+    layout.tokens.mkdir(exist_ok=True)
+    write_config(layout, cfg)
     return run_dir
 
 
@@ -44,7 +187,7 @@ def data_stages_done(run_dir: Path) -> bool:
     """Whether prepare, validate and tokenize all finished in `run_dir`: the token suite, the data stages'
     last step, passed (tokens/validation.json). A resume of a run that stopped before that (a data error,
     a kill) runs the data stages again instead of training on tokens that are missing or partial."""
-    path = Path(run_dir) / "tokens" / "validation.json"
+    path = RunDir.of(run_dir).token_validation
     try:
         return json.loads(path.read_text()).get("success") is True
     except (OSError, ValueError, AttributeError):

@@ -5,7 +5,7 @@ import yaml
 
 from leantune.config import load_config
 from leantune.errors import UserError
-from leantune.rundir import create_run_dir
+from leantune.rundir import RunDir, create_run_dir, write_config
 
 
 def test_creates_layout_and_resolved_config(tmp_path):
@@ -28,3 +28,20 @@ def test_existing_run_is_refused_with_the_ways_out(tmp_path):
         create_run_dir(cfg)
     message = str(info.value)
     assert "already exists" in message and "--resume a" in message and "--run-name" in message
+
+
+def test_run_dir_names_each_output_under_its_root(tmp_path):
+    layout = RunDir(tmp_path / "r")
+    assert RunDir.of(tmp_path / "r") == layout and RunDir.of(layout) is layout
+    assert layout.config == tmp_path / "r" / "config.yaml"
+    assert layout.train_index == tmp_path / "r" / "tokens" / "train" / "index.json"
+    assert layout.token_validation == tmp_path / "r" / "tokens" / "validation.json"
+    assert layout.metrics == tmp_path / "r" / "metrics.jsonl"
+    assert layout.plot("loss") == tmp_path / "r" / "loss.png"
+
+
+def test_write_config_is_what_load_config_reads_back(tmp_path):
+    cfg = load_config(overrides=["train.lr=2e-4", "train.seed=7"])
+    path = write_config(tmp_path, cfg)
+    assert path == RunDir(tmp_path).config
+    assert load_config(path) == cfg

@@ -13,7 +13,6 @@ from run_helpers import new_run
 from leantune.attempts import TORCHRUN_WORKER_EXIT, AttemptFailed, attempt_failure, write_failure
 from leantune.errors import UserError
 from leantune.training.launch import (
-    MetricsFollower,
     log_record,
     progress_markdown,
     run_training,
@@ -37,26 +36,6 @@ def test_log_lines_keep_their_level_and_lose_their_timestamp():
     assert log_record(" 10%|#  | 1/10\r 20%|## | 2/10\n", logging.INFO) == (logging.INFO, " 20%|## | 2/10")
     assert log_record("\r\n", logging.INFO) is None
     assert log_record("a CRLF line\r\n", logging.INFO) == (logging.INFO, "a CRLF line")
-
-
-def test_the_metrics_follower_reads_whole_new_lines_and_rereads_a_rewritten_file(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    follower = MetricsFollower(path)
-    assert follower.new_lines() == []  # not there yet
-    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
-    assert follower.new_lines() == [{"step": 1}, {"step": 2}]
-    assert follower.new_lines() == []  # the half-written line waits for its end
-    with open(path, "a") as f:
-        f.write('ep": 3}\n')
-    assert follower.new_lines() == [{"step": 3}]
-    path.write_text('{"step": 1}\n')  # a resume from step 1 rewrites the file
-    assert follower.new_lines() == [{"step": 1}]
-    # A new attempt's follower skips the old lines until the process rewrites the file or appends.
-    path.write_text('{"step": 1}\n{"step": 2}\n')
-    next_attempt = MetricsFollower(path, from_end=True)
-    assert next_attempt.new_lines() == []
-    path.write_text('{"step": 1}\n')
-    assert next_attempt.new_lines() == [{"step": 1}]
 
 
 def test_progress_markdown_shows_the_latest_steps():

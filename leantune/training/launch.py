@@ -13,7 +13,6 @@ exit status plus the failure file it leaves (leantune.attempts.write_failure / a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from leantune.attempts import FAILURE_FILE
 from leantune.config import RunConfig
+from leantune.metrics import MetricsFollower
 from leantune.tables import markdown_table
 
 log = logging.getLogger(__name__)
@@ -79,40 +79,6 @@ def log_record(line: str, previous_level: int) -> tuple[int, str] | None:
     return (previous_level if line[:1].isspace() or previous_level >= logging.ERROR else logging.INFO), text
 
 
-class MetricsFollower:
-    """The lines appended to metrics.jsonl since the last call: whole lines only, parsed.
-
-    A resume rewrites the file (it drops the steps it will redo); a file shorter than what was read
-    is read again from its start. from_end: skip what the file holds now (a previous attempt's
-    lines, which the next training process rewrites).
-    """
-
-    def __init__(self, path: Path, from_end: bool = False):
-        self.path = Path(path)
-        self._offset = self.path.stat().st_size if from_end and self.path.is_file() else 0
-
-    def new_lines(self) -> list[dict]:
-        try:
-            if self.path.stat().st_size < self._offset:
-                self._offset = 0
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n")
-        if end < 0:
-            return []
-        self._offset += end + 1
-        lines = []
-        for raw in data[:end].splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except ValueError:
-                continue  # only a killed writer leaves a broken line, and it is not followed by more
-        return lines
-
-
 def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], None],
                  on_metrics: Callable[[list[dict]], None], poll_s: float = 0.5,
                  stop_grace_s: float = STOP_GRACE_S) -> int:
@@ -127,7 +93,7 @@ def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], 
     run_dir = Path(run_dir)
     # What a failed process leaves (leantune.attempts.FAILURE_FILE) must be this attempt's.
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)
-    follower = MetricsFollower(run_dir / "metrics.jsonl", from_end=True)
+    follower = MetricsFollower(run_dir, from_end=True)
     # Bytes, split on newlines only: text mode would turn a progress bar's carriage returns into lines.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **CHILD_ENV})
     lines: queue.Queue[str | None] = queue.Queue()
