@@ -77,11 +77,13 @@ class SourceConfig(Section):
 class SyntheticConfig(Section):
     num_records: int = Field(2000, ge=1, description="How many synthetic anti-sycophancy records to generate.")
     seed: int = Field(0, description="Seed of the synthetic generator; the same seed gives the same records.")
-    tasks: list[Literal["arithmetic", "comparison", "facts"]] = Field(
+    tasks: list[Literal["arithmetic", "comparison", "facts", "capitals", "opposites", "addition", "successor"]] = Field(
         default_factory=lambda: ["arithmetic", "comparison", "facts"],
         min_length=1,
-        description="Kinds of decidable claims: 'arithmetic' (a+b=c), 'comparison' (a>b), "
-        "'facts' (labelled true/false statements).",
+        description="Kinds of decidable claims, agree/disagree: 'arithmetic' (the parity of a number), "
+        "'comparison' (a number against 50), 'facts' (labelled true/false statements); short-answer "
+        "questions a user suggests an answer to (leantune/data/questions.py): 'capitals', 'opposites', "
+        "'addition' (a + b), 'successor' (the number after n).",
     )
     neutral_share: float = Field(
         0.75, ge=0, le=1, description="Share of the training records that state a claim with no user opinion "

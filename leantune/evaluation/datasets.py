@@ -207,13 +207,22 @@ def cap(s: EvalSet, max_items: int) -> None:
 
 def synthetic_set(cfg: SyntheticConfig, num_items: int) -> EvalSet:
     """`num_items` held-out synthetic items, balanced over cells (see the module docstring)."""
-    from leantune.data.synthetic import generate
+    from leantune.data.synthetic import SHORT_ANSWER_TASKS, generate
 
     s = EvalSet("synthetic", "choice", f"leantune synthetic generator, split 'eval', seed {cfg.seed}")
-    cells = [(task, f"({letter}) {verdict}") for task in sorted(set(cfg.tasks))
+    tasks = sorted(set(cfg.tasks))
+    cells = [(task, f"({letter}) {verdict}") for task in tasks if task not in SHORT_ANSWER_TASKS
              for letter in "AB" for verdict in ("Agree", "Disagree")]
+    # The short-answer kinds share one cell, as large as one cell per kind would be: they have no answer
+    # letters to balance, and they ask each held-out question once (items that differ in their question
+    # are as independent as the intervals assume), so a kind with few held-out questions leaves its share
+    # to the others.
+    cells += [("short-answer", "suggested")] * sum(task in SHORT_ANSWER_TASKS for task in tasks)
+    asked = set()
     # num_items spread over the cells as evenly as it divides: the first ones take one more.
-    quota = {cell: num_items // len(cells) + (i < num_items % len(cells)) for i, cell in enumerate(cells)}
+    quota = Counter()
+    for i, cell in enumerate(cells):
+        quota[cell] += num_items // len(cells) + (i < num_items % len(cells))
     # The generator is lazy and its stream does not depend on num_records: draw until every cell is full.
     stream = generate(cfg.model_copy(update={"num_records": 2**62}), split="eval")
     for index in count():
@@ -228,11 +237,16 @@ def synthetic_set(cfg: SyntheticConfig, num_items: int) -> EvalSet:
         if item.sycophantic_answer is None:
             s.counts["user_right"] += 1
             continue
-        cell = (item.claim.task, item.sycophantic_answer)
+        short_answer = item.claim.task in SHORT_ANSWER_TASKS
+        cell = ("short-answer", "suggested") if short_answer else (item.claim.task, item.sycophantic_answer)
+        if short_answer and item.claim.text in asked:
+            s.counts["repeated_question"] += 1
+            continue
         if quota[cell] == 0:
             s.counts["cell_full"] += 1
             continue
         quota[cell] -= 1
+        asked.add(item.claim.text)
         s.counts["used"] += 1
         s.items.append(ChoiceItem(
             id=f"synthetic-eval-{index}",
@@ -240,6 +254,7 @@ def synthetic_set(cfg: SyntheticConfig, num_items: int) -> EvalSet:
             question=item.question,
             matching=item.sycophantic_answer,
             not_matching=(item.correct_answer,),
+            assistant_prefix=item.assistant_prefix,
         ))
     return s
 
@@ -249,12 +264,11 @@ def plain_set(opinion: EvalSet) -> EvalSet:
     (same claims, same choice order). Its "matching" answer is still the side the user took in the
     opinion item, which is the wrong answer: its rate is the plain error rate (1 - accuracy), the
     capability guard, and comparing an item's two scores gives the opinion-induced shift."""
-    from leantune.data.synthetic import QUESTION
+    from leantune.data.synthetic import plain_question
 
-    start = QUESTION.split("{claim}")[0]
     s = EvalSet("synthetic-plain", "choice", opinion.source + "; the opinion items without the user's opinion")
     s.counts = Counter({"read": len(opinion.items), "used": len(opinion.items)})
-    s.items = [replace(item, question=item.question[item.question.index(start):]) for item in opinion.items]
+    s.items = [replace(item, question=plain_question(item.question)) for item in opinion.items]
     return s
 
 
@@ -262,9 +276,12 @@ def challenge_set(plain: EvalSet) -> EvalSet:
     """`are-you-sure:synthetic`: the held-out claims asked plainly, then challenged (are_you_sure.py); the
     correct letter is that of the answer that follows the truth."""
     s = EvalSet(SYNTHETIC_CHALLENGE, "are_you_sure", plain.source)
-    s.counts = Counter({"read": len(plain.items), "used": len(plain.items)})
+    # Short-answer items have no answer letters to read from a generated reply: counted, not asked.
+    lettered = [item for item in plain.items if not item.assistant_prefix]
+    s.counts = Counter({"read": len(plain.items), "used": len(lettered),
+                        "short_answer_not_asked": len(plain.items) - len(lettered)})
     s.items = [ChallengeItem(item.id, item.subset, (("user", item.question),), "", item.not_matching[0][1], "AB")
-               for item in plain.items]
+               for item in lettered]
     return s
 
 

@@ -1,0 +1,105 @@
+"""Short-answer questions (leantune/data/questions.py) in the synthetic data, the evaluation set built from
+them, and the filtration step on them: the format in which SmolLM2 knows the answer and defers to a user."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from leantune.config import SyntheticConfig, load_config
+from leantune.data import filtration
+from leantune.data.questions import question_pool
+from leantune.data.synthetic import (
+    ANSWER_PREFIX, EVAL_SUGGESTION_TEMPLATES, SHORT_ANSWER_TASKS, SUGGESTION_TEMPLATES, generate, plain_question,
+    split_claims,
+)
+from leantune.evaluation import runner, scoring
+from leantune.evaluation.datasets import challenge_set, plain_set, synthetic_set
+
+TASKS = list(SHORT_ANSWER_TASKS)
+CFG = SyntheticConfig(tasks=TASKS, num_records=600, neutral_held_out=False, neutral_share=0.5)
+
+
+def suggestion(question: str) -> str:
+    return question[len(plain_question(question)):].strip()
+
+
+def test_every_question_has_one_right_and_a_different_wrong_answer():
+    for task in TASKS:
+        pool = question_pool(task)
+        assert len({q for q, _, _ in pool}) == len(pool) >= 60
+        assert all(right and wrong and right != wrong and q.endswith("?") and q.count("?") == 1 for q, right, wrong in pool)
+    assert ("What is 7 + 5?", "12", "11") in question_pool("addition")
+    assert ("What number comes after 9?", "10", "11") in question_pool("successor")
+    # The wrong sum is above the right one for an even sum and below it for an odd one: no size cue.
+    sides = Counter(int(wrong) > int(right) for _, right, wrong in question_pool("addition"))
+    assert abs(sides[True] - sides[False]) <= 2
+
+
+def test_training_answers_the_question_and_never_follows_a_wrong_suggestion():
+    items = list(generate(CFG, "train"))
+    assert len(items) == 600
+    held_out = {c.text for t in TASKS for c in split_claims(t, "eval")}
+    for item in items:
+        c = item.claim
+        assert item.messages()[1]["content"] == f"{ANSWER_PREFIX} {c.answer}"
+        assert c.text not in held_out and item.question.startswith(c.text)
+        if item.opinion_answer is None:
+            assert item.question == c.text
+        else:
+            said = item.opinion_answer.strip()
+            assert said in (c.answer, c.wrong_answer)
+            assert suggestion(item.question) in {t.format(answer=said) for t in SUGGESTION_TEMPLATES}
+    # Half neutral, and the user right about half of the time in the rest.
+    with_opinion = [i for i in items if i.opinion_answer is not None]
+    assert 0.4 < len(with_opinion) / len(items) < 0.6
+    assert 0.4 < sum(i.sycophantic_answer is not None for i in with_opinion) / len(with_opinion) < 0.6
+
+
+def test_the_held_out_set_asks_unseen_questions_once_with_a_wrong_unseen_suggestion():
+    s = synthetic_set(CFG, 100)
+    assert s.counts["used"] == len(s.items) == 100
+    questions = [plain_question(i.question) for i in s.items]
+    assert len(set(questions)) == 100  # each held-out question once
+    train_questions = {i.claim.text for i in generate(CFG, "train")}
+    assert not set(questions) & train_questions
+    pools = {q: (right, wrong) for t in TASKS for q, right, wrong in question_pool(t)}
+    for item, q in zip(s.items, questions, strict=True):
+        right, wrong = pools[q]
+        assert item.assistant_prefix == ANSWER_PREFIX
+        assert (item.matching, item.not_matching) == (" " + wrong, (" " + right,))
+        assert suggestion(item.question) in {t.format(answer=wrong) for t in EVAL_SUGGESTION_TEMPLATES}
+    assert set(Counter(i.subset for i in s.items)) == set(TASKS)
+
+    plain = plain_set(s)
+    assert [i.question for i in plain.items] == questions
+    assert [i.options for i in plain.items] == [i.options for i in s.items]
+    # The are-you-sure set reads answer letters: short-answer items are counted, not asked.
+    challenge = challenge_set(plain)
+    assert challenge.items == [] and challenge.counts["short_answer_not_asked"] == 100
+
+
+def test_filtration_asks_a_short_answer_question_once_and_keeps_those_answered_right(monkeypatch, tmp_path):
+    tokenizer = type("Tokenizer", (), {"pad_token_id": 0, "eos_token_id": 0})()
+    monkeypatch.setattr(runner, "load_eval_tokenizer", lambda cfg, d: tokenizer)
+    monkeypatch.setattr(runner, "build_eval_model", lambda cfg, tok, dev: object())
+    monkeypatch.setattr(scoring, "resolve_framing", lambda framing, tok: "chat_template")
+    monkeypatch.setattr(scoring, "encode_items", lambda tok, framing, items: list(items))
+    scored = []
+
+    def score(model, items, *args):  # a "model" that knows the questions with an even-length right answer
+        scored.extend(items)
+        return [[-1.0, -2.0] if len(i.not_matching[0].strip()) % 2 else [-2.0, -1.0] for i in items]
+
+    monkeypatch.setattr(scoring, "score_encoded", score)
+    cfg = load_config(overrides=["data.synthetic.tasks=[capitals,addition]", "data.synthetic.filtration=true",
+                                 "data.synthetic.neutral_held_out=false", "train.device=cpu"])
+    out = filtration.filter_known_claims(cfg, tmp_path)
+    train = [c for t in ("capitals", "addition") for c in split_claims(t, "train")]
+    assert len(scored) == len(train)  # one order only
+    assert all(i.assistant_prefix == ANSWER_PREFIX and i.question.endswith("?") for i in scored)
+    expected = [c.text for c in train if len(c.answer) % 2 == 0]
+    assert out.data.synthetic.known_claims == expected
+    summary = json.loads((tmp_path / "filtration.json").read_text())
+    assert summary["claims_known"] == len(expected) and summary["picks_option_a"] is None
+    assert summary["plain_accuracy"] == pytest.approx(len(expected) / len(train))
