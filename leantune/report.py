@@ -25,6 +25,8 @@ from pathlib import Path
 from leantune.attempts import history_markdown
 from leantune.evaluation.compare import table_rows
 from leantune.jsonl import iter_jsonl
+from leantune.metrics import MetricLine, StepLine, event_of, read_metrics
+from leantune.rundir import RunDir, TokenDir
 from leantune.tables import markdown_table
 from leantune.tracking import tracking_lines
 
@@ -37,22 +39,22 @@ PLOT_DPI = 150
 
 def write_report(run_dir: Path) -> Path:
     """Write run_dir/report.md and its plots; return the path of report.md."""
-    run_dir = Path(run_dir)
-    steps, events = _read_metrics(run_dir / "metrics.jsonl")
-    monitor = _read_monitor(run_dir / "monitor.csv")
-    plots = _plots(run_dir, steps, monitor)
+    layout = RunDir(run_dir)
+    steps, events = read_metrics(layout, "step"), [m for m in read_metrics(layout) if event_of(m) != "step"]
+    monitor = _read_monitor(layout.monitor)
+    plots = _plots(layout, steps, monitor)
     sections = [
-        f"# Run report: {run_dir.name}\n",
-        _data_section(run_dir / "data"),
-        _tokens_section(run_dir / "tokens"),
-        _training_section(run_dir, steps, events),
-        _attempts_section(run_dir / "attempts.jsonl"),
-        _evaluation_section(run_dir / "eval"),
-        _tracking_section(run_dir),
+        f"# Run report: {layout.root.name}\n",
+        _data_section(layout),
+        _tokens_section(layout.token_dir),
+        _training_section(layout, steps, events),
+        _attempts_section(layout.attempt_log),
+        _evaluation_section(layout.eval),
+        _tracking_section(layout.root),
         "## Plots\n\n" + ("\n".join(f"![{title}]({path.name})\n" for title, path in plots)
                           if plots else "No plots: training did not run (no metrics.jsonl).\n"),
     ]
-    path = run_dir / "report.md"
+    path = layout.report
     path.write_text("\n".join(sections))
     return path
 
@@ -81,8 +83,7 @@ def inline_images(markdown: str, base_dir: Path) -> str:
 
 def plot_files(run_dir: Path) -> list[tuple[str, str, Path]]:
     """(stem, title, path) of each plot of PLOTS that the run has."""
-    return [(stem, title, Path(run_dir) / f"{stem}.png") for stem, title in PLOTS
-            if (Path(run_dir) / f"{stem}.png").is_file()]
+    return [(stem, title, RunDir(run_dir).plot(stem)) for stem, title in PLOTS if RunDir(run_dir).plot(stem).is_file()]
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -90,14 +91,6 @@ def plot_files(run_dir: Path) -> list[tuple[str, str, Path]]:
 
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """The step lines and the event lines of metrics.jsonl (both empty when training did not run)."""
-    if not path.is_file():
-        return [], []
-    lines = list(iter_jsonl(path))
-    return [m for m in lines if "event" not in m], [m for m in lines if "event" in m]
 
 
 def _read_monitor(path: Path) -> list[dict]:
@@ -127,9 +120,10 @@ def _fmt(value, spec: str = ".4f") -> str:
 # ------------------------------------------------------------------------------------------ sections
 
 
-def _data_section(data_dir: Path) -> str:
+def _data_section(layout: RunDir) -> str:
     out = ["## Data\n"]
-    prepare = _load(data_dir / "prepare.json")
+    data_dir = layout.data_dir
+    prepare = _load(data_dir.prepare)
     if prepare is None:
         out.append("Prepare did not run (no data/prepare.json).\n")
     else:
@@ -140,7 +134,7 @@ def _data_section(data_dir: Path) -> str:
         reasons = prepare["totals"]["reasons"]
         out.append("Reject reasons: " + (", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
                                          if reasons else "none") + " (every rejected row is in data/rejects.jsonl).\n")
-    filtration = _load(data_dir / "filtration.json")
+    filtration = _load(data_dir.filtration)
     if filtration is not None:
         out.append(f"Filtration (Wei et al.): the base model answers {filtration['claims_known']} of "
                    f"{filtration['claims_scored']} training-side claims correctly in both answer orders (plain accuracy "
@@ -149,14 +143,14 @@ def _data_section(data_dir: Path) -> str:
         out.append(markdown_table(["claim kind", "scored", "known", "right in one order only"],
                                   [[t, c["scored"], c["known"], c["correct_in_one_order"]]
                                    for t, c in filtration["by_task"].items()]))
-    quality = _load(data_dir / "quality.json")
+    quality = _load(data_dir.quality)
     if quality is not None:
         # Validation's side of the accounting, per source: every kept record is in train, val or quarantine.
         splits = ["train", "val", "quarantined"]
         rows = [[name, *(s[k] for k in splits)] for name, s in quality["sources"].items()]
         rows.append(["**total**", *(quality["totals"][k] for k in splits)])
         out.append("After validation, per source:\n\n" + markdown_table(["source", *splits], rows))
-    validation = _load(data_dir / "validation.json")
+    validation = _load(data_dir.validation)
     if validation is None:
         out.append("Validation did not run (no data/validation.json).\n")
     else:
@@ -169,6 +163,8 @@ def _data_section(data_dir: Path) -> str:
     if quality is None:
         out.append("No quality metrics (no data/quality.json).\n")
     else:
+        if (token_lengths := _load(layout.token_lengths)) is not None:  # tokenize's, shown beside validate's
+            quality = {**quality, "tokens": token_lengths}
         rows = [[name, q["count"], _fmt(q["mean"], ".1f"), q["p50"], q["p90"], q["p99"], q["max"]]
                 for name, q in quality.items()
                 if name in ("conversation_chars", "assistant_turn_chars", "turns", "tokens")]
@@ -177,11 +173,11 @@ def _data_section(data_dir: Path) -> str:
     return "\n".join(out)
 
 
-def _tokens_section(tokens_dir: Path) -> str:
+def _tokens_section(tokens_dir: TokenDir) -> str:
     out = ["## Tokens\n"]
     rows = []
     for split in ("train", "val"):
-        index = _load(tokens_dir / split / "index.json")
+        index = _load(tokens_dir.index(split))
         if index is not None:
             c, t = index["counts"], index["tokens"]
             rows.append([split, c["records_read"], c["documents"], c["sequences"], t["total"], t["trainable"],
@@ -189,7 +185,7 @@ def _tokens_section(tokens_dir: Path) -> str:
     if not rows:
         out.append("Tokenize did not run (no tokens/*/index.json).\n")
         return "\n".join(out)
-    index = _load(tokens_dir / "train" / "index.json") or _load(tokens_dir / "val" / "index.json")
+    index = _load(tokens_dir.index("train")) or _load(tokens_dir.index("val"))
     out.append(f"Tokenizer {index['tokenizer']['name']} (vocabulary {index['tokenizer']['vocab_size']}), "
                f"max_seq_len {index['max_seq_len']}, packing {index['packing']}, training on {index['train_on']}.\n")
     out.append(markdown_table(["split", "records", "documents", "sequences", "tokens", "trainable", "padding",
@@ -197,9 +193,9 @@ def _tokens_section(tokens_dir: Path) -> str:
     return "\n".join(out)
 
 
-def _training_section(run_dir: Path, steps: list[dict], events: list[dict]) -> str:
+def _training_section(layout: RunDir, steps: list[StepLine], events: list[MetricLine]) -> str:
     out = ["## Training\n"]
-    summary = _load(run_dir / "training.json")
+    summary = _load(layout.training)
     if summary is None and not steps:
         out.append("Training did not run (no training.json, no metrics.jsonl).\n")
         return "\n".join(out)
@@ -236,11 +232,11 @@ def _training_section(run_dir: Path, steps: list[dict], events: list[dict]) -> s
             lines.append("energy: not measured (no NVML energy readings)")
         out.append("".join(f"- {line}\n" for line in lines))
     out.append(_experts_part(steps))
-    changes = [e for e in events if e["event"] == "micro_batch"]
+    changes = [e for e in events if event_of(e) == "micro_batch"]
     if changes:
         out.append("Micro-batch changes:\n\n" + markdown_table(["step", "old", "new", "reason"],
                                                        [[e["step"], e["old"], e["new"], e["reason"]] for e in changes]))
-    decisions = [e for e in events if e["event"] == "monitor"]
+    decisions = [e for e in events if event_of(e) == "monitor"]
     if decisions:
         out.append("Resource monitor decisions:\n\n" + markdown_table(["step", "action", "reason"],
                                                              [[e["step"], e["action"], e["reason"]] for e in decisions]))
@@ -311,7 +307,7 @@ def _experts_part(steps: list[dict]) -> str:
             + markdown_table(["layer", "busiest expert", "idlest expert", "busiest is"], rows))
 
 
-def _plots(run_dir: Path, steps: list[dict], monitor: list[dict]) -> list[tuple[str, Path]]:
+def _plots(layout: RunDir, steps: list[StepLine], monitor: list[dict]) -> list[tuple[str, Path]]:
     """Draw each plot the data allows; return (title, path) pairs."""
     if not steps:
         return []
@@ -332,13 +328,13 @@ def _plots(run_dir: Path, steps: list[dict], monitor: list[dict]) -> list[tuple[
     if all(m["loss"] > 0 for m in steps):
         ax.set_yscale("log")
     _finish(ax, "Loss per optimizer step", "optimizer step", "cross-entropy (nats per target token, log scale)")
-    plots.append(("Loss", _save(fig, run_dir / "loss.png")))
+    plots.append(("Loss", _save(fig, layout.plot("loss"))))
 
     fig, ax = plt.subplots(figsize=PLOT_SIZE)
     ax.plot(step_numbers, [m["lr"] for m in steps], marker=".", label="learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     _finish(ax, "Learning rate per optimizer step", "optimizer step", "learning rate")
-    plots.append(("Learning rate", _save(fig, run_dir / "lr.png")))
+    plots.append(("Learning rate", _save(fig, layout.plot("lr"))))
 
     rss = [(r["elapsed_s"], r["rss_mb"]) for r in monitor if r.get("rss_mb") is not None]
     gpu = _per_gpu(monitor, "memory_used_mb")
@@ -354,7 +350,7 @@ def _plots(run_dir: Path, steps: list[dict], monitor: list[dict]) -> list[tuple[
         for label, points in gpu.items():
             ax.plot(*_xy(points), label=f"{label} memory used")
         _finish(ax, "Memory over time (monitor)", "time since the monitor started (s)", "memory (MiB)")
-    plots.append(("Memory", _save(fig, run_dir / "memory.png")))
+    plots.append(("Memory", _save(fig, layout.plot("memory"))))
 
     power = _per_gpu(monitor, "power_w")
     if power:
@@ -364,7 +360,7 @@ def _plots(run_dir: Path, steps: list[dict], monitor: list[dict]) -> list[tuple[
         for label, points in _per_gpu(monitor, "power_limit_w").items():
             ax.plot(*_xy(points), linestyle="--", label=f"{label} power limit")
         _finish(ax, "GPU power over time", "time since the monitor started (s)", "power (W)")
-        plots.append(("Power", _save(fig, run_dir / "power.png")))
+        plots.append(("Power", _save(fig, layout.plot("power"))))
 
     from leantune.moe import run_expert_load
 
@@ -375,7 +371,7 @@ def _plots(run_dir: Path, steps: list[dict], monitor: list[dict]) -> list[tuple[
         fig.colorbar(image, ax=ax, label="share of routed tokens / even share (1 = balanced)")
         ax.set(title="Expert load over the run (Mixture of Experts)", xlabel="expert", ylabel="layer")
         fig.tight_layout()
-        plots.append(("Expert load", _save(fig, run_dir / "expert-load.png")))
+        plots.append(("Expert load", _save(fig, layout.plot("expert-load"))))
     return plots
 
 

@@ -17,10 +17,16 @@ from leantune.errors import UserError
 
 
 @dataclass(frozen=True)
-class RunDir:
-    """The layout of runs/<name>/ (see the design notes' "Run directory")."""
-
+class _Layout:
     root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+
+@dataclass(frozen=True)
+class RunDir(_Layout):
+    """The layout of runs/<name>/ (see the design notes' "Run directory")."""
 
     @classmethod
     def of(cls, run_dir: str | Path | RunDir) -> RunDir:
@@ -33,45 +39,45 @@ class RunDir:
 
     @property
     def data(self) -> Path:
-        """Prepare's and validate's outputs: records, rejects, the train/val split, their reports."""
+        """Prepare's, filtration's and validate's outputs (`DataDir`)."""
         return self.root / "data"
 
     @property
-    def quality(self) -> Path:
-        """Validate's data-quality metrics of the records (leantune/data/quality.py)."""
-        return self.data / "quality.json"
+    def data_dir(self) -> DataDir:
+        return DataDir(self.data)
 
     @property
     def tokens(self) -> Path:
-        """Tokenize's outputs: the token shards training reads, the tokenizer, the token checks."""
+        """Tokenize's outputs (`TokenDir`): the token shards training reads, the tokenizer, the token checks."""
         return self.root / "tokens"
 
     @property
+    def token_dir(self) -> TokenDir:
+        return TokenDir(self.tokens)
+
+    @property
     def train_tokens(self) -> Path:
-        return self.tokens / "train"
+        return self.token_dir.train
 
     @property
     def val_tokens(self) -> Path:
-        return self.tokens / "val"
+        return self.token_dir.val
 
     @property
     def train_index(self) -> Path:
-        """The train split's shard index (counts, tokens, the tokenize config hash)."""
-        return self.train_tokens / "index.json"
+        return self.token_dir.index("train")
 
     @property
     def tokenizer(self) -> Path:
-        return self.tokens / "tokenizer"
+        return self.token_dir.tokenizer
 
     @property
     def token_lengths(self) -> Path:
-        """Tokenize's length summary of the tokenized conversations (the report merges it with quality.json)."""
-        return self.tokens / "lengths.json"
+        return self.token_dir.lengths
 
     @property
     def token_validation(self) -> Path:
-        """The token suite's result, the data stages' last output (`data_stages_done`)."""
-        return self.tokens / "validation.json"
+        return self.token_dir.validation
 
     @property
     def metrics(self) -> Path:
@@ -143,6 +149,99 @@ class RunDir:
     def plot(self, stem: str) -> Path:
         """A report chart, <stem>.png."""
         return self.root / f"{stem}.png"
+
+
+@dataclass(frozen=True)
+class DataDir(_Layout):
+    """What the data stages write into a data directory (a run's data/, or a profile's)."""
+
+    @property
+    def records(self) -> Path:
+        """Prepare: the canonical records kept."""
+        return self.root / "records.jsonl"
+
+    @property
+    def rejects(self) -> Path:
+        """Prepare: every rejected row with its source, line and reason."""
+        return self.root / "rejects.jsonl"
+
+    @property
+    def duplicates(self) -> Path:
+        return self.root / "duplicates.jsonl"
+
+    @property
+    def prepare(self) -> Path:
+        """Prepare's accounting per source."""
+        return self.root / "prepare.json"
+
+    @property
+    def filtration(self) -> Path:
+        """The filtration stage's summary (leantune/data/filtration.py)."""
+        return self.root / "filtration.json"
+
+    @property
+    def train(self) -> Path:
+        """Validate: the records training uses."""
+        return self.root / "train.jsonl"
+
+    @property
+    def val(self) -> Path:
+        return self.root / "val.jsonl"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine.jsonl"
+
+    @property
+    def validation(self) -> Path:
+        """The record suite's result."""
+        return self.root / "validation.json"
+
+    @property
+    def quality(self) -> Path:
+        """Validate's data-quality metrics of the records (leantune/data/quality.py)."""
+        return self.root / "quality.json"
+
+
+# Files of a token split that other stages read (leantune/tokenization.py documents the split's files).
+SPLIT_INDEX = "index.json"  # counts, tokens, padding, the tokenizer, the tokenize config hash
+SPLIT_LENGTHS = "lengths.npy"  # the token length of every record
+
+
+@dataclass(frozen=True)
+class TokenDir(_Layout):
+    """What tokenize writes into a tokens directory (a run's tokens/, or a profile's tokens/seq-N/)."""
+
+    def split(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def train(self) -> Path:
+        return self.split("train")
+
+    @property
+    def val(self) -> Path:
+        return self.split("val")
+
+    def index(self, split: str) -> Path:
+        return self.split(split) / SPLIT_INDEX
+
+    def record_lengths(self, split: str) -> Path:
+        return self.split(split) / SPLIT_LENGTHS
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def lengths(self) -> Path:
+        """Percentiles of the train records' token lengths (the report shows them with data/quality.json's)."""
+        return self.root / "lengths.json"
+
+    @property
+    def validation(self) -> Path:
+        """The token suite's result, the data stages' last output (`data_stages_done`)."""
+        return self.root / "validation.json"
 
 
 def write_config(run_dir: str | Path | RunDir, cfg: RunConfig) -> Path:

@@ -8,8 +8,10 @@ includes the key of the stage before it:
   generator's settings, the reject threshold) and the leantune code;
 - validate: the prepare key (it already covers `data`, `validation` and the code);
 - tokenize: the validate key, the `tokenize` section, the model fields that choose the tokenizer
-  (name_or_path, revision, trust_remote_code), the files of a local tokenizer directory, and
-  train.micro_batch_size / train.seed (they enter the padding estimate in index.json).
+  (name_or_path, revision, trust_remote_code), the files of a local tokenizer directory, and,
+  without packing only, train.micro_batch_size / train.seed: tokenize reads them then, for the
+  padding estimate of length-grouped batches in index.json (packed sequences are padded to
+  max_seq_len, whatever the batches).
 
 Keys never use timestamps. A hub source is keyed by its id, config and split only: the hub may
 publish new data under the same id, which the key cannot see; set run.cache=false to re-read it.
@@ -18,8 +20,8 @@ A model or tokenizer hub id is keyed the same way (with model.revision, pin it f
 The cache lives in `<run.output_dir>/.cache/<stage>/<key>/`: `files/` holds the stage's outputs
 by their path in the run directory, `stats.json` the dict the stage returned. A hit copies the
 files into the new run directory and returns the stats, so the run directory is the same as an
-uncached run's. Files are copied, not hard-linked: later stages rewrite some of them in place
-(tokenize adds token lengths to data/quality.json), which would alter the cached copy.
+uncached run's. Each stage writes only its own files (STAGE_OUTPUTS), never an earlier stage's.
+Files are copied, not hard-linked, so that nothing done to a run's files can alter the cached copy.
 An entry is written to a temporary directory and renamed, so a reader never sees half an entry.
 """
 
@@ -35,17 +37,18 @@ from functools import lru_cache
 from pathlib import Path
 
 from leantune.config import RunConfig
+from leantune.rundir import RunDir
 
 # Bump when the layout of a cache entry changes.
 CACHE_FORMAT = 1
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # What each stage writes, relative to the run directory (a directory means everything in it).
-STAGE_OUTPUTS = {
-    "prepare": ["data/records.jsonl", "data/rejects.jsonl", "data/duplicates.jsonl", "data/prepare.json"],
-    "validate": ["data/train.jsonl", "data/val.jsonl", "data/quarantine.jsonl", "data/validation.json",
-                 "data/quality.json"],
-    "tokenize": ["tokens", "data/quality.json"],
+_DATA, _TOKENS = RunDir(Path()).data_dir, RunDir(Path()).tokens
+STAGE_OUTPUTS: dict[str, list[Path]] = {
+    "prepare": [_DATA.records, _DATA.rejects, _DATA.duplicates, _DATA.prepare],
+    "validate": [_DATA.train, _DATA.val, _DATA.quarantine, _DATA.validation, _DATA.quality],
+    "tokenize": [_TOKENS],
 }
 # Files of a local tokenizer directory that define the tokenizer (not the model's weights).
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "chat_template")
@@ -111,9 +114,11 @@ def tokenize_key(cfg: RunConfig) -> str:
     m = cfg.model
     source = cfg.tokenize.tokenizer or m.name_or_path
     local = tree_digest(Path(source), _is_tokenizer_file) if Path(source).is_dir() else "not-local"
+    # Without packing, tokenize estimates the padding of training's length-grouped batches (index.json's
+    # padding_fraction) from the micro-batch and the seed; packed sequences do not depend on them.
+    batches = [] if cfg.tokenize.packing else [cfg.train.micro_batch_size, cfg.train.seed]
     return _sha256("tokenize", validate_key(cfg), cfg.section_hash("tokenize"),
-                   json.dumps([m.name_or_path, m.revision, m.trust_remote_code, local,
-                               cfg.train.micro_batch_size, cfg.train.seed]))
+                   json.dumps([m.name_or_path, m.revision, m.trust_remote_code, local, *batches]))
 
 
 STAGE_KEYS: dict[str, Callable[[RunConfig], str]] = {
@@ -139,8 +144,8 @@ def _stats_from_json(stage: str, text: str, run_dir: Path) -> dict:
     if stage == "tokenize":
         import numpy as np
 
-        stats["lengths"] = np.load(run_dir / "tokens" / "train" / "lengths.npy")
-        stats["tokenizer"]["dir"] = str(run_dir / "tokens" / "tokenizer")
+        stats["lengths"] = np.load(RunDir(run_dir).token_dir.record_lengths("train"))
+        stats["tokenizer"]["dir"] = str(RunDir(run_dir).tokenizer)
     return stats
 
 

@@ -57,11 +57,12 @@ from typing import Any, Literal
 import numpy as np
 
 from leantune.config import RunConfig
-from leantune.data.quality import add_token_lengths
+from leantune.data.quality import length_summary
 from leantune.errors import DataError, UserError
 from leantune.gguf import model_source
 from leantune.jsonl import chunks, iter_jsonl
 from leantune.progress import progress_bar
+from leantune.rundir import SPLIT_INDEX, SPLIT_LENGTHS, DataDir, TokenDir
 
 FORMAT_VERSION = 1
 # Sequences per mega-batch in length-grouped batching: lengths are sorted only within a random
@@ -524,7 +525,7 @@ def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Pat
     bar.close()
     emit_window()
     index = writer.close()
-    np.save(out_dir / "lengths.npy", np.frombuffer(lengths, dtype=np.int32))
+    np.save(out_dir / SPLIT_LENGTHS, np.frombuffer(lengths, dtype=np.int32))
 
     seq_lengths = index[:, 2]
     if t.packing:
@@ -549,22 +550,23 @@ def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Pat
         "shards": writer.shards,
         "failure_examples": examples,
     }
-    (out_dir / "index.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (out_dir / SPLIT_INDEX).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 
 def tokenize(cfg: RunConfig, data_dir: Path, tokens_dir: Path) -> dict:
-    """The tokenization stage: tokenizer into tokens_dir/tokenizer, shards into train/ and val/.
+    """The tokenization stage: tokenizer into tokens_dir/tokenizer, shards into train/ and val/, the
+    percentiles of the training records' token lengths into lengths.json (`TokenDir`).
 
     Returns {"tokenizer": {...}, "train": summary, "val": summary or None when there is no
     val.jsonl, "lengths": per-record token lengths of the training records (numpy, int32)}.
     """
-    data_dir, tokens_dir = Path(data_dir), Path(tokens_dir)
-    train_path, val_path = data_dir / "train.jsonl", data_dir / "val.jsonl"
+    data, out = DataDir(data_dir), TokenDir(tokens_dir)
+    train_path, val_path = data.train, data.val
     if not train_path.is_file():
         raise DataError(f"{train_path}: not found; run the validation stage, which writes it, first")
-    tokenizer = load_tokenizer(cfg, train_path, tokens_dir / "tokenizer")
-    train = tokenize_records(cfg, tokenizer, train_path, tokens_dir / "train")
+    tokenizer = load_tokenizer(cfg, train_path, out.tokenizer)
+    train = tokenize_records(cfg, tokenizer, train_path, out.train)
     if train["counts"]["sequences"] == 0:
         c = train["counts"]
         reasons = [e["reason"] for kind in train["failure_examples"].values() for e in kind][:1]
@@ -576,13 +578,12 @@ def tokenize(cfg: RunConfig, data_dir: Path, tokens_dir: Path) -> dict:
             + "; raise tokenize.max_seq_len, set tokenize.overlong='truncate', or use a tokenizer whose "
             "chat template fits the data"
         )
-    val = tokenize_records(cfg, tokenizer, val_path, tokens_dir / "val") if val_path.is_file() else None
-    lengths = np.load(tokens_dir / "train" / "lengths.npy")
-    if (data_dir / "quality.json").is_file():  # written by the validate stage
-        add_token_lengths(data_dir, lengths)
+    val = tokenize_records(cfg, tokenizer, val_path, out.val) if val_path.is_file() else None
+    lengths = np.load(out.record_lengths("train"))
+    out.lengths.write_text(json.dumps(length_summary(lengths), indent=2) + "\n")
     return {
         "tokenizer": {"name": tokenizer_source(cfg), "hash": tokenizer_fingerprint(tokenizer),
-                      "vocab_size": vocab_size(tokenizer), "dir": str(tokens_dir / "tokenizer")},
+                      "vocab_size": vocab_size(tokenizer), "dir": str(out.tokenizer)},
         "train": train,
         "val": val,
         "lengths": lengths,
@@ -597,7 +598,7 @@ class TokenShards:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self.meta: dict[str, Any] = json.loads((self.directory / "index.json").read_text())
+        self.meta: dict[str, Any] = json.loads((self.directory / SPLIT_INDEX).read_text())
         self.index = np.load(self.directory / "index.npy")
         self.docs = np.load(self.directory / "docs.npy")
         self.pad_id: int = self.meta["tokenizer"]["pad_id"]

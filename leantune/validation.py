@@ -26,6 +26,7 @@ from leantune.data.quality import quality_report
 from leantune.data.split import is_validation
 from leantune.errors import DataError, UserError
 from leantune.jsonl import JsonlWriter, chunks, iter_jsonl
+from leantune.rundir import DataDir, TokenDir
 
 if TYPE_CHECKING:
     import numpy
@@ -245,8 +246,8 @@ def validate_records(cfg: RunConfig, data_dir: Path) -> dict:
     quarantined share passes `validation.max_reject_fraction` or no training record remains;
     both reports are written first so the message can point at them.
     """
-    data_dir = Path(data_dir)
-    records_path, prepare_path = data_dir / "records.jsonl", data_dir / "prepare.json"
+    data = DataDir(data_dir)
+    records_path, prepare_path = data.records, data.prepare
     for path in (records_path, prepare_path):
         if not path.is_file():
             raise DataError(f"{path} not found: run the prepare stage first (it writes records.jsonl "
@@ -261,8 +262,8 @@ def validate_records(cfg: RunConfig, data_dir: Path) -> dict:
     seen_ids: set[int] = set()
     per_source: dict[str, Counter] = defaultdict(Counter)
     n_records = 0
-    with (JsonlWriter(data_dir / "train.jsonl") as train, JsonlWriter(data_dir / "val.jsonl") as val,
-          JsonlWriter(data_dir / "quarantine.jsonl") as quarantine):
+    with (JsonlWriter(data.train) as train, JsonlWriter(data.val) as val,
+          JsonlWriter(data.quarantine) as quarantine):
         for chunk in chunks(iter_jsonl(records_path), cfg.data.chunk_size):
             frame = record_features(chunk, seen_ids)
             failed_by_row: dict[int, list[str]] = defaultdict(list)
@@ -313,13 +314,13 @@ def validate_records(cfg: RunConfig, data_dir: Path) -> dict:
         "per_source": {name: {key: counts[key] for key in ("records", "train", "val", "quarantined")}
                        for name, counts in per_source.items()},
     }
-    (data_dir / "validation.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    quality_report(prepare_stats, result, data_dir)
+    data.validation.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    quality_report(prepare_stats, result, data.root)
     log.info("validation: %d records -> %d train, %d val, %d quarantined",
              n_records, train.count, val.count, quarantine.count)
 
-    pointers = (f"See {data_dir / 'quarantine.jsonl'} for the quarantined records (each with the "
-                f"expectations it failed) and {data_dir / 'validation.json'} for the full report.")
+    pointers = (f"See {data.quarantine} for the quarantined records (each with the "
+                f"expectations it failed) and {data.validation} for the full report.")
     if too_many:
         top = ", ".join(f"{e['name']} ({e['rows_failed']})" for e in failing[:TOP_FAILURES_IN_MESSAGE])
         raise DataError(
@@ -380,15 +381,15 @@ def validate_tokens(cfg: RunConfig, tokens_dir: Path) -> dict:
     """
     import numpy as np
 
-    tokens_dir = Path(tokens_dir)
+    tokens = TokenDir(tokens_dir)
     runner = None
     tokens_suite = suites_dir(cfg) / "tokens.json"
     report: dict[str, Any] = {"suite": str(tokens_suite), "splits": {}}
     for split in ("train", "val"):
-        split_dir = tokens_dir / split
-        if not (split_dir / "index.json").is_file():
+        split_dir = tokens.split(split)
+        if not tokens.index(split).is_file():
             continue
-        meta = json.loads((split_dir / "index.json").read_text())
+        meta = json.loads(tokens.index(split).read_text())
         index, docs = np.load(split_dir / "index.npy"), np.load(split_dir / "docs.npy")
         if runner is None:
             runner = SuiteRunner(tokens_suite, {"tokenize.max_seq_len": cfg.tokenize.max_seq_len,
@@ -408,12 +409,12 @@ def validate_tokens(cfg: RunConfig, tokens_dir: Path) -> dict:
                        for name, rows in by_name.items()},
         }
     report["success"] = all(not s["failed"] for s in report["splits"].values())
-    (tokens_dir / "validation.json").write_text(json.dumps(report, indent=2))
+    tokens.validation.write_text(json.dumps(report, indent=2))
     if not report["success"]:
         lines = [f"{split}: {name} failed for {f['sequences']} sequence(s), e.g. #{f['examples']}"
                  for split, s in report["splits"].items() for name, f in s["failed"].items()]
         raise DataError("the token shards break the token suite (expectations/tokens.json): " + "; ".join(lines)
-                        + f". Details in {tokens_dir / 'validation.json'}. The tokenizer in "
-                        f"{tokens_dir / 'tokenizer'} and tokenize.* settings disagree with the shards: "
+                        + f". Details in {tokens.validation}. The tokenizer in "
+                        f"{tokens.tokenizer} and tokenize.* settings disagree with the shards: "
                         "delete the run's tokens/ directory and run again")
     return report

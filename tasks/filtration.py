@@ -5,16 +5,18 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from leantune.config import RunConfig, dump_config
+from leantune.config import RunConfig
 from leantune.data.filtration import filter_known_claims
+from leantune.rundir import RunDir, write_config
 
 
 @task(name="filtration", cache_policy=NO_CACHE, persist_result=False)
 def filter_claims(config: RunConfig, run_dir: Path) -> RunConfig:
     """The config with data.synthetic.known_claims set; the run's config.yaml records it."""
-    config = filter_known_claims(config, run_dir / "data")
-    (run_dir / "config.yaml").write_text(dump_config(config))
+    layout = RunDir(run_dir)
+    config = filter_known_claims(config, layout.data)
+    write_config(layout, config)
     known = config.data.synthetic.known_claims
     get_run_logger().info(f"filtration: opinion-bearing records on the {len(known)} training-side claims the base "
-                          f"model answers correctly (counts in {run_dir / 'data' / 'filtration.json'})")
+                          f"model answers correctly (counts in {layout.data_dir.filtration})")
     return config

@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from leantune.config import RunConfig
 from leantune.data.prepare import prepare
+from leantune.rundir import RunDir
 from leantune.stagecache import run_cached
 
 
@@ -16,7 +17,8 @@ from leantune.stagecache import run_cached
 @task(name="prepare", cache_policy=NO_CACHE, persist_result=False)
 def prepare_data(config: RunConfig, run_dir: Path) -> dict:
     log = get_run_logger()
-    stats, hit = run_cached(config, "prepare", run_dir, lambda: prepare(config, run_dir / "data"))
+    data = RunDir(run_dir).data_dir
+    stats, hit = run_cached(config, "prepare", run_dir, lambda: prepare(config, data.root))
     if hit:
         log.info(f"prepare: skipped, same inputs and settings as an earlier run; outputs restored from "
                  f"the stage cache (key {hit})")
@@ -27,5 +29,5 @@ def prepare_data(config: RunConfig, run_dir: Path) -> dict:
     t = stats["totals"]
     log.info(f"prepare: read {t['read']} rows -> kept {t['kept']}, rejected {t['rejected']}, "
              f"duplicates {t['duplicates']}, not selected {t['not_selected']} "
-             f"(rejects in {run_dir / 'data' / 'rejects.jsonl'}, duplicates in {run_dir / 'data' / 'duplicates.jsonl'})")
+             f"(rejects in {data.rejects}, duplicates in {data.duplicates})")
     return stats

@@ -6,15 +6,17 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from leantune.config import RunConfig
+from leantune.rundir import RunDir
 from leantune.stagecache import run_cached
 from leantune.tokenization import tokenize
 from leantune.validation import validate_tokens
 
 
 def _tokenize_and_check(config: RunConfig, run_dir: Path) -> dict:
-    stats = tokenize(config, run_dir / "data", run_dir / "tokens")
+    layout = RunDir(run_dir)
+    stats = tokenize(config, layout.data, layout.tokens)
     # The token suite checks the shards' invariants before any training step reads them.
-    validate_tokens(config, run_dir / "tokens")
+    validate_tokens(config, layout.tokens)
     return stats
 
 

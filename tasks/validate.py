@@ -7,6 +7,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from leantune.config import RunConfig
+from leantune.rundir import RunDir
 from leantune.stagecache import run_cached
 from leantune.validation import validate_records
 
@@ -15,7 +16,8 @@ from leantune.validation import validate_records
 @task(name="validate", cache_policy=NO_CACHE, persist_result=False)
 def validate_data(config: RunConfig, run_dir: Path) -> dict:
     log = get_run_logger()
-    report, hit = run_cached(config, "validate", run_dir, lambda: validate_records(config, run_dir / "data"))
+    data = RunDir(run_dir).data_dir
+    report, hit = run_cached(config, "validate", run_dir, lambda: validate_records(config, data.root))
     if hit:
         log.info(f"validate: skipped, same records and settings as an earlier run; outputs restored from "
                  f"the stage cache (key {hit})")
@@ -24,5 +26,5 @@ def validate_data(config: RunConfig, run_dir: Path) -> dict:
             for e in report["expectations"]]
     create_table_artifact(rows, key="validation-summary", description="Records suite, per expectation")
     log.info(f"validate: {report['records']} records -> train {report['train']}, val {report['val']}, "
-             f"quarantined {report['quarantined']} (see {run_dir / 'data' / 'validation.json'})")
+             f"quarantined {report['quarantined']} (see {data.validation})")
     return report

@@ -49,9 +49,8 @@ def test_flow_writes_the_run_directory(prefect_server, tmp_path):
     assert n_train + n_val + val["quarantined"] == prep["kept"]
     assert 0 < n_val < n_train
 
-    quality = json.loads((run_dir / "data" / "quality.json").read_text())
-    assert "tokens" in quality
-    assert quality["tokens"]["count"] == n_train
+    assert "tokens" not in json.loads((run_dir / "data" / "quality.json").read_text())  # validate's only
+    assert json.loads((run_dir / "tokens" / "lengths.json").read_text())["count"] == n_train
     counts = json.loads((run_dir / "tokens" / "train" / "index.json").read_text())["counts"]
     assert counts["records_read"] == n_train
     assert counts["records_written"] == n_train - counts["dropped_overlong"] - counts["no_trainable"] - (

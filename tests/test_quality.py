@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from leantune.data.quality import add_token_lengths, length_summary, quality_report
+from leantune.data.quality import length_summary, quality_report
 
 
 def msgs(*role_content):
@@ -83,14 +83,6 @@ def test_quality_report_numbers(data_dir):
     # Turns [2, 3, 4, 2] -> sorted [2, 2, 3, 4].
     assert report["turns"] == {"count": 4, "total": 11, "mean": 2.75, "p50": 2, "p90": 4, "p99": 4, "max": 4,
                                "histogram": {"2": 2, "3": 1, "4": 1}}
-
-
-def test_add_token_lengths_keeps_the_rest_of_the_report(data_dir):
-    quality_report(PREPARE, VALIDATION, data_dir)
-    tokens = add_token_lengths(data_dir, np.array([5, 1, 9, 3], dtype=np.int32))
-    assert tokens == {"count": 4, "total": 18, "mean": 4.5, "p50": 3, "p90": 9, "p99": 9, "max": 9}
-    report = json.loads((data_dir / "quality.json").read_text())
-    assert report["tokens"] == tokens and report["split"]["train"] == 3
 
 
 def test_length_summary_of_nothing_is_empty_not_an_error():

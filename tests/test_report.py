@@ -56,7 +56,8 @@ def test_report_numbers_match_the_run_files(tokenized_run, tmp_path):
     assert totals[1] == (f"| **total** | {quality['totals']['train']} | {quality['totals']['val']} | "
                          f"{quality['totals']['quarantined']} |")
     assert quality["totals"]["train"] == validation["train"]
-    assert _row(report, "tokens")[3:6] == [str(quality["tokens"][p]) for p in ("p50", "p90", "p99")]
+    token_lengths = json.loads((run_dir / "tokens" / "lengths.json").read_text())  # tokenize's own file
+    assert _row(report, "tokens")[3:6] == [str(token_lengths[p]) for p in ("p50", "p90", "p99")]
     index = json.loads((run_dir / "tokens" / "train" / "index.json").read_text())
     assert _row(report, "train")[3:6] == [str(index["counts"]["sequences"]), str(index["tokens"]["total"]),
                                           str(index["tokens"]["trainable"])]

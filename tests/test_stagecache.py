@@ -8,7 +8,7 @@ import pytest
 
 from leantune.config import load_config
 from leantune.data.prepare import prepare
-from leantune.rundir import create_run_dir
+from leantune.rundir import RunDir, create_run_dir
 from leantune.stagecache import run_cached
 from leantune.tokenization import tokenize
 from leantune.validation import validate_records, validate_tokens
@@ -123,6 +123,34 @@ def test_irrelevant_setting_keeps_every_hit(first):
     _, _, ran = run_stages(inputs, root / "runs", "other-lr", "train.lr=0.5", "eval.enabled=false",
                            "lora.r=2", "model.method=full")
     assert ran == {"prepare": False, "validate": False, "tokenize": False}
+
+
+def test_tokenize_key_holds_train_settings_only_without_packing(first):
+    root, inputs, _, _ = first
+    _, _, ran = run_stages(inputs, root / "runs", "packed-mb", "train.micro_batch_size=2", "train.seed=9")
+    assert ran == {"prepare": False, "validate": False, "tokenize": False}
+    _, _, ran = run_stages(inputs, root / "runs", "unpacked", "tokenize.packing=false")
+    assert ran == {"prepare": False, "validate": False, "tokenize": True}
+    # Unpacked, tokenize estimates the padding of training's length-grouped batches from these two.
+    run_dir, _, ran = run_stages(inputs, root / "runs", "unpacked-mb", "tokenize.packing=false",
+                                 "train.micro_batch_size=2")
+    assert ran == {"prepare": False, "validate": False, "tokenize": True}
+
+
+def test_tokenize_writes_only_into_tokens(first, tmp_path):
+    _, inputs, _, _ = first
+    cfg = load_config(overrides=[*SMALL, f"data.sources=[{{kind: file, path: '{inputs}', name: qa}}]",
+                                 f"run.output_dir={tmp_path}", "run.name=t", "run.cache=false"])
+    layout = RunDir(create_run_dir(cfg))
+    prepare(cfg, layout.data)
+    validate_records(cfg, layout.data)
+    before = files(layout.root)
+    stats = tokenize(cfg, layout.data, layout.tokens)
+    after = files(layout.root)
+    assert {k: v for k, v in after.items() if not k.startswith("tokens/")} == before
+    lengths = json.loads(layout.token_lengths.read_text())
+    assert lengths["count"] == stats["train"]["counts"]["records_read"] == len(stats["lengths"])
+    assert lengths["max"] == int(stats["lengths"].max()) and lengths["total"] == int(stats["lengths"].sum())
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from leantune.config import RunConfig
+from leantune.rundir import DataDir
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,9 @@ def filter_known_claims(cfg: RunConfig, data_dir: Path) -> RunConfig:
                "picks_option_a": picks_a / len(lettered) if lettered else None,
                "seconds": round(time.monotonic() - started, 1),
                "known_claims": [c.text for c in known]}
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "filtration.json").write_text(json.dumps(summary, indent=1) + "\n")
+    out = DataDir(data_dir)
+    out.root.mkdir(parents=True, exist_ok=True)
+    out.filtration.write_text(json.dumps(summary, indent=1) + "\n")
     log.info("filtration: the base model knows %d of %d training-side claims (plain accuracy %.3f%s)", len(known),
              len(claims), summary["plain_accuracy"],
              f", option (A) chosen {picks_a / len(lettered):.3f} of the time" if lettered else "")

@@ -36,6 +36,7 @@ from leantune.data.sources import RawRow, iter_source
 from leantune.errors import DataError
 from leantune.jsonl import JsonlWriter, chunks
 from leantune.progress import progress_bar
+from leantune.rundir import DataDir
 
 # Longest raw text copied into rejects.jsonl; enough to recognise a row, bounded for huge rows.
 MAX_REJECT_RAW_CHARS = 2000
@@ -49,13 +50,13 @@ def prepare(cfg: RunConfig, data_dir: Path) -> dict:
     Raises DataError when no record is kept, or when the rejected share of rows read exceeds
     `validation.max_reject_fraction`; records.jsonl, rejects.jsonl and prepare.json are written first.
     """
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    out = DataDir(data_dir)
+    out.root.mkdir(parents=True, exist_ok=True)
     seen = IdSet() if cfg.data.dedupe else None
     sources: dict[str, dict] = {}
     examples: dict[str, dict[str, str]] = {}
-    with (JsonlWriter(data_dir / "records.jsonl") as records, JsonlWriter(data_dir / "rejects.jsonl") as rejects,
-          JsonlWriter(data_dir / "duplicates.jsonl") as duplicates):
+    with (JsonlWriter(out.records) as records, JsonlWriter(out.rejects) as rejects,
+          JsonlWriter(out.duplicates) as duplicates):
         for index, src in enumerate(cfg.data.sources):
             name = source_name(src)
             sources[name], examples[name] = _prepare_source(src, index, cfg.data, seen, records, rejects, duplicates)
@@ -67,8 +68,8 @@ def prepare(cfg: RunConfig, data_dir: Path) -> dict:
                              f"{totals['duplicates']} but wrote {records.count} records, {rejects.count} rejects "
                              f"and {duplicates.count} duplicates")
     stats = {"sources": sources, "totals": totals}
-    (data_dir / "prepare.json").write_text(json.dumps(stats, indent=2) + "\n")
-    _raise_if_unusable(cfg, stats, examples, data_dir / "rejects.jsonl")
+    out.prepare.write_text(json.dumps(stats, indent=2) + "\n")
+    _raise_if_unusable(cfg, stats, examples, out.rejects)
     return stats
 
 

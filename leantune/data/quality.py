@@ -3,7 +3,7 @@
 They combine the prepare stage's accounting (`prepare.json`), the validation report
 (`validation.json`) and length statistics streamed from the records that passed validation
 (`train.jsonl` + `val.jsonl`). Lengths are kept as compact int64 arrays (8 bytes a value), never
-as records. The tokenize stage adds token lengths under `tokens` with `add_token_lengths`.
+as records. The token lengths are tokenize's own output (tokens/lengths.json); the report shows both.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from leantune.jsonl import iter_jsonl
+from leantune.rundir import DataDir
 
 PERCENTILES = (50, 90, 99)
 PREPARE_COUNTS = ("read", "kept", "rejected", "duplicates", "not_selected")
@@ -44,8 +45,8 @@ def _rate(part: int, whole: int) -> float:
 def _passed_lengths(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Characters per conversation, characters per assistant turn, messages per conversation."""
     conversation, assistant, turns = array("q"), array("q"), array("q")
-    for name in ("train.jsonl", "val.jsonl"):
-        for record in iter_jsonl(data_dir / name):
+    for path in (DataDir(data_dir).train, DataDir(data_dir).val):
+        for record in iter_jsonl(path):
             messages = record["messages"]
             conversation.append(sum(len(m["content"]) for m in messages))
             assistant.extend(len(m["content"]) for m in messages if m["role"] == "assistant")
@@ -101,14 +102,5 @@ def quality_report(prepare_stats: dict, validation_stats: dict, data_dir: Path) 
         "turns": {**length_summary(turns),
                   "histogram": {str(n): int(c) for n, c in enumerate(np.bincount(turns)) if c}},
     }
-    (data_dir / "quality.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    DataDir(data_dir).quality.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return report
-
-
-def add_token_lengths(data_dir: Path, lengths: np.ndarray) -> dict:
-    """Add token-length statistics (one length per record) under `tokens` in quality.json; return them."""
-    path = Path(data_dir) / "quality.json"
-    report = json.loads(path.read_text())
-    report["tokens"] = length_summary(lengths)
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    return report["tokens"]
