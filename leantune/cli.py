@@ -17,7 +17,7 @@ from pathlib import Path
 from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
 from leantune.gguf import check_model_file
-from leantune.rundir import default_run_name, run_dir_problem
+from leantune.rundir import RunDir, default_run_name, run_dir_problem
 from leantune.training.checkpoint import resume_refusal
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -84,15 +84,16 @@ def finetune_request(argv: list[str] | None = None) -> FinetuneRequest:
     if args.resume:
         # The run continues with its own resolved config; --config only says where runs are.
         run_dir = Path(config.run.output_dir) / args.resume
-        if not (run_dir / "config.yaml").is_file():
+        layout = RunDir(run_dir)
+        if not layout.config.is_file():
             raise UserError(f"--resume: {run_dir} has no config.yaml, so it is not a leantune run; check the name "
                             "(and run.output_dir)")
-        if (run_dir / "report.md").is_file():
+        if layout.report.is_file():
             raise RunFinished(
-                f"run {args.resume} has already finished (report: {run_dir / 'report.md'}); there is nothing to "
+                f"run {args.resume} has already finished (report: {layout.report}); there is nothing to "
                 f"resume. Evaluate it again with: python flows/evaluate.py --run {run_dir}; or train again as a "
                 "new run with --run-name NEW_NAME")
-        config = load_config(run_dir / "config.yaml",
+        config = load_config(layout.config,
                              [*overrides, f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
         if refusal := resume_refusal(config, run_dir):  # refused before the flow writes anything
             raise UserError(refusal)
@@ -117,9 +118,8 @@ def check_data_paths(config: RunConfig) -> None:
 
 def training_finished(run_dir: Path) -> bool:
     """Whether the run's training completed (training.json says so and the adapter is there)."""
-    path = Path(run_dir) / "training.json"
-    return path.is_file() and json.loads(path.read_text()).get("completed", False) and (
-        Path(run_dir) / "adapter").is_dir()
+    path = RunDir(run_dir).training
+    return path.is_file() and json.loads(path.read_text()).get("completed", False) and RunDir(run_dir).adapter.is_dir()
 
 
 @dataclass
@@ -157,9 +157,9 @@ def evaluate_request(argv: list[str] | None = None) -> EvaluateRequest:
     args = evaluate_parser().parse_args(argv)
     if args.run and args.adapter:
         raise UserError("--run evaluates the run's own adapter; leave out --adapter")
-    if args.run and not (Path(args.run) / "config.yaml").is_file():
+    if args.run and not RunDir(args.run).config.is_file():
         raise UserError(f"--run: {args.run} has no config.yaml, so it is not a leantune run directory")
-    config = load_config(Path(args.run) / "config.yaml" if args.run else args.config, args.overrides)
+    config = load_config(RunDir(args.run).config if args.run else args.config, args.overrides)
     return EvaluateRequest(config, args.run, args.adapter, args.out)
 
 

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from leantune.config import compute_dtype
 from leantune.errors import UserError
+from leantune.rundir import RunDir
 
 CATALOGUE = Path(__file__).with_name("gpus.yaml")
 DEFAULT_UTILISATION = {"full": 0.40, "lora": 0.35, "qlora": 0.25}
@@ -220,7 +221,7 @@ def run_cost_report(cfg, run_dir: Path, summary: dict) -> dict | None:
 
     name = cfg.power.gpu or summary.get("gpu_name")
     gpu = find_gpu(load_catalogue(), name) if name and summary.get("device") == "cuda" else None
-    index = Path(run_dir) / "tokens" / "train" / "index.json"
+    index = RunDir(run_dir).train_index
     vocab = json.loads(index.read_text())["tokenizer"]["vocab_size"] if index.is_file() else None
     shape = model_shape(cfg, vocab)
     if shape is None or not summary.get("train_seconds"):
@@ -230,7 +231,7 @@ def run_cost_report(cfg, run_dir: Path, summary: dict) -> dict | None:
     else:
         report = {**achieved(workload_from_config(cfg, summary["tokens"], shape), summary), "gpu": None,
                   "estimate": None, "measured": None, "error": None}
-    (Path(run_dir) / "cost.json").write_text(json.dumps(report, indent=2) + "\n")
+    RunDir(run_dir).cost.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

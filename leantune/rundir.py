@@ -118,6 +118,10 @@ class RunDir(_Layout):
         return self.root / "eval"
 
     @property
+    def eval_dir(self) -> EvalDir:
+        return EvalDir(self.eval)
+
+    @property
     def attempts(self) -> Path:
         """attempts/attempt-N/: the checkpoints and metrics of each failed attempt, kept."""
         return self.root / "attempts"
@@ -136,6 +140,11 @@ class RunDir(_Layout):
     def tracking(self) -> Path:
         """Where the run is tracked: the MLflow run and the steps logged (leantune/tracking.py)."""
         return self.root / "tracking.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        """The TensorBoard log directory (tracking.tensorboard)."""
+        return self.root / "tensorboard"
 
     @property
     def lock(self) -> Path:
@@ -201,6 +210,24 @@ class DataDir(_Layout):
     def quality(self) -> Path:
         """Validate's data-quality metrics of the records (leantune/data/quality.py)."""
         return self.root / "quality.json"
+
+
+@dataclass(frozen=True)
+class EvalDir(_Layout):
+    """What the evaluation writes into its output directory (a run's eval/, or the evaluate flow's)."""
+
+    def result(self, label: str) -> Path:
+        """One model's results per set ("base", "tuned", or a model's label)."""
+        return self.root / f"{label}.json"
+
+    @property
+    def comparison(self) -> Path:
+        """Base against tuned on the same items."""
+        return self.root / "comparison.json"
+
+    @property
+    def chart(self) -> Path:
+        return self.root / "sycophancy.png"
 
 
 # Files of a token split that other stages read (leantune/tokenization.py documents the split's files).

@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from leantune.errors import UserError
+from leantune.rundir import RunDir
 
-LOCK_FILE = ".lock"
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +34,7 @@ class RunDirBusy(UserError):
 @contextmanager
 def hold_run_dir(run_dir: Path) -> Iterator[None]:
     """Hold `run_dir`'s lock for the body; RunDirBusy (nothing written) when a live process holds it."""
-    path = Path(run_dir) / LOCK_FILE
+    path = RunDir(run_dir).lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -58,7 +58,7 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
 
 def check_run_dir_free(run_dir: Path) -> None:
     """Raise RunDirBusy when a live process holds `run_dir`'s lock; otherwise return at once."""
-    path = Path(run_dir) / LOCK_FILE
+    path = RunDir(run_dir).lock
     if not path.is_file():
         return
     with hold_run_dir(run_dir):

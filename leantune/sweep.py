@@ -17,6 +17,7 @@ from pathlib import Path
 
 from leantune.config import ConfigError, RunConfig, load_config
 from leantune.probe import GIB
+from leantune.rundir import RunDir
 
 # Columns every row has, in order; evaluation columns follow, per set.
 BASE_COLUMNS = ["member", "overrides", "config", "pool", "estimate_gib", "state", "flow_run", "run_dir", "steps",
@@ -87,7 +88,7 @@ def member_row(member: Member, *, pool: str | None, estimate_bytes: int | None, 
         "estimate_gib": round(estimate_bytes / GIB, 3) if estimate_bytes is not None else None,
         "state": state, "flow_run": flow_run, "run_dir": str(member.run_dir), "error": error,
     }
-    training = _read_json(member.run_dir / "training.json")
+    training = _read_json(RunDir(member.run_dir).training)
     if training is not None:
         seconds = training.get("train_seconds")
         row.update({
@@ -98,7 +99,7 @@ def member_row(member: Member, *, pool: str | None, estimate_bytes: int | None, 
             "processes": training.get("world_size", 1),
             "peak_memory_mb": _round(training.get("peak_memory_mb"), 1),
         })
-    comparison = _read_json(member.run_dir / "eval" / "comparison.json")
+    comparison = _read_json(RunDir(member.run_dir).eval_dir.comparison)
     for set_name, groups in (comparison or {}).get("sets", {}).items():
         overall = groups["overall"]
         row.update({

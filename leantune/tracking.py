@@ -48,22 +48,23 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from leantune.config import RunConfig, dump_config
+from leantune.metrics import read_metrics
+from leantune.rundir import RunDir
 from leantune.training.checkpoint import STEP_DIR, _flatten
 
 log = logging.getLogger(__name__)
 
-TRACKING_FILE = "tracking.json"
-TENSORBOARD_DIR = "tensorboard"
 CONNECT_TIMEOUT_S = 5.0
 PARAM_MAX_CHARS = 6000  # MLflow refuses longer param values; config.yaml (an artifact) has them whole
 LOSS_KEY = "train/loss"
-# The files whose numbers are logged once, as (group, path in the run directory, the part of it logged).
+# The files whose numbers are logged once, as (group, its path in a run directory, the part of it logged).
 FIGURES = (
-    ("data", "data/quality.json", lambda d: {**d.get("totals", {}), **{f"{k}_rate": v for k, v in d.get("rates", {}).items()}}),
-    ("validation", "data/validation.json", lambda d: {k: v for k, v in d.items() if k != "expectations"}),
-    ("tokens", "tokens/train/index.json", lambda d: {**d.get("counts", {}), **d.get("tokens", {})}),
-    ("training", "training.json", lambda d: d),
-    ("eval", "eval/comparison.json", lambda d: d.get("sets", {})),
+    ("data", lambda r: r.data_dir.quality,
+     lambda d: {**d.get("totals", {}), **{f"{k}_rate": v for k, v in d.get("rates", {}).items()}}),
+    ("validation", lambda r: r.data_dir.validation, lambda d: {k: v for k, v in d.items() if k != "expectations"}),
+    ("tokens", lambda r: r.train_index, lambda d: {**d.get("counts", {}), **d.get("tokens", {})}),
+    ("training", lambda r: r.training, lambda d: d),
+    ("eval", lambda r: r.eval_dir.comparison, lambda d: d.get("sets", {})),
 )
 
 
@@ -81,7 +82,7 @@ def ui_command(uri: str) -> str:
 
 def tracking_lines(run_dir: Path) -> list[str]:
     """Where the run is tracked (its tracking.json), as markdown lines for the report and the flow's artifact."""
-    path = Path(run_dir) / TRACKING_FILE
+    path = RunDir(run_dir).tracking
     state = json.loads(path.read_text()) if path.is_file() else {}
     lines = []
     if "mlflow" in state:
@@ -128,24 +129,10 @@ def step_metrics(line: dict) -> dict[str, float]:
 
 def checkpointed_step(run_dir: Path) -> int:
     """The step of the newest checkpoint (checkpoints/step-N, renamed into place whole), 0 when there is none."""
-    directory = Path(run_dir) / "checkpoints"
+    directory = RunDir(run_dir).checkpoints
     steps = [int(m.group(1)) for p in directory.iterdir() if (m := STEP_DIR.match(p.name))] \
         if directory.is_dir() else []
     return max(steps, default=0)
-
-
-def step_lines(run_dir: Path, after: int, until: int) -> list[dict]:
-    """The step lines of metrics.jsonl with after < step <= until (events and a half-written line left out)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    lines = []
-    for raw in (path.read_text().splitlines() if path.is_file() else []):
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            continue
-        if "event" not in line and "loss" in line and after < line["step"] <= until:
-            lines.append(line)
-    return lines
 
 
 def _check_reachable(uri: str) -> None:
@@ -195,8 +182,9 @@ class Tracker:
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.layout = RunDir(run_dir)
         self.state: dict = {}
-        path = self.run_dir / TRACKING_FILE
+        path = self.layout.tracking
         try:
             self.state = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, ValueError) as error:
@@ -226,9 +214,10 @@ class Tracker:
 
     def _save(self) -> None:
         # Whole or not at all: a kill mid-write must not leave a file the resumed run cannot read.
-        tmp = self.run_dir / f".{TRACKING_FILE}.tmp"
+        path = self.layout.tracking
+        tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(self.state, indent=2) + "\n")
-        os.replace(tmp, self.run_dir / TRACKING_FILE)
+        os.replace(tmp, path)
 
     # ------------------------------------------------------------------------------------ start
 
@@ -277,13 +266,13 @@ class Tracker:
     def _open_tensorboard(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        fresh = not (self.run_dir / TENSORBOARD_DIR).is_dir()
+        fresh = not self.layout.tensorboard.is_dir()
         # purge_step: TensorBoard hides what an earlier writer logged from this step on (steps not yet logged).
-        self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR),
+        self._writer = SummaryWriter(str(self.layout.tensorboard),
                                      purge_step=None if fresh else self.state["steps_logged"] + 1)
         if fresh:
             self._writer.add_text("config", f"```yaml\n{dump_config(self.cfg)}\n```", 0)
-        self.state["tensorboard"] = {"logdir": str((self.run_dir / TENSORBOARD_DIR).resolve())}
+        self.state["tensorboard"] = {"logdir": str(self.layout.tensorboard.resolve())}
 
     # ------------------------------------------------------------------------------------ steps
 
@@ -297,7 +286,7 @@ class Tracker:
             return
         if done < self.state["steps_logged"]:
             self.state["steps_logged"] = 0  # the attempt started over (its checkpoints were moved away)
-        lines = step_lines(self.run_dir, self.state["steps_logged"], done)
+        lines = [m for m in read_metrics(self.layout, "step") if self.state["steps_logged"] < m["step"] <= done]
         if not lines:
             return
         now = int(time.time() * 1000)
@@ -324,8 +313,8 @@ class Tracker:
     @_never_fails
     def log_figures(self) -> None:
         """Log each group of FIGURES whose file exists and that is not logged yet."""
-        for group, relative, part in FIGURES:
-            path = self.run_dir / relative
+        for group, where, part in FIGURES:
+            path = where(self.layout)
             if group in self.state["figures_logged"] or not path.is_file():
                 continue
             values = numbers(part(json.loads(path.read_text())), group)
@@ -340,14 +329,14 @@ class Tracker:
         self._guard("mlflow", self._mlflow_artifacts)
 
     def _mlflow_artifacts(self) -> None:
-        files = [self.run_dir / "config.yaml", self.run_dir / "report.md", *sorted(self.run_dir.glob("*.png"))]
+        files = [self.layout.config, self.layout.report, *sorted(self.run_dir.glob("*.png"))]
         for path in files:
             if path.is_file():
                 self._client.log_artifact(self.run_id, str(path))
-        for path in sorted((self.run_dir / "eval").glob("*.png")):
+        for path in sorted(self.layout.eval.glob("*.png")):
             self._client.log_artifact(self.run_id, str(path), "eval")
-        if (self.run_dir / "adapter").is_dir():
-            self._client.log_artifacts(self.run_id, str(self.run_dir / "adapter"), "adapter")
+        if self.layout.adapter.is_dir():
+            self._client.log_artifacts(self.run_id, str(self.layout.adapter), "adapter")
 
     @_never_fails
     def finish(self, status: str = "FINISHED") -> None:

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from leantune.runlock import LOCK_FILE, RunDirBusy, check_run_dir_free, hold_run_dir
+from leantune.rundir import RunDir
+from leantune.runlock import RunDirBusy, check_run_dir_free, hold_run_dir
 
 HOLD = "import sys, time; from leantune.runlock import hold_run_dir\nwith hold_run_dir(sys.argv[1]):\n" \
        "    print('held', flush=True); time.sleep(120)"
@@ -31,17 +32,17 @@ def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path, holder):
     assert f"--resume {tmp_path.name}" in str(e.value)
     with pytest.raises(RunDirBusy):
         check_run_dir_free(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RunDir(tmp_path).lock.name]
 
 
 def test_a_killed_holders_lock_is_stale_and_taken_over(tmp_path, holder, caplog):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     with caplog.at_level(logging.WARNING, logger="leantune.runlock"), hold_run_dir(tmp_path):
-        assert f'"pid": {os.getpid()}' in (tmp_path / LOCK_FILE).read_text()
+        assert f'"pid": {os.getpid()}' in RunDir(tmp_path).lock.read_text()
     assert f"took over a stale lock of process {holder.pid}" in caplog.text
     check_run_dir_free(tmp_path)  # released: free again, and nothing stale left
-    assert (tmp_path / LOCK_FILE).read_text() == ""
+    assert RunDir(tmp_path).lock.read_text() == ""
 
 
 @pytest.mark.slow
@@ -62,4 +63,4 @@ def test_a_busy_run_is_not_recorded_as_a_failed_attempt_of_it(tmp_path, holder):
     with pytest.raises(RunDirBusy) as e:
         check_run_dir_free(tmp_path)
     assert after_failure(load_config(), tmp_path, 1, e.value) is None
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]  # no attempts.jsonl in the other's run
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RunDir(tmp_path).lock.name]  # no attempts.jsonl in the other's run

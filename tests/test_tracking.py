@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from leantune.config import load_config
-from leantune.tracking import TENSORBOARD_DIR, TRACKING_FILE, Tracker, mlflow_uri, numbers, start_parent_run
+from leantune.rundir import RunDir
+from leantune.tracking import Tracker, mlflow_uri, numbers, start_parent_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -41,7 +42,7 @@ def loss_lines(run_dir: Path) -> list[dict]:
 def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
+    events = EventAccumulator(str(RunDir(run_dir).tensorboard))
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
@@ -96,7 +97,7 @@ def test_steps_reach_mlflow_once_a_checkpoint_holds_them_and_never_twice(tmp_pat
     assert run.data.tags["prefect.flow_run_id"] == "two"
     assert run.data.params["train.lr"] == "0.003"
     assert run.info.status == "FINISHED"
-    assert json.loads((run_dir / TRACKING_FILE).read_text())["steps_logged"] == 8
+    assert json.loads(RunDir(run_dir).tracking.read_text())["steps_logged"] == 8
     tb = tensorboard_scalars(run_dir, "train/loss")
     assert [s for s, _ in tb] == [m["step"] for m in final]
     assert [v for _, v in tb] == pytest.approx([m["loss"] for m in final], rel=1e-6)
@@ -159,7 +160,7 @@ def test_the_flow_killed_and_resumed_is_one_mlflow_run_equal_to_its_files(tmp_pa
     run_dir = tmp_path / "t"
     deadline = time.monotonic() + 600
     try:
-        while not (run_dir / TRACKING_FILE).is_file() or json.loads((run_dir / TRACKING_FILE).read_text())[
+        while not RunDir(run_dir).tracking.is_file() or json.loads(RunDir(run_dir).tracking.read_text())[
                 "steps_logged"] < 10:
             assert first.poll() is None and time.monotonic() < deadline, "no steps in MLflow before the kill"
             time.sleep(0.05)
@@ -226,5 +227,5 @@ def test_the_flow_finishes_with_the_mlflow_server_unreachable(prefect_server, tm
         logging.getLogger("leantune.tracking").removeHandler(records)
     assert json.loads((run_dir / "training.json").read_text())["completed"] is True
     assert len(records.messages) == 1 and url in records.messages[0], records.messages
-    assert "mlflow" not in json.loads((run_dir / TRACKING_FILE).read_text())
+    assert "mlflow" not in json.loads(RunDir(run_dir).tracking.read_text())
     assert [s for s, _ in tensorboard_scalars(run_dir, "train/loss")] == [1, 2, 3, 4]

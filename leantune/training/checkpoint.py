@@ -46,6 +46,7 @@ from typing import Any
 
 from leantune.config import RunConfig
 from leantune.errors import UserError
+from leantune.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ def run_fingerprints(cfg: RunConfig, run_dir: Path) -> dict[str, str]:
     tokenizer hash recorded by the tokenize stage. The validation split is left out: it decides
     which checkpoint is best, not what the updates are.
     """
-    train_dir = Path(run_dir) / "tokens" / "train"
-    index = json.loads((train_dir / "index.json").read_text())
+    train_dir = RunDir(run_dir).train_tokens
+    index = json.loads(RunDir(run_dir).train_index.read_text())
     files = hashlib.sha256()
     for path in sorted(p for p in train_dir.iterdir() if p.is_file()):
         files.update(path.name.encode())
@@ -174,7 +175,7 @@ def resume_refusal(cfg: RunConfig, run_dir: Path) -> str | None:
     """Why `cfg` cannot resume the newest readable checkpoint of `run_dir` (a setting that would alter the
     updates changed), or None. Reads manifests only: nothing is loaded, written or removed, so a resume
     can be refused before anything of the run is touched (the training process checks everything again)."""
-    checkpoints = Path(run_dir) / "checkpoints"
+    checkpoints = RunDir(run_dir).checkpoints
     found = sorted(((int(m.group(1)), p) for p in checkpoints.glob("step-*") if (m := STEP_DIR.match(p.name))),
                    reverse=True) if checkpoints.is_dir() else []
     for _, path in found:
@@ -370,7 +371,7 @@ class CheckpointManager:
     def __init__(self, cfg: RunConfig, run_dir: Path, fingerprints: dict[str, str], *,
                  clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
-        self.dir = Path(run_dir) / "checkpoints"
+        self.dir = RunDir(run_dir).checkpoints
         self.fingerprints = dict(fingerprints)
         self._clock = clock
         self._last_save_time = clock()
