@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass, field
 
 from leantune.config import RunConfig, compute_dtype, divisors, with_values
 from leantune.gguf import model_source
+from leantune.tables import markdown_table
 from leantune.training.loss import CHUNK_LOGITS
 
 log = logging.getLogger(__name__)
@@ -360,6 +361,13 @@ class StartPlan:
         """`cfg` with the plan's method, micro-batch and gradient checkpointing."""
         return with_values(cfg, {"model.method": self.method, "train.micro_batch_size": self.micro_batch_size,
                                  "model.gradient_checkpointing": self.gradient_checkpointing})
+
+    def markdown(self) -> str:
+        """The plan for the flow's artifact: free memory, budget, the estimate per component, the changes."""
+        rows = markdown_table(["component", "GiB"], ([k, f"{v / GIB:.3f}"] for k, v in self.estimate.to_dict().items()))
+        return (f"## Memory probe\n\nfree {self.free_bytes / GIB:.2f} GiB, budget {self.budget_bytes / GIB:.2f} GiB "
+                f"(monitor.memory_high_fraction), fits: {self.fits}\n\n{rows}\n"
+                f"changes: {', '.join(self.changes) or 'none'}\n")
 
     def to_dict(self) -> dict:
         return {"method": self.method, "micro_batch_size": self.micro_batch_size,

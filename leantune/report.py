@@ -24,9 +24,8 @@ from pathlib import Path
 
 from leantune.attempts import history_markdown
 from leantune.evaluation.compare import table_rows
-from leantune.jsonl import iter_jsonl
 from leantune.metrics import MetricLine, StepLine, event_of, read_metrics
-from leantune.rundir import RunDir, TokenDir
+from leantune.rundir import RunDir, TokenDir, read_attempts
 from leantune.tables import markdown_table
 from leantune.tracking import tracking_lines
 
@@ -48,7 +47,7 @@ def write_report(run_dir: Path) -> Path:
         _data_section(layout),
         _tokens_section(layout.token_dir),
         _training_section(layout, steps, events),
-        _attempts_section(layout.attempt_log),
+        _attempts_section(layout),
         _evaluation_section(layout.eval),
         _tracking_section(layout.root),
         "## Plots\n\n" + ("\n".join(f"![{title}]({path.name})\n" for title, path in plots)
@@ -243,10 +242,10 @@ def _training_section(layout: RunDir, steps: list[StepLine], events: list[Metric
     return "\n".join(out)
 
 
-def _attempts_section(path: Path) -> str:
-    if not path.is_file():
+def _attempts_section(layout: RunDir) -> str:
+    if (entries := read_attempts(layout)) is None:
         return "## Attempts\n\nNo attempt history (no attempts.jsonl).\n"
-    return "## Attempts\n\n" + history_markdown(list(iter_jsonl(path)))
+    return "## Attempts\n\n" + history_markdown(entries)
 
 
 def _tracking_section(run_dir: Path) -> str:

@@ -8,6 +8,7 @@ writes them (leantune/data/prepare.py, leantune/validation.py, leantune/tokeniza
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,35 @@ def create_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
     layout.tokens.mkdir(exist_ok=True)
     write_config(layout, cfg)
     return run_dir
+
+
+def set_aside_attempt(run_dir: str | Path | RunDir, attempt: int) -> Path | None:
+    """Move the checkpoints and metrics.jsonl of a failed attempt to attempts/attempt-N/ (never deleted), so
+    that a next attempt starting from step 0 does not overwrite them; return that folder, None when there
+    was nothing to move."""
+    layout = RunDir.of(run_dir)
+    kept = layout.attempts / f"attempt-{attempt}"
+    moved = None
+    for path in (layout.checkpoints, layout.metrics):
+        if path.exists():
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, kept / path.name)
+            moved = kept
+    return moved
+
+
+def append_attempt(run_dir: str | Path | RunDir, entry: dict) -> None:
+    """Add one attempt (leantune.attempts.history_entry) to the run's attempts.jsonl."""
+    with open(RunDir.of(run_dir).attempt_log, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def read_attempts(run_dir: str | Path | RunDir) -> list[dict] | None:
+    """The run's attempt history, one entry per attempt in order; None when there is no attempts.jsonl."""
+    path = RunDir.of(run_dir).attempt_log
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_dir_problem(cfg: RunConfig, name: str | None = None) -> str | None:

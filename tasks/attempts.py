@@ -8,15 +8,14 @@
 
 On disk: runs/<name>/attempts.jsonl, one line per attempt (attempts.history_entry); config.yaml
 holds the config the last attempt that ran trained with (the train task writes it), so `--resume`
-continues with it. A
-checkpoint the next attempt cannot resume from (other method or data) is moved to
-attempts/attempt-N/checkpoints/ with that attempt's metrics.jsonl, never deleted.
+continues with it. A checkpoint the next attempt cannot resume from (other method or data) is moved
+to attempts/attempt-N/checkpoints/ with that attempt's metrics.jsonl, never deleted
+(leantune.rundir.set_aside_attempt).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -31,32 +30,28 @@ from leantune.attempts import (
     history_markdown,
     report_from_run,
 )
-from leantune.config import RunConfig, dump_config
-from leantune.probe import GIB, probe
+from leantune.config import RunConfig
+from leantune.probe import probe
+from leantune.rundir import RunDir, append_attempt, read_attempts, set_aside_attempt, write_config
 from leantune.runlock import RunDirBusy
-from leantune.tables import markdown_table
 
 
 @task(name="probe-memory", cache_policy=NO_CACHE, persist_result=False)
 def probe_memory(config: RunConfig, run_dir: Path) -> RunConfig:
     """The config training starts with: `config` with the probe's choices (and config.yaml updated)."""
     log = get_run_logger()
-    index = json.loads((run_dir / "tokens" / "train" / "index.json").read_text())
+    index = json.loads(RunDir(run_dir).train_index.read_text())
     plan = probe(config, vocab_size=index["tokenizer"]["vocab_size"])
     if plan is None:
         log.info(f"probe: the shape of {config.model.name_or_path} is unknown here; starting as configured")
         return config
-    rows = markdown_table(["component", "GiB"], ([k, f"{v / GIB:.3f}"] for k, v in plan.estimate.to_dict().items()))
-    create_markdown_artifact(
-        f"## Memory probe\n\nfree {plan.free_bytes / GIB:.2f} GiB, budget {plan.budget_bytes / GIB:.2f} GiB "
-        f"(monitor.memory_high_fraction), fits: {plan.fits}\n\n{rows}\n"
-        f"changes: {', '.join(plan.changes) or 'none'}\n", key="memory-probe",
-        description="Estimated training memory against the device's free memory")
+    create_markdown_artifact(plan.markdown(), key="memory-probe",
+                             description="Estimated training memory against the device's free memory")
     if not plan.changes:
         return config
     log.info(f"probe: starting with {', '.join(plan.changes)} (estimate {plan.estimate.describe()})")
     started = plan.apply(config)
-    (run_dir / "config.yaml").write_text(dump_config(started))
+    write_config(run_dir, started)
     return started
 
 
@@ -71,7 +66,7 @@ def after_failure(config: RunConfig, run_dir: Path, attempt: int, error: BaseExc
     # The device facts adjust needs (the type, bf16) come with the error: the training process wrote them.
     report = report_from_run(attempt, run_dir, error=error)
     adjustment = adjust(config, report)
-    _append_history(run_dir, history_entry(report, adjustment))
+    append_attempt(run_dir, history_entry(report, adjustment))
     if adjustment is None:
         log.error(f"attempt {attempt} failed ({report.outcome}: {report.message}); no adjustment helps")
         return None
@@ -79,32 +74,21 @@ def after_failure(config: RunConfig, run_dir: Path, attempt: int, error: BaseExc
                 f"{', '.join(adjustment.changes) or 'the same config'}"
                 f"{'' if adjustment.resume else ' from the start (the checkpoints cannot be resumed)'}")
     if not adjustment.resume:
-        # The next attempt starts from step 0 and would overwrite these: keep them aside.
-        kept = run_dir / "attempts" / f"attempt-{attempt}"
-        for name in ("checkpoints", "metrics.jsonl"):
-            if (run_dir / name).exists():
-                kept.mkdir(parents=True, exist_ok=True)
-                shutil.move(run_dir / name, kept / name)
+        set_aside_attempt(run_dir, attempt)  # the next attempt starts from step 0 and would overwrite them
     # config.yaml is not written here: the train task writes the config each attempt trains with, so
     # an adjustment no attempt follows (the last attempt failed) never reaches the run's config.
     return adjustment
 
 
 def record_success(run_dir: Path, attempt: int, summary: dict) -> None:
-    _append_history(run_dir, history_entry(AttemptReport(attempt=attempt, outcome="completed",
-                                                         step=summary["steps"]), None))
-
-
-def _append_history(run_dir: Path, entry: dict) -> None:
-    with open(run_dir / "attempts.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+    append_attempt(run_dir, history_entry(AttemptReport(attempt=attempt, outcome="completed",
+                                                        step=summary["steps"]), None))
 
 
 def publish_attempts(run_dir: Path) -> None:
     """The attempt history (attempts.jsonl) as a markdown artifact, when there was more than one attempt
     or a failure."""
-    path = run_dir / "attempts.jsonl"
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    entries = read_attempts(run_dir) or []
     if len(entries) > 1 or any(e["outcome"] != "completed" for e in entries):
         create_markdown_artifact(f"## Training attempts\n\n{history_markdown(entries)}", key="training-attempts",
                                  description="Why each attempt ended and what the next one changed")

@@ -211,6 +211,11 @@ def test_a_tight_budget_lowers_the_micro_batch_first():
     applied = plan.apply(cfg)
     assert applied.train.micro_batch_size == 2 and applied.train.global_batch_size == 8
 
+    md = plan.markdown()  # the flow's memory-probe artifact
+    assert f"free {free / GIB:.2f} GiB, budget {plan.budget_bytes / GIB:.2f} GiB" in md and "fits: True" in md
+    assert f"| total | {plan.estimate.total / GIB:.3f} |" in md
+    assert md.endswith("changes: train.micro_batch_size: 4 -> 2\n")
+
 
 def test_then_gradient_checkpointing_then_a_lighter_method():
     cfg = tiny_cfg("model.method=full")

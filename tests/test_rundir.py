@@ -5,7 +5,14 @@ import yaml
 
 from leantune.config import load_config
 from leantune.errors import UserError
-from leantune.rundir import RunDir, create_run_dir, write_config
+from leantune.rundir import (
+    RunDir,
+    append_attempt,
+    create_run_dir,
+    read_attempts,
+    set_aside_attempt,
+    write_config,
+)
 
 
 def test_creates_layout_and_resolved_config(tmp_path):
@@ -45,3 +52,23 @@ def test_write_config_is_what_load_config_reads_back(tmp_path):
     path = write_config(tmp_path, cfg)
     assert path == RunDir(tmp_path).config
     assert load_config(path) == cfg
+
+
+def test_a_failed_attempt_is_set_aside_whole_and_a_clean_one_leaves_nothing(tmp_path):
+    layout = RunDir(tmp_path)
+    assert set_aside_attempt(layout, 1) is None and not layout.attempts.exists()
+    (layout.checkpoints / "step-2").mkdir(parents=True)
+    (layout.checkpoints / "step-2" / "state.json").write_text("{}")
+    layout.metrics.write_text('{"step": 1}\n')
+    kept = set_aside_attempt(layout, 2)
+    assert kept == layout.attempts / "attempt-2"
+    assert (kept / "checkpoints" / "step-2" / "state.json").read_text() == "{}"
+    assert (kept / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert not layout.checkpoints.exists() and not layout.metrics.exists()
+
+
+def test_attempt_history_appends_in_order(tmp_path):
+    assert read_attempts(tmp_path) is None
+    append_attempt(tmp_path, {"attempt": 1, "outcome": "oom"})
+    append_attempt(tmp_path, {"attempt": 2, "outcome": "completed"})
+    assert read_attempts(tmp_path) == [{"attempt": 1, "outcome": "oom"}, {"attempt": 2, "outcome": "completed"}]
