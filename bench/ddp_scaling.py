@@ -64,6 +64,7 @@ def child(run_dir: Path, threads: int) -> None:
 
     torch.set_num_threads(threads)
     from leantune.config import load_config
+    from leantune.testing import loop_hooks
     from leantune.training.loop import train
 
     step_ends: dict[int, float] = {}
@@ -72,7 +73,8 @@ def child(run_dir: Path, threads: int) -> None:
         step_ends[step] = time.perf_counter()
         return None
 
-    summary = train(load_config(run_dir / "config.yaml"), run_dir, headroom=clock)
+    with loop_hooks(headroom=clock):
+        summary = train(load_config(run_dir / "config.yaml"), run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         tokens = {m["step"]: m["tokens"] for m in lines if "event" not in m}

@@ -108,13 +108,15 @@ def child(side: str, run_dir: Path, threads: int) -> dict:
     if side.startswith("trainer"):
         tokens_per_step = trainer_child(cfg, run_dir, side, step_ends)
     else:
+        from leantune.testing import loop_hooks
         from leantune.training.loop import train
 
         def clock(step):  # called once per step, after its metrics line: every overhead is inside
             step_ends[step] = time.perf_counter()
             return None
 
-        train(cfg, run_dir, headroom=clock)
+        with loop_hooks(headroom=clock):
+            train(cfg, run_dir)
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         tokens_per_step = [m["tokens"] for m in lines if "event" not in m]
     last = max(step_ends)

@@ -1,6 +1,6 @@
 """Feedback across attempts: why a training attempt failed, and the config the next one trains with.
 
-An attempt ends in one of these outcomes (`classify`):
+An attempt ends in one of these outcomes (`leantune.failures.classify`):
   completed  training finished
   oom        an out-of-memory error the in-process controller could not absorb (at micro-batch 1,
              with adaptive.enabled=false, or outside the step loop, e.g. in evaluation)
@@ -24,10 +24,8 @@ train.lr, and moves fp16 to bf16 where the GPU supports it (fp16's range is the 
 lower lr alone resumes from the last checkpoint (saved before the NaN step), the schedule rescaled
 by new/old on load (checkpoint.py); a dtype change starts fresh.
 
-Training runs in its own process (leantune/training/launch.py). A failing process writes
-run_dir/attempt_error.json (`write_failure`: outcome, message, device facts) before it exits; the
-flow turns that file, or the exit status when there is none (SIGKILL), into `AttemptFailed` or the
-process's UserError (`attempt_failure`).
+Training runs in its own process (leantune/training/launch.py). How it tells the flow why it failed
+(exit codes, run_dir/attempt_error.json, `AttemptFailed`) is leantune/failures.py.
 
 `Adjustment.resume` says whether the next attempt may continue from the last checkpoint (the
 checkpoint manager's resume fingerprint is unchanged); `retokenize` whether the tokenize stage
@@ -38,39 +36,17 @@ must run again. The flow trains again up to train.max_attempts and records each 
 from __future__ import annotations
 
 import csv
-import json
-import os
-import re
-import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from leantune.config import RunConfig, largest_divisor, with_values
-from leantune.errors import NoSpaceLeft, UserError
+from leantune.failures import AttemptFailed, classify
+from leantune.metrics import event_of, read_metrics
+from leantune.rundir import RunDir
 from leantune.tables import markdown_table
 from leantune.training.checkpoint import resume_fingerprint
 
-EXIT_STOPPED = 75  # the training loop's exit status after a clean stop on a signal (loop.py)
-EXIT_NO_SPACE = 28  # the training loop's exit status when the disk is full (ENOSPC's number; loop.py)
 MIN_SEQ_LEN = 64  # attempts do not shorten sequences below this (most records would be cut)
-FAILURE_FILE = "attempt_error.json"  # what a failed training process says about its end (write_failure)
-# torchrun's summary of a failed worker (torch.distributed.elastic ChildFailedError): "exitcode  : -9 (pid: 123)".
-TORCHRUN_WORKER_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)\b")
-
-
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite; another attempt with a lower learning rate may not."""
-
-
-class AttemptFailed(RuntimeError):
-    """A training process that ended without finishing, as the flow sees it: its outcome (see `classify`),
-    what it said (the failure file, or its exit status) and the device facts `adjust` needs."""
-
-    def __init__(self, outcome: str, message: str, returncode: int | None = None, *,
-                 device_type: str | None = None, bf16_supported: bool | None = None):
-        super().__init__(message)
-        self.outcome, self.message, self.returncode = outcome, message, returncode
-        self.device_type, self.bf16_supported = device_type, bf16_supported
 
 
 @dataclass
@@ -101,30 +77,6 @@ class Adjustment:
     retokenize: bool = False
 
 
-def classify(error: BaseException | None = None, returncode: int | None = None) -> str:
-    """The outcome of an attempt from the error it raised (in-process) or its exit status (subprocess)."""
-    if error is not None:
-        from leantune.training.adaptive import is_out_of_memory
-
-        if isinstance(error, AttemptFailed):
-            return error.outcome
-        if isinstance(error, NonFiniteLoss):
-            return "nan"
-        if is_out_of_memory(error):
-            return "oom"
-        # The controller's own verdict when micro-batch 1 still does not fit (adaptive.py).
-        if isinstance(error, UserError) and str(error).startswith("out of memory"):
-            return "oom"
-        return "error"
-    if returncode is None or returncode == 0:
-        return "completed"
-    if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
-        return "killed"
-    if returncode == EXIT_STOPPED:
-        return "stopped"
-    return "error"
-
-
 def last_reading(monitor_csv: Path) -> dict | None:
     """The last sample of monitor.csv as the numbers `adjust` reads (its first GPU's row)."""
     if not monitor_csv.is_file():
@@ -152,14 +104,11 @@ def report_from_run(attempt: int, run_dir: Path, *, error: BaseException | None 
                     bf16_supported: bool | None = None) -> AttemptReport:
     """An AttemptReport from what the attempt left in `run_dir` (metrics.jsonl, monitor.csv)."""
     step = micro = None
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            entry = json.loads(line) if line.strip() else {}
-            if "event" not in entry and "step" in entry:
-                step, micro = entry["step"], entry["micro_batch_size"]
-            elif entry.get("event") == "micro_batch":
-                micro = entry["new"]  # the controller changed it after the last logged step
+    for line in read_metrics(run_dir):
+        if event_of(line) == "step":
+            step, micro = line["step"], line["micro_batch_size"]
+        elif event_of(line) == "micro_batch":
+            micro = line["new"]  # the controller changed it after the last logged step
     if isinstance(error, AttemptFailed):
         message = error.message
         device_type = error.device_type or device_type
@@ -170,75 +119,7 @@ def report_from_run(attempt: int, run_dir: Path, *, error: BaseException | None 
         message = f"exit status {returncode}" if returncode else ""
     return AttemptReport(attempt=attempt, outcome=classify(error, returncode), message=message, step=step,
                          micro_batch_size=micro, device_type=device_type, bf16_supported=bf16_supported,
-                         reading=last_reading(Path(run_dir) / "monitor.csv"))
-
-
-# ------------------------------------------------------------------ the training process's failure file
-
-
-def write_failure(run_dir: Path, error: BaseException, cfg: RunConfig | None = None) -> None:
-    """Write run_dir/attempt_error.json: how the training process failed, for the flow to read.
-
-    {"outcome": classify(error), "error_type", "message", "user_error": a UserError that another
-    attempt would only repeat, "device_type", "bf16_supported"}. Written whole (a temporary file
-    renamed), so the flow reads either all of it or none; a process killed by a signal writes none.
-    """
-    device_type = bf16 = None
-    if cfg is not None:
-        try:
-            device_type, bf16 = device_facts(cfg)
-        except Exception:  # the failure itself may be the device's; the report goes out without the facts
-            pass
-    outcome = classify(error)
-    data = {"outcome": outcome, "error_type": type(error).__name__, "message": str(error),
-            "user_error": isinstance(error, UserError) and outcome == "error",
-            "device_type": device_type, "bf16_supported": bf16}
-    tmp = Path(run_dir) / f".{FAILURE_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, Path(run_dir) / FAILURE_FILE)
-
-
-def attempt_failure(run_dir: Path, returncode: int, worker_exitcodes: list[int] = ()) -> Exception:
-    """The error a training process that exited with `returncode` (not 0) stands for in the flow.
-
-    From its failure file when it wrote one: a UserError for a user's mistake (the flow ends with
-    its message), else AttemptFailed with its outcome. Without one, from the exit status: killed by
-    SIGKILL, or an error. worker_exitcodes: the workers' exit codes torchrun reported (TORCHRUN_WORKER_EXIT).
-    """
-    path = Path(run_dir) / FAILURE_FILE
-    # Under torchrun a rank killed by SIGKILL writes nothing and torchrun exits 1; its summary names the
-    # worker's exit code. That kill is the cause even when a surviving rank wrote a failure file about
-    # the broken connection to it.
-    if any(code == -signal.SIGKILL for code in worker_exitcodes):
-        return AttemptFailed("killed", "a training process was killed (SIGKILL: the kernel's out-of-memory "
-                             "killer, a preempted machine or a person); torchrun stopped the others", returncode)
-    if path.is_file():
-        info = json.loads(path.read_text())
-        if info["user_error"]:
-            return UserError(info["message"])
-        return AttemptFailed(info["outcome"], f"{info['error_type']}: {info['message']}", returncode,
-                             device_type=info["device_type"], bf16_supported=info["bf16_supported"])
-    if returncode == EXIT_NO_SPACE:  # the disk was too full for the failure file
-        return NoSpaceLeft(f"no space left on device in {run_dir}; free space and resume with --resume "
-                           f"{Path(run_dir).name}")
-    outcome = classify(returncode=returncode)
-    if outcome == "killed":
-        message = ("the training process was killed (SIGKILL: the kernel's out-of-memory killer, a preempted "
-                   "machine or a person)")
-    else:
-        message = (f"the training process exited with status {returncode} without saying why; its log above "
-                   "may show the cause")
-    return AttemptFailed(outcome, message, returncode)
-
-
-def device_facts(cfg: RunConfig) -> tuple[str, bool | None]:
-    """The device type training runs on, and whether it computes in bf16 (CUDA only; else None)."""
-    import torch
-
-    from leantune.modeling import resolve_device
-
-    device = resolve_device(cfg)
-    return device.type, torch.cuda.is_bf16_supported() if device.type == "cuda" else None
+                         reading=last_reading(RunDir.of(run_dir).monitor))
 
 
 def adjust(config: RunConfig, report: AttemptReport) -> Adjustment | None:

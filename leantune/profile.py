@@ -207,7 +207,7 @@ def run_combination(cfg: RunConfig, combo: Combination, profile_dir: Path, break
     breakdown: then train the same steps again under torch.profiler in sweep/<name>/breakdown/ for the
     execution-time breakdown columns (a second run, so the profiler's overhead is not in the throughput).
     """
-    from leantune.training.adaptive import is_out_of_memory
+    from leantune.failures import is_out_of_memory
     from leantune.training.loop import train
 
     row = {**_settings(combo), "architecture": _architecture(cfg), "device": "", "note": ""}

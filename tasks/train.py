@@ -8,7 +8,7 @@ metrics.jsonl update two artifacts, each one artifact updated in place (a new ve
 bury the run's other artifacts under hundreds): a progress bar (key training-progress) and a table of
 the latest steps (key training-metrics); on a terminal they also draw a bar (leantune.progress.TrainingBar).
 When it fails, the task raises what it stands for
-(leantune.attempts.attempt_failure): AttemptFailed (oom, nan, killed, error), which the flow's attempt
+(leantune.failures.attempt_failure): AttemptFailed (oom, nan, killed, error), which the flow's attempt
 loop may answer with another attempt, or the UserError it reported, which ends the run.
 """
 
@@ -23,10 +23,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 
-from leantune.attempts import EXIT_STOPPED, TORCHRUN_WORKER_EXIT, attempt_failure
 from leantune.config import RunConfig, dump_config
 from leantune.cost import run_cost_report
 from leantune.errors import UserError
+from leantune.failures import EXIT_STOPPED, TORCHRUN_WORKER_EXIT, attempt_failure
 from leantune.progress import TrainingBar, training_percent, training_progress_text
 from leantune.runlock import check_run_dir_free
 from leantune.tables import markdown_table

@@ -27,6 +27,7 @@ def main() -> None:
     import torch
 
     from leantune.config import load_config
+    from leantune.testing import loop_hooks
     from leantune.training.loop import train
 
     # One intra-op thread: the same reduction order in every process, whatever else runs on the machine.
@@ -51,7 +52,8 @@ def main() -> None:
         return any([hook(step, k, mb) for hook in hooks])
 
     cfg = load_config(args.run_dir / "config.yaml")
-    summary = train(cfg, args.run_dir, resume=args.resume, oom_injector=oom_injector if hooks else None)
+    with loop_hooks(oom=oom_injector if hooks else None):
+        summary = train(cfg, args.run_dir, resume=args.resume)
     (args.run_dir / f"summary-rank-{rank}.json").write_text(json.dumps(summary))
 
 

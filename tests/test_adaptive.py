@@ -8,9 +8,11 @@ import torch
 from run_helpers import adapter, assert_same_weights, new_run
 
 from leantune.errors import UserError
+from leantune.failures import OutOfMemory, is_out_of_memory
+from leantune.testing import loop_hooks
 from leantune.tokenization import TokenShards
 from leantune.training import loop
-from leantune.training.adaptive import MicroBatchController, is_out_of_memory
+from leantune.training.adaptive import MicroBatchController
 from leantune.training.loop import train
 
 FAST = ["train.eval_every=1000", "checkpoint.every_steps=1000"]
@@ -88,7 +90,7 @@ def test_oom_halves_to_divisors_of_the_global_batch_and_fails_clearly_below_one(
     for setting in ("train.micro_batch_size", "tokenize.max_seq_len", "model.gradient_checkpointing",
                     "model.method"):
         assert setting in message
-    with pytest.raises(UserError, match="start-up probe"):
+    with pytest.raises(OutOfMemory, match="start-up probe"):
         MicroBatchController(8, 1).on_oom(step=0, probe=True)
 
 
@@ -157,7 +159,8 @@ def test_oom_mid_step_redoes_the_step_with_the_same_sequences_and_the_same_resul
     steps = range(1, 6)
     cfg, straight = new_run(tokenized_run, tmp_path, *FAST, "train.max_steps=5", name="straight")
     clean = Feed(straight, monkeypatch)
-    train(cfg, straight, oom_injector=clean.injector)
+    with loop_hooks(oom=clean.injector):
+        train(cfg, straight)
 
     # Out of memory in the second micro-batch of step 2 (at 4), then in the first of step 4 (at 2).
     cfg, run_dir = new_run(tokenized_run, tmp_path, *FAST, "train.max_steps=5", name="oom")
@@ -169,7 +172,8 @@ def test_oom_mid_step_redoes_the_step_with_the_same_sequences_and_the_same_resul
         return hit
 
     feed = Feed(run_dir, monkeypatch, fire)
-    summary = train(cfg, run_dir, oom_injector=feed.injector)
+    with loop_hooks(oom=feed.injector):
+        summary = train(cfg, run_dir)
 
     assert summary["completed"] and summary["steps"] == 5 and summary["micro_batch_size"] == 1
     assert feed.seen(steps) == clean.seen(steps)
@@ -192,7 +196,8 @@ def test_growth_on_scripted_headroom_and_back_off_after_a_failed_growth(tokenize
     cfg, run_dir = new_run(tokenized_run, tmp_path, *FAST, "train.max_steps=6", "train.micro_batch_size=2",
                            "adaptive.grow_after_steps=1", name="grow")
     feed = Feed(run_dir, monkeypatch, fire=lambda step, k, mb: mb >= 8)
-    train(cfg, run_dir, oom_injector=feed.injector, headroom=lambda step: 0.9)
+    with loop_hooks(oom=feed.injector, headroom=lambda step: 0.9):
+        train(cfg, run_dir)
 
     assert events(run_dir) == [
         (1, 2, 4, "headroom"),
@@ -208,21 +213,23 @@ def test_growth_on_scripted_headroom_and_back_off_after_a_failed_growth(tokenize
 def test_no_headroom_means_no_growth(tokenized_run, tmp_path):
     cfg, run_dir = new_run(tokenized_run, tmp_path, *FAST, "train.max_steps=3", "train.micro_batch_size=2",
                            "adaptive.grow_after_steps=1")
-    train(cfg, run_dir, headroom=lambda step: 0.1)
+    with loop_hooks(headroom=lambda step: 0.1):
+        train(cfg, run_dir)
     assert events(run_dir) == []
 
 
 def test_out_of_memory_at_micro_batch_one_is_a_user_error(tokenized_run, tmp_path):
     cfg, run_dir = new_run(tokenized_run, tmp_path, *FAST, "train.max_steps=3", "adaptive.probe_longest_first=false")
-    with pytest.raises(UserError, match=r"out of memory at step 1 with a micro-batch of 1 .*train\.micro_batch_size"):
-        train(cfg, run_dir, oom_injector=lambda step, k, mb: True)
+    with pytest.raises(OutOfMemory, match=r"out of memory at step 1 with a micro-batch of 1 .*train\.micro_batch_size"):
+        with loop_hooks(oom=lambda step, k, mb: True):
+            train(cfg, run_dir)
     assert events(run_dir) == [(1, 4, 2, "oom"), (1, 2, 1, "oom")]
 
 
 def test_with_adaptive_disabled_out_of_memory_propagates(tokenized_run, tmp_path):
     cfg, run_dir = new_run(tokenized_run, tmp_path, *FAST, "train.max_steps=3", "adaptive.enabled=false")
-    with pytest.raises(torch.OutOfMemoryError, match="step 2"):
-        train(cfg, run_dir, oom_injector=lambda step, k, mb: step == 2)
+    with pytest.raises(torch.OutOfMemoryError, match="step 2"), loop_hooks(oom=lambda step, k, mb: step == 2):
+        train(cfg, run_dir)
 
 
 def test_probe_runs_the_longest_sequences_first_and_changes_nothing(tokenized_run, tmp_path, monkeypatch):
@@ -231,7 +238,8 @@ def test_probe_runs_the_longest_sequences_first_and_changes_nothing(tokenized_ru
     cfg, probed = new_run(tokenized_run, tmp_path, *common, name="probed")
     # Out of memory in the probe at 4: the micro-batch halves before the first step.
     feed = Feed(probed, monkeypatch, fire=lambda step, k, mb: step == 0 and mb >= 4)
-    train(cfg, probed, oom_injector=feed.injector)
+    with loop_hooks(oom=feed.injector):
+        train(cfg, probed)
 
     lengths = TokenShards(probed / "tokens" / "train").lengths
     failed, [probe_batch] = feed.attempts(0)

@@ -7,11 +7,8 @@ import pytest
 import torch
 
 from leantune.attempts import (
-    AttemptFailed,
     AttemptReport,
-    NonFiniteLoss,
     adjust,
-    classify,
     history_entry,
     history_markdown,
     last_reading,
@@ -19,6 +16,7 @@ from leantune.attempts import (
 )
 from leantune.config import load_config
 from leantune.errors import UserError
+from leantune.failures import AttemptFailed, NonFiniteLoss, OutOfMemory, classify
 
 
 def cfg_with(*overrides):
@@ -28,7 +26,7 @@ def cfg_with(*overrides):
 def test_classify_errors_and_exit_statuses():
     assert classify(torch.OutOfMemoryError("CUDA out of memory")) == "oom"
     assert classify(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")) == "oom"
-    assert classify(UserError("out of memory at step 3 with a micro-batch of 1 sequence: ...")) == "oom"
+    assert classify(OutOfMemory("out of memory at step 3 with a micro-batch of 1 sequence: ...")) == "oom"
     assert classify(NonFiniteLoss("loss is nan at step 7")) == "nan"
     assert classify(ValueError("a bug")) == "error"
     assert classify(UserError("train.device: 'cuda' requested but ...")) == "error"

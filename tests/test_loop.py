@@ -12,6 +12,7 @@ from run_helpers import SMOKE, adapter, assert_same_weights, new_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from leantune.modeling import build_base_model, build_model
+from leantune.testing import loop_hooks
 from leantune.tokenization import TokenShards, collate, tokenize
 from leantune.training.checkpoint import CheckpointManager, run_fingerprints
 from leantune.training.loop import epoch_order, main, next_global_batch, train
@@ -132,7 +133,8 @@ def test_signal_stops_cleanly_and_resume_continues_bitwise(tokenized_run, tmp_pa
         return None
 
     handler = signal.getsignal(signal.SIGTERM)
-    stopped = train(cfg, run_dir, headroom=sigterm_after_step_2)
+    with loop_hooks(headroom=sigterm_after_step_2):
+        stopped = train(cfg, run_dir)
     assert not stopped["completed"] and stopped["steps"] == 2 and stopped["adapter"] is None
     assert not (run_dir / "adapter").exists()
     assert json.loads((run_dir / "checkpoints" / "step-2" / "manifest.json").read_text())["reason"] == "signal"

@@ -10,9 +10,10 @@ import pytest
 from fakes import FakeNvml
 from safetensors.torch import load_file
 
-from leantune.attempts import NonFiniteLoss, classify
 from leantune.config import dump_config, load_config
+from leantune.failures import NonFiniteLoss, classify
 from leantune.monitor.sampler import Monitor
+from leantune.testing import loop_hooks
 from leantune.training.loop import train
 
 FAST = ["train.eval_every=1000", "checkpoint.every_steps=1000", "checkpoint.keep_last=20", "train.max_steps=6",
@@ -55,7 +56,8 @@ def monitored(tokenized_run, tmp_path, name, script, *overrides, fail_at_step=No
         return False
 
     try:
-        return train(cfg, run_dir, oom_injector=each_micro_batch, monitor=monitor), run_dir, fake
+        with loop_hooks(oom=each_micro_batch, monitor=monitor):
+            return train(cfg, run_dir), run_dir, fake
     except Exception as e:  # noqa: BLE001 - the tests look at it
         return e, run_dir, fake
 

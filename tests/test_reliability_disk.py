@@ -4,10 +4,9 @@ non-zero exit, no traceback; also when the disk is too full for the failure file
 import errno
 import json
 
-from leantune import attempts
-from leantune.attempts import EXIT_NO_SPACE, attempt_failure
 from leantune.config import dump_config, load_config
 from leantune.errors import no_space_left
+from leantune.failures import EXIT_NO_SPACE, attempt_failure
 from leantune.training import loop
 from tasks.logs import failure_exit_code
 
@@ -47,7 +46,7 @@ def test_a_disk_too_full_for_the_failure_file_is_told_by_the_exit_status(tmp_pat
     def unwritable(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(d / ".attempt_error.json.1"))
 
-    monkeypatch.setattr(attempts, "write_failure", unwritable)
+    monkeypatch.setattr(loop, "write_failure", unwritable)
     assert loop.main([str(d)]) == EXIT_NO_SPACE
     assert "Traceback" not in capsys.readouterr().err
     assert not (d / "attempt_error.json").exists()

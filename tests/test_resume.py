@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from leantune.config import dump_config, load_config
+from leantune.failures import EXIT_STOPPED
 from leantune.training.checkpoint import CheckpointManager, run_fingerprints
-from leantune.training.loop import EXIT_STOPPED
 
 pytestmark = pytest.mark.slow
 

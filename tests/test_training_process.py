@@ -10,8 +10,8 @@ import sys
 import pytest
 from run_helpers import new_run
 
-from leantune.attempts import TORCHRUN_WORKER_EXIT, AttemptFailed, attempt_failure, write_failure
 from leantune.errors import UserError
+from leantune.failures import TORCHRUN_WORKER_EXIT, AttemptFailed, attempt_failure, write_failure
 from leantune.training.launch import (
     log_record,
     progress_markdown,
@@ -22,9 +22,12 @@ from leantune.training.launch import (
 pytestmark = pytest.mark.slow
 
 
-def test_log_lines_keep_their_level_and_lose_their_timestamp():
+def test_log_lines_keep_their_level_and_other_lines_pass_as_text():
+    json_line = '{"level": "WARNING", "logger": "leantune.x", "message": "near the limit"}\n'
+    assert log_record(json_line, logging.INFO) == (logging.WARNING, "leantune.x: near the limit")
+    # The old text format is plain text now: nothing matches a logging format by pattern.
     assert log_record("2026-01-01 12:00:00,123 WARNING leantune.x: near the limit\n", logging.INFO) == (
-        logging.WARNING, "leantune.x: near the limit")
+        logging.INFO, "2026-01-01 12:00:00,123 WARNING leantune.x: near the limit")
     assert log_record("plain print\n", logging.WARNING) == (logging.INFO, "plain print")
     assert log_record("Traceback (most recent call last):\n", logging.INFO) == (logging.ERROR,
                                                                                  "Traceback (most recent call last):")

@@ -8,13 +8,14 @@ SIGKILLs itself, as the kernel's out-of-memory killer would) or user (a UserErro
 exactly `python -m leantune.training.loop RUN_DIR [--resume]`.
 """
 
-import functools
+import contextlib
 import os
 import signal
 import sys
 
-from leantune.attempts import NonFiniteLoss
 from leantune.errors import UserError
+from leantune.failures import NonFiniteLoss
+from leantune.testing import loop_hooks
 from leantune.training import loop
 
 
@@ -40,6 +41,5 @@ def injector(fault: str):
 
 if __name__ == "__main__":
     fault, *argv = sys.argv[1:]
-    if fault != "none":
-        loop.train = functools.partial(loop.train, oom_injector=injector(fault))
-    sys.exit(loop.main(argv))
+    with loop_hooks(oom=injector(fault)) if fault != "none" else contextlib.nullcontext():
+        sys.exit(loop.main(argv))

@@ -21,19 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from leantune.config import largest_divisor
-from leantune.errors import UserError
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for torch.OutOfMemoryError (CUDA) and the CPU allocator's failure, a plain RuntimeError
-    ("DefaultCPUAllocator: can't allocate memory ... (Cannot allocate memory)")."""
-    import torch
-
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    message = str(error).lower()
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in message
-                                                or "cannot allocate memory" in message)
+from leantune.failures import OutOfMemory
 
 
 @dataclass(frozen=True)
@@ -82,14 +70,14 @@ class MicroBatchController:
         return self.global_batch_size // self.micro_batch_size
 
     def on_oom(self, step: int, *, probe: bool = False) -> Change:
-        """Halve the micro-batch after an out-of-memory error; UserError when it is already 1.
+        """Halve the micro-batch after an out-of-memory error; OutOfMemory (a UserError) when it is already 1.
 
         The loop calls it only when adaptive.enabled; otherwise the error propagates unchanged.
         """
         old = self.micro_batch_size
         if old == 1:
             where = "in the start-up probe (the longest sequences)" if probe else f"at step {step}"
-            raise UserError(
+            raise OutOfMemory(
                 f"out of memory {where} with a micro-batch of 1 sequence: one sequence does not fit, and "
                 "train.micro_batch_size cannot go lower. Lower tokenize.max_seq_len, set "
                 "model.gradient_checkpointing=true, use model.method=lora or qlora instead of full, use "

@@ -8,7 +8,7 @@ that torchrun can start one process per GPU. The flow itself stays a single proc
 `run_training` starts the process, passes its output on line by line (`log_record`: the level of
 each logging line, no progress bars) and the steps it appends to metrics.jsonl (`MetricsFollower`),
 and stops it with SIGTERM (checkpoint, exit 75) when the caller is interrupted. How it ended is its
-exit status plus the failure file it leaves (leantune.attempts.write_failure / attempt_failure).
+exit status plus the failure file it leaves (leantune/failures.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -25,8 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from leantune.attempts import FAILURE_FILE
 from leantune.config import RunConfig
+from leantune.failures import FAILURE_FILE, JSON_LOG_ENV, parse_log_line
 from leantune.metrics import MetricsFollower
 from leantune.tables import markdown_table
 
@@ -55,24 +54,24 @@ def training_command(cfg: RunConfig, run_dir: Path, resume: bool) -> list[str]:
 
 # How long a training process asked to stop (SIGTERM) may take to save its checkpoint before it is killed.
 STOP_GRACE_S = 600.0
-# The child's logging lines (loop.main's basicConfig): "2026-01-01 12:00:00,123 WARNING name: message".
-_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)$", re.S)
 # Progress bars draw with carriage returns; on a pipe they are switched off, and these catch any that are not.
-CHILD_ENV = {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# The child logs JSON lines (leantune/failures.py), so that no pattern has to match its logging format.
+CHILD_ENV = {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", JSON_LOG_ENV: "1"}
 
 
 def log_record(line: str, previous_level: int) -> tuple[int, str] | None:
     """(level, text) under which a line of the training process's output goes to the flow's log, or None.
 
-    Logging lines keep their level (their timestamp is dropped: the flow's log has its own); a
-    traceback is an error; other lines (print, library warnings) are info. Of a line redrawn with
+    The child's logging lines, JSON (`failures.parse_log_line`), keep their level and read
+    "logger: message"; of other lines, a traceback is an error and the rest (print, library warnings,
+    torchrun's own output) are info. Of a line redrawn with
     carriage returns (a progress bar) only the last drawing is kept, and an empty one is dropped.
     """
     text = line.rstrip("\r\n").rsplit("\r", 1)[-1].rstrip()
     if not text:
         return None
-    if m := _LOG_LINE.match(text):
-        return logging.getLevelName(m.group(1)), m.group(2)
+    if (record := parse_log_line(text)) is not None:
+        return record
     if text.startswith("Traceback (most recent call last)"):
         return logging.ERROR, text
     # Continuation lines (a traceback's frames, a multi-line message) stay at the level they belong to.
@@ -91,7 +90,7 @@ def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], 
     75, then SIGKILL if it is not gone after `stop_grace_s`; then the exception goes on.
     """
     run_dir = Path(run_dir)
-    # What a failed process leaves (leantune.attempts.FAILURE_FILE) must be this attempt's.
+    # What a failed process leaves (leantune.failures.FAILURE_FILE) must be this attempt's.
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)
     follower = MetricsFollower(run_dir, from_end=True)
     # Bytes, split on newlines only: text mode would turn a progress bar's carriage returns into lines.

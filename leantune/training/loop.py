@@ -14,7 +14,7 @@ Step numbers: step N is the N-th optimizer step (from 1); its metrics line says 
 deterministic per-epoch order of sequence indices (`epoch_order`); a step takes the next
 global_batch_size indices, running on into the next epoch when one ends.
 
-Out of memory in a micro-batch (or `oom_injector` saying so): gradients of the partial step are
+Out of memory in a micro-batch: gradients of the partial step are
 discarded, memory freed, the micro-batch halved and the WHOLE step redone from its first
 micro-batch with the RNG state it started with, so no sample is skipped or seen twice.
 
@@ -23,7 +23,7 @@ the loop applies what its policy decided since the last one (leantune/monitor/po
 near the limit halves the micro-batch before an out-of-memory error; temperature, throttling or
 host memory ask the checkpoint manager for a checkpoint. Its latest free-memory reading is what the
 controller grows on. power.limit_watts is applied for the run and restored when it ends, failed
-runs included. A NaN or infinite loss stops the attempt (`attempts.NonFiniteLoss`) before a
+runs included. A NaN or infinite loss stops the attempt (`failures.NonFiniteLoss`) before a
 checkpoint could save it.
 
 Outputs in the run directory:
@@ -47,10 +47,9 @@ Outputs in the run directory:
 Run it directly (the kill/resume tests do), or under torchrun for data parallel (launch.py):
     python -m leantune.training.loop RUN_DIR [--resume]
     python -m torch.distributed.run --standalone --nproc-per-node=N -m leantune.training.loop RUN_DIR
-Exit codes: 0 finished, 2 a UserError (message on stderr), 75 stopped by SIGTERM/SIGINT after
-saving a checkpoint (resume to continue), 1 any other error. A failed run also leaves
-attempt_error.json (leantune.attempts.write_failure): the outcome (oom, nan, error) and message the
-flow's attempt loop reads; a process killed by a signal leaves none.
+Exit codes, the failure file (attempt_error.json) a failed run leaves and the JSON log lines the flow
+reads are leantune/failures.py's protocol: 0 finished, 2 a UserError (message on stderr), 28 the disk
+is full, 75 stopped by SIGTERM/SIGINT after saving a checkpoint (resume to continue), 1 any other error.
 """
 
 from __future__ import annotations
@@ -66,17 +65,31 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from leantune.config import RunConfig, load_config
 from leantune.errors import DataError, NoSpaceLeft, UserError, no_space_left
+from leantune.failures import (
+    EXIT_NO_SPACE,
+    EXIT_STOPPED,
+    EXIT_USER_ERROR,
+    FAILURE_FILE,
+    JSON_LOG_ENV,
+    JsonLogFormatter,
+    OutOfMemory,
+    classify,
+    is_out_of_memory,
+    write_failure,
+)
+from leantune.metrics import MetricsWriter
 from leantune.moe import ExpertLoad, RouterTap, moe_geometry, token_segments
 from leantune.monitor.sampler import Monitor
 from leantune.runlock import RunDirBusy, hold_run_dir
 from leantune.tokenization import TokenShards, collate
-from leantune.training.adaptive import MicroBatchController, is_out_of_memory
+from leantune.training.adaptive import MicroBatchController
 from leantune.training.distributed import DistContext, process_group
 from leantune.training.loss import compile_decoder, target_cross_entropy
 
@@ -84,50 +97,162 @@ from leantune.training.loss import compile_decoder, target_cross_entropy
 # flow shows the child's log lines under their logger name.
 log = logging.getLogger("leantune.training.loop")
 
-EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped cleanly, try again (resume)
-
-
-def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
-          oom_injector: Callable[[int, int, int], bool] | None = None,
-          headroom: Callable[[int], float | None] | None = None, monitor: Monitor | None = None) -> dict:
+def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> dict:
     """Train on run_dir/tokens as `cfg` says; return the summary (also written to training.json).
 
     resume: continue from the newest intact checkpoint (also automatic when checkpoints exist).
-    oom_injector(step, micro_index, micro_batch_size) -> bool: test hook; True makes that
-        micro-batch behave exactly as if it raised torch.OutOfMemoryError (step 0: the start-up probe).
-    headroom(step) -> free memory share (0-1) or None: what the micro-batch controller grows on;
-        default: the resource monitor's latest reading, else the device's free memory after the step.
-    monitor: test hook; a Monitor to use (e.g. one reading a FakeNvml) instead of one built from
-        cfg.monitor; the loop sets its on_sample to the feedback policy, starts and stops it.
 
     Under torchrun (WORLD_SIZE above 1) every process calls this (see distributed.py): each trains on
     its share of every global batch, only rank 0 writes metrics.jsonl, monitor.csv, checkpoints, the
-    adapter and training.json, and every rank returns the summary. The hooks act in their own process.
+    adapter and training.json, and every rank returns the summary.
     """
     from leantune.modeling import resolve_device
 
     with process_group(cfg, resolve_device(cfg)) as dist:
-        return _train(cfg, Path(run_dir), dist, resume=resume, oom_injector=oom_injector, headroom=headroom,
-                      monitor=monitor)
+        return _train(cfg, Path(run_dir), dist, resume=resume)
 
 
-def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
-           oom_injector: Callable[[int, int, int], bool] | None, headroom: Callable[[int], float | None] | None,
-           monitor: Monitor | None) -> dict:
+@dataclass
+class TrainState:
+    """Where the run is and what it has seen: saved in every checkpoint (state.json), restored on resume."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the data cursor: the next sequence is epoch_order(epoch)[offset]
+    offset: int = 0
+    tokens_seen: int = 0  # non-padding tokens of the steps done, all ranks
+    elapsed_s: float = 0.0  # time spent in optimizer steps, resumes included
+    loss: float | None = None
+    val_loss: float | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    peak_memory_mb: float = 0.0
+    micro_batch_changes: int = 0
+    energy_j: float | None = None  # the GPUs' energy over the steps done (from the monitor)
+    expert_counts: list | None = None  # MoE: the expert load not yet written to metrics.jsonl (ExpertLoad.state)
+
+
+@dataclass
+class _Run:
+    """What a training run holds from its start to its end; the functions below read and update it."""
+
+    cfg: RunConfig
+    run_dir: Path
+    dist: DistContext
+    device: object
+    train_shards: TokenShards
+    val_shards: TokenShards | None
+    num_steps: int
+    model: object
+    trainable: list
+    optimizer: object
+    scheduler: object
+    scaler: object  # fp16 loss scaling (a disabled GradScaler otherwise)
+    autocast: object
+    mask_dtype: object  # the 4D block-diagonal mask of packed batches is added to attention scores of this dtype
+    one_row: bool  # flash-attention takes no 4D mask: a micro-batch becomes one row (see model_inputs)
+    moe: RouterTap | None  # Mixture of Experts: the routers' load-balancing loss and expert counts
+    aux_coef: float
+    controller: MicroBatchController
+    ckpt: object  # CheckpointManager
+    state: TrainState = field(default_factory=TrainState)
+    forward_model: object = None  # the model, wrapped in DDP with several ranks (after the probe)
+    metrics: MetricsWriter | None = None
+    expert_load: ExpertLoad | None = None
+    monitor: Monitor | None = None
+    feedback: object = None  # monitor.policy.Feedback: the monitor's decisions, drained at each step boundary
+    saved_step: int | None = None  # the newest checkpoint's step
+    rank_peaks_mb: list[float] = field(default_factory=list)
+
+    def record(self, change) -> None:
+        """A micro-batch change: a metrics.jsonl line, and counted."""
+        self.metrics.write(change.event())
+        self.state.micro_batch_changes += 1
+
+
+def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool) -> dict:
+    from leantune.monitor.policy import Feedback
+    from leantune.monitor.power import power_limit
+
+    started = time.monotonic()
+    run, tokenizer = _build(cfg, run_dir, dist)
+    # Resume from the newest intact checkpoint when asked, or when the run already has some.
+    resumed_from = _resume(run, resume or (run_dir / "checkpoints").is_dir())
+    run.metrics = MetricsWriter(run_dir, keep_until_step=run.state.step, enabled=dist.is_main)
+    if run.moe is not None:
+        run.expert_load = ExpertLoad(len(run.moe.routers), run.moe.geometry.num_experts, run.state.expert_counts)
+    if run.ckpt.lr_rescale is not None:  # resumed with another train.lr: the schedule continues rescaled
+        run.metrics.write({"event": "lr_rescale", "step": run.state.step, **run.ckpt.lr_rescale})
+    # The longest sequences first, so that a too-large micro-batch fails in seconds, not hours in.
+    if cfg.adaptive.probe_longest_first:
+        _probe_until_it_fits(run)
+    # The model forward runs on: DDP around it with several ranks (it broadcasts rank 0's weights now).
+    run.forward_model = dist.wrap(run.model)
+    order_of = _EpochOrders(run.train_shards, cfg.train.global_batch_size, cfg.train.seed)
+
+    # The resource monitor (monitor.csv) and its feedback, and the power limit: both undone in `finally`.
+    # Data parallel: rank 0's monitor decides for all (its shrink reaches the others through _settle).
+    run.feedback = Feedback(cfg.monitor, run.ckpt.request)
+    resources = contextlib.ExitStack()
+    if cfg.monitor.enabled and dist.is_main:
+        run.monitor = _new_monitor(cfg, run_dir, run.device)
+        run.monitor.on_sample = run.feedback
+        resources.enter_context(run.monitor)
+    gpu = run.monitor.gpu_handles[0] if run.monitor is not None and run.monitor.gpu_handles else (None, None)
+    power = resources.enter_context(power_limit(cfg.power.limit_watts, run.monitor and run.monitor.nvml,
+                                                gpu[1], gpu[0]))
+
+    progress = _progress_bar(run.num_steps, run.state.step)
+    run.ckpt.install_signal_handlers()
+    run.saved_step = resumed_from
+    run.rank_peaks_mb = [0.0] * dist.world_size
+    stopped = False
+    try:
+        while run.state.step < run.num_steps:
+            step = run.state.step + 1
+            line, val_loss = _train_step(run, step, order_of)
+            progress.update(1)
+            progress.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}", mb=line["micro_batch_size"],
+                                 refresh=False)
+            _apply_feedback(run, step)
+            # One exchange per step (data parallel), so that every rank decides alike from here on.
+            free, due, stop = _agree_after_step(run, line["peak_memory_mb"])
+            # Growth is decided on this step's free memory and takes effect from the next step.
+            if (change := run.controller.after_step(step, free)) is not None:
+                run.record(change)
+            _checkpoint_if_due(run, step, val_loss, due)
+            if stop:
+                stopped = True
+                log.warning("stopped after step %d (checkpoint %s); resume to continue", step,
+                            f"step-{run.saved_step}" if run.saved_step is not None else "none")
+                break
+    finally:
+        run.ckpt.restore_signal_handlers()
+        progress.close()
+        run.metrics.close()
+        resources.close()  # the monitor's last sample, then the power limit restored
+
+    adapter_dir, merged_dir = _write_outputs(run, tokenizer) if not stopped and dist.is_main else (None, None)
+    summary = _summary(run, completed=not stopped, resumed_from=resumed_from, power=power, started=started,
+                       adapter_dir=adapter_dir, merged_dir=merged_dir)
+    if dist.is_main:
+        (run_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ set-up
+
+
+def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, object]:
+    """The data, model, optimizer, schedule and micro-batch controller of a run; and the tokenizer."""
     import torch
     from transformers import AutoTokenizer
 
-    from leantune.attempts import NonFiniteLoss
     from leantune.modeling import build_model, describe_model, resolve_precision
-    from leantune.monitor.policy import Feedback
-    from leantune.monitor.power import power_limit
-    from leantune.training.checkpoint import CheckpointManager, rng_state, run_fingerprints
+    from leantune.training.checkpoint import CheckpointManager, run_fingerprints
     from leantune.training.optim import build_optimizer, build_scheduler, total_steps
 
     t = cfg.train
-    started = time.monotonic()
-
-    # ---- data: memory-mapped shards; validation is optional (data.val_fraction may be 0)
+    # Memory-mapped shards; validation is optional (data.val_fraction may be 0).
     train_shards = _open_shards(run_dir / "tokens" / "train")
     val_dir = run_dir / "tokens" / "val"
     val_shards = TokenShards(val_dir) if (val_dir / "index.json").is_file() else None
@@ -136,7 +261,6 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokens" / "tokenizer")
     num_steps = total_steps(cfg, len(train_shards))
 
-    # ---- model, optimizer, schedule, loss scaling
     device = dist.device  # cuda:LOCAL_RANK under torchrun on GPUs
     precision = resolve_precision(cfg, device)
     # Fresh runs draw weights, LoRA init and dropout from train.seed; a resume restores the RNGs.
@@ -145,339 +269,347 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool,
     log.info("model: %s", describe_model(model))
     if t.compile != "off":
         compile_decoder(model, t.compile)
-    # Mixture-of-Experts: the routers' load-balancing loss and expert counts (leantune/moe.py); None when dense.
     moe, aux_coef = _router_tap(cfg, model)
     if dist.rank > 0:
         # Every rank built the same weights from train.seed; each draws its own dropout, as it has its own data.
         torch.manual_seed(int(np.random.SeedSequence([t.seed, dist.rank]).generate_state(1)[0]))
-    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, num_steps)
-    # fp16 has too little range for small gradients: scale the loss up, unscale before clipping.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    autocast = torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
-    # The 4D block-diagonal mask of packed batches is added to attention scores of this dtype.
-    mask_dtype = precision
-    # flash-attention takes no 4D mask: a micro-batch becomes one row, documents found from position ids.
-    one_row = model.config._attn_implementation == "flash_attention_2"
-    controller = MicroBatchController.from_config(cfg, dist.world_size)
+    run = _Run(
+        cfg=cfg, run_dir=run_dir, dist=dist, device=device, train_shards=train_shards, val_shards=val_shards,
+        num_steps=num_steps, model=model, trainable=[p for p in model.parameters() if p.requires_grad],
+        optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, num_steps),
+        # fp16 has too little range for small gradients: scale the loss up, unscale before clipping.
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == torch.float16),
+        autocast=torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32),
+        mask_dtype=precision, one_row=model.config._attn_implementation == "flash_attention_2",
+        moe=moe, aux_coef=aux_coef, controller=MicroBatchController.from_config(cfg, dist.world_size),
+        ckpt=CheckpointManager(cfg, run_dir, run_fingerprints(cfg, run_dir)))
+    return run, tokenizer
 
-    # ---- resume: the newest intact checkpoint, when asked or when the run already has some
-    ckpt = CheckpointManager(cfg, run_dir, run_fingerprints(cfg, run_dir))
-    state = {"step": 0, "epoch": 0, "offset": 0, "tokens_seen": 0, "elapsed_s": 0.0, "loss": None,
-             "val_loss": None, "best_val_loss": None, "best_step": None, "peak_memory_mb": 0.0,
-             "micro_batch_changes": 0, "energy_j": None, "expert_counts": None}
-    resumed_from = None
-    look = resume or (run_dir / "checkpoints").is_dir()
+
+def _resume(run: _Run, look: bool) -> int | None:
+    """Load the newest intact checkpoint into the run when `look`; return its step (None: a fresh start)."""
     # Rank 0 picks the checkpoint (latest() also removes what interrupted writes left); every rank loads it.
-    latest = dist.broadcast(ckpt.latest() if look and dist.is_main else None)
+    latest = run.dist.broadcast(run.ckpt.latest() if look and run.dist.is_main else None)
     if look and latest is None:
-        log.warning("resume: no intact checkpoint in %s; training from the start", run_dir / "checkpoints")
-    elif latest is not None:
-        saved = ckpt.load(latest, model, optimizer, scheduler, scaler if scaler.is_enabled() else None,
-                          rank=dist.rank)
-        controller.load_state_dict(saved.pop("adaptive"))
-        state.update(saved)
-        resumed_from = state["step"]
-    metrics = _MetricsFile(run_dir / "metrics.jsonl" if dist.is_main else None, keep_until_step=state["step"])
-    expert_load = ExpertLoad(len(moe.routers), moe.geometry.num_experts, state["expert_counts"]) if moe else None
-    if ckpt.lr_rescale is not None:  # resumed with another train.lr: the schedule continues rescaled
-        metrics.write({"event": "lr_rescale", "step": state["step"], **ckpt.lr_rescale})
+        log.warning("resume: no intact checkpoint in %s; training from the start", run.run_dir / "checkpoints")
+    if latest is None:
+        return None
+    saved = run.ckpt.load(latest, run.model, run.optimizer, run.scheduler,
+                          run.scaler if run.scaler.is_enabled() else None, rank=run.dist.rank)
+    run.controller.load_state_dict(saved.pop("adaptive"))
+    run.state = replace(run.state, **saved)
+    return run.state.step
 
-    def record(change) -> None:
-        metrics.write(change.event())
-        state["micro_batch_changes"] += 1
 
-    def settle(step: int, oom: bool, probe: bool = False) -> bool:
-        """After an attempt at a step (or the probe): True when it succeeded on every rank. Otherwise the
-        partial gradients are dropped and the micro-batch halved (data parallel: the smallest of all ranks
-        wins), and the attempt is to be redone. Called outside the except block, so the traceback (holding
-        activations) is already released."""
-        fatal = None
-        if oom:
-            _free_memory(model, device)
-            try:
-                record(controller.on_oom(step, probe=probe))
-            except UserError as e:  # one sequence does not fit: the other ranks must hear of it before it is raised
-                fatal = e
-        if dist.enabled:
-            # Every rank reaches this all-reduce whatever happened in its forward and backward: 0 out of
-            # memory at a micro-batch of 1, 1 out of memory, 2 done.
-            worst, smallest = dist.min_all([0 if fatal else 1 if oom else 2, controller.micro_batch_size])
-            if fatal is None and worst == 0:
-                raise UserError("out of memory in another training process with a micro-batch of 1 sequence; "
-                                "its error (in the log of rank 0 or that rank) says what to change")
-            if fatal is None and (change := controller.adopt(step, int(smallest))) is not None:
-                record(change)
-            if worst < 2 and not oom:
-                _free_memory(model, device)  # this rank's gradients of an attempt another rank could not finish
-            oom = worst < 2
-        if fatal is not None:
-            raise fatal
-        return not oom
+def _new_monitor(cfg: RunConfig, run_dir: Path, device) -> Monitor:
+    """The resource monitor of this process's device, sampling into run_dir/monitor.csv."""
+    return Monitor(cfg.monitor, run_dir / "monitor.csv", device_type=device.type, device_index=device.index)
 
-    # ---- worst-case probe: the longest sequences first, so a too-large micro-batch fails in seconds
-    if cfg.adaptive.probe_longest_first:
-        longest = np.argsort(-train_shards.lengths, kind="stable")
-        while True:
-            oom = False
-            try:
-                # oom_injector sees step 0 for the probe.
-                if oom_injector is not None and oom_injector(0, 0, controller.micro_batch_size):
-                    raise torch.OutOfMemoryError("injected out-of-memory in the start-up probe")
-                _probe(model, train_shards, longest[:controller.micro_batch_size], device, autocast,
-                       mask_dtype, one_row)
-            except Exception as e:
-                if not (controller.enabled and is_out_of_memory(e)):
-                    raise
-                oom = True
-            if settle(state["step"], oom, probe=True):
-                break
 
-    # The model forward runs on: DDP around it with several ranks (it broadcasts rank 0's weights now).
-    forward_model = dist.wrap(model)
+class _EpochOrders:
+    """order_of(epoch): the order of an epoch (`epoch_order`), computed once; one epoch kept at a time
+    (an epoch's order is as long as the data)."""
 
-    # ---- the loop
-    order_cache: dict[int, np.ndarray] = {}
+    def __init__(self, shards: TokenShards, global_batch_size: int, seed: int):
+        self.shards, self.global_batch_size, self.seed = shards, global_batch_size, seed
+        self._cache: dict[int, np.ndarray] = {}
 
-    def order_of(epoch: int) -> np.ndarray:
-        if epoch not in order_cache:
-            order_cache.clear()  # one epoch at a time: an epoch's order is as long as the data
-            order_cache[epoch] = epoch_order(train_shards, epoch, t.global_batch_size, t.seed)
-        return order_cache[epoch]
+    def __call__(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            self._cache.clear()
+            self._cache[epoch] = epoch_order(self.shards, epoch, self.global_batch_size, self.seed)
+        return self._cache[epoch]
 
-    # ---- the resource monitor (monitor.csv) and its feedback; the power limit, restored in `finally`
-    feedback = Feedback(cfg.monitor, ckpt.request)
-    resources = contextlib.ExitStack()
-    # Data parallel: rank 0's monitor decides for all (its shrink reaches the others through `settle`).
-    if cfg.monitor.enabled and dist.is_main:
-        monitor = monitor or Monitor(cfg.monitor, run_dir / "monitor.csv", device_type=device.type,
-                                     device_index=device.index)
-        monitor.on_sample = feedback
-        resources.enter_context(monitor)
+
+# ---------------------------------------------------------------------------- one optimizer step
+
+
+def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, float | None]:
+    """Optimizer step `step`: the next global batch, forward and backward (redone smaller after out of
+    memory), the update, validation when due; updates run.state and writes its metrics.jsonl line.
+    Returns the line and the validation loss (None when not evaluated)."""
+    import torch
+
+    from leantune.failures import NonFiniteLoss
+
+    t, state, dist = run.cfg.train, run.state, run.dist
+    step_start = time.monotonic()
+    energy_start = run.monitor.energy_j() if run.monitor is not None else None
+    indices, epoch, offset = next_global_batch(order_of, state.epoch, state.offset, t.global_batch_size)
+    items = [run.train_shards[int(i)] for i in indices]
+    # The loss of the step is normalised by every target token of the global batch.
+    targets = sum(int((it["labels"][1:] != -100).sum()) for it in items)
+    tokens = sum(len(it["input_ids"]) for it in items)
+    # Data parallel: this rank's disjoint share of the global batch (a single process: all of it).
+    share = items[dist.share(len(items))]
+    lr = run.scheduler.get_last_lr()[0]
+
+    ce_sum, moe_sums, mb = _forward_backward_fitting(run, step, share, targets, tokens)
+    # Every rank finished its share: sum the gradients (and the loss) of all shares.
+    dist.sum_gradients(run.trainable, ce_sum, *moe_sums)
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, t.max_grad_norm))
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = float(ce_sum) / targets  # .item() waits for the device, so the timing below is real
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"the training loss is {loss} at step {step} (lr {lr:.3g}); the last checkpoint "
+                            "holds the weights before it; lower train.lr, or use model.dtype=bf16 over fp16")
+
+    step_seconds = time.monotonic() - step_start
+    peak_mb = _peak_memory_mb(run.device)
+    state.step, state.epoch, state.offset, state.loss = step, epoch, offset, loss
+    state.tokens_seen += tokens
+    state.elapsed_s += step_seconds
+    state.peak_memory_mb = max(state.peak_memory_mb, peak_mb)
+    line = {"step": step, "epoch": round((epoch * len(run.train_shards) + offset) / len(run.train_shards), 6),
+            "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+            "tokens_per_s": tokens / step_seconds, "micro_batch_size": mb,
+            "accumulation_steps": len(share) // mb, "world_size": dist.world_size,
+            "peak_memory_mb": peak_mb, "elapsed_s": round(state.elapsed_s, 3)}
+    energy_end = run.monitor.energy_j() if run.monitor is not None else None
+    if energy_start is not None and energy_end is not None:
+        line["energy_j"] = round(energy_end - energy_start, 3)
+        state.energy_j = (state.energy_j or 0.0) + line["energy_j"]
+
+    # Validation every train.eval_every steps and after the last one.
+    val_loss = None
+    if run.val_shards is not None and (step % t.eval_every == 0 or step == run.num_steps):
+        val_loss = evaluate(run.model, run.val_shards, run.controller.micro_batch_size, run.device, run.autocast,
+                            run.mask_dtype, run.one_row, dist)
+        line["val_loss"] = state.val_loss = val_loss
+    if run.moe is not None:
+        line["router_aux_loss"] = float(moe_sums[0]) / tokens
+        run.expert_load.add(moe_sums[1].cpu().numpy())
+    if step % t.log_every == 0 or step == run.num_steps:
+        if run.moe is not None:  # the expert load of the steps since the last line
+            line.update(run.expert_load.take())
+        run.metrics.write(line)
+    if run.moe is not None:
+        state.expert_counts = run.expert_load.state()
+    return line, val_loss
+
+
+def _forward_backward_fitting(run: _Run, step: int, share: list[dict], targets: int, tokens: int):
+    """Forward and backward over this rank's share, micro-batch by micro-batch, until it fits: out of
+    memory drops the partial gradients, halves the micro-batch and redoes the WHOLE step from its first
+    micro-batch with the RNG state it started with, so no sample is skipped or seen twice.
+    Returns the summed cross-entropy, the MoE sums ([] when dense) and the micro-batch it ran with."""
+    import torch
+
+    # A redo after out-of-memory must draw the same random numbers (dropout) as a first try.
+    rng_at_start = _torch_rng_state(run.device)
+    while True:
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        oom = False
+        mb = run.controller.micro_batch_size
+        ce_sum = torch.zeros((), device=run.device)
+        # MoE: the step's router loss (sum of n_s aux_s) and expert counts, summed like ce_sum.
+        moe_sums = [torch.zeros((), device=run.device), 0] if run.moe is not None else []
+        try:
+            # No gradient all-reduce inside backward (distributed.py says why): gradients stay local.
+            with run.dist.no_sync(run.forward_model):
+                for k in range(run.controller.accumulation_steps):
+                    micro_ce, moe_part = _forward_backward(run, share, k, targets, tokens)
+                    ce_sum += micro_ce
+                    if moe_part is not None:
+                        moe_sums = [moe_sums[0] + moe_part[0], moe_sums[1] + moe_part[1]]
+        except Exception as e:
+            if run.moe is not None:
+                run.moe.discard()
+            if not (run.controller.enabled and is_out_of_memory(e)):
+                raise
+            oom = True
+        # Outside the except block, so the traceback (holding activations) is already released.
+        if _settle(run, step, oom):
+            return ce_sum, moe_sums, mb
+        _set_torch_rng_state(run.device, rng_at_start)
+
+
+def _forward_backward(run: _Run, share: list[dict], k: int, targets: int, tokens: int):
+    """Forward and backward of micro-batch k of `share`, its loss scaled to the global batch's targets.
+    Returns its cross-entropy sum (detached) and, MoE, (router loss, expert counts) or None."""
+    mb = run.controller.micro_batch_size
+    micro = share[k * mb:(k + 1) * mb]
+    inputs, labels = model_inputs(micro, run.train_shards.pad_id, run.mask_dtype, run.one_row, run.device)
+    if run.moe is not None:
+        run.moe.start()
+    with run.autocast:  # the head only at target positions, in chunks (loss.py)
+        micro_ce = target_cross_entropy(run.forward_model, inputs, labels)
+    objective = micro_ce / targets
+    moe_part = None
+    if run.moe is not None:
+        width = None if run.one_row else inputs["input_ids"].shape[1]
+        aux, counts = run.moe.finish(token_segments([len(it["input_ids"]) for it in micro], width), len(micro))
+        objective = objective + run.aux_coef * aux / tokens
+        moe_part = (aux.detach(), counts)
+    run.scaler.scale(objective).backward()
+    return micro_ce.detach(), moe_part
+
+
+def _settle(run: _Run, step: int, oom: bool, probe: bool = False) -> bool:
+    """After an attempt at a step (or the probe): True when it succeeded on every rank. Otherwise the
+    partial gradients are dropped and the micro-batch halved (data parallel: the smallest of all ranks
+    wins), and the attempt is to be redone."""
+    fatal = None
+    if oom:
+        _free_memory(run.model, run.device)
+        try:
+            run.record(run.controller.on_oom(step, probe=probe))
+        except OutOfMemory as e:  # one sequence does not fit: the other ranks must hear of it before it is raised
+            fatal = e
+    if run.dist.enabled:
+        # Every rank reaches this all-reduce whatever happened in its forward and backward: 0 out of
+        # memory at a micro-batch of 1, 1 out of memory, 2 done.
+        worst, smallest = run.dist.min_all([0 if fatal else 1 if oom else 2, run.controller.micro_batch_size])
+        if fatal is None and worst == 0:
+            raise OutOfMemory("out of memory in another training process with a micro-batch of 1 sequence; "
+                            "its error (in the log of rank 0 or that rank) says what to change")
+        if fatal is None and (change := run.controller.adopt(step, int(smallest))) is not None:
+            run.record(change)
+        if worst < 2 and not oom:
+            _free_memory(run.model, run.device)  # this rank's gradients of an attempt another rank could not finish
+        oom = worst < 2
+    if fatal is not None:
+        raise fatal
+    return not oom
+
+
+def _probe_until_it_fits(run: _Run) -> None:
+    """Forward and backward on the longest sequences at the micro-batch size, halving it until it fits."""
+    longest = np.argsort(-run.train_shards.lengths, kind="stable")
+    while True:
+        oom = False
+        try:
+            _probe(run, longest[:run.controller.micro_batch_size])
+        except Exception as e:
+            if not (run.controller.enabled and is_out_of_memory(e)):
+                raise
+            oom = True
+        if _settle(run, run.state.step, oom, probe=True):
+            return
+
+
+# ------------------------------------------------------------------------------- step boundary
+
+
+def _apply_feedback(run: _Run, step: int) -> None:
+    """The monitor's decisions since the last step, each a metrics.jsonl line: a shrink takes effect from
+    the next step; a checkpoint request is already with the checkpoint manager."""
+    for decision in run.feedback.drain():
+        run.metrics.write(decision.event(step))
+        if decision.action == "shrink" and (change := run.controller.shrink(step)) is not None:
+            run.record(change)
+            _free_memory(run.model, run.device)  # give the cache back, so the monitor sees the drop
+
+
+def _free_share(run: _Run) -> float | None:
+    """The share of memory free after this step, which the controller grows on: the monitor's latest
+    reading, else the device's own count."""
+    reading = run.monitor.latest if run.monitor is not None else None
+    free = reading.free_fraction if reading is not None else None
+    return free if free is not None else _free_memory_share(run.device)
+
+
+def _agree_after_step(run: _Run, peak_mb: float) -> tuple[float | None, str | None, bool]:
+    """(free memory share, checkpoint reason, stop) as every rank decides them after a step.
+
+    Data parallel: grow on the smallest free share, checkpoint when any rank has one due, stop when any
+    rank was signalled (a signal reaches the ranks at different steps); each rank's peak memory is kept.
+    """
+    free = _free_share(run)
+    stop = run.ckpt.stop_requested
+    due = run.ckpt.due(run.state.step)
+    readings = run.dist.gather_all([-1.0 if free is None else free, due is not None, stop, peak_mb])
+    free = None if any(r[0] < 0 for r in readings) else min(r[0] for r in readings)
+    if due is None and any(r[1] for r in readings):
+        due = "other_rank"
+    run.rank_peaks_mb = [max(old, r[3]) for old, r in zip(run.rank_peaks_mb, readings, strict=True)]
+    run.state.peak_memory_mb = max(run.state.peak_memory_mb, *run.rank_peaks_mb)
+    return free, due, any(r[2] for r in readings)
+
+
+def _checkpoint_if_due(run: _Run, step: int, val_loss: float | None, due: str | None) -> None:
+    """Checkpoint when due, on a new best validation loss (so the best weights exist on disk), and after
+    the last step."""
+    from leantune.training.checkpoint import rng_state
+
+    state = run.state
+    improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
+    if improved:
+        state.best_val_loss, state.best_step = val_loss, step
+    reason = due or ("best" if improved else None) or ("final" if step == run.num_steps else None)
+    if reason is None:
+        return
+    # Every rank's RNG state goes into the checkpoint (rank 0 writes it), so each resumes exactly.
+    rngs = run.dist.gather_to_main(rng_state())
+    if run.dist.is_main:
+        run.ckpt.save(step, run.model, run.optimizer, run.scheduler,
+                      {**asdict(state), "adaptive": run.controller.state_dict()}, metric=val_loss,
+                      scaler=run.scaler if run.scaler.is_enabled() else None, reason=reason, rank_rngs=rngs[1:])
     else:
-        monitor = None
-    gpu = monitor.gpu_handles[0] if monitor is not None and monitor.gpu_handles else (None, None)
-    power = resources.enter_context(power_limit(cfg.power.limit_watts, monitor and monitor.nvml, gpu[1], gpu[0]))
+        run.ckpt.mark_saved(step)
+    run.saved_step = step
 
-    progress = _progress_bar(num_steps, state["step"])
-    ckpt.install_signal_handlers()
-    saved_step = resumed_from
-    stopped = False
-    rank_peaks_mb = [0.0] * dist.world_size
-    try:
-        while state["step"] < num_steps:
-            step = state["step"] + 1
-            step_start = time.monotonic()
-            energy_start = monitor.energy_j() if monitor is not None else None
-            indices, epoch, offset = next_global_batch(order_of, state["epoch"], state["offset"],
-                                                       t.global_batch_size)
-            items = [train_shards[int(i)] for i in indices]
-            # The loss of the step is normalised by every target token of the global batch.
-            targets = sum(int((it["labels"][1:] != -100).sum()) for it in items)
-            tokens = sum(len(it["input_ids"]) for it in items)
-            # Data parallel: this rank's disjoint share of the global batch (a single process: all of it).
-            mine = items[dist.share(len(items))]
-            lr = scheduler.get_last_lr()[0]
 
-            # A redo after out-of-memory must draw the same random numbers (dropout) as a first try.
-            rng_at_start = _torch_rng_state(device)
-            while True:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                oom = False
-                mb = controller.micro_batch_size
-                ce_sum = torch.zeros((), device=device)
-                # MoE: the step's router loss (sum of n_s aux_s) and expert counts, summed like ce_sum.
-                moe_sums = [torch.zeros((), device=device), 0] if moe is not None else []
-                try:
-                    # No gradient all-reduce inside backward (distributed.py says why): gradients stay local.
-                    with dist.no_sync(forward_model):
-                        for k in range(controller.accumulation_steps):
-                            if oom_injector is not None and oom_injector(step, k, mb):
-                                raise torch.OutOfMemoryError(f"injected out-of-memory at step {step}, micro-batch {k}")
-                            inputs, labels = model_inputs(mine[k * mb:(k + 1) * mb], train_shards.pad_id,
-                                                          mask_dtype, one_row, device)
-                            if moe is not None:
-                                moe.start()
-                            with autocast:  # the head only at target positions, in chunks (loss.py)
-                                micro_ce = target_cross_entropy(forward_model, inputs, labels)
-                            objective = micro_ce / targets
-                            if moe is not None:
-                                micro = mine[k * mb:(k + 1) * mb]
-                                width = None if one_row else inputs["input_ids"].shape[1]
-                                aux, counts = moe.finish(token_segments([len(it["input_ids"]) for it in micro], width),
-                                                         len(micro))
-                                objective = objective + aux_coef * aux / tokens
-                                moe_sums = [moe_sums[0] + aux.detach(), moe_sums[1] + counts]
-                            scaler.scale(objective).backward()
-                            ce_sum += micro_ce.detach()
-                except Exception as e:
-                    if moe is not None:
-                        moe.discard()
-                    if not (controller.enabled and is_out_of_memory(e)):
-                        raise
-                    oom = True
-                if settle(step, oom):
-                    break
-                # Redo the whole step, from micro-batch 0 with the halved micro-batch.
-                _set_torch_rng_state(device, rng_at_start)
+# --------------------------------------------------------------------------------------- the end
 
-            # Every rank finished its share: sum the gradients (and the loss) of all shares.
-            dist.sum_gradients(trainable, ce_sum, *moe_sums)
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = float(ce_sum) / targets  # .item() waits for the device, so the timing below is real
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(f"the training loss is {loss} at step {step} (lr {lr:.3g}); the last checkpoint "
-                                    "holds the weights before it; lower train.lr, or use model.dtype=bf16 over fp16")
 
-            step_seconds = time.monotonic() - step_start
-            peak_mb = _peak_memory_mb(device)
-            state.update(step=step, epoch=epoch, offset=offset, loss=loss,
-                         tokens_seen=state["tokens_seen"] + tokens,
-                         elapsed_s=state["elapsed_s"] + step_seconds,
-                         peak_memory_mb=max(state["peak_memory_mb"], peak_mb))
-            line = {"step": step, "epoch": round((epoch * len(train_shards) + offset) / len(train_shards), 6),
-                    "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                    "tokens_per_s": tokens / step_seconds, "micro_batch_size": mb,
-                    "accumulation_steps": len(mine) // mb, "world_size": dist.world_size,
-                    "peak_memory_mb": peak_mb, "elapsed_s": round(state["elapsed_s"], 3)}
-            energy_end = monitor.energy_j() if monitor is not None else None
-            if energy_start is not None and energy_end is not None:
-                line["energy_j"] = round(energy_end - energy_start, 3)
-                state["energy_j"] = (state["energy_j"] or 0.0) + line["energy_j"]
+def _write_outputs(run: _Run, tokenizer) -> tuple[Path, Path | None]:
+    """The adapter in PEFT format (full fine-tune: the model) and, with train.export_merged, the merged model."""
+    adapter_dir = run.run_dir / "adapter"
+    model = run.model
+    # The base's embedding matrices are not part of the adapter (see checkpoint._save_weights).
+    model.save_pretrained(adapter_dir, **({"save_embedding_layers": False} if hasattr(model, "peft_config") else {}))
+    tokenizer.save_pretrained(adapter_dir)
+    if not run.cfg.train.export_merged:
+        return adapter_dir, None
+    # The trained weights are on disk now: free them before a base is built to merge into.
+    del model
+    run.model = run.forward_model = run.optimizer = run.scheduler = run.trainable = None
+    gc.collect()
+    return adapter_dir, _export_merged(run.cfg, tokenizer, run.device, adapter_dir, run.run_dir / "merged")
 
-            # Validation every train.eval_every steps and after the last one.
-            val_loss = None
-            if val_shards is not None and (step % t.eval_every == 0 or step == num_steps):
-                val_loss = evaluate(model, val_shards, controller.micro_batch_size, device, autocast,
-                                    mask_dtype, one_row, dist)
-                line["val_loss"] = val_loss
-                state["val_loss"] = val_loss
-            if moe is not None:
-                line["router_aux_loss"] = float(moe_sums[0]) / tokens
-                expert_load.add(moe_sums[1].cpu().numpy())
-            if step % t.log_every == 0 or step == num_steps:
-                if moe is not None:  # the expert load of the steps since the last line
-                    line.update(expert_load.take())
-                metrics.write(line)
-            if moe is not None:
-                state["expert_counts"] = expert_load.state()
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", mb=mb, refresh=False)
 
-            # The monitor's decisions since the last step: a shrink takes effect from the next step; a
-            # checkpoint request is already with the checkpoint manager.
-            for decision in feedback.drain():
-                metrics.write(decision.event(step))
-                if decision.action == "shrink" and (change := controller.shrink(step)) is not None:
-                    record(change)
-                    _free_memory(model, device)  # give the cache back, so the monitor sees the drop
-
-            reading = monitor.latest if monitor is not None else None
-            free = reading.free_fraction if reading is not None else None
-            free = headroom(step) if headroom else (free if free is not None else _free_memory_share(device))
-            stop = ckpt.stop_requested
-            due = ckpt.due(step)
-            # Data parallel: one exchange per step, so that every rank decides alike from here on: grow on the
-            # smallest free share, checkpoint when any rank has one due, stop when any rank was signalled (a
-            # signal reaches the ranks at different steps); plus each rank's peak memory.
-            readings = dist.gather_all([-1.0 if free is None else free, due is not None, stop, peak_mb])
-            if any(r[0] < 0 for r in readings):
-                free = None
-            else:
-                free = min(r[0] for r in readings)
-            if due is None and any(r[1] for r in readings):
-                due = "other_rank"
-            stop = any(r[2] for r in readings)
-            rank_peaks_mb = [max(old, r[3]) for old, r in zip(rank_peaks_mb, readings, strict=True)]
-            state["peak_memory_mb"] = max(state["peak_memory_mb"], *rank_peaks_mb)
-
-            # Growth is decided on this step's free memory and takes effect from the next step.
-            change = controller.after_step(step, free)
-            if change is not None:
-                record(change)
-
-            # Checkpoint when due, on a new best validation loss (so the best weights exist on disk),
-            # and after the last step.
-            improved = val_loss is not None and (state["best_val_loss"] is None or val_loss < state["best_val_loss"])
-            if improved:
-                state.update(best_val_loss=val_loss, best_step=step)
-            reason = due or ("best" if improved else None) or ("final" if step == num_steps else None)
-            if reason is not None:
-                # Every rank's RNG state goes into the checkpoint (rank 0 writes it), so each resumes exactly.
-                rngs = dist.gather_to_main(rng_state())
-                if dist.is_main:
-                    ckpt.save(step, model, optimizer, scheduler, {**state, "adaptive": controller.state_dict()},
-                              metric=val_loss, scaler=scaler if scaler.is_enabled() else None, reason=reason,
-                              rank_rngs=rngs[1:])
-                else:
-                    ckpt.mark_saved(step)
-                saved_step = step
-            if stop:
-                stopped = True
-                log.warning("stopped after step %d (checkpoint %s); resume to continue", step,
-                            f"step-{saved_step}" if saved_step is not None else "none")
-                break
-    finally:
-        ckpt.restore_signal_handlers()
-        progress.close()
-        metrics.close()
-        resources.close()  # the monitor's last sample, then the power limit restored
-
-    # ---- outputs: the adapter in PEFT format (full fine-tune: the model), and the merged model
-    adapter_dir = merged_dir = None
-    if not stopped and dist.is_main:
-        adapter_dir = run_dir / "adapter"
-        # The base's embedding matrices are not part of the adapter (see checkpoint._save_weights).
-        model.save_pretrained(adapter_dir, **({"save_embedding_layers": False} if hasattr(model, "peft_config") else {}))
-        tokenizer.save_pretrained(adapter_dir)
-        if t.export_merged:
-            # The trained weights are on disk now: free them before a base is built to merge into.
-            del model, optimizer, scheduler, trainable
-            gc.collect()
-            merged_dir = _export_merged(cfg, tokenizer, device, adapter_dir, run_dir / "merged")
-
-    summary = {
-        "completed": not stopped,
-        "steps": state["step"],
-        "total_steps": num_steps,
+def _summary(run: _Run, *, completed: bool, resumed_from: int | None, power, started: float,
+             adapter_dir: Path | None, merged_dir: Path | None) -> dict:
+    """What `train` returns and training.json holds."""
+    state, monitor = run.state, run.monitor
+    return {
+        "completed": completed,
+        "steps": state.step,
+        "total_steps": run.num_steps,
         "resumed_from_step": resumed_from,
-        "tokens": state["tokens_seen"],
-        "final_loss": state["loss"],
-        "final_val_loss": state["val_loss"],
-        "best_val_loss": state["best_val_loss"],
-        "best_step": state["best_step"],
-        "micro_batch_size": controller.micro_batch_size,
-        "micro_batch_changes": state["micro_batch_changes"],
-        "peak_memory_mb": state["peak_memory_mb"],
+        "tokens": state.tokens_seen,
+        "final_loss": state.loss,
+        "final_val_loss": state.val_loss,
+        "best_val_loss": state.best_val_loss,
+        "best_step": state.best_step,
+        "micro_batch_size": run.controller.micro_batch_size,
+        "micro_batch_changes": state.micro_batch_changes,
+        "peak_memory_mb": state.peak_memory_mb,
         # Data parallel: the processes and each one's peak memory (in this process's part of the run).
-        "world_size": dist.world_size,
-        "rank_peak_memory_mb": rank_peaks_mb,
-        "train_seconds": round(state["elapsed_s"], 3),
+        "world_size": run.dist.world_size,
+        "rank_peak_memory_mb": run.rank_peaks_mb,
+        "train_seconds": round(state.elapsed_s, 3),
         # Over the optimizer steps of the whole run (resumes included), all ranks together.
-        "tokens_per_s": state["tokens_seen"] / state["elapsed_s"] if state["elapsed_s"] else None,
+        "tokens_per_s": state.tokens_seen / state.elapsed_s if state.elapsed_s else None,
         # Energy of the GPUs over the optimizer steps of the whole run (resumes included), from the monitor.
-        "energy_j": state["energy_j"],
-        "energy_per_step_j": state["energy_j"] / state["step"] if state["energy_j"] is not None else None,
-        "energy_per_1k_tokens_j": (1000 * state["energy_j"] / state["tokens_seen"]
-                                   if state["energy_j"] is not None else None),
+        "energy_j": state.energy_j,
+        "energy_per_step_j": state.energy_j / state.step if state.energy_j is not None else None,
+        "energy_per_1k_tokens_j": 1000 * state.energy_j / state.tokens_seen if state.energy_j is not None else None,
         "monitor_backend": monitor.latest.backend if monitor is not None else None,
-        "device": device.type,
+        "device": run.device.type,
         "gpu_name": monitor.gpu_names[0] if monitor is not None and monitor.gpu_names else None,
         "power_limit": power.to_dict() if power is not None else None,
         "seconds": round(time.monotonic() - started, 3),
         "adapter": str(adapter_dir) if adapter_dir else None,
         "merged": str(merged_dir) if merged_dir else None,
     }
-    if dist.is_main:
-        (run_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -587,22 +719,22 @@ def evaluate(model, shards: TokenShards, batch_size: int, device, autocast, mask
     return float(ce) / max(targets, 1)
 
 
-def _probe(model, shards: TokenShards, indices: np.ndarray, device, autocast, mask_dtype, one_row: bool) -> None:
+def _probe(run: _Run, indices: np.ndarray) -> None:
     """One forward and backward on `indices` (the longest sequences) without an optimizer step.
 
     Gradients are discarded and the RNG state restored, so the run's results do not change.
     """
-    rng = _torch_rng_state(device)
+    rng = _torch_rng_state(run.device)
     try:
-        items = [shards[int(i)] for i in indices]
-        inputs, labels = model_inputs(items, shards.pad_id, mask_dtype, one_row, device)
-        with autocast:
-            loss = target_cross_entropy(model, inputs, labels)
+        items = [run.train_shards[int(i)] for i in indices]
+        inputs, labels = model_inputs(items, run.train_shards.pad_id, run.mask_dtype, run.one_row, run.device)
+        with run.autocast:
+            loss = target_cross_entropy(run.model, inputs, labels)
         loss.backward()
     finally:
         # Also after an out-of-memory error, so a probe that is retried smaller starts the same.
-        model.zero_grad(set_to_none=True)
-        _set_torch_rng_state(device, rng)
+        run.model.zero_grad(set_to_none=True)
+        _set_torch_rng_state(run.device, rng)
 
 
 # --------------------------------------------------------------------------------- memory, RNG
@@ -674,36 +806,6 @@ def _set_torch_rng_state(device, state: tuple) -> None:
 # --------------------------------------------------------------------------------------- outputs
 
 
-class _MetricsFile:
-    """metrics.jsonl, appended line by line and flushed, so a killed run leaves whole lines.
-
-    On resume from step K the lines of steps after K are dropped: those steps will run again.
-    A fresh start (K = 0) starts an empty file. path None (data parallel, ranks other than 0): lines
-    are dropped, rank 0 writes the file.
-    """
-
-    def __init__(self, path: Path | None, keep_until_step: int):
-        self.path = path
-        self._f = None
-        if path is None:
-            return
-        kept = []
-        if keep_until_step and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= keep_until_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self._f = open(path, "a", encoding="utf-8")
-
-    def write(self, obj: dict) -> None:
-        if self._f is not None:
-            self._f.write(json.dumps(obj) + "\n")
-            self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-
-
 def _progress_bar(total: int, initial: int):
     """A tqdm bar on an interactive terminal; disabled (a no-op) in logs and tests."""
     from tqdm import tqdm
@@ -740,7 +842,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest intact checkpoint (automatic when checkpoints exist)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    # Started by the flow (launch.py): one JSON object per line, which it decodes (leantune/failures.py).
+    handler.setFormatter(JsonLogFormatter() if os.environ.get(JSON_LOG_ENV) == "1"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     cfg = None
     try:
         # One process trains in a run directory at a time (rank 0 holds the lock for all ranks).
@@ -749,10 +855,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = train(cfg, args.run_dir, resume=args.resume)
     except RunDirBusy as e:
         print(f"leantune: {e}", file=sys.stderr)  # the run belongs to its holder: nothing is written in it
-        return 2
+        return EXIT_USER_ERROR
     except Exception as e:
-        from leantune.attempts import EXIT_NO_SPACE, FAILURE_FILE, classify, write_failure
-
         # A full disk is the user's to fix: one line saying so, not the chained tracebacks of each write.
         e = no_space_left(e, args.run_dir, args.run_dir.name) or e
         # The flow that started this process reads why it failed from the run directory.
@@ -763,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("could not write %s: %s", args.run_dir / FAILURE_FILE, unwritten)
         if isinstance(e, UserError):
             print(f"leantune: {e}", file=sys.stderr)
-            return EXIT_NO_SPACE if isinstance(e, NoSpaceLeft) else 2
+            return EXIT_NO_SPACE if isinstance(e, NoSpaceLeft) else EXIT_USER_ERROR
         if classify(e) in ("oom", "nan"):
             # Resource outcomes the flow answers with another attempt: the message says it all.
             log.error("%s: %s", type(e).__name__, e)
