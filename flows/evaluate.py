@@ -32,6 +32,7 @@ from prefect import flow, get_run_logger
 from leantune.cli import DEFAULT_CONFIG, EvaluateRequest, evaluate_request
 from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
+from leantune.rundir import RunDir
 from tasks.evaluate import evaluate_sycophancy
 from tasks.server import connect_to_prefect
 
@@ -50,7 +51,7 @@ def evaluate_flow(config: RunConfig = DEFAULT_RUN_CONFIG, run_dir: str | None = 
     log = get_run_logger()
     if run_dir and adapter:
         raise UserError("evaluate: give a run directory or an adapter, not both (a run's adapter is its adapter/)")
-    adapter_dir = Path(run_dir) / "adapter" if run_dir else (Path(adapter) if adapter else None)
+    adapter_dir = RunDir(run_dir).adapter if run_dir else (Path(adapter) if adapter else None)
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise UserError(f"evaluate: {adapter_dir} is not a directory; " + (
             "the run has not finished training (resume it with python flows/finetune.py --resume NAME)"
@@ -64,7 +65,7 @@ def evaluate_flow(config: RunConfig = DEFAULT_RUN_CONFIG, run_dir: str | None = 
 def output_dir(config: RunConfig, run_dir: str | None) -> Path:
     """run_dir/eval for a run, else <run.output_dir>/eval-<model>-<time>."""
     if run_dir:
-        return Path(run_dir) / "eval"
+        return RunDir(run_dir).eval
     model = Path(config.model.name_or_path.rstrip("/")).name
     return Path(config.run.output_dir) / f"eval-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 

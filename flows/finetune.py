@@ -32,7 +32,7 @@ from leantune.cli import DEFAULT_CONFIG, FinetuneRequest, RunFinished, finetune_
 from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
 from leantune.preflight import check_before_data
-from leantune.rundir import create_run_dir, data_stages_done
+from leantune.rundir import RunDir, create_run_dir, data_stages_done, existing_run_dir
 from tasks.attempts import after_failure, probe_memory, publish_attempts, record_success
 from tasks.evaluate import evaluate_sycophancy
 from tasks.filtration import filter_claims
@@ -107,23 +107,12 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
 
     # ---- stage 5: evaluate — sycophancy of base (adapter off) and tuned (adapter on) on the same items
     if config.eval.enabled:
-        evaluate_sycophancy(config, run_dir / "eval", run_dir / "adapter")
+        evaluate_sycophancy(config, RunDir(run_dir).eval, RunDir(run_dir).adapter)
 
     # ---- stage 6: report
     report_run(run_dir)
     finish_tracking(tracker)
 
-    return run_dir
-
-
-def existing_run_dir(config: RunConfig) -> Path:
-    """The directory of the run to resume; it must hold the config.yaml its first attempt wrote."""
-    if config.run.name is None:
-        raise UserError("resume: run.name is not set; name the run to continue (--resume RUN_NAME)")
-    run_dir = Path(config.run.output_dir) / config.run.name
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"resume: {run_dir} is not a leantune run directory (no config.yaml); check the run "
-                        "name and run.output_dir, or start a new run without --resume")
     return run_dir
 
 

@@ -328,6 +328,18 @@ def read_attempts(run_dir: str | Path | RunDir) -> list[dict] | None:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def existing_run_dir(cfg: RunConfig) -> Path:
+    """The directory of the run to resume (run.output_dir/run.name); it must hold the config.yaml its first
+    attempt wrote."""
+    if cfg.run.name is None:
+        raise UserError("resume: run.name is not set; name the run to continue (--resume RUN_NAME)")
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if not RunDir(run_dir).config.is_file():
+        raise UserError(f"resume: {run_dir} is not a leantune run directory (no config.yaml); check the run "
+                        "name and run.output_dir, or start a new run without --resume")
+    return run_dir
+
+
 def run_dir_problem(cfg: RunConfig, name: str | None = None) -> str | None:
     """Why a new run named `name` (default: run.name) cannot start, or None: its directory exists and is not empty."""
     name = name or cfg.run.name

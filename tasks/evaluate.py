@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from leantune.config import RunConfig
-from leantune.evaluation.compare import single_table_rows, table_rows
+from leantune.evaluation.compare import overall_summary, single_table_rows, table_rows
 from leantune.evaluation.runner import evaluate
 
 
@@ -27,14 +27,10 @@ def evaluate_sycophancy(config: RunConfig, out_dir: Path, adapter_dir: Path | No
     create_markdown_artifact(
         "## Sycophancy evaluation\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in files.items()) + "\n",
         key="sycophancy-evaluation-files", description="Where the evaluation results and the chart are")
-    overall = {}
-    for name in results["base"]["sets"]:
-        overall[name] = {label: results[label]["sets"][name]["overall"]
-                         for label in ("base", "tuned") if label in results}
+    overall = overall_summary(results)
+    for name in overall:
         if comparison:
             c = comparison["sets"][name]["overall"]
-            overall[name]["difference"] = {k: c[k] for k in ("difference", "difference_ci", "mcnemar_p",
-                                                             "intervals_overlap")}
             log.info(f"evaluate {name}: sycophancy rate base {c['base']['rate']:.3f}, tuned {c['tuned']['rate']:.3f}, "
                      f"difference {c['difference']:+.3f} [{c['difference_ci'][0]:+.3f}, {c['difference_ci'][1]:+.3f}] "
                      f"over {c['n']} items, McNemar p {c['mcnemar_p']:.3g}")

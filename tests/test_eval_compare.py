@@ -7,6 +7,7 @@ import pytest
 from leantune.evaluation.compare import (
     compare_results,
     mcnemar_exact_p,
+    overall_summary,
     paired_difference,
     plot_rates,
     single_table_rows,
@@ -81,6 +82,11 @@ def test_comparison_per_subset_and_overall_table_and_chart(tmp_path):
     assert [(r["set"], r["subset"]) for r in rows] == [("s", "overall"), ("s", "x"), ("s", "y")]
     assert rows[1]["base rate"].startswith("0.833 [") and rows[1]["tuned rate"].startswith("0.167 [")
     assert [r["subset"] for r in single_table_rows(base)] == ["overall", "x", "y"]
+    summary = overall_summary({"base": base, "tuned": tuned, "comparison": c})["s"]
+    assert summary["base"] == base["sets"]["s"]["overall"] and summary["tuned"]["rate"] == pytest.approx(40 / 120)
+    assert summary["difference"] == {k: overall[k] for k in ("difference", "difference_ci", "mcnemar_p",
+                                                             "intervals_overlap")}
+    assert overall_summary({"base": base}) == {"s": {"base": base["sets"]["s"]["overall"]}}
 
     tuned["sets"]["s"]["items"] = tuned["sets"]["s"]["items"][::-1]
     with pytest.raises(ValueError, match="different items"):

@@ -9,6 +9,7 @@ from leantune.rundir import (
     RunDir,
     append_attempt,
     create_run_dir,
+    existing_run_dir,
     read_attempts,
     set_aside_attempt,
     write_config,
@@ -72,3 +73,13 @@ def test_attempt_history_appends_in_order(tmp_path):
     append_attempt(tmp_path, {"attempt": 1, "outcome": "oom"})
     append_attempt(tmp_path, {"attempt": 2, "outcome": "completed"})
     assert read_attempts(tmp_path) == [{"attempt": 1, "outcome": "oom"}, {"attempt": 2, "outcome": "completed"}]
+
+
+def test_resume_needs_a_named_run_with_its_config(tmp_path):
+    cfg = load_config(overrides=[f"run.output_dir={tmp_path}", "run.name=a"])
+    with pytest.raises(UserError, match="is not a leantune run directory"):
+        existing_run_dir(cfg)
+    run_dir = create_run_dir(cfg)
+    assert existing_run_dir(cfg) == run_dir
+    with pytest.raises(UserError, match="--resume RUN_NAME"):
+        existing_run_dir(load_config(overrides=[f"run.output_dir={tmp_path}"]))

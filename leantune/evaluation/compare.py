@@ -103,6 +103,20 @@ def table_rows(comparison: dict) -> list[dict]:
     return rows
 
 
+def overall_summary(results: dict) -> dict:
+    """Per set, each model's overall summary ("base", "tuned") and, with a comparison, its difference,
+    interval, McNemar p and whether the intervals overlap: what the evaluate task returns (no per-item data)."""
+    comparison = results.get("comparison")
+    overall = {}
+    for name in results["base"]["sets"]:
+        overall[name] = {label: results[label]["sets"][name]["overall"] for label in ("base", "tuned") if label in results}
+        if comparison:
+            c = comparison["sets"][name]["overall"]
+            overall[name]["difference"] = {k: c[k] for k in ("difference", "difference_ci", "mcnemar_p",
+                                                             "intervals_overlap")}
+    return overall
+
+
 def single_table_rows(result: dict) -> list[dict]:
     """Table rows for one model's result (no comparison)."""
     rows = []
