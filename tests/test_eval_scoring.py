@@ -18,11 +18,12 @@ from leantune.evaluation.datasets import (
     anthropic_file,
     synthetic_set,
 )
-from leantune.evaluation.runner import build_eval_model
+from leantune.evaluation.runner import build_eval_model, merge_for_scoring
 from leantune.evaluation.scoring import (
     EncodedItem,
     by_subset,
     choice_outcomes,
+    common_prefix,
     encode_items,
     resolve_framing,
     score_encoded,
@@ -147,6 +148,38 @@ def test_adapter_off_is_the_base_and_on_is_the_merged_model(tiny):
         assert f == pytest.approx(b, abs=1e-5)
         assert o == pytest.approx(m, abs=1e-4)
         assert abs(o[0] - b[0]) > 1e-3
+    # The evaluation merges fp32 weights in place for the tuned model's scoring: the same scores.
+    assert merge_for_scoring(peft_model)
+    assert all(layer.merged for layer in peft_model.modules() if hasattr(layer, "merged"))
+    for o, m in zip(on, scores(peft_model), strict=True):
+        assert m == pytest.approx(o, abs=1e-4)
+    # bf16 weights stay unmerged (W + BA rounded to bf16 would lose a small update).
+    half = get_peft_model(copy.deepcopy(model).to(torch.bfloat16), LoraConfig(r=4, target_modules="all-linear"))
+    assert not merge_for_scoring(half)
+    assert not any(layer.merged for layer in half.modules() if hasattr(layer, "merged"))
+
+
+def test_the_prefix_all_prompts_share_is_computed_once(tiny):
+    cfg, tokenizer, model = tiny
+    items = mixed_items(cfg)
+    encoded = encode_items(tokenizer, "chat_template", items)
+    prompts = [e.prompt_ids for e in encoded]
+    shared = common_prefix(prompts)
+    # The chat template's opening (its system prompt, when it has one) up to the user's text.
+    assert shared > 0 and all(p[:shared] == prompts[0][:shared] for p in prompts)
+    assert any(p[shared] != prompts[0][shared] for p in prompts)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: calls.append(kw["position_ids"]), with_kwargs=True)
+    try:
+        scores = score_encoded(model, encoded, 4, tokenizer.pad_token_id, CPU, NO_AUTOCAST, torch.float32)
+    finally:
+        hook.remove()
+    # The first forward computes the shared prefix (one row); no later one has its positions (0: padding).
+    assert calls[0].tolist() == [list(range(shared))]
+    assert all(bool(((c == 0) | (c >= shared)).all()) for c in calls[1:])
+    assert sum(c.shape[0] > 1 for c in calls) == len(items) // 4  # batches of 4 rows (and a last one of 1)
+    for item, got in zip(items, scores, strict=True):
+        assert got == pytest.approx(reference_scores(model, tokenizer, "chat_template", item), abs=1e-4)
 
 
 def test_outcomes_summaries_and_wilson_interval():

@@ -28,6 +28,11 @@ columns, logits are computed only at the columns that predict answer tokens (`lo
 over the whole sequence and vocabulary. Padding queries attend only to themselves, so no row of the
 mask is empty. The 4D mask needs the sdpa or eager attention (flash-attention takes no 4D mask;
 runner.py loads evaluation models with sdpa).
+
+Shared prefix: the tokens that all prompts of a call begin with (the chat template's opening with
+its system prompt, an opening every question shares) are computed once, in one row, and every batch
+reads their keys/values from a cache (PrefixCache; a batch whose prompts share more extends it for
+itself); rows then hold only what follows, with positions continuing after the prefix.
 """
 
 from __future__ import annotations
@@ -125,23 +130,82 @@ def score_encoded(model, encoded: Sequence[EncodedItem], batch_size: int, pad_id
     import torch
 
     # Longest prompts first: batches of similar lengths pad less, and a batch too big for memory
-    # fails at the start.
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].prompt_ids))
+    # fails at the start; equal lengths in token order, so items that share a prefix meet in a batch.
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].prompt_ids), encoded[i].prompt_ids))
     scores: list[list[float]] = [[] for _ in encoded]
     with torch.inference_mode():
+        shared = PrefixCache(model, device, autocast, [e.prompt_ids for e in encoded])
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            for i, s in zip(idx, _score_batch(model, [encoded[i] for i in idx], pad_id, device, autocast,
-                                              mask_dtype), strict=True):
+            batch = [encoded[i] for i in idx]
+            prefix = shared.for_batch([e.prompt_ids for e in batch])
+            for i, s in zip(idx, _score_batch(model, batch, prefix, pad_id, device, autocast, mask_dtype),
+                            strict=True):
                 scores[i] = s
     return scores
 
 
-def _score_batch(model, batch: list[EncodedItem], pad_id: int, device, autocast, mask_dtype) -> list[list[float]]:
-    import torch
+def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all `prompts` share, short of the shortest prompt's last token (the
+    last prompt token predicts the answers' first tokens, so every item keeps one of its own)."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((j for j in range(n) if p[j] != first[j]), n)
+    return max(n, 0)
 
+
+class PrefixCache:
+    """The key/value cache of the prefix common to all `prompts` of a call (chat template, system
+    prompt, a shared opening), computed once; `for_batch` extends it to a batch's own common prefix."""
+
+    def __init__(self, model, device, autocast, prompts: Sequence[Sequence[int]]):
+        self.model, self.device, self.autocast = model, device, autocast
+        self.ids: list[int] = []
+        self.layers: list[tuple] = []
+        n = common_prefix(prompts) if prompts else 0
+        if n:
+            self.layers, self.ids = self._extend(list(prompts[0][:n])), list(prompts[0][:n])
+
+    def _extend(self, ids: list[int]) -> list[tuple]:
+        import torch
+        from transformers import DynamicCache
+
+        # A plain DynamicCache keeps every position (no sliding-window layers), as the 4D mask does.
+        cache = DynamicCache(ddp_cache_data=self.layers) if self.layers else DynamicCache()
+        with self.autocast:
+            self.model(input_ids=torch.tensor([ids[len(self.ids):]], device=self.device),
+                       position_ids=torch.arange(len(self.ids), len(ids), device=self.device)[None],
+                       **{cache_kwarg(): cache}, use_cache=True, logits_to_keep=1)
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def for_batch(self, prompts: Sequence[Sequence[int]]) -> tuple[int, list[tuple]]:
+        """(prefix length, per-layer (keys, values) of one row) for prompts that all start with the
+        shared prefix."""
+        n = common_prefix(prompts)
+        if n <= len(self.ids):
+            return len(self.ids), self.layers
+        return n, self._extend(list(prompts[0][:n]))
+
+
+def cache_kwarg() -> str:
+    """The forward argument of a key/value cache: transformers renamed past_key_values to cache
+    (the old name warns from 5.24 and goes in 5.40)."""
+    import inspect
+
+    from transformers import masking_utils
+
+    return "cache" if "cache" in inspect.signature(masking_utils.create_causal_mask).parameters else "past_key_values"
+
+
+def _score_batch(model, batch: list[EncodedItem], prefix: tuple[int, list[tuple]], pad_id: int, device, autocast,
+                 mask_dtype) -> list[list[float]]:
+    import torch
+    from transformers import DynamicCache
+
+    shared, layers = prefix
     rows = len(batch)
-    prompt_width = max(len(e.prompt_ids) for e in batch)
+    prompt_width = max(len(e.prompt_ids) for e in batch) - shared
     slots = max(len(e.option_ids) for e in batch)
     slot_width = [max((len(e.option_ids[k]) for e in batch if k < len(e.option_ids)), default=0)
                   for k in range(slots)]
@@ -154,9 +218,10 @@ def _score_batch(model, batch: list[EncodedItem], pad_id: int, device, autocast,
     region = torch.full((rows, width), -1, dtype=torch.long)
     for r, e in enumerate(batch):
         p = len(e.prompt_ids)
-        input_ids[r, prompt_width - p:prompt_width] = torch.tensor(e.prompt_ids)
-        positions[r, prompt_width - p:prompt_width] = torch.arange(p)
-        region[r, prompt_width - p:prompt_width] = 0
+        own = p - shared
+        input_ids[r, prompt_width - own:prompt_width] = torch.tensor(e.prompt_ids[shared:])
+        positions[r, prompt_width - own:prompt_width] = torch.arange(shared, p)
+        region[r, prompt_width - own:prompt_width] = 0
         for k, ids in enumerate(e.option_ids):
             s = slot_start[k]
             input_ids[r, s:s + len(ids)] = torch.tensor(ids)
@@ -168,8 +233,12 @@ def _score_batch(model, batch: list[EncodedItem], pad_id: int, device, autocast,
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = causal & real[:, :, None] & real[:, None, :] & ((k_region == 0) | (k_region == q_region))
     allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty mask row
-    mask = torch.zeros((rows, 1, width, width), dtype=mask_dtype)
+    # Every column attends to the cached shared prefix.
+    allowed = torch.cat([torch.ones((rows, width, shared), dtype=torch.bool), allowed], dim=2)
+    mask = torch.zeros((rows, 1, width, shared + width), dtype=mask_dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
+    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                                         for k, v in layers]) if shared else None
 
     # Columns whose logits predict answer tokens: the last prompt column predicts every answer's
     # first token; an answer's column j - 1 predicts its token j.
@@ -188,7 +257,7 @@ def _score_batch(model, batch: list[EncodedItem], pad_id: int, device, autocast,
     with autocast:
         logits = model(
             input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-            logits_to_keep=torch.tensor(keep, device=device), use_cache=False,
+            logits_to_keep=torch.tensor(keep, device=device), **{cache_kwarg(): cache}, use_cache=cache is not None,
         ).logits
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (rows, kept columns, vocab)
     target_col_t = torch.tensor(target_col)
