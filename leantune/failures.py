@@ -29,11 +29,11 @@ import signal
 from pathlib import Path
 
 from leantune.errors import NoSpaceLeft, UserError
+from leantune.rundir import RunDir
 
 EXIT_USER_ERROR = 2  # a UserError: its message is on stderr, another attempt would only repeat it
 EXIT_NO_SPACE = 28  # the disk is full (ENOSPC's number), perhaps too full for the failure file
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped cleanly on a signal after a checkpoint; resume to continue
-FAILURE_FILE = "attempt_error.json"  # what a failed training process says about its end (write_failure)
 JSON_LOG_ENV = "LEANTUNE_LOG_JSON"  # "1" in the training process's environment: it logs JSON lines
 # torchrun's summary of a failed worker (torch.distributed.elastic ChildFailedError): "exitcode  : -9 (pid: 123)".
 # torchrun's own text, not the training process's: it is the one line still read by pattern.
@@ -115,9 +115,10 @@ def write_failure(run_dir: Path, error: BaseException, cfg=None) -> None:
     data = {"outcome": outcome, "error_type": type(error).__name__, "message": str(error),
             "user_error": isinstance(error, UserError) and outcome == "error",
             "device_type": device_type, "bf16_supported": bf16}
-    tmp = Path(run_dir) / f".{FAILURE_FILE}.{os.getpid()}"
+    path = RunDir(run_dir).failure
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, Path(run_dir) / FAILURE_FILE)
+    os.replace(tmp, path)
 
 
 def attempt_failure(run_dir: Path, returncode: int, worker_exitcodes: list[int] = ()) -> Exception:
@@ -127,7 +128,7 @@ def attempt_failure(run_dir: Path, returncode: int, worker_exitcodes: list[int] 
     its message), else AttemptFailed with its outcome. Without one, from the exit status: killed by
     SIGKILL, or an error. worker_exitcodes: the workers' exit codes torchrun reported (TORCHRUN_WORKER_EXIT).
     """
-    path = Path(run_dir) / FAILURE_FILE
+    path = RunDir(run_dir).failure
     # Under torchrun a rank killed by SIGKILL writes nothing and torchrun exits 1; its summary names the
     # worker's exit code. That kill is the cause even when a surviving rank wrote a failure file about
     # the broken connection to it.

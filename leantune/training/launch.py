@@ -25,8 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from leantune.config import RunConfig
-from leantune.failures import FAILURE_FILE, JSON_LOG_ENV, parse_log_line
+from leantune.failures import JSON_LOG_ENV, parse_log_line
 from leantune.metrics import MetricsFollower
+from leantune.rundir import RunDir
 from leantune.tables import markdown_table
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,8 @@ def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], 
     75, then SIGKILL if it is not gone after `stop_grace_s`; then the exception goes on.
     """
     run_dir = Path(run_dir)
-    # What a failed process leaves (leantune.failures.FAILURE_FILE) must be this attempt's.
-    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+    # What a failed process leaves (RunDir.failure, leantune.failures.write_failure) must be this attempt's.
+    RunDir(run_dir).failure.unlink(missing_ok=True)
     follower = MetricsFollower(run_dir, from_end=True)
     # Bytes, split on newlines only: text mode would turn a progress bar's carriage returns into lines.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **CHILD_ENV})

@@ -76,7 +76,6 @@ from leantune.failures import (
     EXIT_NO_SPACE,
     EXIT_STOPPED,
     EXIT_USER_ERROR,
-    FAILURE_FILE,
     JSON_LOG_ENV,
     JsonLogFormatter,
     OutOfMemory,
@@ -87,6 +86,7 @@ from leantune.failures import (
 from leantune.metrics import MetricsWriter
 from leantune.moe import ExpertLoad, RouterTap, moe_geometry, token_segments
 from leantune.monitor.sampler import Monitor
+from leantune.rundir import SPLIT_INDEX, RunDir
 from leantune.runlock import RunDirBusy, hold_run_dir
 from leantune.tokenization import TokenShards, collate
 from leantune.training.adaptive import MicroBatchController
@@ -176,7 +176,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool) ->
     started = time.monotonic()
     run, tokenizer = _build(cfg, run_dir, dist)
     # Resume from the newest intact checkpoint when asked, or when the run already has some.
-    resumed_from = _resume(run, resume or (run_dir / "checkpoints").is_dir())
+    resumed_from = _resume(run, resume or RunDir(run_dir).checkpoints.is_dir())
     run.metrics = MetricsWriter(run_dir, keep_until_step=run.state.step, enabled=dist.is_main)
     if run.moe is not None:
         run.expert_load = ExpertLoad(len(run.moe.routers), run.moe.geometry.num_experts, run.state.expert_counts)
@@ -235,7 +235,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool) ->
     summary = _summary(run, completed=not stopped, resumed_from=resumed_from, power=power, started=started,
                        adapter_dir=adapter_dir, merged_dir=merged_dir)
     if dist.is_main:
-        (run_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        RunDir(run_dir).training.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -253,12 +253,12 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
 
     t = cfg.train
     # Memory-mapped shards; validation is optional (data.val_fraction may be 0).
-    train_shards = _open_shards(run_dir / "tokens" / "train")
-    val_dir = run_dir / "tokens" / "val"
-    val_shards = TokenShards(val_dir) if (val_dir / "index.json").is_file() else None
+    layout = RunDir(run_dir)
+    train_shards = _open_shards(layout.train_tokens)
+    val_shards = TokenShards(layout.val_tokens) if layout.token_dir.index("val").is_file() else None
     if val_shards is not None and len(val_shards) == 0:
         val_shards = None
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokens" / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(layout.tokenizer)
     num_steps = total_steps(cfg, len(train_shards))
 
     device = dist.device  # cuda:LOCAL_RANK under torchrun on GPUs
@@ -292,7 +292,7 @@ def _resume(run: _Run, look: bool) -> int | None:
     # Rank 0 picks the checkpoint (latest() also removes what interrupted writes left); every rank loads it.
     latest = run.dist.broadcast(run.ckpt.latest() if look and run.dist.is_main else None)
     if look and latest is None:
-        log.warning("resume: no intact checkpoint in %s; training from the start", run.run_dir / "checkpoints")
+        log.warning("resume: no intact checkpoint in %s; training from the start", RunDir(run.run_dir).checkpoints)
     if latest is None:
         return None
     saved = run.ckpt.load(latest, run.model, run.optimizer, run.scheduler,
@@ -304,7 +304,7 @@ def _resume(run: _Run, look: bool) -> int | None:
 
 def _new_monitor(cfg: RunConfig, run_dir: Path, device) -> Monitor:
     """The resource monitor of this process's device, sampling into run_dir/monitor.csv."""
-    return Monitor(cfg.monitor, run_dir / "monitor.csv", device_type=device.type, device_index=device.index)
+    return Monitor(cfg.monitor, RunDir(run_dir).monitor, device_type=device.type, device_index=device.index)
 
 
 class _EpochOrders:
@@ -561,7 +561,7 @@ def _checkpoint_if_due(run: _Run, step: int, val_loss: float | None, due: str | 
 
 def _write_outputs(run: _Run, tokenizer) -> tuple[Path, Path | None]:
     """The adapter in PEFT format (full fine-tune: the model) and, with train.export_merged, the merged model."""
-    adapter_dir = run.run_dir / "adapter"
+    adapter_dir = RunDir(run.run_dir).adapter
     model = run.model
     # The base's embedding matrices are not part of the adapter (see checkpoint._save_weights).
     model.save_pretrained(adapter_dir, **({"save_embedding_layers": False} if hasattr(model, "peft_config") else {}))
@@ -572,7 +572,7 @@ def _write_outputs(run: _Run, tokenizer) -> tuple[Path, Path | None]:
     del model
     run.model = run.forward_model = run.optimizer = run.scheduler = run.trainable = None
     gc.collect()
-    return adapter_dir, _export_merged(run.cfg, tokenizer, run.device, adapter_dir, run.run_dir / "merged")
+    return adapter_dir, _export_merged(run.cfg, tokenizer, run.device, adapter_dir, RunDir(run.run_dir).merged)
 
 
 def _summary(run: _Run, *, completed: bool, resumed_from: int | None, power, started: float,
@@ -630,7 +630,7 @@ def _router_tap(cfg: RunConfig, model):
 
 
 def _open_shards(directory: Path) -> TokenShards:
-    if not (directory / "index.json").is_file():
+    if not (directory / SPLIT_INDEX).is_file():
         raise UserError(f"{directory}: no token shards; run the tokenize stage (flows/finetune.py) first")
     shards = TokenShards(directory)
     if len(shards) == 0:
@@ -851,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # One process trains in a run directory at a time (rank 0 holds the lock for all ranks).
         with hold_run_dir(args.run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
-            cfg = load_config(args.run_dir / "config.yaml")
+            cfg = load_config(RunDir(args.run_dir).config)
             summary = train(cfg, args.run_dir, resume=args.resume)
     except RunDirBusy as e:
         print(f"leantune: {e}", file=sys.stderr)  # the run belongs to its holder: nothing is written in it
@@ -864,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 write_failure(args.run_dir, e, cfg)
             except OSError as unwritten:  # the disk is full: the exit status tells the flow instead
-                log.error("could not write %s: %s", args.run_dir / FAILURE_FILE, unwritten)
+                log.error("could not write %s: %s", RunDir(args.run_dir).failure, unwritten)
         if isinstance(e, UserError):
             print(f"leantune: {e}", file=sys.stderr)
             return EXIT_NO_SPACE if isinstance(e, NoSpaceLeft) else EXIT_USER_ERROR
@@ -874,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     print(f"leantune: training {'finished' if summary['completed'] else 'stopped'} after step {summary['steps']}; "
-          f"summary in {args.run_dir / 'training.json'}")
+          f"summary in {RunDir(args.run_dir).training}")
     return 0 if summary["completed"] else EXIT_STOPPED
 
 
