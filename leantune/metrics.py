@@ -125,6 +125,23 @@ class MetricsWriter:
             self._f.close()
 
 
+class StepHistory:
+    """The step lines of a training attempt as they come (from `MetricsFollower`), events left out; a resume's
+    rewind (it drops the steps after its checkpoint and runs them again) replaces the steps it redoes."""
+
+    def __init__(self):
+        self.steps: list[StepLine] = []
+
+    def add(self, lines: list[MetricLine]) -> list[StepLine]:
+        """Take new lines; return their step lines."""
+        new = [line for line in lines if event_of(line) == "step"]
+        for line in new:
+            while self.steps and self.steps[-1]["step"] >= line["step"]:
+                self.steps.pop()
+            self.steps.append(line)
+        return new
+
+
 class MetricsFollower:
     """The lines appended to run_dir/metrics.jsonl since the last call: whole lines only, parsed.
 

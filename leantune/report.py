@@ -242,6 +242,45 @@ def _training_section(layout: RunDir, steps: list[StepLine], events: list[Metric
     return "\n".join(out)
 
 
+def best_val_text(s: dict) -> str:
+    """training.json's best validation loss and its step, or "-"."""
+    return f"{s['best_val_loss']:.4f} (step {s['best_step']})" if s["best_val_loss"] is not None else "-"
+
+
+def training_summary_markdown(s: dict, cost: dict | None) -> str:
+    """training.json `s` (and cost.json's `cost`, or None) as the flow's training-summary artifact."""
+    tokens_per_s = s["tokens"] / s["train_seconds"] if s["train_seconds"] else 0.0
+    rows = [
+        ("optimizer steps", f"{s['steps']}" + (f" (resumed at {s['resumed_from_step']})"
+                                               if s["resumed_from_step"] is not None else "")),
+        ("tokens trained (non-padding)", f"{s['tokens']:,}"),
+        ("final training loss", f"{s['final_loss']:.4f}"),
+        ("final validation loss", f"{s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else "-"),
+        ("best validation loss", best_val_text(s)),
+        ("micro-batch at the end", f"{s['micro_batch_size']} ({s['micro_batch_changes']} change(s), "
+                                   "see metrics.jsonl)"),
+        ("throughput", f"{tokens_per_s:,.0f} tokens/s"),
+        ("peak memory", f"{s['peak_memory_mb']:,.0f} MiB"),
+        ("training time", f"{s['train_seconds']:.1f} s"),
+        ("adapter", f"`{s['adapter']}`"),
+    ]
+    if s["merged"]:
+        rows.append(("merged model", f"`{s['merged']}`"))
+    if s["energy_j"] is not None:
+        rows.append(("GPU energy (monitor.csv)", f"{s['energy_j'] / 3600:,.2f} Wh; {s['energy_per_step_j']:,.1f} J per "
+                                                 f"step; {s['energy_per_1k_tokens_j']:,.2f} J per 1,000 tokens"))
+    if s["power_limit"] is not None:
+        rows.append(("power limit", f"{s['power_limit']['status']}: {s['power_limit']['message']}"))
+    if cost is not None and cost["gpu"] is not None:
+        m, e = cost["measured"], cost["error"]
+        rows.append((f"cost on {cost['gpu']} (cost.json)", f"{m['rent_usd']:.2f} USD rent, MFU {m['utilisation']:.1%}; "
+                     f"the estimate's time error {e['seconds']:+.0%}"))
+    elif cost is not None:
+        rows.append(("compute (cost.json)", f"{cost['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s of model FLOPs on "
+                     f"{cost['device']} (no MFU: no catalogued peak for it)"))
+    return "## Training\n\n" + markdown_table(["", ""], rows)
+
+
 def _attempts_section(layout: RunDir) -> str:
     if (entries := read_attempts(layout)) is None:
         return "## Attempts\n\nNo attempt history (no attempts.jsonl).\n"

@@ -23,13 +23,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 
-from leantune.config import RunConfig, dump_config
+from leantune.config import RunConfig
 from leantune.cost import run_cost_report
 from leantune.errors import UserError
 from leantune.failures import EXIT_STOPPED, TORCHRUN_WORKER_EXIT, attempt_failure
+from leantune.metrics import StepHistory
 from leantune.progress import TrainingBar, training_percent, training_progress_text
+from leantune.report import best_val_text, training_summary_markdown
+from leantune.rundir import RunDir, write_config
 from leantune.runlock import check_run_dir_free
-from leantune.tables import markdown_table
 from leantune.tracking import Tracker
 from leantune.training.checkpoint import resume_refusal
 from leantune.training.launch import progress_markdown, run_training, training_command
@@ -44,7 +46,7 @@ class _TrainingProgress:
 
     def __init__(self, total: int):
         self.total = total
-        self.steps: list[dict] = []
+        self.history = StepHistory()
         self._published_at: float | None = None
         self._published_step: int | None = None
         self.bar = create_progress_artifact(0.0, key="training-progress", description=f"Training: {total} steps")
@@ -52,26 +54,18 @@ class _TrainingProgress:
         self.terminal = TrainingBar(total)
 
     def add(self, lines: list[dict]) -> None:
-        new = []
-        for line in lines:
-            if "event" in line or "loss" not in line:
-                continue
-            # A resume drops the steps after its checkpoint and runs them again.
-            while self.steps and self.steps[-1]["step"] >= line["step"]:
-                self.steps.pop()
-            self.steps.append(line)
-            new.append(line)
-        self.terminal.update(new)
+        self.terminal.update(self.history.add(lines))
         if self._published_at is None or time.monotonic() - self._published_at >= PROGRESS_EVERY_S:
             self.publish()
 
     def publish(self) -> None:
-        if not self.steps or self.steps[-1]["step"] == self._published_step:
+        steps = self.history.steps
+        if not steps or steps[-1]["step"] == self._published_step:
             return
-        step = self.steps[-1]["step"]
+        step = steps[-1]["step"]
         update_progress_artifact(self.bar, training_percent(step, self.total),
-                                 description=training_progress_text(self.steps, self.total))
-        table = progress_markdown(self.steps, self.total)
+                                 description=training_progress_text(steps, self.total))
+        table = progress_markdown(steps, self.total)
         if self._table is None:
             self._table = create_markdown_artifact(
                 table, key="training-metrics", description="Training: the latest steps (loss, lr, tokens/s, micro-batch)")
@@ -87,7 +81,7 @@ class _TrainingProgress:
 
 
 def training_steps(config: RunConfig, run_dir: Path) -> int:
-    index = json.loads((run_dir / "tokens" / "train" / "index.json").read_text())
+    index = json.loads(RunDir(run_dir).train_index.read_text())
     return total_steps(config, index["counts"]["sequences"])
 
 
@@ -100,7 +94,7 @@ def train_model(config: RunConfig, run_dir: Path, resume: bool = False, tracker:
     check_run_dir_free(run_dir)
     if resume and (refusal := resume_refusal(config, run_dir)):
         raise UserError(refusal)
-    (run_dir / "config.yaml").write_text(dump_config(config))
+    write_config(run_dir, config)
     progress = _TrainingProgress(training_steps(config, run_dir))
     worker_exitcodes = []
 
@@ -122,44 +116,14 @@ def train_model(config: RunConfig, run_dir: Path, resume: bool = False, tracker:
         progress.close()
     if returncode not in (0, EXIT_STOPPED):
         raise attempt_failure(run_dir, returncode, worker_exitcodes)
-    s = json.loads((run_dir / "training.json").read_text())
+    s = json.loads(RunDir(run_dir).training.read_text())
     if not s["completed"]:
         raise UserError(f"training stopped after step {s['steps']} of {s['total_steps']} (checkpoint saved); "
                         f"continue it with: python flows/finetune.py --resume {run_dir.name}")
+    create_markdown_artifact(training_summary_markdown(s, run_cost_report(config, run_dir, s)),
+                             key="training-summary", description="Training: steps, losses, micro-batch, throughput, memory")
     tokens_per_s = s["tokens"] / s["train_seconds"] if s["train_seconds"] else 0.0
-    best = f"{s['best_val_loss']:.4f} (step {s['best_step']})" if s["best_val_loss"] is not None else "-"
-    rows = [
-        ("optimizer steps", f"{s['steps']}" + (f" (resumed at {s['resumed_from_step']})"
-                                               if s["resumed_from_step"] is not None else "")),
-        ("tokens trained (non-padding)", f"{s['tokens']:,}"),
-        ("final training loss", f"{s['final_loss']:.4f}"),
-        ("final validation loss", f"{s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else "-"),
-        ("best validation loss", best),
-        ("micro-batch at the end", f"{s['micro_batch_size']} ({s['micro_batch_changes']} change(s), "
-                                   "see metrics.jsonl)"),
-        ("throughput", f"{tokens_per_s:,.0f} tokens/s"),
-        ("peak memory", f"{s['peak_memory_mb']:,.0f} MiB"),
-        ("training time", f"{s['train_seconds']:.1f} s"),
-        ("adapter", f"`{s['adapter']}`"),
-    ]
-    if s["merged"]:
-        rows.append(("merged model", f"`{s['merged']}`"))
-    if s["energy_j"] is not None:
-        rows.append(("GPU energy (monitor.csv)", f"{s['energy_j'] / 3600:,.2f} Wh; {s['energy_per_step_j']:,.1f} J per "
-                                                 f"step; {s['energy_per_1k_tokens_j']:,.2f} J per 1,000 tokens"))
-    if s["power_limit"] is not None:
-        rows.append(("power limit", f"{s['power_limit']['status']}: {s['power_limit']['message']}"))
-    cost = run_cost_report(config, run_dir, s)
-    if cost is not None and cost["gpu"] is not None:
-        m, e = cost["measured"], cost["error"]
-        rows.append((f"cost on {cost['gpu']} (cost.json)", f"{m['rent_usd']:.2f} USD rent, MFU {m['utilisation']:.1%}; "
-                     f"the estimate's time error {e['seconds']:+.0%}"))
-    elif cost is not None:
-        rows.append(("compute (cost.json)", f"{cost['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s of model FLOPs on "
-                     f"{cost['device']} (no MFU: no catalogued peak for it)"))
-    create_markdown_artifact("## Training\n\n" + markdown_table(["", ""], rows), key="training-summary",
-                             description="Training: steps, losses, micro-batch, throughput, memory")
     log.info(f"train: {s['steps']} steps, {s['tokens']:,} tokens at {tokens_per_s:,.0f} tokens/s; loss "
-             f"{s['final_loss']:.4f}, best validation loss {best}; micro-batch {s['micro_batch_size']}; "
-             f"adapter in {s['adapter']}")
+             f"{s['final_loss']:.4f}, best validation loss {best_val_text(s)}; micro-batch "
+             f"{s['micro_batch_size']}; adapter in {s['adapter']}")
     return s

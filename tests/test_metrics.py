@@ -2,7 +2,7 @@
 
 import json
 
-from leantune.metrics import MetricsFollower, MetricsWriter, event_of, read_metrics
+from leantune.metrics import MetricsFollower, MetricsWriter, StepHistory, event_of, read_metrics
 from leantune.rundir import RunDir
 
 STEP = {"step": 1, "epoch": 0.5, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.7, "tokens": 96, "tokens_per_s": 48.0,
@@ -73,3 +73,13 @@ def test_the_follower_reads_whole_new_lines_and_rereads_a_rewritten_file(tmp_pat
     assert next_attempt.new_lines() == []
     path.write_text('{"step": 1}\n')
     assert next_attempt.new_lines() == [{"step": 1}]
+
+
+def test_step_history_leaves_events_out_and_replaces_the_steps_a_resume_redoes():
+    history = StepHistory()
+    first = [{**STEP, "step": s} for s in (1, 2, 3)]
+    assert history.add([first[0], SHRINK, first[1], MONITOR, first[2]]) == first
+    redo = [{**STEP, "step": 3, "loss": 1.0}, {**STEP, "step": 4}]  # resumed from the checkpoint at step 2
+    assert history.add([{**STEP, "step": 2, "loss": 9.0}, *redo]) == [{**STEP, "step": 2, "loss": 9.0}, *redo]
+    assert [(m["step"], m["loss"]) for m in history.steps] == [(1, 2.5), (2, 9.0), (3, 1.0), (4, 2.5)]
+    assert history.add([RESCALE]) == []

@@ -11,7 +11,7 @@ from run_helpers import new_run
 
 from leantune.jsonl import iter_jsonl
 from leantune.monitor.sampler import CSV_COLUMNS
-from leantune.report import inline_images, write_report
+from leantune.report import best_val_text, inline_images, training_summary_markdown, write_report
 from leantune.training.loop import train
 
 COMPARISON = {"confidence": 0.95, "sets": {"false-claims": {"overall": {
@@ -137,6 +137,23 @@ def test_a_data_parallel_run_reports_its_processes(tmp_path):
     summary["world_size"] = 1
     (tmp_path / "training.json").write_text(json.dumps(summary))
     assert "processes:" not in write_report(tmp_path).read_text()
+
+
+def test_training_summary_markdown_rows():
+    summary = {"steps": 6, "resumed_from_step": 3, "tokens": 12000, "train_seconds": 4.0, "final_loss": 1.25,
+               "final_val_loss": None, "best_val_loss": 1.5, "best_step": 4, "micro_batch_size": 2,
+               "micro_batch_changes": 1, "peak_memory_mb": 1536.0, "adapter": "runs/a/adapter", "merged": None,
+               "energy_j": 7200.0, "energy_per_step_j": 1200.0, "energy_per_1k_tokens_j": 600.0, "power_limit": None}
+    md = training_summary_markdown(summary, None)
+    assert md.startswith("## Training\n\n")
+    assert "| optimizer steps | 6 (resumed at 3) |" in md and "| throughput | 3,000 tokens/s |" in md
+    assert "| best validation loss | 1.5000 (step 4) |" in md and "| final validation loss | - |" in md
+    assert "| GPU energy (monitor.csv) | 2.00 Wh; 1,200.0 J per step; 600.00 J per 1,000 tokens |" in md
+    assert "cost" not in md and "merged" not in md
+    cpu = {"gpu": None, "achieved_flops_per_s": 2.5e9, "device": "cpu"}
+    assert "| compute (cost.json) | 2.50 GFLOP/s of model FLOPs on cpu (no MFU: no catalogued peak for it) |" in \
+        training_summary_markdown(summary, cpu)
+    assert best_val_text({**summary, "best_val_loss": None}) == "-"
 
 
 def _latest_artifact(key: str):
