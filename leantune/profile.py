@@ -41,9 +41,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from leantune import tables
-from leantune.config import RunConfig, apply_overrides, describe_errors, dump_config
+from leantune.config import RunConfig, apply_overrides, describe_errors
 from leantune.errors import UserError
-from leantune.jsonl import iter_jsonl
+from leantune.metrics import read_metrics
+from leantune.rundir import RunDir, TokenDir, write_config
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +158,17 @@ def seq_len_config(base: RunConfig, max_seq_len: int) -> RunConfig:
     return RunConfig.model_validate(raw)
 
 
+def seq_len_tokens(profile_dir: Path, max_seq_len: int) -> Path:
+    """The profile's tokens for one sequence length: tokens/seq-<L>/ (a `TokenDir`)."""
+    return RunDir(profile_dir).tokens / f"seq-{max_seq_len}"
+
+
 def tokenize_for_seq_len(base: RunConfig, profile_dir: Path, max_seq_len: int) -> dict:
     """Tokenize the profile's data/ for one sequence length into tokens/seq-<L>/ (with the token suite)."""
-    from leantune.tokenization import tokenize
-    from leantune.validation import validate_tokens
+    from leantune.tokenization import tokenize_checked
 
     cfg = seq_len_config(base, max_seq_len)
-    tokens_dir = Path(profile_dir) / "tokens" / f"seq-{max_seq_len}"
-    stats = tokenize(cfg, Path(profile_dir) / "data", tokens_dir)
-    validate_tokens(cfg, tokens_dir)
-    return stats
+    return tokenize_checked(cfg, RunDir(profile_dir).data, seq_len_tokens(profile_dir, max_seq_len))
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -192,12 +194,13 @@ def _training_dir(run_dir: Path, cfg: RunConfig, shared_tokens: Path) -> Path:
     """A fresh run directory for one training of the sweep, its tokens linked to the shared ones."""
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a rerun of the same profile directory measures afresh
-    (run_dir / "tokens").mkdir(parents=True)
+    layout, shared = RunDir(run_dir), TokenDir(shared_tokens)
+    layout.tokens.mkdir(parents=True)
     # Training reads tokens/train and tokens/tokenizer only; the shared shards are linked, not copied.
     # No tokens/val: validation loss is not what is measured, so it is not computed.
-    for part in ("train", "tokenizer"):
-        (run_dir / "tokens" / part).symlink_to(shared_tokens / part, target_is_directory=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    layout.train_tokens.symlink_to(shared.train, target_is_directory=True)
+    layout.tokenizer.symlink_to(shared.tokenizer, target_is_directory=True)
+    write_config(layout, cfg)
     return run_dir
 
 
@@ -214,7 +217,7 @@ def run_combination(cfg: RunConfig, combo: Combination, profile_dir: Path, break
     reason = skip_reason(cfg)
     if reason is not None:
         return {**row, "status": "skipped", "note": reason}
-    shared = Path(profile_dir).resolve() / "tokens" / f"seq-{combo.max_seq_len}"
+    shared = seq_len_tokens(Path(profile_dir).resolve(), combo.max_seq_len)
     run_dir = _training_dir(Path(profile_dir) / "sweep" / combo.name, cfg, shared)
     peak_reset = reset_peak_rss()
     try:
@@ -226,13 +229,13 @@ def run_combination(cfg: RunConfig, combo: Combination, profile_dir: Path, break
             return {**row, "status": "out_of_memory", "note": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
         raise
     finally:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(RunDir(run_dir).checkpoints, ignore_errors=True)
         _release_memory()
     limit = summary.get("power_limit")
     if limit is not None and limit["status"] != "applied":
         # It trained at the GPU's current limit, so the numbers are not this row's.
         return {**row, "device": summary["device"], "status": "skipped", "note": limit["message"]}
-    row.update(measure(run_dir / "metrics.jsonl"), device=summary["device"] + (
+    row.update(measure(run_dir), device=summary["device"] + (
         f" ({summary['gpu_name']})" if summary.get("gpu_name") else ""), status="ok")
     notes = []
     if row["energy_j_per_10k_tokens"] is None:
@@ -255,7 +258,7 @@ def profile_breakdown(cfg: RunConfig, run_dir: Path, shared_tokens: Path) -> dic
         with profiled_parts() as events:
             train(cfg, run_dir)
     finally:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(RunDir(run_dir).checkpoints, ignore_errors=True)
         _release_memory()
     parts = breakdown(events)
     return {k: parts[k] for k in BREAKDOWN_COLUMNS}
@@ -294,11 +297,12 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def measure(metrics_path: Path) -> dict:
+def measure(run_dir: Path) -> dict:
     """Throughput, memory and energy of one combination from its metrics.jsonl step lines."""
-    steps = [m for m in iter_jsonl(metrics_path) if "event" not in m]
+    steps = read_metrics(run_dir, "step")
     if len(steps) < MIN_STEPS:
-        raise RuntimeError(f"{metrics_path}: {len(steps)} step line(s); the profile needs {MIN_STEPS} or more")
+        raise RuntimeError(f"{RunDir(run_dir).metrics}: {len(steps)} step line(s); the profile needs {MIN_STEPS} "
+                           "or more")
     measured = steps[1:]  # step 1 is warm-up
     tokens = sum(m["tokens"] for m in measured)
     # Each line's tokens_per_s is tokens / that step's seconds, so the seconds come back exactly.

@@ -590,6 +590,16 @@ def tokenize(cfg: RunConfig, data_dir: Path, tokens_dir: Path) -> dict:
     }
 
 
+def tokenize_checked(cfg: RunConfig, data_dir: Path, tokens_dir: Path) -> dict:
+    """The tokenize stage as a run runs it: `tokenize`, then the token suite (leantune.validation.validate_tokens)
+    checks the shards' invariants before any training step reads them; returns what `tokenize` returns."""
+    from leantune.validation import validate_tokens
+
+    stats = tokenize(cfg, data_dir, tokens_dir)
+    validate_tokens(cfg, tokens_dir)
+    return stats
+
+
 # --------------------------------------------------------------------------------------- reader
 
 

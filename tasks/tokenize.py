@@ -8,23 +8,15 @@ from prefect.cache_policies import NO_CACHE
 from leantune.config import RunConfig
 from leantune.rundir import RunDir
 from leantune.stagecache import run_cached
-from leantune.tokenization import tokenize
-from leantune.validation import validate_tokens
-
-
-def _tokenize_and_check(config: RunConfig, run_dir: Path) -> dict:
-    layout = RunDir(run_dir)
-    stats = tokenize(config, layout.data, layout.tokens)
-    # The token suite checks the shards' invariants before any training step reads them.
-    validate_tokens(config, layout.tokens)
-    return stats
+from leantune.tokenization import tokenize_checked
 
 
 # Prefect's result cache stays off; leantune's stage cache restores the files (see tasks/prepare.py).
 @task(name="tokenize", cache_policy=NO_CACHE, persist_result=False)
 def tokenize_data(config: RunConfig, run_dir: Path) -> dict:
     log = get_run_logger()
-    stats, hit = run_cached(config, "tokenize", run_dir, lambda: _tokenize_and_check(config, run_dir))
+    layout = RunDir(run_dir)
+    stats, hit = run_cached(config, "tokenize", run_dir, lambda: tokenize_checked(config, layout.data, layout.tokens))
     if hit:
         log.info(f"tokenize: skipped, same records and tokenize settings as an earlier run; shards restored "
                  f"from the stage cache (key {hit})")

@@ -8,10 +8,10 @@ import pytest
 
 from leantune.config import load_config
 from leantune.data.prepare import prepare
-from leantune.rundir import RunDir, create_run_dir
+from leantune.rundir import RunDir, create_run_dir, data_stages_done
 from leantune.stagecache import run_cached
-from leantune.tokenization import tokenize
-from leantune.validation import validate_records, validate_tokens
+from leantune.tokenization import tokenize, tokenize_checked
+from leantune.validation import validate_records
 
 STAGES = ("prepare", "validate", "tokenize")
 SMALL = ["tokenize.vocab_size=300", "tokenize.max_seq_len=128", "data.val_fraction=0.2", "data.chunk_size=16"]
@@ -34,14 +34,9 @@ def run_stages(inputs: Path, out: Path, name: str, *overrides: str) -> tuple[Pat
     run_dir = create_run_dir(cfg)
     ran, stats = {}, {}
 
-    def tokenize_and_check():
-        result = tokenize(cfg, run_dir / "data", run_dir / "tokens")
-        validate_tokens(cfg, run_dir / "tokens")
-        return result
-
     computes = {"prepare": lambda: prepare(cfg, run_dir / "data"),
                 "validate": lambda: validate_records(cfg, run_dir / "data"),
-                "tokenize": tokenize_and_check}
+                "tokenize": lambda: tokenize_checked(cfg, run_dir / "data", run_dir / "tokens")}
     for stage in STAGES:
         stats[stage], hit = run_cached(cfg, stage, run_dir, computes[stage])
         ran[stage] = hit is None
@@ -60,6 +55,7 @@ def first(tmp_path_factory):
     inputs = write_inputs(root / "inputs")
     run_dir, stats, ran = run_stages(inputs, root / "runs", "first")
     assert ran == {"prepare": True, "validate": True, "tokenize": True}
+    assert data_stages_done(run_dir)  # tokenize_checked ran the token suite: tokens/validation.json passed
     return root, inputs, run_dir, stats
 
 
