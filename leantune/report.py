@@ -25,7 +25,7 @@ from pathlib import Path
 from leantune.attempts import history_markdown
 from leantune.evaluation.compare import table_rows
 from leantune.metrics import MetricLine, StepLine, event_of, read_metrics
-from leantune.rundir import RunDir, TokenDir, read_attempts
+from leantune.rundir import EvalDir, RunDir, TokenDir, read_attempts
 from leantune.tables import markdown_table
 from leantune.tracking import tracking_lines
 
@@ -48,7 +48,7 @@ def write_report(run_dir: Path) -> Path:
         _tokens_section(layout.token_dir),
         _training_section(layout, steps, events),
         _attempts_section(layout),
-        _evaluation_section(layout.eval),
+        _evaluation_section(layout.eval_dir),
         _tracking_section(layout.root),
         "## Plots\n\n" + ("\n".join(f"![{title}]({path.name})\n" for title, path in plots)
                           if plots else "No plots: training did not run (no metrics.jsonl).\n"),
@@ -293,8 +293,8 @@ def _tracking_section(run_dir: Path) -> str:
                                 else "Not tracked: tracking.mlflow and tracking.tensorboard were off.\n")
 
 
-def _evaluation_section(eval_dir: Path) -> str:
-    comparison = _load(eval_dir / "comparison.json")
+def _evaluation_section(eval_dir: EvalDir) -> str:
+    comparison = _load(eval_dir.comparison)
     if comparison is None:
         return "## Evaluation\n\nNo base-versus-tuned evaluation (no eval/comparison.json; eval.enabled may be false).\n"
     rows = table_rows(comparison)
@@ -312,7 +312,7 @@ def _evaluation_section(eval_dir: Path) -> str:
                    f"{shift['tuned_mean']:+.3f} {ci(*shift['tuned_mean_ci'])}, paired difference "
                    f"{shift['difference']:+.3f} {ci(*shift['difference_ci'])} over {shift['n']} items.\n")
     bias = [(label, name, s["overall"]["answer_bias"]) for label in ("base", "tuned")
-            if (result := _load(eval_dir / f"{label}.json"))
+            if (result := _load(eval_dir.result(label)))
             for name, s in result["sets"].items() if "answer_bias" in s["overall"]]
     if bias:
         out.append("Answer-position bias (share of items whose winning answer is option (A); 0.5 on the synthetic "
@@ -320,8 +320,8 @@ def _evaluation_section(eval_dir: Path) -> str:
         out.append(markdown_table(["model", "set", "items", "share (A)"],
                                   [[label, name, b["n"], f"{b['share_a']:.3f} [{b['share_a_ci'][0]:.3f}, "
                                     f"{b['share_a_ci'][1]:.3f}]"] for label, name, b in bias]))
-    if (eval_dir / "sycophancy.png").is_file():
-        out.append("![sycophancy rate, base and tuned](eval/sycophancy.png)\n")
+    if eval_dir.chart.is_file():
+        out.append(f"![sycophancy rate, base and tuned]({eval_dir.root.name}/{eval_dir.chart.name})\n")
     return "\n".join(out)
 
 

@@ -1,12 +1,20 @@
 """The run directory: created with the resolved config; an existing run is never overwritten."""
 
+import ast
+from pathlib import Path
+
 import pytest
 import yaml
 
 from leantune.config import load_config
 from leantune.errors import UserError
 from leantune.rundir import (
+    SPLIT_INDEX,
+    SPLIT_LENGTHS,
+    DataDir,
+    EvalDir,
     RunDir,
+    TokenDir,
     append_attempt,
     create_run_dir,
     existing_run_dir,
@@ -83,3 +91,29 @@ def test_resume_needs_a_named_run_with_its_config(tmp_path):
     assert existing_run_dir(cfg) == run_dir
     with pytest.raises(UserError, match="--resume RUN_NAME"):
         existing_run_dir(load_config(overrides=[f"run.output_dir={tmp_path}"]))
+
+
+def _layout_names() -> set[str]:
+    """The file and folder names the layouts (RunDir, DataDir, TokenDir, EvalDir) define."""
+    names = {SPLIT_INDEX, SPLIT_LENGTHS}
+    for layout in (RunDir("r"), DataDir("r"), TokenDir("r"), EvalDir("r")):
+        for attr, value in vars(type(layout)).items():
+            if isinstance(value, property) and isinstance(path := getattr(layout, attr), Path):
+                names.add(path.name)
+    return names
+
+
+def test_run_files_are_named_only_by_the_layouts():
+    """No `something / "metrics.jsonl"` (or any other run file's name) outside leantune/rundir.py."""
+    names = _layout_names()
+    assert {"metrics.jsonl", "tokens", "config.yaml", "quality.json", "lengths.json", "comparison.json"} <= names
+    root = Path(__file__).resolve().parents[1]
+    joins = []
+    for path in sorted(p for d in ("leantune", "tasks", "flows") for p in (root / d).rglob("*.py")):
+        if path.name == "rundir.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+                    and node.right.value in names):
+                joins.append(f"{path.relative_to(root)}:{node.lineno} / {node.right.value!r}")
+    assert joins == []

@@ -40,6 +40,7 @@ from leantune.evaluation.scoring import (
     score_encoded,
 )
 from leantune.evaluation.shift import answer_bias, opinion_shift, shift_difference
+from leantune.rundir import EvalDir
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +92,18 @@ def evaluate(cfg: RunConfig, out_dir: Path, *, adapter_dir: Path | None = None,
     _free(device)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    out = EvalDir(out_dir)
     files = {}
     for label, result in results.items():
-        files[label] = _write_json(out_dir / f"{label}.json", result)
+        files[label] = _write_json(out.result(label), result)
     if "tuned" in results:
         results["comparison"] = compare_results(results["base"], results["tuned"], cfg.eval.confidence)
         if "opinion_shift" in results["base"]:
             results["comparison"]["opinion_shift"] = shift_difference(
                 results["base"]["opinion_shift"], results["tuned"]["opinion_shift"], cfg.eval.confidence)
-        files["comparison"] = _write_json(out_dir / "comparison.json", results["comparison"])
+        files["comparison"] = _write_json(out.comparison, results["comparison"])
     chart = {k: results[k] for k in ("base", "tuned") if k in results}
-    files["chart"] = plot_rates(chart, out_dir / "sycophancy.png", cfg.eval.confidence)
+    files["chart"] = plot_rates(chart, out.chart, cfg.eval.confidence)
     results["files"] = files
     return results
 
