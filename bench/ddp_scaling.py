@@ -43,18 +43,20 @@ def overrides(args) -> list[str]:
 
 def prepare_run(args, where: Path) -> Path:
     """A run directory after the data stages, copied for every measurement."""
-    from leantune.config import dump_config, load_config
+    from leantune.config import load_config
     from leantune.data.prepare import prepare
+    from leantune.rundir import RunDir, write_config
     from leantune.tokenization import tokenize
     from leantune.validation import validate_records
 
     run_dir = where / "pristine"
     run_dir.mkdir(parents=True)
     cfg = load_config(overrides=[*overrides(args), f"run.output_dir={where}", "run.name=pristine"])
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    prepare(cfg, run_dir / "data")
-    validate_records(cfg, run_dir / "data")
-    tokenize(cfg, run_dir / "data", run_dir / "tokens")
+    write_config(run_dir, cfg)
+    layout = RunDir(run_dir)
+    prepare(cfg, layout.data)
+    validate_records(cfg, layout.data)
+    tokenize(cfg, layout.data, layout.tokens)
     return run_dir
 
 
@@ -64,6 +66,7 @@ def child(run_dir: Path, threads: int) -> None:
 
     torch.set_num_threads(threads)
     from leantune.config import load_config
+    from leantune.metrics import read_metrics
     from leantune.testing import loop_hooks
     from leantune.training.loop import train
 
@@ -76,8 +79,7 @@ def child(run_dir: Path, threads: int) -> None:
     with loop_hooks(headroom=clock):
         summary = train(load_config(run_dir / "config.yaml"), run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
-        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        tokens = {m["step"]: m["tokens"] for m in lines if "event" not in m}
+        tokens = {m["step"]: m["tokens"] for m in read_metrics(run_dir, "step")}
         first, last = min(step_ends), max(step_ends)
         counted = sum(tokens[s] for s in range(first + 1, last + 1))
         (run_dir / "bench.json").write_text(json.dumps({

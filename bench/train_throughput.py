@@ -108,6 +108,7 @@ def child(side: str, run_dir: Path, threads: int) -> dict:
     if side.startswith("trainer"):
         tokens_per_step = trainer_child(cfg, run_dir, side, step_ends)
     else:
+        from leantune.metrics import read_metrics
         from leantune.testing import loop_hooks
         from leantune.training.loop import train
 
@@ -117,8 +118,7 @@ def child(side: str, run_dir: Path, threads: int) -> dict:
 
         with loop_hooks(headroom=clock):
             train(cfg, run_dir)
-        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        tokens_per_step = [m["tokens"] for m in lines if "event" not in m]
+        tokens_per_step = [m["tokens"] for m in read_metrics(run_dir, "step")]
     last = max(step_ends)
     seconds = step_ends[last] - step_ends[1]
     tokens = sum(tokens_per_step[1:last])
@@ -196,9 +196,10 @@ def main() -> None:
         print(json.dumps(child(args.child, args.run_dir, args.threads)))
         return
 
-    from leantune.config import dump_config, load_config
+    from leantune.config import load_config
     from leantune.data.prepare import prepare
     from leantune.modeling import build_model, describe_model
+    from leantune.rundir import write_config
     from leantune.tokenization import tokenize
     from leantune.validation import validate_records
 
@@ -240,7 +241,7 @@ def main() -> None:
                 run_dir = tmp / f"run-{block}-{side}"
                 shutil.copytree(prepared[packing], run_dir)
                 cfg = load_config(overrides=overrides(args, data_path, packing, side))
-                (run_dir / "config.yaml").write_text(dump_config(cfg))
+                write_config(run_dir, cfg)
                 out = subprocess.run([sys.executable, __file__, "--child", side, "--run-dir", str(run_dir),
                                       "--threads", threads], env=env, capture_output=True, text=True)
                 if out.returncode:
