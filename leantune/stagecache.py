@@ -4,9 +4,11 @@ Each stage has a key that covers everything its outputs depend on, chained so th
 includes the key of the stage before it:
 
 - prepare: the content (sha256) of every input file (a directory: every file in it, by relative
-  path), the `data` and `validation` sections (source paths, hub id/config/split, the synthetic
-  generator's settings, the reject threshold) and the leantune code;
-- validate: the prepare key (it already covers `data`, `validation` and the code);
+  path), the `data` section but the split (source paths, hub id/config/split, the synthetic
+  generator's settings, dedupe, chunk_size), validation.max_reject_fraction (prepare's reject
+  threshold) and the leantune code;
+- validate: the prepare key, data.val_fraction and data.split_seed (the train/val split), the
+  `validation` section and the content of the expectation suites;
 - tokenize: the validate key, the `tokenize` section, the model fields that choose the tokenizer
   (name_or_path, revision, trust_remote_code), the files of a local tokenizer directory, and,
   without packing only, train.micro_batch_size / train.seed: tokenize reads them then, for the
@@ -94,16 +96,23 @@ def code_digest() -> str:
     return _sha256(*(f"{p.relative_to(PACKAGE_DIR.parent).as_posix()}:{file_digest(p)}" for p in files))
 
 
+# The data settings only validate reads (the split); prepare's key leaves them out.
+SPLIT_FIELDS = {"val_fraction", "split_seed"}
+
+
 def prepare_key(cfg: RunConfig) -> str:
     # Synthetic and hub sources are fully described by the data section; file sources by content.
     contents = [tree_digest(Path(src.path)) for src in cfg.data.sources if src.kind == "file"]
-    return _sha256(f"format={CACHE_FORMAT}", "prepare", code_digest(), cfg.section_hash("data", "validation"), *contents)
+    settings = json.dumps({"data": cfg.data.model_dump(mode="json", exclude=SPLIT_FIELDS),
+                           "max_reject_fraction": cfg.validation.max_reject_fraction}, sort_keys=True)
+    return _sha256(f"format={CACHE_FORMAT}", "prepare", code_digest(), settings, *contents)
 
 
 def validate_key(cfg: RunConfig) -> str:
     from leantune.validation import suites_dir
 
-    return _sha256("validate", prepare_key(cfg), tree_digest(suites_dir(cfg)))
+    split = json.dumps(cfg.data.model_dump(mode="json", include=SPLIT_FIELDS), sort_keys=True)
+    return _sha256("validate", prepare_key(cfg), split, cfg.section_hash("validation"), tree_digest(suites_dir(cfg)))
 
 
 def _is_tokenizer_file(path: Path) -> bool:

@@ -108,9 +108,13 @@ def test_changed_tokenize_setting_reruns_only_tokenize(first):
     assert json.loads((run_dir / "tokens" / "train" / "index.json").read_text())["max_seq_len"] == 64
 
 
-def test_changed_validation_setting_reruns_from_prepare(first):
+def test_changed_split_reruns_from_validate_and_reject_threshold_from_prepare(first):
     root, inputs, _, _ = first
     _, _, ran = run_stages(inputs, root / "runs", "val-split", "data.val_fraction=0.3")
+    assert ran == {"prepare": False, "validate": True, "tokenize": True}  # prepare does not read the split
+    _, _, ran = run_stages(inputs, root / "runs", "suite", "validation.max_turns=12")
+    assert ran == {"prepare": False, "validate": True, "tokenize": True}
+    _, _, ran = run_stages(inputs, root / "runs", "threshold", "validation.max_reject_fraction=0.4")
     assert ran == {"prepare": True, "validate": True, "tokenize": True}
 
 
