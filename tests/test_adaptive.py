@@ -9,6 +9,7 @@ from run_helpers import adapter, assert_same_weights, new_run
 
 from leantune.errors import UserError
 from leantune.failures import OutOfMemory, is_out_of_memory
+from leantune.metrics import read_metrics
 from leantune.testing import loop_hooks
 from leantune.tokenization import TokenShards
 from leantune.training import loop
@@ -21,10 +22,6 @@ FAST = ["train.eval_every=1000", "checkpoint.every_steps=1000"]
 def events(run_dir):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(e["step"], e["old"], e["new"], e["reason"]) for e in lines if e.get("event") == "micro_batch"]
-
-
-def step_lines(run_dir):
-    return [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in m]
 
 
 class Feed:
@@ -182,9 +179,9 @@ def test_oom_mid_step_redoes_the_step_with_the_same_sequences_and_the_same_resul
     first, redo = feed.attempts(2)
     assert len(first) == 1 and redo[:2] == [first[0][:2], first[0][2:]]
     assert events(run_dir) == [(2, 4, 2, "oom"), (4, 2, 1, "oom")]
-    assert [m["micro_batch_size"] for m in step_lines(run_dir)] == [4, 2, 2, 1, 1]
-    assert [m["accumulation_steps"] for m in step_lines(run_dir)] == [2, 4, 4, 8, 8]
-    assert [m["lr"] for m in step_lines(run_dir)] == [m["lr"] for m in step_lines(straight)]
+    assert [m["micro_batch_size"] for m in read_metrics(run_dir, "step")] == [4, 2, 2, 1, 1]
+    assert [m["accumulation_steps"] for m in read_metrics(run_dir, "step")] == [2, 4, 4, 8, 8]
+    assert [m["lr"] for m in read_metrics(run_dir, "step")] == [m["lr"] for m in read_metrics(straight, "step")]
     assert_same_weights(adapter(run_dir), adapter(straight))
 
 
@@ -206,7 +203,7 @@ def test_growth_on_scripted_headroom_and_back_off_after_a_failed_growth(tokenize
         (4, 4, 8, "headroom"),
         (5, 8, 4, "oom_after_growth"),  # now 4
     ]
-    assert [m["micro_batch_size"] for m in step_lines(run_dir)] == [2, 4, 4, 4, 4, 4]
+    assert [m["micro_batch_size"] for m in read_metrics(run_dir, "step")] == [2, 4, 4, 4, 4, 4]
     assert_same_weights(adapter(run_dir), adapter(straight))
 
 
@@ -246,11 +243,11 @@ def test_probe_runs_the_longest_sequences_first_and_changes_nothing(tokenized_ru
     assert failed == []  # the attempt at 4 failed before feeding anything
     assert sorted(lengths[probe_batch].tolist()) == sorted(lengths.tolist())[-2:]
     assert events(probed) == [(0, 4, 2, "probe_oom")]
-    assert {m["micro_batch_size"] for m in step_lines(probed)} == {2}
+    assert {m["micro_batch_size"] for m in read_metrics(probed, "step")} == {2}
 
     cfg, unprobed = new_run(tokenized_run, tmp_path, *common, "train.micro_batch_size=2",
                             "adaptive.probe_longest_first=false", name="unprobed")
     train(cfg, unprobed)
     a, b = adapter(probed), adapter(unprobed)
     assert all(torch.equal(a[k], b[k]) for k in b)
-    np.testing.assert_equal([m["loss"] for m in step_lines(probed)], [m["loss"] for m in step_lines(unprobed)])
+    np.testing.assert_equal([m["loss"] for m in read_metrics(probed, "step")], [m["loss"] for m in read_metrics(unprobed, "step")])

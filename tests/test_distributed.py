@@ -16,6 +16,7 @@ import torch
 from run_helpers import adapter, assert_same_weights, new_run
 
 from leantune.config import ConfigError, load_config
+from leantune.metrics import read_metrics
 from leantune.training.loop import train
 
 pytestmark = pytest.mark.slow
@@ -52,14 +53,6 @@ def run_two(run_dir: Path, *args: str) -> None:
     assert rc == 0, out[-4000:]
 
 
-def step_lines(run_dir: Path) -> list[dict]:
-    return [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in m]
-
-
-def events(run_dir: Path) -> list[dict]:
-    return [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" in m]
-
-
 def summaries(run_dir: Path) -> list[dict]:
     return [json.loads((run_dir / f"summary-rank-{r}.json").read_text()) for r in (0, 1)]
 
@@ -89,7 +82,7 @@ def two_with_dropout(tokenized_run, tmp_path_factory) -> Path:
 
 def test_two_processes_give_the_single_process_weights(one_process, two_processes):
     assert_same_weights(adapter(two_processes), adapter(one_process), rel=1e-5)
-    one, two = step_lines(one_process), step_lines(two_processes)
+    one, two = read_metrics(one_process, "step"), read_metrics(two_processes, "step")
     assert [m["step"] for m in two] == list(range(1, MAX_STEPS + 1))
     # Same global batches (tokens), schedule (lr), loss normalisation, and the sharded validation.
     assert [m["tokens"] for m in two] == [m["tokens"] for m in one]
@@ -138,7 +131,7 @@ def test_a_killed_rank_fails_the_run_and_it_resumes_exactly(tokenized_run, tmp_p
     assert reference.keys() == resumed.keys()
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
-    assert [m["loss"] for m in step_lines(run_dir)] == [m["loss"] for m in step_lines(two_with_dropout)]
+    assert [m["loss"] for m in read_metrics(run_dir, "step")] == [m["loss"] for m in read_metrics(two_with_dropout, "step")]
 
 
 def test_out_of_memory_on_one_rank_halves_the_micro_batch_on_both(tokenized_run, tmp_path, two_processes):
@@ -146,8 +139,8 @@ def test_out_of_memory_on_one_rank_halves_the_micro_batch_on_both(tokenized_run,
     run_two(run_dir, "--oom=1:3:2")
     # Rank 1 ran out of memory at step 3 with micro-batches of 4 and halved; rank 0 (which writes the
     # metrics) took the smaller size from it, and both redid step 3.
-    assert [(e["step"], e["old"], e["new"], e["reason"]) for e in events(run_dir)] == [(3, 4, 2, "oom_other_rank")]
-    assert [m["micro_batch_size"] for m in step_lines(run_dir)] == [4, 4, 2, 2, 2, 2]
+    assert [(e["step"], e["old"], e["new"], e["reason"]) for e in read_metrics(run_dir, "micro_batch")] == [(3, 4, 2, "oom_other_rank")]
+    assert [m["micro_batch_size"] for m in read_metrics(run_dir, "step")] == [4, 4, 2, 2, 2, 2]
     assert [(s["micro_batch_size"], s["micro_batch_changes"]) for s in summaries(run_dir)] == [(2, 1), (2, 1)]
     assert_same_weights(adapter(run_dir), adapter(two_processes), rel=1e-5)
 

@@ -2,13 +2,13 @@
 fused AdamW, QLoRA with bf16 compute, the CUDA memory readings. Skipped without a CUDA device
 (the `gpu` marker, tests/conftest.py); everything else is covered on the CPU."""
 
-import json
 import shutil
 
 import pytest
 import torch
 
 from leantune.config import dump_config, load_config
+from leantune.metrics import read_metrics
 from leantune.training.loop import train
 
 pytestmark = pytest.mark.gpu
@@ -24,18 +24,13 @@ def new_run(tokenized_run, tmp_path, *overrides):
     return cfg, run_dir
 
 
-def step_lines(run_dir):
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if "event" not in m]
-
-
 @pytest.mark.parametrize("method,dtype", [("lora", "bf16"), ("lora", "fp16"), ("full", "bf16"), ("qlora", "bf16")])
 def test_cuda_training_runs_and_learns(tokenized_run, tmp_path, method, dtype):
     if dtype == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     cfg, run_dir = new_run(tokenized_run, tmp_path, f"model.method={method}", f"model.dtype={dtype}")
     summary = train(cfg, run_dir)
-    steps = step_lines(run_dir)
+    steps = read_metrics(run_dir, "step")
     assert summary["steps"] == 8 and [m["step"] for m in steps] == list(range(1, 9))
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]

@@ -14,6 +14,7 @@ from run_helpers import SMOKE, adapter, new_run
 import tasks.train
 from flows.finetune import finetune
 from flows.finetune import main as flow_main
+from leantune.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 
@@ -51,11 +52,6 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), f"{key} differs from the uninterrupted run"
 
 
-def step_lines(run_dir: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if "event" not in m]
-
-
 @pytest.fixture(scope="module")
 def reference(tokenized_run, tmp_path_factory, prefect_server):
     where = tmp_path_factory.mktemp("reference")
@@ -76,7 +72,7 @@ def test_a_kill_retried_by_the_flow_ends_bitwise_equal(reference, tokenized_run,
     assert killed["reason"].endswith("no sign of memory pressure; resuming unchanged")
     assert micro == [4, 4] and done["outcome"] == "completed"
     assert json.loads((run_dir / "training.json").read_text())["resumed_from_step"] == kill_step - 1
-    assert [m["micro_batch_size"] for m in step_lines(run_dir)] == [4] * MAX_STEPS
+    assert [m["micro_batch_size"] for m in read_metrics(run_dir, "step")] == [4] * MAX_STEPS
     assert_bitwise_equal(adapter(run_dir), adapter(reference))
 
 
