@@ -1,8 +1,12 @@
 """The run directory, runs/<name>/: created once per run, holding the resolved config and every output.
 
 `RunDir` names every file and folder a run writes, in one place; stages, tasks, flows and the report
-take their paths from it. The files inside data/ and inside a token split are named by the stage that
-writes them (leantune/data/prepare.py, leantune/validation.py, leantune/tokenization.py).
+take their paths from it. `DataDir`, `TokenDir` and `EvalDir` name the files inside data/, tokens/ and
+eval/ (the stages write them into any such folder: a profile has tokens/seq-<L>/, the evaluate flow
+its own output folder). Inside a token split, the shard files are leantune/tokenization.py's format;
+the two files other stages read are SPLIT_INDEX and SPLIT_LENGTHS. Each stage writes only its own
+files. Also here: the one writer of config.yaml (`write_config`), the run directory's creation and
+checks, and the attempt history (attempts.jsonl, attempts/attempt-N/).
 """
 
 from __future__ import annotations
