@@ -24,7 +24,8 @@ Event = Literal["step", "micro_batch", "monitor", "lr_rescale"]
 
 
 class StepLine(TypedDict):
-    """One optimizer step (leantune/training/loop.py documents each field)."""
+    """One optimizer step (leantune/training/loop.py documents each field; router_aux_loss and the expert
+    load only for a Mixture-of-Experts model, leantune/moe.py)."""
 
     step: int
     epoch: float
@@ -41,6 +42,10 @@ class StepLine(TypedDict):
     energy_j: NotRequired[float]
     val_loss: NotRequired[float]
     router_aux_loss: NotRequired[float]
+    expert_load: NotRequired[list[list[float]]]
+    expert_imbalance: NotRequired[list[float]]
+    expert_imbalance_max: NotRequired[float]
+    expert_assignments: NotRequired[int]
 
 
 class MicroBatchEvent(TypedDict):
