@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from leantune.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
@@ -150,6 +152,6 @@ def test_the_loss_plot_has_a_log_scale_so_the_first_steps_do_not_flatten_the_res
     monkeypatch.setattr(report, "_save", save)
     steps = [{"step": s, "loss": 8.0 / s, "lr": 1e-3, "tokens_per_s": 100.0, "micro_batch_size": 4, "peak_memory_mb": 500.0}
              for s in range(1, 21)]
-    report._plots(tmp_path, steps, [])
+    report._plots(RunDir(tmp_path), steps, [])
     assert scales["loss.png"] == "log"
     assert scales["lr.png"] == "linear"
