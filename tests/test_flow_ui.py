@@ -34,7 +34,8 @@ def test_a_run_has_a_bounded_number_of_artifacts_and_the_live_ones_keep_one_id(p
     updates = []
     original = tasks.train._TrainingProgress.publish
     monkeypatch.setattr(tasks.train._TrainingProgress, "publish",
-                        lambda self: (updates.append(self.steps[-1]["step"] if self.steps else None), original(self)))
+                        lambda self: (updates.append(self.history.steps[-1]["step"] if self.history.steps else None),
+                                      original(self)))
     config = load_config(SMOKE, [*SHORT_RUN, f"run.output_dir={tmp_path}", "run.name=ui"])
     state = finetune(config, config_name="ui", return_state=True)
     assert state.is_completed()
