@@ -14,9 +14,15 @@ Step numbers: step N is the N-th optimizer step (from 1); its metrics line says 
 deterministic per-epoch order of sequence indices (`epoch_order`); a step takes the next
 global_batch_size indices, running on into the next epoch when one ends.
 
-Out of memory in a micro-batch: gradients of the partial step are
-discarded, memory freed, the micro-batch halved and the WHOLE step redone from its first
-micro-batch with the RNG state it started with, so no sample is skipped or seen twice.
+Out of memory in a micro-batch: gradients of the partial step are discarded, memory freed, the
+micro-batch halved and the WHOLE step redone from its first micro-batch with the RNG state it
+started with, so no sample is skipped or seen twice.
+
+`_train` below is the whole run in order; each named function under it is one part of a step or of
+the run's set-up and end. `TrainState` is what a checkpoint saves of the loop; `_Run` holds what the
+run built. Tests script out-of-memory errors, free memory and a fake monitor through
+leantune/testing.py, which swaps the module's own `_forward_backward`, `_probe`, `_free_share` and
+`_new_monitor` for a `with` block; `train` has no test parameters.
 
 The resource monitor (monitor.enabled) samples in a thread beside the loop; at each step boundary
 the loop applies what its policy decided since the last one (leantune/monitor/policy.py): memory
