@@ -17,8 +17,10 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from leantune.errors import UserError
@@ -130,6 +132,7 @@ def gguf_architecture(path: Path) -> str:
 def dequantize_to(path: Path, target: Path) -> Path:
     """Dequantize GGUF `path` to fp32 and save it as a transformers directory at `target` (atomically)."""
     import torch
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
@@ -142,7 +145,14 @@ def dequantize_to(path: Path, target: Path) -> Path:
                         "; use a model of one of them, or its transformers (safetensors) release")
     log.info("dequantizing %s (%s) into %s; later loads read the cache", path.name, architecture, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # transformers' GGUF reader draws its own tqdm bar, which transformers' progress switch does not reach:
+    # like leantune's bars (leantune/progress.py) it draws on an interactive terminal only, never into a log.
+    bar = gguf_loader.tqdm
+    gguf_loader.tqdm = partial(bar, disable=not sys.stderr.isatty())
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    finally:
+        gguf_loader.tqdm = bar
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # transformers marks a GGUF-loaded model as quantized and refuses to save it; the same weights in a
     # fresh model of the same config (quantization marker removed) save as plain safetensors.

@@ -106,6 +106,25 @@ def test_an_unsupported_architecture_is_refused_by_name(tmp_path):
     assert "llama" in str(e.value) and "general" not in str(e.value)
 
 
+@pytest.mark.parametrize("tty", [False, True])
+def test_the_gguf_readers_bar_draws_on_a_terminal_only(monkeypatch, tmp_path, tty):
+    pytest.importorskip("gguf")
+    import transformers
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
+
+    original, seen = gguf_loader.tqdm, []
+
+    def from_pretrained(*args, **kwargs):  # what transformers' GGUF reader would draw, then stop the load
+        seen.append(gguf_loader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...").disable)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    with pytest.raises(RuntimeError, match="stop"):
+        g.dequantize_to(write_gguf(tmp_path / "m.gguf", "llama"), tmp_path / "cache" / "m")
+    assert seen == [not tty] and gguf_loader.tqdm is original
+
+
 def test_cli_exits_2_with_one_line_for_a_missing_model_package(tmp_path):
     """Checked with the command line, before Prefect starts or the data is prepared."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
