@@ -9,7 +9,7 @@ its assistant-only labels), the same LoRA (r 16, alpha 32, dropout 0.05, every l
 lr (constant 2e-4, no warm-up), clipping, AdamW, fp32 on the CPU, global batch (micro-batch x
 accumulation) and number of optimizer steps for
   leantune           the training loop (length-grouped batches, target-only chunked loss), in the
-                     environment leantune's launcher gives training (launch.CHILD_ENV: glibc's mmap threshold)
+                     environment leantune's launcher gives training (launch.CHILD_ENV)
   hf-trainer         transformers.Trainer + peft, the default padding collator (DataCollatorForSeq2Seq)
   hf-group-by-length the same with group_by_length=True
   trl-packing        trl.SFTTrainer, packing=True (best-fit packing into rows of max_length, padding-free)

@@ -57,13 +57,7 @@ def training_command(cfg: RunConfig, run_dir: Path, resume: bool) -> list[str]:
 STOP_GRACE_S = 600.0
 # Progress bars draw with carriage returns; on a pipe they are switched off, and these catch any that are not.
 # The child logs JSON lines (leantune/failures.py), so that no pattern has to match its logging format.
-# MALLOC_MMAP_THRESHOLD_: glibc serves every allocation of 128 KiB or more (activations, gradients) with
-# its own mmap and unmaps it when freed. By default the threshold grows to 32 MiB after the first large
-# free, so a CPU step's activations come from the heap, which fragments and keeps what was freed: leantune's
-# training on bench/vs_trainers.py's data (SmolLM2, micro-batch 4) peaked at 3,355 MB RSS under the default
-# and at 1,822 MB with this setting (README, Benchmarks).
-CHILD_ENV = {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", JSON_LOG_ENV: "1",
-             "MALLOC_MMAP_THRESHOLD_": "131072"}
+CHILD_ENV = {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", JSON_LOG_ENV: "1"}
 
 
 def log_record(line: str, previous_level: int) -> tuple[int, str] | None:
