@@ -197,6 +197,8 @@ def test_outcomes_summaries_and_wilson_interval():
     # Known values of the Wilson interval.
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    # Every interval holds its rate, also at 0 and 1 where rounding used to put an end inside it.
+    assert all(lo <= k / n <= hi for n in range(1, 120) for k in range(n + 1) for lo, hi in [wilson_interval(k, n)])
 
 
 def test_framing_auto_follows_the_tokenizer(tiny):

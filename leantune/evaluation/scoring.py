@@ -297,7 +297,9 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The interval always holds p; at p = 0 or 1 rounding can put an end a hair inside it (1 - 1e-16),
+    # which made the chart's error bar negative.
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 def rate_summary(outcomes: Sequence[dict], confidence: float) -> dict:
