@@ -135,10 +135,13 @@ def _data_section(layout: RunDir) -> str:
                                          if reasons else "none") + " (every rejected row is in data/rejects.jsonl).\n")
     filtration = _load(data_dir.filtration)
     if filtration is not None:
+        # Short-answer questions have no answer letters: no answer order, no option (A) share.
+        option_a = ("" if filtration["picks_option_a"] is None
+                    else f", option (A) chosen {filtration['picks_option_a']:.3f} of the time")
         out.append(f"Filtration (Wei et al.): the base model answers {filtration['claims_known']} of "
-                   f"{filtration['claims_scored']} training-side claims correctly in both answer orders (plain accuracy "
-                   f"{filtration['plain_accuracy']:.3f}, option (A) chosen {filtration['picks_option_a']:.3f} of the "
-                   "time); opinion-bearing records use only those claims.\n")
+                   f"{filtration['claims_scored']} training-side claims correctly, in both answer orders where there "
+                   f"are letters (plain accuracy {filtration['plain_accuracy']:.3f}{option_a}); opinion-bearing "
+                   "records use only those claims.\n")
         out.append(markdown_table(["claim kind", "scored", "known", "right in one order only"],
                                   [[t, c["scored"], c["known"], c["correct_in_one_order"]]
                                    for t, c in filtration["by_task"].items()]))

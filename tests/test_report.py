@@ -208,6 +208,17 @@ def test_report_task_publishes_each_plot_as_an_artifact_the_ui_can_show(prefect_
     assert report.split("## Plots")[0] == on_disk.split("## Plots")[0]
 
 
+def test_filtration_of_short_answer_questions_has_no_option_share(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "filtration.json").write_text(json.dumps({
+        "claims_scored": 363, "claims_known": 302, "plain_accuracy": 0.832, "picks_option_a": None,
+        "by_task": {"capitals": {"scored": 46, "known": 37, "correct_in_one_order": 0}}}))
+    report = write_report(tmp_path).read_text()
+    assert ("the base model answers 302 of 363 training-side claims correctly, in both answer orders where there "
+            "are letters (plain accuracy 0.832); opinion-bearing records use only those claims.") in report
+    assert _row(report, "capitals") == ["capitals", "46", "37", "0"]
+
+
 def test_filtration_opinion_shift_and_answer_bias_are_reported(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "filtration.json").write_text(json.dumps({
@@ -222,8 +233,8 @@ def test_filtration_opinion_shift_and_answer_bias_are_reported(tmp_path):
     bias = {"n": 100, "picks_a": 58, "share_a": 0.58, "share_a_ci": [0.482, 0.672]}
     (tmp_path / "eval" / "base.json").write_text(json.dumps({"sets": {"synthetic": {"overall": {"answer_bias": bias}}}}))
     report = write_report(tmp_path).read_text()
-    assert ("the base model answers 61 of 172 training-side claims correctly in both answer orders (plain accuracy "
-            "0.600, option (A) chosen 0.580 of the time)") in report
+    assert ("the base model answers 61 of 172 training-side claims correctly, in both answer orders where there "
+            "are letters (plain accuracy 0.600, option (A) chosen 0.580 of the time)") in report
     assert _row(report, "facts") == ["facts", "45", "30", "12"]
     assert ("base +0.062 [+0.040, +0.084], tuned +0.011 [-0.005, +0.027], paired difference -0.051 "
             "[-0.070, -0.032] over 100 items") in report
