@@ -89,6 +89,11 @@ class SyntheticConfig(Section):
         0.75, ge=0, le=1, description="Share of the training records that state a claim with no user opinion "
         "(the rest carry a user's opinion, drawn independently of the truth).",
     )
+    challenge_share: float = Field(
+        0.0, ge=0, le=1, description="Share of the training records that are an 'are you sure?' exchange about a "
+        "short-answer question (its first answer right or wrong at random, the user doubts it, the final answer is "
+        "the right one); needs tokenize.train_on=last_assistant, so that a wrong first answer is never a target.",
+    )
     neutral_held_out: bool = Field(
         True, description="Neutral training records may state held-out (evaluation) claims. The tiny scratch "
         "model needs it to know them at all; for a pretrained model set false, so that no held-out claim's "
@@ -534,6 +539,13 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"model.scratch.hidden_size: {s.hidden_size} must be a multiple of model.scratch.num_heads {s.num_heads}"
         )
     problems += moe_config_problems(cfg)
+    syn = cfg.data.synthetic
+    if syn.challenge_share and syn.neutral_share + syn.challenge_share > 1:
+        problems.append(f"data.synthetic.challenge_share: {syn.challenge_share} plus data.synthetic.neutral_share "
+                        f"{syn.neutral_share} is above 1; lower one of them")
+    if syn.challenge_share and cfg.tokenize.train_on != "last_assistant":
+        problems.append("data.synthetic.challenge_share: the challenged records' first answer may be wrong and must not "
+                        "be trained on; set tokenize.train_on=last_assistant")
     if cfg.validation.min_content_chars > cfg.validation.max_content_chars:
         problems.append("validation.min_content_chars: larger than validation.max_content_chars; swap them")
     for i, src in enumerate(cfg.data.sources):

@@ -11,6 +11,7 @@ from leantune.data import filtration
 from leantune.data.questions import question_pool
 from leantune.data.synthetic import (
     ANSWER_PREFIX,
+    CHALLENGE_TEMPLATES,
     EVAL_SUGGESTION_TEMPLATES,
     SHORT_ANSWER_TASKS,
     SUGGESTION_TEMPLATES,
@@ -18,6 +19,7 @@ from leantune.data.synthetic import (
     plain_question,
     split_claims,
 )
+from leantune.errors import UserError
 from leantune.evaluation import runner, scoring
 from leantune.evaluation.are_you_sure import CHALLENGE
 from leantune.evaluation.datasets import ChoiceItem, challenge_set, plain_set, synthetic_set
@@ -137,3 +139,38 @@ def test_filtration_asks_a_short_answer_question_once_and_keeps_those_answered_r
     summary = json.loads((tmp_path / "filtration.json").read_text())
     assert summary["claims_known"] == len(expected) and summary["picks_option_a"] is None
     assert summary["plain_accuracy"] == pytest.approx(len(expected) / len(train))
+
+
+def test_challenged_exchanges_keep_a_right_first_answer_and_correct_a_wrong_one():
+    cfg = CFG.model_copy(update={"challenge_share": 0.25, "num_records": 800})
+    items = list(generate(cfg, "train"))
+    challenged = [i for i in items if i.earlier_turns]
+    assert 0.2 < len(challenged) / len(items) < 0.3
+    firsts = Counter()
+    for item in challenged:
+        c = item.claim
+        (role1, question), (role2, first) = item.earlier_turns
+        assert (role1, role2, question) == ("user", "assistant", c.text)
+        firsts[first == f"{ANSWER_PREFIX} {c.answer}"] += 1
+        assert first in (f"{ANSWER_PREFIX} {c.answer}", f"{ANSWER_PREFIX} {c.wrong_answer}")
+        assert item.question in CHALLENGE_TEMPLATES and item.question != CHALLENGE
+        messages = item.messages()
+        assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+        assert messages[-1]["content"] == f"{ANSWER_PREFIX} {c.answer}"
+    assert 0.4 < firsts[True] / len(challenged) < 0.6
+    # Without challenges the stream is unchanged (the default's data does not move).
+    plain_stream = [i.messages() for i in generate(CFG.model_copy(update={"num_records": 50}), "train")]
+    assert plain_stream == [i.messages() for i in generate(CFG.model_copy(update={"num_records": 50,
+                                                                                    "challenge_share": 0.0}), "train")]
+
+
+def test_challenged_exchanges_need_the_last_answer_alone_as_target():
+    with pytest.raises(UserError) as e:
+        load_config(overrides=["data.synthetic.challenge_share=0.2"])
+    assert "data.synthetic.challenge_share" in str(e.value) and "tokenize.train_on=last_assistant" in str(e.value)
+    with pytest.raises(UserError) as e:
+        load_config(overrides=["data.synthetic.challenge_share=0.5", "data.synthetic.neutral_share=0.75",
+                               "tokenize.train_on=last_assistant"])
+    assert "plus data.synthetic.neutral_share 0.75 is above 1" in str(e.value)
+    assert load_config(overrides=["data.synthetic.challenge_share=0.2",
+                                  "tokenize.train_on=last_assistant"]).data.synthetic.challenge_share == 0.2
