@@ -20,7 +20,21 @@ from leantune.gguf import check_model_file
 from leantune.rundir import RunDir, default_run_name, run_dir_problem
 from leantune.training.checkpoint import resume_refusal
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+
+
+def default_config(package_root: Path = PACKAGE_PARENT, script: str | None = None, cwd: Path | None = None) -> Path:
+    """configs/default.yaml of the checkout: beside the leantune package (a checkout, an editable install),
+    else in the checkout of the flow script being run (`python flows/finetune.py` with leantune installed
+    from a wheel, whose package sits in site-packages, away from configs/), else in the working directory.
+    None found: the first place, which the config loader's message then names."""
+    script = sys.argv[0] if script is None and sys.argv else script
+    roots = [package_root, *(Path(script).resolve().parents[1:2] if script else ()), cwd or Path.cwd()]
+    found = [root / "configs" / "default.yaml" for root in roots if (root / "configs" / "default.yaml").is_file()]
+    return (found or [package_root / "configs" / "default.yaml"])[0]
+
+
+DEFAULT_CONFIG = default_config()
 
 
 class RunFinished(UserError):

@@ -51,3 +51,24 @@ def test_wheel_holds_the_library_and_its_data_only(tmp_path):
                  "leantune/resources/sycophancy/political_typology_quiz_sample.jsonl",
                  "leantune/resources/sycophancy/NOTICE.md"):
         assert data in names
+
+
+def test_default_config_is_found_from_a_wheel_install(tmp_path):
+    from leantune.cli import default_config
+
+    checkout, site = tmp_path / "checkout", tmp_path / "venv" / "site-packages"
+    (checkout / "configs").mkdir(parents=True)
+    (checkout / "flows").mkdir()
+    (checkout / "configs" / "default.yaml").write_text("{}\n")
+    site.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    wanted = checkout / "configs" / "default.yaml"
+    # The package in site-packages, the flow script in the checkout, run from anywhere.
+    assert default_config(site, str(checkout / "flows" / "finetune.py"), elsewhere) == wanted
+    # The package in the checkout (a clone, an editable install) wins.
+    assert default_config(checkout, str(elsewhere / "x.py"), elsewhere) == wanted
+    # A script outside any checkout, run from the checkout.
+    assert default_config(site, str(elsewhere / "x.py"), checkout) == wanted
+    # Nowhere: the place beside the package, which the config loader's error names.
+    assert default_config(site, str(elsewhere / "x.py"), elsewhere) == site / "configs" / "default.yaml"
