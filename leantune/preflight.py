@@ -1,5 +1,5 @@
 """Checks a run passes before its data stages, beyond what the config alone can tell: the files that
-eval.datasets names exist, and every name in lora.target_modules matches a layer of the model (its
+eval.datasets names exist, the held-out short-answer questions fill eval.synthetic_items, and every name in lora.target_modules matches a layer of the model (its
 skeleton, built on the meta device from the model's config). A problem found only after hours of
 data preparation and training is a problem found too late."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from leantune.config import EVAL_BUILTIN_SETS, RunConfig
 from leantune.errors import UserError
-from leantune.evaluation.datasets import SYNTHETIC_CHALLENGE
+from leantune.evaluation.datasets import SYNTHETIC_CHALLENGE, short_answer_shortfall
 
 
 def check_before_data(cfg: RunConfig) -> None:
@@ -30,6 +30,9 @@ def problems_before_data(cfg: RunConfig) -> list[str]:
             if not path.is_file():
                 problems.append(f"eval.datasets: '{spec}': {path} is not a file (resolved from {Path.cwd()}); "
                                 "give an existing jsonl file")
+        if {"synthetic", SYNTHETIC_CHALLENGE} & set(cfg.eval.datasets) and (problem := short_answer_shortfall(
+                cfg.data.synthetic, min(cfg.eval.synthetic_items, cfg.eval.max_items or 2**62))):
+            problems.append(problem)
     if problem := lora_target_problem(cfg):
         problems.append(problem)
     problems += moe_problems(cfg)

@@ -174,3 +174,19 @@ def test_challenged_exchanges_need_the_last_answer_alone_as_target():
     assert "plus data.synthetic.neutral_share 0.75 is above 1" in str(e.value)
     assert load_config(overrides=["data.synthetic.challenge_share=0.2",
                                   "tokenize.train_on=last_assistant"]).data.synthetic.challenge_share == 0.2
+
+
+def test_more_items_than_held_out_questions_is_refused_before_the_data_stages():
+    from leantune.errors import DataError
+    from leantune.preflight import problems_before_data
+
+    held_out = sum(len(split_claims(t, "eval")) for t in TASKS)
+    with pytest.raises(DataError) as e:
+        synthetic_set(CFG, held_out + 1)
+    assert f"the {held_out} held out of addition, capitals, opposites, successor, each asked once" in str(e.value)
+    assert f"at most {held_out}" in str(e.value)
+    assert len(synthetic_set(CFG, held_out).items) == held_out
+    overrides = ["data.synthetic.tasks=[capitals,opposites,addition,successor]", "eval.datasets=[synthetic]"]
+    assert not problems_before_data(load_config(overrides=[*overrides, "eval.synthetic_items=100"]))
+    problems = problems_before_data(load_config(overrides=[*overrides, "eval.synthetic_items=500"]))
+    assert problems == [str(e.value).replace(str(held_out + 1), "500", 1)]

@@ -210,20 +210,11 @@ def synthetic_set(cfg: SyntheticConfig, num_items: int) -> EvalSet:
     """`num_items` held-out synthetic items, balanced over cells (see the module docstring)."""
     from leantune.data.synthetic import SHORT_ANSWER_TASKS, generate
 
+    if problem := short_answer_shortfall(cfg, num_items):
+        raise DataError(problem)
     s = EvalSet("synthetic", "choice", f"leantune synthetic generator, split 'eval', seed {cfg.seed}")
-    tasks = sorted(set(cfg.tasks))
-    cells = [(task, f"({letter}) {verdict}") for task in tasks if task not in SHORT_ANSWER_TASKS
-             for letter in "AB" for verdict in ("Agree", "Disagree")]
-    # The short-answer kinds share one cell, as large as one cell per kind would be: they have no answer
-    # letters to balance, and they ask each held-out question once (items that differ in their question
-    # are as independent as the intervals assume), so a kind with few held-out questions leaves its share
-    # to the others.
-    cells += [("short-answer", "suggested")] * sum(task in SHORT_ANSWER_TASKS for task in tasks)
+    quota = _cell_quota(cfg.tasks, num_items)
     asked = set()
-    # num_items spread over the cells as evenly as it divides: the first ones take one more.
-    quota = Counter()
-    for i, cell in enumerate(cells):
-        quota[cell] += num_items // len(cells) + (i < num_items % len(cells))
     # The generator is lazy and its stream does not depend on num_records: draw until every cell is full.
     stream = generate(cfg.model_copy(update={"num_records": 2**62}), split="eval")
     for index in count():
@@ -239,7 +230,7 @@ def synthetic_set(cfg: SyntheticConfig, num_items: int) -> EvalSet:
             s.counts["user_right"] += 1
             continue
         short_answer = item.claim.task in SHORT_ANSWER_TASKS
-        cell = ("short-answer", "suggested") if short_answer else (item.claim.task, item.sycophantic_answer)
+        cell = SHORT_ANSWER_CELL if short_answer else (item.claim.task, item.sycophantic_answer)
         if short_answer and item.claim.text in asked:
             s.counts["repeated_question"] += 1
             continue
@@ -258,6 +249,41 @@ def synthetic_set(cfg: SyntheticConfig, num_items: int) -> EvalSet:
             assistant_prefix=item.assistant_prefix,
         ))
     return s
+
+
+SHORT_ANSWER_CELL = ("short-answer", "suggested")
+
+
+def _cell_quota(tasks: list[str], num_items: int) -> Counter:
+    """Items per cell: (kind, sycophantic answer) for agree/disagree kinds; the short-answer kinds share
+    one cell, as large as one cell per kind would be: they have no answer letters to balance, and they ask
+    each held-out question once (items that differ in their question are as independent as the intervals
+    assume), so a kind with few held-out questions leaves its share to the others."""
+    from leantune.data.synthetic import SHORT_ANSWER_TASKS
+
+    tasks = sorted(set(tasks))
+    cells = [(task, f"({letter}) {verdict}") for task in tasks if task not in SHORT_ANSWER_TASKS
+             for letter in "AB" for verdict in ("Agree", "Disagree")]
+    cells += [SHORT_ANSWER_CELL] * sum(task in SHORT_ANSWER_TASKS for task in tasks)
+    # num_items spread over the cells as evenly as it divides: the first ones take one more.
+    quota = Counter()
+    for i, cell in enumerate(cells):
+        quota[cell] += num_items // len(cells) + (i < num_items % len(cells))
+    return quota
+
+
+def short_answer_shortfall(cfg: SyntheticConfig, num_items: int) -> str | None:
+    """Why the held-out short-answer questions, each asked once, cannot fill their share of `num_items`
+    synthetic items, or None; checked before the data stages (leantune/preflight.py)."""
+    from leantune.data.synthetic import SHORT_ANSWER_TASKS, split_claims
+
+    held_out = sum(len(split_claims(t, "eval")) for t in set(cfg.tasks) if t in SHORT_ANSWER_TASKS)
+    if _cell_quota(cfg.tasks, num_items)[SHORT_ANSWER_CELL] <= held_out:
+        return None
+    most = max(n for n in range(num_items) if _cell_quota(cfg.tasks, n)[SHORT_ANSWER_CELL] <= held_out)
+    return (f"eval.synthetic_items: {num_items} items would ask more short-answer questions than the "
+            f"{held_out} held out of {', '.join(t for t in sorted(set(cfg.tasks)) if t in SHORT_ANSWER_TASKS)}, "
+            f"each asked once; set eval.synthetic_items (or eval.max_items) to at most {most}")
 
 
 def plain_set(opinion: EvalSet) -> EvalSet:
