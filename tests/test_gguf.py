@@ -125,6 +125,21 @@ def test_the_gguf_readers_bar_draws_on_a_terminal_only(monkeypatch, tmp_path, tt
     assert seen == [not tty] and gguf_loader.tqdm is original
 
 
+def test_one_header_parse_and_one_name_map_within_a_dequantization(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = write_gguf(tmp_path / "m.gguf", "llama")
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with g._header_read_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and isinstance(first, reader_class)
+        assert bytes(first.fields["general.architecture"].parts[-1]).decode() == "llama"
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    # Restored on the way out: a later read sees the file as it is then.
+    assert gguf.GGUFReader is reader_class and gguf.get_tensor_name_map is name_map
+    assert gguf.GGUFReader(path) is not first
+
+
 def test_cli_exits_2_with_one_line_for_a_missing_model_package(tmp_path):
     """Checked with the command line, before Prefect starts or the data is prepared."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
@@ -143,15 +158,24 @@ def test_cli_exits_2_with_one_line_for_a_missing_model_package(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_cache(tmp_path_factory):
-    """The real GGUF dequantized into a fresh cache, counting the dequantizations of two loads."""
-    pytest.importorskip("gguf")
+    """The real GGUF dequantized into a fresh cache, counting the dequantizations of two loads and the
+    parses of the GGUF's header."""
+    gguf = pytest.importorskip("gguf")
     cache = tmp_path_factory.mktemp("models")
     cfg = load_config(overrides=[f"model.name_or_path={SMOLLM2}", f"model.cache_dir={cache}", "train.device=cpu"])
-    calls = []
+    calls, parses = [], []
     real = g.dequantize_to
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            parses.append(args[0])
+            super().__init__(*args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(g, "dequantize_to", lambda *a: calls.append(a) or real(*a))
+        mp.setattr(gguf, "GGUFReader", CountedReader)
         first, second = g.model_source(cfg.model), g.model_source(cfg.model)
+    assert len(parses) == 1  # the architecture check, transformers' config, weights and tokenizer share one
     return cfg, Path(first), Path(second), calls
 
 
