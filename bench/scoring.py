@@ -50,6 +50,28 @@ def reference_module():
     return module
 
 
+def positions(encoded, batch_size: int, shared_prefix: bool) -> int:
+    """Token positions a scorer runs through the model for `encoded` (padding included), batched as it
+    batches; with `shared_prefix`, the prefix common to all prompts and each batch's own common prefix are
+    computed once, as the candidate's key/value cache does."""
+    from leantune.evaluation.scoring import common_prefix
+
+    if shared_prefix:
+        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].prompt_ids), encoded[i].prompt_ids))
+        shared = common_prefix([e.prompt_ids for e in encoded])
+    else:
+        order, shared = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].prompt_ids)), 0
+    total = shared
+    for start in range(0, len(order), batch_size):
+        batch = [encoded[i] for i in order[start:start + batch_size]]
+        cached = max(shared, common_prefix([e.prompt_ids for e in batch])) if shared_prefix else 0
+        total += cached - shared  # a batch's longer common prefix extends the cache once
+        slots = max(len(e.option_ids) for e in batch)
+        answers = sum(max(len(e.option_ids[k]) for e in batch if k < len(e.option_ids)) for k in range(slots))
+        total += len(batch) * (max(len(e.prompt_ids) for e in batch) - cached + answers)
+    return total
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=12, help="items per evaluation set")
@@ -115,6 +137,11 @@ def main() -> int:
               "shared_prefix_tokens": scoring.common_prefix([e.prompt_ids for e in encoded]),
               "items_per_s": {k: statistics.median(len(encoded) / s for s in v) for k, v in seconds.items()},
               "seconds": seconds, "load_average": load, "max_abs_score_difference": diff, "speedup": {}}
+    # The bound on any exact scorer: every item's own tokens (prompt past the shared prefix, and answers) once.
+    shared = scoring.common_prefix([e.prompt_ids for e in encoded])
+    own = shared + sum(len(e.prompt_ids) - shared + sum(map(len, e.option_ids)) for e in encoded)
+    result["positions"] = {"reference": positions(encoded, cfg.eval.batch_size, False),
+                           "candidate": positions(encoded, cfg.eval.batch_size, True), "own_tokens": own}
     for name, models in (("base", ["base"]), ("tuned", ["tuned"]), ("base+tuned", ["base", "tuned"])):
         r = ratios(models)
         result["speedup"][name] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
@@ -123,6 +150,10 @@ def main() -> int:
     for name, r in result["speedup"].items():
         print(f"  {name:10s} candidate / reference items/s: median {r['median']:.2f}x "
               f"(min {r['min']:.2f}x, max {r['max']:.2f}x)")
+    pos = result["positions"]
+    print(f"  token positions through the model: reference {pos['reference']}, candidate {pos['candidate']}, "
+          f"every item's own tokens {pos['own_tokens']}: no exact scorer runs fewer than the reference's / "
+          f"{pos['reference'] / pos['own_tokens']:.2f}")
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {args.out}")
     return 0
