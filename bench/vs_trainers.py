@@ -17,8 +17,9 @@ accumulation) and number of optimizer steps for
 Each runs in its own process (its own peak RSS), `--threads` torch threads, runners interleaved in
 every round (a fresh shuffled order per round), medians over rounds. Per runner: trained tokens/s
 (non-padding tokens of the optimizer steps / the time of the steps), peak RSS (VmHWM at the end of
-training), the final loss (mean cross-entropy per target token of the first global batch after
-training, computed the same way for all), and MFU: 6 x (parameters, embeddings excluded) FLOPs per
+training), the final loss (mean cross-entropy per target token over all the training sequences after
+training, one sequence at a time, the same way for all; TRL's packing puts more sequences in a row, so
+its steps go over the data more than once), and MFU: 6 x (parameters, embeddings excluded) FLOPs per
 trained token over a fp32 matmul peak measured in the same run with the same threads. The JSON goes
 to --out; the table is printed.
 """
@@ -121,19 +122,23 @@ def sequences(run: Path) -> list[dict]:
 
 
 def final_loss(model, run: Path) -> float:
-    """Mean cross-entropy per target token of the first global batch (the same for every runner)."""
+    """Mean cross-entropy per target token over every training sequence (the same for every runner, and
+    not tied to the order in which a runner's batches came), one sequence at a time, in eval mode."""
     import torch
 
     from leantune.tokenization import TokenShards, collate
     from leantune.training.loss import summed_cross_entropy
 
     shards = TokenShards(run / "tokens" / "train")
-    batch = collate([shards[i] for i in range(GLOBAL_BATCH)], shards.pad_id)
-    labels = batch.pop("labels")
     model.eval()
+    ce, targets = 0.0, 0
     with torch.no_grad():
-        ce = summed_cross_entropy(model(**batch).logits, labels)
-    return float(ce) / int((labels[:, 1:] != -100).sum())
+        for i in range(len(shards)):
+            batch = collate([shards[i]], shards.pad_id)
+            labels = batch.pop("labels")
+            ce += float(summed_cross_entropy(model(**batch).logits, labels))
+            targets += int((labels[:, 1:] != -100).sum())
+    return ce / targets
 
 
 def run_leantune(pristine: Path, steps: int) -> dict:
