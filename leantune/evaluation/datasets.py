@@ -161,17 +161,22 @@ def set_name(spec: str) -> str:
     return Path(spec).stem
 
 
+def synthetic_item_count(cfg: RunConfig) -> int:
+    """Items of the synthetic set: eval.synthetic_items, capped by eval.max_items here rather than by
+    `cap`, so that the set stays balanced."""
+    return min(cfg.eval.synthetic_items, cfg.eval.max_items or cfg.eval.synthetic_items)
+
+
 def load_eval_set(spec: str, cfg: RunConfig) -> EvalSet:
     """One set of `eval.datasets` (see the module docstring for the names)."""
     if spec == "synthetic":
-        # Capped here rather than by `cap`, so that the set stays balanced.
-        return synthetic_set(cfg.data.synthetic, min(cfg.eval.synthetic_items, cfg.eval.max_items or 2**62))
+        return synthetic_set(cfg.data.synthetic, synthetic_item_count(cfg))
     if spec == "anthropic-sample":
         return anthropic_file(BUNDLED_SAMPLE, name=spec, max_invalid_fraction=0.0)
     if spec.startswith("anthropic-hub:"):
         return anthropic_hub(spec.removeprefix("anthropic-hub:"), cfg.validation.max_reject_fraction)
     if spec == SYNTHETIC_CHALLENGE:
-        plain = plain_set(synthetic_set(cfg.data.synthetic, min(cfg.eval.synthetic_items, cfg.eval.max_items or 2**62)))
+        plain = plain_set(synthetic_set(cfg.data.synthetic, synthetic_item_count(cfg)))
         return challenge_set(plain)
     if spec.startswith("are-you-sure:"):
         path = Path(spec.removeprefix("are-you-sure:"))
