@@ -83,6 +83,8 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
     """
     import torch
 
+    from leantune.training.fused import fuse_swiglu
+
     precision = resolve_precision(cfg, device)
     attention = resolve_attention(cfg, device, precision)
     method = cfg.model.method
@@ -124,6 +126,8 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
             # Non-reentrant checkpointing does not need it, but a model whose own code forces the
             # reentrant variant gets no gradient through a frozen embedding without it.
             model.enable_input_require_grads()
+    # SwiGLU MLPs keep gate(x) and up(x) for backward, not the silu and the product too (fused.py).
+    fuse_swiglu(model)
     # from_pretrained returns eval mode, where transformers skips checkpointing and dropout.
     model.train()
     return model
@@ -273,6 +277,8 @@ def _add_lora(cfg: RunConfig, model):
     _quiet_peft_import()
     from peft import LoraConfig, get_peft_model
 
+    from leantune.training.fused import fuse_lora
+
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -301,6 +307,8 @@ def _add_lora(cfg: RunConfig, model):
                 f"lora.target_modules: {cfg.lora.target_modules} match no layer of the model; its linear "
                 f"layers are named {sorted(_linear_names(model))}; or use 'all-linear'"
             ) from None
+    # One autograd Function per adapted linear layer: no dropped-out input copy per adapter (fused_lora.py).
+    fuse_lora(peft_model)
     wrapped = {m.parameter_name for m in peft_model.modules() if type(m).__name__ == "ParamWrapper"}
     if cfg.lora.target_parameters and not wrapped:
         # peft only warns when target_modules matched something.

@@ -20,13 +20,16 @@ Memory of a training step (bytes; p = 2 for bf16/fp16 compute, 4 for fp32):
               backward; per layer:
                 attention (SDPA / flash): p (2a + 2c) for q, k, v and the output, 4 n_h for the
                   log-sum-exp; eager attention adds p n_h T for the probabilities (T = sequence)
-                MLP: p 3i (gate, its SiLU and up)
+                MLP: p 2i (gate and up; the fused SwiGLU recomputes the SiLU and the product)
                 norms: 4 (2h + 2) (RMSNorm computes in fp32 and keeps its input and 1/rms)
                 full fine-tune: p (2h + a + i) linear inputs and p 2h normalised outputs, for the
                   weight gradients
-                LoRA: per adapted linear with input width n: dropout > 0 keeps its mask (1 byte on
-                  CUDA, p on the CPU) and its output (p) of width n; dropout 0 keeps each distinct
-                  input once (q/k/v share one, gate/up another); plus p r for the A output
+                LoRA (fused, training/fused.py): each distinct input of the adapted linears once
+                  (q/k/v share one, gate/up another; down_proj's is recomputed), p per element, and
+                  p r per adapted linear for the A output
+                QLoRA (peft's forward): per adapted linear with input width n, dropout > 0 keeps its
+                  mask (1 byte on CUDA, p on the CPU) and its output (p) of width n; dropout 0 keeps
+                  each distinct input once, down_proj's too; plus p r for the A output
               after the layers: 4 (h + 1) for the final norm; p h + 8 per target token (the gradient
               of its hidden row and its index; every token counted as a target)
               packed sequences add their block-diagonal attention mask, p T
@@ -245,11 +248,13 @@ def estimate_memory(shape: ModelShape, *, method: str, compute_bytes: int, micro
         layer += p * (2 * h + a + i) + p * 2 * h
     else:
         adapted = shape.adapted(lora_targets)
-        if lora_dropout > 0:
+        if method == "qlora" and lora_dropout > 0:
             mask = 1 if device_type == "cuda" else p
             layer += sum((mask + p) * shapes[n][0] for n in adapted)
         else:
-            widths = {INPUT_GROUP[n]: shapes[n][0] for n in adapted}
+            # Fused LoRA (training/fused.py) recomputes a dense MLP's down_proj input; peft's forward keeps it.
+            recomputed = {"down_proj"} if method == "lora" and not shape.is_moe else set()
+            widths = {INPUT_GROUP[n]: shapes[n][0] for n in adapted if n not in recomputed}
             layer += p * sum(widths.values())
         layer += p * lora_r * len(adapted)
     tokens = micro_batch_size * seq_len
@@ -281,16 +286,16 @@ def estimate_memory(shape: ModelShape, *, method: str, compute_bytes: int, micro
 
 
 def _mlp_activations(shape: ModelShape, p: int) -> int:
-    """Bytes one token's MLP keeps for backward: the dense gate, its SiLU and up (p 3i); or, in an MoE
+    """Bytes one token's MLP keeps for backward: the dense gate and up (p 2i: fused.py's SwiGLU); or, in an MoE
     layer, the router's logits and fp32 probabilities (E (p + 4)), and per expert the token is routed to
     (transformers' grouped experts): its gathered input, gate-up output, activation and gated product, the
     expert output and the weighted output (p (2h + 4i)) and its routing index and weight (16); plus the
-    shared expert's MLP and gate (p (3s + 1))."""
+    shared expert's (fused) MLP and gate (p (2s + 1))."""
     h, i = shape.hidden_size, shape.intermediate_size
     if not shape.is_moe:
-        return p * 3 * i
+        return p * 2 * i
     routed = shape.experts_per_token * (p * (2 * h + 4 * i) + 16)
-    shared = p * (3 * shape.shared_expert_size + 1) if shape.shared_expert_size else 0
+    shared = p * (2 * shape.shared_expert_size + 1) if shape.shared_expert_size else 0
     return shape.num_experts * (p + 4) + routed + shared
 
 

@@ -1,0 +1,224 @@
+"""Fused layers that keep less for backward: LoRA linear layers, and SwiGLU MLPs.
+
+**LoRA linear layers.** peft computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` from
+separate modules, so autograd keeps, for every adapted layer, a dropped-out copy of its input and
+the dropout's mask (full-size fp32 tensors on the CPU), although the frozen base matmul needs
+neither; q, k and v (and gate and up) read the same input and keep three (two) such pairs. Here one
+autograd Function per layer keeps the input once (q, k and v share it) and the rank-r intermediate.
+The dropout mask is drawn from a seed taken from torch's generator and drawn again in backward
+instead of being kept, with a cheaper draw than torch's dropout: 16 random bits per element, the
+drop probability rounded to a multiple of 1/65536 and the kept values scaled by that rounded
+probability, so the expected output is unchanged.
+
+**SwiGLU MLPs** (Llama, Mistral, Qwen2, SmolLM2...: `down(silu(gate(x)) * up(x))`): autograd keeps
+gate(x), silu(gate(x)) and up(x) for the product's backward, and down's input (the product) for
+LoRA's. Here the MLP keeps gate(x) and up(x) only, and backward recomputes the silu and the product
+(elementwise, cheap beside the matmuls): Liger Kernel's SwiGLU, and with LoRA on down_proj, its
+input too.
+
+Gradients equal peft's and transformers' within float rounding for the same dropout mask
+(tests/test_fused.py). A layer whose base is not a plain nn.Linear (bitsandbytes' 4-bit layers,
+GPT-2's Conv1D), that uses DoRA or a LoRA bias, or that runs merged, disabled, with several adapters
+or without gradients keeps peft's own forward (down_proj then gets the product as its input). The
+adapters stay peft's parameters: saving, loading and merging are unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+RANDOM_BITS = 16  # per element of a dropout mask
+
+
+def fuse_lora(model) -> int:
+    """Give every eligible peft LoRA linear layer of `model` the fused forward; returns how many."""
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    fused = 0
+    for module in model.modules():
+        if (isinstance(module, LoraLinear) and type(module.base_layer) is torch.nn.Linear
+                and not module.fan_in_fan_out and not module.lora_variant
+                and not any(b.bias is not None for b in module.lora_B.values())):
+            module.forward = types.MethodType(_lora_forward_method, module)
+            fused += 1
+    return fused
+
+
+def fuse_swiglu(model) -> int:
+    """Give every SwiGLU MLP of `model` (gate_proj, up_proj, down_proj and a SiLU act_fn) the fused
+    forward; returns how many."""
+    import torch
+    from transformers.activations import SiLUActivation
+
+    fused = 0
+    for module in model.modules():
+        if (all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
+                and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU))):
+            module.forward = types.MethodType(_swiglu_forward_method, module)
+            fused += 1
+    return fused
+
+
+def _lora_arguments(layer):
+    """(base weight, base bias, A, B, scaling, dropout p) of a fused LoRA layer that takes the fused
+    path now, else None."""
+    import torch
+
+    if getattr(layer.forward, "__func__", None) is not _lora_forward_method:
+        return None
+    adapters, base = layer.active_adapters, layer.base_layer
+    if (len(adapters) != 1 or adapters[0] not in layer.lora_A or layer.disable_adapters or layer.merged
+            or not torch.is_grad_enabled() or base.weight.requires_grad
+            or (base.bias is not None and base.bias.requires_grad)):
+        return None
+    adapter = adapters[0]
+    dropout = layer.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    return (base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+            layer.scaling[adapter], p)
+
+
+def _lora_forward_method(self, x, *args, **kwargs):
+    arguments = None if args or kwargs else _lora_arguments(self)
+    if arguments is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    return _functions()[0].apply(x, *arguments)
+
+
+def _swiglu_forward_method(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    lora = _lora_arguments(self.down_proj)
+    if lora is not None:
+        return _functions()[2].apply(gate, up, *lora)
+    return self.down_proj(_functions()[1].apply(gate, up))
+
+
+def _keep_mask(x, p_int: int, seed: int):
+    """Dropout's keep mask for x: False where the element's 16-bit draw falls under p_int."""
+    import torch
+
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    # Four 16-bit draws from each 64-bit one: a quarter of the generator's work of one draw per element.
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
+    draws = words.random_(-2**63, None, generator=generator).view(torch.int16)[:x.numel()].view(x.shape)
+    return draws >= p_int - 2**15
+
+
+def _lora_forward(x, weight, bias, lora_a, lora_b, scaling, p):
+    """(output, rank-r intermediate, dropout (p_int, seed)) of base(x) + (dropout(x) @ A.T @ B.T) * scaling."""
+    import torch
+    import torch.nn.functional as F
+
+    p_int = round(p * 2**RANDOM_BITS)
+    # The seed comes from torch's generator, so a run stays reproducible from train.seed, and
+    # activation checkpointing (which restores the generator) recomputes the same mask.
+    seed = int(torch.randint(2**62, (1,)).item()) if p_int else 0
+    dropped = torch.where(_keep_mask(x, p_int, seed), x, 0.0) if p_int else x
+    low_rank = F.linear(dropped.to(lora_a.dtype), lora_a)
+    del dropped
+    if p_int:  # the kept elements' 1 / (1 - p), applied to the smallest tensor
+        low_rank = low_rank * (2**RANDOM_BITS / (2**RANDOM_BITS - p_int))
+    out = F.linear(x, weight, bias)
+    out = out + F.linear(low_rank, lora_b).to(out.dtype) * scaling
+    return out, low_rank, (p_int, seed)
+
+
+def _lora_backward(grad_out, x, weight, lora_a, lora_b, low_rank, scaling, dropout, needs):
+    """(grad x, grad A, grad B) of `_lora_forward`, each None where `needs` (x, A, B) says so."""
+    import torch
+
+    p_int, seed = dropout
+    keep = _keep_mask(x, p_int, seed) if p_int else None
+    grad_low = grad_out.to(lora_b.dtype).matmul(lora_b) * scaling
+    grad_x = grad_a = grad_b = None
+    if needs[2]:
+        grad_b = grad_out.to(lora_b.dtype).flatten(0, -2).T.matmul(low_rank.flatten(0, -2).to(lora_b.dtype)) * scaling
+    if keep is not None:
+        grad_low = grad_low * (2**RANDOM_BITS / (2**RANDOM_BITS - p_int))  # the dropout's scale, on rank r
+    if needs[1]:
+        dropped = torch.where(keep, x, 0.0) if keep is not None else x
+        grad_a = grad_low.flatten(0, -2).T.matmul(dropped.flatten(0, -2).to(lora_a.dtype))
+        del dropped
+    if needs[0]:
+        # d dropout(x) / dx is the same mask and scale: apply the dropout to the gradient.
+        grad_lora_x = grad_low.matmul(lora_a)
+        if keep is not None:
+            grad_lora_x = torch.where(keep, grad_lora_x, 0.0)
+        grad_x = grad_out.to(weight.dtype).matmul(weight).to(x.dtype) + grad_lora_x.to(x.dtype)
+    return grad_x, grad_a, grad_b
+
+
+def _swiglu_backward(grad_h, gate, up):
+    """(grad gate, grad up) of h = silu(gate) * up, the silu recomputed."""
+    import torch
+
+    sigmoid = torch.sigmoid(gate)
+    silu = gate * sigmoid
+    grad_up = grad_h * silu
+    # silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))) = sigmoid + silu * (1 - sigmoid)
+    grad_gate = grad_h * up * (sigmoid + silu * (1 - sigmoid))
+    return grad_gate, grad_up
+
+
+@functools.cache
+def _functions():
+    """The autograd Functions (LoRA linear, SwiGLU, SwiGLU into a LoRA down_proj), defined on first
+    use (torch is imported inside functions only)."""
+    import torch
+    import torch.nn.functional as F
+
+    class FusedLoraLinear(torch.autograd.Function):
+        """base(x) + (dropout(x) @ A.T @ B.T) * scaling, with a frozen base weight and bias."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p):
+            out, low_rank, ctx.dropout = _lora_forward(x, weight, bias, lora_a, lora_b, scaling, p)
+            ctx.save_for_backward(x, weight, lora_a, lora_b, low_rank)
+            ctx.scaling = scaling
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            x, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
+            needs = ctx.needs_input_grad
+            grads = _lora_backward(grad_out, x, weight, lora_a, lora_b, low_rank, ctx.scaling, ctx.dropout,
+                                   (needs[0], needs[3], needs[4]))
+            return grads[0], None, None, grads[1], grads[2], None, None
+
+    class SwiGLU(torch.autograd.Function):
+        """silu(gate) * up, keeping gate and up only."""
+
+        @staticmethod
+        def forward(ctx, gate, up):
+            ctx.save_for_backward(gate, up)
+            return F.silu(gate) * up
+
+        @staticmethod
+        def backward(ctx, grad_h):
+            return _swiglu_backward(grad_h, *ctx.saved_tensors)
+
+    class SwiGLULoraDown(torch.autograd.Function):
+        """down(silu(gate) * up) with LoRA on down, keeping gate, up and the rank-r intermediate only."""
+
+        @staticmethod
+        def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling, p):
+            h = F.silu(gate) * up
+            out, low_rank, ctx.dropout = _lora_forward(h, weight, bias, lora_a, lora_b, scaling, p)
+            ctx.save_for_backward(gate, up, weight, lora_a, lora_b, low_rank)
+            ctx.scaling = scaling
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            gate, up, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
+            needs = ctx.needs_input_grad
+            h = F.silu(gate) * up
+            grad_h, grad_a, grad_b = _lora_backward(grad_out, h, weight, lora_a, lora_b, low_rank, ctx.scaling,
+                                                    ctx.dropout, (needs[0] or needs[1], needs[4], needs[5]))
+            del h
+            grad_gate, grad_up = _swiglu_backward(grad_h, gate, up) if grad_h is not None else (None, None)
+            return grad_gate, grad_up, None, None, grad_a, grad_b, None, None
+
+    return FusedLoraLinear, SwiGLU, SwiGLULoraDown
