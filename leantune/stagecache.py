@@ -11,9 +11,9 @@ includes the key of the stage before it:
   `validation` section and the content of the expectation suites;
 - tokenize: the validate key, the `tokenize` section, the model fields that choose the tokenizer
   (name_or_path, revision, trust_remote_code), the files of a local tokenizer directory, and,
-  without packing only, train.micro_batch_size / train.seed: tokenize reads them then, for the
-  padding estimate of length-grouped batches in index.json (packed sequences are padded to
-  max_seq_len, whatever the batches).
+  without packing only, train.global_batch_size / micro_batch_size / seed: tokenize reads them
+  then, for the padding estimate of training's micro-batches in index.json (packed sequences are
+  padded to max_seq_len, whatever the batches).
 
 Keys never use timestamps. A hub source is keyed by its id, config and split only: the hub may
 publish new data under the same id, which the key cannot see; set run.cache=false to re-read it.
@@ -123,9 +123,10 @@ def tokenize_key(cfg: RunConfig) -> str:
     m = cfg.model
     source = cfg.tokenize.tokenizer or m.name_or_path
     local = tree_digest(Path(source), _is_tokenizer_file) if Path(source).is_dir() else "not-local"
-    # Without packing, tokenize estimates the padding of training's length-grouped batches (index.json's
-    # padding_fraction) from the micro-batch and the seed; packed sequences do not depend on them.
-    batches = [] if cfg.tokenize.packing else [cfg.train.micro_batch_size, cfg.train.seed]
+    # Without packing, tokenize estimates the padding of training's micro-batches (index.json's
+    # padding_fraction) from the batch sizes and the seed; packed sequences do not depend on them.
+    t = cfg.train
+    batches = [] if cfg.tokenize.packing else [t.global_batch_size, t.micro_batch_size, t.seed]
     return _sha256("tokenize", validate_key(cfg), cfg.section_hash("tokenize"),
                    json.dumps([m.name_or_path, m.revision, m.trust_remote_code, local, *batches]))
 

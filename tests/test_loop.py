@@ -182,7 +182,7 @@ def test_data_order_covers_each_epoch_once_and_runs_on_into_the_next(tokenized_r
     assert cursor == [1, len(seen) - n]
 
 
-def test_unpacked_order_groups_similar_lengths_into_global_batches():
+def test_unpacked_order_draws_global_batches_at_random_and_sorts_within_them():
     class Unpacked:  # the two things epoch_order reads from TokenShards
         meta = {"packing": False}
         lengths = np.random.default_rng(0).integers(10, 500, size=1003)
@@ -190,16 +190,25 @@ def test_unpacked_order_groups_similar_lengths_into_global_batches():
         def __len__(self):
             return len(self.lengths)
 
-        def length_grouped_batches(self, batch_size, seed):
-            return TokenShards.length_grouped_batches(self, batch_size, seed)
+        def length_sorted_batches(self, global_batch_size, seed):
+            return TokenShards.length_sorted_batches(self, global_batch_size, seed)
 
     shards = Unpacked()
     order = epoch_order(shards, 0, 16, 0)
     assert sorted(order.tolist()) == list(range(1003))
-    batches = [order[i:i + 16] for i in range(0, 1003, 16)]
+    batches = [shards.lengths[order[i:i + 16]] for i in range(0, 1003, 16)]
     assert len(batches[-1]) == 1003 % 16  # the short batch comes last
-    spread = np.mean([np.ptp(shards.lengths[b]) for b in batches[:-1]])
-    assert spread < 0.2 * np.ptp(shards.lengths)  # grouped: each batch spans a narrow band of lengths
+    assert all((np.diff(b) <= 0).all() for b in batches)  # longest first within each global batch
+    # Each global batch is a uniform draw, not a length band: it spans most of the range of lengths,
+    # and the batches' mean lengths vary as little as random draws of 16 do.
+    assert np.median([np.ptp(b) for b in batches[:-1]]) > 0.7 * np.ptp(shards.lengths)
+    assert np.std([b.mean() for b in batches[:-1]]) < 1.5 * np.std(shards.lengths) / 4
+    # Sorted within: micro-batches of 4 need far less padding than the same batches in drawn order.
+    def padded(batches):
+        return sum(b[s:s + 4].max() * len(b[s:s + 4]) for b in batches for s in range(0, len(b), 4))
+
+    rng = np.random.default_rng(1)
+    assert padded(batches) < 0.85 * padded([rng.permutation(b) for b in batches])
 
 
 FLOW_RUN = ["data.synthetic.num_records=120", "data.val_fraction=0.1", "tokenize.vocab_size=400",

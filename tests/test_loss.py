@@ -173,3 +173,39 @@ def test_chunked_loss_equals_the_full_path_on_smollm2():
     labels = inputs.pop("labels")
     ref = assert_same_loss_and_gradients(model, inputs, labels, chunk_logits=16 * 49152)  # 3 chunks of 16 rows
     assert any("lm_head" in n for n in ref)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral-sliding-window"])
+def test_padded_batches_train_without_a_mask_with_the_same_loss_and_gradients(architecture):
+    from leantune.training.loop import model_inputs
+
+    if architecture == "llama":
+        model = build_model(load_config(overrides=TINY), Tokenizer(), torch.device("cpu"))
+    else:
+        from transformers import MistralConfig, MistralForCausalLM
+
+        torch.manual_seed(0)
+        model = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 sliding_window=8, attn_implementation="sdpa"))
+    rng = np.random.default_rng(2)
+    items = []
+    for n in (40, 23, 15):  # right-padded to 40
+        ids = rng.integers(3, VOCAB, n)
+        labels = np.where(np.arange(n) >= n // 2, ids, -100)
+        items.append({"input_ids": ids, "labels": labels, "doc_lengths": np.array([n]), "position_ids": np.arange(n)})
+    inputs, labels = model_inputs(items, 0, torch.float32, False, torch.device("cpu"))
+    assert list(inputs) == ["input_ids"] and inputs["input_ids"].shape == (3, 40)  # no mask, default positions
+    with_mask = collate(items, 0)
+    assert torch.equal(with_mask.pop("labels"), labels) and with_mask["attention_mask"].dim() == 2
+    ref_loss, ref = grads_of(model, lambda: target_cross_entropy(model, with_mask, labels))
+    loss, new = grads_of(model, lambda: target_cross_entropy(model, inputs, labels))
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert new.keys() == ref.keys() and ref
+    for name, g in ref.items():
+        torch.testing.assert_close(new[name], g, rtol=1e-5, atol=1e-5, msg=name)
+    # Rows holding packed documents keep their block-diagonal mask.
+    kept, _ = model_inputs([{**it, "doc_lengths": np.array([10, len(it["input_ids"]) - 10]),
+                             "position_ids": np.concatenate([np.arange(10), np.arange(len(it["input_ids"]) - 10)])}
+                            for it in items], 0, torch.float32, False, torch.device("cpu"))
+    assert kept["attention_mask"].shape == (3, 1, 40, 40) and "position_ids" in kept

@@ -131,9 +131,12 @@ def test_tokenize_key_holds_train_settings_only_without_packing(first):
     assert ran == {"prepare": False, "validate": False, "tokenize": False}
     _, _, ran = run_stages(inputs, root / "runs", "unpacked", "tokenize.packing=false")
     assert ran == {"prepare": False, "validate": False, "tokenize": True}
-    # Unpacked, tokenize estimates the padding of training's length-grouped batches from these two.
+    # Unpacked, tokenize estimates the padding of training's micro-batches from these three.
     run_dir, _, ran = run_stages(inputs, root / "runs", "unpacked-mb", "tokenize.packing=false",
                                  "train.micro_batch_size=2")
+    assert ran == {"prepare": False, "validate": False, "tokenize": True}
+    _, _, ran = run_stages(inputs, root / "runs", "unpacked-gb", "tokenize.packing=false",
+                           "train.micro_batch_size=2", "train.global_batch_size=4")
     assert ran == {"prepare": False, "validate": False, "tokenize": True}
 
 

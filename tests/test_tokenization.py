@@ -20,8 +20,9 @@ from leantune.tokenization import (
     best_fit,
     collate,
     encode_conversation,
-    length_grouped_batches,
+    length_sorted_batches,
     load_tokenizer,
+    micro_batches,
     padding_fraction,
     tokenize,
     tokenize_records,
@@ -368,15 +369,19 @@ def test_padding_fraction_on_a_hand_example():
     assert padding_fraction(lengths, [[0, 1, 2, 3]]) == pytest.approx(1 - 18 / 32)
 
 
-def test_length_grouped_batches_cover_every_index_once_and_cut_padding():
+def test_length_sorted_batches_cover_every_index_once_sorted_within_each_batch():
     lengths = np.random.default_rng(0).integers(5, 500, size=403)
-    batches = length_grouped_batches(lengths, 8, seed=1)
+    batches = length_sorted_batches(lengths, 8, seed=1)
     assert sorted(i for b in batches for i in b) == list(range(403))
-    assert sorted(len(b) for b in batches)[1:] == [8] * 50 and min(len(b) for b in batches) == 3
-    assert length_grouped_batches(lengths, 8, seed=1) == batches
-    assert length_grouped_batches(lengths, 8, seed=2) != batches
-    in_order = [list(range(i, min(i + 8, 403))) for i in range(0, 403, 8)]
-    assert padding_fraction(lengths, batches) < padding_fraction(lengths, in_order) / 3
+    assert [len(b) for b in batches] == [8] * 50 + [3]
+    assert all((np.diff(lengths[b]) <= 0).all() for b in batches)
+    assert all(np.array_equal(a, b) for a, b in zip(length_sorted_batches(lengths, 8, seed=1), batches, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(length_sorted_batches(lengths, 8, seed=2), batches,
+                                                        strict=True))
+    # The batches' members are those of a plain shuffle with the same seed: sorting moves none across.
+    perm = np.random.default_rng(1).permutation(403)
+    assert [sorted(b.tolist()) for b in batches] == [sorted(perm[i:i + 8].tolist()) for i in range(0, 403, 8)]
+    assert [m.tolist() for m in micro_batches([np.array([5, 4, 3, 2, 1])], 2)] == [[5, 4], [3, 2], [1]]
 
 
 def test_reported_padding_fraction_matches_the_layout(scratch, tmp_path):
@@ -388,8 +393,8 @@ def test_reported_padding_fraction_matches_the_layout(scratch, tmp_path):
     cfg = config(packing=False)
     unpacked = tokenize_records(cfg, tokenizer, path, tmp_path / "u")
     reader = TokenShards(tmp_path / "u")
-    expected = padding_fraction(reader.lengths, reader.length_grouped_batches(cfg.train.micro_batch_size,
-                                                                              cfg.train.seed))
+    batches = reader.length_sorted_batches(cfg.train.global_batch_size, cfg.train.seed)
+    expected = padding_fraction(reader.lengths, micro_batches(batches, cfg.train.micro_batch_size))
     assert unpacked["tokens"]["padding_fraction"] == pytest.approx(expected)
     assert 0 < packed["tokens"]["padding_fraction"] < unpacked["tokens"]["padding_fraction"] + 0.2
 

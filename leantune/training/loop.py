@@ -649,17 +649,14 @@ def epoch_order(shards: TokenShards, epoch: int, global_batch_size: int, seed: i
     """The order in which epoch `epoch` visits the training sequences.
 
     Depends on train.seed, the epoch and the global batch only, never on the micro-batch.
-    Packed sequences are all about max_seq_len long, so a plain shuffle costs little padding;
-    unpacked ones are grouped by length into global batches (their micro-batches, consecutive
-    slices, then have similar lengths too).
+    Global batches are uniform draws. Packed sequences are all about max_seq_len long, so a plain
+    shuffle costs little padding; unpacked ones are sorted longest first within each global batch,
+    so that its micro-batches (consecutive slices) have similar lengths (`length_sorted_batches`).
     """
     epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     if shards.meta["packing"]:
         return np.random.default_rng(epoch_seed).permutation(len(shards))
-    batches = shards.length_grouped_batches(global_batch_size, epoch_seed)
-    # The one short batch goes last, so that global batches cut from the order are the groups.
-    batches.sort(key=lambda b: len(b) < global_batch_size)
-    return np.concatenate(batches).astype(np.int64)
+    return np.concatenate(shards.length_sorted_batches(global_batch_size, epoch_seed)).astype(np.int64)
 
 
 def next_global_batch(order_of: Callable[[int], np.ndarray], epoch: int, offset: int,
@@ -680,7 +677,10 @@ def model_inputs(items: list[dict], pad_id: int, mask_dtype, one_row: bool, devi
     """Model keyword arguments and labels of a micro-batch, on `device`.
 
     one_row (flash-attention): the items concatenated into one row with no mask; documents are
-    told apart by their restarting position ids. Otherwise `collate`'s padded batch.
+    told apart by their restarting position ids. Otherwise `collate`'s padded batch, without its
+    mask when every row is one document: the pads are on the right, where under the causal mask no
+    real token attends to them, so the mask changes nothing the loss reads. Without it SDPA runs its
+    causal kernel with no mask, and models with grouped key/value heads do not repeat them.
     """
     import torch
 
@@ -689,6 +689,9 @@ def model_inputs(items: list[dict], pad_id: int, mask_dtype, one_row: bool, devi
                  for k in ("input_ids", "labels", "position_ids")}
     else:
         batch = collate(items, pad_id, dtype=mask_dtype)
+        if batch["attention_mask"].dim() == 2:
+            # The default positions 0, 1, ... are the documents' own (pads get the ones after).
+            del batch["attention_mask"], batch["position_ids"]
     labels = batch.pop("labels").to(device, non_blocking=True)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, labels
 
