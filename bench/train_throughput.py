@@ -11,7 +11,8 @@ tokens (the Trainer's num_items_in_batch does the same).
 Sides:
   trainer          Trainer + PEFT, its default random sampler, padding to the longest in a micro-batch
   trainer-grouped  the same with train_sampling_strategy="group_by_length"
-  ours             leantune's loop on the unpacked records (its length-grouped order)
+  ours             leantune's loop on the unpacked records (global batches sorted by length)
+  ours-grouped     the same with train.group_by_length=true (whole global batches grouped by length)
   ours-packed      leantune's loop on packed sequences (block-diagonal attention, no padding)
 Memory only (leantune's loop, packed): LoRA with gradient checkpointing against full fp32 fine-tuning.
 
@@ -38,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-THROUGHPUT_SIDES = ("trainer", "trainer-grouped", "ours", "ours-packed")
+THROUGHPUT_SIDES = ("trainer", "trainer-grouped", "ours", "ours-grouped", "ours-packed")
 MEMORY_SIDES = ("lora-gc", "full")
 
 SUBJECTS = ["the capital of France", "two plus two", "the boiling point of water", "the speed of light",
@@ -76,6 +77,8 @@ def overrides(args, data_path: Path, packing: bool, side: str = "ours") -> list[
         f"train.max_steps={args.steps if side in THROUGHPUT_SIDES else 3}",
         "train.warmup_steps=2", "train.lr=1e-3", "train.eval_every=100000", "checkpoint.every_steps=100000", "adaptive.enabled=false", "adaptive.probe_longest_first=false",
     ]
+    if side == "ours-grouped":
+        s.append("train.group_by_length=true")
     if side == "lora-gc":
         s.append("model.gradient_checkpointing=true")
     if side == "full":
@@ -237,7 +240,7 @@ def main() -> None:
             # Memory is one number per side; measured in the first block only, to keep the run short.
             sides = THROUGHPUT_SIDES + (MEMORY_SIDES if block == 0 else ())
             for side in sides:
-                packing = side not in ("trainer", "trainer-grouped", "ours")
+                packing = side not in ("trainer", "trainer-grouped", "ours", "ours-grouped")
                 run_dir = tmp / f"run-{block}-{side}"
                 shutil.copytree(prepared[packing], run_dir)
                 cfg = load_config(overrides=overrides(args, data_path, packing, side))
@@ -261,7 +264,8 @@ def main() -> None:
     for side in THROUGHPUT_SIDES:
         print(f"  {side:15s} {speed[side]:8.0f}")
     print("tokens/s ratios, median of the per-block ratios (each block's sides ran back to back):")
-    for a, b in (("ours", "trainer"), ("ours", "trainer-grouped"), ("ours-packed", "trainer"),
+    for a, b in (("ours", "trainer"), ("ours", "trainer-grouped"), ("ours-grouped", "trainer-grouped"),
+                 ("ours-grouped", "ours"), ("ours-packed", "trainer"),
                  ("ours-packed", "trainer-grouped"), ("ours-packed", "ours")):
         ratios = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(results[a], results[b], strict=True)]
         print(f"  {a + ' / ' + b:32s} {statistics.median(ratios):.2f}  (blocks: "

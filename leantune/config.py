@@ -295,6 +295,12 @@ class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training sequences when max_steps is not set.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate. Changing it on resume rescales the "
                       "schedule from the checkpoint on by new/old (recorded in metrics.jsonl).")
+    group_by_length: bool = Field(
+        False, description="Without packing: group whole global batches by length (sorted within random windows "
+        "of 50 batches, as HF's group_by_length does across accumulated micro-batches): the least padding when "
+        "lengths vary widely, but each step is all short or all long sequences, which can slow learning "
+        "(bench/vs_trainers.py: a quarter more loss after 4 steps). Off: each global batch is a uniform draw, "
+        "sorted longest first so that its micro-batches have similar lengths.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps before the schedule.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")

@@ -11,7 +11,7 @@ includes the key of the stage before it:
   `validation` section and the content of the expectation suites;
 - tokenize: the validate key, the `tokenize` section, the model fields that choose the tokenizer
   (name_or_path, revision, trust_remote_code), the files of a local tokenizer directory, and,
-  without packing only, train.global_batch_size / micro_batch_size / seed: tokenize reads them
+  without packing only, train.global_batch_size / micro_batch_size / seed / group_by_length: tokenize reads them
   then, for the padding estimate of training's micro-batches in index.json (packed sequences are
   padded to max_seq_len, whatever the batches).
 
@@ -124,9 +124,9 @@ def tokenize_key(cfg: RunConfig) -> str:
     source = cfg.tokenize.tokenizer or m.name_or_path
     local = tree_digest(Path(source), _is_tokenizer_file) if Path(source).is_dir() else "not-local"
     # Without packing, tokenize estimates the padding of training's micro-batches (index.json's
-    # padding_fraction) from the batch sizes and the seed; packed sequences do not depend on them.
+    # padding_fraction) from the batch sizes, the seed and the grouping; packed sequences do not depend on them.
     t = cfg.train
-    batches = [] if cfg.tokenize.packing else [t.global_batch_size, t.micro_batch_size, t.seed]
+    batches = [] if cfg.tokenize.packing else [t.global_batch_size, t.micro_batch_size, t.seed, t.group_by_length]
     return _sha256("tokenize", validate_key(cfg), cfg.section_hash("tokenize"),
                    json.dumps([m.name_or_path, m.revision, m.trust_remote_code, local, *batches]))
 

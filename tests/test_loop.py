@@ -182,17 +182,23 @@ def test_data_order_covers_each_epoch_once_and_runs_on_into_the_next(tokenized_r
     assert cursor == [1, len(seen) - n]
 
 
+class Unpacked:  # the two things epoch_order reads from TokenShards
+    meta = {"packing": False}
+    lengths = np.random.default_rng(0).integers(10, 500, size=1003)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def training_batches(self, global_batch_size, seed, group_by_length):
+        return TokenShards.training_batches(self, global_batch_size, seed, group_by_length)
+
+
+def padded(batches, micro_batch_size=4):
+    return sum(b[s:s + micro_batch_size].max() * len(b[s:s + micro_batch_size])
+               for b in batches for s in range(0, len(b), micro_batch_size))
+
+
 def test_unpacked_order_draws_global_batches_at_random_and_sorts_within_them():
-    class Unpacked:  # the two things epoch_order reads from TokenShards
-        meta = {"packing": False}
-        lengths = np.random.default_rng(0).integers(10, 500, size=1003)
-
-        def __len__(self):
-            return len(self.lengths)
-
-        def length_sorted_batches(self, global_batch_size, seed):
-            return TokenShards.length_sorted_batches(self, global_batch_size, seed)
-
     shards = Unpacked()
     order = epoch_order(shards, 0, 16, 0)
     assert sorted(order.tolist()) == list(range(1003))
@@ -204,11 +210,20 @@ def test_unpacked_order_draws_global_batches_at_random_and_sorts_within_them():
     assert np.median([np.ptp(b) for b in batches[:-1]]) > 0.7 * np.ptp(shards.lengths)
     assert np.std([b.mean() for b in batches[:-1]]) < 1.5 * np.std(shards.lengths) / 4
     # Sorted within: micro-batches of 4 need far less padding than the same batches in drawn order.
-    def padded(batches):
-        return sum(b[s:s + 4].max() * len(b[s:s + 4]) for b in batches for s in range(0, len(b), 4))
-
     rng = np.random.default_rng(1)
     assert padded(batches) < 0.85 * padded([rng.permutation(b) for b in batches])
+
+
+def test_group_by_length_groups_whole_global_batches():
+    shards = Unpacked()
+    order = epoch_order(shards, 0, 16, 0, group_by_length=True)
+    assert sorted(order.tolist()) == list(range(1003))
+    batches = [shards.lengths[order[i:i + 16]] for i in range(0, 1003, 16)]
+    assert len(batches[-1]) == 1003 % 16  # the short batch comes last
+    spread = np.mean([np.ptp(b) for b in batches[:-1]])
+    assert spread < 0.2 * np.ptp(shards.lengths)  # grouped: each batch spans a narrow band of lengths
+    mixed = [shards.lengths[o] for o in np.split(epoch_order(shards, 0, 16, 0), range(16, 1003, 16))]
+    assert padded(batches) < 0.9 * padded(mixed)  # grouping pads less than sorting within (0.86x here)
 
 
 FLOW_RUN = ["data.synthetic.num_records=120", "data.val_fraction=0.1", "tokenize.vocab_size=400",

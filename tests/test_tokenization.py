@@ -20,12 +20,12 @@ from leantune.tokenization import (
     best_fit,
     collate,
     encode_conversation,
-    length_sorted_batches,
     load_tokenizer,
     micro_batches,
     padding_fraction,
     tokenize,
     tokenize_records,
+    training_batches,
 )
 
 WORDS = ("the sky is blue I think you are wrong two plus two equals four paris capital of france "
@@ -369,18 +369,24 @@ def test_padding_fraction_on_a_hand_example():
     assert padding_fraction(lengths, [[0, 1, 2, 3]]) == pytest.approx(1 - 18 / 32)
 
 
-def test_length_sorted_batches_cover_every_index_once_sorted_within_each_batch():
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_training_batches_cover_every_index_once(group_by_length):
     lengths = np.random.default_rng(0).integers(5, 500, size=403)
-    batches = length_sorted_batches(lengths, 8, seed=1)
+    batches = training_batches(lengths, 8, 1, group_by_length)
     assert sorted(i for b in batches for i in b) == list(range(403))
     assert [len(b) for b in batches] == [8] * 50 + [3]
     assert all((np.diff(lengths[b]) <= 0).all() for b in batches)
-    assert all(np.array_equal(a, b) for a, b in zip(length_sorted_batches(lengths, 8, seed=1), batches, strict=True))
-    assert not all(np.array_equal(a, b) for a, b in zip(length_sorted_batches(lengths, 8, seed=2), batches,
+    assert all(np.array_equal(a, b) for a, b in zip(training_batches(lengths, 8, 1, group_by_length), batches,
+                                                    strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(training_batches(lengths, 8, 2, group_by_length), batches,
                                                         strict=True))
-    # The batches' members are those of a plain shuffle with the same seed: sorting moves none across.
-    perm = np.random.default_rng(1).permutation(403)
-    assert [sorted(b.tolist()) for b in batches] == [sorted(perm[i:i + 8].tolist()) for i in range(0, 403, 8)]
+    in_order = [list(range(i, min(i + 8, 403))) for i in range(0, 403, 8)]
+    if group_by_length:
+        assert padding_fraction(lengths, batches) < padding_fraction(lengths, in_order) / 3
+    else:
+        # The batches' members are a plain shuffle's with the same seed: sorting moves none across.
+        perm = np.random.default_rng(1).permutation(403)
+        assert [sorted(b.tolist()) for b in batches] == [sorted(perm[i:i + 8].tolist()) for i in range(0, 403, 8)]
     assert [m.tolist() for m in micro_batches([np.array([5, 4, 3, 2, 1])], 2)] == [[5, 4], [3, 2], [1]]
 
 
@@ -393,7 +399,7 @@ def test_reported_padding_fraction_matches_the_layout(scratch, tmp_path):
     cfg = config(packing=False)
     unpacked = tokenize_records(cfg, tokenizer, path, tmp_path / "u")
     reader = TokenShards(tmp_path / "u")
-    batches = reader.length_sorted_batches(cfg.train.global_batch_size, cfg.train.seed)
+    batches = reader.training_batches(cfg.train.global_batch_size, cfg.train.seed, cfg.train.group_by_length)
     expected = padding_fraction(reader.lengths, micro_batches(batches, cfg.train.micro_batch_size))
     assert unpacked["tokens"]["padding_fraction"] == pytest.approx(expected)
     assert 0 < packed["tokens"]["padding_fraction"] < unpacked["tokens"]["padding_fraction"] + 0.2

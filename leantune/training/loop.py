@@ -193,7 +193,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool) ->
         _probe_until_it_fits(run)
     # The model forward runs on: DDP around it with several ranks (it broadcasts rank 0's weights now).
     run.forward_model = dist.wrap(run.model)
-    order_of = _EpochOrders(run.train_shards, cfg.train.global_batch_size, cfg.train.seed)
+    order_of = _EpochOrders(run.train_shards, cfg.train.global_batch_size, cfg.train.seed, cfg.train.group_by_length)
 
     # The resource monitor (monitor.csv) and its feedback, and the power limit: both undone in `finally`.
     # Data parallel: rank 0's monitor decides for all (its shrink reaches the others through _settle).
@@ -317,14 +317,16 @@ class _EpochOrders:
     """order_of(epoch): the order of an epoch (`epoch_order`), computed once; one epoch kept at a time
     (an epoch's order is as long as the data)."""
 
-    def __init__(self, shards: TokenShards, global_batch_size: int, seed: int):
+    def __init__(self, shards: TokenShards, global_batch_size: int, seed: int, group_by_length: bool):
         self.shards, self.global_batch_size, self.seed = shards, global_batch_size, seed
+        self.group_by_length = group_by_length
         self._cache: dict[int, np.ndarray] = {}
 
     def __call__(self, epoch: int) -> np.ndarray:
         if epoch not in self._cache:
             self._cache.clear()
-            self._cache[epoch] = epoch_order(self.shards, epoch, self.global_batch_size, self.seed)
+            self._cache[epoch] = epoch_order(self.shards, epoch, self.global_batch_size, self.seed,
+                                             self.group_by_length)
         return self._cache[epoch]
 
 
@@ -645,18 +647,19 @@ def _open_shards(directory: Path) -> TokenShards:
     return shards
 
 
-def epoch_order(shards: TokenShards, epoch: int, global_batch_size: int, seed: int) -> np.ndarray:
+def epoch_order(shards: TokenShards, epoch: int, global_batch_size: int, seed: int,
+                group_by_length: bool = False) -> np.ndarray:
     """The order in which epoch `epoch` visits the training sequences.
 
-    Depends on train.seed, the epoch and the global batch only, never on the micro-batch.
-    Global batches are uniform draws. Packed sequences are all about max_seq_len long, so a plain
-    shuffle costs little padding; unpacked ones are sorted longest first within each global batch,
-    so that its micro-batches (consecutive slices) have similar lengths (`length_sorted_batches`).
+    Depends on train.seed, the epoch, the global batch and train.group_by_length only, never on the
+    micro-batch. Packed sequences are all about max_seq_len long, so a plain shuffle costs little
+    padding; unpacked ones come in global batches sorted longest first, so that their micro-batches
+    (consecutive slices) have similar lengths (`training_batches`).
     """
     epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     if shards.meta["packing"]:
         return np.random.default_rng(epoch_seed).permutation(len(shards))
-    return np.concatenate(shards.length_sorted_batches(global_batch_size, epoch_seed)).astype(np.int64)
+    return np.concatenate(shards.training_batches(global_batch_size, epoch_seed, group_by_length)).astype(np.int64)
 
 
 def next_global_batch(order_of: Callable[[int], np.ndarray], epoch: int, offset: int,
