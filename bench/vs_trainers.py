@@ -8,7 +8,8 @@ longer persona-and-question records of the bundled Anthropic sample, tokenized o
 its assistant-only labels), the same LoRA (r 16, alpha 32, dropout 0.05, every linear but the head),
 lr (constant 2e-4, no warm-up), clipping, AdamW, fp32 on the CPU, global batch (micro-batch x
 accumulation) and number of optimizer steps for
-  leantune           the training loop (length-grouped batches, target-only chunked loss), in the
+  leantune           the training loop (global batches sorted by length, fused LoRA and SwiGLU layers,
+                     padded micro-batches without a mask, target-only chunked loss), in the
                      environment leantune's launcher gives training (launch.CHILD_ENV)
   hf-trainer         transformers.Trainer + peft, the default padding collator (DataCollatorForSeq2Seq)
   hf-group-by-length the same with group_by_length=True
