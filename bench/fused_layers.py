@@ -5,12 +5,13 @@
 One model, SmolLM2-135M-Instruct with LoRA r 16, alpha 32, dropout 0.05 on every linear layer
 (bench/vs_trainers.py's settings), and one micro-batch: the two longest sequences of
 bench/vs_trainers.py's data (2 x 191 positions), padded and fed without a mask as training does.
-Two sides, the same weights:
-  fused   the layers as build_model makes them (leantune/training/fused.py)
-  peft    the same modules with peft's and transformers' own forwards put back
+Three sides, the same weights:
+  fused             the layers as build_model makes them (leantune/training/fused.py)
+  peft              the same modules with peft's and transformers' own forwards put back
+  fused-no-dropout  fused, every adapter's dropout off: what the dropout's masks cost the fused layers
 Per side: the bytes autograd keeps for backward (saved tensors other than the model's parameters,
 each storage counted once) and the seconds of one forward + backward of the chunked loss, the sides
-interleaved in every round, `--threads` torch threads; the median ratio is printed.
+interleaved in every round (a rotated order), `--threads` torch threads; the median ratios are printed.
 """
 
 from __future__ import annotations
@@ -84,30 +85,35 @@ def main() -> int:
     fused = [m for m in model.modules()
              if getattr(m.forward, "__func__", None) in (_lora_forward_method, _swiglu_forward_method)]
     methods = {id(m): m.forward for m in fused}
+    dropouts = {id(m): m.lora_dropout["default"] for m in fused if hasattr(m, "lora_dropout")}
 
     def use(side: str) -> None:
         for m in fused:
-            if side == "fused":
+            if side.startswith("fused"):
                 m.forward = methods[id(m)]
             else:
                 vars(m).pop("forward", None)  # the class's own forward (peft's, transformers')
+            if id(m) in dropouts:
+                m.lora_dropout["default"] = torch.nn.Identity() if side == "fused-no-dropout" else dropouts[id(m)]
 
-    memory, seconds = {}, {"fused": [], "peft": []}
-    for side in ("fused", "peft"):
+    sides = ["fused", "peft", "fused-no-dropout"]
+    memory, seconds = {}, {side: [] for side in sides}
+    for side in sides:
         use(side)
         memory[side] = saved_bytes(model, inputs, labels)
         model.zero_grad(set_to_none=True)
         step_seconds(model, inputs, labels)  # warm-up
     for rnd in range(args.rounds):
-        for side in (("fused", "peft") if rnd % 2 == 0 else ("peft", "fused")):
+        for side in sides[rnd % 3:] + sides[:rnd % 3]:
             use(side)
             model.zero_grad(set_to_none=True)
             seconds[side].append(step_seconds(model, inputs, labels))
     ratios = [p / f for p, f in zip(seconds["peft"], seconds["fused"], strict=True)]
+    dropout_cost = [f / n for f, n in zip(seconds["fused"], seconds["fused-no-dropout"], strict=True)]
     result = {"layers": len(fused), "positions": int(inputs["input_ids"].numel()), "threads": args.threads,
               "saved_mib": {k: v / 2**20 for k, v in memory.items()}, "seconds": seconds,
               "median_seconds": {k: statistics.median(v) for k, v in seconds.items()},
-              "median_speedup": statistics.median(ratios)}
+              "median_speedup": statistics.median(ratios), "median_dropout_cost": statistics.median(dropout_cost)}
     print(f"{len(fused)} fused modules, one micro-batch of {result['positions']} positions, {args.threads} threads, "
           f"{args.rounds} interleaved rounds")
     print(f"kept for backward: fused {result['saved_mib']['fused']:.0f} MiB, peft {result['saved_mib']['peft']:.0f} MiB "
@@ -115,6 +121,9 @@ def main() -> int:
     print(f"forward + backward: fused {result['median_seconds']['fused']:.3f} s, peft "
           f"{result['median_seconds']['peft']:.3f} s (median ratio {result['median_speedup']:.2f}x, "
           f"per round {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"fused with the adapters' dropout off: {result['median_seconds']['fused-no-dropout']:.3f} s, "
+          f"{memory['fused-no-dropout'] / 2**20:.0f} MiB kept; the dropout makes a fused step "
+          f"{result['median_dropout_cost']:.2f}x longer (per round {', '.join(f'{r:.2f}' for r in dropout_cost)})")
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {args.out}")
     return 0
