@@ -307,7 +307,7 @@ def _add_lora(cfg: RunConfig, model):
                 f"lora.target_modules: {cfg.lora.target_modules} match no layer of the model; its linear "
                 f"layers are named {sorted(_linear_names(model))}; or use 'all-linear'"
             ) from None
-    # One autograd Function per adapted linear layer: no dropped-out input copy per adapter (fused_lora.py).
+    # One autograd Function per adapted linear layer: no dropped-out input copy per adapter (fused.py).
     fuse_lora(peft_model)
     wrapped = {m.parameter_name for m in peft_model.modules() if type(m).__name__ == "ParamWrapper"}
     if cfg.lora.target_parameters and not wrapped:
