@@ -25,8 +25,9 @@ Memory of a training step (bytes; p = 2 for bf16/fp16 compute, 4 for fp32):
                 full fine-tune: p (2h + a + i) linear inputs and p 2h normalised outputs, for the
                   weight gradients
                 LoRA (fused, training/fused.py): each distinct input of the adapted linears once
-                  (q/k/v share one, gate/up another; down_proj's is recomputed), p per element, and
-                  p r per adapted linear for the A output
+                  (q/k/v share one, gate/up another; down_proj's is recomputed), p per element,
+                  p r per adapted linear for the A output, and with dropout > 0 its keep mask (1 byte
+                  per element of its input)
                 QLoRA (peft's forward): per adapted linear with input width n, dropout > 0 keeps its
                   mask (1 byte on CUDA, p on the CPU) and its output (p) of width n; dropout 0 keeps
                   each distinct input once, down_proj's too; plus p r for the A output
@@ -256,6 +257,8 @@ def estimate_memory(shape: ModelShape, *, method: str, compute_bytes: int, micro
             recomputed = {"down_proj"} if method == "lora" and not shape.is_moe else set()
             widths = {INPUT_GROUP[n]: shapes[n][0] for n in adapted if n not in recomputed}
             layer += p * sum(widths.values())
+            if lora_dropout > 0:
+                layer += sum(shapes[n][0] for n in adapted)
         layer += p * lora_r * len(adapted)
     tokens = micro_batch_size * seq_len
     # The head and loss run over target rows only, a chunk at a time (training/loss.py); every token may be a target.

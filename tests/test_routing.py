@@ -36,10 +36,10 @@ def test_the_shipped_catalogue_lists_the_classes_smallest_first(pools):
     # QLoRA of an 8 B model: 4-bit layers, fp32 embeddings and head, 2 x 2048 tokens with checkpointing.
     ("llama-3.1-8b-qlora", LLAMA31_8B, "gpu-16gb", 9.75),
     # LoRA of the same model keeps bf16 weights (15 GiB) and the activations of 4 x 2048 tokens.
-    ("llama-3.1-8b-lora", LLAMA31_8B, "gpu-24gb", 18.84),
+    ("llama-3.1-8b-lora", LLAMA31_8B, "gpu-24gb", 19.13),
     # The chunked target-only loss keeps no [batch, seq, vocab] logits: Qwen's 152k vocabulary no longer
     # decides the class.
-    ("qwen2.5-0.5b-lora", QWEN25_05B, "gpu-8gb", 1.38),
+    ("qwen2.5-0.5b-lora", QWEN25_05B, "gpu-8gb", 1.42),
     ("qwen2.5-0.5b-full", QWEN25_05B, "gpu-8gb", 5.65),
     ("qwen2.5-1.5b-qlora", QWEN25_15B, "gpu-8gb", 2.49),
     ("phi-3-mini-qlora", PHI3_MINI, "gpu-8gb", 3.43),
@@ -55,7 +55,7 @@ def test_real_configs_go_to_the_smallest_class_their_estimate_fits(pools, config
 
 def test_a_lower_micro_batch_moves_a_run_to_a_smaller_class(pools):
     cfg = load_config(REPO / "configs" / "llama-3.1-8b-lora.yaml", ["train.micro_batch_size=8"])
-    assert route(cfg, pools, LLAMA31_8B).pool == "gpu-80gb"  # 22.09 GiB (gpu-24gb allows 22.08); at its own micro-batch of 4: gpu-24gb
+    assert route(cfg, pools, LLAMA31_8B).pool == "gpu-80gb"  # 22.68 GiB (gpu-24gb allows 22.08); at its own micro-batch of 4: gpu-24gb
 
 
 def test_the_offline_default_routes_to_the_smallest_class(pools):
@@ -70,7 +70,7 @@ def test_no_class_large_enough_is_a_clear_error(pools):
     with pytest.raises(NoPoolFits) as e:
         route(cfg, small, LLAMA31_8B)
     message = str(e.value)
-    assert "18.84 GiB" in message and "gpu-16gb allows 14.7 GiB" in message
+    assert "19.13 GiB" in message and "gpu-16gb allows 14.7 GiB" in message
     assert "train.micro_batch_size" in message and "pool catalogue" in message
 
 

@@ -106,60 +106,75 @@ def _keep_mask(x, p_int: int, seed: int):
     return draws >= p_int - 2**15
 
 
+def _apply_mask(x, keep):
+    """x with the dropped elements zeroed (x itself without a mask)."""
+    import torch
+
+    # A product with the mask's bytes as uint8 takes a quarter of torch.where's time on the CPU.
+    return x if keep is None else x * keep.view(torch.uint8)
+
+
 def _lora_forward(x, weight, bias, lora_a, lora_b, scaling, p):
-    """(output, rank-r intermediate, dropout (p_int, seed)) of base(x) + (dropout(x) @ A.T @ B.T) * scaling."""
+    """(output, rank-r intermediate, dropout keep mask or None, dropout scale) of
+    base(x) + (dropout(x) @ A.T @ B.T) * scaling."""
     import torch
     import torch.nn.functional as F
 
     p_int = round(p * 2**RANDOM_BITS)
-    # The seed comes from torch's generator, so a run stays reproducible from train.seed, and
-    # activation checkpointing (which restores the generator) recomputes the same mask.
-    seed = int(torch.randint(2**62, (1,)).item()) if p_int else 0
-    dropped = torch.where(_keep_mask(x, p_int, seed), x, 0.0) if p_int else x
+    keep = scale = None
+    if p_int:
+        # The seed comes from torch's generator, so a run stays reproducible from train.seed, and
+        # activation checkpointing (which restores the generator) recomputes the same mask. The mask is
+        # kept for backward as bool (a quarter of x's fp32 bytes): drawing it again cost more time.
+        keep = _keep_mask(x, p_int, int(torch.randint(2**62, (1,)).item()))
+        scale = 2**RANDOM_BITS / (2**RANDOM_BITS - p_int)  # the kept elements' 1 / (1 - p)
+    dropped = _apply_mask(x, keep)
     low_rank = F.linear(dropped.to(lora_a.dtype), lora_a)
     del dropped
-    if p_int:  # the kept elements' 1 / (1 - p), applied to the smallest tensor
-        low_rank = low_rank * (2**RANDOM_BITS / (2**RANDOM_BITS - p_int))
+    if scale is not None:  # applied to the smallest tensor
+        low_rank = low_rank * scale
     out = F.linear(x, weight, bias)
-    out = out + F.linear(low_rank, lora_b).to(out.dtype) * scaling
-    return out, low_rank, (p_int, seed)
+    lora_out = F.linear(low_rank, lora_b)
+    if lora_out.dtype == out.dtype:  # one fused multiply-add instead of a scaled copy and a sum
+        out = out.add_(lora_out, alpha=scaling)
+    else:
+        out = out + lora_out.to(out.dtype) * scaling
+    return out, low_rank, keep, scale
 
 
-def _lora_backward(grad_out, x, weight, lora_a, lora_b, low_rank, scaling, dropout, needs):
+def _lora_backward(grad_out, x, weight, lora_a, lora_b, low_rank, scaling, keep, scale, needs):
     """(grad x, grad A, grad B) of `_lora_forward`, each None where `needs` (x, A, B) says so."""
-    import torch
 
-    p_int, seed = dropout
-    keep = _keep_mask(x, p_int, seed) if p_int else None
-    grad_low = grad_out.to(lora_b.dtype).matmul(lora_b) * scaling
+    grad_out_lora = grad_out.to(lora_b.dtype)
+    grad_low = grad_out_lora.matmul(lora_b) * (scaling if scale is None else scaling * scale)
     grad_x = grad_a = grad_b = None
     if needs[2]:
-        grad_b = grad_out.to(lora_b.dtype).flatten(0, -2).T.matmul(low_rank.flatten(0, -2).to(lora_b.dtype)) * scaling
-    if keep is not None:
-        grad_low = grad_low * (2**RANDOM_BITS / (2**RANDOM_BITS - p_int))  # the dropout's scale, on rank r
+        grad_b = grad_out_lora.flatten(0, -2).T.matmul(low_rank.flatten(0, -2).to(lora_b.dtype)) * scaling
     if needs[1]:
-        dropped = torch.where(keep, x, 0.0) if keep is not None else x
+        dropped = _apply_mask(x, keep)
         grad_a = grad_low.flatten(0, -2).T.matmul(dropped.flatten(0, -2).to(lora_a.dtype))
         del dropped
     if needs[0]:
-        # d dropout(x) / dx is the same mask and scale: apply the dropout to the gradient.
-        grad_lora_x = grad_low.matmul(lora_a)
-        if keep is not None:
-            grad_lora_x = torch.where(keep, grad_lora_x, 0.0)
-        grad_x = grad_out.to(weight.dtype).matmul(weight).to(x.dtype) + grad_lora_x.to(x.dtype)
+        # d dropout(x) / dx is the same mask and scale (the scale is in grad_low already).
+        grad_x = _apply_mask(grad_low.matmul(lora_a), keep)
+        grad_base = grad_out.to(weight.dtype).matmul(weight)
+        if grad_x.dtype == grad_base.dtype:
+            grad_x = grad_x.add_(grad_base)
+        else:
+            grad_x = grad_base.to(x.dtype) + grad_x.to(x.dtype)
     return grad_x, grad_a, grad_b
 
 
-def _swiglu_backward(grad_h, gate, up):
-    """(grad gate, grad up) of h = silu(gate) * up, the silu recomputed."""
+def _swiglu_backward(grad_h, gate, up, silu=None):
+    """(grad gate, grad up) of h = silu(gate) * up; silu(gate) is recomputed unless given."""
     import torch
+    import torch.nn.functional as F
 
-    sigmoid = torch.sigmoid(gate)
-    silu = gate * sigmoid
-    grad_up = grad_h * silu
-    # silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))) = sigmoid + silu * (1 - sigmoid)
-    grad_gate = grad_h * up * (sigmoid + silu * (1 - sigmoid))
-    return grad_gate, grad_up
+    if silu is None:
+        silu = F.silu(gate)
+    # torch's silu_backward is grad * silu'(gate) in one pass (memory-bound elementwise work is what
+    # the recompute costs on a CPU).
+    return torch.ops.aten.silu_backward(grad_h * up, gate), grad_h * silu
 
 
 @functools.cache
@@ -174,17 +189,17 @@ def _functions():
 
         @staticmethod
         def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p):
-            out, low_rank, ctx.dropout = _lora_forward(x, weight, bias, lora_a, lora_b, scaling, p)
-            ctx.save_for_backward(x, weight, lora_a, lora_b, low_rank)
+            out, low_rank, keep, ctx.dropout_scale = _lora_forward(x, weight, bias, lora_a, lora_b, scaling, p)
+            ctx.save_for_backward(x, weight, lora_a, lora_b, low_rank, keep)
             ctx.scaling = scaling
             return out
 
         @staticmethod
         def backward(ctx, grad_out):
-            x, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
+            x, weight, lora_a, lora_b, low_rank, keep = ctx.saved_tensors
             needs = ctx.needs_input_grad
-            grads = _lora_backward(grad_out, x, weight, lora_a, lora_b, low_rank, ctx.scaling, ctx.dropout,
-                                   (needs[0], needs[3], needs[4]))
+            grads = _lora_backward(grad_out, x, weight, lora_a, lora_b, low_rank, ctx.scaling, keep,
+                                   ctx.dropout_scale, (needs[0], needs[3], needs[4]))
             return grads[0], None, None, grads[1], grads[2], None, None
 
     class SwiGLU(torch.autograd.Function):
@@ -205,20 +220,21 @@ def _functions():
         @staticmethod
         def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling, p):
             h = F.silu(gate) * up
-            out, low_rank, ctx.dropout = _lora_forward(h, weight, bias, lora_a, lora_b, scaling, p)
-            ctx.save_for_backward(gate, up, weight, lora_a, lora_b, low_rank)
+            out, low_rank, keep, ctx.dropout_scale = _lora_forward(h, weight, bias, lora_a, lora_b, scaling, p)
+            ctx.save_for_backward(gate, up, weight, lora_a, lora_b, low_rank, keep)
             ctx.scaling = scaling
             return out
 
         @staticmethod
         def backward(ctx, grad_out):
-            gate, up, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
+            gate, up, weight, lora_a, lora_b, low_rank, keep = ctx.saved_tensors
             needs = ctx.needs_input_grad
-            h = F.silu(gate) * up
+            silu = F.silu(gate)
+            h = silu * up
             grad_h, grad_a, grad_b = _lora_backward(grad_out, h, weight, lora_a, lora_b, low_rank, ctx.scaling,
-                                                    ctx.dropout, (needs[0] or needs[1], needs[4], needs[5]))
+                                                    keep, ctx.dropout_scale, (needs[0] or needs[1], needs[4], needs[5]))
             del h
-            grad_gate, grad_up = _swiglu_backward(grad_h, gate, up) if grad_h is not None else (None, None)
+            grad_gate, grad_up = _swiglu_backward(grad_h, gate, up, silu) if grad_h is not None else (None, None)
             return grad_gate, grad_up, None, None, grad_a, grad_b, None, None
 
     return FusedLoraLinear, SwiGLU, SwiGLULoraDown
