@@ -4,10 +4,10 @@
 separate modules, so autograd keeps, for every adapted layer, a dropped-out copy of its input and
 the dropout's mask (full-size fp32 tensors on the CPU), although the frozen base matmul needs
 neither; q, k and v (and gate and up) read the same input and keep three (two) such pairs. Here one
-autograd Function per layer keeps the input once (q, k and v share it) and the rank-r intermediate.
-The dropout mask is drawn from a seed taken from torch's generator and drawn again in backward
-instead of being kept, with a cheaper draw than torch's dropout: 16 random bits per element, the
-drop probability rounded to a multiple of 1/65536 and the kept values scaled by that rounded
+autograd Function per layer keeps the input once (q, k and v share it), the rank-r intermediate and
+the dropout's keep mask as bool (a quarter of an fp32 copy's bytes). The mask is drawn from a seed
+taken from torch's generator, with a cheaper draw than torch's dropout: 16 random bits per element,
+the drop probability rounded to a multiple of 1/65536 and the kept values scaled by that rounded
 probability, so the expected output is unchanged.
 
 **SwiGLU MLPs** (Llama, Mistral, Qwen2, SmolLM2...: `down(silu(gate(x)) * up(x))`): autograd keeps
