@@ -26,16 +26,15 @@ def lora_layers(model):
 
 
 class SeededDropout(torch.nn.Module):
-    """peft's dropout module replaced by the fused layer's own draw: a seed from torch's generator,
-    then the 16-bit keep mask, so that peft's forward sees the mask the fused forward drew."""
+    """peft's dropout module replaced by the fused layer's own draw (the 16-bit keep mask from torch's
+    default generator), so that peft's forward sees the mask the fused forward drew."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p_int = round(p * 2**RANDOM_BITS)
 
     def forward(self, x):
-        seed = int(torch.randint(2**62, (1,)).item())
-        return torch.where(_keep_mask(x, self.p_int, seed), x, 0.0) * (2**RANDOM_BITS / (2**RANDOM_BITS - self.p_int))
+        return torch.where(_keep_mask(x, self.p_int), x, 0.0) * (2**RANDOM_BITS / (2**RANDOM_BITS - self.p_int))
 
 
 def loss_and_grads(model, inputs, labels, seed=0):
@@ -90,9 +89,10 @@ def test_fused_lora_gives_peft_loss_and_gradients(dropout):
 def test_dropout_mask_has_the_rounded_rate_and_keeps_the_mean():
     x = torch.ones(1000, 1000)
     p_int = round(0.1 * 2**RANDOM_BITS)
-    keep = _keep_mask(x, p_int, seed=7)
+    keep = _keep_mask(x, p_int, torch.Generator().manual_seed(7))
     assert keep.dtype == torch.bool and keep.shape == x.shape
-    assert torch.equal(keep, _keep_mask(x, p_int, seed=7)) and not torch.equal(keep, _keep_mask(x, p_int, seed=8))
+    assert torch.equal(keep, _keep_mask(x, p_int, torch.Generator().manual_seed(7)))
+    assert not torch.equal(keep, _keep_mask(x, p_int, torch.Generator().manual_seed(8)))
     # 1e6 draws: the kept share is 1 - p within 5 standard deviations (3e-4 each).
     assert float(keep.float().mean()) == pytest.approx(1 - p_int / 2**RANDOM_BITS, abs=1.5e-3)
     dropped_mean = float((torch.where(keep, x, 0.0) * (2**RANDOM_BITS / (2**RANDOM_BITS - p_int))).mean())

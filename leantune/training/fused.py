@@ -5,8 +5,8 @@ separate modules, so autograd keeps, for every adapted layer, a dropped-out copy
 the dropout's mask (full-size fp32 tensors on the CPU), although the frozen base matmul needs
 neither; q, k and v (and gate and up) read the same input and keep three (two) such pairs. Here one
 autograd Function per layer keeps the input once (q, k and v share it), the rank-r intermediate and
-the dropout's keep mask as bool (a quarter of an fp32 copy's bytes). The mask is drawn from a seed
-taken from torch's generator, with a cheaper draw than torch's dropout: 16 random bits per element,
+the dropout's keep mask as bool (a quarter of an fp32 copy's bytes). The mask is drawn from torch's
+default generator, with a cheaper draw than torch's dropout: 16 random bits per element,
 the drop probability rounded to a multiple of 1/65536 and the kept values scaled by that rounded
 probability, so the expected output is unchanged.
 
@@ -95,11 +95,11 @@ def _swiglu_forward_method(self, x):
     return self.down_proj(_functions()[1].apply(gate, up))
 
 
-def _keep_mask(x, p_int: int, seed: int):
-    """Dropout's keep mask for x: False where the element's 16-bit draw falls under p_int."""
+def _keep_mask(x, p_int: int, generator=None):
+    """Dropout's keep mask for x: False where the element's 16-bit draw falls under p_int. The draw
+    comes from `generator`, torch's default one for x's device if None."""
     import torch
 
-    generator = torch.Generator(device=x.device).manual_seed(seed)
     # Four 16-bit draws from each 64-bit one: a quarter of the generator's work of one draw per element.
     words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
     draws = words.random_(-2**63, None, generator=generator).view(torch.int16)[:x.numel()].view(x.shape)
@@ -117,16 +117,15 @@ def _apply_mask(x, keep):
 def _lora_forward(x, weight, bias, lora_a, lora_b, scaling, p):
     """(output, rank-r intermediate, dropout keep mask or None, dropout scale) of
     base(x) + (dropout(x) @ A.T @ B.T) * scaling."""
-    import torch
     import torch.nn.functional as F
 
     p_int = round(p * 2**RANDOM_BITS)
     keep = scale = None
     if p_int:
-        # The seed comes from torch's generator, so a run stays reproducible from train.seed, and
-        # activation checkpointing (which restores the generator) recomputes the same mask. The mask is
-        # kept for backward as bool (a quarter of x's fp32 bytes): drawing it again cost more time.
-        keep = _keep_mask(x, p_int, int(torch.randint(2**62, (1,)).item()))
+        # From torch's default generator, so a run stays reproducible from train.seed, and activation
+        # checkpointing (which restores the generator) recomputes the same mask. The mask is kept for
+        # backward as bool (a quarter of x's fp32 bytes): drawing it again cost more time.
+        keep = _keep_mask(x, p_int)
         scale = 2**RANDOM_BITS / (2**RANDOM_BITS - p_int)  # the kept elements' 1 / (1 - p)
     dropped = _apply_mask(x, keep)
     low_rank = F.linear(dropped.to(lora_a.dtype), lora_a)
