@@ -25,7 +25,7 @@ def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, Linear)]
 
 
-class SeededDropout(torch.nn.Module):
+class FusedLayerDropout(torch.nn.Module):
     """peft's dropout module replaced by the fused layer's own draw (the 16-bit keep mask from torch's
     default generator), so that peft's forward sees the mask the fused forward drew."""
 
@@ -51,7 +51,7 @@ def unfuse(model, dropout: float):
     for layer in lora_layers(model):
         del layer.forward  # the instance attribute fuse_lora set; the class's (peft's) forward is back
         if dropout:
-            layer.lora_dropout["default"] = SeededDropout(dropout)
+            layer.lora_dropout["default"] = FusedLayerDropout(dropout)
     for mlp in mlps(model):
         del mlp.forward
 

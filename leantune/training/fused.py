@@ -110,7 +110,8 @@ def _apply_mask(x, keep):
     """x with the dropped elements zeroed (x itself without a mask)."""
     import torch
 
-    # A product with the mask's bytes as uint8 takes a quarter (warm cache) to a half (cold) of torch.where's time on the CPU.
+    # A product with the mask's bytes as uint8 takes a quarter (warm cache) to a half (cold) of
+    # torch.where's time on the CPU.
     return x if keep is None else x * keep.view(torch.uint8)
 
 
@@ -157,7 +158,7 @@ def _lora_backward(grad_out, x, weight, lora_a, lora_b, low_rank, scaling, keep,
         # d dropout(x) / dx is the same mask and scale (the scale is in grad_low already).
         grad_x = _apply_mask(grad_low.matmul(lora_a), keep)
         grad_base = grad_out.to(weight.dtype).matmul(weight)
-        if grad_x.dtype == grad_base.dtype:
+        if grad_x.dtype == grad_base.dtype == x.dtype:
             grad_x = grad_x.add_(grad_base)
         else:
             grad_x = grad_base.to(x.dtype) + grad_x.to(x.dtype)
