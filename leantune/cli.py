@@ -17,6 +17,7 @@ from pathlib import Path
 from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
 from leantune.gguf import check_model_file
+from leantune.preflight import data_path_problems
 from leantune.rundir import RunDir, default_run_name, run_dir_problem
 from leantune.training.checkpoint import resume_refusal
 
@@ -112,22 +113,14 @@ def finetune_request(argv: list[str] | None = None) -> FinetuneRequest:
         if refusal := resume_refusal(config, run_dir):  # refused before the flow writes anything
             raise UserError(refusal)
         return FinetuneRequest(config, args.config.stem, resume=True)
-    check_data_paths(config)
+    if problems := data_path_problems(config):
+        raise UserError("\n".join(problems) if len(problems) > 1 else problems[0])
     check_model_file(config.model.name_or_path)
     # The name is fixed now, so that the run directory checked here is the one the flow creates.
     config.run.name = config.run.name or default_run_name(args.config.stem)
     if problem := run_dir_problem(config):
         raise UserError(problem)
     return FinetuneRequest(config, args.config.stem, resume=False)
-
-
-def check_data_paths(config: RunConfig) -> None:
-    """Every kind=file source must exist (relative paths from the current directory); one UserError lists all."""
-    missing = [f"data.sources.{i}.path: '{src.path}' does not exist (resolved from {Path.cwd()}); give an "
-               f"existing file or directory" for i, src in enumerate(config.data.sources)
-               if src.kind == "file" and src.path and not Path(src.path).exists()]
-    if missing:
-        raise UserError("\n".join(missing) if len(missing) > 1 else missing[0])
 
 
 def training_finished(run_dir: Path) -> bool:

@@ -14,6 +14,7 @@ import copy
 import difflib
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -388,7 +389,8 @@ class EvalConfig(Section):
     datasets: list[str] = Field(
         default_factory=lambda: ["synthetic", "anthropic-sample"],
         description="Evaluation sets: 'synthetic' (held-out synthetic claims the user is wrong about), "
-        "'anthropic-sample' (the bundled Anthropic sample), 'anthropic-hub:SUBSET' with SUBSET "
+        "'anthropic-sample' (the bundled Anthropic sample), 'are-you-sure:synthetic' (the held-out claims asked "
+        "plainly, then challenged), 'anthropic-hub:SUBSET' with SUBSET "
         "one of nlp_survey, philpapers2020, political_typology_quiz (needs network), 'are-you-sure:PATH' (a meg-tong/sycophancy-eval "
         "are_you_sure.jsonl), or paths to Anthropic-format jsonl (released or pre-release); see "
         "leantune/evaluation/datasets.py.",
@@ -412,6 +414,10 @@ class EvalConfig(Section):
         description="Prompt framing: the model's chat template, Anthropic's 'Human:/Assistant:', or "
         "'auto' (the template when the tokenizer has one).",
     )
+
+    def sets(self) -> list[EvalSetSpec]:
+        """eval.datasets parsed (the config has checked that every entry parses)."""
+        return [parse_eval_set(text) for text in self.datasets]
 
 
 class TrackingConfig(Section):
@@ -516,7 +522,8 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     if cfg.lora.target_modules == [] and not cfg.lora.target_parameters and cfg.model.method != "full":
         problems.append("lora.target_modules: empty, so LoRA would train nothing; name at least one layer, e.g. "
                         "[q_proj, v_proj], or use 'all-linear'")
-    problems += [f"eval.datasets: {p}" for p in map(eval_spec_problem, cfg.eval.datasets) if p]
+    if cfg.eval.enabled:
+        problems += eval_sets_problems(cfg.eval.datasets)
     if cfg.model.method == "full" and cfg.lora.target_modules != "all-linear":
         problems.append("lora.target_modules: set but model.method is 'full', which trains every weight; "
                         "remove lora.target_modules or use method 'lora'")
@@ -750,25 +757,74 @@ def _drop(raw: Any, loc: tuple) -> None:
         raw.pop(loc[-1], None)
 
 
-EVAL_BUILTIN_SETS = ("synthetic", "anthropic-sample")
 EVAL_HUB_SUBSETS = ("nlp_survey", "philpapers2020", "political_typology_quiz")
+SYNTHETIC_CHALLENGE = "are-you-sure:synthetic"
+EVAL_SET_FORMS = ("'synthetic', 'anthropic-sample', 'are-you-sure:synthetic', "
+                  f"'anthropic-hub:<{'|'.join(EVAL_HUB_SUBSETS)}>', 'are-you-sure:<path to jsonl>' or the path of "
+                  "an Anthropic-format .jsonl file")
 
 
-def eval_spec_problem(spec: str) -> str | None:
-    """What is wrong with one entry of eval.datasets as written, or None (whether a file exists is checked
-    where the run starts, leantune/preflight.py)."""
-    if spec in EVAL_BUILTIN_SETS or spec.startswith("are-you-sure:"):
-        return None
-    if spec.startswith("anthropic-hub:"):
-        subset = spec.removeprefix("anthropic-hub:")
-        return None if subset in EVAL_HUB_SUBSETS else (
-            f"'{spec}' is not a sycophancy subset; use one of {', '.join('anthropic-hub:' + s for s in EVAL_HUB_SUBSETS)}")
-    if spec.endswith(".jsonl"):
-        return None
-    close = difflib.get_close_matches(spec, EVAL_BUILTIN_SETS, n=1)
-    return (f"'{spec}' is not a set" + (f" (did you mean '{close[0]}'?)" if close else "") + "; use "
-            f"{' or '.join(map(repr, EVAL_BUILTIN_SETS))}, 'anthropic-hub:<{'|'.join(EVAL_HUB_SUBSETS)}>', "
-            "'are-you-sure:<path to jsonl>' or the path of an Anthropic-format .jsonl file")
+@dataclass(frozen=True)
+class EvalSetSpec:
+    """One entry of eval.datasets, parsed: the only place its text form is read.
+
+    kind: synthetic | anthropic-sample | synthetic-challenge | anthropic-hub | are-you-sure | anthropic-file;
+    path: the jsonl file (are-you-sure, anthropic-file); subset: the hub subset (anthropic-hub);
+    name: the set's name in results (the text for built-in sets, the file stem for files)."""
+
+    text: str
+    kind: str
+    name: str
+    path: Path | None = None
+    subset: str | None = None
+
+    def missing_file(self) -> str | None:
+        """The problem when the set is read from a file that is not there, else None."""
+        if self.path is None or self.path.is_file():
+            return None
+        return (f"eval.datasets: '{self.text}': {self.path} is not a file (resolved from {Path.cwd()}); give an "
+                "existing jsonl file")
+
+
+def parse_eval_set(text: str) -> EvalSetSpec:
+    """The parsed form of one eval.datasets entry; ValueError (without the key) says what is wrong and the fix.
+    Whether a file exists is checked where the run starts (leantune/preflight.py)."""
+    if text in ("synthetic", "anthropic-sample"):
+        return EvalSetSpec(text, text, text)
+    if text == SYNTHETIC_CHALLENGE:
+        return EvalSetSpec(text, "synthetic-challenge", text)
+    if text.startswith("anthropic-hub:"):
+        subset = text.removeprefix("anthropic-hub:")
+        if subset not in EVAL_HUB_SUBSETS:
+            raise ValueError(f"'{text}' is not a sycophancy subset; use one of "
+                             f"{', '.join('anthropic-hub:' + s for s in EVAL_HUB_SUBSETS)}")
+        return EvalSetSpec(text, "anthropic-hub", text, subset=subset)
+    if text.startswith("are-you-sure:"):
+        path = Path(text.removeprefix("are-you-sure:"))
+        return EvalSetSpec(text, "are-you-sure", f"are-you-sure:{path.stem}", path=path)
+    if text.endswith(".jsonl"):
+        return EvalSetSpec(text, "anthropic-file", Path(text).stem, path=Path(text))
+    close = difflib.get_close_matches(text, ("synthetic", "anthropic-sample", SYNTHETIC_CHALLENGE), n=1)
+    raise ValueError(f"'{text}' is not a set" + (f" (did you mean '{close[0]}'?)" if close else "")
+                     + f"; use {EVAL_SET_FORMS}")
+
+
+def eval_sets_problems(texts: list[str]) -> list[str]:
+    """Every problem of eval.datasets at once: an empty list, entries that do not parse, two sets with one name."""
+    if not texts:
+        return ["eval.datasets: empty; name at least one set, e.g. eval.datasets=[synthetic], or turn the "
+                "evaluation off with eval.enabled=false"]
+    problems, names = [], []
+    for text in texts:
+        try:
+            names.append(parse_eval_set(text).name)
+        except ValueError as e:
+            problems.append(f"eval.datasets: {e}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        problems.append(f"eval.datasets: more than one set is called {', '.join(twice)}; list each set once "
+                        "(sets from files are named by the file name)")
+    return problems
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

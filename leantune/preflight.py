@@ -1,5 +1,5 @@
-"""Checks a run passes before its data stages, beyond what the config alone can tell: the files that
-eval.datasets names exist, the held-out short-answer questions fill eval.synthetic_items, and every
+"""Checks a run passes before its data stages, beyond what the config alone can tell: the data files
+exist, the files that eval.datasets names exist, the held-out short-answer questions fill eval.synthetic_items, and every
 name in lora.target_modules matches a layer of the model (its skeleton, built on the meta device from
 the model's config). A problem found only after hours of data preparation and training is a problem
 found too late."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from leantune.config import EVAL_BUILTIN_SETS, RunConfig
+from leantune.config import RunConfig
 from leantune.errors import UserError
-from leantune.evaluation.datasets import SYNTHETIC_CHALLENGE, short_answer_shortfall, synthetic_item_count
+from leantune.evaluation.datasets import short_answer_shortfall, synthetic_item_count
 
 
 def check_before_data(cfg: RunConfig) -> None:
@@ -22,19 +22,22 @@ def check_before_data(cfg: RunConfig) -> None:
 def problems_before_data(cfg: RunConfig) -> list[str]:
     from leantune.modeling import lora_target_problem, moe_problems
 
-    problems = []
+    problems = data_path_problems(cfg)
     if cfg.eval.enabled:
-        for spec in cfg.eval.datasets:
-            if spec in (*EVAL_BUILTIN_SETS, SYNTHETIC_CHALLENGE) or spec.startswith("anthropic-hub:"):
-                continue
-            path = Path(spec.removeprefix("are-you-sure:"))
-            if not path.is_file():
-                problems.append(f"eval.datasets: '{spec}': {path} is not a file (resolved from {Path.cwd()}); "
-                                "give an existing jsonl file")
-        if {"synthetic", SYNTHETIC_CHALLENGE} & set(cfg.eval.datasets) and (problem := short_answer_shortfall(
+        sets = cfg.eval.sets()
+        problems += [problem for spec in sets if (problem := spec.missing_file())]
+        if {"synthetic", "synthetic-challenge"} & {spec.kind for spec in sets} and (problem := short_answer_shortfall(
                 cfg.data.synthetic, synthetic_item_count(cfg))):
             problems.append(problem)
     if problem := lora_target_problem(cfg):
         problems.append(problem)
     problems += moe_problems(cfg)
     return problems
+
+
+def data_path_problems(cfg: RunConfig) -> list[str]:
+    """Every kind=file source must exist (relative paths from the current directory). Checked by the CLI before
+    Prefect starts and by the flow before its first stage, so a run started from the UI gets the same answer."""
+    return [f"data.sources.{i}.path: '{src.path}' does not exist (resolved from {Path.cwd()}); give an existing "
+            "file or directory" for i, src in enumerate(cfg.data.sources)
+            if src.kind == "file" and src.path and not Path(src.path).exists()]

@@ -131,7 +131,7 @@ def test_load_eval_sets_names_and_errors(tmp_path):
     assert [len(s.items) for s in sets] == [10, 10, 10]
     # The synthetic set is drawn at the capped size, so it stays balanced: nothing to leave out.
     assert "not_selected" not in sets[0].counts and sets[2].counts["not_selected"] == 262
-    with pytest.raises(UserError, match="'nope.jsonl' is not a file"):
+    with pytest.raises(UserError, match="'nope.jsonl': nope.jsonl is not a file"):
         load_eval_sets(load_config(overrides=["eval.datasets=[nope.jsonl]"]))
     with pytest.raises(UserError, match="anthropic-hub:nlp_survey"):
         load_eval_sets(load_config(overrides=["eval.datasets=['anthropic-hub:nlp']"]))

@@ -81,6 +81,16 @@ def test_cli_data_error_exits_2_with_a_message(prefect_server, tmp_path, capsys)
     assert "Traceback" not in err
 
 
+@pytest.mark.flow
+def test_a_flow_run_from_the_ui_with_a_missing_data_file_is_refused_before_any_stage(prefect_server, tmp_path):
+    # The UI and deployments call the flow with a config and no CLI: the flow's first check must refuse it.
+    cfg = small_config(tmp_path, f"data.sources=[{{kind: file, path: {tmp_path}/gone.jsonl}}]")
+    state = finetune(cfg, return_state=True)
+    assert state.is_failed()
+    assert f"data.sources.0.path: '{tmp_path}/gone.jsonl' does not exist" in state.message
+    assert list(tmp_path.iterdir()) == []  # no run directory, no stage ran
+
+
 def test_cli_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])

@@ -1,6 +1,8 @@
 """Config holes found under attack (issue 14): infinite or NaN numbers, unknown evaluation sets, duplicate
 YAML keys, empty or misspelt LoRA targets; each is refused before any data stage, naming the key."""
 
+from pathlib import Path
+
 import pytest
 
 from leantune.config import ConfigError, load_config
@@ -21,6 +23,36 @@ def test_values_the_config_refuses(override, expected):
     with pytest.raises(ConfigError) as e:
         load_config(overrides=[override])
     assert expected in str(e.value)
+
+
+def test_eval_datasets_problems_are_reported_together_before_any_set_loads():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["eval.datasets=[synthetic, nosuchset, a/x.jsonl, b/x.jsonl, synthetic]"])
+    assert e.value.problems == [
+        "eval.datasets: 'nosuchset' is not a set; use 'synthetic', 'anthropic-sample', 'are-you-sure:synthetic', "
+        "'anthropic-hub:<nlp_survey|philpapers2020|political_typology_quiz>', 'are-you-sure:<path to jsonl>' or the "
+        "path of an Anthropic-format .jsonl file",
+        "eval.datasets: more than one set is called synthetic, x; list each set once (sets from files are named by "
+        "the file name)",
+    ]
+    with pytest.raises(ConfigError, match="eval.datasets: empty; name at least one set"):
+        load_config(overrides=["eval.datasets=[]"])
+    assert load_config(overrides=["eval.datasets=[]", "eval.enabled=false"]).eval.datasets == []
+
+
+def test_an_eval_set_is_parsed_in_one_place():
+    from leantune.config import parse_eval_set
+
+    assert [(s.kind, s.name, s.path, s.subset) for s in load_config(overrides=[
+        "eval.datasets=[synthetic, anthropic-sample, are-you-sure:synthetic, anthropic-hub:nlp_survey, "
+        "are-you-sure:d/ays.jsonl, d/sycophancy_on_x.jsonl]"]).eval.sets()] == [
+        ("synthetic", "synthetic", None, None), ("anthropic-sample", "anthropic-sample", None, None),
+        ("synthetic-challenge", "are-you-sure:synthetic", None, None),
+        ("anthropic-hub", "anthropic-hub:nlp_survey", None, "nlp_survey"),
+        ("are-you-sure", "are-you-sure:ays", Path("d/ays.jsonl"), None),
+        ("anthropic-file", "sycophancy_on_x", Path("d/sycophancy_on_x.jsonl"), None)]
+    with pytest.raises(ValueError, match="did you mean 'anthropic-sample'"):
+        parse_eval_set("anthropic-sampel")
 
 
 def test_valid_eval_specs_pass_the_config():
@@ -58,3 +90,11 @@ def test_problems_before_data_name_missing_eval_files_and_bad_targets(tmp_path):
     assert problems[1].startswith("lora.target_modules: 'qproj' matches no layer")
     (tmp_path / "gone.jsonl").write_text("")
     assert problems_before_data(load_config(overrides=[f"eval.datasets=[{tmp_path}/gone.jsonl]"])) == []
+
+
+def test_problems_before_data_name_a_missing_data_file(tmp_path):
+    # The flow runs these checks first, so a run started from the UI is refused like one from the CLI.
+    cfg = load_config(overrides=[f"data.sources=[{{kind: file, path: {tmp_path}/nope.jsonl}}]"])
+    assert problems_before_data(cfg) == [
+        f"data.sources.0.path: '{tmp_path}/nope.jsonl' does not exist (resolved from {Path.cwd()}); give an "
+        "existing file or directory"]

@@ -61,18 +61,23 @@ from itertools import count
 from pathlib import Path
 from typing import Literal
 
-from leantune.config import EVAL_HUB_SUBSETS, RunConfig, SyntheticConfig
+from leantune.config import (
+    EVAL_HUB_SUBSETS,
+    SYNTHETIC_CHALLENGE,
+    EvalSetSpec,
+    RunConfig,
+    SyntheticConfig,
+    parse_eval_set,
+)
 from leantune.errors import DataError, UserError
 
 DATA_DIR = Path(str(files("leantune") / "resources" / "sycophancy"))
 BUNDLED_SAMPLE = DATA_DIR / "political_typology_quiz_sample.jsonl"
 HUB_DATASET = "Anthropic/model-written-evals"
-HUB_SUBSETS = EVAL_HUB_SUBSETS  # the config checks eval.datasets against the same names
 # Anthropic's assistant prefix (sycophancy/README.md of anthropics/evals).
 ANTHROPIC_ASSISTANT_PREFIX = "I believe the better option is"
 # Rows shown per problem kind in a set's counts.
 MAX_EXAMPLES = 5
-SYNTHETIC_CHALLENGE = "are-you-sure:synthetic"
 PRERELEASE_NAME = re.compile(r"^(?P<subset>.+)_(?P<label>[a-z]+)-bio_(?P<side>[a-z]+)$")
 
 
@@ -133,32 +138,17 @@ class EvalSet:
 def load_eval_sets(cfg: RunConfig) -> list[EvalSet]:
     """Every set of `eval.datasets`, each capped at `eval.max_items`, loaded before any model is (a set
     that cannot be used raises a UserError or DataError that names it)."""
-    specs = cfg.eval.datasets
-    if not specs:
-        raise UserError("eval.datasets: empty; name at least one set, e.g. eval.datasets=[synthetic]")
-    names = [set_name(s) for s in specs]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UserError(f"eval.datasets: more than one set is called {', '.join(twice)}; list each set once "
-                        "(sets from files are named by the file name)")
+    specs = cfg.eval.sets()
     sets = [load_eval_set(spec, cfg) for spec in specs]
-    if "synthetic" in specs:
+    kinds = [spec.kind for spec in specs]
+    if "synthetic" in kinds:
         # The same held-out items asked plainly: the capability guard and the opinion-induced shift.
-        sets.insert(specs.index("synthetic") + 1, plain_set(next(s for s in sets if s.name == "synthetic")))
+        sets.insert(kinds.index("synthetic") + 1, plain_set(next(s for s in sets if s.name == "synthetic")))
     _check_philpapers(sets)
     if cfg.eval.max_items is not None:
         for s in sets:
             cap(s, cfg.eval.max_items)
     return sets
-
-
-def set_name(spec: str) -> str:
-    """The name a set has in results: the spec for built-in sets, the file stem for files."""
-    if spec in ("synthetic", "anthropic-sample") or spec.startswith("anthropic-hub:"):
-        return spec
-    if spec.startswith("are-you-sure:"):
-        return "are-you-sure:" + Path(spec.removeprefix("are-you-sure:")).stem
-    return Path(spec).stem
 
 
 def synthetic_item_count(cfg: RunConfig) -> int:
@@ -167,33 +157,22 @@ def synthetic_item_count(cfg: RunConfig) -> int:
     return min(cfg.eval.synthetic_items, cfg.eval.max_items or cfg.eval.synthetic_items)
 
 
-def load_eval_set(spec: str, cfg: RunConfig) -> EvalSet:
+def load_eval_set(spec: EvalSetSpec, cfg: RunConfig) -> EvalSet:
     """One set of `eval.datasets` (see the module docstring for the names)."""
-    if spec == "synthetic":
+    if spec.kind == "synthetic":
         return synthetic_set(cfg.data.synthetic, synthetic_item_count(cfg))
-    if spec == "anthropic-sample":
-        return anthropic_file(BUNDLED_SAMPLE, name=spec, max_invalid_fraction=0.0)
-    if spec.startswith("anthropic-hub:"):
-        return anthropic_hub(spec.removeprefix("anthropic-hub:"), cfg.validation.max_reject_fraction)
-    if spec == SYNTHETIC_CHALLENGE:
+    if spec.kind == "anthropic-sample":
+        return anthropic_file(BUNDLED_SAMPLE, name=spec.name, max_invalid_fraction=0.0)
+    if spec.kind == "anthropic-hub":
+        return anthropic_hub(spec.subset, cfg.validation.max_reject_fraction)
+    if spec.kind == "synthetic-challenge":
         plain = plain_set(synthetic_set(cfg.data.synthetic, synthetic_item_count(cfg)))
         return challenge_set(plain)
-    if spec.startswith("are-you-sure:"):
-        path = Path(spec.removeprefix("are-you-sure:"))
-        _require_file(path, spec)
-        return are_you_sure_file(path, cfg.validation.max_reject_fraction)
-    path = Path(spec)
-    _require_file(path, spec)
-    return anthropic_file(path, name=set_name(spec), max_invalid_fraction=cfg.validation.max_reject_fraction)
-
-
-def _require_file(path: Path, spec: str) -> None:
-    if not path.is_file():
-        raise UserError(
-            f"eval.datasets: '{spec}' is not a file; use 'synthetic', 'anthropic-sample', "
-            f"'anthropic-hub:<{'|'.join(HUB_SUBSETS)}>', 'are-you-sure:<path to jsonl>' or the path of an "
-            "Anthropic-format jsonl file"
-        )
+    if problem := spec.missing_file():
+        raise UserError(problem)
+    if spec.kind == "are-you-sure":
+        return are_you_sure_file(spec.path, cfg.validation.max_reject_fraction)
+    return anthropic_file(spec.path, name=spec.name, max_invalid_fraction=cfg.validation.max_reject_fraction)
 
 
 def cap(s: EvalSet, max_items: int) -> None:
@@ -357,9 +336,9 @@ def anthropic_file(path: Path, name: str, max_invalid_fraction: float) -> EvalSe
 
 def anthropic_hub(subset: str, max_invalid_fraction: float) -> EvalSet:
     """The released file of `subset` from the hub dataset Anthropic/model-written-evals."""
-    if subset not in HUB_SUBSETS:
+    if subset not in EVAL_HUB_SUBSETS:
         raise UserError(f"eval.datasets: 'anthropic-hub:{subset}' is not a sycophancy subset of {HUB_DATASET}; "
-                        f"use one of {', '.join('anthropic-hub:' + s for s in HUB_SUBSETS)}")
+                        f"use one of {', '.join('anthropic-hub:' + s for s in EVAL_HUB_SUBSETS)}")
     import datasets
 
     data_file = f"sycophancy/sycophancy_on_{subset}.jsonl"
@@ -493,7 +472,7 @@ def are_you_sure_file(path: Path, max_invalid_fraction: float) -> EvalSet:
     "content"}, `base` with `correct_letter` and `letters`. A trailing "ai" turn is the prefill the
     answers start with. Free-form rows (no `correct_letter`, e.g. TriviaQA) count as `free_form`: their
     answers need a judge, which leantune does not run."""
-    s = EvalSet(set_name(f"are-you-sure:{path}"), "are_you_sure", str(path))
+    s = EvalSet(parse_eval_set(f"are-you-sure:{path}").name, "are_you_sure", str(path))
     roles = {"human": "user", "ai": "assistant"}
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
