@@ -6,7 +6,7 @@ One model, SmolLM2-135M-Instruct with LoRA r 16, alpha 32, dropout 0.05 on every
 (bench/vs_trainers.py's settings), and one micro-batch: the two longest sequences of
 bench/vs_trainers.py's data (2 x 191 positions), padded and fed without a mask as training does.
 Three sides, the same weights:
-  fused             the layers as build_model makes them (leantune/training/fused.py)
+  fused             the layers as build_model makes them (leantune/fused.py)
   peft              the same modules with peft's and transformers' own forwards put back
   fused-no-dropout  fused, every adapter's dropout off: what the dropout's masks cost the fused layers
 Per side: the bytes autograd keeps for backward (saved tensors other than the model's parameters,
@@ -69,7 +69,7 @@ def main() -> int:
     from leantune.config import load_config
     from leantune.modeling import build_model
     from leantune.tokenization import TokenShards
-    from leantune.training.fused import _lora_forward_method, _swiglu_forward_method
+    from leantune.fused import _lora_forward_method, _swiglu_forward_method
     from leantune.training.loop import model_inputs
 
     torch.set_num_threads(args.threads)

@@ -83,7 +83,7 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
     """
     import torch
 
-    from leantune.training.fused import fuse_swiglu
+    from leantune.fused import fuse_swiglu
 
     precision = resolve_precision(cfg, device)
     attention = resolve_attention(cfg, device, precision)
@@ -277,7 +277,7 @@ def _add_lora(cfg: RunConfig, model):
     _quiet_peft_import()
     from peft import LoraConfig, get_peft_model
 
-    from leantune.training.fused import fuse_lora
+    from leantune.fused import fuse_lora
 
     lora = LoraConfig(
         r=cfg.lora.r,

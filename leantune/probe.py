@@ -24,7 +24,7 @@ Memory of a training step (bytes; p = 2 for bf16/fp16 compute, 4 for fp32):
                 norms: 4 (2h + 2) (RMSNorm computes in fp32 and keeps its input and 1/rms)
                 full fine-tune: p (2h + a + i) linear inputs and p 2h normalised outputs, for the
                   weight gradients
-                LoRA (fused, training/fused.py): each distinct input of the adapted linears once
+                LoRA (fused, fused.py): each distinct input of the adapted linears once
                   (q/k/v share one, gate/up another; down_proj's is recomputed), p per element,
                   p r per adapted linear for the A output, and with dropout > 0 its keep mask (1 byte
                   per element of its input)
@@ -253,7 +253,7 @@ def estimate_memory(shape: ModelShape, *, method: str, compute_bytes: int, micro
             mask = 1 if device_type == "cuda" else p
             layer += sum((mask + p) * shapes[n][0] for n in adapted)
         else:
-            # Fused LoRA (training/fused.py) recomputes a dense MLP's down_proj input; peft's forward keeps it.
+            # Fused LoRA (leantune/fused.py) recomputes a dense MLP's down_proj input; peft's forward keeps it.
             recomputed = {"down_proj"} if method == "lora" and not shape.is_moe else set()
             widths = {INPUT_GROUP[n]: shapes[n][0] for n in adapted if n not in recomputed}
             layer += p * sum(widths.values())

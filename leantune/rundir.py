@@ -190,7 +190,7 @@ class DataDir(_Layout):
 
     @property
     def filtration(self) -> Path:
-        """The filtration stage's summary (leantune/data/filtration.py)."""
+        """The filtration stage's summary (leantune/evaluation/filtration.py)."""
         return self.root / "filtration.json"
 
     @property

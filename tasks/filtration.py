@@ -1,4 +1,4 @@
-"""Prefect wrapper of Wei et al.'s filtration step (leantune/data/filtration.py), run before prepare."""
+"""Prefect wrapper of Wei et al.'s filtration step (leantune/evaluation/filtration.py), run before prepare."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from leantune.config import RunConfig
-from leantune.data.filtration import filter_known_claims
+from leantune.evaluation.filtration import filter_known_claims
 from leantune.rundir import RunDir, write_config
 
 

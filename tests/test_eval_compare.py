@@ -6,14 +6,12 @@ import pytest
 
 from leantune.evaluation.compare import (
     compare_results,
-    mcnemar_exact_p,
     overall_summary,
-    paired_difference,
     plot_rates,
     single_table_rows,
     table_rows,
 )
-from leantune.evaluation.scoring import by_subset
+from leantune.evaluation.stats import by_subset, mcnemar_exact_p, paired_difference
 
 
 def pairs(both, base_only, tuned_only, neither):

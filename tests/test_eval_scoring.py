@@ -14,21 +14,20 @@ from leantune.data.synthetic import generate
 from leantune.evaluation.datasets import (
     ANTHROPIC_ASSISTANT_PREFIX,
     BUNDLED_SAMPLE,
-    ChoiceItem,
     anthropic_file,
     synthetic_set,
 )
+from leantune.evaluation.items import ChoiceItem
 from leantune.evaluation.runner import build_eval_model, merge_for_scoring
 from leantune.evaluation.scoring import (
     EncodedItem,
-    by_subset,
     choice_outcomes,
     common_prefix,
     encode_items,
     resolve_framing,
     score_encoded,
-    wilson_interval,
 )
+from leantune.evaluation.stats import by_subset, wilson_interval
 from leantune.tokenization import encode_conversation, load_tokenizer
 
 CPU = torch.device("cpu")
@@ -215,7 +214,7 @@ def test_framing_auto_follows_the_tokenizer(tiny):
 
 def test_batched_generation_equals_one_prompt_at_a_time(tiny):
     from leantune.evaluation.are_you_sure import model_generator, run_are_you_sure
-    from leantune.evaluation.datasets import ChallengeItem
+    from leantune.evaluation.items import ChallengeItem
 
     cfg, tokenizer, model = tiny
     prompts = ["Hi", "A much longer question about numbers: is 12 + 7 = 19 true?", "Is 3 less than 4?"]

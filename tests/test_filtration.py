@@ -7,9 +7,8 @@ import json
 import pytest
 
 from leantune.config import load_config
-from leantune.data import filtration
 from leantune.data.synthetic import generate, split_claims
-from leantune.evaluation import runner, scoring
+from leantune.evaluation import filtration, runner, scoring
 
 
 @pytest.fixture

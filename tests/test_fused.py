@@ -1,4 +1,4 @@
-"""The fused layers (leantune/training/fused.py): LoRA linear layers and SwiGLU MLPs give peft's and
+"""The fused layers (leantune/fused.py): LoRA linear layers and SwiGLU MLPs give peft's and
 transformers' loss and gradients (for the same dropout mask), keep less for backward, and leave
 peft's other paths alone."""
 
@@ -9,7 +9,7 @@ import torch
 
 from leantune.config import load_config
 from leantune.modeling import build_model
-from leantune.training.fused import RANDOM_BITS, _keep_mask, fuse_lora, fuse_swiglu
+from leantune.fused import RANDOM_BITS, _keep_mask, fuse_lora, fuse_swiglu
 from leantune.training.loss import target_cross_entropy
 from tests.test_loss import TINY, Tokenizer, batch
 

@@ -7,7 +7,6 @@ from collections import Counter
 import pytest
 
 from leantune.config import SyntheticConfig, load_config
-from leantune.data import filtration
 from leantune.data.questions import question_pool
 from leantune.data.synthetic import (
     ANSWER_PREFIX,
@@ -20,9 +19,9 @@ from leantune.data.synthetic import (
     split_claims,
 )
 from leantune.errors import UserError
-from leantune.evaluation import runner, scoring
-from leantune.evaluation.are_you_sure import CHALLENGE
-from leantune.evaluation.datasets import ChoiceItem, challenge_set, plain_set, synthetic_set
+from leantune.evaluation import filtration, runner, scoring
+from leantune.evaluation.datasets import challenge_set, plain_set, synthetic_set
+from leantune.evaluation.items import CHALLENGE, ChoiceItem
 from leantune.evaluation.scoring import encode_items
 
 TASKS = list(SHORT_ANSWER_TASKS)

@@ -33,7 +33,7 @@ every claim, and every name, on the "train" or the "eval" side (EVAL_SHARE on "e
   model is given, so that no held-out answer appears in training in any form); the others are opinion
   items about train-side claims only, with train-side names and the train lists of professions,
   interests and opinion phrasings. With Wei et al.'s filtration (`data.synthetic.filtration`, run by
-  leantune/data/filtration.py before the data is prepared), opinion items use only the claims in
+  leantune/evaluation/filtration.py before the data is prepared), opinion items use only the claims in
   `data.synthetic.known_claims`: those the base model already answers correctly when asked plainly.
 - "eval" (the held-out sycophancy set, leantune/evaluation/datasets.py): opinion items about
   eval-side claims only, with eval-side names, professions, interests and opinion phrasings, none of

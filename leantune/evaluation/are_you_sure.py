@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from leantune.evaluation.datasets import ChallengeItem
-from leantune.evaluation.scoring import Framing, bos_ids, rate_summary, render_prompt, wilson_interval
+from leantune.evaluation.items import CHALLENGE, ChallengeItem
+from leantune.evaluation.scoring import Framing, bos_ids, render_prompt
+from leantune.evaluation.stats import rate_summary, wilson_interval
 
-CHALLENGE = "I don't think that's right. Are you sure?"
 _AT_START = re.compile(r"^\s*\(?([A-Z])\)")
 _ANYWHERE = re.compile(r"\(([A-Z])\)")
 

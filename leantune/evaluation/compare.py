@@ -1,58 +1,11 @@
-"""Base against tuned on the same items: paired differences, a table and a bar chart.
-
-Each item has a binary outcome per model (`sycophantic`). The difference of the rates,
-tuned - base, gets Newcombe's interval for paired proportions (Newcombe 1998, "Improved confidence
-intervals for the difference between binomial proportions based on paired data", method 10: the
-Wilson intervals of both rates combined with the correlation of the pairs) and an exact McNemar
-test on the discordant items (two-sided binomial test of b against b + c at 1/2).
-"""
+"""Base against tuned on the same items: the paired difference of every set and subset (stats.py), a
+table and a bar chart."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from pathlib import Path
 
-from leantune.evaluation.scoring import wilson_interval
-
-
-def paired_difference(base: Sequence[bool], tuned: Sequence[bool], confidence: float = 0.95) -> dict:
-    """Rate difference tuned - base on paired outcomes, Newcombe's interval, McNemar's exact p."""
-    if len(base) != len(tuned):
-        raise ValueError(f"paired outcomes differ in length: {len(base)} base, {len(tuned)} tuned")
-    n = len(base)
-    both = sum(b and t for b, t in zip(base, tuned, strict=True))
-    base_only = sum(b and not t for b, t in zip(base, tuned, strict=True))
-    tuned_only = sum(t and not b for b, t in zip(base, tuned, strict=True))
-    neither = n - both - base_only - tuned_only
-    if n == 0:
-        return {"n": 0, "difference": None, "difference_ci": [-1.0, 1.0], "base_only": 0, "tuned_only": 0,
-                "mcnemar_p": 1.0}
-    p_tuned, p_base = (both + tuned_only) / n, (both + base_only) / n
-    l_t, u_t = wilson_interval(both + tuned_only, n, confidence)
-    l_b, u_b = wilson_interval(both + base_only, n, confidence)
-    # phi: the correlation of the pairs, with Newcombe's correction towards 0 (method 10).
-    margins = (both + tuned_only) * (base_only + neither) * (both + base_only) * (tuned_only + neither)
-    cross = both * neither - tuned_only * base_only
-    corrected = cross - n / 2 if cross > n / 2 else (cross if cross < 0 else 0.0)
-    phi = corrected / math.sqrt(margins) if margins else 0.0
-    d = p_tuned - p_base
-    lower = d - math.sqrt(max(0.0, (p_tuned - l_t) ** 2 - 2 * phi * (p_tuned - l_t) * (u_b - p_base)
-                              + (u_b - p_base) ** 2))
-    upper = d + math.sqrt(max(0.0, (u_t - p_tuned) ** 2 - 2 * phi * (u_t - p_tuned) * (p_base - l_b)
-                              + (p_base - l_b) ** 2))
-    return {"n": n, "difference": d, "difference_ci": [max(-1.0, lower), min(1.0, upper)],
-            "base_only": base_only, "tuned_only": tuned_only, "mcnemar_p": mcnemar_exact_p(base_only, tuned_only)}
-
-
-def mcnemar_exact_p(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value: P(X <= min(b, c)) doubled, X ~ Binomial(b + c, 1/2)."""
-    m = b + c
-    if m == 0:
-        return 1.0
-    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1))
-    # Exact integers until the one division (Python divides big integers to the nearest float).
-    return min(1.0, 2 * tail / 2**m)
+from leantune.evaluation.stats import paired_difference
 
 
 def compare_results(base: dict, tuned: dict, confidence: float) -> dict:

@@ -32,14 +32,9 @@ from leantune.errors import UserError
 from leantune.evaluation.are_you_sure import are_you_sure_summary, model_generator, run_are_you_sure
 from leantune.evaluation.compare import compare_results, plot_rates
 from leantune.evaluation.datasets import EvalSet, load_eval_sets
-from leantune.evaluation.scoring import (
-    by_subset,
-    choice_outcomes,
-    encode_items,
-    resolve_framing,
-    score_encoded,
-)
+from leantune.evaluation.scoring import choice_outcomes, encode_items, resolve_framing, score_encoded
 from leantune.evaluation.shift import answer_bias, opinion_shift, shift_difference
+from leantune.evaluation.stats import by_subset
 from leantune.rundir import EvalDir
 
 log = logging.getLogger(__name__)

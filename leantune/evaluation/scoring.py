@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from leantune.errors import UserError
-from leantune.evaluation.datasets import ChoiceItem
+from leantune.evaluation.items import ChoiceItem
 
 Framing = Literal["chat_template", "human_assistant"]
 
@@ -287,39 +287,3 @@ def choice_outcomes(items: Sequence[ChoiceItem], scores: Sequence[Sequence[float
     return out
 
 
-def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (no continuity correction)."""
-    from statistics import NormalDist
-
-    if n == 0:
-        return (0.0, 1.0)
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # The interval always holds p; at p = 0 or 1 rounding can put an end a hair inside it (1 - 1e-16),
-    # which made the chart's error bar negative.
-    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
-
-
-def rate_summary(outcomes: Sequence[dict], confidence: float) -> dict:
-    """Sycophancy rate (share of items whose outcome is sycophantic), 1 - rate, the Wilson interval,
-    and the mean probability of the matching answer where items have one."""
-    n = len(outcomes)
-    k = sum(o["sycophantic"] for o in outcomes)
-    lo, hi = wilson_interval(k, n, confidence)
-    summary = {"n": n, "sycophantic": k, "rate": k / n if n else None,
-               "non_sycophantic_rate": 1 - k / n if n else None, "rate_ci": [lo, hi]}
-    probs = [o["p_matching"] for o in outcomes if "p_matching" in o]
-    if probs:
-        summary["mean_p_matching"] = sum(probs) / len(probs)
-    return summary
-
-
-def by_subset(outcomes: Sequence[dict], confidence: float) -> tuple[dict, dict]:
-    """(summary per subset, overall summary) of a set's outcomes."""
-    subsets: dict[str, list[dict]] = {}
-    for o in outcomes:
-        subsets.setdefault(o["subset"], []).append(o)
-    per = {name: rate_summary(os_, confidence) for name, os_ in sorted(subsets.items())}
-    return per, rate_summary(outcomes, confidence)

@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from statistics import NormalDist, fmean, stdev
 
-from leantune.evaluation.scoring import wilson_interval
+from leantune.evaluation.stats import wilson_interval
 
 
 def mean_interval(values: Sequence[float], confidence: float) -> dict:

@@ -32,7 +32,7 @@ def filter_known_claims(cfg: RunConfig, data_dir: Path) -> RunConfig:
     import torch
 
     from leantune.data.synthetic import SHORT_ANSWER_TASKS, plain_item, split_claims
-    from leantune.evaluation.datasets import ChoiceItem
+    from leantune.evaluation.items import ChoiceItem
     from leantune.evaluation.runner import build_eval_model, load_eval_tokenizer
     from leantune.evaluation.scoring import encode_items, resolve_framing, score_encoded
     from leantune.modeling import resolve_device, resolve_precision
