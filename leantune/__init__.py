@@ -1,0 +1,21 @@
+"""leantune: fine-tune LLMs with LoRA, QLoRA or full fine-tuning as a Prefect pipeline (this package
+is the library; Prefect lives in tasks/ and flows/). ARCHITECTURE.md at the top of the repository is
+the full map; in short:
+
+  config.py, cli.py, preflight.py    the one config model; the command line; checks before the data stages
+  rundir.py, runlock.py, stagecache.py  the run directory's files, its lock, the stage cache
+  data/                              stage 1, prepare: sources, formats, synthetic data, quality, split
+  validation.py                      stage 2: Great Expectations over record chunks, quarantine
+  tokenization.py                    stage 3: chat template, label masks, packing, token shards
+  modeling.py, fused.py, gguf.py, moe.py  the model: loading, quantisation, LoRA, fused layers, MoE
+  training/                          stage 4, in its own process: loop, loss, optimizer, checkpoints
+  failures.py, attempts.py           how an attempt fails; the config of the next attempt
+  monitor/                           the resource sampler, its feedback policy, the power limit
+  evaluation/                        stage 5: sycophancy of the base and tuned model; the filtration
+  report.py, metrics.py, tracking.py, progress.py, tables.py  what a person reads
+  probe.py, cost.py, routing.py      planning: memory estimate and starting settings, cost, work pool
+  profile.py, breakdown.py, sweep.py measuring: throughput per setting, a step's time, many runs
+  errors.py, jsonl.py, testing.py    user errors, JSON-lines helpers, test seams of the loop
+
+Every module imports without torch: heavy libraries are imported inside the functions that need them.
+"""

@@ -97,3 +97,18 @@ def test_every_module_imports_alone():
         if done.returncode:
             failed[module] = done.stderr.strip().splitlines()[-1]
     assert failed == {}
+
+
+def test_every_package_map_names_each_of_its_modules():
+    # The maps in the __init__ docstrings are what a newcomer reads first: a module missing from its map is
+    # a module nobody finds. ARCHITECTURE.md names every package.
+    architecture = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
+    for init in [PACKAGE / "__init__.py", *sorted(PACKAGE.glob("*/__init__.py"))]:
+        package = init.parent
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        names = [p.name for p in package.glob("*.py") if p.name != "__init__.py"]
+        names += [f"{p.parent.name}/" for p in package.glob("*/__init__.py")]
+        missing = [n for n in names if n not in doc]
+        assert missing == [], f"{init.relative_to(PACKAGE.parent)} does not name {missing}"
+        if package != PACKAGE:
+            assert f"`{package.name}/`" in architecture, f"ARCHITECTURE.md does not name {package.name}/"

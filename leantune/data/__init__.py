@@ -1,0 +1,16 @@
+"""Stage 1, prepare: every source read into canonical records, every row accounted for.
+
+  sources.py    read each configured source (jsonl, json, csv, parquet, a directory, the hub) as raw
+                rows, each with its file and line
+  formats.py    detect a source's format (alpaca, ShareGPT, messages, prompt/completion, text) and
+                convert a row to canonical messages
+  normalize.py  text normalisation, record ids, the compact set of seen ids for deduplication
+  prepare.py    the stage: sources -> records.jsonl, rejects.jsonl, duplicates.jsonl, prepare.json
+                (read = kept + rejected + duplicates + not selected)
+  synthetic.py  the synthetic anti-sycophancy generator (Wei et al. 2023), train and eval splits
+  questions.py  the short-answer questions of the synthetic data
+  quality.py    data quality metrics (data/quality.json)
+  split.py      the deterministic train/validation split by record id
+
+A record: {"id", "messages": [{"role", "content"}, ...], "source"}.
+"""

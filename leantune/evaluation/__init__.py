@@ -2,10 +2,15 @@
 
   datasets.py      the sets: Anthropic's model-written-evals (local files, pre-release files, the hub,
                    the bundled sample), leantune's balanced synthetic set, "are you sure?" files
+  items.py         the item types: a choice scored by log-likelihood, an "are you sure?" challenge
   scoring.py       log-likelihood of each answer after the prompt, batched, the prompt computed once
-                   per item; framing; rates, Wilson intervals
+                   per item; framing
   are_you_sure.py  the generation-based "are you sure?" flip rate
-  compare.py       base against tuned on the same items: Newcombe's paired interval, McNemar, chart
+  shift.py         how far a user's opinion moves the model, item by item; answer-position bias
+  stats.py         Wilson intervals, Newcombe's paired interval, the exact McNemar test
+  compare.py       base against tuned on the same items: comparison.json, table, chart
+  filtration.py    Wei et al.'s filtration: which training-side claims the base model already knows
+                   (run before prepare, with this package's scorer)
   runner.py        loads the model (and adapter) once and writes eval/base.json, tuned.json,
                    comparison.json, sycophancy.png
 

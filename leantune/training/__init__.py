@@ -1,0 +1,13 @@
+"""Stage 4, training: runs in its own process (`python -m leantune.training.loop RUN_DIR`, or torchrun).
+
+  launch.py       how the flow starts the training process, follows its log and metrics, stops it
+  loop.py         the training loop, top to bottom: token shards in, an adapter (or model) out
+  loss.py         the target-only, chunked output layer and cross-entropy (no [batch, seq, vocab] logits)
+  optim.py        optimizer, learning-rate schedule and step count from RunConfig.train
+  adaptive.py     the adaptive micro-batch: halve on out-of-memory, grow on sustained headroom
+  checkpoint.py   checkpoints with exact resume: what they hold, retention, verified loading, the
+                  resume policy (what may change on resume)
+  distributed.py  data-parallel glue under torchrun: process group, shares, gradient sum
+
+The flow and this process share only files in the run directory and an exit code (leantune/failures.py).
+"""
