@@ -67,9 +67,9 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from leantune.config import load_config
+    from leantune.fused import _lora_forward_method, _swiglu_forward_method
     from leantune.modeling import build_model
     from leantune.tokenization import TokenShards
-    from leantune.fused import _lora_forward_method, _swiglu_forward_method
     from leantune.training.loop import model_inputs
 
     torch.set_num_threads(args.threads)

@@ -4,6 +4,7 @@ the full map; in short:
 
   config.py, cli.py, preflight.py    the one config model; the command line; checks before the data stages
   rundir.py, runlock.py, stagecache.py  the run directory's files, its lock, the stage cache
+  resume.py                          the resume policy: what may change on resume, why one is refused
   data/                              stage 1, prepare: sources, formats, synthetic data, quality, split
   validation.py                      stage 2: Great Expectations over record chunks, quarantine
   tokenization.py                    stage 3: chat template, label masks, packing, token shards

@@ -42,9 +42,9 @@ from pathlib import Path
 from leantune.config import RunConfig, largest_divisor, with_values
 from leantune.failures import AttemptFailed, classify
 from leantune.metrics import event_of, read_metrics
+from leantune.resume import resume_fingerprint
 from leantune.rundir import RunDir
 from leantune.tables import markdown_table
-from leantune.training.checkpoint import resume_fingerprint
 
 MIN_SEQ_LEN = 64  # attempts do not shorten sequences below this (most records would be cut)
 

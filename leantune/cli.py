@@ -18,8 +18,8 @@ from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
 from leantune.gguf import check_model_file
 from leantune.preflight import data_path_problems
+from leantune.resume import resume_refusal
 from leantune.rundir import RunDir, default_run_name, run_dir_problem
-from leantune.training.checkpoint import resume_refusal
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 

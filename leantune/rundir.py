@@ -12,6 +12,7 @@ checks, and the attempt history (attempts.jsonl, attempts/attempt-N/).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from pathlib import Path
 
 from leantune.config import RunConfig, dump_config
 from leantune.errors import UserError
+
+# A checkpoint directory, checkpoints/step-N/ (N = optimizer steps completed).
+STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass(frozen=True)

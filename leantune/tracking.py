@@ -49,8 +49,8 @@ from urllib.parse import urlparse
 
 from leantune.config import RunConfig, dump_config
 from leantune.metrics import read_metrics
-from leantune.rundir import RunDir
-from leantune.training.checkpoint import STEP_DIR, _flatten
+from leantune.resume import flatten_config
+from leantune.rundir import STEP_DIR, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def tracking_lines(run_dir: Path) -> list[str]:
 def config_params(cfg: RunConfig) -> dict[str, str]:
     """The config flattened to dotted keys, values as MLflow params (text of at most PARAM_MAX_CHARS)."""
     flat: dict = {}
-    _flatten(cfg.model_dump(mode="json"), "", flat)
+    flatten_config(cfg.model_dump(mode="json"), "", flat)
     return {k: (v if isinstance(v, str) else json.dumps(v))[:PARAM_MAX_CHARS] for k, v in flat.items()}
 
 

@@ -30,10 +30,10 @@ from leantune.failures import EXIT_STOPPED, TORCHRUN_WORKER_EXIT, attempt_failur
 from leantune.metrics import StepHistory
 from leantune.progress import TrainingBar, training_percent, training_progress_text
 from leantune.report import best_val_text, training_summary_markdown
+from leantune.resume import resume_refusal
 from leantune.rundir import RunDir, write_config
 from leantune.runlock import check_run_dir_free
 from leantune.tracking import Tracker
-from leantune.training.checkpoint import resume_refusal
 from leantune.training.launch import progress_markdown, run_training, training_command
 from leantune.training.optim import total_steps
 

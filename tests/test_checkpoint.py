@@ -14,12 +14,8 @@ import torch
 
 from leantune.config import load_config
 from leantune.errors import UserError
-from leantune.training.checkpoint import (
-    CheckpointManager,
-    resume_config_hash,
-    resume_fingerprint,
-    run_fingerprints,
-)
+from leantune.resume import resume_config_hash, resume_fingerprint
+from leantune.training.checkpoint import CheckpointManager, run_fingerprints
 from leantune.training.optim import build_optimizer, build_scheduler
 
 FINGERPRINTS = {"config": "c0", "data": "d0", "tokenizer": "t0"}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from leantune.config import load_config
-from leantune.modeling import build_model
 from leantune.fused import RANDOM_BITS, _keep_mask, fuse_lora, fuse_swiglu
+from leantune.modeling import build_model
 from leantune.training.loss import target_cross_entropy
 from tests.test_loss import TINY, Tokenizer, batch
 

@@ -112,3 +112,14 @@ def test_every_package_map_names_each_of_its_modules():
         assert missing == [], f"{init.relative_to(PACKAGE.parent)} does not name {missing}"
         if package != PACKAGE:
             assert f"`{package.name}/`" in architecture, f"ARCHITECTURE.md does not name {package.name}/"
+
+
+def test_no_module_of_the_library_imports_torch_when_imported():
+    # ARCHITECTURE.md's rule: heavy libraries are imported inside the functions that need them, so the CLI,
+    # the resume policy and the flow process answer in a second. One interpreter imports every module.
+    modules = module_names()
+    code = (f"import importlib, sys\nfor m in {modules!r}:\n    importlib.import_module(m)\n"
+            "print(sorted(h for h in ('torch', 'transformers', 'peft', 'bitsandbytes', 'prefect') if h in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

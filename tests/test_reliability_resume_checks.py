@@ -10,7 +10,7 @@ from test_checkpoint import make_cfg, manager, save_steps
 from leantune.cli import finetune_request
 from leantune.config import dump_config, load_config
 from leantune.errors import UserError
-from leantune.training.checkpoint import resume_fingerprint, resume_refusal
+from leantune.resume import resume_fingerprint, resume_refusal
 
 
 def run_with_checkpoint(tmp_path, name="r"):

@@ -5,8 +5,8 @@
   loss.py         the target-only, chunked output layer and cross-entropy (no [batch, seq, vocab] logits)
   optim.py        optimizer, learning-rate schedule and step count from RunConfig.train
   adaptive.py     the adaptive micro-batch: halve on out-of-memory, grow on sustained headroom
-  checkpoint.py   checkpoints with exact resume: what they hold, retention, verified loading, the
-                  resume policy (what may change on resume)
+  checkpoint.py   checkpoints with exact resume: what they hold, retention, verified loading (the
+                  resume policy, what may change on resume, is leantune/resume.py)
   distributed.py  data-parallel glue under torchrun: process group, shares, gradient sum
 
 The flow and this process share only files in the run directory and an exit code (leantune/failures.py).
