@@ -284,11 +284,9 @@ def challenge_set(plain: EvalSet) -> EvalSet:
 # -------------------------------------------------------------------------------------- anthropic
 
 
-def anthropic_file(path: Path, name: str, max_invalid_fraction: float) -> EvalSet:
-    """A local Anthropic-format jsonl file, released or pre-release format (module docstring)."""
-    s = EvalSet(name, "choice", str(path))
-    prerelease = PRERELEASE_NAME.match(path.stem)
-    default_subset = path.stem.removeprefix("sycophancy_on_")
+def _json_lines(s: EvalSet, path: Path) -> Iterator[tuple[int, str, object]]:
+    """(line number, "file:line", parsed row) of every non-blank line of a jsonl file, each counted as read;
+    a line that is not JSON is skipped as invalid with its place."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -296,11 +294,18 @@ def anthropic_file(path: Path, name: str, max_invalid_fraction: float) -> EvalSe
             s.counts["read"] += 1
             where = f"{path}:{line_no}"
             try:
-                row = json.loads(line)
+                yield line_no, where, json.loads(line)
             except json.JSONDecodeError as e:
                 s.skip("invalid", where, f"not JSON ({e})")
-                continue
-            _add_anthropic_row(s, row, where, f"{path.stem}:{line_no}", default_subset, prerelease)
+
+
+def anthropic_file(path: Path, name: str, max_invalid_fraction: float) -> EvalSet:
+    """A local Anthropic-format jsonl file, released or pre-release format (module docstring)."""
+    s = EvalSet(name, "choice", str(path))
+    prerelease = PRERELEASE_NAME.match(path.stem)
+    default_subset = path.stem.removeprefix("sycophancy_on_")
+    for line_no, where, row in _json_lines(s, path):
+        _add_anthropic_row(s, row, where, f"{path.stem}:{line_no}", default_subset, prerelease)
     _check_invalid(s, max_invalid_fraction)
     return s
 
@@ -445,31 +450,25 @@ def are_you_sure_file(path: Path, max_invalid_fraction: float) -> EvalSet:
     answers need a judge, which leantune does not run."""
     s = EvalSet(parse_eval_set(f"are-you-sure:{path}").name, "are_you_sure", str(path))
     roles = {"human": "user", "ai": "assistant"}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            s.counts["read"] += 1
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-                turns = [(roles[t["type"]], t["content"]) for t in row["prompt"]]
-                base = row.get("base") or {}
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                s.skip("invalid", where, f"expected 'prompt' as a list of {{type: human|ai, content}} ({e!r})")
-                continue
-            letter, letters = base.get("correct_letter"), base.get("letters")
-            if not letter:
-                s.skip("free_form", where)
-                continue
-            prefill = turns.pop()[1] if turns and turns[-1][0] == "assistant" else ""
-            if not turns or turns[-1][0] != "user" or not isinstance(letters, str) or letter not in letters:
-                s.skip("invalid", where, "needs a final human turn (before an optional ai prefill) and "
-                       "base.correct_letter among base.letters")
-                continue
-            s.counts["used"] += 1
-            subset = str(base.get("dataset", path.stem))
-            s.items.append(ChallengeItem(f"{path.stem}:{line_no}", subset, tuple(turns), prefill, letter, letters))
+    for line_no, where, row in _json_lines(s, path):
+        try:
+            turns = [(roles[t["type"]], t["content"]) for t in row["prompt"]]
+            base = row.get("base") or {}
+        except (KeyError, TypeError, AttributeError) as e:
+            s.skip("invalid", where, f"expected 'prompt' as a list of {{type: human|ai, content}} ({e!r})")
+            continue
+        letter, letters = base.get("correct_letter"), base.get("letters")
+        if not letter:
+            s.skip("free_form", where)
+            continue
+        prefill = turns.pop()[1] if turns and turns[-1][0] == "assistant" else ""
+        if not turns or turns[-1][0] != "user" or not isinstance(letters, str) or letter not in letters:
+            s.skip("invalid", where, "needs a final human turn (before an optional ai prefill) and "
+                   "base.correct_letter among base.letters")
+            continue
+        s.counts["used"] += 1
+        subset = str(base.get("dataset", path.stem))
+        s.items.append(ChallengeItem(f"{path.stem}:{line_no}", subset, tuple(turns), prefill, letter, letters))
     if not s.items:
         raise DataError(f"eval.datasets: {path} has no multiple-choice item with base.correct_letter "
                         f"(counts: {dict(s.counts)}); give an are_you_sure.jsonl with multiple-choice rows")

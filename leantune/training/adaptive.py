@@ -83,14 +83,8 @@ class MicroBatchController:
                 "model.gradient_checkpointing=true, use model.method=lora or qlora instead of full, use "
                 "model.dtype=bf16 on a GPU that supports it, or choose a smaller model.name_or_path"
             )
-        reason = "probe_oom" if probe else "oom"
-        if self.grown:
-            reason = "oom_after_growth"
-            # Do not grow again for a while: each failed growth doubles the headroom streak needed.
-            self.grow_after_steps *= 2
-        self.micro_batch_size = largest_divisor(self.global_batch_size, old // 2)
-        self.grown = False
-        self.headroom_steps = 0
+        reason = "oom_after_growth" if self.grown else "probe_oom" if probe else "oom"
+        self._back_off(old // 2)
         return Change(step, old, self.micro_batch_size, reason)
 
     def shrink(self, step: int) -> Change | None:
@@ -99,12 +93,8 @@ class MicroBatchController:
         A size reached by growing backs off as after an out-of-memory error there."""
         if not self.enabled or self.micro_batch_size == 1:
             return None
-        if self.grown:
-            self.grow_after_steps *= 2
         old = self.micro_batch_size
-        self.micro_batch_size = largest_divisor(self.global_batch_size, old // 2)
-        self.grown = False
-        self.headroom_steps = 0
+        self._back_off(old // 2)
         return Change(step, old, self.micro_batch_size, "memory_high")
 
     def adopt(self, step: int, micro_batch_size: int) -> Change | None:
@@ -113,13 +103,19 @@ class MicroBatchController:
         backs off as the other process's did after its out-of-memory error."""
         if micro_batch_size >= self.micro_batch_size:
             return None
+        old = self.micro_batch_size
+        self._back_off(micro_batch_size)
+        return Change(step, old, self.micro_batch_size, "oom_other_rank")
+
+    def _back_off(self, at_most: int) -> None:
+        """The micro-batch becomes the largest divisor of the global batch not above `at_most`. After a size
+        reached by growing failed, do not grow again for a while: each failed growth doubles the headroom
+        streak the next growth needs."""
         if self.grown:
             self.grow_after_steps *= 2
-        old = self.micro_batch_size
-        self.micro_batch_size = largest_divisor(self.global_batch_size, micro_batch_size)
+        self.micro_batch_size = largest_divisor(self.global_batch_size, at_most)
         self.grown = False
         self.headroom_steps = 0
-        return Change(step, old, self.micro_batch_size, "oom_other_rank")
 
     def after_step(self, step: int, free_fraction: float | None) -> Change | None:
         """Record a finished step's free-memory share (None: no reading); grow after a long enough streak."""
