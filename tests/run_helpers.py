@@ -1,4 +1,5 @@
-"""Helpers shared by the training tests: a fresh copy of the `tokenized_run` fixture, adapter weights."""
+"""Helpers shared by the tests: a fresh copy of the `tokenized_run` fixture, adapter weights, the newest Prefect
+artifact of a key."""
 
 import shutil
 from pathlib import Path
@@ -91,3 +92,15 @@ def assert_stopped_with_a_checkpoint(flow_run_id, training, run_dir: Path, outpu
     assert state.is_final(), state
     assert graph["end_time"] is not None
     assert [node["label"] for _, node in graph["nodes"] if node["end_time"] is None] == []
+
+
+def latest_artifact(key: str):
+    """The newest artifact with `key` on the test session's Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                           sort=ArtifactSort.CREATED_DESC, limit=1)
+    return artifact

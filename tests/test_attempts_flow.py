@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from run_helpers import SMOKE
+from run_helpers import SMOKE, latest_artifact
 
 import tasks.train
 from flows.finetune import finetune
@@ -46,17 +46,6 @@ def history(run_dir: Path) -> list[dict]:
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def latest_artifact(key: str):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    with get_client(sync_client=True) as client:
-        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                           sort=ArtifactSort.CREATED_DESC, limit=1)
-    return artifact
 
 
 @pytest.mark.flow

@@ -4,6 +4,7 @@ import weakref
 
 import numpy as np
 import pytest
+from model_shapes import LLAMA2_7B, LLAMA3_8B, MISTRAL_7B, QWEN25_05B
 
 from leantune.config import load_config
 from leantune.probe import (
@@ -15,17 +16,6 @@ from leantune.probe import (
     plan_start,
     probe,
 )
-
-# Published architectures (their config.json values).
-LLAMA2_7B = ModelShape(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-                       intermediate_size=11008, head_dim=128, tied_embeddings=False)
-LLAMA3_8B = ModelShape(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                       intermediate_size=14336, head_dim=128, tied_embeddings=False)
-MISTRAL_7B = ModelShape(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                        intermediate_size=14336, head_dim=128, tied_embeddings=False)
-QWEN25_05B = ModelShape(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
-                        intermediate_size=4864, head_dim=64, tied_embeddings=True)
-
 
 # ------------------------------------------------------------------------------- published figures
 

@@ -7,6 +7,7 @@ import re
 
 import pytest
 from PIL import Image
+from run_helpers import latest_artifact
 
 from flows.profiling import main, profile
 from leantune.config import load_config
@@ -28,17 +29,6 @@ SMALL = [
     "model.scratch.hidden_size=32", "model.scratch.intermediate_size=64", "lora.r=4", "lora.alpha=8",
     "train.device=cpu", "train.global_batch_size=4",
 ]
-
-
-def _latest_artifact(key: str):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    with get_client(sync_client=True) as client:
-        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                           sort=ArtifactSort.CREATED_DESC, limit=1)
-    return artifact
 
 
 @pytest.mark.slow
@@ -88,9 +78,9 @@ def test_a_2x2_sweep_writes_consistent_rows_and_reports_what_cannot_run(prefect_
 
     with Image.open(profile_dir / "profile.png") as image:
         assert image.format == "PNG" and image.width >= 800 and image.height >= 400
-    table = _latest_artifact("profile-table")
+    table = latest_artifact("profile-table")
     assert table.type == "table"
-    plot = _latest_artifact("profile-plot")
+    plot = latest_artifact("profile-plot")
     [b64] = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", plot.data)
     assert base64.b64decode(b64) == (profile_dir / "profile.png").read_bytes()
 
@@ -109,7 +99,7 @@ def test_the_flow_profiles_an_moe_against_its_dense_counterpart_with_a_time_brea
     for r in rows:
         assert sum(r[c] for c in BREAKDOWN_COLUMNS[1:]) == pytest.approx(r["step_ms"], abs=0.01)
     assert rows[0]["router_ms"] > 0 and rows[1]["router_ms"] == 0
-    [moe, dense] = json.loads(_latest_artifact("profile-table").data)
+    [moe, dense] = json.loads(latest_artifact("profile-table").data)
     assert (moe["architecture"], dense["architecture"]) == ("olmoe", "llama")
     assert float(moe["router %"]) > 0 and dense["router %"] == "0.0"
     assert float(dense["experts %"]) > 0 and moe["profiled step (ms)"] == f"{rows[0]['step_ms']:,.1f}"

@@ -7,7 +7,7 @@ import re
 
 import pytest
 from PIL import Image
-from run_helpers import new_run
+from run_helpers import latest_artifact, new_run
 
 from leantune.jsonl import iter_jsonl
 from leantune.monitor.sampler import CSV_COLUMNS
@@ -156,17 +156,6 @@ def test_training_summary_markdown_rows():
     assert best_val_text({**summary, "best_val_loss": None}) == "-"
 
 
-def _latest_artifact(key: str):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    with get_client(sync_client=True) as client:
-        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                           sort=ArtifactSort.CREATED_DESC, limit=1)
-    return artifact
-
-
 def _data_uri_images(markdown: str) -> list[bytes]:
     return [base64.b64decode(b64) for b64 in re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)]
 
@@ -198,10 +187,10 @@ def test_report_task_publishes_each_plot_as_an_artifact_the_ui_can_show(prefect_
     on_disk = (run_dir / "report.md").read_text()
     assert "](loss.png)" in on_disk  # the file keeps relative links, readable beside its PNGs
     for stem in ("loss", "lr", "memory"):
-        artifact = _latest_artifact(f"{stem}-plot")
+        artifact = latest_artifact(f"{stem}-plot")
         assert artifact.type == "markdown"
         assert _data_uri_images(artifact.data) == [(run_dir / f"{stem}.png").read_bytes()]
-    report = _latest_artifact("run-report").data
+    report = latest_artifact("run-report").data
     assert "](loss.png)" not in report
     assert _data_uri_images(report) == [(run_dir / f"{stem}.png").read_bytes() for stem in ("loss", "lr", "memory")]
     # The rest of the report is the file's text.

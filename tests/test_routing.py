@@ -3,23 +3,14 @@
 from pathlib import Path
 
 import pytest
+from model_shapes import LLAMA3_8B, PHI3_MINI, QWEN25_05B, QWEN25_15B
 
 from leantune.config import ConfigError, load_config
-from leantune.probe import GIB, ModelShape
+from leantune.probe import GIB
 from leantune.routing import NoPoolFits, PoolClass, load_pool_classes, route
 
 REPO = Path(__file__).resolve().parents[1]
 CATALOGUE = REPO / "deployments" / "pools.yaml"
-
-# The models' config.json values (no network here, so the shapes are given, not read from the hub).
-LLAMA31_8B = ModelShape(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                        intermediate_size=14336, head_dim=128, tied_embeddings=False)
-QWEN25_05B = ModelShape(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
-                        intermediate_size=4864, head_dim=64, tied_embeddings=True)
-QWEN25_15B = ModelShape(vocab_size=151936, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
-                        intermediate_size=8960, head_dim=128, tied_embeddings=True)
-PHI3_MINI = ModelShape(vocab_size=32064, hidden_size=3072, num_layers=32, num_heads=32, num_kv_heads=32,
-                       intermediate_size=8192, head_dim=96, tied_embeddings=False)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +25,9 @@ def test_the_shipped_catalogue_lists_the_classes_smallest_first(pools):
 
 @pytest.mark.parametrize(("config", "shape", "pool", "estimate_gib"), [
     # QLoRA of an 8 B model: 4-bit layers, fp32 embeddings and head, 2 x 2048 tokens with checkpointing.
-    ("llama-3.1-8b-qlora", LLAMA31_8B, "gpu-16gb", 9.75),
+    ("llama-3.1-8b-qlora", LLAMA3_8B, "gpu-16gb", 9.75),
     # LoRA of the same model keeps bf16 weights (15 GiB) and the activations of 4 x 2048 tokens.
-    ("llama-3.1-8b-lora", LLAMA31_8B, "gpu-24gb", 19.13),
+    ("llama-3.1-8b-lora", LLAMA3_8B, "gpu-24gb", 19.13),
     # The chunked target-only loss keeps no [batch, seq, vocab] logits: Qwen's 152k vocabulary no longer
     # decides the class.
     ("qwen2.5-0.5b-lora", QWEN25_05B, "gpu-8gb", 1.42),
@@ -55,7 +46,7 @@ def test_real_configs_go_to_the_smallest_class_their_estimate_fits(pools, config
 
 def test_a_lower_micro_batch_moves_a_run_to_a_smaller_class(pools):
     cfg = load_config(REPO / "configs" / "llama-3.1-8b-lora.yaml", ["train.micro_batch_size=8"])
-    assert route(cfg, pools, LLAMA31_8B).pool == "gpu-80gb"  # 22.68 GiB (gpu-24gb allows 22.08); at its own micro-batch of 4: gpu-24gb
+    assert route(cfg, pools, LLAMA3_8B).pool == "gpu-80gb"  # 22.68 GiB (gpu-24gb allows 22.08); at its own micro-batch of 4: gpu-24gb
 
 
 def test_the_offline_default_routes_to_the_smallest_class(pools):
@@ -68,7 +59,7 @@ def test_no_class_large_enough_is_a_clear_error(pools):
     cfg = load_config(REPO / "configs" / "llama-3.1-8b-lora.yaml")
     small = [p for p in pools if p.memory_gb <= 16]
     with pytest.raises(NoPoolFits) as e:
-        route(cfg, small, LLAMA31_8B)
+        route(cfg, small, LLAMA3_8B)
     message = str(e.value)
     assert "19.13 GiB" in message and "gpu-16gb allows 14.7 GiB" in message
     assert "train.micro_batch_size" in message and "pool catalogue" in message
