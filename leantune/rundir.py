@@ -35,7 +35,7 @@ class _Layout:
 
 @dataclass(frozen=True)
 class RunDir(_Layout):
-    """The layout of runs/<name>/ (see the design notes' "Run directory")."""
+    """The layout of runs/<name>/ (README "What a run writes")."""
 
     @classmethod
     def of(cls, run_dir: str | Path | RunDir) -> RunDir:
@@ -142,7 +142,7 @@ class RunDir(_Layout):
 
     @property
     def failure(self) -> Path:
-        """How a failed training process ended (leantune.attempts.write_failure)."""
+        """How a failed training process ended (leantune.failures.write_failure)."""
         return self.root / "attempt_error.json"
 
     @property
