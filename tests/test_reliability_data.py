@@ -3,9 +3,13 @@ detected per file from rows that parse, and normalisation leaves no invisible or
 
 import json
 
+import pytest
+from data_faults import corrupt_parquet_pages
+
 from leantune.config import RunConfig
 from leantune.data.formats import to_messages
 from leantune.data.prepare import prepare
+from leantune.errors import DataError
 from leantune.jsonl import iter_jsonl
 
 
@@ -96,8 +100,6 @@ def test_cr_only_line_endings_are_lines(tmp_path):
 
 
 def test_invisible_reply_is_empty_and_empty_instruction_leaves_the_input_alone():
-    import pytest
-
     from leantune.data.formats import RowError
 
     with pytest.raises(RowError) as e:
@@ -122,3 +124,27 @@ def test_a_lone_surrogate_in_a_json_array_is_one_reject_not_the_rest_of_the_file
     [reject] = iter_jsonl(tmp_path / "out" / "rejects.jsonl")
     assert (reject["line"], reject["reason"]) == (11, "invalid_unicode")
     assert "\\udfff" in (tmp_path / "out" / "rejects.jsonl").read_text()  # written as its escape
+
+
+def test_corrupt_parquet_pages_reject_their_row_groups_only(tmp_path):
+    pc = [{"prompt": f"prompt number {i} " * 3, "completion": f"answer number {i} " * 3} for i in range(50)]
+    path = tmp_path / "pages.parquet"
+    corrupt_parquet_pages(path, pc, 10, [1, 3])
+    stats = prepare(config(path, chunk_size=4), tmp_path / "out")
+    assert counts(stats, path) == (50, 30, 20)
+    kept = {r["messages"][0]["content"] for r in iter_jsonl(tmp_path / "out" / "records.jsonl")}
+    assert kept == {(f"prompt number {i} " * 3).strip() for i in (*range(10), *range(20, 30), *range(40, 50))}
+    rejects = list(iter_jsonl(tmp_path / "out" / "rejects.jsonl"))
+    assert [r["line"] for r in rejects] == [*range(11, 21), *range(31, 41)]
+    assert {r["reason"] for r in rejects} == {"unreadable_row_group"}
+    assert "row group 1 (rows 11-20) cannot be decoded: Corrupt snappy" in rejects[0]["detail"]
+    # Exit 2 (a DataError) only when the rejected share passes validation.max_reject_fraction.
+    cfg = config(path)
+    cfg.validation.max_reject_fraction = 0.3
+    with pytest.raises(DataError, match="20 of 50 rows rejected"):
+        prepare(cfg, tmp_path / "out2")
+    # An uncompressed page with a flipped byte decodes without error; its page checksum catches it.
+    corrupt_parquet_pages(path, pc, 25, [1], checksum=True)
+    stats = prepare(config(path), tmp_path / "out3")
+    assert counts(stats, path) == (50, 25, 25)
+    assert "CRC checksum" in next(iter_jsonl(tmp_path / "out3" / "rejects.jsonl"))["detail"]

@@ -12,7 +12,9 @@ and prepare counts and reports it. What leaves nothing to count is a DataError i
 does not exist, a CSV header that cannot be read, a hub dataset that cannot be opened or streamed. Line numbers: jsonl and csv give the 1-based line of the file
 where the row starts (blank lines are not rows); json, parquet, hub and synthetic give the 1-based
 position of the row (in a json object of arrays, counted across the arrays in file order). A file
-that is unreadable as a whole (an unknown extension, a corrupt parquet file) is one row with line 0.
+that is unreadable as a whole (an unknown extension, a corrupt parquet footer) is one row with line 0;
+a parquet row group that cannot be decoded (a corrupt data page) is one rejected row per row of the
+group not read yet (reason unreadable_row_group, naming the group), and the next group is read.
 """
 
 from __future__ import annotations
@@ -292,15 +294,28 @@ def _parquet_rows(name: str, path: Path, batch_rows: int) -> Iterator[RawRow]:
     try:
         # Unbuffered reads would fetch each column chunk whole; a 1 MiB read buffer and no
         # pre-buffering keep memory near one decoded row group (parquet's unit of reading).
-        parquet = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+        parquet = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
         yield RawRow(name, str(path), 0, "", error=RowError("unreadable_file", f"not a readable parquet file: {e}"))
         return
     row_no = 0
-    for batch in parquet.iter_batches(batch_size=batch_rows):
-        for value in batch.to_pylist():
-            row_no += 1
-            yield RawRow(name, str(path), row_no, json.dumps(value, ensure_ascii=False, default=repr), value=value)
+    # A corrupt data page (the footer intact) fails only its row group: the rows of the group not
+    # read yet become rejects, one per row, and the next group is read. Page checksums, where the
+    # writer stored them, are verified, so a flipped byte in an uncompressed page is caught too.
+    for group in range(parquet.num_row_groups):
+        first, size = row_no + 1, parquet.metadata.row_group(group).num_rows
+        try:
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group]):
+                for value in batch.to_pylist():
+                    row_no += 1
+                    yield RawRow(name, str(path), row_no, json.dumps(value, ensure_ascii=False, default=repr),
+                                 value=value)
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # (bad UTF-8 in a string page)
+            error = RowError("unreadable_row_group", f"row group {group} (rows {first}-{first + size - 1}) "
+                                                     f"cannot be decoded: {str(e).strip()}")
+            for lost in range(row_no + 1, first + size):
+                yield RawRow(name, str(path), lost, "", error=error)
+            row_no = first + size - 1
 
 
 def _hub_rows(name: str, src: SourceConfig, index: int) -> Iterator[RawRow]:
