@@ -113,17 +113,42 @@ def test_invisible_reply_is_empty_and_empty_instruction_leaves_the_input_alone()
     assert got[0] == {"role": "user", "content": "do\n\nthis"}
 
 
-def test_a_lone_surrogate_in_a_json_array_is_one_reject_not_the_rest_of_the_file(tmp_path):
-    # yajl's C parser cannot decode "\udfff"; the rows after it used to become one bad_json reject.
+@pytest.mark.parametrize("backend", ["default", "python"])
+@pytest.mark.parametrize("surrogate", ["\udfff", "\ud800", "\udbff"])
+def test_a_lone_surrogate_in_a_json_array_is_one_reject_not_the_rest_of_the_file(tmp_path, monkeypatch,
+                                                                                   backend, surrogate):
+    # yajl's C parser cannot decode "\udfff" (the rows after it used to become one bad_json reject) and
+    # turns "\ud800" into "?" (the row used to be kept); the pure-Python parser keeps both as they are.
+    if backend == "python":
+        import ijson
+
+        monkeypatch.setattr(ijson, "parse", ijson.get_backend("python").parse)
     rows = [alpaca(i) for i in range(30)]
-    rows[10]["output"] = "lone \udfff"
+    rows[10]["output"] = f"lone {surrogate} here"
+    rows[12]["output"] = "pair \U0001f642 and \\ud800 as text"  # an escaped pair, and a backslash: no lone surrogate
     path = tmp_path / "surrogate.json"
     path.write_text(json.dumps(rows, indent=1))
     stats = prepare(config(path), tmp_path / "out")
     assert counts(stats, path) == (30, 29, 1)
     [reject] = iter_jsonl(tmp_path / "out" / "rejects.jsonl")
     assert (reject["line"], reject["reason"]) == (11, "invalid_unicode")
-    assert "\\udfff" in (tmp_path / "out" / "rejects.jsonl").read_text()  # written as its escape
+    assert f"\\u{ord(surrogate):04x}" in (tmp_path / "out" / "rejects.jsonl").read_text()  # written as its escape
+    kept = [r["messages"][1]["content"] for r in iter_jsonl(tmp_path / "out" / "records.jsonl")]
+    assert kept[11] == "pair \U0001f642 and \\ud800 as text"
+
+
+def test_lone_high_surrogate_scan_follows_backslashes_and_block_ends(tmp_path):
+    from leantune.data.sources import _has_lone_high_surrogate
+
+    path = tmp_path / "s.json"
+    for text, lone in [(r'["\ud800"]', True), (r'["\\ud800"]', False), (r'["\\\ud800x"]', True),
+                       (r'["\ud83d\ude42"]', False), (r'["\uD800\u0041"]', True), (r'["\udc00"]', False)]:
+        path.write_text(text)
+        assert _has_lone_high_surrogate(path) is lone, text
+    # A pair cut by the 1 MiB block boundary is still a pair; a lone one there is still found.
+    for tail, lone in [(r'\ud83d\ude42"]', False), (r'\ud83d"]', True)]:
+        path.write_text('["' + "x" * ((1 << 20) - 5) + tail)
+        assert _has_lone_high_surrogate(path) is lone, tail
 
 
 def test_corrupt_parquet_pages_reject_their_row_groups_only(tmp_path):

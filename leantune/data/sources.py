@@ -149,10 +149,12 @@ def _json_rows(name: str, path: Path) -> Iterator[RawRow]:
     import ijson
 
     row_no = 0
-    # yajl's C parser cannot decode the escape of a lone UTF-16 surrogate ("\\udfff", which a row
+    # yajl's C parser cannot decode the escape of a lone low UTF-16 surrogate ("\\udfff", which a row
     # may hold; it becomes an invalid_unicode reject): the pure-Python parser then reads the file
-    # again, from the row after the last one read.
-    for backend in (ijson, ijson.get_backend("python")):
+    # again, from the row after the last one read. A lone high surrogate ("\\ud800") it turns into
+    # "?" without a word, so a file holding one is read by the pure-Python parser from the start.
+    python = ijson.get_backend("python")
+    for backend in [python] if _has_lone_high_surrogate(path) else [ijson, python]:
         with open(path, "rb") as f:
             if f.read(len(BOM)) != BOM:  # a UTF-8 byte order mark is not content
                 f.seek(0)
@@ -169,13 +171,34 @@ def _json_rows(name: str, path: Path) -> Iterator[RawRow]:
                             "bad_structure", f"{where} is {type_name(value)}, expected an array of rows"))
                 return
             except (ijson.JSONError, UnicodeDecodeError) as e:
-                if isinstance(e, UnicodeDecodeError) and backend is ijson:
+                if isinstance(e, UnicodeDecodeError) and backend is not python:
                     continue
                 # The document is broken from here on: what was read stays, the rest is one rejected row.
                 detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 yield RawRow(name, str(path), row_no + 1, "", error=RowError(
                     "bad_json", f"the JSON document is invalid after row {row_no}: {detail}"))
                 return
+
+
+# A JSON escape of a high surrogate not followed by the escape of a low one, preceded by an even
+# number of backslashes (an odd number would make its own backslash a literal one).
+_LONE_HIGH = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+
+
+def _has_lone_high_surrogate(path: Path) -> bool:
+    """Whether the JSON file holds the escape of a lone high surrogate (read in 1 MiB blocks)."""
+    carry = b""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            text = carry + block
+            if _LONE_HIGH.search(text):
+                return True
+            # The last 12 bytes, and the backslashes just before them, may start an escape cut by the block's end.
+            start = max(len(text) - 12, 0)
+            while start and text[start - 1] == 0x5C:
+                start -= 1
+            carry = text[start:]
+    return False
 
 
 def _json_values(events: Iterator[tuple]) -> Iterator[tuple[str | None, Any]]:
