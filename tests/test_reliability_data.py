@@ -173,3 +173,20 @@ def test_corrupt_parquet_pages_reject_their_row_groups_only(tmp_path):
     stats = prepare(config(path), tmp_path / "out3")
     assert counts(stats, path) == (50, 25, 25)
     assert "CRC checksum" in next(iter_jsonl(tmp_path / "out3" / "rejects.jsonl"))["detail"]
+
+
+def test_minified_objects_of_arrays_one_per_line_are_json_not_json_lines(tmp_path):
+    path = tmp_path / "objects.json"
+    path.write_text(json.dumps({"rows": [alpaca(i) for i in range(12)]}) + "\n"
+                    + json.dumps({"rows": [alpaca(i) for i in range(12, 20)], "more": [alpaca(20)]}) + "\n")
+    stats = prepare(config(path), tmp_path / "out")
+    assert counts(stats, path) == (21, 21, 0)
+    assert [r["messages"][0]["content"] for r in iter_jsonl(tmp_path / "out" / "records.jsonl")] == [
+        f"question {i}" for i in range(21)]
+    # Rows that themselves hold arrays of objects (messages) are still JSON Lines, one row per line,
+    # and so is a one-line file whose line is a row.
+    path.write_text("".join(json.dumps(messages(i)) + "\n" for i in range(7)))
+    assert counts(prepare(config(path), tmp_path / "out"), path) == (7, 7, 0)
+    path.write_text(json.dumps(alpaca(0)) + "\n")
+    assert counts(prepare(config(path), tmp_path / "out"), path) == (1, 1, 0)
+

@@ -20,6 +20,7 @@ group not read yet (reason unreadable_row_group, naming the group), and the next
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import re
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from leantune.config import DataConfig, SourceConfig, source_name
-from leantune.data.formats import RowError, type_name
+from leantune.data.formats import RowError, row_format, type_name
 from leantune.errors import DataError
 
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark, skipped at the start of a file
@@ -120,19 +121,31 @@ def _jsonl_rows(name: str, path: Path) -> Iterator[RawRow]:
 
 
 def _is_json_lines(path: Path) -> bool:
-    """Whether a .json file is really JSON Lines: its first line is a whole JSON object and more lines
-    follow, or (a broken first row) it starts unindented with "{" and another of its first lines is an
-    unindented whole object. A JSON document's rows are indented or on one line, so it never matches."""
+    """Whether a .json file is really JSON Lines, judged by what its first SNIFF_LINES non-blank whole
+    lines (within its first SNIFF_BYTES) parse as. The first line must start unindented with "{" and
+    either more lines follow, one of them a whole JSON object (the first may be a broken row), or it
+    is the only line and a row of a known format. No line may be an object that holds arrays of rows:
+    minified objects of arrays, one per line, are a JSON document's top-level values (each of their
+    rows is read). A JSON document's rows are indented or on one line, so it never matches; neither
+    does a first line longer than SNIFF_BYTES (one big minified document)."""
     with open(path, "rb") as f:
-        lines = []
-        for line in _physical_lines(f):
-            if line.strip():
-                lines.append(line.removeprefix(BOM) if not lines else line)
-            if len(lines) == SNIFF_LINES or sum(map(len, lines)) > SNIFF_BYTES:
-                break
-    if len(lines) < 2 or not lines[0].startswith(b"{"):
+        head = f.read(SNIFF_BYTES + 1)
+    lines = [line for line in _physical_lines(io.BytesIO(head.removeprefix(BOM))) if line.strip()]
+    if len(head) > SNIFF_BYTES and lines and not lines[-1].endswith((b"\n", b"\r")):
+        lines.pop()  # cut by the end of what was read
+    lines = lines[:SNIFF_LINES]
+    if not lines or not lines[0].startswith(b"{"):
         return False
-    return any(line.startswith(b"{") and isinstance(_loads_or_none(line), dict) for line in lines)
+    objects = [value for line in lines if line.startswith(b"{") and isinstance(value := _loads_or_none(line), dict)]
+    if any(_holds_rows(value) for value in objects):
+        return False
+    return bool(objects) if len(lines) > 1 else bool(objects) and row_format(objects[0]) is not None
+
+
+def _holds_rows(value: dict) -> bool:
+    """An object that is not a row itself but has an array holding a row of a known format."""
+    return row_format(value) is None and any(
+        isinstance(v, list) and any(isinstance(item, dict) and row_format(item) for item in v) for v in value.values())
 
 
 def _loads_or_none(line: bytes) -> Any:
