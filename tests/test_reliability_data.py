@@ -144,11 +144,13 @@ def test_lone_high_surrogate_scan_follows_backslashes_and_block_ends(tmp_path):
     for text, lone in [(r'["\ud800"]', True), (r'["\\ud800"]', False), (r'["\\\ud800x"]', True),
                        (r'["\ud83d\ude42"]', False), (r'["\uD800\u0041"]', True), (r'["\udc00"]', False)]:
         path.write_text(text)
-        assert _has_lone_high_surrogate(path) is lone, text
+        with open(path, "rb") as f:
+            assert _has_lone_high_surrogate(f) is lone, text
     # A pair cut by the 1 MiB block boundary is still a pair; a lone one there is still found.
     for tail, lone in [(r'\ud83d\ude42"]', False), (r'\ud83d"]', True)]:
         path.write_text('["' + "x" * ((1 << 20) - 5) + tail)
-        assert _has_lone_high_surrogate(path) is lone, tail
+        with open(path, "rb") as f:
+            assert _has_lone_high_surrogate(f) is lone, tail
 
 
 def test_corrupt_parquet_pages_reject_their_row_groups_only(tmp_path):
@@ -190,3 +192,32 @@ def test_minified_objects_of_arrays_one_per_line_are_json_not_json_lines(tmp_pat
     path.write_text(json.dumps(alpaca(0)) + "\n")
     assert counts(prepare(config(path), tmp_path / "out"), path) == (1, 1, 0)
 
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-32-le"])
+def test_utf16_and_utf32_files_are_decoded(tmp_path, encoding):
+    # "utf-16"/"utf-32" write a byte order mark; "-be"/"-le" do not (detected by where the NUL bytes are).
+    rows = [{"prompt": f"prompt {i} é 日本 🙂", "completion": f"answer, {i}"} for i in range(12)]
+    jsonl, array, table = tmp_path / "a.jsonl", tmp_path / "b.json", tmp_path / "c.csv"
+    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding=encoding)
+    array.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding=encoding)
+    table.write_text("prompt,completion\n" + "".join(f'{r["prompt"]},"{r["completion"]}"\n' for r in rows),
+                     encoding=encoding)
+    stats = prepare(config(jsonl, array, table), tmp_path / "out")
+    assert [counts(stats, p) for p in (jsonl, array, table)] == [(12, 12, 0), (12, 0, 0), (12, 0, 0)]
+    # The same 12 rows in each file: the second and third are duplicates, so nothing was read differently.
+    assert stats["totals"]["duplicates"] == 24
+    kept = [r["messages"] for r in iter_jsonl(tmp_path / "out" / "records.jsonl")]
+    assert kept == [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
+                    for r in rows]
+
+
+def test_an_invalid_utf16_sequence_rejects_its_row_only(tmp_path):
+    path = tmp_path / "bad16.jsonl"
+    good = [json.dumps(alpaca(i)) + "\n" for i in range(5)]
+    data = "".join(good[:2]).encode("utf-16-le") + '{"x": "'.encode("utf-16-le") + b"\x00\xd8"  # a lone surrogate
+    path.write_bytes(b"\xff\xfe" + data + '"}\n'.encode("utf-16-le") + "".join(good[2:]).encode("utf-16-le"))
+    stats = prepare(config(path), tmp_path / "out")
+    assert counts(stats, path) == (6, 5, 1)
+    [reject] = iter_jsonl(tmp_path / "out" / "rejects.jsonl")
+    assert (reject["line"], reject["reason"]) == (3, "undecodable_bytes")

@@ -4,7 +4,8 @@ kind=file reads, by extension: ``.jsonl``/``.ndjson`` (line by line), ``.json`` 
 or an object whose values are arrays of rows, streamed with ijson so a big array is never held
 whole), ``.csv`` (csv module, a header row, streamed), ``.parquet`` (pyarrow record batches of
 ``data.chunk_size`` rows; memory is bounded by the file's largest row group, not its size), or a
-directory of those (files in sorted relative-path order, recursively). kind=hub streams a Hugging
+directory of those (files in sorted relative-path order, recursively). Text files are UTF-8, or
+UTF-16/32 (by byte order mark or NUL pattern), decoded as `textfile.open_utf8` says. kind=hub streams a Hugging
 Face dataset; kind=synthetic runs the built-in generator.
 
 Problems of one row or one file never stop a source: they arrive as a `RawRow` whose `error` is set,
@@ -27,13 +28,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from leantune.config import DataConfig, SourceConfig, source_name
 from leantune.data.formats import RowError, row_format, type_name
+from leantune.data.textfile import BOM, open_utf8, physical_lines
 from leantune.errors import DataError
 
-BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark, skipped at the start of a file
 # How much of a .json file is looked at to tell JSON Lines saved under that name (_is_json_lines).
 SNIFF_LINES, SNIFF_BYTES = 5, 1 << 20
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -78,49 +79,33 @@ def _file_rows(name: str, path: Path, batch_rows: int) -> Iterator[RawRow]:
         yield RawRow(name, str(path), 0, "", error=RowError(
             "unsupported_file", f"unknown extension '{path.suffix}'; supported: {', '.join(FILE_KINDS)} "
                                 "(rename the file, or move it out of the source directory)"))
-    elif kind == "jsonl":
-        yield from _jsonl_rows(name, path)
-    elif kind == "json":
-        yield from _json_rows(name, path)
-    elif kind == "csv":
-        yield from _csv_rows(name, path)
-    else:
+    elif kind == "parquet":
         yield from _parquet_rows(name, path, batch_rows)
+    else:
+        with open_utf8(path) as f:
+            yield from {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows}[kind](name, path, f)
 
 
-def _physical_lines(f) -> Iterator[bytes]:
-    """The lines of binary file `f`, each with its ending: "\\n", "\\r\\n" or a lone "\\r" (old Mac files)."""
-    for line in f:
-        if b"\r" in line.rstrip(b"\r\n"):
-            yield from (part for part in _LONE_CR.split(line) if part)
-        else:
-            yield line
+def _jsonl_rows(name: str, path: Path, f: BinaryIO) -> Iterator[RawRow]:
+    for line_no, line in enumerate(physical_lines(f), 1):
+        if line_no == 1:
+            line = line.removeprefix(BOM)  # a UTF-8 byte order mark is not content
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield RawRow(name, str(path), line_no, line.decode("utf-8", "replace").rstrip("\r\n"),
+                         error=RowError("undecodable_bytes", f"not UTF-8 at byte {e.start} of the line"))
+            continue
+        text = text.rstrip("\r\n")
+        try:
+            yield RawRow(name, str(path), line_no, text, value=json.loads(text))
+        except json.JSONDecodeError as e:
+            yield RawRow(name, str(path), line_no, text, error=RowError("bad_json", f"{e.msg} at column {e.colno}"))
 
 
-_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # the place just after a "\r" that is not part of "\r\n"
-
-
-def _jsonl_rows(name: str, path: Path) -> Iterator[RawRow]:
-    with open(path, "rb") as f:
-        for line_no, line in enumerate(_physical_lines(f), 1):
-            if line_no == 1:
-                line = line.removeprefix(BOM)  # a UTF-8 byte order mark is not content
-            if not line.strip():
-                continue
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield RawRow(name, str(path), line_no, line.decode("utf-8", "replace").rstrip("\r\n"),
-                             error=RowError("undecodable_bytes", f"not UTF-8 at byte {e.start} of the line"))
-                continue
-            text = text.rstrip("\r\n")
-            try:
-                yield RawRow(name, str(path), line_no, text, value=json.loads(text))
-            except json.JSONDecodeError as e:
-                yield RawRow(name, str(path), line_no, text, error=RowError("bad_json", f"{e.msg} at column {e.colno}"))
-
-
-def _is_json_lines(path: Path) -> bool:
+def _is_json_lines(f: BinaryIO) -> bool:
     """Whether a .json file is really JSON Lines, judged by what its first SNIFF_LINES non-blank whole
     lines (within its first SNIFF_BYTES) parse as. The first line must start unindented with "{" and
     either more lines follow, one of them a whole JSON object (the first may be a broken row), or it
@@ -128,9 +113,9 @@ def _is_json_lines(path: Path) -> bool:
     minified objects of arrays, one per line, are a JSON document's top-level values (each of their
     rows is read). A JSON document's rows are indented or on one line, so it never matches; neither
     does a first line longer than SNIFF_BYTES (one big minified document)."""
-    with open(path, "rb") as f:
-        head = f.read(SNIFF_BYTES + 1)
-    lines = [line for line in _physical_lines(io.BytesIO(head.removeprefix(BOM))) if line.strip()]
+    f.seek(0)
+    head = f.read(SNIFF_BYTES + 1)
+    lines = [line for line in physical_lines(io.BytesIO(head.removeprefix(BOM))) if line.strip()]
     if len(head) > SNIFF_BYTES and lines and not lines[-1].endswith((b"\n", b"\r")):
         lines.pop()  # cut by the end of what was read
     lines = lines[:SNIFF_LINES]
@@ -155,9 +140,10 @@ def _loads_or_none(line: bytes) -> Any:
         return None
 
 
-def _json_rows(name: str, path: Path) -> Iterator[RawRow]:
-    if _is_json_lines(path):
-        yield from _jsonl_rows(name, path)
+def _json_rows(name: str, path: Path, f: BinaryIO) -> Iterator[RawRow]:
+    if _is_json_lines(f):
+        f.seek(0)
+        yield from _jsonl_rows(name, path, f)
         return
     import ijson
 
@@ -167,30 +153,30 @@ def _json_rows(name: str, path: Path) -> Iterator[RawRow]:
     # again, from the row after the last one read. A lone high surrogate ("\\ud800") it turns into
     # "?" without a word, so a file holding one is read by the pure-Python parser from the start.
     python = ijson.get_backend("python")
-    for backend in [python] if _has_lone_high_surrogate(path) else [ijson, python]:
-        with open(path, "rb") as f:
-            if f.read(len(BOM)) != BOM:  # a UTF-8 byte order mark is not content
-                f.seek(0)
-            try:
-                # multiple_values: a second document after the first is read too, never silently left out.
-                values = _json_values(backend.parse(f, use_float=True, multiple_values=True))
-                for where, value in itertools.islice(values, row_no, None):
-                    row_no += 1
-                    raw = json.dumps(value, ensure_ascii=False)
-                    if where is None:
-                        yield RawRow(name, str(path), row_no, raw, value=value)
-                    else:
-                        yield RawRow(name, str(path), row_no, raw, error=RowError(
-                            "bad_structure", f"{where} is {type_name(value)}, expected an array of rows"))
-                return
-            except (ijson.JSONError, UnicodeDecodeError) as e:
-                if isinstance(e, UnicodeDecodeError) and backend is not python:
-                    continue
-                # The document is broken from here on: what was read stays, the rest is one rejected row.
-                detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                yield RawRow(name, str(path), row_no + 1, "", error=RowError(
-                    "bad_json", f"the JSON document is invalid after row {row_no}: {detail}"))
-                return
+    for backend in [python] if _has_lone_high_surrogate(f) else [ijson, python]:
+        f.seek(0)
+        if f.read(len(BOM)) != BOM:  # a UTF-8 byte order mark is not content
+            f.seek(0)
+        try:
+            # multiple_values: a second document after the first is read too, never silently left out.
+            values = _json_values(backend.parse(f, use_float=True, multiple_values=True))
+            for where, value in itertools.islice(values, row_no, None):
+                row_no += 1
+                raw = json.dumps(value, ensure_ascii=False)
+                if where is None:
+                    yield RawRow(name, str(path), row_no, raw, value=value)
+                else:
+                    yield RawRow(name, str(path), row_no, raw, error=RowError(
+                        "bad_structure", f"{where} is {type_name(value)}, expected an array of rows"))
+            return
+        except (ijson.JSONError, UnicodeDecodeError) as e:
+            if isinstance(e, UnicodeDecodeError) and backend is not python:
+                continue
+            # The document is broken from here on: what was read stays, the rest is one rejected row.
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            yield RawRow(name, str(path), row_no + 1, "", error=RowError(
+                "bad_json", f"the JSON document is invalid after row {row_no}: {detail}"))
+            return
 
 
 # A JSON escape of a high surrogate not followed by the escape of a low one, preceded by an even
@@ -198,19 +184,19 @@ def _json_rows(name: str, path: Path) -> Iterator[RawRow]:
 _LONE_HIGH = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 
 
-def _has_lone_high_surrogate(path: Path) -> bool:
+def _has_lone_high_surrogate(f: BinaryIO) -> bool:
     """Whether the JSON file holds the escape of a lone high surrogate (read in 1 MiB blocks)."""
     carry = b""
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            text = carry + block
-            if _LONE_HIGH.search(text):
-                return True
-            # The last 12 bytes, and the backslashes just before them, may start an escape cut by the block's end.
-            start = max(len(text) - 12, 0)
-            while start and text[start - 1] == 0x5C:
-                start -= 1
-            carry = text[start:]
+    f.seek(0)
+    while block := f.read(1 << 20):
+        text = carry + block
+        if _LONE_HIGH.search(text):
+            return True
+        # The last 12 bytes, and the backslashes just before them, may start an escape cut by the block's end.
+        start = max(len(text) - 12, 0)
+        while start and text[start - 1] == 0x5C:
+            start -= 1
+        carry = text[start:]
     return False
 
 
@@ -274,13 +260,13 @@ def _build(events: Iterator[tuple], builder: Any) -> None:
                 return
 
 
-def _csv_rows(name: str, path: Path) -> Iterator[RawRow]:
+def _csv_rows(name: str, path: Path, f: BinaryIO) -> Iterator[RawRow]:
     # The csv reader pulls physical lines from `lines()`, which remembers them: that gives each row
     # its raw text, its first line number, and whether any of its bytes were not UTF-8.
     consumed: list[tuple[str, bool]] = []
 
     def lines(f) -> Iterator[str]:
-        for i, line in enumerate(_physical_lines(f)):
+        for i, line in enumerate(physical_lines(f)):
             if i == 0:
                 line = line.removeprefix(BOM)
             try:
@@ -290,37 +276,36 @@ def _csv_rows(name: str, path: Path) -> Iterator[RawRow]:
             consumed.append((text, ok))
             yield text
 
-    with open(path, "rb") as f:
-        reader = csv.reader(lines(f))
-        header: list[str] | None = None
-        line_no = 0  # physical lines consumed before the current row
-        while True:
-            consumed.clear()
-            try:
-                fields = next(reader)
-                error = None
-            except StopIteration:
-                return
-            except csv.Error as e:
-                fields, error = None, RowError("bad_csv_row", str(e))
-            first_line, line_no = line_no + 1, line_no + len(consumed)
-            raw = "".join(text for text, _ in consumed).rstrip("\r\n")
-            if fields == []:  # a blank line is not a row
-                continue
-            if error is None and not all(ok for _, ok in consumed):
-                error = RowError("undecodable_bytes", "the row holds bytes that are not UTF-8")
-            if header is None:
-                if error is not None:
-                    raise DataError(f"{path}: cannot read the CSV header on line {first_line} ({error}); "
-                                    "the first line must name the columns, in UTF-8")
-                header = fields
-                continue
-            if error is None and len(fields) != len(header):
-                error = RowError("bad_csv_row", f"{len(fields)} fields, the header has {len(header)}")
+    reader = csv.reader(lines(f))
+    header: list[str] | None = None
+    line_no = 0  # physical lines consumed before the current row
+    while True:
+        consumed.clear()
+        try:
+            fields = next(reader)
+            error = None
+        except StopIteration:
+            return
+        except csv.Error as e:
+            fields, error = None, RowError("bad_csv_row", str(e))
+        first_line, line_no = line_no + 1, line_no + len(consumed)
+        raw = "".join(text for text, _ in consumed).rstrip("\r\n")
+        if fields == []:  # a blank line is not a row
+            continue
+        if error is None and not all(ok for _, ok in consumed):
+            error = RowError("undecodable_bytes", "the row holds bytes that are not UTF-8")
+        if header is None:
             if error is not None:
-                yield RawRow(name, str(path), first_line, raw, error=error)
-            else:
-                yield RawRow(name, str(path), first_line, raw, value=dict(zip(header, fields, strict=True)))
+                raise DataError(f"{path}: cannot read the CSV header on line {first_line} ({error}); "
+                                "the first line must name the columns, in UTF-8")
+            header = fields
+            continue
+        if error is None and len(fields) != len(header):
+            error = RowError("bad_csv_row", f"{len(fields)} fields, the header has {len(header)}")
+        if error is not None:
+            yield RawRow(name, str(path), first_line, raw, error=error)
+        else:
+            yield RawRow(name, str(path), first_line, raw, value=dict(zip(header, fields, strict=True)))
 
 
 def _parquet_rows(name: str, path: Path, batch_rows: int) -> Iterator[RawRow]:
