@@ -2,7 +2,7 @@
 
 kind=file reads, by extension: ``.jsonl``/``.ndjson`` (line by line), ``.json`` (an array of rows,
 or an object whose values are arrays of rows, streamed with ijson so a big array is never held
-whole), ``.csv`` (csv module, a header row, streamed), ``.parquet`` (pyarrow record batches of
+whole), ``.csv`` (a header row, streamed; quotes followed by `csvfile`, so a stray one swallows no row), ``.parquet`` (pyarrow record batches of
 ``data.chunk_size`` rows; memory is bounded by the file's largest row group, not its size), or a
 directory of those (files in sorted relative-path order, recursively). Text files are UTF-8, or
 UTF-16/32 (by byte order mark or NUL pattern), decoded as `textfile.open_utf8` says. kind=hub streams a Hugging
@@ -20,7 +20,6 @@ group not read yet (reason unreadable_row_group, naming the group), and the next
 
 from __future__ import annotations
 
-import csv
 import io
 import itertools
 import json
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from leantune.config import DataConfig, SourceConfig, source_name
+from leantune.data.csvfile import csv_rows
 from leantune.data.formats import RowError, row_format, type_name
 from leantune.data.textfile import BOM, open_utf8, physical_lines
 from leantune.errors import DataError
@@ -261,51 +261,8 @@ def _build(events: Iterator[tuple], builder: Any) -> None:
 
 
 def _csv_rows(name: str, path: Path, f: BinaryIO) -> Iterator[RawRow]:
-    # The csv reader pulls physical lines from `lines()`, which remembers them: that gives each row
-    # its raw text, its first line number, and whether any of its bytes were not UTF-8.
-    consumed: list[tuple[str, bool]] = []
-
-    def lines(f) -> Iterator[str]:
-        for i, line in enumerate(physical_lines(f)):
-            if i == 0:
-                line = line.removeprefix(BOM)
-            try:
-                text, ok = line.decode("utf-8"), True
-            except UnicodeDecodeError:
-                text, ok = line.decode("utf-8", "replace"), False
-            consumed.append((text, ok))
-            yield text
-
-    reader = csv.reader(lines(f))
-    header: list[str] | None = None
-    line_no = 0  # physical lines consumed before the current row
-    while True:
-        consumed.clear()
-        try:
-            fields = next(reader)
-            error = None
-        except StopIteration:
-            return
-        except csv.Error as e:
-            fields, error = None, RowError("bad_csv_row", str(e))
-        first_line, line_no = line_no + 1, line_no + len(consumed)
-        raw = "".join(text for text, _ in consumed).rstrip("\r\n")
-        if fields == []:  # a blank line is not a row
-            continue
-        if error is None and not all(ok for _, ok in consumed):
-            error = RowError("undecodable_bytes", "the row holds bytes that are not UTF-8")
-        if header is None:
-            if error is not None:
-                raise DataError(f"{path}: cannot read the CSV header on line {first_line} ({error}); "
-                                "the first line must name the columns, in UTF-8")
-            header = fields
-            continue
-        if error is None and len(fields) != len(header):
-            error = RowError("bad_csv_row", f"{len(fields)} fields, the header has {len(header)}")
-        if error is not None:
-            yield RawRow(name, str(path), first_line, raw, error=error)
-        else:
-            yield RawRow(name, str(path), first_line, raw, value=dict(zip(header, fields, strict=True)))
+    for line, raw, value, error in csv_rows(f, path):
+        yield RawRow(name, str(path), line, raw, value=value, error=error)
 
 
 def _parquet_rows(name: str, path: Path, batch_rows: int) -> Iterator[RawRow]:
