@@ -75,6 +75,9 @@ def test_a_stray_quote_closed_by_a_later_fields_opening_quote(tmp_path):
     rows = read(tmp_path, 'prompt,completion\np1,"c1\n"two\nlines",c2\np3,c3\n')
     assert rows == [(2, None, "unbalanced_quote"), (3, {"prompt": "two\nlines", "completion": "c2"}, None),
                     (5, {"prompt": "p3", "completion": "c3"}, None)]
+    # Also when a line it swallowed is not a row (a broken one, rejected by itself once read again).
+    rows = read(tmp_path, 'prompt,completion\np1,"c1\nbroken,row,3\np2,c2\n"two\nlines",c3\n')
+    assert [(line, code) for line, _, code in rows] == [(2, "unbalanced_quote"), (3, "bad_csv_row"), (4, None), (5, None)]
     # In a one-column file too.
     rows = read(tmp_path, 'text\n"stray\nrow one\n"quoted, with a comma"\n')
     assert rows == [(2, None, "unbalanced_quote"), (3, {"text": "row one"}, None),
