@@ -8,15 +8,16 @@ only at the start of a field; "" inside it is a quote), and each record is then 
 the csv module. A record that spans several lines is taken as it is, except:
 
 - unbalanced_quote: its quote is never closed (the file ends), or it looks like rows swallowed by a
-  stray quote: its quote closes malformed (followed by something else than a comma or the line's
-  end, as when the stray quote is closed by the opening quote of a later field), or, with 2
-  columns or more, every non-blank line between its first and its last, read alone, is a whole
-  row of the header's width, and there are 3 or more such lines, or at least one (the last line
-  counts) in a record not of the header's width. Its first line is rejected and reading starts
-  again at the next physical line. (A valid quoted field of a few lines that each hold one comma
-  looks the same as one or two rows swallowed into a record of the right width and closed by a
-  quote at the end of a line: those stay one record, as in valid CSV; a 2-column file whose quoted
-  fields run over 3 or more lines of exactly one comma each is read as rows, its first line rejected.)
+  stray quote: a quote after its first line closes malformed (followed by something else than a
+  comma or the line's end, as when the stray quote is closed by the opening quote of a later
+  field), or, with 2 columns or more, every non-blank line between its first and its last, read
+  alone, is a whole row of the header's width, and there are 3 or more such lines, or at least one
+  (the last line counts) in a record not of the header's width. Its first line is rejected and
+  reading starts again at the next physical line. (A valid quoted field of a few lines that each
+  hold one comma looks the same as one or two rows swallowed into a record of the right width and
+  closed by a quote at the end of a line: those stay one record, as in valid CSV; a 2-column file
+  whose quoted fields run over 3 or more lines of exactly one comma each is read as rows, its first
+  line rejected.)
 - field_too_long: a quoted field grows past FIELD_LIMIT characters (the csv module's limit). The
   quote is followed, without keeping the lines, to where it closes: the lines to there are one
   rejected row, or, if the quote never closes or the lines between are rows as above, the first
@@ -123,7 +124,8 @@ class _Quoted:
         if inside and text.strip():
             self.middle, self.middle_rows = self.middle + 1, self.middle_rows and row
         elif not inside:
-            self.closing_row, self.bad_close = row, bad_close
+            self.closing_row = row
+        self.bad_close = self.bad_close or bad_close
         if not self.overflow:
             self.lines.append((text, ok))
         self.open_chars = len(text) - open_from if open_from >= 0 else self.open_chars + len(text)
@@ -132,9 +134,9 @@ class _Quoted:
         return inside
 
     def swallowed_rows(self, width: int) -> bool:
-        """Whether the closed record is rows swallowed by a stray quote: its quote closes malformed
-        (followed by something else than a comma or the line's end: the opening quote of a later
-        field), or, with 2 columns or more, every non-blank line between its first and last is a row
+        """Whether the closed record is rows swallowed by a stray quote: a quote after its first line
+        closes malformed (followed by something else than a comma or the line's end: the opening
+        quote of a later field), or, with 2 columns or more, every non-blank line between its first and last is a row
         of the header's width and there are 3 or more such lines, or 1 or more, the last line
         counted, in a record that is not of the header's width."""
         rows = self.middle + self.closing_row
