@@ -2,6 +2,7 @@
 detected per file from rows that parse, and normalisation leaves no invisible or half-empty turns."""
 
 import json
+import unicodedata
 
 import pytest
 from data_faults import corrupt_parquet_pages
@@ -107,6 +108,16 @@ def test_invisible_reply_is_empty_and_empty_instruction_leaves_the_input_alone()
     assert e.value.code == "empty_content"
     with pytest.raises(RowError):
         to_messages({"prompt": "hi", "completion": " \u200b\u2060\ufeff "}, "prompt_completion")
+    # Letters and marks that show nothing: Hangul fillers (Lo), the blank braille pattern (So), a
+    # variation selector and the grapheme joiner (Mn) alone.
+    for invisible in ["\u3164", "\u115f\u1160", "\u2800\u2800", "\uffa0 ", "\ufe0f\u034f", "\u3164\u200b\u2800"]:
+        with pytest.raises(RowError) as e:
+            to_messages({"prompt": "hi", "completion": invisible}, "prompt_completion")
+        assert e.value.code == "empty_content", ascii(invisible)
+    # A letter with them is not empty; neither is a combining mark on a letter, nor Korean text.
+    for visible in ["\u3164a", "e\u0301", "\ud55c\uad6d\uc5b4", "\u2800\u2801"]:
+        got = to_messages({"prompt": "hi", "completion": visible}, "prompt_completion")[1]["content"]
+        assert got == unicodedata.normalize("NFC", visible)
     got = to_messages({"instruction": "", "input": "the input", "output": "x"}, "alpaca")
     assert got[0] == {"role": "user", "content": "the input"}
     got = to_messages({"instruction": "do", "input": "this", "output": "x"}, "alpaca")
