@@ -148,20 +148,24 @@ def test_a_lone_surrogate_in_a_json_array_is_one_reject_not_the_rest_of_the_file
     assert kept[11] == "pair \U0001f642 and \\ud800 as text"
 
 
-def test_lone_high_surrogate_scan_follows_backslashes_and_block_ends(tmp_path):
-    from leantune.data.sources import _has_lone_high_surrogate
+def test_lone_surrogate_scan_follows_backslashes_and_block_ends(tmp_path, monkeypatch):
+    import leantune.data.sources as sources
+    from leantune.data.sources import _has_lone_surrogate
 
     path = tmp_path / "s.json"
     for text, lone in [(r'["\ud800"]', True), (r'["\\ud800"]', False), (r'["\\\ud800x"]', True),
-                       (r'["\ud83d\ude42"]', False), (r'["\uD800\u0041"]', True), (r'["\udc00"]', False)]:
+                       (r'["\ud83d\ude42"]', False), (r'["\uD800\u0041"]', True), (r'["\udc00"]', True),
+                       (r'["\\udc00 \ud800\udc00 \udbff\udfff"]', False), (r'["\ud800\ud800\udc00"]', True)]:
         path.write_text(text)
         with open(path, "rb") as f:
-            assert _has_lone_high_surrogate(f) is lone, text
-    # A pair cut by the 1 MiB block boundary is still a pair; a lone one there is still found.
-    for tail, lone in [(r'\ud83d\ude42"]', False), (r'\ud83d"]', True)]:
-        path.write_text('["' + "x" * ((1 << 20) - 5) + tail)
-        with open(path, "rb") as f:
-            assert _has_lone_high_surrogate(f) is lone, tail
+            assert _has_lone_surrogate(f) is lone, text
+    # Wherever a block boundary cuts it, a pair is a pair and a lone escape is found.
+    monkeypatch.setattr(sources, "SCAN_BLOCK", 64)
+    for cut in range(-30, 3):
+        for tail, lone in [(r'\ud83d\ude42 \\"]', False), (r'\ud83d"]', True), (r'x\ude42"]', True)]:
+            path.write_text('["' + "x" * (64 * 3 + cut) + tail)
+            with open(path, "rb") as f:
+                assert _has_lone_surrogate(f) is lone, (cut, tail)
 
 
 def test_corrupt_parquet_pages_reject_their_row_groups_only(tmp_path):

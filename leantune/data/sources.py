@@ -37,6 +37,7 @@ from leantune.errors import DataError
 
 # How much of a .json file is looked at to tell JSON Lines saved under that name (_is_json_lines).
 SNIFF_LINES, SNIFF_BYTES = 5, 1 << 20
+SCAN_BLOCK = 1 << 20  # bytes of a .json file searched at a time for lone surrogate escapes
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -148,12 +149,13 @@ def _json_rows(name: str, path: Path, f: BinaryIO) -> Iterator[RawRow]:
     import ijson
 
     row_no = 0
-    # yajl's C parser cannot decode the escape of a lone low UTF-16 surrogate ("\\udfff", which a row
-    # may hold; it becomes an invalid_unicode reject): the pure-Python parser then reads the file
-    # again, from the row after the last one read. A lone high surrogate ("\\ud800") it turns into
-    # "?" without a word, so a file holding one is read by the pure-Python parser from the start.
+    # yajl's C parser turns the escape of a lone high UTF-16 surrogate ("\\ud800") into "?" without a
+    # word and fails on a lone low one ("\\udfff"), which a row may hold (an invalid_unicode reject):
+    # a file holding either is read by the pure-Python parser, which keeps them for the check. A
+    # UnicodeDecodeError from the C parser (bytes that are not UTF-8) has the pure-Python parser read
+    # the file again from the row after the last one read, to report it the same way.
     python = ijson.get_backend("python")
-    for backend in [python] if _has_lone_high_surrogate(f) else [ijson, python]:
+    for backend in [python] if _has_lone_surrogate(f) else [ijson, python]:
         f.seek(0)
         if f.read(len(BOM)) != BOM:  # a UTF-8 byte order mark is not content
             f.seek(0)
@@ -179,24 +181,31 @@ def _json_rows(name: str, path: Path, f: BinaryIO) -> Iterator[RawRow]:
             return
 
 
-# A JSON escape of a high surrogate not followed by the escape of a low one, preceded by an even
-# number of backslashes (an odd number would make its own backslash a literal one).
-_LONE_HIGH = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+# A JSON escape of a surrogate pair, or of a lone surrogate (group 1 then 6 bytes long), preceded by an
+# even number of backslashes (an odd number would make its own backslash a literal one).
+_SURROGATE_ESCAPE = re.compile(
+    rb"(?<!\\)(?:\\\\)*(\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[dD][89a-fA-F][0-9a-fA-F]{2})")
 
 
-def _has_lone_high_surrogate(f: BinaryIO) -> bool:
-    """Whether the JSON file holds the escape of a lone high surrogate (read in 1 MiB blocks)."""
-    carry = b""
+def _has_lone_surrogate(f: BinaryIO) -> bool:
+    """Whether the JSON file holds the escape of a lone surrogate, high or low (read in SCAN_BLOCK blocks)."""
     f.seek(0)
-    while block := f.read(1 << 20):
-        text = carry + block
-        if _LONE_HIGH.search(text):
-            return True
-        # The last 12 bytes, and the backslashes just before them, may start an escape cut by the block's end.
-        start = max(len(text) - 12, 0)
-        while start and text[start - 1] == 0x5C:
+    text, block = b"", f.read(SCAN_BLOCK)
+    while block:
+        following = f.read(SCAN_BLOCK)
+        text += block
+        decided = 0  # where the escapes decided so far end
+        for m in _SURROGATE_ESCAPE.finditer(text):
+            if len(m.group(1)) == 6:
+                if following and m.end() > len(text) - 6:
+                    break  # maybe the first half of a pair that the next block completes
+                return True
+            decided = m.end()
+        # The undecided tail (the last 12 bytes, less any pair, and the backslashes before them) goes on.
+        start = max(len(text) - 12, decided)
+        while start > decided and text[start - 1] == 0x5C:
             start -= 1
-        carry = text[start:]
+        text, block = text[start:], following
     return False
 
 
