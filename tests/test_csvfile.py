@@ -30,7 +30,7 @@ def test_records_split_as_the_csv_module_splits_valid_csv():
     compared = 0
     for _ in range(2000):
         text = "h\n" + "".join(rng.choice(["a", ",", '"', "\n", '""', " ", "\r\n"]) for _ in range(rng.randint(0, 24)))
-        got = [next(csv.reader(t for t, _ in lines), []) if error is None else error.code
+        got = [csvfile._fields(lines) if error is None else error.code
                for _, lines, error in csvfile._records(io.BytesIO(text.encode()), [])]
         if "unbalanced_quote" in got:  # a quote still open at the end: the csv module reads it to the end
             continue

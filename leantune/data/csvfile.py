@@ -51,7 +51,7 @@ def csv_rows(f: BinaryIO, path: Path) -> Iterator[tuple[int, str, dict | None, R
         fields = None
         if error is None:
             try:
-                fields = next(csv.reader(text for text, _ in lines), [])
+                fields = _fields(lines)
             except csv.Error as e:
                 code = "field_too_long" if "field larger than field limit" in str(e) else "bad_csv_row"
                 error = RowError(code, str(e))
@@ -68,6 +68,16 @@ def csv_rows(f: BinaryIO, path: Path) -> Iterator[tuple[int, str, dict | None, R
             yield first_line, raw, None, RowError("bad_csv_row", f"{len(fields)} fields, the header has {len(header)}")
         else:
             yield first_line, raw, None if error else dict(zip(header, fields, strict=True)), error
+
+
+def _fields(lines: list[tuple[str, bool]]) -> list[str]:
+    """The fields of a record, as the csv module parses it (raising its csv.Error); a line without
+    quotes is split on commas directly, which is the same and quicker."""
+    text = lines[0][0]
+    if len(lines) == 1 and '"' not in text and len(text) <= FIELD_LIMIT:
+        text = text.rstrip("\r\n")
+        return text.split(",") if text else []
+    return next(csv.reader(text for text, _ in lines), [])
 
 
 def _records(f: BinaryIO, header: list[str]) -> Iterator[tuple[int, list[tuple[str, bool]], RowError | None]]:
