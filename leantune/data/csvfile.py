@@ -98,10 +98,8 @@ def _records(f: BinaryIO, header: list[str]) -> Iterator[tuple[int, list[tuple[s
                 continue
             if record.add(text, ok, len(header)):
                 continue
-            if record.swallowed_rows(len(header)):
-                yield record.first, record.lines[:1], _unbalanced(
-                    f"closes only on line {line_no}, and the lines after it to there, read alone, are rows "
-                    f"of {len(header)} fields")
+            if why := record.stray_quote(len(header)):
+                yield record.first, record.lines[:1], _unbalanced(f"ends only on line {line_no} and {why}")
                 break
             yield record.first, record.lines, RowError(
                 "field_too_long", f"a quoted field of more than {FIELD_LIMIT} characters, lines {record.first}-"
@@ -143,15 +141,18 @@ class _Quoted:
             self.overflow, self.lines = True, self.lines[:1]
         return inside
 
-    def swallowed_rows(self, width: int) -> bool:
-        """Whether the closed record is rows swallowed by a stray quote: a quote after its first line
-        closes malformed (followed by something else than a comma or the line's end: the opening
-        quote of a later field), or, with 2 columns or more, every non-blank line between its first and last is a row
-        of the header's width and there are 3 or more such lines, or 1 or more, the last line
-        counted, in a record that is not of the header's width."""
+    def stray_quote(self, width: int) -> str | None:
+        """Why the closed record is rows swallowed by a stray quote, or None: a quote after its first
+        line closes malformed (followed by something else than a comma or the line's end: the opening
+        quote of a later field), or, with 2 columns or more, every non-blank line between its first
+        and last is a row of the header's width and there are 3 or more such lines, or 1 or more, the
+        last line counted, in a record that is not of the header's width."""
+        if self.bad_close:
+            return "is closed malformed (the closing quote is followed by more text, as a later field's opening quote is)"
         rows = self.middle + self.closing_row
-        return self.bad_close or width >= 2 and self.middle_rows and (
-            self.middle >= 3 or rows >= 1 and self.fields != width)
+        if width >= 2 and self.middle_rows and (self.middle >= 3 or rows >= 1 and self.fields != width):
+            return f"{rows} of the lines after it are, read alone, rows of {width} fields"
+        return None
 
 
 def _unbalanced(how: str) -> RowError:
