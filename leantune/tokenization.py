@@ -4,7 +4,8 @@ Pipeline: canonical records (`data/train.jsonl`, `data/val.jsonl`) stream in chu
 tokenizer's chat template; each record becomes `input_ids` plus a `trainable` mask; records are
 truncated or dropped at `tokenize.max_seq_len`, optionally packed (best fit) into sequences of
 `max_seq_len`, and appended to memory-mappable shards. Memory stays flat: at most one chunk of
-records, one packing window and one shard buffer are held at a time.
+records and one packing window are held at a time (shards are written as sequences come; what grows
+is the index, 56 bytes a sequence, and 4 bytes a record of lengths).
 
 Label masking works for any chat template. The conversation is rendered in full, and for each
 assistant turn k two prefixes are rendered: `messages[:k]` with the generation prompt (where the
@@ -69,6 +70,8 @@ FORMAT_VERSION = 1
 # batches are both low-padding and differently composed per seed.
 MEGABATCH_BATCHES = 50
 MAX_FAILURE_EXAMPLES = 5
+# The scratch tokenizer learns its merges from at most about this much of the training file.
+SCRATCH_SAMPLE_BYTES = 8 << 20
 
 SCRATCH_PAD, SCRATCH_BOS, IM_START, IM_END = "<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>"
 # ChatML; <|im_end|> is the end-of-turn token and therefore the eos that generation stops at.
@@ -138,9 +141,14 @@ def load_tokenizer(cfg: RunConfig, train_path: Path, out_dir: Path):
 
 
 def _scratch_training_texts(train_path: Path) -> Iterator[str]:
-    # Role and content as the template lays them out between its special tokens, in file order
-    # (the order makes training deterministic).
-    for record in iter_jsonl(train_path):
+    """Role and content as the template lays them out between its special tokens, in file order (the
+    order makes training deterministic). From a file bigger than SCRATCH_SAMPLE_BYTES only every k-th
+    record, k = ceil(size / SCRATCH_SAMPLE_BYTES): the BPE trainer holds every distinct word it sees,
+    so its memory would grow with the records (ids, numbers, names are new words)."""
+    stride = -(-train_path.stat().st_size // SCRATCH_SAMPLE_BYTES)
+    for i, record in enumerate(iter_jsonl(train_path)):
+        if i % stride:
+            continue
         for message in record["messages"]:
             yield f"{message['role']}\n{message['content']}"
 
@@ -437,15 +445,16 @@ def padding_fraction(lengths: np.ndarray, batches: list[list[int]]) -> float:
 
 
 class _ShardWriter:
-    """Appends sequences to a shard buffer, saving it as .npy files when the next would overflow."""
+    """Appends sequences to the current shard's two .npy files as they come, so memory does not grow
+    with the shard: each file starts with the header of an empty array, rewritten with the shard's
+    length when the shard is closed (the header's size does not depend on the length). A new shard
+    starts when the next sequence would take this one past `shard_tokens`."""
 
-    def __init__(self, out_dir: Path, dtype: type, shard_tokens: int, max_seq_len: int):
+    def __init__(self, out_dir: Path, dtype: type, shard_tokens: int):
         self.out_dir = out_dir
         self.shard_tokens = shard_tokens
-        # A sequence never spans shards, so a shard holds at least one even if longer than shard_tokens.
-        capacity = max(shard_tokens, max_seq_len)
-        self.tokens = np.empty(capacity, dtype=dtype)
-        self.mask = np.empty(capacity, dtype=np.uint8)
+        self.dtypes = (np.dtype(dtype), np.dtype(np.uint8))  # of the tokens and of the mask
+        self.files: list | None = None
         self.fill = 0
         self.shards: list[dict] = []
         self.index = array("q")  # shard, offset, length, first doc row, docs
@@ -455,18 +464,27 @@ class _ShardWriter:
         length = sum(len(ids) for _, ids, _ in docs)
         if self.fill and self.fill + length > self.shard_tokens:
             self._flush()
+        if self.files is None:
+            self.files = [self._open(kind, dtype) for kind, dtype in zip(("tokens", "mask"), self.dtypes, strict=True)]
         self.index.extend((len(self.shards), self.fill, length, len(self.docs) // 2, len(docs)))
         for ordinal, ids, mask in docs:
-            end = self.fill + len(ids)
-            self.tokens[self.fill:end] = ids
-            self.mask[self.fill:end] = mask
-            self.fill = end
+            self.files[0].write(np.asarray(ids, dtype=self.dtypes[0]).tobytes())
+            self.files[1].write(np.asarray(mask, dtype=self.dtypes[1]).tobytes())
+            self.fill += len(ids)
             self.docs.extend((ordinal, len(ids)))
 
+    def _open(self, kind: str, dtype: np.dtype):
+        f = open(self.out_dir / f"shard-{len(self.shards):05d}.{kind}.npy", "wb", buffering=1 << 20)
+        _npy_header(f, dtype, 0)
+        return f
+
     def _flush(self) -> None:
+        for f, dtype in zip(self.files, self.dtypes, strict=True):
+            f.seek(0)
+            _npy_header(f, dtype, self.fill)
+            f.close()
+        self.files = None
         stem = f"shard-{len(self.shards):05d}"
-        np.save(self.out_dir / f"{stem}.tokens.npy", self.tokens[:self.fill])
-        np.save(self.out_dir / f"{stem}.mask.npy", self.mask[:self.fill])
         self.shards.append({"tokens": f"{stem}.tokens.npy", "mask": f"{stem}.mask.npy", "num_tokens": self.fill})
         self.fill = 0
 
@@ -478,6 +496,14 @@ class _ShardWriter:
         np.save(self.out_dir / "index.npy", index)
         np.save(self.out_dir / "docs.npy", np.frombuffer(self.docs, dtype=np.int64).reshape(-1, 2))
         return index
+
+
+def _npy_header(f, dtype: np.dtype, length: int) -> None:
+    """The .npy header (as np.save writes it) of a 1-D array of `length` items of `dtype`: 128 bytes."""
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                             "shape": (length,)})
+    if f.tell() != 128:
+        raise AssertionError(f"a .npy header of {f.tell()} bytes, not 128: the shard header cannot be rewritten")
 
 
 def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Path) -> dict:
@@ -494,7 +520,7 @@ def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Pat
         stale.unlink()
     vocab = vocab_size(tokenizer)
     dtype = np.uint16 if vocab < 65536 else np.uint32
-    writer = _ShardWriter(out_dir, dtype, t.shard_tokens, t.max_seq_len)
+    writer = _ShardWriter(out_dir, dtype, t.shard_tokens)
     counts = dict.fromkeys(("records_read", "records_written", "truncated", "dropped_overlong",
                             "no_trainable", "template_error", "template_unstable", "special_token_text"), 0)
     examples: dict[str, list[dict]] = {"template_error": [], "template_unstable": [], "special_token_text": []}

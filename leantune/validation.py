@@ -361,12 +361,13 @@ def sequence_features(split_dir: Path, index: numpy.ndarray, docs: numpy.ndarray
         tokens = np.load(split_dir / files["tokens"], mmap_mode="r")
         mask = np.load(split_dir / files["mask"], mmap_mode="r")
         # The sequences of one shard are written back to back, so segment i runs from its offset to
-        # the next one; the array is cut at the end of the last sequence so that it ends there too.
+        # the next one; the array is cut to the rows' sequences so that it ends at the last one and
+        # only their tokens are read (validate_tokens passes a chunk of rows at a time).
         # (A zero-length sequence would break reduceat; the length check below reports any.)
         starts = offset[rows]
-        end = starts[-1] + length[rows[-1]]
-        max_id[rows] = np.maximum.reduceat(tokens[:end], starts)
-        trainable[rows] = np.add.reduceat(mask[:end].astype(np.int64), starts)
+        first, end = starts[0], starts[-1] + length[rows[-1]]
+        max_id[rows] = np.maximum.reduceat(tokens[first:end], starts - first)
+        trainable[rows] = np.add.reduceat(mask[first:end], starts - first, dtype=np.int64)
     doc_cumsum = np.concatenate([[0], np.cumsum(docs[:, 1])])
     document_tokens = doc_cumsum[first_doc + n_docs] - doc_cumsum[first_doc]
     return pd.DataFrame({"length": length, "max_token_id": max_id, "trainable_tokens": trainable,

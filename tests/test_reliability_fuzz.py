@@ -10,6 +10,7 @@ import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from data_faults import corrupt_parquet_pages
 
 from leantune.config import RunConfig
 from leantune.data.normalize import normalize_text, record_id
@@ -104,15 +105,17 @@ class Corpus:
             self.rejects.add((path, line, kind))
 
 
-def write_jsonl(c: Corpus, path, fmt: str, n: int) -> None:
+def write_jsonl(c: Corpus, path, fmt: str, n: int, encoding: str | None = None) -> None:
+    """`encoding`: the file in that encoding (no undecodable bytes then); else UTF-8 with a byte order mark."""
     first, second = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion")}[fmt]
 
     def extra_bad(fmt):
-        return c.rng.choice([(f'{{"{first}": "cut', "bad_json"), (b'{"' + first.encode() + b'": "\xff\xfe"}',
-                                                                   "undecodable_bytes"),
-                             ("[1, 2]", "not_an_object"), (json.dumps({first: 5, second: "x"}), "non_text_value"),
-                             (json.dumps({first: None, second: "x"}), "missing_field")])
-    data, line = bytearray(b"\xef\xbb\xbf"), 0
+        return c.rng.choice([(f'{{"{first}": "cut', "bad_json"), ("[1, 2]", "not_an_object"),
+                             (json.dumps({first: 5, second: "x"}), "non_text_value"),
+                             (json.dumps({first: None, second: "x"}), "missing_field")]
+                            + [(json.dumps({first: "low \udc00", second: "x"}), "invalid_unicode")] * bool(encoding)
+                            + [(b'{"' + first.encode() + b'": "\xff\xfe"}', "undecodable_bytes")] * (not encoding))
+    data, line = bytearray(b"" if encoding else b"\xef\xbb\xbf"), 0
     for row, kind, messages in c.rows(str(path), fmt, n, extra_bad):
         if c.rng.random() < 0.02:  # blank lines are not rows
             data += b"\n"
@@ -122,17 +125,30 @@ def write_jsonl(c: Corpus, path, fmt: str, n: int) -> None:
         data += raw + (b"\r\n" if c.rng.random() < 0.1 else b"\n")
         line += 1
         c.expect(str(path), line, kind, messages)
-    path.write_bytes(bytes(data))
+    path.write_bytes(bytes(data).decode().encode(encoding) if encoding else bytes(data))
     c.physical[str(path)] = sum(1 for text in bytes(data).splitlines() if text.strip())
 
 
-def write_json(c: Corpus, path, fmt: str, n: int) -> None:
+def write_json(c: Corpus, path, fmt: str, n: int, encoding: str = "utf-8") -> None:
     rows = []
     for row, kind, messages in c.rows(str(path), fmt, n, lambda fmt: c.rng.choice(
-            [(42, "not_an_object"), ({fmt_key(fmt): "not a list"}, "bad_structure")])):
+            [(42, "not_an_object"), ({fmt_key(fmt): "not a list"}, "bad_structure")] if fmt in ("messages", "sharegpt")
+            else [(42, "not_an_object")])):
         rows.append(row)
         c.expect(str(path), len(rows), kind, messages)
-    path.write_text(json.dumps(rows, indent=1))
+    path.write_text(json.dumps(rows, indent=1), encoding=encoding)
+    c.physical[str(path)] = len(rows)
+
+
+def write_json_objects(c: Corpus, path, fmt: str, n: int) -> None:
+    """Minified objects of arrays, one per line (not JSON Lines: each holds arrays of rows)."""
+    rows = []
+    for row, kind, messages in c.rows(str(path), fmt, n, lambda fmt: (42, "not_an_object")):
+        rows.append(row)
+        c.expect(str(path), len(rows), kind, messages)
+    third = len(rows) // 3
+    objects = [{"train": rows[:third]}, {"more": rows[third:2 * third], "rest": rows[2 * third:]}]
+    path.write_text("".join(json.dumps(o, separators=(",", ":")) + "\n" for o in objects))
     c.physical[str(path)] = len(rows)
 
 
@@ -140,15 +156,21 @@ def fmt_key(fmt: str) -> str:
     return {"messages": "messages", "sharegpt": "conversations"}[fmt]
 
 
-def write_csv(c: Corpus, path, fmt: str, n: int) -> None:
+def write_csv(c: Corpus, path, fmt: str, n: int, faults: bool = False, encoding: str | None = None) -> None:
+    """`faults`: stray quotes never closed, on the first row, at random rows and on the last (each
+    rejected as unbalanced_quote, the rows after it read), and fields of 131,073 characters
+    (field_too_long); `encoding`: the file in that encoding (no undecodable bytes then)."""
     columns = {"alpaca": ["instruction", "input", "output"], "prompt_completion": ["prompt", "completion"]}[fmt]
     out, line, count = bytearray(), 1, 0
     out += (",".join(columns) + "\n").encode()
 
     def extra_bad(fmt):
-        return c.rng.choice([(["only", "too", "many", "fields"], "bad_csv_row"), (None, "undecodable_bytes")])
+        return c.rng.choice([(["only", "too", "many", "fields"], "bad_csv_row")]
+                            + [(None, "undecodable_bytes")] * (not encoding)
+                            + [(None, "unbalanced_quote"), (None, "field_too_long")] * faults)
 
-    for row, kind, messages in c.rows(str(path), fmt, n, extra_bad):
+    stray = [(None, "unbalanced_quote", None)] * faults
+    for row, kind, messages in [*stray, *c.rows(str(path), fmt, n, extra_bad), *stray]:
         if kind == "invalid_unicode":  # a CSV file cannot hold a lone surrogate: make it a short row instead
             row, kind = ["short"], "bad_csv_row"
         buf = io.StringIO()
@@ -157,30 +179,55 @@ def write_csv(c: Corpus, path, fmt: str, n: int) -> None:
         raw = buf.getvalue().encode()
         if kind == "undecodable_bytes":
             raw = b"\xff\xfe," + b"x," * (len(columns) - 1) + b"\n"
+        elif kind == "unbalanced_quote":
+            raw = f'stray {line},"never closed, {line}\n'.encode()
+        elif kind == "field_too_long":
+            raw = f'long,"{"y, " * 43_691}"\n'.encode()  # 131,073 characters
         if kind == "missing_field":  # a CSV row always has every column: an empty one is the same fault
             kind = "empty_content"
         c.expect(str(path), line + 1, kind, messages)
         out += raw
         line += raw.count(b"\n")
         count += 1
-    path.write_bytes(bytes(out))
+    path.write_bytes(bytes(out).decode().encode(encoding) if encoding else bytes(out))
     c.physical[str(path)] = count
 
 
-def write_parquet(c: Corpus, path, fmt: str, n: int) -> None:
-    rows = []
+def parquet_rows(c: Corpus, path, fmt: str, n: int) -> list[tuple[dict, str, list | None]]:
+    out = []
     for row, kind, messages in c.rows(str(path), fmt, n, lambda fmt: c.bad(fmt)):
         if kind == "missing_field":
             row = {fmt_key(fmt): None}
         if kind == "invalid_unicode":  # parquet stores UTF-8, which cannot hold a lone surrogate
             row, _ = c.good(fmt)
             row["conversations"][0]["from"], kind = "robot", "unknown_role"
+        out.append((row, kind, messages))
+    return out
+
+
+def write_parquet(c: Corpus, path, fmt: str, n: int) -> None:
+    rows = []
+    for row, kind, messages in parquet_rows(c, path, fmt, n):
         rows.append(row)
         c.expect(str(path), len(rows), kind, messages)
     turn = pa.struct([("from", pa.string()), ("value", pa.string())])
     table = pa.table({"conversations": pa.array([r["conversations"] for r in rows], pa.list_(turn))})
     pq.write_table(table, path, row_group_size=700)
     c.physical[str(path)] = len(rows)
+
+
+def write_corrupt_parquet(c: Corpus, path, fmt: str, n: int) -> None:
+    """Row groups of 100 rows, groups 1 and 4 with a corrupt data page: their rows are rejected as
+    unreadable_row_group (a repeat of one of them is then kept instead)."""
+    items, bad = parquet_rows(c, path, fmt, n), (1, 4)
+    corrupt_parquet_pages(path, [row for row, _, _ in items], 100, list(bad))
+    for i, (_, kind, messages) in enumerate(items):
+        if i // 100 in bad:
+            kind, messages = "unreadable_row_group", None
+        elif kind == "duplicate" and record_id(messages) not in c.kept:
+            kind = "good"
+        c.expect(str(path), i + 1, kind, messages)
+    c.physical[str(path)] = len(items)
 
 
 def test_fuzzed_sources_account_for_every_row(tmp_path):
@@ -217,3 +264,42 @@ def test_fuzzed_sources_account_for_every_row(tmp_path):
     assert {(d["file"], d["line"]) for d in iter_jsonl(out / "duplicates.jsonl")} == c.duplicates
     assert stats["totals"]["kept"] == 10_000
     assert stats["sources"][str(tmp_path / "dir")]["format"] == "prompt_completion, alpaca, sharegpt"
+
+
+def test_fuzzed_faults_of_issue_30_account_for_every_row(tmp_path, monkeypatch):
+    """Stray quotes and over-long fields in CSV, lone high and low surrogates in .json (under both ijson
+    parsers) and .jsonl, UTF-16 and UTF-32 files of each text kind, minified objects of arrays one per
+    line, parquet with corrupt data pages: every good row kept, read = kept + rejected + duplicates."""
+    import ijson
+
+    c = Corpus(SEED + 30)
+    files = [
+        (write_csv, "quotes.csv", "prompt_completion", 600, {"faults": True}),
+        (write_csv, "quotes16.csv", "alpaca", 150, {"faults": True, "encoding": "utf-16"}),
+        (write_csv, "plain32.csv", "prompt_completion", 100, {"encoding": "utf-32-le"}),
+        (write_jsonl, "a16.jsonl", "alpaca", 150, {"encoding": "utf-16-be"}),
+        (write_jsonl, "b32.jsonl", "prompt_completion", 100, {"encoding": "utf-32"}),
+        (write_json, "high.json", "alpaca", 250, {}),  # its bad rows hold "\ud800", those of messages "\udfff"
+        (write_json, "low16.json", "messages", 150, {"encoding": "utf-16"}),
+        (write_json, "c32.json", "prompt_completion", 100, {"encoding": "utf-32-be"}),
+        (write_json_objects, "objects.json", "alpaca", 250, {}),
+        (write_corrupt_parquet, "pages.parquet", "sharegpt", 600, {}),
+    ]
+    for write, name, fmt, n, kwargs in files:
+        write(c, tmp_path / name, fmt, n, **kwargs)
+    cfg = RunConfig.model_validate({"data": {"sources": [{"path": str(tmp_path / name)} for _, name, *_ in files],
+                                             "chunk_size": 64}, "validation": {"max_reject_fraction": 1.0}})
+    reasons = {reason for _, _, reason in c.rejects}
+    assert {"unbalanced_quote", "field_too_long", "invalid_unicode", "unreadable_row_group"} <= reasons
+    assert sum(1 for _, _, r in c.rejects if r == "unbalanced_quote") >= 6
+    for backend in ("default", "python"):
+        if backend == "python":
+            monkeypatch.setattr(ijson, "parse", ijson.get_backend("python").parse)
+        out = tmp_path / backend
+        stats = prepare(cfg, out)
+        for _, name, *_ in files:
+            s = stats["sources"][str(tmp_path / name)]
+            assert s["read"] == c.physical[str(tmp_path / name)] == s["kept"] + s["rejected"] + s["duplicates"], name
+        assert {r["id"]: r["messages"] for r in iter_jsonl(out / "records.jsonl")} == c.kept
+        assert {(r["file"], r["line"], r["reason"]) for r in iter_jsonl(out / "rejects.jsonl")} == c.rejects
+        assert {(d["file"], d["line"]) for d in iter_jsonl(out / "duplicates.jsonl")} == c.duplicates

@@ -313,6 +313,39 @@ def test_shards_roll_over_at_shard_tokens(scratch, tmp_path):
     assert summary["tokens"]["total"] == sum(expected)
 
 
+def test_shards_are_written_as_sequences_come_not_buffered(scratch, tmp_path):
+    import tracemalloc
+
+    tokenizer, _ = scratch
+    path = write_jsonl(tmp_path / "r.jsonl", make_records(60))
+    small = tokenize_records(config(shard_tokens=1024, packing=False), tokenizer, path, tmp_path / "small")
+    # A shard of 2**26 tokens held in memory would be 192 MiB (uint16 tokens + uint8 mask); numpy
+    # reports its buffers to tracemalloc.
+    tracemalloc.start()
+    big = tokenize_records(config(shard_tokens=1 << 26, packing=False), tokenizer, path, tmp_path / "big")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    assert big["counts"]["shards"] == 1 and small["counts"]["shards"] > 1
+    # The one shard holds the same tokens as the small shards, in a file np.load reads.
+    tokens = np.load(tmp_path / "big" / "shard-00000.tokens.npy")
+    assert tokens.tolist() == [t for s in small["shards"] for t in np.load(tmp_path / "small" / s["tokens"]).tolist()]
+
+
+def test_scratch_tokenizer_trains_on_a_bounded_sample(tmp_path, monkeypatch):
+    import leantune.tokenization as tokenization
+
+    records = make_records(90)
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+
+    def texts(rows):
+        return [f"{m['role']}\n{m['content']}" for r in rows for m in r["messages"]]
+
+    assert list(tokenization._scratch_training_texts(path)) == texts(records)
+    monkeypatch.setattr(tokenization, "SCRATCH_SAMPLE_BYTES", path.stat().st_size // 3 + 1)
+    assert list(tokenization._scratch_training_texts(path)) == texts(records[::3])
+
+
 def test_reader_round_trip(scratch, tmp_path):
     tokenizer, _ = scratch
     records = make_records(50)

@@ -249,6 +249,24 @@ def test_token_suite_features_match_the_reader(tokens_dir):
         assert row.document_tokens == sum(item["doc_lengths"])
 
 
+def test_token_suite_features_read_only_the_rows_sequences(tmp_path):
+    import tracemalloc
+
+    # One 4M-token shard, of which the rows asked for are the last two sequences.
+    n = 1 << 22
+    np.save(tmp_path / "t.npy", np.arange(n, dtype=np.uint32) % 1000)
+    np.save(tmp_path / "m.npy", np.ones(n, dtype=np.uint8))
+    index = np.array([[0, n - 30, 10, 0, 1], [0, n - 20, 20, 1, 1]], dtype=np.int64)
+    docs = np.array([[0, 10], [1, 20]], dtype=np.int64)
+    tracemalloc.start()
+    frame = sequence_features(tmp_path, index, docs, {"shards": [{"tokens": "t.npy", "mask": "m.npy"}]})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert frame["trainable_tokens"].tolist() == [10, 20]
+    assert frame["max_token_id"].tolist() == [(n - 21) % 1000, (n - 1) % 1000]
+    assert peak < 4 << 20, peak  # the whole mask as int64 would be 32 MiB
+
+
 def test_token_suite_catches_corrupt_shards(tokens_dir, tmp_path):
     cfg, tokens = tokens_dir
     broken = tmp_path / "tokens"

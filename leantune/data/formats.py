@@ -16,8 +16,9 @@ Supported input formats (fields other than these are ignored):
   'assistant' the loss covers the entire text. The empty user message is the one place an empty
   content is allowed; later stages must let it through.
 
-Every content is normalised (`normalize_text`); one with nothing visible left (only spaces or
-invisible format characters such as a zero-width space) is empty. A conversation must be: an optional leading system
+Every content is normalised (`normalize_text`); one with nothing visible left (only spaces, invisible
+format characters such as a zero-width space, lone combining marks, or fillers such as U+3164; see
+`normalize.is_blank`) is empty. A conversation must be: an optional leading system
 message, then user and assistant alternating, starting with user and ending with assistant.
 A row that breaks a rule raises `RowError` with a short stable code and a detail.
 """

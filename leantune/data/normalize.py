@@ -30,12 +30,17 @@ def normalize_text(text: str) -> str:
 
 
 def is_blank(text: str) -> bool:
-    """True when `text` shows nothing: only whitespace, separators and invisible format characters
-    (Unicode categories Z* and Cf: zero-width space, joiners, BOM, direction marks...)."""
-    return all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text)
+    """True when `text` shows nothing: only whitespace, separators, invisible format characters
+    (Unicode categories Z* and Cf: zero-width space, joiners, BOM, direction marks...), combining
+    marks with no letter to sit on (Mn: variation selectors, the grapheme joiner, lone accents), and
+    the letters and symbols drawn as nothing (the Hangul fillers, the blank braille pattern)."""
+    return all(ch.isspace() or ch in _BLANK_CHARS or unicodedata.category(ch) in _INVISIBLE for ch in text)
 
 
-_INVISIBLE = {"Zs", "Zl", "Zp", "Cf"}
+_INVISIBLE = {"Zs", "Zl", "Zp", "Cf", "Mn"}
+# U+115F and U+1160 Hangul choseong and jungseong fillers, U+3164 Hangul filler, U+FFA0 halfwidth
+# Hangul filler (category Lo, default-ignorable), U+2800 braille pattern blank (So).
+_BLANK_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
 def has_lone_surrogate(text: str) -> bool:
