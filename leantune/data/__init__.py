@@ -2,6 +2,8 @@
 
   sources.py    read each configured source (jsonl, json, csv, parquet, a directory, the hub) as raw
                 rows, each with its file and line
+  textfile.py   a text file's encoding (UTF-8, or UTF-16/32 decoded to a UTF-8 copy, same lines)
+  csvfile.py    CSV records read so that a stray quote or an over-long field cannot swallow rows
   formats.py    detect a source's format (alpaca, ShareGPT, messages, prompt/completion, text) and
                 convert a row to canonical messages
   normalize.py  text normalisation, record ids, the compact set of seen ids for deduplication
