@@ -169,13 +169,25 @@ def write_csv(c: Corpus, path, fmt: str, n: int, faults: bool = False, encoding:
                             + [(None, "undecodable_bytes")] * (not encoding)
                             + [(None, "unbalanced_quote"), (None, "field_too_long")] * faults)
 
+    def plain(close: bool) -> tuple[str, str, list]:
+        """A row of plain text (no quote, comma or line break), ending in a quote if `close`."""
+        c.n += 1
+        values = [f"plain {c.n} {column}" if column != "input" else "" for column in columns]
+        values[-1] += '"' * close
+        return ",".join(values), "good", [{"role": "user", "content": values[0]},
+                                          {"role": "assistant", "content": values[-1]}]
+
+    rows = c.rows(str(path), fmt, n, extra_bad)
     stray = [(None, "unbalanced_quote", None)] * faults
-    for row, kind, messages in [*stray, *c.rows(str(path), fmt, n, extra_bad), *stray]:
+    # A stray quote that a quote at the end of a row 6 lines later closes: the rows between come back.
+    closed_later = [*stray, *(plain(False) for _ in range(5)), plain(True)] if faults else []
+    for row, kind, messages in [*stray, *rows[:n // 2], *closed_later, *rows[n // 2:], *stray]:
         if kind == "invalid_unicode":  # a CSV file cannot hold a lone surrogate: make it a short row instead
             row, kind = ["short"], "bad_csv_row"
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow(row if isinstance(row, list) else
-                                                      [row.get(k, "") for k in columns] if row else ["x"] * len(columns))
+        buf = io.StringIO(row + "\n" if isinstance(row, str) else None)
+        if not isinstance(row, str):
+            csv.writer(buf, lineterminator="\n").writerow(
+                row if isinstance(row, list) else [row.get(k, "") for k in columns] if row else ["x"] * len(columns))
         raw = buf.getvalue().encode()
         if kind == "undecodable_bytes":
             raw = b"\xff\xfe," + b"x," * (len(columns) - 1) + b"\n"

@@ -2,11 +2,12 @@
 
 kind=file reads, by extension: ``.jsonl``/``.ndjson`` (line by line), ``.json`` (an array of rows,
 or an object whose values are arrays of rows, streamed with ijson so a big array is never held
-whole), ``.csv`` (a header row, streamed; quotes followed by `csvfile`, so a stray one swallows no row), ``.parquet`` (pyarrow record batches of
-``data.chunk_size`` rows; memory is bounded by the file's largest row group, not its size), or a
-directory of those (files in sorted relative-path order, recursively). Text files are UTF-8, or
-UTF-16/32 (by byte order mark or NUL pattern), decoded as `textfile.open_utf8` says. kind=hub streams a Hugging
-Face dataset; kind=synthetic runs the built-in generator.
+whole), ``.csv`` (a header row, streamed; records split by `csvfile`, which gives back the rows a stray
+quote swallows), ``.parquet`` (pyarrow record batches of ``data.chunk_size`` rows; memory is bounded by the
+file's largest row group, not its size), or a directory of those (files in sorted relative-path
+order, recursively). Text files are UTF-8, or UTF-16/32 found by byte order mark or NUL pattern and
+decoded (`textfile.open_utf8`). kind=hub streams a Hugging Face dataset; kind=synthetic runs the
+built-in generator.
 
 Problems of one row or one file never stop a source: they arrive as a `RawRow` whose `error` is set,
 and prepare counts and reports it. What leaves nothing to count is a DataError instead: a path that
