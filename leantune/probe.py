@@ -25,7 +25,8 @@ Memory of a training step (bytes; p = 2 for bf16/fp16 compute, 4 for fp32):
                 full fine-tune: p (2h + a + i) linear inputs and p 2h normalised outputs, for the
                   weight gradients
                 LoRA (fused, training/fused.py): each distinct input of the adapted linears once
-                  (q/k/v share one, gate/up another; down_proj's is recomputed), p per element,
+                  (q/k/v share one, gate/up another; down_proj's is recomputed), p per element (fused.py
+                  keeps them, and multiplies, in the compute dtype),
                   p r per adapted linear for the A output, and with dropout > 0 its keep mask (1 byte
                   per element of its input)
                 QLoRA (peft's forward): per adapted linear with input width n, dropout > 0 keeps its
