@@ -1,0 +1,171 @@
+"""One optimizer per trained weight: bf16 weights stepped in fp32 and rounded without losing small
+updates, and the step fused into backward.
+
+Full fine-tuning (model.method=full) uses it when train.full_precision is a bf16 one or
+train.optimizer_in_backward is on (training/optim.py builds it); otherwise a run has one optimizer
+over all its weights.
+
+**bf16 weights** (train.full_precision). Rounding w + update to the nearest bf16 (8 bits of
+mantissa) drops every update under half a unit in the weight's last place: at lr 1e-5 most of
+AdamW's updates (about lr each) to weights of 0.01 to 0.1, so training stalls. Here a step hands the
+weight's optimizer (its state as train.optimizer keeps it: fp32 for adamw) the weight and its
+gradient in fp32, and rounds the new weight to bf16 in one of two ways:
+  kahan       each weight has a bf16 compensation buffer c: the step starts from w + c and stores
+              in c what rounding the result lost (Kahan summation; Zamirai et al. 2020, "Revisiting
+              BFloat16 Training"): close to the fp32 run, 2 bytes more per weight.
+  stochastic  rounds up or down at random, with the probabilities that make the expected bf16
+              weight the fp32 one: no extra memory. The random bits come from a generator seeded
+              by train.seed, the weight's index and its step count, so they do not depend on the
+              order weights step in (backward's order with the step in backward) and a resume
+              draws the same ones.
+The fp32 copies exist for one weight at a time.
+
+**Optimizer in backward** (train.optimizer_in_backward). A post-accumulate-grad hook on each weight
+steps it as soon as backward has accumulated its gradient, and frees that gradient (torchtune's
+optimizer-in-backward), so the gradients of the whole model never exist at once. The hooks step
+only while `armed`: the loop arms them for the last micro-batch of a step, so earlier micro-batches
+accumulate as usual and the start-up probe steps nothing. Clipping cannot work (config.py refuses
+train.max_grad_norm with it); the gradient norm is summed as the weights step (`take_grad_norm`).
+
+The optimizer is a torch Optimizer whose param_groups are the per-weight optimizers' own group
+dicts, so the lr schedule and checkpoint.py's lr rescale reach every one; its state_dict holds every
+per-weight optimizer's state, every compensation buffer and step count, so a resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+def paramwise_optimizer(weights: list[tuple[object, float]], make, *, rounding: str, seed: int, in_backward: bool):
+    """The optimizer over `weights` ((parameter, weight decay) pairs): `make(param_groups)` builds each weight's
+    own optimizer; `rounding` of bf16 weights: 'kahan', 'stochastic' (from `seed`), or 'fp32' (weights in fp32:
+    nothing to round); `in_backward`: step in backward."""
+    return _optimizer_class()(weights, make, rounding=rounding, seed=seed, in_backward=in_backward)
+
+
+def stochastic_round(exact, seed: int):
+    """`exact` (fp32) rounded to bf16 up or down at random, P(up) = the distance to the lower neighbour over the
+    gap: 16 random bits added to the low half of its bit pattern, then cut off (for a negative number the bits
+    are its magnitude's, so it rounds symmetrically)."""
+    import torch
+
+    generator = torch.Generator(device=exact.device).manual_seed(seed)
+    bits = exact.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, exact.shape, dtype=torch.int32, device=exact.device, generator=generator)
+    return bits.add_(noise).bitwise_and_(-(1 << 16)).view(torch.float32).to(torch.bfloat16)
+
+
+def _seed(*numbers: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1, np.uint64)[0] >> 1)
+
+
+@functools.cache
+def _optimizer_class():
+    """The class, defined on first use (torch is imported inside functions only)."""
+    import torch
+
+    class ParamwiseOptimizer(torch.optim.Optimizer):
+        def __init__(self, weights, make, *, rounding: str, seed: int, in_backward: bool):
+            params = [p for p, _ in weights]
+            super().__init__(params, {})
+            self.weights = params
+            self.optimizers = [make([{"params": [p], "weight_decay": decay}]) for p, decay in weights]
+            self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
+            bf16 = [i for i, p in enumerate(params) if p.dtype == torch.bfloat16]
+            self.rounding, self.seed = rounding, seed
+            # By index of the weight, bf16 weights only: what rounding lost (kahan); steps taken (stochastic).
+            self.compensation = {i: torch.zeros_like(params[i]) for i in bf16} if rounding == "kahan" else {}
+            self.steps = dict.fromkeys(bf16, 0) if rounding == "stochastic" else {}
+            self.in_backward, self.armed = in_backward, in_backward
+            self.stepped = 0  # weights stepped in backward since `arm`
+            self._grad_sq = None
+            self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._hook, i))
+                           for i, p in enumerate(params)] if in_backward else []
+
+        def arm(self, armed: bool) -> None:
+            """Whether the next backward steps the weights (optimizer in backward)."""
+            self.armed, self.stepped = armed, 0
+
+        def _hook(self, index: int, param) -> None:
+            if not self.armed:
+                return
+            norm_sq = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
+            self._grad_sq = norm_sq if self._grad_sq is None else self._grad_sq + norm_sq
+            self._step_weight(index)
+            self.stepped += 1
+
+        def take_grad_norm(self) -> float:
+            """The norm of the gradients stepped in backward since the last call."""
+            norm = 0.0 if self._grad_sq is None else float(self._grad_sq) ** 0.5
+            self._grad_sq = None
+            return norm
+
+        def _step_weight(self, index: int) -> None:
+            """Step one weight with its gradient, which is freed."""
+            p, comp = self.weights[index], self.compensation.get(index)
+            if comp is None and index not in self.steps:  # an fp32 weight: stepped as it is
+                self.optimizers[index].step()
+                p.grad = None
+                return
+            stored, grad = p.data, p.grad
+            p.grad = None
+            p.data = stored.float()  # the weight in fp32 (Kahan: bf16 w plus what rounding lost)
+            if comp is not None:
+                p.data.add_(comp)
+            p.grad = grad.float()
+            del grad
+            self.optimizers[index].step()
+            exact = p.data
+            p.grad = None
+            p.data = stored
+            if comp is None:
+                self.steps[index] += 1
+                stored.copy_(stochastic_round(exact, _seed(self.seed, index, self.steps[index])))
+                return
+            stored.copy_(exact)  # rounded to the nearest bf16
+            comp.copy_(exact.sub_(stored))  # what the rounding lost
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            """Step every weight that has a gradient (none after an armed backward: those stepped in it)."""
+            for i, p in enumerate(self.weights):
+                if p.grad is not None:
+                    self._step_weight(i)
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            for p in self.weights:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+        def state_dict(self) -> dict:
+            return {"optimizers": [opt.state_dict() for opt in self.optimizers],
+                    "compensation": dict(self.compensation), "steps": dict(self.steps)}
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            saved, compensation, steps = state_dict["optimizers"], state_dict["compensation"], state_dict["steps"]
+            if (len(saved), set(compensation), set(steps)) != (len(self.optimizers), set(self.compensation),
+                                                                set(self.steps)):
+                raise ValueError(f"optimizer state for {len(saved)} weights, {len(compensation)} compensated and "
+                                 f"{len(steps)} stochastically rounded; this optimizer has {len(self.optimizers)}, "
+                                 f"{len(self.compensation)} and {len(self.steps)}")
+            for i, (opt, state) in enumerate(zip(self.optimizers, saved, strict=True)):
+                p = self.weights[i]
+                if p.dtype != torch.bfloat16:
+                    opt.load_state_dict(state)
+                    continue
+                # Optimizers cast a loaded state to their weight's dtype: show them the fp32 weight they step.
+                stored, p.data = p.data, p.data.float()
+                opt.load_state_dict(state)
+                p.data = stored
+            for i, c in compensation.items():
+                self.compensation[i].copy_(c)
+            self.steps.update(steps)
+            # Loading gives each optimizer new group dicts.
+            self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
+
+    return ParamwiseOptimizer

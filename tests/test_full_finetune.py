@@ -1,0 +1,171 @@
+"""Full fine-tuning that fits (training/paramwise.py): bf16 weights rounded with Kahan summation or
+stochastically, the optimizer step in backward, 8-bit AdamW; against the plain fp32 path, and the memory
+the estimator gives them (leantune/probe.py) against the bytes of their tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leantune.config import ConfigError, load_config
+from leantune.modeling import build_model
+from leantune.training.loss import target_cross_entropy
+from leantune.training.optim import build_optimizer
+from leantune.training.paramwise import stochastic_round
+from tests.test_loss import TINY, Tokenizer, batch
+
+FULL = [*TINY, "model.method=full", "train.lr=1e-3", "train.max_grad_norm=null"]
+BF16 = ["model.dtype=bf16"]
+IN_BACKWARD = ["train.optimizer_in_backward=true"]
+
+
+def build(*overrides, weights=None):
+    cfg = load_config(overrides=[*FULL, *overrides])
+    model = build_model(cfg, Tokenizer(), torch.device("cpu"))
+    if weights is not None:
+        model.load_state_dict(weights)
+    return cfg, model, build_optimizer(cfg, model)
+
+
+def train(cfg, model, optimizer, steps: int = 3) -> list[float]:
+    """`steps` optimizer steps on the test batch as the loop takes them: forward under autocast in model.dtype,
+    backward (which steps the weights with train.optimizer_in_backward), optimizer.step(), zero_grad."""
+    inputs, labels = batch(packed=True)
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.model.dtype == "bf16"):
+            loss = target_cross_entropy(model, inputs, labels) / int((labels != -100).sum())
+        loss.backward()
+        # In backward, every weight stepped and its gradient went; otherwise every one has its gradient.
+        assert all((p.grad is None) == cfg.train.optimizer_in_backward for p in model.parameters())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def weights(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------------ exact options
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.full_precision=bf16-stochastic", *BF16],
+    ["train.full_precision=bf16-kahan", *BF16],
+    ["train.full_precision=bf16-stochastic", *BF16, "train.optimizer=adamw_8bit"],
+], ids=["bf16-stochastic", "bf16-kahan", "bf16-stochastic-adamw_8bit"])
+def test_the_step_in_backward_equals_the_step_after_it_bitwise(overrides):
+    cfg, model, optimizer = build(*overrides)
+    start = weights(model)
+    losses = train(cfg, model, optimizer)
+    cfg_b, model_b, optimizer_b = build(*overrides, *IN_BACKWARD, weights=start)
+    assert losses == train(cfg_b, model_b, optimizer_b)
+    after, after_b = weights(model), weights(model_b)
+    assert all(p.dtype == torch.bfloat16 for p in after.values())
+    for name, w in after.items():
+        assert not torch.equal(w, start[name]), name  # every weight moved
+        assert torch.equal(after_b[name], w), name
+
+
+def test_the_step_in_backward_in_fp32_equals_the_plain_adamw_within_rounding():
+    cfg, model, optimizer = build()
+    assert isinstance(optimizer, torch.optim.AdamW)  # the plain path: one AdamW over every weight
+    start = weights(model)
+    losses = train(cfg, model, optimizer)
+    cfg_b, model_b, optimizer_b = build(*IN_BACKWARD, weights=start)
+    assert train(cfg_b, model_b, optimizer_b) == pytest.approx(losses, rel=1e-6)
+    for name, w in weights(model).items():
+        # torch's multi-tensor AdamW against its one-tensor one: the same sums, rounded in another order.
+        torch.testing.assert_close(weights(model_b)[name], w, rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------------------------ bf16 against fp32
+
+
+def test_bf16_weights_follow_the_fp32_run_where_rounding_to_nearest_stalls():
+    """Five steps at lr 1e-5 (a full fine-tune's), from the same weights: the fp32 reference keeps fp32 master
+    weights (bf16 autocast computes); the bf16 runs store bf16 weights and gradients."""
+    steps, lr = 5, "train.lr=1e-5"
+    cfg, kahan, kahan_opt = build("train.full_precision=bf16-kahan", *BF16, lr)
+    start = weights(kahan)
+    cfg_ref, ref, ref_opt = build(*BF16, lr, weights={k: v.float() for k, v in start.items()})
+    cfg_sr, sr, sr_opt = build("train.full_precision=bf16-stochastic", *BF16, lr, weights=start)
+    _, nearest, _ = build("train.full_precision=bf16-kahan", *BF16, lr, weights=start)
+    # Pure bf16 (LLaMA-Factory's pure_bf16): torch's AdamW on the bf16 weights, rounding each step to nearest.
+    nearest_opt = torch.optim.AdamW(nearest.parameters(), lr=1e-5, weight_decay=0.0)
+
+    def drop(losses):
+        return losses[0] - losses[-1]
+
+    ref_drop = drop(train(cfg_ref, ref, ref_opt, steps))
+    kahan_drop = drop(train(cfg, kahan, kahan_opt, steps))
+    sr_drop = drop(train(cfg_sr, sr, sr_opt, steps))
+    nearest_drop = drop(train(cfg, nearest, nearest_opt, steps))
+    names = [n for n, _ in kahan.named_parameters()]
+    # The weight Kahan summation represents, bf16 w plus the compensation, against the fp32 one.
+    represented = {n: w.float() + kahan_opt.compensation[i].float() for i, (n, w) in enumerate(weights(kahan).items())}
+    assert list(represented) == names
+
+    def distance(a, b):
+        return sum(float((a[n].float() - b[n].float()).norm()) ** 2 for n in names) ** 0.5
+
+    ref_weights = weights(ref)
+    update = distance(ref_weights, start)
+    # Measured 0.049: the rest is the gradients' bf16 rounding (the reference's are fp32).
+    assert distance(represented, ref_weights) < 0.1 * update
+    assert distance(weights(nearest), ref_weights) > 0.5 * update  # measured 0.93: most updates lost
+    assert kahan_drop == pytest.approx(ref_drop, rel=0.15)  # measured 0.91x
+    assert nearest_drop < 0.5 * ref_drop  # measured 0.24x: training stalls
+    assert sr_drop > 0.5 * ref_drop  # measured 1.35x: unbiased, noisy
+
+
+def test_stochastic_rounding_keeps_the_expected_value():
+    gap = 2**-7  # between bf16 neighbours in [1, 2)
+    for value in (1 + gap / 4, -(1 + 3 * gap / 4), 1.5 + gap / 16):
+        exact = torch.full((100_000,), value)
+        rounded = stochastic_round(exact.clone(), seed=3)
+        neighbours = sorted({float(v) for v in rounded.unique()})
+        assert len(neighbours) == 2 and neighbours[1] - neighbours[0] == pytest.approx(gap)
+        # 1e5 draws: the mean within 5 standard deviations (gap / 2 / sqrt(1e5) each) of the exact value.
+        assert float(rounded.float().mean()) == pytest.approx(value, abs=5 * gap / 2 / 100_000**0.5)
+        assert abs(float(exact[0].to(torch.bfloat16)) - value) > gap / 20  # rounding to nearest is off by more
+    assert torch.equal(stochastic_round(exact.clone(), seed=3), stochastic_round(exact.clone(), seed=3))
+    assert not torch.equal(stochastic_round(exact.clone(), seed=3), stochastic_round(exact.clone(), seed=4))
+
+
+# ------------------------------------------------------------------------------------------- the config
+
+
+@pytest.mark.parametrize(("overrides", "problems"), [
+    (["train.optimizer_in_backward=true", "train.max_grad_norm=1.0"],
+     ["train.max_grad_norm: 1.0 clips with the norm of every gradient, but train.optimizer_in_backward steps each "
+      "weight before the others' gradients exist; set train.max_grad_norm=null or train.optimizer_in_backward=false"]),
+    (["model.method=lora", "lora.target_modules=all-linear", "train.optimizer_in_backward=true",
+      "train.full_precision=bf16-kahan", "model.dtype=bf16"],
+     ["train.full_precision: bf16-kahan is for model.method=full (model.method lora stores its frozen weights in "
+      "model.dtype already); remove it or use model.method=full",
+      "train.optimizer_in_backward: only for model.method=full (model.method lora trains few weights, whose "
+      "gradients cost little); set it to false or use model.method=full"]),
+    (["train.full_precision=bf16-stochastic", "model.dtype=fp32"],
+     ["train.full_precision: bf16-stochastic stores bf16 weights, which need bf16 compute, not model.dtype fp32; "
+      "set model.dtype=bf16 (or auto on a bf16 GPU) or train.full_precision=fp32"]),
+    (["train.optimizer_in_backward=true", "train.distributed.nproc_per_node=2", "model.dtype=fp16"],
+     ["train.optimizer_in_backward: data parallel sums the gradients after backward, when they are stepped and "
+      "gone; set train.distributed.nproc_per_node=1 and nnodes=1, or train.optimizer_in_backward=false",
+      "train.optimizer_in_backward: fp16 loss scaling must check every gradient for overflow before any step; use "
+      "model.dtype=bf16 or train.optimizer_in_backward=false"]),
+], ids=["clipping", "lora", "fp32-compute", "data-parallel-and-fp16"])
+def test_incompatible_settings_are_refused_naming_the_key_and_the_fix(overrides, problems):
+    with pytest.raises(ConfigError) as refused:
+        load_config(overrides=[*FULL, *overrides])
+    assert refused.value.problems == problems
+
+
+def test_bf16_weights_where_auto_resolves_to_fp32_are_refused_at_build():
+    from leantune.errors import UserError
+
+    cfg = load_config(overrides=[*FULL, "train.full_precision=bf16-kahan"])  # model.dtype auto: fp32 on the CPU
+    with pytest.raises(UserError, match="train.full_precision: bf16-kahan weights need bf16 compute"):
+        build_model(cfg, Tokenizer(), torch.device("cpu"))
