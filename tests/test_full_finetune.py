@@ -9,6 +9,7 @@ import torch
 
 from leantune.config import ConfigError, load_config
 from leantune.modeling import build_model
+from leantune.probe import estimate_for_config, model_shape
 from leantune.training.loss import target_cross_entropy
 from leantune.training.optim import build_optimizer
 from leantune.training.paramwise import stochastic_round
@@ -67,6 +68,20 @@ def test_the_step_in_backward_equals_the_step_after_it_bitwise(overrides):
     for name, w in after.items():
         assert not torch.equal(w, start[name]), name  # every weight moved
         assert torch.equal(after_b[name], w), name
+
+
+def test_a_bf16_weight_stepped_in_chunks_equals_it_stepped_whole(monkeypatch):
+    from leantune.training import paramwise
+
+    cfg, model, optimizer = build("train.full_precision=bf16-kahan", *BF16)
+    start = weights(model)
+    train(cfg, model, optimizer)
+    monkeypatch.setattr(paramwise, "STEP_CHUNK", 1000)  # the embedding's 300 x 64 in 20 chunks, the last short
+    cfg, chunked, chunked_optimizer = build("train.full_precision=bf16-kahan", *BF16, weights=start)
+    assert len(chunked_optimizer.chunks[0]) == 20
+    train(cfg, chunked, chunked_optimizer)
+    for name, w in weights(model).items():
+        assert torch.equal(weights(chunked)[name], w), name
 
 
 def test_the_step_in_backward_in_fp32_equals_the_plain_adamw_within_rounding():
@@ -169,3 +184,87 @@ def test_bf16_weights_where_auto_resolves_to_fp32_are_refused_at_build():
     cfg = load_config(overrides=[*FULL, "train.full_precision=bf16-kahan"])  # model.dtype auto: fp32 on the CPU
     with pytest.raises(UserError, match="train.full_precision: bf16-kahan weights need bf16 compute"):
         build_model(cfg, Tokenizer(), torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------- the memory
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of every tensor in a nested state (dicts, lists, tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["train.full_precision=bf16-kahan", *BF16],
+    ["train.full_precision=bf16-stochastic", *BF16, *IN_BACKWARD],
+    ["train.full_precision=bf16-stochastic", *BF16, "train.optimizer=adamw_8bit"],
+    ["train.full_precision=bf16-stochastic", *BF16, *IN_BACKWARD, "train.optimizer=paged_adamw_8bit"],
+], ids=["fp32-adamw", "bf16-kahan-adamw", "bf16-stochastic-in-backward", "bf16-stochastic-adamw_8bit",
+        "bf16-stochastic-in-backward-paged_8bit"])
+def test_weights_gradients_and_optimizer_state_are_the_estimate_within_15_percent(overrides):
+    # A larger tiny model, so that bitsandbytes' per-tensor constants are no sizeable share.
+    wider = ["model.scratch.hidden_size=128", "model.scratch.intermediate_size=344", "tokenize.vocab_size=2000"]
+    cfg = load_config(overrides=[*FULL, *wider, "train.global_batch_size=3", "train.micro_batch_size=3", *overrides])
+
+    class Vocab(Tokenizer):
+        def __len__(self):
+            return 2000
+
+        def get_vocab(self):
+            return {str(i): i for i in range(2000)}
+
+    model = build_model(cfg, Vocab(), torch.device("cpu"))
+    live = {"grads": 0}
+
+    def count_gradients(_):  # runs before the optimizer's hook (registered first): every gradient alive now
+        live["grads"] = max(live["grads"], sum(tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None))
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(count_gradients)
+    optimizer = build_optimizer(cfg, model)
+    train(cfg, model, optimizer, steps=1)  # the optimizer's state exists from the first step
+    weights_bytes = sum(tensor_bytes(p) for p in model.parameters())
+    measured = weights_bytes + live["grads"] + tensor_bytes(optimizer.state_dict())
+    estimate = estimate_for_config(cfg, model_shape(cfg), "cpu")
+    assert measured == pytest.approx(estimate.weights + estimate.gradients + estimate.optimizer, rel=0.15)
+    assert weights_bytes == estimate.weights  # the shape's parameter count, in the stored dtype
+
+
+# --------------------------------------------------------------------------------------- the training loop
+
+
+def test_the_loop_steps_in_the_last_micro_batch_backward_as_the_plain_step_does(tokenized_run, tmp_path):
+    """Two micro-batches a step: the first accumulates, the second's backward steps every weight; the start-up
+    probe (the longest sequences) drops its gradients and steps nothing. Weights and losses equal the loop with
+    the step after backward, bit for bit."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from leantune.training.loop import train as train_loop
+    from tests.run_helpers import new_run
+
+    runs = {}
+    for name, extra in (("plain", []), ("in-backward", IN_BACKWARD)):
+        cfg, run_dir = new_run(tokenized_run, tmp_path, "model.method=full", "lora.target_modules=all-linear",
+                               "model.dtype=bf16", "train.full_precision=bf16-stochastic", "train.max_grad_norm=null",
+                               "train.max_steps=2", "train.eval_every=1000", "checkpoint.every_steps=1000", *extra,
+                               name=name)
+        train_loop(cfg, run_dir)
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (load_file(run_dir / "adapter" / "model.safetensors"), [m for m in lines if "event" not in m])
+    (plain, plain_lines), (fused, fused_lines) = runs["plain"], runs["in-backward"]
+    assert [m["accumulation_steps"] for m in fused_lines] == [2, 2]
+    assert [m["loss"] for m in fused_lines] == [m["loss"] for m in plain_lines]
+    # The norm summed weight by weight in fp32 against clip_grad_norm_'s of the bf16 gradients.
+    assert [m["grad_norm"] for m in fused_lines] == pytest.approx([m["grad_norm"] for m in plain_lines], rel=1e-2)
+    assert plain.keys() == fused.keys()
+    for name, w in plain.items():
+        assert w.dtype == torch.bfloat16 and torch.equal(fused[name], w), name

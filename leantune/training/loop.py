@@ -460,7 +460,7 @@ def _forward_backward(run: _Run, share: list[dict], k: int, targets: int, tokens
         objective = objective + run.aux_coef * aux / tokens
         moe_part = (aux.detach(), counts)
     if run.cfg.train.optimizer_in_backward:  # the step runs in the last micro-batch's backward
-        run.optimizer.arm(k == run.controller.accumulation_steps - 1)
+        run.optimizer.arm("step" if k == run.controller.accumulation_steps - 1 else "keep")
     run.scaler.scale(objective).backward()
     return micro_ce.detach(), moe_part
 
@@ -743,8 +743,8 @@ def _probe(run: _Run, indices: np.ndarray) -> None:
     Gradients are discarded and the RNG state restored, so the run's results do not change.
     """
     rng = _torch_rng_state(run.device)
-    if run.cfg.train.optimizer_in_backward:
-        run.optimizer.arm(False)
+    if run.cfg.train.optimizer_in_backward:  # its gradients go as backward makes them, like a step's
+        run.optimizer.arm("drop")
     try:
         items = [run.train_shards[int(i)] for i in indices]
         inputs, labels = model_inputs(items, run.train_shards.pad_id, run.mask_dtype, run.one_row, run.device)

@@ -22,9 +22,10 @@ The fp32 copies exist for one weight at a time.
 
 **Optimizer in backward** (train.optimizer_in_backward). A post-accumulate-grad hook on each weight
 steps it as soon as backward has accumulated its gradient, and frees that gradient (torchtune's
-optimizer-in-backward), so the gradients of the whole model never exist at once. The hooks step
-only while `armed`: the loop arms them for the last micro-batch of a step, so earlier micro-batches
-accumulate as usual and the start-up probe steps nothing. Clipping cannot work (config.py refuses
+optimizer-in-backward), so the gradients of the whole model never exist at once. What the hooks do
+is set by `arm`: 'step'; 'keep' the gradient, for the micro-batches of a step before its last, which
+accumulate as usual; or 'drop' it, for the loop's start-up probe, whose gradients are discarded
+(so that it needs the memory of a step, not of every gradient). Clipping cannot work (config.py refuses
 train.max_grad_norm with it); the gradient norm is summed as the weights step (`take_grad_norm`).
 
 The optimizer is a torch Optimizer whose param_groups are the per-weight optimizers' own group
@@ -35,6 +36,8 @@ per-weight optimizer's state, every compensation buffer and step count, so a res
 from __future__ import annotations
 
 import functools
+
+STEP_CHUNK = 1 << 24  # elements of a bf16 weight stepped in fp32 at a time (Llama-8B's embedding has 525 M)
 
 
 def paramwise_optimizer(weights: list[tuple[object, float]], make, *, rounding: str, seed: int, in_backward: bool):
@@ -71,26 +74,38 @@ def _optimizer_class():
         def __init__(self, weights, make, *, rounding: str, seed: int, in_backward: bool):
             params = [p for p, _ in weights]
             super().__init__(params, {})
-            self.weights = params
-            self.optimizers = [make([{"params": [p], "weight_decay": decay}]) for p, decay in weights]
-            self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
+            self.weights, self.rounding, self.seed = params, rounding, seed
+            # Per weight, [(start, end, stand-in, optimizer)]: a bf16 weight is stepped STEP_CHUNK elements at a
+            # time through a stand-in tensor that holds the chunk in fp32 during its step; an fp32 weight is
+            # stepped whole by its own optimizer (start None).
+            self.chunks = []
+            for p, decay in weights:
+                if p.dtype != torch.bfloat16:
+                    self.chunks.append([(None, None, p, make([{"params": [p], "weight_decay": decay}]))])
+                    continue
+                spans = [(start, min(start + STEP_CHUNK, p.numel())) for start in range(0, p.numel(), STEP_CHUNK)]
+                stand_ins = [torch.empty(0, device=p.device) for _ in spans]
+                self.chunks.append([(start, end, t, make([{"params": [t], "weight_decay": decay}]))
+                                    for (start, end), t in zip(spans, stand_ins, strict=True)])
+            self.param_groups = [g for chunks in self.chunks for *_, opt in chunks for g in opt.param_groups]
             bf16 = [i for i, p in enumerate(params) if p.dtype == torch.bfloat16]
-            self.rounding, self.seed = rounding, seed
             # By index of the weight, bf16 weights only: what rounding lost (kahan); steps taken (stochastic).
             self.compensation = {i: torch.zeros_like(params[i]) for i in bf16} if rounding == "kahan" else {}
             self.steps = dict.fromkeys(bf16, 0) if rounding == "stochastic" else {}
-            self.in_backward, self.armed = in_backward, in_backward
+            self.in_backward, self.mode = in_backward, "step"
             self.stepped = 0  # weights stepped in backward since `arm`
             self._grad_sq = None
             self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._hook, i))
                            for i, p in enumerate(params)] if in_backward else []
 
-        def arm(self, armed: bool) -> None:
-            """Whether the next backward steps the weights (optimizer in backward)."""
-            self.armed, self.stepped = armed, 0
+        def arm(self, mode: str) -> None:
+            """What the next backward does with each gradient (optimizer in backward): 'step', 'keep', 'drop'."""
+            self.mode, self.stepped = mode, 0
 
         def _hook(self, index: int, param) -> None:
-            if not self.armed:
+            if self.mode != "step":
+                if self.mode == "drop":
+                    param.grad = None
                 return
             norm_sq = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
             self._grad_sq = norm_sq if self._grad_sq is None else self._grad_sq + norm_sq
@@ -105,28 +120,29 @@ def _optimizer_class():
 
         def _step_weight(self, index: int) -> None:
             """Step one weight with its gradient, which is freed."""
-            p, comp = self.weights[index], self.compensation.get(index)
-            if comp is None and index not in self.steps:  # an fp32 weight: stepped as it is
-                self.optimizers[index].step()
+            p, chunks = self.weights[index], self.chunks[index]
+            if chunks[0][0] is None:  # an fp32 weight: stepped as it is
+                chunks[0][3].step()
                 p.grad = None
                 return
-            stored, grad = p.data, p.grad
-            p.grad = None
-            p.data = stored.float()  # the weight in fp32 (Kahan: bf16 w plus what rounding lost)
-            if comp is not None:
-                p.data.add_(comp)
-            p.grad = grad.float()
-            del grad
-            self.optimizers[index].step()
-            exact = p.data
-            p.grad = None
-            p.data = stored
+            comp, weight, grad = self.compensation.get(index), p.detach().view(-1), p.grad.view(-1)
             if comp is None:
                 self.steps[index] += 1
-                stored.copy_(stochastic_round(exact, _seed(self.seed, index, self.steps[index])))
-                return
-            stored.copy_(exact)  # rounded to the nearest bf16
-            comp.copy_(exact.sub_(stored))  # what the rounding lost
+            for k, (start, end, stand_in, opt) in enumerate(chunks):
+                # The chunk in fp32 (Kahan: bf16 w plus what rounding lost), stepped with its gradient in fp32.
+                stand_in.data = weight[start:end].float()
+                if comp is not None:
+                    stand_in.data.add_(comp.view(-1)[start:end])
+                stand_in.grad = grad[start:end].float()
+                opt.step()
+                exact = stand_in.data
+                stand_in.grad, stand_in.data = None, stand_in.data.new_empty(0)
+                if comp is None:
+                    weight[start:end] = stochastic_round(exact, _seed(self.seed, index, k, self.steps[index]))
+                else:
+                    weight[start:end] = exact  # rounded to the nearest bf16
+                    comp.view(-1)[start:end] = exact.sub_(weight[start:end])  # what the rounding lost
+            p.grad = None
 
         @torch.no_grad()
         def step(self, closure=None):
@@ -142,30 +158,28 @@ def _optimizer_class():
                 elif p.grad is not None:
                     p.grad.zero_()
 
+        def _optimizers(self) -> list:
+            return [opt for chunks in self.chunks for *_, opt in chunks]
+
         def state_dict(self) -> dict:
-            return {"optimizers": [opt.state_dict() for opt in self.optimizers],
+            return {"optimizers": [opt.state_dict() for opt in self._optimizers()],
                     "compensation": dict(self.compensation), "steps": dict(self.steps)}
 
         def load_state_dict(self, state_dict: dict) -> None:
             saved, compensation, steps = state_dict["optimizers"], state_dict["compensation"], state_dict["steps"]
-            if (len(saved), set(compensation), set(steps)) != (len(self.optimizers), set(self.compensation),
+            optimizers = self._optimizers()
+            if (len(saved), set(compensation), set(steps)) != (len(optimizers), set(self.compensation),
                                                                 set(self.steps)):
-                raise ValueError(f"optimizer state for {len(saved)} weights, {len(compensation)} compensated and "
-                                 f"{len(steps)} stochastically rounded; this optimizer has {len(self.optimizers)}, "
-                                 f"{len(self.compensation)} and {len(self.steps)}")
-            for i, (opt, state) in enumerate(zip(self.optimizers, saved, strict=True)):
-                p = self.weights[i]
-                if p.dtype != torch.bfloat16:
-                    opt.load_state_dict(state)
-                    continue
-                # Optimizers cast a loaded state to their weight's dtype: show them the fp32 weight they step.
-                stored, p.data = p.data, p.data.float()
+                raise ValueError(f"optimizer state for {len(saved)} weights or chunks, {len(compensation)} "
+                                 f"compensated and {len(steps)} stochastically rounded; this optimizer has "
+                                 f"{len(optimizers)}, {len(self.compensation)} and {len(self.steps)}")
+            for opt, state in zip(optimizers, saved, strict=True):
+                # An optimizer casts a loaded state to its weight's dtype: a stand-in's is fp32, so the state stays.
                 opt.load_state_dict(state)
-                p.data = stored
             for i, c in compensation.items():
                 self.compensation[i].copy_(c)
             self.steps.update(steps)
             # Loading gives each optimizer new group dicts.
-            self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
+            self.param_groups = [g for opt in optimizers for g in opt.param_groups]
 
     return ParamwiseOptimizer
