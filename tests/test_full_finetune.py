@@ -268,3 +268,38 @@ def test_the_loop_steps_in_the_last_micro_batch_backward_as_the_plain_step_does(
     assert plain.keys() == fused.keys()
     for name, w in plain.items():
         assert w.dtype == torch.bfloat16 and torch.equal(fused[name], w), name
+
+
+def test_out_of_memory_after_weights_stepped_in_backward_fails_the_attempt(tokenized_run, tmp_path, monkeypatch):
+    """Before any weight stepped the step is redone smaller in the process, as always; after, redoing it would
+    step those weights twice, so the error ends the attempt (the flow's next one resumes from a checkpoint)."""
+    import json
+
+    from leantune.training import loop
+    from tests.run_helpers import new_run
+
+    real = loop._forward_backward
+
+    def out_of_memory_at(step_k):
+        def forward_backward(run, share, k, targets, tokens):
+            if (run.state.step + 1, k) == step_k and run.controller.micro_batch_size == 4:
+                # Out of memory at the end of the micro-batch: its backward ran (k 1: and stepped every weight).
+                real(run, share, k, targets, tokens)
+                assert run.optimizer.stepped == (len(run.trainable) if k == 1 else 0)
+                raise torch.OutOfMemoryError(f"injected at step {step_k[0]}, micro-batch {k}")
+            return real(run, share, k, targets, tokens)
+        return forward_backward
+
+    common = ["model.method=full", "lora.target_modules=all-linear", "model.dtype=bf16",
+              "train.full_precision=bf16-stochastic", "train.max_grad_norm=null", "train.optimizer_in_backward=true",
+              "train.max_steps=2", "train.eval_every=1000", "checkpoint.every_steps=1000"]
+    cfg, run_dir = new_run(tokenized_run, tmp_path, *common, name="before")
+    monkeypatch.setattr(loop, "_forward_backward", out_of_memory_at((2, 0)))
+    assert loop.train(cfg, run_dir)["completed"]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["old"], e["new"]) for e in events if e.get("event") == "micro_batch"] == [(2, 4, 2)]
+
+    cfg, run_dir = new_run(tokenized_run, tmp_path, *common, name="after")
+    monkeypatch.setattr(loop, "_forward_backward", out_of_memory_at((2, 1)))
+    with pytest.raises(torch.OutOfMemoryError, match="injected at step 2, micro-batch 1"):
+        loop.train(cfg, run_dir)

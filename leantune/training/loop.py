@@ -446,6 +446,8 @@ def _forward_backward(run: _Run, share: list[dict], k: int, targets: int, tokens
     """Forward and backward of micro-batch k of `share`, its loss scaled to the global batch's targets.
     Returns its cross-entropy sum (detached) and, MoE, (router loss, expert counts) or None."""
     mb = run.controller.micro_batch_size
+    if run.cfg.train.optimizer_in_backward:  # the step runs in the last micro-batch's backward
+        run.optimizer.arm("step" if k == run.controller.accumulation_steps - 1 else "keep")
     micro = share[k * mb:(k + 1) * mb]
     inputs, labels = model_inputs(micro, run.train_shards.pad_id, run.mask_dtype, run.one_row, run.device)
     if run.moe is not None:
@@ -459,8 +461,6 @@ def _forward_backward(run: _Run, share: list[dict], k: int, targets: int, tokens
         aux, counts = run.moe.finish(token_segments([len(it["input_ids"]) for it in micro], width), len(micro))
         objective = objective + run.aux_coef * aux / tokens
         moe_part = (aux.detach(), counts)
-    if run.cfg.train.optimizer_in_backward:  # the step runs in the last micro-batch's backward
-        run.optimizer.arm("step" if k == run.controller.accumulation_steps - 1 else "keep")
     run.scaler.scale(objective).backward()
     return micro_ce.detach(), moe_part
 

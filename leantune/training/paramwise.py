@@ -113,9 +113,9 @@ def _optimizer_class():
             self.stepped += 1
 
         def take_grad_norm(self) -> float:
-            """The norm of the gradients stepped in backward since the last call."""
+            """The norm of the gradients stepped in backward since the last call, which ends the step."""
             norm = 0.0 if self._grad_sq is None else float(self._grad_sq) ** 0.5
-            self._grad_sq = None
+            self._grad_sq, self.stepped = None, 0
             return norm
 
         def _step_weight(self, index: int) -> None:
