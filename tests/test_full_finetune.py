@@ -303,3 +303,40 @@ def test_out_of_memory_after_weights_stepped_in_backward_fails_the_attempt(token
     monkeypatch.setattr(loop, "_forward_backward", out_of_memory_at((2, 1)))
     with pytest.raises(torch.OutOfMemoryError, match="injected at step 2, micro-batch 1"):
         loop.train(cfg, run_dir)
+
+
+def test_the_loop_stopped_and_resumed_ends_bitwise_as_an_uninterrupted_run(tokenized_run, tmp_path):
+    """Kahan compensation, 8-bit state and the step in backward through the loop's own checkpoint and resume."""
+    import json
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from leantune.testing import loop_hooks
+    from leantune.training.loop import train as train_loop
+    from tests.run_helpers import new_run
+
+    settings = ["model.method=full", "lora.target_modules=all-linear", "model.dtype=bf16",
+                "train.full_precision=bf16-kahan", "train.optimizer=adamw_8bit", "train.max_grad_norm=null",
+                "train.optimizer_in_backward=true", "train.max_steps=3", "train.eval_every=1000",
+                "checkpoint.every_steps=1000"]
+    cfg, straight = new_run(tokenized_run, tmp_path, *settings, name="straight")
+    train_loop(cfg, straight)
+    cfg, run_dir = new_run(tokenized_run, tmp_path, *settings, name="stopped")
+
+    def sigterm_after_step_2(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with loop_hooks(headroom=sigterm_after_step_2):
+        assert train_loop(cfg, run_dir)["steps"] == 2
+    resumed = train_loop(cfg, run_dir)
+    assert resumed["completed"] and resumed["resumed_from_step"] == 2
+    a, b = load_file(run_dir / "adapter" / "model.safetensors"), load_file(straight / "adapter" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+
+    def losses(path):
+        return [m["loss"] for m in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+    assert losses(run_dir) == losses(straight)
