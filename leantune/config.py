@@ -620,6 +620,18 @@ def full_finetune_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def method_values(cfg: RunConfig, method: str) -> dict:
+    """The settings that move `cfg` to model.method `method`: leaving full fine-tuning also resets the settings
+    only it takes (train.full_precision, train.optimizer_in_backward), which LoRA and QLoRA refuse."""
+    values: dict = {"model.method": method}
+    if method != "full":
+        if cfg.train.full_precision != "fp32":
+            values["train.full_precision"] = "fp32"
+        if cfg.train.optimizer_in_backward:
+            values["train.optimizer_in_backward"] = False
+    return values
+
+
 def moe_config_problems(cfg: RunConfig) -> list[str]:
     """What PEFT 0.21 and transformers 5.x cannot do with Mixture-of-Experts weights, found before a model loads."""
     problems = []

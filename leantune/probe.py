@@ -75,7 +75,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 
-from leantune.config import RunConfig, compute_dtype, divisors, with_values
+from leantune.config import RunConfig, compute_dtype, divisors, method_values, with_values
 from leantune.gguf import model_source
 from leantune.tables import markdown_table
 from leantune.training.loss import CHUNK_LOGITS
@@ -421,7 +421,7 @@ class StartPlan:
 
     def apply(self, cfg: RunConfig) -> RunConfig:
         """`cfg` with the plan's method, micro-batch and gradient checkpointing."""
-        return with_values(cfg, {"model.method": self.method, "train.micro_batch_size": self.micro_batch_size,
+        return with_values(cfg, {**method_values(cfg, self.method), "train.micro_batch_size": self.micro_batch_size,
                                  "model.gradient_checkpointing": self.gradient_checkpointing})
 
     def markdown(self) -> str:
@@ -453,7 +453,7 @@ def plan_start(cfg: RunConfig, shape: ModelShape, free_bytes: int, device_type: 
     for method in methods:
         for gc in checkpointing:
             for micro in micro_sizes:
-                trial = with_values(cfg, {"model.method": method, "model.gradient_checkpointing": gc,
+                trial = with_values(cfg, {**method_values(cfg, method), "model.gradient_checkpointing": gc,
                                           "train.micro_batch_size": micro})
                 candidate = (method, micro, gc, estimate_for_config(trial, shape, device_type))
                 if candidate[3].total <= budget:
@@ -468,6 +468,10 @@ def _plan(cfg: RunConfig, candidate: tuple, free_bytes: int, budget: int, fits: 
         ("model.gradient_checkpointing", cfg.model.gradient_checkpointing, gc),
         ("model.method", cfg.model.method, method),
     ) if old != new]
+    # Leaving full fine-tuning resets the settings only it takes.
+    only_full = {"train.full_precision": cfg.train.full_precision,
+                 "train.optimizer_in_backward": cfg.train.optimizer_in_backward}
+    changes += [f"{key}: {only_full[key]} -> {new}" for key, new in method_values(cfg, method).items() if key in only_full]
     return StartPlan(method=method, micro_batch_size=micro, gradient_checkpointing=gc, estimate=estimate,
                      free_bytes=free_bytes, budget_bytes=budget, fits=fits, changes=changes)
 

@@ -340,3 +340,31 @@ def test_the_loop_stopped_and_resumed_ends_bitwise_as_an_uninterrupted_run(token
         return [m["loss"] for m in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
 
     assert losses(run_dir) == losses(straight)
+
+
+# ------------------------------------------------------------------------ lighter methods leave the options
+
+
+def test_moving_a_bf16_full_fine_tune_to_lora_resets_what_only_full_takes():
+    """The start plan and the attempts' ladder move full -> lora; LoRA refuses train.full_precision and
+    train.optimizer_in_backward, so the move resets them (and says so) instead of failing validation."""
+    from leantune.attempts import AttemptReport, adjust
+    from leantune.probe import GIB, plan_start
+
+    cfg = load_config(overrides=[*FULL, *BF16, "train.full_precision=bf16-kahan", *IN_BACKWARD,
+                                 "model.gradient_checkpointing=true", "train.global_batch_size=2",
+                                 "train.micro_batch_size=1"])
+    only_full = ["train.full_precision: bf16-kahan -> fp32", "train.optimizer_in_backward: True -> False"]
+    lora = estimate_for_config(load_config(overrides=[*FULL, *BF16, "model.method=lora", "train.global_batch_size=2",
+                                                       "train.micro_batch_size=1", "model.gradient_checkpointing=true"]),
+                               model_shape(cfg), "cpu")
+    plan = plan_start(cfg, model_shape(cfg), int(lora.total / cfg.monitor.memory_high_fraction) + 1, "cpu")
+    assert (plan.method, plan.fits) == ("lora", True)
+    assert plan.changes == ["model.method: full -> lora", *only_full]
+    applied = plan.apply(cfg)
+    assert (applied.model.method, applied.train.full_precision, applied.train.optimizer_in_backward) == (
+        "lora", "fp32", False)
+    assert plan_start(cfg, model_shape(cfg), 64 * GIB, "cpu").changes == []
+
+    moved = adjust(cfg, AttemptReport(attempt=1, outcome="oom", micro_batch_size=1, device_type="cuda"))
+    assert moved.changes == ["model.method: full -> lora", *only_full] and not moved.resume
