@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _answer(args) -> list[dict]:
-    from leantune.config import load_config, with_values
+    from leantune.config import load_config, method_values, with_values
     from leantune.probe import GIB, estimate_for_config, model_shape
 
     cfg = load_config(args.config)
@@ -320,8 +320,10 @@ def _answer(args) -> list[dict]:
     count = parse_count(model)
     if count is None:
         changes["model.name_or_path"] = model
-    for key, value in (("model.method", args.method), ("tokenize.max_seq_len", args.seq_len),
-                       ("train.epochs", args.epochs), ("model.gradient_checkpointing", args.gradient_checkpointing)):
+    if args.method is not None:  # leaving full fine-tuning also resets the settings only it takes
+        changes.update(method_values(cfg, args.method))
+    for key, value in (("tokenize.max_seq_len", args.seq_len), ("train.epochs", args.epochs),
+                       ("model.gradient_checkpointing", args.gradient_checkpointing)):
         if value is not None:
             changes[key] = value
     cfg = with_values(cfg, changes)

@@ -169,6 +169,10 @@ def test_cli_memory_check_of_the_8b_full_fine_tune_config(capsys, tmp_path):
                  "RTX 4090", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["fits"] for r in rows] == ["no (20.7 GiB)", "yes (20.7 GiB)"]
+    # --method lora leaves the full fine-tune's own settings behind: LoRA of the same model on its bf16 base.
+    assert main(["--config", config, "--model", str(tmp_path), "--tokens", "20M", "--gpu", "RTX 4090",
+                 "--method", "lora", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["fits"] == "yes (18.9 GiB)"
     assert main(["--tokens", "20M"]) == 2
     assert "--model: required without --config" in capsys.readouterr().err
 
