@@ -28,9 +28,10 @@ def build(*overrides, weights=None):
     return cfg, model, build_optimizer(cfg, model)
 
 
-def train(cfg, model, optimizer, steps: int = 3) -> list[float]:
+def train(cfg, model, optimizer, steps: int = 3, scheduler=None) -> list[float]:
     """`steps` optimizer steps on the test batch as the loop takes them: forward under autocast in model.dtype,
-    backward (which steps the weights with train.optimizer_in_backward), optimizer.step(), zero_grad."""
+    backward (which steps the weights with train.optimizer_in_backward), optimizer.step(), the lr schedule's
+    step when given, zero_grad."""
     inputs, labels = batch(packed=True)
     losses = []
     for _ in range(steps):
@@ -40,6 +41,8 @@ def train(cfg, model, optimizer, steps: int = 3) -> list[float]:
         # In backward, every weight stepped and its gradient went; otherwise every one has its gradient.
         assert all((p.grad is None) == cfg.train.optimizer_in_backward for p in model.parameters())
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return losses
@@ -85,12 +88,18 @@ def test_a_bf16_weight_stepped_in_chunks_equals_it_stepped_whole(monkeypatch):
 
 
 def test_the_step_in_backward_in_fp32_equals_the_plain_adamw_within_rounding():
-    cfg, model, optimizer = build()
+    from leantune.training.optim import build_scheduler
+
+    cfg, model, optimizer = build("train.weight_decay=0.1")
     assert isinstance(optimizer, torch.optim.AdamW)  # the plain path: one AdamW over every weight
     start = weights(model)
-    losses = train(cfg, model, optimizer)
-    cfg_b, model_b, optimizer_b = build(*IN_BACKWARD, weights=start)
-    assert train(cfg_b, model_b, optimizer_b) == pytest.approx(losses, rel=1e-6)
+    # The warm-up changes the lr at every step: the schedule must reach every weight's own optimizer.
+    losses = train(cfg, model, optimizer, scheduler=build_scheduler(cfg, optimizer, 10))
+    cfg_b, model_b, optimizer_b = build("train.weight_decay=0.1", *IN_BACKWARD, weights=start)
+    scheduler_b = build_scheduler(cfg_b, optimizer_b, 10)
+    assert train(cfg_b, model_b, optimizer_b, scheduler=scheduler_b) == pytest.approx(losses, rel=1e-6)
+    inner = {g["lr"] for opt in optimizer_b._optimizers() for g in opt.param_groups}
+    assert inner == {scheduler_b.get_last_lr()[0]} and inner.pop() == pytest.approx(4 / 11 * 1e-3)  # warm-up step 4
     for name, w in weights(model).items():
         # torch's multi-tensor AdamW against its one-tensor one: the same sums, rounded in another order.
         torch.testing.assert_close(weights(model_b)[name], w, rtol=1e-6, atol=1e-7, msg=name)
