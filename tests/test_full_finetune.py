@@ -59,7 +59,8 @@ def weights(model) -> dict:
     ["train.full_precision=bf16-stochastic", *BF16],
     ["train.full_precision=bf16-kahan", *BF16],
     ["train.full_precision=bf16-stochastic", *BF16, "train.optimizer=adamw_8bit"],
-], ids=["bf16-stochastic", "bf16-kahan", "bf16-stochastic-adamw_8bit"])
+    ["train.full_precision=bf16-kahan", *BF16, "model.gradient_checkpointing=true"],
+], ids=["bf16-stochastic", "bf16-kahan", "bf16-stochastic-adamw_8bit", "bf16-kahan-checkpointing"])
 def test_the_step_in_backward_equals_the_step_after_it_bitwise(overrides):
     cfg, model, optimizer = build(*overrides)
     start = weights(model)
