@@ -596,11 +596,13 @@ def full_finetune_problems(cfg: RunConfig) -> list[str]:
     """train.full_precision and train.optimizer_in_backward against the settings they need."""
     problems, t, m = [], cfg.train, cfg.model
     if t.full_precision != "fp32" and m.method != "full":
-        problems.append(f"train.full_precision: {t.full_precision} is for model.method=full (model.method {m.method} stores its "
-                        "frozen weights in model.dtype already); remove it or use model.method=full")
+        problems.append(f"train.full_precision: {t.full_precision} is for model.method=full (model.method "
+                        f"{m.method} stores its frozen weights in model.dtype already); remove it or use "
+                        "model.method=full")
     if t.full_precision != "fp32" and m.dtype in ("fp16", "fp32"):
-        problems.append(f"train.full_precision: {t.full_precision} stores bf16 weights, which need bf16 compute, not model.dtype {m.dtype}; set "
-                        "model.dtype=bf16 (or auto on a bf16 GPU) or train.full_precision=fp32")
+        problems.append(f"train.full_precision: {t.full_precision} stores bf16 weights, which need bf16 compute, "
+                        f"not model.dtype {m.dtype}; set model.dtype=bf16 (or auto on a bf16 GPU) or "
+                        "train.full_precision=fp32")
     if not t.optimizer_in_backward:
         return problems
     if m.method != "full":

@@ -1,8 +1,8 @@
 """The model: a hub id, a local directory, or the offline tiny "scratch" Llama; LoRA, QLoRA or full.
 
 Precision contract with the training loop: `resolve_precision` gives the compute dtype. Trainable
-weights are fp32 (full fine-tuning keeps fp32 master weights unless train.full_precision=bf16, which
-stores them in bf16 and rounds each step's fp32 result with Kahan summation or stochastically,
+weights are fp32 (full fine-tuning keeps fp32 master weights unless train.full_precision is
+bf16-kahan or bf16-stochastic, which store them in bf16 and round each step's fp32 result back,
 training/paramwise.py; PEFT keeps adapters in fp32);
 frozen base weights of LoRA/QLoRA are stored in the compute dtype (or 4-bit) to save memory. The
 loop runs forward under `torch.autocast(device.type, dtype=precision)` when the precision is not

@@ -471,7 +471,8 @@ def _plan(cfg: RunConfig, candidate: tuple, free_bytes: int, budget: int, fits: 
     # Leaving full fine-tuning resets the settings only it takes.
     only_full = {"train.full_precision": cfg.train.full_precision,
                  "train.optimizer_in_backward": cfg.train.optimizer_in_backward}
-    changes += [f"{key}: {only_full[key]} -> {new}" for key, new in method_values(cfg, method).items() if key in only_full]
+    changes += [f"{key}: {only_full[key]} -> {new}" for key, new in method_values(cfg, method).items()
+                if key in only_full]
     return StartPlan(method=method, micro_batch_size=micro, gradient_checkpointing=gc, estimate=estimate,
                      free_bytes=free_bytes, budget_bytes=budget, fits=fits, changes=changes)
 
