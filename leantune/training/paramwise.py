@@ -50,7 +50,7 @@ def paramwise_optimizer(weights: list[tuple[object, float]], make, *, rounding: 
 def stochastic_round(exact, seed: int):
     """`exact` (fp32) rounded to bf16 up or down at random, P(up) = the distance to the lower neighbour over the
     gap: 16 random bits added to the low half of its bit pattern, then cut off (for a negative number the bits
-    are its magnitude's, so it rounds symmetrically)."""
+    are its magnitude's, so it rounds symmetrically). `exact` is overwritten."""
     import torch
 
     generator = torch.Generator(device=exact.device).manual_seed(seed)
