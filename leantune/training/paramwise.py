@@ -74,7 +74,7 @@ def _optimizer_class():
         def __init__(self, weights, make, *, rounding: str, seed: int, in_backward: bool):
             params = [p for p, _ in weights]
             super().__init__(params, {})
-            self.weights, self.rounding, self.seed = params, rounding, seed
+            self.weights, self.seed = params, seed
             # Per weight, [(start, end, stand-in, optimizer)]: a bf16 weight is stepped STEP_CHUNK elements at a
             # time through a stand-in tensor that holds the chunk in fp32 during its step; an fp32 weight is
             # stepped whole by its own optimizer (start None).
@@ -92,11 +92,11 @@ def _optimizer_class():
             # By index of the weight, bf16 weights only: what rounding lost (kahan); steps taken (stochastic).
             self.compensation = {i: torch.zeros_like(params[i]) for i in bf16} if rounding == "kahan" else {}
             self.steps = dict.fromkeys(bf16, 0) if rounding == "stochastic" else {}
-            self.in_backward, self.mode = in_backward, "step"
-            self.stepped = 0  # weights stepped in backward since `arm`
+            self.mode = "step"
+            self.stepped = 0  # weights whose step began in backward since `arm`
             self._grad_sq = None
-            self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._hook, i))
-                           for i, p in enumerate(params)] if in_backward else []
+            for i, p in enumerate(params if in_backward else []):
+                p.register_post_accumulate_grad_hook(functools.partial(self._hook, i))
 
         def arm(self, mode: str) -> None:
             """What the next backward does with each gradient (optimizer in backward): 'step', 'keep', 'drop'."""
@@ -109,8 +109,8 @@ def _optimizer_class():
                 return
             norm_sq = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
             self._grad_sq = norm_sq if self._grad_sq is None else self._grad_sq + norm_sq
+            self.stepped += 1  # before the step: one that fails halfway has changed the weight too
             self._step_weight(index)
-            self.stepped += 1
 
         def take_grad_norm(self) -> float:
             """The norm of the gradients stepped in backward since the last call, which ends the step."""
