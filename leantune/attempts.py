@@ -39,7 +39,7 @@ import csv
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from leantune.config import RunConfig, largest_divisor, with_values
+from leantune.config import RunConfig, largest_divisor, method_values, with_values
 from leantune.failures import AttemptFailed, classify
 from leantune.metrics import event_of, read_metrics
 from leantune.resume import resume_fingerprint
@@ -175,7 +175,7 @@ def _memory_rung(cfg: RunConfig, report: AttemptReport, allow_fresh_start: bool)
     if not allow_fresh_start:
         return None
     if cfg.model.method == "full":
-        return {"model.method": "lora"}
+        return method_values(cfg, "lora")
     if cfg.model.method == "lora" and report.device_type == "cuda":
         return {"model.method": "qlora"}
     if cfg.tokenize.max_seq_len > MIN_SEQ_LEN:

@@ -305,7 +305,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps before the schedule.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Gradient clipping norm; null: no clipping (metrics.jsonl still reports the norm).")
     router_aux_loss_coef: float | None = Field(
         None, ge=0,
         description="Mixture-of-Experts: weight of the router's load-balancing loss added to the training loss; "
@@ -315,7 +316,31 @@ class TrainConfig(Section):
         "Dense models have no router and ignore it.",
     )
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
-        "adamw", description="Optimizer; the 8-bit and paged ones come from bitsandbytes."
+        "adamw", description="Optimizer: torch's AdamW (two fp32 states, 8 bytes per trained weight), or bitsandbytes' "
+        "8-bit AdamW (2 bytes; weights under 4096 elements keep fp32 states); the paged one keeps its state in CUDA "
+        "unified memory, which spills to host RAM when the GPU runs short (the memory estimate counts it on the host)."
+    )
+    full_precision: Literal["fp32", "bf16-kahan", "bf16-stochastic"] = Field(
+        "fp32", description="model.method=full: how the weights and their gradients are stored. fp32: fp32 master "
+        "weights, autocast computes in model.dtype (weights, gradients and AdamW state: 16 bytes per weight). The "
+        "bf16 ones store weights and gradients in bf16 (they need model.dtype=bf16, or auto on a bf16 GPU); the "
+        "optimizer keeps its state as train.optimizer does (fp32 for adamw) and steps each weight in fp32, then "
+        "rounds it to bf16 so that updates under bf16's resolution are not lost (leantune/training/paramwise.py): "
+        "bf16-kahan keeps what rounding lost in a bf16 compensation buffer and adds it back at the next step (Kahan "
+        "summation: close to the fp32 run, 2 bytes more per weight); bf16-stochastic rounds up or down at random "
+        "with the probabilities that keep the expected weight exact (no extra memory). Weights, gradients and "
+        "state: 12 bytes per weight with AdamW, 6 with 8-bit AdamW, 4 on the GPU with the paged one (host RAM holds "
+        "its state); train.optimizer_in_backward takes the gradients' 2 off.",
+    )
+    optimizer_in_backward: bool = Field(
+        False, description="model.method=full: step each weight in backward as soon as its gradient is ready "
+        "(torch's post-accumulate-grad hook, one optimizer per weight, as torchtune does) and free that gradient, so "
+        "that the gradients of the whole model never exist at once. Needs train.max_grad_norm=null (clipping needs "
+        "every gradient first) and one training process. With gradient accumulation (micro_batch_size below "
+        "global_batch_size) the earlier micro-batches accumulate as usual and the step runs in the last one's "
+        "backward, so the memory saving is only there without accumulation; an out-of-memory error after the first "
+        "weights stepped cannot be redone in the process and fails the attempt (the flow's next attempt resumes "
+        "from the last checkpoint).",
     )
     compile: Literal["off", "default", "max-autotune-no-cudagraphs"] = Field(
         "off", description="torch.compile the model's decoder (TorchInductor, dynamic shapes; training/loss.py): "
@@ -527,6 +552,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     if cfg.model.method == "full" and cfg.lora.target_modules != "all-linear":
         problems.append("lora.target_modules: set but model.method is 'full', which trains every weight; "
                         "remove lora.target_modules or use method 'lora'")
+    problems += full_finetune_problems(cfg)
     d = t.distributed
     if d.nnodes > 1 and not d.rdzv_endpoint:
         problems.append("train.distributed.rdzv_endpoint: required when train.distributed.nnodes is above 1; give "
@@ -571,6 +597,48 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"data.sources: two sources are both named '{name}'; give them distinct 'name's")
     return problems
+
+
+def full_finetune_problems(cfg: RunConfig) -> list[str]:
+    """train.full_precision and train.optimizer_in_backward against the settings they need."""
+    problems, t, m = [], cfg.train, cfg.model
+    if t.full_precision != "fp32" and m.method != "full":
+        problems.append(f"train.full_precision: {t.full_precision} is for model.method=full (model.method "
+                        f"{m.method} stores its frozen weights in model.dtype already); remove it or use "
+                        "model.method=full")
+    if t.full_precision != "fp32" and m.dtype in ("fp16", "fp32"):
+        problems.append(f"train.full_precision: {t.full_precision} stores bf16 weights, which need bf16 compute, "
+                        f"not model.dtype {m.dtype}; set model.dtype=bf16 (or auto on a bf16 GPU) or "
+                        "train.full_precision=fp32")
+    if not t.optimizer_in_backward:
+        return problems
+    if m.method != "full":
+        problems.append(f"train.optimizer_in_backward: only for model.method=full (model.method {m.method} trains "
+                        "few weights, whose gradients cost little); set it to false or use model.method=full")
+    if t.max_grad_norm is not None:
+        problems.append(f"train.max_grad_norm: {t.max_grad_norm} clips with the norm of every gradient, but "
+                        "train.optimizer_in_backward steps each weight before the others' gradients exist; set "
+                        "train.max_grad_norm=null or train.optimizer_in_backward=false")
+    if t.distributed.nproc_per_node * t.distributed.nnodes > 1:
+        problems.append("train.optimizer_in_backward: data parallel sums the gradients after backward, when they "
+                        "are stepped and gone; set train.distributed.nproc_per_node=1 and nnodes=1, or "
+                        "train.optimizer_in_backward=false")
+    if m.dtype == "fp16":
+        problems.append("train.optimizer_in_backward: fp16 loss scaling must check every gradient for overflow "
+                        "before any step; use model.dtype=bf16 or train.optimizer_in_backward=false")
+    return problems
+
+
+def method_values(cfg: RunConfig, method: str) -> dict:
+    """The settings that move `cfg` to model.method `method`: leaving full fine-tuning also resets the settings
+    only it takes (train.full_precision, train.optimizer_in_backward), which LoRA and QLoRA refuse."""
+    values: dict = {"model.method": method}
+    if method != "full":
+        if cfg.train.full_precision != "fp32":
+            values["train.full_precision"] = "fp32"
+        if cfg.train.optimizer_in_backward:
+            values["train.optimizer_in_backward"] = False
+    return values
 
 
 def moe_config_problems(cfg: RunConfig) -> list[str]:

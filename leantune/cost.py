@@ -2,6 +2,7 @@
 
     python -m leantune.cost --model 8B --tokens 20M --method qlora          # every GPU in the catalogue
     python -m leantune.cost --model Qwen/Qwen2.5-0.5B-Instruct --gpu "RTX 4060" --tokens 5M
+    python -m leantune.cost --config configs/llama-3.1-8b-full.yaml --tokens 20M  # the config's model
 
 The GPU catalogue is leantune/gpus.yaml (peak tensor throughput, memory, board power, hourly
 price); edit it or pass --catalogue.
@@ -268,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m leantune.cost",
                                 description="Estimate the time, energy and cost of a fine-tuning run on one GPU "
                                 "(the formula is in leantune/cost.py's docstring).")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help="a parameter count (8B, 500M), a local model directory or a cached hub id (its config.json "
-                   "gives layers and widths too, and the memory check), or 'scratch' (with --config)")
+                   "gives layers and widths too, and the memory check), or 'scratch' (with --config); default: "
+                   "the --config's model.name_or_path")
     p.add_argument("--active", help="with a parameter count for --model: the parameters active per token of a "
                    "Mixture-of-Experts, e.g. --model 46.7B --active 12.9B (a model directory gives them itself)")
     p.add_argument("--tokens", required=True, help="training tokens per epoch, e.g. 20M")
@@ -306,16 +308,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _answer(args) -> list[dict]:
-    from leantune.config import load_config, with_values
+    from leantune.config import load_config, method_values, with_values
     from leantune.probe import GIB, estimate_for_config, model_shape
 
     cfg = load_config(args.config)
+    model = args.model or (cfg.model.name_or_path if args.config else None)
+    if model is None:
+        raise UserError("--model: required without --config; give a parameter count such as 8B, a model directory "
+                        "or a hub id")
     changes = {}
-    count = parse_count(args.model)
+    count = parse_count(model)
     if count is None:
-        changes["model.name_or_path"] = args.model
-    for key, value in (("model.method", args.method), ("tokenize.max_seq_len", args.seq_len),
-                       ("train.epochs", args.epochs), ("model.gradient_checkpointing", args.gradient_checkpointing)):
+        changes["model.name_or_path"] = model
+    if args.method is not None:  # leaving full fine-tuning also resets the settings only it takes
+        changes.update(method_values(cfg, args.method))
+    for key, value in (("tokenize.max_seq_len", args.seq_len), ("train.epochs", args.epochs),
+                       ("model.gradient_checkpointing", args.gradient_checkpointing)):
         if value is not None:
             changes[key] = value
     cfg = with_values(cfg, changes)
@@ -324,7 +332,7 @@ def _answer(args) -> list[dict]:
         raise UserError(f"--tokens: {args.tokens!r} is not a count; write e.g. 20M or 1500000")
     shape = None if count is not None else model_shape(cfg)
     if count is None and shape is None:
-        raise UserError(f"--model: cannot read the config of {args.model!r} here (no network to the hub?); give "
+        raise UserError(f"--model: cannot read the config of {model!r} here (no network to the hub?); give "
                         "a local directory, or its parameter count such as 8B")
     active = count
     if args.active:
@@ -332,7 +340,7 @@ def _answer(args) -> list[dict]:
         if count is None:
             raise UserError("--active: only with a parameter count for --model; a model's config gives its own")
         if active is None or active > count:
-            raise UserError(f"--active: {args.active!r} is not a count up to --model's {args.model}; write e.g. 12.9B")
+            raise UserError(f"--active: {args.active!r} is not a count up to --model's {model}; write e.g. 12.9B")
     work = workload_from_config(cfg, int(tokens * cfg.train.epochs), shape) if shape else Workload(
         params=active, tokens=int(tokens * cfg.train.epochs), seq_len=cfg.tokenize.max_seq_len,
         method=cfg.model.method, gradient_checkpointing=cfg.model.gradient_checkpointing)

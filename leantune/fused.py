@@ -16,8 +16,15 @@ LoRA's. Here the MLP keeps gate(x) and up(x) only, and backward recomputes the s
 (elementwise, cheap beside the matmuls): Liger Kernel's SwiGLU, and with LoRA on down_proj, its
 input too.
 
+**Precision.** The adapter's matmuls run in the compute dtype: autocast's (bf16 or fp16) where it is
+on, as peft's do under the training loop's autocast, else the wider of the input's and the adapter's
+dtype (peft casts the input to the adapter's). What a layer keeps for backward (its input, the rank-r
+intermediate) is in that dtype, and backward multiplies in it too, with no fp32 copy of the input or of
+the incoming gradient; the adapter weights' gradients are cast to their own dtype (fp32) before they
+are accumulated, as autocast's do.
+
 Gradients equal peft's and transformers' within float rounding for the same dropout mask
-(tests/test_fused.py). A layer whose base is not a plain nn.Linear (bitsandbytes' 4-bit layers,
+(tests/test_fused.py: fp32, and bf16 under autocast). A layer whose base is not a plain nn.Linear (bitsandbytes' 4-bit layers,
 GPT-2's Conv1D), that uses DoRA or a LoRA bias, or that runs merged, disabled, with several adapters
 or without gradients keeps peft's own forward (down_proj then gets the product as its input). The
 adapters stay peft's parameters: saving, loading and merging are unchanged.
@@ -80,6 +87,16 @@ def _lora_arguments(layer):
             layer.scaling[adapter], p)
 
 
+def _compute_dtype(x, lora_a):
+    """The dtype of the adapter's matmuls and of what it keeps: autocast's where it is on, else the wider of
+    x's and the adapter's."""
+    import torch
+
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, lora_a.dtype)
+
+
 def _lora_forward_method(self, x, *args, **kwargs):
     arguments = None if args or kwargs else _lora_arguments(self)
     if arguments is None:
@@ -116,9 +133,13 @@ def _apply_mask(x, keep):
 
 
 def _lora_forward(x, weight, bias, lora_a, lora_b, scaling, p):
-    """(output, rank-r intermediate, dropout keep mask or None, dropout scale) of
-    base(x) + (dropout(x) @ A.T @ B.T) * scaling."""
+    """(output, x in the compute dtype, rank-r intermediate, dropout keep mask or None, dropout scale) of
+    base(x) + (dropout(x) @ A.T @ B.T) * scaling; the adapter's part runs in `_compute_dtype`."""
     import torch.nn.functional as F
+
+    # The base reads x as it comes; the adapter reads (and backward keeps) x in the compute dtype: no copy
+    # where x has it already (bf16 under bf16 autocast).
+    base_x, x = x, x.to(_compute_dtype(x, lora_a))
 
     p_int = round(p * 2**RANDOM_BITS)
     keep = scale = None
@@ -129,34 +150,36 @@ def _lora_forward(x, weight, bias, lora_a, lora_b, scaling, p):
         keep = _keep_mask(x, p_int)
         scale = 2**RANDOM_BITS / (2**RANDOM_BITS - p_int)  # the kept elements' 1 / (1 - p)
     dropped = _apply_mask(x, keep)
-    low_rank = F.linear(dropped.to(lora_a.dtype), lora_a)
+    low_rank = F.linear(dropped, lora_a.to(x.dtype))
     del dropped
     if scale is not None:  # applied to the smallest tensor
         low_rank = low_rank * scale
-    out = F.linear(x, weight, bias)
-    lora_out = F.linear(low_rank, lora_b)
+    out = F.linear(base_x, weight, bias)
+    lora_out = F.linear(low_rank, lora_b.to(x.dtype))
     if lora_out.dtype == out.dtype:  # one fused multiply-add instead of a scaled copy and a sum
         out = out.add_(lora_out, alpha=scaling)
     else:
         out = out + lora_out.to(out.dtype) * scaling
-    return out, low_rank, keep, scale
+    return out, x, low_rank, keep, scale
 
 
 def _lora_backward(grad_out, x, weight, lora_a, lora_b, low_rank, scaling, keep, scale, needs):
-    """(grad x, grad A, grad B) of `_lora_forward`, each None where `needs` (x, A, B) says so."""
+    """(grad x, grad A, grad B) of `_lora_forward`, each None where `needs` (x, A, B) says so. The adapter's
+    matmuls run in the dtype forward kept the intermediate in; A's and B's gradients come out in theirs."""
 
-    grad_out_lora = grad_out.to(lora_b.dtype)
-    grad_low = grad_out_lora.matmul(lora_b) * (scaling if scale is None else scaling * scale)
+    dtype = low_rank.dtype
+    x, grad_out_lora = x.to(dtype), grad_out.to(dtype)  # no copies where they have it (bf16 autocast)
+    grad_low = grad_out_lora.matmul(lora_b.to(dtype)) * (scaling if scale is None else scaling * scale)
     grad_x = grad_a = grad_b = None
     if needs[2]:
-        grad_b = grad_out_lora.flatten(0, -2).T.matmul(low_rank.flatten(0, -2).to(lora_b.dtype)) * scaling
+        grad_b = grad_out_lora.flatten(0, -2).T.matmul(low_rank.flatten(0, -2)).to(lora_b.dtype) * scaling
     if needs[1]:
         dropped = _apply_mask(x, keep)
-        grad_a = grad_low.flatten(0, -2).T.matmul(dropped.flatten(0, -2).to(lora_a.dtype))
+        grad_a = grad_low.flatten(0, -2).T.matmul(dropped.flatten(0, -2)).to(lora_a.dtype)
         del dropped
     if needs[0]:
         # d dropout(x) / dx is the same mask and scale (the scale is in grad_low already).
-        grad_x = _apply_mask(grad_low.matmul(lora_a), keep)
+        grad_x = _apply_mask(grad_low.matmul(lora_a.to(dtype)), keep)
         grad_base = grad_out.to(weight.dtype).matmul(weight)
         if grad_x.dtype == grad_base.dtype == x.dtype:
             grad_x = grad_x.add_(grad_base)
@@ -189,7 +212,7 @@ def _functions():
 
         @staticmethod
         def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p):
-            out, low_rank, keep, ctx.dropout_scale = _lora_forward(x, weight, bias, lora_a, lora_b, scaling, p)
+            out, x, low_rank, keep, ctx.dropout_scale = _lora_forward(x, weight, bias, lora_a, lora_b, scaling, p)
             ctx.save_for_backward(x, weight, lora_a, lora_b, low_rank, keep)
             ctx.scaling = scaling
             return out
@@ -220,7 +243,7 @@ def _functions():
         @staticmethod
         def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling, p):
             h = F.silu(gate) * up
-            out, low_rank, keep, ctx.dropout_scale = _lora_forward(h, weight, bias, lora_a, lora_b, scaling, p)
+            out, _, low_rank, keep, ctx.dropout_scale = _lora_forward(h, weight, bias, lora_a, lora_b, scaling, p)
             ctx.save_for_backward(gate, up, weight, lora_a, lora_b, low_rank, keep)
             ctx.scaling = scaling
             return out

@@ -1,7 +1,9 @@
 """The model: a hub id, a local directory, or the offline tiny "scratch" Llama; LoRA, QLoRA or full.
 
 Precision contract with the training loop: `resolve_precision` gives the compute dtype. Trainable
-weights are always fp32 (full fine-tuning keeps fp32 master weights; PEFT keeps adapters in fp32);
+weights are fp32 (full fine-tuning keeps fp32 master weights unless train.full_precision is
+bf16-kahan or bf16-stochastic, which store them in bf16 and round each step's fp32 result back,
+training/paramwise.py; PEFT keeps adapters in fp32);
 frozen base weights of LoRA/QLoRA are stored in the compute dtype (or 4-bit) to save memory. The
 loop runs forward under `torch.autocast(device.type, dtype=precision)` when the precision is not
 fp32, with a GradScaler when it is fp16.
@@ -88,9 +90,16 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
     precision = resolve_precision(cfg, device)
     attention = resolve_attention(cfg, device, precision)
     method = cfg.model.method
-    # Full fine-tuning keeps fp32 master weights (autocast supplies the compute precision);
-    # LoRA's frozen base only needs to be read, so it is stored in the compute dtype.
-    storage = torch.float32 if method == "full" else precision
+    # Full fine-tuning keeps fp32 master weights (autocast supplies the compute precision), or bf16 ones
+    # (train.full_precision); LoRA's frozen base only needs to be read, so it is stored in the compute dtype.
+    bf16_weights = method == "full" and cfg.train.full_precision != "fp32"
+    storage = torch.bfloat16 if bf16_weights else torch.float32 if method == "full" else precision
+    if bf16_weights and precision != torch.bfloat16:
+        raise UserError(f"train.full_precision: {cfg.train.full_precision} weights need bf16 compute, and model.dtype "
+                        f"{cfg.model.dtype} is {precision} here; set model.dtype=bf16 or train.full_precision=fp32")
+    if cfg.train.optimizer_in_backward and precision == torch.float16:
+        raise UserError("train.optimizer_in_backward: fp16 loss scaling must check every gradient for overflow "
+                        "before any step, and model.dtype auto is fp16 here; set train.optimizer_in_backward=false")
 
     if cfg.model.name_or_path == SCRATCH:
         model = _build_scratch(cfg, tokenizer, attention)

@@ -8,14 +8,20 @@ width, V vocabulary. Per layer the linears are q (h->a), k and v (h->c), o (a->h
 Memory of a training step (bytes; p = 2 for bf16/fp16 compute, 4 for fp32):
 
   weights     full: every parameter in fp32 (4), plus the p-byte copies autocast makes of the
-              linear weights and keeps for backward when p < 4; lora: every parameter in p;
+              linear weights and keeps for backward when p < 4, or with train.full_precision
+              bf16-*: in bf16 (2), no copies; lora: every parameter in p;
               qlora: linear weights in 4-bit NF4, 0.5 byte plus the quantisation constants
               (one fp32 absmax per 64 weights = 0.0625, or with double quantisation an 8-bit
               absmax plus one fp32 per 256 blocks = 0.0159), and every other parameter in fp32
               (peft's prepare_model_for_kbit_training upcasts embeddings, head and norms).
   trainable   lora/qlora: r (in + out) per adapted linear, fp32 (4); full: the weights above.
-  gradients   4 per trainable parameter (fp32).
-  optimizer   AdamW: two fp32 states, 8 per trainable parameter; 8-bit AdamW: 2.
+  gradients   4 per trainable parameter (fp32); full with bf16 weights: 2. With
+              train.optimizer_in_backward and no accumulation (one micro-batch per step) each
+              gradient is stepped and freed as backward makes it: the largest parameter's only.
+  optimizer   AdamW: two fp32 states, 8 per trainable parameter; 8-bit AdamW: 2. Full fine-tuning
+              with the paged 8-bit AdamW on CUDA: the state lives in unified memory that spills to the
+              host, so the GPU needs the largest parameter's state only (`paged_host`: the whole
+              state, host memory, not in the total). bf16-kahan adds its bf16 compensation, 2.
   activations per token of the micro-batch (micro_batch_size x max_seq_len tokens), kept for
               backward; per layer:
                 attention (SDPA / flash): p (2a + 2c) for q, k, v and the output, 4 n_h for the
@@ -25,7 +31,8 @@ Memory of a training step (bytes; p = 2 for bf16/fp16 compute, 4 for fp32):
                 full fine-tune: p (2h + a + i) linear inputs and p 2h normalised outputs, for the
                   weight gradients
                 LoRA (fused, fused.py): each distinct input of the adapted linears once
-                  (q/k/v share one, gate/up another; down_proj's is recomputed), p per element,
+                  (q/k/v share one, gate/up another; down_proj's is recomputed), p per element (fused.py
+                  keeps them, and multiplies, in the compute dtype),
                   p r per adapted linear for the A output, and with dropout > 0 its keep mask (1 byte
                   per element of its input)
                 QLoRA (peft's forward): per adapted linear with input width n, dropout > 0 keeps its
@@ -42,6 +49,12 @@ Memory of a training step (bytes; p = 2 for bf16/fp16 compute, 4 for fp32):
               qlora adds one dequantised weight (the largest linear, in p) at a time.
   optimizer step on the CPU: torch's foreach AdamW makes one fp32 temporary per trainable
               parameter (CUDA uses the fused kernel); it does not coexist with the activations.
+              Full fine-tuning with one optimizer per weight (training/paramwise.py) steps one
+              weight at a time, a bf16 one in chunks of STEP_CHUNK elements: fp32 copies of the chunk
+              and of its gradient (8 per element, 12 with stochastic rounding's random bits), and
+              AdamW on the CPU one more fp32 temporary (4), for the largest chunk (fp32 weights: the
+              largest parameter); with train.optimizer_in_backward they coexist with the activations
+              (added to them).
 
   peak = weights + trainable + gradients + optimizer + max(activations, optimizer step temporary)
 
@@ -62,10 +75,11 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 
-from leantune.config import RunConfig, compute_dtype, divisors, with_values
+from leantune.config import RunConfig, compute_dtype, divisors, method_values, with_values
 from leantune.gguf import model_source
 from leantune.tables import markdown_table
 from leantune.training.loss import CHUNK_LOGITS
+from leantune.training.paramwise import STEP_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +158,14 @@ class ModelShape:
         return tuple(self.linears()) if self.is_moe else LLAMA_LINEARS
 
     @property
+    def largest_param(self) -> int:
+        """Elements of the largest single parameter: the embedding (or head), a linear, or a fused expert tensor."""
+        shapes = self.linears()
+        experts = [self.num_experts * n * m for n, m in self.expert_tensors().values()]
+        return max(self.vocab_size * self.hidden_size, *(shapes[n][0] * shapes[n][1] for n in self.linear_names),
+                   *experts)
+
+    @property
     def expert_params(self) -> int:
         """Routed experts of every layer: all of them are resident."""
         return self.num_layers * self.num_experts * sum(n * m for n, m in self.expert_tensors().values())
@@ -204,6 +226,7 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     optimizer_step: int
+    paged_host: int = 0  # the paged optimizer's state, in host memory when the GPU runs short: not in `total`
 
     @property
     def total(self) -> int:
@@ -214,15 +237,17 @@ class MemoryEstimate:
         return {**asdict(self), "total": self.total}
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in asdict(self).items() if v)
-        return f"{self.total / GIB:.2f} GiB ({parts})"
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in asdict(self).items() if v and k != "paged_host")
+        host = f"; paged optimizer state {self.paged_host / GIB:.2f} GiB on the host" if self.paged_host else ""
+        return f"{self.total / GIB:.2f} GiB ({parts}){host}"
 
 
 def estimate_memory(shape: ModelShape, *, method: str, compute_bytes: int, micro_batch_size: int, seq_len: int,
                     gradient_checkpointing: bool, lora_r: int = 16, lora_targets: list[str] | str = "all-linear",
                     lora_dropout: float = 0.0, optimizer: str = "adamw", device_type: str = "cuda",
                     attention: str = "sdpa", double_quant: bool = True, packed: bool = False,
-                    lora_target_parameters: list[str] = ()) -> MemoryEstimate:
+                    lora_target_parameters: list[str] = (), full_precision: str = "fp32",
+                    optimizer_in_backward: bool = False, accumulation_steps: int = 1) -> MemoryEstimate:
     """The peak memory of one training step; the formula is in the module docstring."""
     p = compute_bytes
     h, i, n_h = shape.hidden_size, shape.intermediate_size, shape.num_heads
@@ -230,7 +255,8 @@ def estimate_memory(shape: ModelShape, *, method: str, compute_bytes: int, micro
     shapes = shape.linears()
 
     if method == "full":
-        weights = shape.total_params * 4 + (shape.linear_params * p if p < 4 else 0)
+        w = 4 if full_precision == "fp32" else 2
+        weights = shape.total_params * w + (shape.linear_params * p if p < w else 0)
         trainable_params = shape.total_params
         trainable = 0  # the weights are the trainable parameters
     else:
@@ -281,10 +307,34 @@ def estimate_memory(shape: ModelShape, *, method: str, compute_bytes: int, micro
             n * m for n, m in (shape.expert_tensors()[t] for t in shape.adapted_experts(list(lora_target_parameters))))
         activations += merged * (4 if gradient_checkpointing else 2 * shape.num_layers + 2)
 
+    if method == "full" and (full_precision != "fp32" or optimizer_in_backward):
+        return _paramwise_estimate(shape, weights, activations, full_precision=full_precision, optimizer=optimizer,
+                                   device_type=device_type, in_backward=optimizer_in_backward,
+                                   accumulation_steps=accumulation_steps)
     return MemoryEstimate(
         weights=weights, trainable=trainable, gradients=trainable_params * 4,
         optimizer=trainable_params * OPTIMIZER_STATE_BYTES[optimizer], activations=activations,
         optimizer_step=trainable_params * 4 if device_type != "cuda" and optimizer == "adamw" else 0,
+    )
+
+
+def _paramwise_estimate(shape: ModelShape, weights: int, activations: int, *, full_precision: str, optimizer: str,
+                        device_type: str, in_backward: bool, accumulation_steps: int) -> MemoryEstimate:
+    """Full fine-tuning with one optimizer per weight (training/paramwise.py); see the module docstring."""
+    n, largest = shape.total_params, shape.largest_param
+    bf16 = full_precision != "fp32"
+    state = OPTIMIZER_STATE_BYTES[optimizer]
+    paged = optimizer == "paged_adamw_8bit" and device_type == "cuda"
+    # A bf16 weight steps STEP_CHUNK elements at a time; an fp32 one whole.
+    stepped = min(largest, STEP_CHUNK) if bf16 else largest
+    step = stepped * ((12 if full_precision == "bf16-stochastic" else 8) if bf16 else 0)
+    step += stepped * 4 if device_type != "cuda" and optimizer == "adamw" else 0
+    return MemoryEstimate(
+        weights=weights, trainable=0,
+        gradients=(largest if in_backward and accumulation_steps == 1 else n) * (2 if bf16 else 4),
+        optimizer=(largest if paged else n) * state + (2 * n if full_precision == "bf16-kahan" else 0),
+        activations=activations + (step if in_backward else 0), optimizer_step=0 if in_backward else step,
+        paged_host=n * state if paged else 0,
     )
 
 
@@ -309,6 +359,7 @@ def compute_bytes(cfg: RunConfig, device_type: str) -> int:
 
 def estimate_for_config(cfg: RunConfig, shape: ModelShape, device_type: str) -> MemoryEstimate:
     """`estimate_memory` with every setting from `cfg` (the longest sequence: tokenize.max_seq_len)."""
+    world = cfg.train.distributed.nproc_per_node * cfg.train.distributed.nnodes
     return estimate_memory(
         shape, method=cfg.model.method, compute_bytes=compute_bytes(cfg, device_type),
         micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.tokenize.max_seq_len,
@@ -316,7 +367,10 @@ def estimate_for_config(cfg: RunConfig, shape: ModelShape, device_type: str) -> 
         lora_targets=cfg.lora.target_modules, lora_dropout=cfg.lora.dropout, optimizer=cfg.train.optimizer,
         device_type=device_type, attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
         double_quant=cfg.model.double_quant, packed=cfg.tokenize.packing,
-        lora_target_parameters=cfg.lora.target_parameters,
+        lora_target_parameters=cfg.lora.target_parameters, full_precision=cfg.train.full_precision,
+        optimizer_in_backward=cfg.train.optimizer_in_backward,
+        # Micro-batches per step of each training process.
+        accumulation_steps=cfg.train.global_batch_size // (cfg.train.micro_batch_size * world),
     )
 
 
@@ -367,7 +421,7 @@ class StartPlan:
 
     def apply(self, cfg: RunConfig) -> RunConfig:
         """`cfg` with the plan's method, micro-batch and gradient checkpointing."""
-        return with_values(cfg, {"model.method": self.method, "train.micro_batch_size": self.micro_batch_size,
+        return with_values(cfg, {**method_values(cfg, self.method), "train.micro_batch_size": self.micro_batch_size,
                                  "model.gradient_checkpointing": self.gradient_checkpointing})
 
     def markdown(self) -> str:
@@ -399,7 +453,7 @@ def plan_start(cfg: RunConfig, shape: ModelShape, free_bytes: int, device_type: 
     for method in methods:
         for gc in checkpointing:
             for micro in micro_sizes:
-                trial = with_values(cfg, {"model.method": method, "model.gradient_checkpointing": gc,
+                trial = with_values(cfg, {**method_values(cfg, method), "model.gradient_checkpointing": gc,
                                           "train.micro_batch_size": micro})
                 candidate = (method, micro, gc, estimate_for_config(trial, shape, device_type))
                 if candidate[3].total <= budget:
@@ -414,6 +468,11 @@ def _plan(cfg: RunConfig, candidate: tuple, free_bytes: int, budget: int, fits: 
         ("model.gradient_checkpointing", cfg.model.gradient_checkpointing, gc),
         ("model.method", cfg.model.method, method),
     ) if old != new]
+    # Leaving full fine-tuning resets the settings only it takes.
+    only_full = {"train.full_precision": cfg.train.full_precision,
+                 "train.optimizer_in_backward": cfg.train.optimizer_in_backward}
+    changes += [f"{key}: {only_full[key]} -> {new}" for key, new in method_values(cfg, method).items()
+                if key in only_full]
     return StartPlan(method=method, micro_batch_size=micro, gradient_checkpointing=gc, estimate=estimate,
                      free_bytes=free_bytes, budget_bytes=budget, fits=fits, changes=changes)
 

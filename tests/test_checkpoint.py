@@ -49,11 +49,11 @@ def tiny_lora(cfg, adapter_seed):
 class Tied(torch.nn.Module):
     """A full-fine-tune stand-in whose output head shares the embedding's weight."""
 
-    def __init__(self):
+    def __init__(self, width: int = 8):
         super().__init__()
-        self.embed = torch.nn.Embedding(VOCAB, 8)
-        self.mid = torch.nn.Linear(8, 8)
-        self.head = torch.nn.Linear(8, VOCAB, bias=False)
+        self.embed = torch.nn.Embedding(VOCAB, width)
+        self.mid = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, VOCAB, bias=False)
         self.head.weight = self.embed.weight
 
     def forward(self, input_ids, labels):
@@ -193,6 +193,54 @@ def test_adamw_8bit_quantised_state_round_trips(tmp_path):
         "state"][0]["__bnb_optimizer_quant_state__"]["state1"])
     step(model2, opt2, sched2)
     assert_bitwise_equal(trainable(model2), expected)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.full_precision=bf16-kahan"],
+    ["train.full_precision=bf16-stochastic", "train.optimizer_in_backward=true", "train.max_grad_norm=null"],
+    ["train.full_precision=bf16-stochastic", "train.optimizer=adamw_8bit"],
+    ["train.optimizer=paged_adamw_8bit", "train.optimizer_in_backward=true", "train.max_grad_norm=null"],
+], ids=["bf16-kahan", "bf16-stochastic-in-backward", "bf16-stochastic-adamw_8bit", "fp32-paged-8bit-in-backward"])
+def test_per_weight_optimizers_round_trip_bitwise(tmp_path, overrides):
+    """training/paramwise.py: every weight's optimizer state, Kahan compensation and step count is saved and
+    restored, so the step after a resume is the uninterrupted run's, bit for bit."""
+    pytest.importorskip("bitsandbytes")
+    cfg = make_cfg("model.method=full", "model.dtype=bf16", *overrides)
+    dtype = torch.float32 if cfg.train.full_precision == "fp32" else torch.bfloat16
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = Tied(width=64).to(dtype)  # mid: 4096 weights, so bitsandbytes keeps 8-bit state
+        optimizer = build_optimizer(cfg, model)
+        return model, optimizer, build_scheduler(cfg, optimizer, total_steps=10)
+
+    model, opt, sched = build(0)
+    for _ in range(2):
+        train_step(model, opt, sched)
+    state = opt.state_dict()
+    assert len(state["optimizers"]) == 3  # the tied embedding and head, mid's weight and bias
+    if cfg.train.full_precision == "bf16-kahan":
+        assert all(c.abs().max() > 0 for c in state["compensation"].values())
+    path = manager(cfg, tmp_path).save(2, model, opt, sched, {"step": 2})
+    train_step(model, opt, sched)
+    expected, expected_state = trainable(model), opt.state_dict()
+
+    model2, opt2, sched2 = build(5)
+    manager(cfg, tmp_path).load(path, model2, opt2, sched2)
+    train_step(model2, opt2, sched2)
+    assert_bitwise_equal(trainable(model2), expected)
+    state2 = opt2.state_dict()
+    assert state2["steps"] == expected_state["steps"]
+    assert_bitwise_equal(state2["compensation"], expected_state["compensation"])
+    for saved, restored in zip(expected_state["optimizers"], state2["optimizers"], strict=True):
+        assert restored["param_groups"] == saved["param_groups"]
+        for key, value in saved["state"][0].items():
+            if key == "__bnb_optimizer_quant_state__":
+                assert_bitwise_equal(restored["state"][0][key], value)
+            else:
+                assert torch.equal(torch.as_tensor(restored["state"][0][key]), torch.as_tensor(value)), key
+    if cfg.train.optimizer == "adamw":
+        assert {v.dtype for s in state2["optimizers"] for v in s["state"][0].values()} == {torch.float32}
 
 
 # ---------------------------------------------------------------------------------- retention

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -155,6 +156,25 @@ def test_cli_table_json_and_errors(capsys, tmp_path):
     assert "'Tesla T4' is not in the catalogue; known: RTX 4060" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing"), "--tokens", "1M"]) == 2
     assert "give a local directory, or its parameter count" in capsys.readouterr().err
+
+
+def test_cli_memory_check_of_the_8b_full_fine_tune_config(capsys, tmp_path):
+    from transformers import LlamaConfig
+
+    # Llama-3.1-8B's shape (the hub is out of reach here): --model names it; without, the config's model is read.
+    LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8).save_pretrained(tmp_path)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "llama-3.1-8b-full.yaml")
+    assert main(["--config", config, "--model", str(tmp_path), "--tokens", "20M", "--gpu", "RTX 4060", "--gpu",
+                 "RTX 4090", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["fits"] for r in rows] == ["no (20.7 GiB)", "yes (20.7 GiB)"]
+    # --method lora leaves the full fine-tune's own settings behind: LoRA of the same model on its bf16 base.
+    assert main(["--config", config, "--model", str(tmp_path), "--tokens", "20M", "--gpu", "RTX 4090",
+                 "--method", "lora", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["fits"] == "yes (18.9 GiB)"
+    assert main(["--tokens", "20M"]) == 2
+    assert "--model: required without --config" in capsys.readouterr().err
 
 
 def test_cli_help_runs_as_a_module():

@@ -1,6 +1,6 @@
 """The documents a newcomer reads stay true to the tree: the README is a user's guide of under 500 lines, and
-every repository path that the README, ARCHITECTURE.md, bench/README.md or a comment or docstring of the code
-names exists."""
+every repository path that the README, ARCHITECTURE.md, bench/README.md, docs/ or a comment or docstring of the
+code names exists."""
 
 import re
 from pathlib import Path
@@ -20,7 +20,7 @@ def test_the_readme_is_a_guide_of_under_500_lines():
 
 
 def test_every_path_the_documents_and_the_code_name_exists():
-    sources = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "bench" / "README.md",
+    sources = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md")),
                *sorted((ROOT / "leantune").rglob("*.py")), *sorted((ROOT / "tasks").glob("*.py")),
                *sorted((ROOT / "flows").glob("*.py"))]
     missing = sorted({(src.relative_to(ROOT).as_posix(), path) for src in sources

@@ -72,8 +72,8 @@ def test_served_nightly_schedule_is_prefect_yamls_with_its_timezone():
 
 
 def readme_server_commands() -> list[str]:
-    """The first two commands of the README's Prefect section, as written (comments dropped)."""
-    readme = (ROOT / "README.md").read_text()
+    """The first two commands of docs/deploy.md's Prefect section, as written (comments dropped)."""
+    readme = (ROOT / "docs" / "deploy.md").read_text()
     section = readme[readme.index("## Running on a schedule or from the Prefect UI"):]
     block = section[section.index("```bash\n") + len("```bash\n"):]
     block = block[:block.index("```")]
@@ -94,7 +94,7 @@ def test_the_readmes_server_steps_give_the_ui_the_servers_own_api_address(tmp_pa
     assert start == ".venv/bin/prefect server start --host 127.0.0.1 --port 4311"
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", 4311)) == 0:
-            pytest.skip("port 4311 of the README is taken on this machine")
+            pytest.skip("port 4311 of docs/deploy.md is taken on this machine")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DO_NOT_TRACK": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     for key in ("PREFECT_API_URL", "PREFECT_UI_API_URL"):

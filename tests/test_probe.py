@@ -159,7 +159,11 @@ TINY = ["train.device=cpu", "model.scratch.hidden_size=128", "model.scratch.inte
     ["model.gradient_checkpointing=true"],
     ["model.method=full", "model.attn_implementation=eager", "train.micro_batch_size=2"],
     ["model.method=full", "model.gradient_checkpointing=true"],
-], ids=["lora", "lora-qv-no-dropout", "lora-checkpointing", "full-eager", "full-checkpointing"])
+    ["model.method=full", "model.dtype=bf16", "train.full_precision=bf16-kahan"],
+    ["model.method=full", "model.dtype=bf16", "train.full_precision=bf16-stochastic", "train.optimizer_in_backward=true",
+     "train.max_grad_norm=null", "train.global_batch_size=4"],
+], ids=["lora", "lora-qv-no-dropout", "lora-checkpointing", "full-eager", "full-checkpointing", "full-bf16-kahan",
+        "full-bf16-stochastic-in-backward"])
 def test_estimate_is_within_15_percent_of_the_measured_peak(overrides):
     cfg = load_config(overrides=TINY + overrides)
     measured = peak_of_training_steps(cfg)

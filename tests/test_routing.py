@@ -34,6 +34,9 @@ def test_the_shipped_catalogue_lists_the_classes_smallest_first(pools):
     ("qwen2.5-0.5b-full", QWEN25_05B, "gpu-8gb", 5.65),
     ("qwen2.5-1.5b-qlora", QWEN25_15B, "gpu-8gb", 2.49),
     ("phi-3-mini-qlora", PHI3_MINI, "gpu-8gb", 3.43),
+    # Full fine-tune of the same 8 B model: bf16 weights (15 GiB), the step in backward (one gradient at a time),
+    # the paged 8-bit state on the host, 4 x 2048 tokens with checkpointing.
+    ("llama-3.1-8b-full", LLAMA3_8B, "gpu-24gb", 20.70),
 ])
 def test_real_configs_go_to_the_smallest_class_their_estimate_fits(pools, config, shape, pool, estimate_gib):
     chosen = route(load_config(REPO / "configs" / f"{config}.yaml"), pools, shape)
@@ -47,6 +50,18 @@ def test_real_configs_go_to_the_smallest_class_their_estimate_fits(pools, config
 def test_a_lower_micro_batch_moves_a_run_to_a_smaller_class(pools):
     cfg = load_config(REPO / "configs" / "llama-3.1-8b-lora.yaml", ["train.micro_batch_size=8"])
     assert route(cfg, pools, LLAMA3_8B).pool == "gpu-80gb"  # 22.68 GiB (gpu-24gb allows 22.08); at its own micro-batch of 4: gpu-24gb
+
+
+def test_the_8b_full_fine_tune_needs_its_memory_options_to_fit_24gb(pools):
+    config = REPO / "configs" / "llama-3.1-8b-full.yaml"
+    chosen = route(load_config(config), pools, LLAMA3_8B)
+    assert chosen.estimate.paged_host / GIB == pytest.approx(14.96, abs=0.01)  # 2 bytes per weight, on the host
+    accumulating = route(load_config(config, ["train.micro_batch_size=2"]), pools, LLAMA3_8B)
+    assert accumulating.pool == "gpu-80gb"  # two micro-batches a step keep every gradient: 15 GiB more
+    fp32 = ["train.full_precision=fp32", "train.optimizer_in_backward=false", "train.max_grad_norm=1.0",
+            "train.optimizer=adamw"]
+    with pytest.raises(NoPoolFits, match="estimated 1[0-9][0-9].[0-9][0-9] GiB"):
+        route(load_config(config, fp32), pools, LLAMA3_8B)  # fp32 weights, gradients and AdamW: 16 bytes each
 
 
 def test_the_offline_default_routes_to_the_smallest_class(pools):

@@ -4,6 +4,8 @@
   loop.py         the training loop, top to bottom: token shards in, an adapter (or model) out
   loss.py         the target-only, chunked output layer and cross-entropy (no [batch, seq, vocab] logits)
   optim.py        optimizer, learning-rate schedule and step count from RunConfig.train
+  paramwise.py    one optimizer per weight: bf16 weights stepped in fp32 (Kahan or stochastic rounding),
+                  the step fused into backward (full fine-tuning that fits one GPU)
   adaptive.py     the adaptive micro-batch: halve on out-of-memory, grow on sustained headroom
   checkpoint.py   checkpoints with exact resume: what they hold, retention, verified loading (the
                   resume policy, what may change on resume, is leantune/resume.py)

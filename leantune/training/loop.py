@@ -357,7 +357,9 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     # Every rank finished its share: sum the gradients (and the loss) of all shares.
     dist.sum_gradients(run.trainable, ce_sum, *moe_sums)
     run.scaler.unscale_(run.optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, t.max_grad_norm))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, t.max_grad_norm or math.inf))
+    if t.optimizer_in_backward:  # the weights stepped in backward, and their gradients are gone (paramwise.py)
+        grad_norm = run.optimizer.take_grad_norm()
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
@@ -429,7 +431,9 @@ def _forward_backward_fitting(run: _Run, step: int, share: list[dict], targets: 
         except Exception as e:
             if run.moe is not None:
                 run.moe.discard()
-            if not (run.controller.enabled and is_out_of_memory(e)):
+            # Weights already stepped in backward (train.optimizer_in_backward) cannot be redone in the process.
+            stepped = run.cfg.train.optimizer_in_backward and run.optimizer.stepped
+            if not (run.controller.enabled and is_out_of_memory(e)) or stepped:
                 raise
             oom = True
         # Outside the except block, so the traceback (holding activations) is already released.
@@ -442,6 +446,8 @@ def _forward_backward(run: _Run, share: list[dict], k: int, targets: int, tokens
     """Forward and backward of micro-batch k of `share`, its loss scaled to the global batch's targets.
     Returns its cross-entropy sum (detached) and, MoE, (router loss, expert counts) or None."""
     mb = run.controller.micro_batch_size
+    if run.cfg.train.optimizer_in_backward:  # the step runs in the last micro-batch's backward
+        run.optimizer.arm("step" if k == run.controller.accumulation_steps - 1 else "keep")
     micro = share[k * mb:(k + 1) * mb]
     inputs, labels = model_inputs(micro, run.train_shards.pad_id, run.mask_dtype, run.one_row, run.device)
     if run.moe is not None:
@@ -737,6 +743,8 @@ def _probe(run: _Run, indices: np.ndarray) -> None:
     Gradients are discarded and the RNG state restored, so the run's results do not change.
     """
     rng = _torch_rng_state(run.device)
+    if run.cfg.train.optimizer_in_backward:  # its gradients go as backward makes them, like a step's
+        run.optimizer.arm("drop")
     try:
         items = [run.train_shards[int(i)] for i in indices]
         inputs, labels = model_inputs(items, run.train_shards.pad_id, run.mask_dtype, run.one_row, run.device)

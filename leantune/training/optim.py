@@ -14,23 +14,35 @@ def build_optimizer(cfg: RunConfig, model):
 
     'adamw' is torch's AdamW (the fused kernel on CUDA); 'adamw_8bit' and 'paged_adamw_8bit' are
     bitsandbytes' 8-bit-state AdamW, the paged one spilling its state to host memory under pressure.
+    Full fine-tuning with train.full_precision=bf16 or train.optimizer_in_backward gets one such
+    optimizer per weight (paramwise.py: bf16 weights rounded with Kahan summation or stochastically,
+    the step in backward).
     """
     import torch
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    t = cfg.train
+
+    def make(groups):
+        if t.optimizer == "adamw":
+            on_cuda = all(p.device.type == "cuda" for g in groups for p in g["params"])
+            return torch.optim.AdamW(groups, lr=t.lr, fused=True if on_cuda else None)
+        import bitsandbytes as bnb
+
+        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[t.optimizer]
+        return cls(groups, lr=t.lr)
+
     # Biases and norm weights are vectors: decaying them towards zero only hurts (nanoGPT's rule).
+    if cfg.model.method == "full" and (t.full_precision != "fp32" or t.optimizer_in_backward):
+        from leantune.training.paramwise import paramwise_optimizer
+
+        return paramwise_optimizer([(p, t.weight_decay if p.ndim >= 2 else 0.0) for p in trainable], make,
+                                   rounding=t.full_precision.removeprefix("bf16-"), seed=t.seed,
+                                   in_backward=t.optimizer_in_backward)
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.train.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    t = cfg.train
-    if t.optimizer == "adamw":
-        on_cuda = all(p.device.type == "cuda" for p in trainable)
-        return torch.optim.AdamW(groups, lr=t.lr, fused=True if on_cuda else None)
-    import bitsandbytes as bnb
-
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[t.optimizer]
-    return cls(groups, lr=t.lr)
+    return make([g for g in ({"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}) if g["params"]])
 
 
 def lr_multiplier(step: int, warmup_steps: int, total: int, schedule: str) -> float:
