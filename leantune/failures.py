@@ -155,13 +155,13 @@ def attempt_failure(run_dir: Path, returncode: int, worker_exitcodes: list[int] 
 
 
 def device_facts(cfg) -> tuple[str, bool | None]:
-    """The device type training runs on, and whether it computes in bf16 (CUDA only; else None)."""
-    import torch
-
+    """The device type training runs on, and whether it computes bf16 natively, not emulated (CUDA only;
+    else None)."""
+    from leantune.devices import describe
     from leantune.modeling import resolve_device
 
     device = resolve_device(cfg)
-    return device.type, torch.cuda.is_bf16_supported() if device.type == "cuda" else None
+    return device.type, describe(device).bf16_native if device.type == "cuda" else None
 
 
 # ------------------------------------------------------------------------------------------ log lines

@@ -10,12 +10,12 @@ fp32, with a GradScaler when it is fp16.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import logging
 import tempfile
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from leantune.config import RunConfig, compute_dtype
+from leantune.config import RunConfig
 from leantune.errors import UserError
 from leantune.gguf import already_loadable, model_source
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 SCRATCH = "scratch"
+log = logging.getLogger(__name__)
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -41,39 +42,43 @@ def resolve_device(cfg: RunConfig) -> torch.device:
 
 
 def resolve_precision(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    """The compute dtype from model.dtype: 'auto' is bf16 on CUDA where supported, else fp16, fp32 on CPU."""
+    """The compute dtype from model.dtype: 'auto' is bf16 on CUDA cards that compute it natively, else fp16
+    (with a GradScaler), fp32 on CPU (devices.auto_dtype)."""
     import torch
 
-    on_cuda = device.type == "cuda"
-    bf16_ok = not on_cuda or torch.cuda.is_bf16_supported()
-    wanted = compute_dtype(cfg.model.dtype, device.type, bf16_ok)
-    if wanted == "fp16" and not on_cuda:
+    from leantune.devices import auto_dtype, describe
+
+    card = describe(device)
+    wanted = auto_dtype(card) if cfg.model.dtype == "auto" else cfg.model.dtype
+    if wanted == "fp16" and card.kind != "cuda":
         # fp16 training needs loss scaling and fast fp16 kernels, which CPUs do not have.
         raise UserError("model.dtype: fp16 is not supported on the CPU; use model.dtype=fp32 (or auto)")
-    if wanted == "bf16" and not bf16_ok:
-        raise UserError(
-            f"model.dtype: bf16 is not supported by this GPU ({torch.cuda.get_device_name(device)}); "
-            "use model.dtype=fp16 (or auto)"
-        )
+    if wanted == "bf16" and card.kind == "cuda" and not card.bf16_native:
+        if not torch.cuda.is_bf16_supported(including_emulation=True):
+            raise UserError(f"model.dtype: bf16 is not supported by this GPU ({card.name}); "
+                            "use model.dtype=fp16 (or auto)")
+        log.warning("model.dtype=bf16: %s (compute capability %s) only emulates bf16, several times slower than "
+                    "fp16; model.dtype=auto picks fp16 with loss scaling", card.name, card.capability)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[wanted]
 
 
 def resolve_attention(cfg: RunConfig, device: torch.device, precision: torch.dtype) -> str:
-    """model.attn_implementation: 'auto' is flash_attention_2 when flash_attn is installed and usable, else sdpa."""
+    """model.attn_implementation: 'auto' is flash_attention_2 where it can run (flash_attn installed,
+    Ampere or later, bf16/fp16: devices.choose_attention), else sdpa; the log says why."""
     import torch
 
+    from leantune.devices import choose_attention, describe, flash_attention_problem
+
+    card = describe(device)
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision, "fp32")
     wanted = cfg.model.attn_implementation
-    # flash-attention 2 has CUDA kernels for half precision only.
-    fa2_usable = device.type == "cuda" and precision in (torch.bfloat16, torch.float16)
-    fa2_installed = importlib.util.find_spec("flash_attn") is not None
-    if wanted == "auto":
-        return "flash_attention_2" if fa2_usable and fa2_installed else "sdpa"
-    if wanted == "flash_attention_2" and not (fa2_usable and fa2_installed):
-        why = ("the flash_attn package is not installed" if not fa2_installed
-               else f"it needs a CUDA device and bf16/fp16, not {device.type} with {precision}")
+    if wanted == "flash_attention_2" and (why := flash_attention_problem(card, dtype)):
         raise UserError(f"model.attn_implementation: flash_attention_2 is not usable here ({why}); "
                         "use model.attn_implementation=sdpa (or auto)")
-    return wanted
+    attention, why = choose_attention(card, dtype, wanted)
+    if wanted == "auto" and card.kind == "cuda":
+        log.info("attention: %s (%s)", attention, why)
+    return attention
 
 
 def build_model(cfg: RunConfig, tokenizer, device: torch.device):
