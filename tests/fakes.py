@@ -119,6 +119,10 @@ class FakeNvml:
     def nvmlDeviceGetPowerManagementLimit(self, handle):
         return self.nvmlDeviceGetEnforcedPowerLimit(handle)
 
+    def nvmlDeviceGetUUID(self, handle):
+        self._current(handle)
+        return f"GPU-fake-{handle}"
+
     def nvmlDeviceGetPowerManagementLimitConstraints(self, handle):
         self._current(handle)
         return [int(self._constraints[0] * 1000), int(self._constraints[1] * 1000)]

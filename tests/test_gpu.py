@@ -39,10 +39,17 @@ def test_cuda_training_runs_and_learns(tokenized_run, tmp_path, method, dtype):
     assert 0 < steps[-1]["peak_memory_mb"] < total_mb
 
 
-def test_cuda_split_invariance_in_fp32(tokenized_run, tmp_path):
+@pytest.fixture
+def tf32_off():
+    """TF32 off for the test, the settings it found restored after it (other tests run in this process)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_cuda_split_invariance_in_fp32(tokenized_run, tmp_path, tf32_off):
     """The global-batch loss normalisation holds on the GPU too (fp32, TF32 off)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     weights = []
     for micro in (8, 2):
         cfg, run_dir = new_run(tokenized_run, tmp_path / f"m{micro}", "model.dtype=fp32",

@@ -205,7 +205,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool) ->
         resources.enter_context(run.monitor)
     gpu = run.monitor.gpu_handles[0] if run.monitor is not None and run.monitor.gpu_handles else (None, None)
     power = resources.enter_context(power_limit(cfg.power.limit_watts, run.monitor and run.monitor.nvml,
-                                                gpu[1], gpu[0]))
+                                                gpu[1], gpu[0], record=RunDir(run_dir).power_record))
 
     progress = _progress_bar(run.num_steps, run.state.step)
     run.ckpt.install_signal_handlers()
