@@ -1,0 +1,55 @@
+"""train.deterministic: the CUDA settings that make a resumed run bitwise equal to an uninterrupted one.
+
+On the CPU training is already deterministic (tests/test_resume.py); nothing is set. On CUDA,
+`apply_determinism` (called first thing in the training process, before CUDA is initialised):
+  CUBLAS_WORKSPACE_CONFIG=:4096:8   cuBLAS reduces in a fixed order (8 workspaces of 4 MiB per stream;
+                                    kept when the environment already sets it); read when cuBLAS
+                                    creates its handle, so it must be set before the first matmul
+  torch.use_deterministic_algorithms(True, warn_only=True)
+                                    deterministic kernels where torch has two (attention backward
+                                    without atomic adds, index/scatter adds); an op with no
+                                    deterministic kernel warns, naming itself, instead of failing the run
+  cudnn.deterministic=True, cudnn.benchmark=False
+                                    no run-time choice among cuDNN algorithms
+  fill_uninitialized_memory=False   deterministic mode would otherwise fill every torch.empty with NaN,
+                                    time spent for no bit of the results
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def deterministic_settings(enabled: bool, device_type: str) -> dict:
+    """What `apply_determinism` sets for train.deterministic `enabled` on `device_type` ({} : nothing)."""
+    if not enabled or device_type != "cuda":
+        return {}
+    return {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE),
+            "deterministic_algorithms": True, "warn_only": True, "cudnn_deterministic": True,
+            "cudnn_benchmark": False, "fill_uninitialized_memory": False}
+
+
+def apply_determinism(enabled: bool, device_type: str) -> dict:
+    """Apply `deterministic_settings`; returns them. Call before the first CUDA operation."""
+    import torch
+
+    settings = deterministic_settings(enabled, device_type)
+    if not settings:
+        return settings
+    if torch.cuda.is_initialized() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        log.warning("train.deterministic: CUDA was initialised before CUBLAS_WORKSPACE_CONFIG could be set; "
+                    "cuBLAS may not be deterministic in this process (set it in the environment: "
+                    "CUBLAS_WORKSPACE_CONFIG=%s)", CUBLAS_WORKSPACE)
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = settings["CUBLAS_WORKSPACE_CONFIG"]
+    torch.use_deterministic_algorithms(True, warn_only=settings["warn_only"])
+    torch.backends.cudnn.deterministic = settings["cudnn_deterministic"]
+    torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
+    torch.utils.deterministic.fill_uninitialized_memory = settings["fill_uninitialized_memory"]
+    log.info("train.deterministic: deterministic CUDA kernels (CUBLAS_WORKSPACE_CONFIG=%s)",
+             settings["CUBLAS_WORKSPACE_CONFIG"])
+    return settings
