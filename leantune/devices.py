@@ -122,6 +122,26 @@ def quantised_evaluation(method: str, device: Device, base_bytes: int, free_byte
     return False, f"the unquantised base ({base_bytes / GIB:.1f} GiB) fits {budget / GIB:.1f} GiB free"
 
 
+def qlora_base_in_4_bits(cfg, device: torch.device, precision: torch.dtype) -> bool:
+    """After a QLoRA run of `cfg`: whether its base must stay in 4 bits on `device` (`quantised_evaluation`
+    with the base's size from its config and the device's free memory now); logged with why. Without
+    the model's config to size it: on CUDA, yes (training fitted the 4-bit base)."""
+    import logging
+
+    from leantune.probe import free_memory_bytes, model_shape
+
+    if cfg.model.method != "qlora":
+        return False
+    shape = model_shape(cfg)
+    if shape is None:
+        return device.type == "cuda"
+    quantised, why = quantised_evaluation(cfg.model.method, describe(device), shape.total_params * precision.itemsize,
+                                          free_memory_bytes(device.type, device.index or 0),
+                                          cfg.monitor.memory_high_fraction)
+    logging.getLogger(__name__).info("QLoRA base: %s (%s)", "4-bit" if quantised else "unquantised", why)
+    return quantised
+
+
 # ------------------------------------------------------------------------------------ device table
 
 # The cards of the README's table: compute capability and memory as sold (a 16 GB card holds 16 GiB).

@@ -396,15 +396,16 @@ def describe_model(model) -> dict:
     }
 
 
-def build_base_model(cfg: RunConfig, tokenizer, device):
-    """The base model of `cfg` without adapters, unquantised, in the compute dtype, in eval mode.
+def build_base_model(cfg: RunConfig, tokenizer, device, quantised: bool = False):
+    """The base model of `cfg` without adapters, unquantised in the compute dtype (`quantised`: in 4 bits,
+    as QLoRA trains it), in eval mode.
 
     What an adapter in run_dir/adapter is loaded onto with `PeftModel.from_pretrained`.
     """
-    # LoRA's build stores the frozen base in the compute dtype (QLoRA's would be 4-bit); the
-    # fresh adapter it adds is removed again.
-    as_lora = cfg.model_copy(update={"model": cfg.model.model_copy(update={"method": "lora",
-                                                                           "gradient_checkpointing": False})})
+    # LoRA's build stores the frozen base in the compute dtype, QLoRA's in 4 bits; the fresh adapter
+    # it adds is removed again.
+    as_lora = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+        "method": "qlora" if quantised else "lora", "gradient_checkpointing": False})})
     base = build_model(as_lora, tokenizer, device).unload()
     base.requires_grad_(False)
     return base.eval()

@@ -832,19 +832,34 @@ def _progress_bar(total: int, initial: int):
 
 def _export_merged(cfg: RunConfig, tokenizer, device, adapter_dir: Path, out_dir: Path) -> Path | None:
     """run_dir/merged: the saved adapter merged into a fresh unquantised base (merging into a
-    4-bit QLoRA base would round the update to 4 bits)."""
+    4-bit QLoRA base would round the update to 4 bits). After QLoRA on a device whose free memory does not
+    hold the unquantised base (devices.qlora_base_in_4_bits), it is merged in host memory instead."""
     from peft import PeftModel
 
-    from leantune.modeling import build_base_model
+    from leantune.devices import qlora_base_in_4_bits
+    from leantune.modeling import build_base_model, resolve_precision
 
     if cfg.model.method == "full":
         log.warning("train.export_merged: nothing to merge with model.method=full; %s is the whole model",
                     adapter_dir)
         return None
+    precision = resolve_precision(cfg, device)
+    if qlora_base_in_4_bits(cfg, device, precision):
+        device, cfg = _host_merge(cfg, precision)
     merged = PeftModel.from_pretrained(build_base_model(cfg, tokenizer, device), adapter_dir).merge_and_unload()
-    merged.save_pretrained(out_dir)
+    merged.to(precision).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _host_merge(cfg: RunConfig, precision):
+    """The CPU and the config to build the base there: in bf16 where training computed in half precision
+    (the CPU refuses fp16; bf16 checkpoints load exactly), cast to the compute dtype before saving."""
+    import torch
+
+    log.info("train.export_merged: the unquantised base does not fit the GPU; merging in host memory")
+    dtype = "fp32" if precision == torch.float32 else "bf16"
+    return torch.device("cpu"), cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
 
 
 # ------------------------------------------------------------------------------------------- CLI
