@@ -164,7 +164,7 @@ TABLE_HIGH_FRACTION = 0.92  # monitor.memory_high_fraction's default
 
 def device_table(flash_attn_installed: bool = True) -> str:
     """The README's device table (Markdown): what leantune picks on each card of `KNOWN` for an 8B QLoRA
-    run, with flash_attn installed or not, from the decision functions above."""
+    run, flash_attn installed or not, from the decision functions above and their reasons."""
     rows = ["| GPU | compute capability | dtype | attention | optimizer | 8B QLoRA evaluation | why |",
             "|---|---|---|---|---|---|---|"]
     for card in KNOWN:
@@ -172,14 +172,11 @@ def device_table(flash_attn_installed: bool = True) -> str:
         dtype = auto_dtype(card)
         attention, attention_why = choose_attention(card, dtype)
         base_bytes = TABLE_PARAMS * (2 if dtype != "fp32" else 4)
-        quantised, _ = quantised_evaluation("qlora", card, base_bytes, card.total_memory, TABLE_HIGH_FRACTION)
-        why = ["bf16 tensor cores" if card.bf16_native else "bf16 only emulated: fp16 with a GradScaler"]
-        if attention == "sdpa":
-            why.append(attention_why.removeprefix("no flash_attention_2: ").replace(
-                f"{card.name} has compute capability {card.capability[0]}.{card.capability[1]}; ", ""))
-        why.append(f"{base_bytes / GIB:.1f} GiB bf16/fp16 base "
-                   f"{'over' if quantised else 'within'} {TABLE_HIGH_FRACTION:.0%} of {card.total_memory // GIB} GiB")
+        quantised, evaluation_why = quantised_evaluation("qlora", card, base_bytes, card.total_memory,
+                                                         TABLE_HIGH_FRACTION)
+        dtype_why = "native bf16" if card.bf16_native else "bf16 only emulated before compute capability 8.0"
         rows.append(f"| {card.name} | {card.capability[0]}.{card.capability[1]} | "
                     f"{dtype + (' + GradScaler' if dtype == 'fp16' else '')} | {attention} | {optimizer_name(card)} | "
-                    f"{'4-bit base' if quantised else 'unquantised base'} | {'; '.join(why)} |")
+                    f"{'4-bit base' if quantised else 'unquantised base'} | "
+                    f"{dtype_why}; {attention_why}; {evaluation_why} |")
     return "\n".join(rows)

@@ -139,3 +139,18 @@ def test_fp16_trains_with_a_grad_scaler_that_is_unscaled_and_checkpointed(tokeni
     assert summary["resumed_from_step"] == 2
     a, b = adapter(run_dir), adapter(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_readme_device_table_is_the_codes_output():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from leantune.devices import device_table
+
+    root = Path(__file__).resolve().parents[1]
+    printed = subprocess.run([sys.executable, "-m", "leantune.cost", "--devices"], capture_output=True, text=True,
+                             cwd=root, check=True).stdout.strip()
+    assert printed == device_table()
+    assert device_table() in (root / "README.md").read_text()
+    assert "| T4 | 7.5 | fp16 + GradScaler | sdpa |" in printed and "| H100 | 9.0 | bf16 | flash_attention_2 |" in printed
