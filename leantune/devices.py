@@ -135,11 +135,24 @@ def qlora_base_in_4_bits(cfg, device: torch.device, precision: torch.dtype) -> b
     shape = model_shape(cfg)
     if shape is None:
         return device.type == "cuda"
+    free = cuda_free_bytes(device) if device.type == "cuda" else free_memory_bytes(device.type)
     quantised, why = quantised_evaluation(cfg.model.method, describe(device), shape.total_params * precision.itemsize,
-                                          free_memory_bytes(device.type, device.index or 0),
-                                          cfg.monitor.memory_high_fraction)
+                                          free, cfg.monitor.memory_high_fraction)
     logging.getLogger(__name__).info("QLoRA base: %s (%s)", "4-bit" if quantised else "unquantised", why)
     return quantised
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    """What this process can still allocate on CUDA `device`: the driver's free memory plus torch's cached
+    but unused blocks, capped by torch.cuda.set_per_process_memory_fraction (a process given 16 GB of an
+    80 GB card must size its loads against 16 GB)."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    allocated, reserved = torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index)
+    cap = int(torch.cuda.get_per_process_memory_fraction(index) * total) - allocated
+    return max(0, min(free + reserved - allocated, cap))
 
 
 # ------------------------------------------------------------------------------------ device table

@@ -21,14 +21,33 @@ T4 = next(c for c in KNOWN if c.name == "T4")
 GIB = 2**30
 
 
+def simulate_memory(monkeypatch, free_gib: float, total_gib: float = 16.0, fraction: float = 1.0,
+                    allocated_gib: float = 0.0, reserved_gib: float = 0.0):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (int(free_gib * GIB), int(total_gib * GIB)))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda i=0: fraction)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i=0: int(allocated_gib * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i=0: int(reserved_gib * GIB))
+
+
 @pytest.mark.parametrize("free_gib, quantised", [(0.0001, True), (15.0, False)], ids=["T4-busy", "T4-free"])
 def test_qlora_base_is_sized_against_the_free_memory(monkeypatch, free_gib, quantised):
     simulate_cuda(monkeypatch, T4)
-    monkeypatch.setattr("leantune.probe.free_memory_bytes", lambda kind, index=0: int(free_gib * GIB))
+    simulate_memory(monkeypatch, free_gib)
     cfg = load_config(overrides=["model.method=qlora"])  # the scratch model: its size from model.scratch
     assert qlora_base_in_4_bits(cfg, torch.device("cuda"), torch.float16) is quantised
     assert qlora_base_in_4_bits(load_config(overrides=["model.method=lora"]), torch.device("cuda"),
                                 torch.float16) is False
+
+
+def test_free_cuda_memory_counts_the_cache_and_the_per_process_fraction(monkeypatch):
+    from leantune.devices import cuda_free_bytes
+
+    cuda = torch.device("cuda", 0)
+    simulate_memory(monkeypatch, free_gib=60, total_gib=80, allocated_gib=2, reserved_gib=3)
+    assert cuda_free_bytes(cuda) == 61 * GIB  # the 1 GiB torch holds unused is free to it
+    # bench/gpu_check.py's 16 GB card on an 80 GB one: a fifth of the card, 2 GiB of it in use.
+    simulate_memory(monkeypatch, free_gib=60, total_gib=80, fraction=0.2, allocated_gib=2, reserved_gib=3)
+    assert cuda_free_bytes(cuda) == 14 * GIB
 
 
 def test_starting_batch_follows_trainings_adapted_micro_batch(tmp_path):
