@@ -230,12 +230,15 @@ class ModelConfig(Section):
         "lora", description="Fine-tuning method: LoRA adapters, QLoRA (4-bit base + LoRA), or full fine-tune."
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Compute precision; 'auto' picks bf16 where supported, else fp16, else fp32 (CPU)."
+        "auto", description="Compute precision; 'auto' picks bf16 on GPUs that compute it natively (compute "
+        "capability 8.0+: Ampere, Ada, Hopper), else fp16 with loss scaling (T4, V100: bf16 only emulated), fp32 on "
+        "the CPU; `python -m leantune.cost --devices` lists the choice per GPU."
     )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA: 4-bit data type.")
     double_quant: bool = Field(True, description="QLoRA: quantise the quantisation constants too.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; 'auto' uses flash-attention when installed, else sdpa."
+        "auto", description="Attention kernel; 'auto' uses flash_attention_2 when flash_attn is installed, the "
+        "GPU is Ampere or later and the dtype bf16/fp16, else sdpa (the log says why)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     scratch: ScratchModelConfig = Field(
