@@ -47,7 +47,7 @@ from leantune.evaluation.scoring import (
     score_encoded,
 )
 from leantune.evaluation.shift import answer_bias, opinion_shift, shift_difference
-from leantune.rundir import EvalDir
+from leantune.rundir import EvalDir, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def starting_batch_size(cfg: RunConfig, adapter_dir: Path | None) -> int:
     """eval.batch_size, scaled by the share of train.micro_batch_size training ended with when it had to
     lower it (training.json beside `adapter_dir`): a device that fitted half the training micro-batch
     starts evaluation at half the batch."""
-    summary = Path(adapter_dir).parent / "training.json" if adapter_dir is not None else None
+    summary = RunDir(Path(adapter_dir).parent).training if adapter_dir is not None else None
     if summary is None or not summary.is_file():
         return cfg.eval.batch_size
     ended = json.loads(summary.read_text()).get("micro_batch_size") or cfg.train.micro_batch_size
