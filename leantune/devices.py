@@ -16,7 +16,8 @@ the same functions the training and evaluation processes call:
   fused_adamw       torch's fused AdamW kernel on CUDA (train.optimizer 'adamw')
   quantised_evaluation  after QLoRA: whether evaluation and the merged export keep the base in 4 bits
                     (or, for the export, merge on the CPU): when the unquantised base does not fit the
-                    card's free memory
+                    card's free memory; `qlora_base_in_4_bits` applies it to a run's config, with the
+                    memory this process can still allocate (`cuda_free_bytes`)
 """
 
 from __future__ import annotations
