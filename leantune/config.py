@@ -332,9 +332,10 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; 'auto' prefers CUDA.")
     deterministic: bool = Field(
         True, description="On CUDA: deterministic kernels (CUBLAS_WORKSPACE_CONFIG=:4096:8, "
-        "torch.use_deterministic_algorithms with warn_only, cuDNN deterministic), so a resumed run is bitwise equal "
-        "to an uninterrupted one; costs 32 MiB of cuBLAS workspace per stream and slower attention backward "
-        "(no atomic adds). Off: equal within float rounding on CUDA. No effect on the CPU, deterministic anyway.",
+        "torch.use_deterministic_algorithms, cuDNN deterministic), so a resumed run is bitwise equal to an "
+        "uninterrupted one; costs 32 MiB of cuBLAS workspace per stream and slower attention backward (no atomic "
+        "adds); an op with no deterministic kernel stops the run, naming it. Off: equal within float rounding on "
+        "CUDA. No effect on the CPU, deterministic anyway.",
     )
     max_attempts: int = Field(
         3, ge=1, description="Training attempts when one fails for a resource reason (each resumes)."

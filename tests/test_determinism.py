@@ -33,7 +33,7 @@ def test_cuda_gets_every_setting(torch_globals, monkeypatch):
     torch.backends.cudnn.benchmark = True
     settings = apply_determinism(True, "cuda")
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" == settings["CUBLAS_WORKSPACE_CONFIG"]
-    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
     assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
     assert torch.utils.deterministic.fill_uninitialized_memory is False
 
@@ -78,3 +78,19 @@ def test_training_applies_them_before_the_process_group_and_the_model(torch_glob
     with pytest.raises(Stop):
         loop.train(load_config(overrides=["train.device=cuda"]), "unused")
     assert seen == [("cuda", ":4096:8", True)]
+
+
+def test_an_op_without_a_deterministic_kernel_is_a_user_error_naming_the_fix():
+    from leantune.errors import UserError
+    from leantune.training.determinism import nondeterministic_op_error
+
+    torch_says = RuntimeError("scatter_add_cuda_kernel does not have a deterministic implementation, but you set "
+                              "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this "
+                              "operation, or you can use the 'warn_only=True' option, if that's acceptable for your "
+                              "application.")
+    error = nondeterministic_op_error(torch_says)
+    assert isinstance(error, UserError) and str(error) == (
+        "train.deterministic: scatter_add_cuda_kernel does not have a deterministic implementation on CUDA; set "
+        "train.deterministic=false to train with it (a resume is then equal to an uninterrupted run within float "
+        "rounding, not bitwise)")
+    assert nondeterministic_op_error(RuntimeError("shape mismatch")) is None

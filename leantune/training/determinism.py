@@ -5,10 +5,12 @@ On the CPU training is already deterministic (tests/test_resume.py); nothing is 
   CUBLAS_WORKSPACE_CONFIG=:4096:8   cuBLAS reduces in a fixed order (8 workspaces of 4 MiB per stream;
                                     kept when the environment already sets it); read when cuBLAS
                                     creates its handle, so it must be set before the first matmul
-  torch.use_deterministic_algorithms(True, warn_only=True)
+  torch.use_deterministic_algorithms(True)
                                     deterministic kernels where torch has two (attention backward
-                                    without atomic adds, index/scatter adds); an op with no
-                                    deterministic kernel warns, naming itself, instead of failing the run
+                                    without atomic adds: SDPA's memory-efficient kernel keeps its
+                                    atomic adds under warn_only, so it is not used); an op with no
+                                    deterministic kernel stops the run with a UserError naming it and
+                                    the fix (`nondeterministic_op_error`)
   cudnn.deterministic=True, cudnn.benchmark=False
                                     no run-time choice among cuDNN algorithms
   fill_uninitialized_memory=False   deterministic mode would otherwise fill every torch.empty with NaN,
@@ -20,6 +22,8 @@ from __future__ import annotations
 import logging
 import os
 
+from leantune.errors import UserError
+
 log = logging.getLogger(__name__)
 
 CUBLAS_WORKSPACE = ":4096:8"
@@ -30,7 +34,7 @@ def deterministic_settings(enabled: bool, device_type: str) -> dict:
     if not enabled or device_type != "cuda":
         return {}
     return {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE),
-            "deterministic_algorithms": True, "warn_only": True, "cudnn_deterministic": True,
+            "deterministic_algorithms": True, "warn_only": False, "cudnn_deterministic": True,
             "cudnn_benchmark": False, "fill_uninitialized_memory": False}
 
 
@@ -53,3 +57,14 @@ def apply_determinism(enabled: bool, device_type: str) -> dict:
     log.info("train.deterministic: deterministic CUDA kernels (CUBLAS_WORKSPACE_CONFIG=%s)",
              settings["CUBLAS_WORKSPACE_CONFIG"])
     return settings
+
+
+def nondeterministic_op_error(error: BaseException) -> UserError | None:
+    """The UserError for torch's refusal of an op with no deterministic kernel under train.deterministic, or
+    None for any other error."""
+    message = str(error)
+    if not isinstance(error, RuntimeError) or "does not have a deterministic implementation" not in message:
+        return None
+    what = message.split(", but you set", 1)[0].strip()
+    return UserError(f"train.deterministic: {what} on CUDA; set train.deterministic=false to train with it (a "
+                     "resume is then equal to an uninterrupted run within float rounding, not bitwise)")

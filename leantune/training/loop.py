@@ -96,6 +96,7 @@ from leantune.rundir import SPLIT_INDEX, RunDir
 from leantune.runlock import RunDirBusy, hold_run_dir
 from leantune.tokenization import TokenShards, collate
 from leantune.training.adaptive import MicroBatchController
+from leantune.training.determinism import nondeterministic_op_error
 from leantune.training.distributed import DistContext, process_group
 from leantune.training.loss import compile_decoder, target_cross_entropy
 
@@ -902,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         # A full disk is the user's to fix: one line saying so, not the chained tracebacks of each write.
         e = no_space_left(e, args.run_dir, args.run_dir.name) or e
+        e = nondeterministic_op_error(e) or e  # train.deterministic met an op without a deterministic kernel
         # The flow that started this process reads why it failed from the run directory.
         if args.run_dir.is_dir():
             try:
