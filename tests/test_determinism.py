@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from leantune.config import load_config
-from leantune.training.determinism import apply_determinism, deterministic_settings
+from leantune.training.determinism import deterministic_kernels, deterministic_settings
 
 
 @pytest.fixture
@@ -28,32 +28,38 @@ def test_on_by_default():
     assert load_config().train.deterministic is True
 
 
-def test_cuda_gets_every_setting(torch_globals, monkeypatch):
+def test_cuda_gets_every_setting_and_the_flags_come_back_after(torch_globals, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     torch.backends.cudnn.benchmark = True
-    settings = apply_determinism(True, "cuda")
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" == settings["CUBLAS_WORKSPACE_CONFIG"]
-    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
-    assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
-    assert torch.utils.deterministic.fill_uninitialized_memory is False
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels(True, "cuda") as settings:
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" == settings["CUBLAS_WORKSPACE_CONFIG"]
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+    assert torch.are_deterministic_algorithms_enabled() == before and torch.backends.cudnn.benchmark is True
+    assert torch.utils.deterministic.fill_uninitialized_memory is True
 
 
 def test_a_workspace_setting_of_the_environment_is_kept(torch_globals, monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
-    assert apply_determinism(True, "cuda")["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    with deterministic_kernels(True, "cuda") as settings:
+        assert settings["CUBLAS_WORKSPACE_CONFIG"] == ":16:8" == os.environ["CUBLAS_WORKSPACE_CONFIG"]
 
 
 @pytest.mark.parametrize("enabled, device", [(False, "cuda"), (True, "cpu")], ids=["off-cuda", "on-cpu"])
 def test_nothing_is_set_when_off_or_on_the_cpu(torch_globals, enabled, device):
     before = torch.are_deterministic_algorithms_enabled()
-    assert apply_determinism(enabled, device) == {} == deterministic_settings(enabled, device)
-    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.are_deterministic_algorithms_enabled() == before
+    with deterministic_kernels(enabled, device) as settings:
+        assert settings == {} == deterministic_settings(enabled, device)
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.are_deterministic_algorithms_enabled() == before
 
 
 def test_cuda_already_started_is_said(torch_globals, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    apply_determinism(True, "cuda")
+    with deterministic_kernels(True, "cuda"):
+        pass
     assert "CUDA was initialised before CUBLAS_WORKSPACE_CONFIG could be set" in caplog.text
 
 

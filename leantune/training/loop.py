@@ -114,12 +114,11 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> dict:
     adapter and training.json, and every rank returns the summary.
     """
     from leantune.modeling import resolve_device
-    from leantune.training.determinism import apply_determinism
+    from leantune.training.determinism import deterministic_kernels
 
     device = resolve_device(cfg)
     # Before CUDA is initialised: cuBLAS reads its workspace setting when it starts.
-    apply_determinism(cfg.train.deterministic, device.type)
-    with process_group(cfg, device) as dist:
+    with deterministic_kernels(cfg.train.deterministic, device.type), process_group(cfg, device) as dist:
         return _train(cfg, Path(run_dir), dist, resume=resume)
 
 
