@@ -61,3 +61,16 @@ def test_cuda_split_invariance_in_fp32(tokenized_run, tmp_path, tf32_off):
     for key in weights[0]:
         err = float((weights[0][key] - weights[1][key]).norm() / weights[1][key].norm())
         assert err <= 1e-4, key
+
+
+def test_the_real_card_gets_the_decisions_its_description_gives():
+    """tests/test_devices.py simulates cards; here the card at hand is described by torch itself."""
+    from leantune.devices import auto_dtype, describe
+    from leantune.modeling import resolve_precision
+
+    cuda = torch.device("cuda")
+    card = describe(cuda)
+    assert card.capability == tuple(torch.cuda.get_device_capability(0))
+    assert card.bf16_native == (card.capability >= (8, 0))
+    expected = {"bf16": torch.bfloat16, "fp16": torch.float16}[auto_dtype(card)]
+    assert resolve_precision(load_config(overrides=["train.device=cuda"]), cuda) == expected
