@@ -80,7 +80,7 @@ def main() -> int:
         model = build_model(cfg, tokenizer, torch.device("cpu"))
         shards = TokenShards(run / "tokens" / "train")
         longest = sorted(range(len(shards)), key=lambda i: -shards.lengths[i])[:2]
-        inputs, labels = model_inputs([shards[i] for i in longest], shards.pad_id, torch.float32, False,
+        inputs, labels = model_inputs([shards[i] for i in longest], shards.pad_id, torch.float32, "sdpa",
                                       torch.device("cpu"))
     fused = [m for m in model.modules()
              if getattr(m.forward, "__func__", None) in (_lora_forward_method, _swiglu_forward_method)]

@@ -9,6 +9,7 @@ the full map; in short:
   validation.py                      stage 2: Great Expectations over record chunks, quarantine
   tokenization.py                    stage 3: chat template, label masks, packing, token shards
   modeling.py, fused.py, gguf.py, moe.py  the model: loading, quantisation, LoRA, fused layers, MoE
+  devices.py                         what leantune picks on a device: dtype, attention, 4-bit evaluation
   training/                          stage 4, in its own process: loop, loss, optimizer, checkpoints
   failures.py, attempts.py           how an attempt fails; the config of the next attempt
   monitor/                           the resource sampler, its feedback policy, the power limit

@@ -231,12 +231,15 @@ class ModelConfig(Section):
         "lora", description="Fine-tuning method: LoRA adapters, QLoRA (4-bit base + LoRA), or full fine-tune."
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Compute precision; 'auto' picks bf16 where supported, else fp16, else fp32 (CPU)."
+        "auto", description="Compute precision; 'auto' picks bf16 on GPUs that compute it natively (compute "
+        "capability 8.0+: Ampere, Ada, Hopper), else fp16 with loss scaling (T4, V100: bf16 only emulated), fp32 on "
+        "the CPU; `python -m leantune.cost --devices` lists the choice per GPU."
     )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA: 4-bit data type.")
     double_quant: bool = Field(True, description="QLoRA: quantise the quantisation constants too.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; 'auto' uses flash-attention when installed, else sdpa."
+        "auto", description="Attention kernel; 'auto' uses flash_attention_2 when flash_attn is installed, the "
+        "GPU is Ampere or later and the dtype bf16/fp16, else sdpa (the log says why)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     scratch: ScratchModelConfig = Field(
@@ -353,6 +356,13 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1, description="Write metrics.jsonl every this many steps.")
     seed: int = Field(0, description="Seed for weights init, LoRA init, dropout and data order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; 'auto' prefers CUDA.")
+    deterministic: bool = Field(
+        True, description="On CUDA: deterministic kernels (CUBLAS_WORKSPACE_CONFIG=:4096:8, "
+        "torch.use_deterministic_algorithms, cuDNN deterministic), so a resumed run is bitwise equal to an "
+        "uninterrupted one; costs 32 MiB of cuBLAS workspace per stream and slower attention backward (no atomic "
+        "adds); an op with no deterministic kernel stops the run, naming it. Off: equal within float rounding on "
+        "CUDA. No effect on the CPU, deterministic anyway.",
+    )
     max_attempts: int = Field(
         3, ge=1, description="Training attempts when one fails for a resource reason (each resumes)."
     )

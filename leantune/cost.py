@@ -3,6 +3,7 @@
     python -m leantune.cost --model 8B --tokens 20M --method qlora          # every GPU in the catalogue
     python -m leantune.cost --model Qwen/Qwen2.5-0.5B-Instruct --gpu "RTX 4060" --tokens 5M
     python -m leantune.cost --config configs/llama-3.1-8b-full.yaml --tokens 20M  # the config's model
+    python -m leantune.cost --devices     # what leantune picks on each common GPU, and why
 
 The GPU catalogue is leantune/gpus.yaml (peak tensor throughput, memory, board power, hourly
 price); edit it or pass --catalogue.
@@ -269,13 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m leantune.cost",
                                 description="Estimate the time, energy and cost of a fine-tuning run on one GPU "
                                 "(the formula is in leantune/cost.py's docstring).")
+    p.add_argument("--devices", action="store_true",
+                   help="print what leantune picks on common GPUs (dtype, attention, optimizer, 8B QLoRA "
+                   "evaluation) and why, from its own decision functions (leantune/devices.py), and exit")
     p.add_argument("--model",
                    help="a parameter count (8B, 500M), a local model directory or a cached hub id (its config.json "
                    "gives layers and widths too, and the memory check), or 'scratch' (with --config); default: "
                    "the --config's model.name_or_path")
     p.add_argument("--active", help="with a parameter count for --model: the parameters active per token of a "
                    "Mixture-of-Experts, e.g. --model 46.7B --active 12.9B (a model directory gives them itself)")
-    p.add_argument("--tokens", required=True, help="training tokens per epoch, e.g. 20M")
+    p.add_argument("--tokens", help="training tokens per epoch, e.g. 20M")
     p.add_argument("--gpu", action="append", help="a GPU of the catalogue (repeatable); default: all of them")
     p.add_argument("--config", type=Path, help="a run config: method, sequence length, micro-batch, LoRA, dtype "
                    "come from it (the options below override)")
@@ -289,6 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--catalogue", type=Path, help=f"GPU catalogue YAML (default {CATALOGUE})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
+    if args.devices:
+        from leantune.devices import device_table
+
+        print(device_table())
+        return 0
+    if args.tokens is None:
+        p.error("--tokens is required (or --devices)")
     try:
         rows = _answer(args)
     except UserError as e:

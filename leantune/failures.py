@@ -15,8 +15,9 @@ the flow that started it agree on three things, all defined here:
   torchrun's own output) on as plain text.
 
 Failures are recognised by their type: torch.OutOfMemoryError, `OutOfMemory` (no micro-batch fits),
-`NonFiniteLoss`. The one exception is the CPU allocator's failure, which torch raises as a plain
-RuntimeError with no type of its own; `is_out_of_memory` recognises it by its message.
+`NonFiniteLoss`. The exceptions are allocation failures torch and CUDA libraries raise as a plain
+RuntimeError with no type of their own (the CPU allocator, cuBLAS, cuDNN, extensions, bitsandbytes);
+`is_out_of_memory` recognises them by their message.
 """
 
 from __future__ import annotations
@@ -60,19 +61,31 @@ class AttemptFailed(RuntimeError):
         self.device_type, self.bf16_supported = device_type, bf16_supported
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for torch.OutOfMemoryError (CUDA, MPS) and for the CPU allocator's failure.
+# Allocation failures that reach Python as a plain RuntimeError, by the text of their message (lower case):
+# the CPU allocator; cuBLAS and cuDNN failing to allocate their handles or workspaces; CUDA extensions
+# (flash-attn, bitsandbytes, custom kernels) reporting cudaErrorMemoryAllocation through their own checks.
+OUT_OF_MEMORY_MESSAGES = (
+    "can't allocate memory", "cannot allocate memory",  # DefaultCPUAllocator
+    "cublas_status_alloc_failed", "cudnn_status_alloc_failed", "cudnn_status_not_enough_workspace",
+    "cuda error: out of memory", "cuda_error_out_of_memory", "cudaerrormemoryallocation",
+    "cuda out of memory",  # bitsandbytes' and extensions' own wording
+)
 
-    The CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory: you
-    tried to allocate ... (Cannot allocate memory)"): torch gives it no type, so its message is the
-    only way to tell it from any other RuntimeError.
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for torch.OutOfMemoryError (CUDA, MPS) and for the allocation failures torch and CUDA
+    libraries raise as a plain RuntimeError (`OUT_OF_MEMORY_MESSAGES`): the CPU allocator's ("can't
+    allocate memory"), cuBLAS's CUBLAS_STATUS_ALLOC_FAILED, cuDNN's CUDNN_STATUS_ALLOC_FAILED /
+    NOT_ENOUGH_WORKSPACE, "CUDA error: out of memory" from extensions and bitsandbytes. They have no
+    type of their own, so the message is the only way to tell them from any other RuntimeError. The
+    training loop halves the micro-batch on them and the attempts classify them "oom" (`classify`).
     """
     import torch
 
     if isinstance(error, torch.OutOfMemoryError):
         return True
     message = str(error).lower()
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in message or "cannot allocate memory" in message)
+    return isinstance(error, RuntimeError) and any(m in message for m in OUT_OF_MEMORY_MESSAGES)
 
 
 def classify(error: BaseException | None = None, returncode: int | None = None) -> str:
@@ -155,13 +168,13 @@ def attempt_failure(run_dir: Path, returncode: int, worker_exitcodes: list[int] 
 
 
 def device_facts(cfg) -> tuple[str, bool | None]:
-    """The device type training runs on, and whether it computes in bf16 (CUDA only; else None)."""
-    import torch
-
+    """The device type training runs on, and whether it computes bf16 natively, not emulated (CUDA only;
+    else None)."""
+    from leantune.devices import describe
     from leantune.modeling import resolve_device
 
     device = resolve_device(cfg)
-    return device.type, torch.cuda.is_bf16_supported() if device.type == "cuda" else None
+    return device.type, describe(device).bf16_native if device.type == "cuda" else None
 
 
 # ------------------------------------------------------------------------------------------ log lines

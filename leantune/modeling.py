@@ -12,12 +12,12 @@ fp32, with a GradScaler when it is fp16.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import logging
 import tempfile
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from leantune.config import RunConfig, compute_dtype
+from leantune.config import RunConfig
 from leantune.errors import UserError
 from leantune.gguf import already_loadable, model_source
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 SCRATCH = "scratch"
+log = logging.getLogger(__name__)
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -43,39 +44,43 @@ def resolve_device(cfg: RunConfig) -> torch.device:
 
 
 def resolve_precision(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    """The compute dtype from model.dtype: 'auto' is bf16 on CUDA where supported, else fp16, fp32 on CPU."""
+    """The compute dtype from model.dtype: 'auto' is bf16 on CUDA cards that compute it natively, else fp16
+    (with a GradScaler), fp32 on CPU (devices.auto_dtype)."""
     import torch
 
-    on_cuda = device.type == "cuda"
-    bf16_ok = not on_cuda or torch.cuda.is_bf16_supported()
-    wanted = compute_dtype(cfg.model.dtype, device.type, bf16_ok)
-    if wanted == "fp16" and not on_cuda:
+    from leantune.devices import auto_dtype, describe
+
+    card = describe(device)
+    wanted = auto_dtype(card) if cfg.model.dtype == "auto" else cfg.model.dtype
+    if wanted == "fp16" and card.kind != "cuda":
         # fp16 training needs loss scaling and fast fp16 kernels, which CPUs do not have.
         raise UserError("model.dtype: fp16 is not supported on the CPU; use model.dtype=fp32 (or auto)")
-    if wanted == "bf16" and not bf16_ok:
-        raise UserError(
-            f"model.dtype: bf16 is not supported by this GPU ({torch.cuda.get_device_name(device)}); "
-            "use model.dtype=fp16 (or auto)"
-        )
+    if wanted == "bf16" and card.kind == "cuda" and not card.bf16_native:
+        if not torch.cuda.is_bf16_supported(including_emulation=True):
+            raise UserError(f"model.dtype: bf16 is not supported by this GPU ({card.name}); "
+                            "use model.dtype=fp16 (or auto)")
+        log.warning("model.dtype=bf16: %s (compute capability %s) only emulates bf16, several times slower than "
+                    "fp16; model.dtype=auto picks fp16 with loss scaling", card.name, card.capability)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[wanted]
 
 
 def resolve_attention(cfg: RunConfig, device: torch.device, precision: torch.dtype) -> str:
-    """model.attn_implementation: 'auto' is flash_attention_2 when flash_attn is installed and usable, else sdpa."""
+    """model.attn_implementation: 'auto' is flash_attention_2 where it can run (flash_attn installed,
+    Ampere or later, bf16/fp16: devices.choose_attention), else sdpa; the log says why."""
     import torch
 
+    from leantune.devices import choose_attention, describe, flash_attention_problem
+
+    card = describe(device)
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision, "fp32")
     wanted = cfg.model.attn_implementation
-    # flash-attention 2 has CUDA kernels for half precision only.
-    fa2_usable = device.type == "cuda" and precision in (torch.bfloat16, torch.float16)
-    fa2_installed = importlib.util.find_spec("flash_attn") is not None
-    if wanted == "auto":
-        return "flash_attention_2" if fa2_usable and fa2_installed else "sdpa"
-    if wanted == "flash_attention_2" and not (fa2_usable and fa2_installed):
-        why = ("the flash_attn package is not installed" if not fa2_installed
-               else f"it needs a CUDA device and bf16/fp16, not {device.type} with {precision}")
+    if wanted == "flash_attention_2" and (why := flash_attention_problem(card, dtype)):
         raise UserError(f"model.attn_implementation: flash_attention_2 is not usable here ({why}); "
                         "use model.attn_implementation=sdpa (or auto)")
-    return wanted
+    attention, why = choose_attention(card, dtype, wanted)
+    if wanted == "auto" and card.kind == "cuda":
+        log.info("attention: %s (%s)", attention, why)
+    return attention
 
 
 def build_model(cfg: RunConfig, tokenizer, device: torch.device):
@@ -400,15 +405,16 @@ def describe_model(model) -> dict:
     }
 
 
-def build_base_model(cfg: RunConfig, tokenizer, device):
-    """The base model of `cfg` without adapters, unquantised, in the compute dtype, in eval mode.
+def build_base_model(cfg: RunConfig, tokenizer, device, quantised: bool = False):
+    """The base model of `cfg` without adapters, unquantised in the compute dtype (`quantised`: in 4 bits,
+    as QLoRA trains it), in eval mode.
 
     What an adapter in run_dir/adapter is loaded onto with `PeftModel.from_pretrained`.
     """
-    # LoRA's build stores the frozen base in the compute dtype (QLoRA's would be 4-bit); the
-    # fresh adapter it adds is removed again.
-    as_lora = cfg.model_copy(update={"model": cfg.model.model_copy(update={"method": "lora",
-                                                                           "gradient_checkpointing": False})})
+    # LoRA's build stores the frozen base in the compute dtype, QLoRA's in 4 bits; the fresh adapter
+    # it adds is removed again.
+    as_lora = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+        "method": "qlora" if quantised else "lora", "gradient_checkpointing": False})})
     base = build_model(as_lora, tokenizer, device).unload()
     base.requires_grad_(False)
     return base.eval()
@@ -478,3 +484,25 @@ def _meta_skeleton(cfg: RunConfig):
             return None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def qlora_base_in_4_bits(cfg, device: torch.device, precision: torch.dtype) -> bool:
+    """After a QLoRA run of `cfg`: whether its base must stay in 4 bits on `device` (`quantised_evaluation`
+    with the base's size from its config and the device's free memory now); logged with why. Without
+    the model's config to size it: on CUDA, yes (training fitted the 4-bit base)."""
+    import logging
+
+    from leantune.devices import cuda_free_bytes, describe, quantised_evaluation
+    from leantune.monitor.hostmem import host_memory
+
+    if cfg.model.method != "qlora":
+        return False
+    skeleton = _meta_skeleton(cfg)
+    if skeleton is None:
+        return device.type == "cuda"
+    base_bytes = sum(p.numel() for p in skeleton.parameters()) * precision.itemsize
+    free = cuda_free_bytes(device) if device.type == "cuda" else host_memory().available_bytes
+    quantised, why = quantised_evaluation(cfg.model.method, describe(device), base_bytes, free,
+                                          cfg.monitor.memory_high_fraction)
+    logging.getLogger(__name__).info("QLoRA base: %s (%s)", "4-bit" if quantised else "unquantised", why)
+    return quantised

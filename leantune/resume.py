@@ -27,6 +27,7 @@ RESUMABLE_CHANGES = (
     "train.export_merged",  # what is written after the last step
     # Moving a run to another machine is legitimate, and 'auto' may resolve differently anyway.
     "train.device",
+    "train.deterministic",  # which kernels compute the same sums: at most float rounding apart
     # Data parallel gives the single-process update, so a run may resume on more or fewer GPUs; only
     # dropout's random numbers (per-rank RNG states) then differ from an uninterrupted run.
     "train.distributed",

@@ -146,6 +146,11 @@ class RunDir(_Layout):
         return self.root / "attempt_error.json"
 
     @property
+    def power_record(self) -> Path:
+        """The GPU's power limit before the run's first cap (monitor/power.py); gone once restored."""
+        return self.root / "power_limit_original.json"
+
+    @property
     def tracking(self) -> Path:
         """Where the run is tracked: the MLflow run and the steps logged (leantune/tracking.py)."""
         return self.root / "tracking.json"

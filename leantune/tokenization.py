@@ -29,6 +29,7 @@ Padding in a packed batch forms its own block after the last document. flash_att
 concatenate a micro-batch into one row and pass `position_ids` without `attention_mask`. sdpa and
 eager find them from position ids too (no mask, `use_cache=False`: with a cache, which most configs
 enable by default, transformers skips that detection and documents silently attend to each other).
+Which of these the training loop uses, and what each mask costs: leantune/training/packed.py.
 
 On-disk format of one split directory (e.g. `tokens/train/`):
   shard-NNNNN.tokens.npy  flat token ids, uint16 when the vocabulary has fewer than 65536 ids, else uint32
@@ -690,13 +691,14 @@ class TokenShards:
         return training_batches(self.lengths, global_batch_size, seed, group_by_length)
 
 
-def collate(items: list[dict[str, np.ndarray]], pad_id: int, dtype=None) -> dict:
+def collate(items: list[dict[str, np.ndarray]], pad_id: int, dtype=None, mask: bool = True) -> dict:
     """Pad items on the right into torch tensors: input_ids, labels (-100 on pads), position_ids,
     attention_mask.
 
     attention_mask is the usual (batch, seq) 0/1 mask when every item is one document, and a
     (batch, 1, seq, seq) additive block-diagonal causal mask of `dtype` (the model's compute dtype,
-    default float32) when an item holds packed documents; see the module docstring.
+    default float32) when an item holds packed documents; see the module docstring. mask=False: no
+    attention_mask (the model finds the documents from position_ids; training/packed.py).
     """
     import torch
 
@@ -718,6 +720,8 @@ def collate(items: list[dict[str, np.ndarray]], pad_id: int, dtype=None) -> dict
         doc_lengths = torch.as_tensor(np.asarray(it["doc_lengths"], dtype=np.int64))
         doc_ids[b, :n] = torch.repeat_interleave(torch.arange(len(doc_lengths)), doc_lengths)
         doc_ids[b, n:] = len(doc_lengths)
+    if not mask:
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     if all(len(it["doc_lengths"]) == 1 for it in items):
         lengths = torch.tensor([len(it["input_ids"]) for it in items])
         attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()

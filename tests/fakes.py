@@ -1,10 +1,12 @@
-"""Test doubles: FakeNvml, a scripted stand-in for the pynvml module (GPU readings, errors, power limits)."""
+"""Test doubles: FakeNvml, a scripted stand-in for the pynvml module (GPU readings, errors, power limits);
+`simulate_cuda`, torch seeing a described CUDA card."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from types import SimpleNamespace
 
+from leantune.devices import Device
 from leantune.monitor.sampler import MIB
 
 FAKE_FIELDS = {
@@ -117,6 +119,10 @@ class FakeNvml:
     def nvmlDeviceGetPowerManagementLimit(self, handle):
         return self.nvmlDeviceGetEnforcedPowerLimit(handle)
 
+    def nvmlDeviceGetUUID(self, handle):
+        self._current(handle)
+        return f"GPU-fake-{handle}"
+
     def nvmlDeviceGetPowerManagementLimitConstraints(self, handle):
         self._current(handle)
         return [int(self._constraints[0] * 1000), int(self._constraints[1] * 1000)]
@@ -141,3 +147,22 @@ class FakeNvml:
 
     def nvmlDeviceGetTotalEnergyConsumption(self, handle):
         return int(self._current(handle, "energy_mj")["energy_mj"])
+
+
+def simulate_cuda(monkeypatch, card: Device) -> None:
+    """torch sees `card` as cuda:0 (bf16 'supported' with emulation on every card, as torch says)."""
+    import importlib.util
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: card.name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: card.capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *a: type("Props", (), {"total_memory": card.total_memory, "name": card.name})())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or card.bf16_native)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        (object() if card.flash_attn_installed else None) if name == "flash_attn" else real(name, *a)))

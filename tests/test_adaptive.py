@@ -37,9 +37,9 @@ class Feed:
         self.log = []
         real = loop.model_inputs
 
-        def recording(items, *args):
+        def recording(items, *args, **kwargs):
             self.log.append(("batch", [self.index_of.get(it["input_ids"].tobytes()) for it in items]))
-            return real(items, *args)
+            return real(items, *args, **kwargs)
 
         monkeypatch.setattr(loop, "model_inputs", recording)
 

@@ -16,7 +16,7 @@ def stub_model(monkeypatch):
     """A 'model' that knows a claim iff its text has an even length, and always picks (A) otherwise."""
     tokenizer = type("Tokenizer", (), {"pad_token_id": 0, "eos_token_id": 0})()
     monkeypatch.setattr(runner, "load_eval_tokenizer", lambda cfg, d: tokenizer)
-    monkeypatch.setattr(runner, "build_eval_model", lambda cfg, tok, dev: object())
+    monkeypatch.setattr(runner, "build_eval_model", lambda cfg, tok, dev, **kwargs: object())
     monkeypatch.setattr(scoring, "resolve_framing", lambda framing, tok: "chat_template")
     monkeypatch.setattr(scoring, "encode_items", lambda tok, framing, items: list(items))
 

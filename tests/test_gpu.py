@@ -26,8 +26,8 @@ def new_run(tokenized_run, tmp_path, *overrides):
 
 @pytest.mark.parametrize("method,dtype", [("lora", "bf16"), ("lora", "fp16"), ("full", "bf16"), ("qlora", "bf16")])
 def test_cuda_training_runs_and_learns(tokenized_run, tmp_path, method, dtype):
-    if dtype == "bf16" and not torch.cuda.is_bf16_supported():
-        pytest.skip("this GPU has no bf16")
+    if dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("this GPU has no native bf16")
     cfg, run_dir = new_run(tokenized_run, tmp_path, f"model.method={method}", f"model.dtype={dtype}")
     summary = train(cfg, run_dir)
     steps = read_metrics(run_dir, "step")
@@ -39,10 +39,17 @@ def test_cuda_training_runs_and_learns(tokenized_run, tmp_path, method, dtype):
     assert 0 < steps[-1]["peak_memory_mb"] < total_mb
 
 
-def test_cuda_split_invariance_in_fp32(tokenized_run, tmp_path):
+@pytest.fixture
+def tf32_off():
+    """TF32 off for the test, the settings it found restored after it (other tests run in this process)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_cuda_split_invariance_in_fp32(tokenized_run, tmp_path, tf32_off):
     """The global-batch loss normalisation holds on the GPU too (fp32, TF32 off)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     weights = []
     for micro in (8, 2):
         cfg, run_dir = new_run(tokenized_run, tmp_path / f"m{micro}", "model.dtype=fp32",
@@ -54,3 +61,16 @@ def test_cuda_split_invariance_in_fp32(tokenized_run, tmp_path):
     for key in weights[0]:
         err = float((weights[0][key] - weights[1][key]).norm() / weights[1][key].norm())
         assert err <= 1e-4, key
+
+
+def test_the_real_card_gets_the_decisions_its_description_gives():
+    """tests/test_devices.py simulates cards; here the card at hand is described by torch itself."""
+    from leantune.devices import auto_dtype, describe
+    from leantune.modeling import resolve_precision
+
+    cuda = torch.device("cuda")
+    card = describe(cuda)
+    assert card.capability == tuple(torch.cuda.get_device_capability(0))
+    assert card.bf16_native == (card.capability >= (8, 0))
+    expected = {"bf16": torch.bfloat16, "fp16": torch.float16}[auto_dtype(card)]
+    assert resolve_precision(load_config(overrides=["train.device=cuda"]), cuda) == expected

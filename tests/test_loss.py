@@ -194,7 +194,7 @@ def test_padded_batches_train_without_a_mask_with_the_same_loss_and_gradients(ar
         ids = rng.integers(3, VOCAB, n)
         labels = np.where(np.arange(n) >= n // 2, ids, -100)
         items.append({"input_ids": ids, "labels": labels, "doc_lengths": np.array([n]), "position_ids": np.arange(n)})
-    inputs, labels = model_inputs(items, 0, torch.float32, False, torch.device("cpu"))
+    inputs, labels = model_inputs(items, 0, torch.float32, "sdpa", torch.device("cpu"))
     assert list(inputs) == ["input_ids"] and inputs["input_ids"].shape == (3, 40)  # no mask, default positions
     with_mask = collate(items, 0)
     assert torch.equal(with_mask.pop("labels"), labels) and with_mask["attention_mask"].dim() == 2
@@ -204,8 +204,8 @@ def test_padded_batches_train_without_a_mask_with_the_same_loss_and_gradients(ar
     assert new.keys() == ref.keys() and ref
     for name, g in ref.items():
         torch.testing.assert_close(new[name], g, rtol=1e-5, atol=1e-5, msg=name)
-    # Rows holding packed documents keep their block-diagonal mask.
+    # Rows holding packed documents keep their block-diagonal mask under eager attention (sdpa: packed.py).
     kept, _ = model_inputs([{**it, "doc_lengths": np.array([10, len(it["input_ids"]) - 10]),
                              "position_ids": np.concatenate([np.arange(10), np.arange(len(it["input_ids"]) - 10)])}
-                            for it in items], 0, torch.float32, False, torch.device("cpu"))
+                            for it in items], 0, torch.float32, "eager", torch.device("cpu"))
     assert kept["attention_mask"].shape == (3, 1, 40, 40) and "position_ids" in kept

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakes import simulate_cuda
 
 from leantune.config import load_config
+from leantune.devices import KNOWN, Device
 from leantune.errors import DataError, UserError
 from leantune.modeling import (
     build_model,
@@ -223,27 +225,30 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tokenize
 
 # ---------------------------------------------------------------------------- precision/device
 
+CARDS = {card.name: card for card in KNOWN}
 
-@pytest.mark.parametrize("dtype, device, bf16_ok, expected", [
-    ("auto", "cpu", False, torch.float32),
-    ("auto", "cuda", True, torch.bfloat16),
-    ("auto", "cuda", False, torch.float16),
-    ("fp32", "cuda", True, torch.float32),
-    ("fp16", "cuda", True, torch.float16),
-    ("bf16", "cpu", False, torch.bfloat16),
-    ("fp32", "cpu", False, torch.float32),
+
+@pytest.mark.parametrize("dtype, card, expected", [
+    ("auto", None, torch.float32),
+    ("auto", "A100", torch.bfloat16),
+    ("auto", "T4", torch.float16),
+    ("fp32", "A100", torch.float32),
+    ("fp16", "A100", torch.float16),
+    ("bf16", None, torch.bfloat16),
+    ("fp32", None, torch.float32),
 ])
-def test_precision_rules(monkeypatch, dtype, device, bf16_ok, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
-    assert resolve_precision(cfg_with(f"model.dtype={dtype}"), torch.device(device)) == expected
+def test_precision_rules(monkeypatch, dtype, card, expected):
+    if card is not None:
+        simulate_cuda(monkeypatch, CARDS[card])
+    assert resolve_precision(cfg_with(f"model.dtype={dtype}"), torch.device("cuda" if card else "cpu")) == expected
 
 
 def test_impossible_precisions_are_refused_with_the_key(monkeypatch):
     with pytest.raises(UserError, match="model.dtype: fp16 is not supported on the CPU; use model.dtype=fp32"):
         resolve_precision(cfg_with("model.dtype=fp16"), CPU)
+    simulate_cuda(monkeypatch, CARDS["T4"])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
-    with pytest.raises(UserError, match=r"model.dtype: bf16 is not supported by this GPU \(Tesla T4\); use "
+    with pytest.raises(UserError, match=r"model.dtype: bf16 is not supported by this GPU \(T4\); use "
                                         "model.dtype=fp16"):
         resolve_precision(cfg_with("model.dtype=bf16"), torch.device("cuda"))
 
@@ -259,21 +264,18 @@ def test_device_rules(monkeypatch):
 
 
 def test_attention_rules(monkeypatch):
-    import importlib.util
-
     cuda = torch.device("cuda")
-    real_find_spec = importlib.util.find_spec
     assert resolve_attention(cfg_with(), CPU, torch.float32) == "sdpa"
     assert resolve_attention(cfg_with("model.attn_implementation=eager"), CPU, torch.float32) == "eager"
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
+    simulate_cuda(monkeypatch, CARDS["H100"])
     assert resolve_attention(cfg_with(), cuda, torch.bfloat16) == "sdpa"
     with pytest.raises(UserError, match="model.attn_implementation: .*flash_attn package is not installed"):
         resolve_attention(cfg_with("model.attn_implementation=flash_attention_2"), cuda, torch.bfloat16)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    simulate_cuda(monkeypatch, Device(**{**CARDS["H100"].__dict__, "flash_attn_installed": True}))
     assert resolve_attention(cfg_with(), cuda, torch.bfloat16) == "flash_attention_2"
     assert resolve_attention(cfg_with(), cuda, torch.float32) == "sdpa"  # no fp32 kernels
     assert resolve_attention(cfg_with(), CPU, torch.float32) == "sdpa"
-    with pytest.raises(UserError, match="needs a CUDA device and bf16/fp16"):
+    with pytest.raises(UserError, match="needs a CUDA device"):
         resolve_attention(cfg_with("model.attn_implementation=flash_attention_2"), CPU, torch.float32)
 
 

@@ -1,5 +1,6 @@
 """The power limit through the fake NVML: applied, read back, restored (failed runs too), no permission."""
 
+import json
 import logging
 
 import pytest
@@ -87,3 +88,36 @@ def test_not_supported_and_unavailable(caplog):
         assert report.status == "unavailable" and "no limit applied" in report.message
     with power_limit(None, nvml, 0) as report:
         assert report is None
+
+
+def test_a_killed_attempts_cap_is_not_taken_for_the_original(tmp_path, caplog):
+    """The first attempt records 115 W before capping to 80 W and is killed (SIGKILL: no restore). The
+    retry finds 80 W on the card, caps again and restores the recorded 115 W; the record is then gone."""
+    record = tmp_path / "power_limit_original.json"
+    nvml, _ = fake()
+    killed = power_limit(80.0, nvml, 0, record=record)
+    killed.__enter__()  # never left: the process died
+    assert nvml.power_limits_w[0] == 80.0 and json.loads(record.read_text()) == {"uuid": "GPU-fake-0",
+                                                                                  "original_w": 115.0}
+    with caplog.at_level(logging.WARNING), power_limit(90.0, nvml, 0, record=record) as report:
+        assert nvml.power_limits_w[0] == 90.0 and report.previous_w == 115.0
+    assert "reads 80 W, left by an earlier attempt of this run; the original 115 W" in caplog.text
+    assert nvml.power_limits_w[0] == 115.0 and report.restored_w == 115.0
+    assert not record.exists()
+
+
+def test_a_record_of_another_gpu_is_not_used(tmp_path):
+    record = tmp_path / "power_limit_original.json"
+    record.write_text(json.dumps({"uuid": "GPU-another-card", "original_w": 300.0}))
+    nvml, _ = fake()
+    with power_limit(90.0, nvml, 0, record=record) as report:
+        assert report.previous_w == 115.0
+    assert nvml.power_limits_w[0] == 115.0 and not record.exists()
+
+
+def test_without_permission_no_record_is_left(tmp_path):
+    record = tmp_path / "power_limit_original.json"
+    nvml, _ = fake(can_set_power=False)
+    with power_limit(90.0, nvml, 0, record=record) as report:
+        assert report.status == "no_permission"
+    assert not record.exists() and nvml.power_limits_w[0] == 115.0

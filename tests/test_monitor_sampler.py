@@ -211,3 +211,65 @@ def test_thread_samples_until_stopped_and_survives_a_failing_callback(tmp_path, 
     assert len(rows(tmp_path / "monitor.csv")) == count
     time.sleep(0.05)
     assert len(seen) == count  # the thread is gone
+
+
+# ---------------------------------------------------------------------------------------- MIG slices
+
+MIG_UUID = "4f3b2a10-0c1d-5e6f-8a9b-0c1d2e3f4a5b"  # torch's bare form of a slice's UUID
+
+
+class MigNvml(FakeNvml):
+    """GPU 0 is split into MIG slices; handle 10 is the slice with MIG_UUID. Only "MIG-"+MIG_UUID finds it."""
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        if uuid == f"MIG-{MIG_UUID}":
+            return 10
+        self._raise("NOT_FOUND")
+
+    def nvmlDeviceIsMigDeviceHandle(self, handle):
+        return handle == 10
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle):
+        return 0
+
+    def nvmlDeviceGetIndex(self, handle):
+        if handle == 10:
+            self._raise("INVALID_ARGUMENT")  # a slice has no index of its own
+        return handle
+
+    def _current(self, handle, field=None):
+        if handle == 10 and field not in (None, "memory_used_mb"):
+            self._raise("NOT_SUPPORTED")  # NVML reads a slice's memory, not its power, clocks or temperature
+        return super()._current(0 if handle == 10 else handle, field)
+
+    def nvmlDeviceGetName(self, handle):
+        return "NVIDIA A100-SXM4-40GB MIG 1g.5gb" if handle == 10 else super().nvmlDeviceGetName(handle)
+
+
+@pytest.mark.parametrize("visible", [None, f"MIG-{MIG_UUID}"], ids=["bare-uuid", "CUDA_VISIBLE_DEVICES=MIG"])
+def test_a_mig_slice_keeps_nvml(tmp_path, monkeypatch, visible):
+    import torch
+
+    from leantune.monitor.sampler import nvml_uuids
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"uuid": MIG_UUID})())
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 0)
+    if visible:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    else:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    clock = FakeClock()
+    fake = MigNvml([{"t": 0}], clock)
+    monitor = Monitor(MonitorConfig(), tmp_path / "monitor.csv", device_type="cuda", device_index=0, nvml=fake,
+                      clock=clock)
+    assert monitor.nvml is fake and monitor.gpu_handles == [(0, 10)]
+    assert monitor.gpu_names == ["NVIDIA A100-SXM4-40GB MIG 1g.5gb"]
+    sample = monitor.sample_once()
+    assert sample.backend == "nvml" and sample.gpus[0].memory_total_mb == 8192.0 and sample.gpus[0].power_w is None
+    assert nvml_uuids(MIG_UUID, visible, 0) == (
+        [f"MIG-{MIG_UUID}", f"GPU-{MIG_UUID}"] if visible else [f"GPU-{MIG_UUID}", f"MIG-{MIG_UUID}"])
+    assert nvml_uuids(f"GPU-{MIG_UUID}", None, 0) == [f"GPU-{MIG_UUID}"]

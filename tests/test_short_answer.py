@@ -117,7 +117,7 @@ def test_earlier_turns_are_rendered_before_the_question():
 def test_filtration_asks_a_short_answer_question_once_and_keeps_those_answered_right(monkeypatch, tmp_path):
     tokenizer = type("Tokenizer", (), {"pad_token_id": 0, "eos_token_id": 0})()
     monkeypatch.setattr(runner, "load_eval_tokenizer", lambda cfg, d: tokenizer)
-    monkeypatch.setattr(runner, "build_eval_model", lambda cfg, tok, dev: object())
+    monkeypatch.setattr(runner, "build_eval_model", lambda cfg, tok, dev, **kwargs: object())
     monkeypatch.setattr(scoring, "resolve_framing", lambda framing, tok: "chat_template")
     monkeypatch.setattr(scoring, "encode_items", lambda tok, framing, items: list(items))
     scored = []

@@ -1,11 +1,17 @@
 """Evaluate a model, or a base model and its fine-tuned version, on the sets of `eval.datasets`.
 
 `evaluate(cfg, out_dir, adapter_dir=...)` loads the base model of `cfg` once (unquantised, in the
-compute dtype, sdpa attention for the 4D masks of scoring.py; a QLoRA adapter is therefore
-evaluated on the unquantised base, as the merged export uses it) and the adapter on top of it (PEFT);
+compute dtype, sdpa attention for the 4D masks of scoring.py; after QLoRA, the 4-bit base training used
+where the unquantised one does not fit the device's free memory: devices.quantised_evaluation) and the
+adapter on top of it (PEFT);
 the base is scored with the adapter disabled (`disable_adapter()`), the tuned model with it merged
-into fp32 weights (merge_for_scoring; enabled unmerged in bf16/fp16), on the same encoded items in
-the same batches. A full fine-tune's output directory (a whole model) is loaded after the base is freed. Without an adapter the model alone is evaluated.
+into fp32 weights (merge_for_scoring; enabled unmerged in bf16/fp16 or 4 bits), on the same encoded items
+in the same batches. A full fine-tune's output directory (a whole model) is loaded after the base is freed.
+Without an adapter the model alone is evaluated.
+
+Batches: eval.batch_size items, scaled down by as much as training had to lower its micro-batch (the
+run's training.json beside the adapter: `starting_batch_size`); out of memory halves the batch and
+scores the set again, down to one item, as training's micro-batch ladder does (`_halving_on_oom`).
 
 Files in `out_dir` (a run's eval/):
   base.json        the base model (or the model alone): per set its counts (every item read is
@@ -35,7 +41,8 @@ from leantune.evaluation.datasets import EvalSet, load_eval_sets
 from leantune.evaluation.scoring import choice_outcomes, encode_items, resolve_framing, score_encoded
 from leantune.evaluation.shift import answer_bias, opinion_shift, shift_difference
 from leantune.evaluation.stats import by_subset
-from leantune.rundir import EvalDir
+from leantune.modeling import qlora_base_in_4_bits
+from leantune.rundir import EvalDir, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +68,14 @@ def evaluate(cfg: RunConfig, out_dir: Path, *, adapter_dir: Path | None = None,
     ctx = {
         "tokenizer": tokenizer, "framing": framing, "device": device, "pad_id": pad_id(tokenizer),
         "autocast": torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32),
-        "mask_dtype": precision, "cfg": cfg,
+        "mask_dtype": precision, "cfg": cfg, "batch_size": starting_batch_size(cfg, adapter_dir),
     }
+    quantised = adapter_kind == "peft" and qlora_base_in_4_bits(cfg, device, precision)
     about = {"name_or_path": cfg.model.name_or_path, "framing": framing, "device": str(device),
-             "dtype": str(precision).removeprefix("torch."), "adapter": str(adapter_dir) if adapter_dir else None}
+             "dtype": str(precision).removeprefix("torch."), "adapter": str(adapter_dir) if adapter_dir else None,
+             "base_weights": "4-bit" if quantised else str(precision).removeprefix("torch.")}
 
-    model = build_eval_model(cfg, tokenizer, device)
+    model = build_eval_model(cfg, tokenizer, device, quantised=quantised)
     results = {}
     if adapter_kind == "peft":
         from peft import PeftModel
@@ -135,12 +144,24 @@ def _eval_config(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"attn_implementation": attn})})
 
 
-def build_eval_model(cfg: RunConfig, tokenizer, device):
-    """The base model of `cfg` in eval mode, unquantised in the compute dtype (the same weights the
-    run's adapter was trained on: a 'scratch' model is rebuilt from train.seed)."""
+def build_eval_model(cfg: RunConfig, tokenizer, device, quantised: bool = False):
+    """The base model of `cfg` in eval mode, unquantised in the compute dtype, or `quantised` in 4 bits as
+    QLoRA trained it (the same weights the run's adapter was trained on: a 'scratch' model is rebuilt from
+    train.seed)."""
     from leantune.modeling import build_base_model
 
-    return build_base_model(_eval_config(cfg), tokenizer, device)
+    return build_base_model(_eval_config(cfg), tokenizer, device, quantised=quantised)
+
+
+def starting_batch_size(cfg: RunConfig, adapter_dir: Path | None) -> int:
+    """eval.batch_size, scaled by the share of train.micro_batch_size training ended with when it had to
+    lower it (training.json beside `adapter_dir`): a device that fitted half the training micro-batch
+    starts evaluation at half the batch."""
+    summary = RunDir(Path(adapter_dir).parent).training if adapter_dir is not None else None
+    if summary is None or not summary.is_file():
+        return cfg.eval.batch_size
+    ended = json.loads(summary.read_text()).get("micro_batch_size") or cfg.train.micro_batch_size
+    return max(1, cfg.eval.batch_size * min(ended, cfg.train.micro_batch_size) // cfg.train.micro_batch_size)
 
 
 def load_full_model(cfg: RunConfig, path: Path, device):
@@ -188,23 +209,46 @@ def _free(device) -> None:
 # -------------------------------------------------------------------------------------- evaluating
 
 
+def _halving_on_oom(ctx: dict, what: str, work):
+    """work(batch_size) at ctx["batch_size"]; out of memory frees the device's cache, halves the batch (kept
+    for what follows) and runs it again, down to 1 item, where it raises OutOfMemory."""
+    from leantune.failures import OutOfMemory, is_out_of_memory
+
+    while True:
+        try:
+            return work(ctx["batch_size"])
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            failed = ctx["batch_size"]
+        # Outside the except block: the traceback (holding activations) is released first.
+        _free(ctx["device"])
+        if failed == 1:
+            raise OutOfMemory(f"evaluation ran out of memory on {what} with a batch of 1 item; lower "
+                              "eval.max_new_tokens or tokenize.max_seq_len, or evaluate on a larger device")
+        ctx["batch_size"] = failed // 2
+        log.warning("evaluation: out of memory on %s with a batch of %d; again with %d", what, failed,
+                    ctx["batch_size"])
+
+
 def _evaluate_model(model, sets: list[EvalSet], encoded: dict, ctx: dict, about: dict) -> dict:
     cfg = ctx["cfg"]
     result = {"model": about, "confidence": cfg.eval.confidence, "sets": {}}
     for s in sets:
         started = time.monotonic()
         if s.kind == "choice":
-            scores = score_encoded(model, encoded[s.name], cfg.eval.batch_size, ctx["pad_id"], ctx["device"],
-                                   ctx["autocast"], ctx["mask_dtype"])
+            scores = _halving_on_oom(ctx, s.name, lambda size, s=s: score_encoded(
+                model, encoded[s.name], size, ctx["pad_id"], ctx["device"], ctx["autocast"], ctx["mask_dtype"]))
             outcomes = choice_outcomes(s.items, scores, encoded[s.name])
             subsets, overall = by_subset(outcomes, cfg.eval.confidence)
             if all(option.strip().startswith("(") for i in s.items for option in i.options):
                 # Only answers with letters have a position to prefer; short answers have none.
                 overall["answer_bias"] = answer_bias([i.options for i in s.items], outcomes, cfg.eval.confidence)
         else:
-            generate = model_generator(model, ctx["tokenizer"], ctx["framing"], cfg.eval.max_new_tokens,
-                                       cfg.eval.batch_size, ctx["pad_id"], ctx["device"], ctx["autocast"])
-            outcomes = run_are_you_sure(s.items, ctx["tokenizer"], ctx["framing"], generate)
+            outcomes = _halving_on_oom(ctx, s.name, lambda size, s=s: run_are_you_sure(
+                s.items, ctx["tokenizer"], ctx["framing"],
+                model_generator(model, ctx["tokenizer"], ctx["framing"], cfg.eval.max_new_tokens, size,
+                                ctx["pad_id"], ctx["device"], ctx["autocast"])))
             groups: dict[str, list[dict]] = {}
             for o in outcomes:
                 groups.setdefault(o["subset"], []).append(o)
@@ -213,7 +257,7 @@ def _evaluate_model(model, sets: list[EvalSet], encoded: dict, ctx: dict, about:
         seconds = time.monotonic() - started
         result["sets"][s.name] = {**s.describe(), "subsets": subsets, "overall": overall,
                                   "seconds": round(seconds, 3), "items_per_second": len(outcomes) / seconds,
-                                  "items": outcomes}
+                                  "batch_size": ctx["batch_size"], "items": outcomes}
         o = overall
         log.info("%s on %s: sycophancy rate %.3f [%.3f, %.3f] over %d items (%.1f items/s)", about["label"], s.name,
                  o["rate"], *o["rate_ci"], o["n"], len(outcomes) / seconds)

@@ -8,6 +8,11 @@ warns, training goes on at the current limit, and the monitor keeps measuring. A
 with SIGKILL cannot restore anything: the limit then stays until it is reset
 (`sudo nvidia-smi -i N -pl WATTS`) or the driver reloads; the warning says so.
 
+With `record` (the run directory's power_limit_original.json) the limit found before the FIRST cap is
+written there before the cap is set, and every attempt restores to that recorded value: the retry of a
+killed attempt finds the capped limit on the card and must not take it for the original. The record
+names the GPU's UUID (used only for the same card) and is removed once the limit is restored.
+
 The report it yields (also after the block: `restored_w`) goes into training.json:
   status  "applied" (read back equal), "not_confirmed" (read back different), "no_permission",
           "not_supported", "unavailable" (no NVML or no GPU), "failed" (another NVML error)
@@ -16,9 +21,12 @@ The report it yields (also after the block: `restored_w`) goes into training.jso
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +40,7 @@ class PowerLimitReport:
     requested_w: float
     gpu: int | None = None
     target_w: float | None = None  # the request clamped to the GPU's range
-    previous_w: float | None = None
+    previous_w: float | None = None  # the limit before the run's first cap (recorded across attempts)
     applied_w: float | None = None  # read back after setting
     restored_w: float | None = None  # read back after restoring
     status: str = "unavailable"
@@ -43,10 +51,12 @@ class PowerLimitReport:
 
 
 @contextlib.contextmanager
-def power_limit(watts: float | None, nvml, handle, gpu: int = 0) -> Iterator[PowerLimitReport | None]:
+def power_limit(watts: float | None, nvml, handle, gpu: int = 0,
+                record: Path | None = None) -> Iterator[PowerLimitReport | None]:
     """Apply `watts` to the GPU `handle` for the duration of the block; see the module docstring.
 
-    watts None: nothing to do (yields None). nvml/handle None: no GPU to limit (warns).
+    watts None: nothing to do (yields None). nvml/handle None: no GPU to limit (warns). record: where the
+    original limit is kept across attempts (None: not kept; the limit read now is the original).
     """
     if watts is None:
         yield None
@@ -58,19 +68,52 @@ def power_limit(watts: float | None, nvml, handle, gpu: int = 0) -> Iterator[Pow
         log.warning("%s", report.message)
         yield report
         return
-    changed = _apply(report, nvml, handle, watts)
+    had_record = record is not None and Path(record).is_file()
+    changed = _apply(report, nvml, handle, watts, record)
+    if not changed and record is not None and not had_record:
+        Path(record).unlink(missing_ok=True)  # nothing was capped: nothing to restore later
     try:
         yield report
     finally:
         if changed:
-            _restore(report, nvml, handle)
+            _restore(report, nvml, handle, record)
 
 
-def _apply(report: PowerLimitReport, nvml, handle, watts: float) -> bool:
+def _gpu_uuid(nvml, handle) -> str | None:
+    try:
+        uuid = nvml.nvmlDeviceGetUUID(handle)
+    except nvml.NVMLError:
+        return None
+    return uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+
+
+def _original_limit(nvml, handle, found_w: float, record: Path | None) -> float:
+    """The limit to restore at the end: the recorded original when `record` holds one for this GPU (an
+    earlier attempt capped it), else `found_w`, which is recorded first."""
+    if record is None:
+        return found_w
+    uuid = _gpu_uuid(nvml, handle)
+    try:
+        kept = json.loads(Path(record).read_text())
+    except (OSError, ValueError):
+        kept = None
+    if isinstance(kept, dict) and kept.get("uuid") == uuid and isinstance(kept.get("original_w"), int | float):
+        if abs(kept["original_w"] - found_w) > CONFIRM_TOLERANCE_W:
+            log.warning("GPU power limit reads %g W, left by an earlier attempt of this run; the original %g W "
+                        "recorded in %s is what will be restored", found_w, kept["original_w"], record)
+        return float(kept["original_w"])
+    tmp = Path(record).with_name(f".{Path(record).name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"uuid": uuid, "original_w": found_w}) + "\n")
+    os.replace(tmp, record)
+    return found_w
+
+
+def _apply(report: PowerLimitReport, nvml, handle, watts: float, record: Path | None = None) -> bool:
     """Set the limit; True when it was changed (so it must be restored)."""
     try:
         low_mw, high_mw = nvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
-        report.previous_w = nvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000
+        found_w = nvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000
+        report.previous_w = _original_limit(nvml, handle, found_w, record)
         target = min(max(watts, low_mw / 1000), high_mw / 1000)
         report.target_w = target
         if target != watts:
@@ -109,7 +152,7 @@ def _apply(report: PowerLimitReport, nvml, handle, watts: float) -> bool:
     return True
 
 
-def _restore(report: PowerLimitReport, nvml, handle) -> None:
+def _restore(report: PowerLimitReport, nvml, handle, record: Path | None = None) -> None:
     previous = report.previous_w
     try:
         nvml.nvmlDeviceSetPowerManagementLimit(handle, int(round(previous * 1000)))
@@ -122,5 +165,7 @@ def _restore(report: PowerLimitReport, nvml, handle) -> None:
     if abs(report.restored_w - previous) > CONFIRM_TOLERANCE_W:
         log.error("GPU %s's power limit reads %g W after restoring %g W; reset it: sudo nvidia-smi -i %s -pl %g",
                   report.gpu, report.restored_w, previous, report.gpu, previous)
-    else:
-        log.info("GPU %s power limit restored to %g W", report.gpu, report.restored_w)
+        return
+    log.info("GPU %s power limit restored to %g W", report.gpu, report.restored_w)
+    if record is not None:
+        Path(record).unlink(missing_ok=True)  # restored: the next attempt finds the original on the card

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import sys
 import threading
 import time
@@ -262,13 +263,43 @@ def _text(value) -> str:
 def _training_gpu(nvml, device_index: int | None):
     """The NVML handle of the CUDA device torch trains on, matched by UUID (NVML and CUDA may
     number GPUs differently, and CUDA_VISIBLE_DEVICES renumbers them); None when torch has not
-    initialised CUDA."""
+    initialised CUDA. A MIG slice is found by its "MIG-" UUID (`nvml_uuids`)."""
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_initialized():
         return None
     index = torch.cuda.current_device() if device_index is None else device_index
-    uuid = str(torch.cuda.get_device_properties(index).uuid)
-    return nvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+    candidates = nvml_uuids(str(torch.cuda.get_device_properties(index).uuid),
+                            os.environ.get("CUDA_VISIBLE_DEVICES"), index)
+    for uuid in candidates[:-1]:
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(uuid)
+        except nvml.NVMLError:
+            continue  # not a GPU of that kind: the next prefix
+    return nvml.nvmlDeviceGetHandleByUUID(candidates[-1])
+
+
+def nvml_uuids(torch_uuid: str, visible_devices: str | None, index: int) -> list[str]:
+    """The NVML UUIDs to try, in order, for CUDA device `index` whose UUID torch gives as `torch_uuid`.
+
+    torch gives the bare hex UUID for whole GPUs and MIG slices alike; NVML names a GPU "GPU-<uuid>"
+    and a MIG slice "MIG-<uuid>". A slice named in CUDA_VISIBLE_DEVICES ("MIG-...") is tried as one
+    first; otherwise the GPU prefix first, then the MIG one."""
+    if torch_uuid.startswith(("GPU-", "MIG-")):
+        return [torch_uuid]
+    visible = [d.strip() for d in (visible_devices or "").split(",") if d.strip()]
+    if index < len(visible) and visible[index].startswith("MIG-"):
+        return [f"MIG-{torch_uuid}", f"GPU-{torch_uuid}"]
+    return [f"GPU-{torch_uuid}", f"MIG-{torch_uuid}"]
+
+
+def _nvml_index(nvml, handle) -> int:
+    """NVML's index of `handle`; for a MIG slice, the index of the GPU it is part of."""
+    try:
+        if nvml.nvmlDeviceIsMigDeviceHandle(handle):
+            handle = nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+    except (AttributeError, nvml.NVMLError):
+        pass  # an NVML without MIG: a whole GPU
+    return nvml.nvmlDeviceGetIndex(handle)
 
 
 # ----------------------------------------------------------------------------------------- Monitor
@@ -332,7 +363,7 @@ class Monitor:
         try:
             handle = _training_gpu(nvml, device_index) if self.device_type == "cuda" else None
             if handle is not None:
-                devices = [(nvml.nvmlDeviceGetIndex(handle), handle)]
+                devices = [(_nvml_index(nvml, handle), handle)]
             else:
                 devices = [(i, nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(nvml.nvmlDeviceGetCount())]
             self._reader = _NvmlReader(nvml, devices)

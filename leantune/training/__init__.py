@@ -2,6 +2,8 @@
 
   launch.py       how the flow starts the training process, follows its log and metrics, stops it
   loop.py         the training loop, top to bottom: token shards in, an adapter (or model) out
+  determinism.py  train.deterministic: the CUDA settings that keep a resume bitwise
+  packed.py       the attention layout of a packed micro-batch (one row, a row per document, or a mask)
   loss.py         the target-only, chunked output layer and cross-entropy (no [batch, seq, vocab] logits)
   optim.py        optimizer, learning-rate schedule and step count from RunConfig.train
   paramwise.py    one optimizer per weight: bf16 weights stepped in fp32 (Kahan or stochastic rounding),

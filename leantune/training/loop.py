@@ -96,6 +96,7 @@ from leantune.rundir import SPLIT_INDEX, RunDir
 from leantune.runlock import RunDirBusy, hold_run_dir
 from leantune.tokenization import TokenShards, collate
 from leantune.training.adaptive import MicroBatchController
+from leantune.training.determinism import nondeterministic_op_error
 from leantune.training.distributed import DistContext, process_group
 from leantune.training.loss import compile_decoder, target_cross_entropy
 
@@ -113,8 +114,11 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> dict:
     adapter and training.json, and every rank returns the summary.
     """
     from leantune.modeling import resolve_device
+    from leantune.training.determinism import deterministic_kernels
 
-    with process_group(cfg, resolve_device(cfg)) as dist:
+    device = resolve_device(cfg)
+    # Before CUDA is initialised: cuBLAS reads its workspace setting when it starts.
+    with deterministic_kernels(cfg.train.deterministic, device.type), process_group(cfg, device) as dist:
         return _train(cfg, Path(run_dir), dist, resume=resume)
 
 
@@ -155,7 +159,7 @@ class _Run:
     scaler: object  # fp16 loss scaling (a disabled GradScaler otherwise)
     autocast: object
     mask_dtype: object  # the 4D block-diagonal mask of packed batches is added to attention scores of this dtype
-    one_row: bool  # flash-attention takes no 4D mask: a micro-batch becomes one row (see model_inputs)
+    attention: str  # the model's attention implementation: how packed micro-batches are laid out (packed.py)
     moe: RouterTap | None  # Mixture of Experts: the routers' load-balancing loss and expert counts
     aux_coef: float
     controller: MicroBatchController
@@ -205,7 +209,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool) ->
         resources.enter_context(run.monitor)
     gpu = run.monitor.gpu_handles[0] if run.monitor is not None and run.monitor.gpu_handles else (None, None)
     power = resources.enter_context(power_limit(cfg.power.limit_watts, run.monitor and run.monitor.nvml,
-                                                gpu[1], gpu[0]))
+                                                gpu[1], gpu[0], record=RunDir(run_dir).power_record))
 
     progress = _progress_bar(run.num_steps, run.state.step)
     run.ckpt.install_signal_handlers()
@@ -287,7 +291,7 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
         # fp16 has too little range for small gradients: scale the loss up, unscale before clipping.
         scaler=torch.amp.GradScaler(device.type, enabled=precision == torch.float16),
         autocast=torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32),
-        mask_dtype=precision, one_row=model.config._attn_implementation == "flash_attention_2",
+        mask_dtype=precision, attention=model.config._attn_implementation,
         moe=moe, aux_coef=aux_coef, controller=MicroBatchController.from_config(cfg, dist.world_size),
         ckpt=CheckpointManager(cfg, run_dir, run_fingerprints(cfg, run_dir)))
     return run, tokenizer
@@ -389,7 +393,7 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     val_loss = None
     if run.val_shards is not None and (step % t.eval_every == 0 or step == run.num_steps):
         val_loss = evaluate(run.model, run.val_shards, run.controller.micro_batch_size, run.device, run.autocast,
-                            run.mask_dtype, run.one_row, dist)
+                            run.mask_dtype, run.attention, dist)
         line["val_loss"] = state.val_loss = val_loss
     if run.moe is not None:
         line["router_aux_loss"] = float(moe_sums[0]) / tokens
@@ -449,7 +453,9 @@ def _forward_backward(run: _Run, share: list[dict], k: int, targets: int, tokens
     if run.cfg.train.optimizer_in_backward:  # the step runs in the last micro-batch's backward
         run.optimizer.arm("step" if k == run.controller.accumulation_steps - 1 else "keep")
     micro = share[k * mb:(k + 1) * mb]
-    inputs, labels = model_inputs(micro, run.train_shards.pad_id, run.mask_dtype, run.one_row, run.device)
+    # A Mixture-of-Experts counts its router load per row: its rows stay whole.
+    inputs, labels = model_inputs(micro, run.train_shards.pad_id, run.mask_dtype, run.attention, run.device,
+                                  split_documents=run.moe is None)
     if run.moe is not None:
         run.moe.start()
     with run.autocast:  # the head only at target positions, in chunks (loss.py)
@@ -457,7 +463,7 @@ def _forward_backward(run: _Run, share: list[dict], k: int, targets: int, tokens
     objective = micro_ce / targets
     moe_part = None
     if run.moe is not None:
-        width = None if run.one_row else inputs["input_ids"].shape[1]
+        width = None if run.attention == "flash_attention_2" else inputs["input_ids"].shape[1]
         aux, counts = run.moe.finish(token_segments([len(it["input_ids"]) for it in micro], width), len(micro))
         objective = objective + run.aux_coef * aux / tokens
         moe_part = (aux.detach(), counts)
@@ -682,23 +688,32 @@ def next_global_batch(order_of: Callable[[int], np.ndarray], epoch: int, offset:
     return indices, epoch, offset
 
 
-def model_inputs(items: list[dict], pad_id: int, mask_dtype, one_row: bool, device) -> tuple[dict, object]:
-    """Model keyword arguments and labels of a micro-batch, on `device`.
+def model_inputs(items: list[dict], pad_id: int, mask_dtype, attention: str, device,
+                 split_documents: bool = True) -> tuple[dict, object]:
+    """Model keyword arguments and labels of a micro-batch, on `device`, in the layout `packed_layout`
+    picks for `attention` (leantune/training/packed.py says what each costs).
 
     one_row (flash-attention): the items concatenated into one row with no mask; documents are
     told apart by their restarting position ids. Otherwise `collate`'s padded batch, without its
-    mask when every row is one document: the pads are on the right, where under the causal mask no
-    real token attends to them, so the mask changes nothing the loss reads. Without it SDPA runs its
-    causal kernel with no mask, and models with grouped key/value heads do not repeat them.
+    mask when every row is one document (rows, document_rows): the pads are on the right, where under
+    the causal mask no real token attends to them, so the mask changes nothing the loss reads. Without
+    it SDPA runs its causal kernel with no mask, and models with grouped key/value heads do not repeat
+    them. position_ids: no mask either; transformers builds its boolean block mask from the positions.
     """
     import torch
 
-    if one_row:
+    from leantune.training.packed import document_rows, packed_layout
+
+    layout = packed_layout(attention, [list(it["doc_lengths"]) for it in items], torch.finfo(mask_dtype).bits // 8,
+                           split_documents)
+    if layout.kind == "one_row":
         batch = {k: torch.from_numpy(np.concatenate([it[k] for it in items]))[None]
                  for k in ("input_ids", "labels", "position_ids")}
     else:
-        batch = collate(items, pad_id, dtype=mask_dtype)
-        if batch["attention_mask"].dim() == 2:
+        if layout.kind == "document_rows":
+            items = document_rows(items)
+        batch = collate(items, pad_id, dtype=mask_dtype, mask=layout.kind != "position_ids")
+        if layout.kind in ("rows", "document_rows"):
             # The default positions 0, 1, ... are the documents' own (pads get the ones after).
             del batch["attention_mask"], batch["position_ids"]
     labels = batch.pop("labels").to(device, non_blocking=True)
@@ -708,7 +723,7 @@ def model_inputs(items: list[dict], pad_id: int, mask_dtype, one_row: bool, devi
 # ----------------------------------------------------------------------------------- eval, probe
 
 
-def evaluate(model, shards: TokenShards, batch_size: int, device, autocast, mask_dtype, one_row: bool,
+def evaluate(model, shards: TokenShards, batch_size: int, device, autocast, mask_dtype, attention: str,
              dist: DistContext | None = None) -> float:
     """Mean per-token cross-entropy over every target token of `shards` (the validation split).
 
@@ -727,7 +742,7 @@ def evaluate(model, shards: TokenShards, batch_size: int, device, autocast, mask
         for start in range(0, len(order), batch_size):
             items = [shards[int(i)] for i in order[start:start + batch_size]]
             targets += sum(int((it["labels"][1:] != -100).sum()) for it in items)
-            inputs, labels = model_inputs(items, shards.pad_id, mask_dtype, one_row, device)
+            inputs, labels = model_inputs(items, shards.pad_id, mask_dtype, attention, device)
             with autocast:
                 ce += target_cross_entropy(model, inputs, labels).double()
     model.train()
@@ -747,7 +762,8 @@ def _probe(run: _Run, indices: np.ndarray) -> None:
         run.optimizer.arm("drop")
     try:
         items = [run.train_shards[int(i)] for i in indices]
-        inputs, labels = model_inputs(items, run.train_shards.pad_id, run.mask_dtype, run.one_row, run.device)
+        inputs, labels = model_inputs(items, run.train_shards.pad_id, run.mask_dtype, run.attention, run.device,
+                                      split_documents=run.moe is None)
         with run.autocast:
             loss = target_cross_entropy(run.model, inputs, labels)
         loss.backward()
@@ -836,19 +852,33 @@ def _progress_bar(total: int, initial: int):
 
 def _export_merged(cfg: RunConfig, tokenizer, device, adapter_dir: Path, out_dir: Path) -> Path | None:
     """run_dir/merged: the saved adapter merged into a fresh unquantised base (merging into a
-    4-bit QLoRA base would round the update to 4 bits)."""
+    4-bit QLoRA base would round the update to 4 bits). After QLoRA on a device whose free memory does not
+    hold the unquantised base (modeling.qlora_base_in_4_bits), it is merged in host memory instead."""
     from peft import PeftModel
 
-    from leantune.modeling import build_base_model
+    from leantune.modeling import build_base_model, qlora_base_in_4_bits, resolve_precision
 
     if cfg.model.method == "full":
         log.warning("train.export_merged: nothing to merge with model.method=full; %s is the whole model",
                     adapter_dir)
         return None
+    precision = resolve_precision(cfg, device)
+    if qlora_base_in_4_bits(cfg, device, precision):
+        device, cfg = _host_merge(cfg, precision)
     merged = PeftModel.from_pretrained(build_base_model(cfg, tokenizer, device), adapter_dir).merge_and_unload()
-    merged.save_pretrained(out_dir)
+    merged.to(precision).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _host_merge(cfg: RunConfig, precision):
+    """The CPU and the config to build the base there: in bf16 where training computed in half precision
+    (the CPU refuses fp16; bf16 checkpoints load exactly), cast to the compute dtype before saving."""
+    import torch
+
+    log.info("train.export_merged: the unquantised base does not fit the GPU; merging in host memory")
+    dtype = "fp32" if precision == torch.float32 else "bf16"
+    return torch.device("cpu"), cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -879,6 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         # A full disk is the user's to fix: one line saying so, not the chained tracebacks of each write.
         e = no_space_left(e, args.run_dir, args.run_dir.name) or e
+        e = nondeterministic_op_error(e) or e  # train.deterministic met an op without a deterministic kernel
         # The flow that started this process reads why it failed from the run directory.
         if args.run_dir.is_dir():
             try:
