@@ -172,3 +172,19 @@ def test_one_command_at_a_time_in_a_run_from_the_first_stage_to_the_report(prefe
     assert len(client.search_runs([mlflow_run.info.experiment_id])) == 1
     assert len(client.get_metric_history(mlflow_run.info.run_id, figure)) == 1
     assert client.get_run(mlflow_run.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+@pytest.mark.flow
+def test_evaluating_a_run_another_command_works_in_is_refused(prefect_server, tmp_path, holder, capsys):
+    from flows.evaluate import main
+    from leantune.config import load_config
+    from leantune.rundir import write_config
+
+    write_config(tmp_path, load_config(overrides=["eval.max_items=4"]))
+    RunDir(tmp_path).adapter.mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["--run", str(tmp_path)]) == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("leantune:")]
+    assert len(said) == 1 and said[0].startswith(f"leantune: run directory {tmp_path} is in use by process {holder.pid}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no eval/
