@@ -56,7 +56,7 @@ def evaluate_flow(config: RunConfig = DEFAULT_RUN_CONFIG, run_dir: str | None = 
     adapter_dir = RunDir(run_dir).adapter if run_dir else (Path(adapter) if adapter else None)
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise UserError(f"evaluate: {adapter_dir} is not a directory; " + (
-            "the run has not finished training (resume it with python flows/finetune.py --resume NAME)"
+            f"the run has not finished training (resume it with python flows/finetune.py --resume {Path(run_dir).name})"
             if run_dir else "give the directory training wrote (runs/<name>/adapter)"))
     out = Path(out_dir) if out_dir else output_dir(config, run_dir)
     log.info(f"evaluate: {config.model.name_or_path}" + (f" + {adapter_dir}" if adapter_dir else "")

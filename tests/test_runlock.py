@@ -182,6 +182,8 @@ def test_evaluating_a_run_another_command_works_in_is_refused(prefect_server, tm
     from leantune.rundir import write_config
 
     write_config(tmp_path, load_config(overrides=["eval.max_items=4"]))
+    assert main(["--run", str(tmp_path)]) == 2  # no adapter yet: the message names the run to resume
+    assert f"resume it with python flows/finetune.py --resume {tmp_path.name})" in capsys.readouterr().err
     RunDir(tmp_path).adapter.mkdir()
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(["--run", str(tmp_path)]) == 2
