@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from leantune.cli import DEFAULT_CONFIG, EvaluateRequest, evaluate_request
 from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
 from leantune.rundir import RunDir
+from leantune.runlock import hold_run_dir
 from tasks.evaluate import evaluate_sycophancy
 from tasks.server import connect_to_prefect
 
@@ -54,12 +56,14 @@ def evaluate_flow(config: RunConfig = DEFAULT_RUN_CONFIG, run_dir: str | None = 
     adapter_dir = RunDir(run_dir).adapter if run_dir else (Path(adapter) if adapter else None)
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise UserError(f"evaluate: {adapter_dir} is not a directory; " + (
-            "the run has not finished training (resume it with python flows/finetune.py --resume NAME)"
+            f"the run has not finished training (resume it with python flows/finetune.py --resume {Path(run_dir).name})"
             if run_dir else "give the directory training wrote (runs/<name>/adapter)"))
     out = Path(out_dir) if out_dir else output_dir(config, run_dir)
     log.info(f"evaluate: {config.model.name_or_path}" + (f" + {adapter_dir}" if adapter_dir else "")
              + f" on {', '.join(config.eval.datasets)}; results in {out}")
-    return evaluate_sycophancy(config, out, adapter_dir)
+    # A finetune run is evaluated under its lock: never while another command works in it (leantune/runlock.py).
+    with hold_run_dir(run_dir) if run_dir else contextlib.nullcontext():
+        return evaluate_sycophancy(config, out, adapter_dir)
 
 
 def output_dir(config: RunConfig, run_dir: str | None) -> Path:

@@ -28,11 +28,19 @@ set_up_flow_process()
 
 from prefect import flow, get_run_logger
 
-from leantune.cli import DEFAULT_CONFIG, FinetuneRequest, RunFinished, finetune_request, training_finished
+from leantune.cli import (
+    DEFAULT_CONFIG,
+    FinetuneRequest,
+    RunFinished,
+    check_not_finished,
+    finetune_request,
+    training_finished,
+)
 from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
 from leantune.preflight import check_before_data
-from leantune.rundir import RunDir, create_run_dir, data_stages_done, existing_run_dir
+from leantune.rundir import RunDir, create_run_dir, data_stages_done, existing_run_dir, read_attempts
+from leantune.runlock import hold_run_dir
 from tasks.attempts import after_failure, probe_memory, publish_attempts, record_success
 from tasks.evaluate import evaluate_sycophancy
 from tasks.filtration import filter_claims
@@ -55,9 +63,18 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
     resume: continue the existing run runs/<run.name>/: training picks up from its newest checkpoint;
     data stages that did not finish (the run stopped on a data error) run again first.
     """
-    log = get_run_logger()
     check_before_data(config)  # eval files, LoRA targets: refused before the run directory is made
     run_dir = existing_run_dir(config) if resume else create_run_dir(config, config_name)
+    # One process at a time in a run, from the first stage to the report; a second command on the run is
+    # refused here, before it writes anything, tracking included (leantune/runlock.py).
+    with hold_run_dir(run_dir):
+        if resume:
+            check_not_finished(run_dir)  # another --resume finished it while this one started
+        return _stages(config, run_dir, resume)
+
+
+def _stages(config: RunConfig, run_dir: Path, resume: bool) -> Path:
+    log = get_run_logger()
     log.info(f"run directory: {run_dir}")
     # MLflow and TensorBoard (leantune/tracking.py): the config now, each step once a checkpoint holds it,
     # figures and artifacts at the end; a resumed run continues its tracker run.
@@ -89,13 +106,14 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
     if resume and training_finished(run_dir):
         log.info("train: finished before this resume (training.json, adapter/); going on with what is left")
     else:
-        for attempt in range(1, config.train.max_attempts + 1):
+        done = len(read_attempts(run_dir) or [])  # attempt numbers go on across resumes
+        for attempt in range(done + 1, done + config.train.max_attempts + 1):
             try:
                 summary = train_model(config, run_dir, resume, tracker)
                 break
             except Exception as error:
                 adjustment = after_failure(config, run_dir, attempt, error)
-                if adjustment is None or attempt == config.train.max_attempts:
+                if adjustment is None or attempt == done + config.train.max_attempts:
                     publish_attempts(run_dir)
                     raise
             # Only a failed attempt gets here: the next one trains with the adjusted config.
@@ -134,7 +152,7 @@ def main(argv: list[str] | None = None, request: FinetuneRequest | None = None) 
     if state.is_completed():
         print(f"leantune: run finished; outputs in {state.result()}")
         return 0
-    return failure_exit_code(state, "run")
+    return failure_exit_code(state, "run", Path(request.config.run.output_dir) / request.config.run.name)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The finetune command line, checked before Prefect, torch or a stage is imported.
 
 `python flows/finetune.py` parses its arguments here and checks everything that needs no server:
-the config, the data paths, the run name (a new run must not exist; a resumed one must, and must
-not be finished). A user error is answered in about a second, before any Prefect server starts,
-and leaves nothing on disk. This module imports only argparse, yaml and pydantic (leantune.config).
+the config, the data paths, the run name (a new run must not exist; a resumed one must, must not be
+finished, and must not be in use by another command). A user error is answered in about a second,
+before any Prefect server starts, and leaves nothing on disk. This module imports only argparse, yaml
+and pydantic (leantune.config).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from leantune.gguf import check_model_file
 from leantune.preflight import data_path_problems
 from leantune.resume import resume_refusal
 from leantune.rundir import RunDir, default_run_name, run_dir_problem
+from leantune.runlock import check_run_dir_free
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 
@@ -103,11 +105,8 @@ def finetune_request(argv: list[str] | None = None) -> FinetuneRequest:
         if not layout.config.is_file():
             raise UserError(f"--resume: {run_dir} has no config.yaml, so it is not a leantune run; check the name "
                             "(and run.output_dir)")
-        if layout.report.is_file():
-            raise RunFinished(
-                f"run {args.resume} has already finished (report: {layout.report}); there is nothing to "
-                f"resume. Evaluate it again with: python flows/evaluate.py --run {run_dir}; or train again as a "
-                "new run with --run-name NEW_NAME")
+        check_run_dir_free(run_dir)  # another command works in it: refused now (the flow checks again, holding it)
+        check_not_finished(run_dir)
         config = load_config(layout.config,
                              [*overrides, f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
         if refusal := resume_refusal(config, run_dir):  # refused before the flow writes anything
@@ -121,6 +120,16 @@ def finetune_request(argv: list[str] | None = None) -> FinetuneRequest:
     if problem := run_dir_problem(config):
         raise UserError(problem)
     return FinetuneRequest(config, args.config.stem, resume=False)
+
+
+def check_not_finished(run_dir: Path) -> None:
+    """RunFinished when the run has written its report: there is nothing to resume."""
+    layout = RunDir(run_dir)
+    if layout.report.is_file():
+        raise RunFinished(
+            f"run {run_dir.name} has already finished (report: {layout.report}); there is nothing to "
+            f"resume. Evaluate it again with: python flows/evaluate.py --run {run_dir}; or train again as a "
+            "new run with --run-name NEW_NAME")
 
 
 def training_finished(run_dir: Path) -> bool:

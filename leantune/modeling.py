@@ -434,13 +434,41 @@ def lora_target_problem(cfg: RunConfig, model=None) -> str | None:
         model = _meta_skeleton(cfg)
         if model is None:
             return None
-    names = [name for name, _ in model.named_modules() if name]
-    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
-    if not missing:
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n, _ in modules)]
+    if missing:
+        return (f"lora.target_modules: {', '.join(map(repr, missing))} match{'es' if len(missing) == 1 else ''} no "
+                f"layer of {cfg.model.name_or_path}; its linear layers are named {sorted(_linear_names(model))} "
+                "(or use 'all-linear')")
+    # peft adapts layers only (linear, embedding, convolution); a container (a block's `mlp`, `self_attn`)
+    # would fail in training, after the data stages.
+    containers = {t: type(m).__name__ for t in targets for n, m in modules
+                  if (n == t or n.endswith(f".{t}")) and not _adaptable(m)}
+    if not containers:
         return None
-    return (f"lora.target_modules: {', '.join(map(repr, missing))} match{'es' if len(missing) == 1 else ''} no "
-            f"layer of {cfg.model.name_or_path}; its linear layers are named {sorted(_linear_names(model))} "
-            "(or use 'all-linear')")
+    return (f"lora.target_modules: {', '.join(f'{t!r} ({kind})' for t, kind in containers.items())} "
+            f"{'is a container' if len(containers) == 1 else 'are containers'} of layers in "
+            f"{cfg.model.name_or_path}, not a linear layer LoRA can adapt; name its linear layers instead: "
+            f"{sorted(_linear_names(model))} (or use 'all-linear')")
+
+
+def sort_adapter_config(model) -> None:
+    """Make peft's set-valued settings (target_modules, ...) sorted lists before the adapter is saved: peft keeps
+    them as sets, which adapter_config.json lists in the order of Python's string hashing, different in each
+    process, so two identical runs would write different adapter directories."""
+    for config in getattr(model, "peft_config", {}).values():
+        for key, value in vars(config).items():
+            if isinstance(value, (set, frozenset)):
+                setattr(config, key, sorted(value))
+
+
+def _adaptable(module) -> bool:
+    """Whether peft's LoRA can adapt `module` itself (a layer it has a LoRA variant of)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
+                               torch.nn.Conv3d, torch.nn.MultiheadAttention, Conv1D))
 
 
 def moe_problems(cfg: RunConfig, model=None) -> list[str]:

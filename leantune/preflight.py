@@ -1,7 +1,9 @@
 """Checks a run passes before its data stages, beyond what the config alone can tell: the data files
-exist, the files that eval.datasets names exist, the held-out short-answer questions fill eval.synthetic_items, and every
-name in lora.target_modules matches a layer of the model (its skeleton, built on the meta device from
-the model's config). A problem found only after hours of data preparation and training is a problem
+exist, the files that eval.datasets names exist, the held-out short-answer questions fill
+eval.synthetic_items, a local model.name_or_path exists, model.dtype suits the device training runs on,
+every name in lora.target_modules matches a layer LoRA can adapt (a linear layer, not a container such as
+`mlp`), and QLoRA is not asked of a Mixture-of-Experts model (the model's skeleton, built on the meta device
+from its config). A problem found only after hours of data preparation and training is a problem
 found too late."""
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ def check_before_data(cfg: RunConfig) -> None:
 
 
 def problems_before_data(cfg: RunConfig) -> list[str]:
-    from leantune.modeling import lora_target_problem, moe_problems
+    from leantune.modeling import lora_target_problem, moe_problems, resolve_device, resolve_precision
 
     problems = data_path_problems(cfg)
+    if problem := local_model_problem(cfg.model.name_or_path):
+        problems.append(problem)
+    try:
+        resolve_precision(cfg, resolve_device(cfg))  # e.g. fp16 on the CPU, bf16 on a GPU without it
+    except UserError as e:
+        problems.append(str(e))
     if cfg.eval.enabled:
         sets = cfg.eval.sets()
         problems += [problem for spec in sets if (problem := spec.missing_file())]
@@ -41,3 +49,19 @@ def data_path_problems(cfg: RunConfig) -> list[str]:
     return [f"data.sources.{i}.path: '{src.path}' does not exist (resolved from {Path.cwd()}); give an existing "
             "file or directory" for i, src in enumerate(cfg.data.sources)
             if src.kind == "file" and src.path and not Path(src.path).exists()]
+
+
+def local_model_problem(name: str) -> str | None:
+    """Why model.name_or_path, written as a local path, cannot be loaded: it does not exist. A path is a name
+    that starts with '/', '.' or '~', or has more than one '/' (a hub id is 'org/name'); 'scratch', hub ids
+    and GGUF files (checked by the command line) pass."""
+    from leantune.gguf import is_gguf_source
+    from leantune.modeling import SCRATCH
+
+    if name == SCRATCH or is_gguf_source(name):
+        return None
+    path = Path(name).expanduser()
+    if not (name.startswith(("/", ".", "~")) or name.count("/") > 1) or path.is_dir():
+        return None
+    return (f"model.name_or_path: '{name}' is not a directory (resolved from {Path.cwd()}); give an existing "
+            "local model directory (with config.json), or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")

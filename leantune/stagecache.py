@@ -20,17 +20,23 @@ publish new data under the same id, which the key cannot see; set run.cache=fals
 A model or tokenizer hub id is keyed the same way (with model.revision, pin it for exact reuse).
 
 The cache lives in `<run.output_dir>/.cache/<stage>/<key>/`: `files/` holds the stage's outputs
-by their path in the run directory, `stats.json` the dict the stage returned. A hit copies the
-files into the new run directory and returns the stats, so the run directory is the same as an
-uncached run's. Each stage writes only its own files (STAGE_OUTPUTS), never an earlier stage's.
-Files are copied, not hard-linked, so that nothing done to a run's files can alter the cached copy.
-An entry is written to a temporary directory and renamed, so a reader never sees half an entry.
+by their path in the run directory, `stats.json` the dict the stage returned, and `manifest.json`,
+written last, the size and sha256 of every other file of the entry (as a checkpoint's manifest does).
+A hit copies exactly the files the manifest lists into the new run directory, hashing each as it
+copies, and returns the stats, so the run directory is the same as an uncached run's. An entry that
+does not verify (no or unreadable manifest, a file missing, of another size or another hash) is a
+miss: it is removed with a warning, the stage runs, and its outputs are stored afresh. Each stage
+writes only its own files (STAGE_OUTPUTS), never an earlier stage's. Files are copied, not
+hard-linked, so that nothing done to a run's files can alter the cached copy. An entry is written to
+a temporary directory and renamed, so a reader never sees half an entry; a store that fails (the
+disk full, the cache folder deleted meanwhile) is a warning, never the run's failure.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -41,8 +47,13 @@ from pathlib import Path
 from leantune.config import RunConfig
 from leantune.rundir import RunDir
 
+log = logging.getLogger(__name__)
+
 # Bump when the layout of a cache entry changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+MANIFEST = "manifest.json"  # written last: the entry's files, sizes and sha256
+STATS = "stats.json"
+FILES = "files"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # What each stage writes, relative to the run directory (a directory means everything in it).
@@ -159,47 +170,129 @@ def _stats_from_json(stage: str, text: str, run_dir: Path) -> dict:
     return stats
 
 
-def _copy_outputs(stage: str, src_root: Path, dst_root: Path) -> None:
+def _copy_hashed(src: Path, dst: Path | None) -> dict:
+    """Copy one file to `dst` (None: only read it), hashing what it reads; return its manifest entry."""
+    digest, size = hashlib.sha256(), 0
+    if dst is not None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as f, open(dst if dst is not None else os.devnull, "wb") as out:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            out.write(block)
+            size += len(block)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _output_files(stage: str, root: Path) -> list[Path]:
+    """The stage's output files under `root` (a run directory), relative to it, in a stable order."""
+    found = []
     for rel in STAGE_OUTPUTS[stage]:
-        src, dst = src_root / rel, dst_root / rel
-        if src.is_dir():
-            if dst.exists():
-                shutil.rmtree(dst)
-            shutil.copytree(src, dst)
-        elif src.is_file():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
+        path = root / rel
+        if path.is_dir():
+            found += sorted(p.relative_to(root) for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            found.append(rel)
+    return found
+
+
+def _remove_outputs(stage: str, run_dir: Path) -> None:
+    for rel in STAGE_OUTPUTS[stage]:
+        path = run_dir / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _entry_problem(entry: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None) for an entry whose files are all there with their sizes, else (None, what is wrong)."""
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None, f"{MANIFEST} is missing (an incomplete entry)"
+    except (OSError, ValueError) as e:
+        return None, f"{MANIFEST} is unreadable ({e})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or manifest.get("format") != CACHE_FORMAT or STATS not in files
+            or not all(isinstance(f, dict) and {"size", "sha256"} <= f.keys() for f in files.values())
+            or not all(n == STATS or n.startswith(f"{FILES}/") and ".." not in Path(n).parts for n in files)):
+        return None, f"{MANIFEST} is not a stage-cache manifest of format {CACHE_FORMAT}"
+    for name, expected in files.items():
+        path = entry / name
+        if not path.is_file():
+            return None, f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return None, f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
+    return manifest, None
+
+
+def _drop(entry: Path, stage: str, problem: str) -> None:
+    log.warning("stage cache: the %s entry %s is damaged (%s); it is removed and the stage runs", stage,
+                entry, problem)
+    shutil.rmtree(entry, ignore_errors=True)
 
 
 def restore(cfg: RunConfig, stage: str, key: str, run_dir: Path) -> dict | None:
-    """On a hit, copy the cached outputs of `stage` into `run_dir` and return its stats; else None."""
+    """On a hit, copy the cached outputs of `stage` into `run_dir` and return its stats; else None.
+
+    An entry that does not verify against its manifest is removed, and None returned (a miss)."""
     entry = cache_dir(cfg) / stage / key
-    if not (entry / "stats.json").is_file():
+    if not entry.exists():
         return None
-    _copy_outputs(stage, entry / "files", Path(run_dir))
-    return _stats_from_json(stage, (entry / "stats.json").read_text(), Path(run_dir))
-
-
-def store(cfg: RunConfig, stage: str, key: str, run_dir: Path, stats: dict) -> Path:
-    """Save the outputs of `stage` in `run_dir` and its stats under the key; return the entry."""
-    stage_dir = cache_dir(cfg) / stage
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    entry = stage_dir / key
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=stage_dir))
-    # mkdtemp makes the directory private (0700); the entry is read by later runs of other users too.
-    tmp.chmod(0o755)
+    run_dir = Path(run_dir)
+    manifest, problem = _entry_problem(entry)
     try:
-        _copy_outputs(stage, Path(run_dir), tmp / "files")
-        # stats.json is written last: its presence marks a complete entry.
-        (tmp / "stats.json").write_text(_stats_to_json(stage, stats))
+        if problem is None and _copy_hashed(entry / STATS, None) != manifest["files"][STATS]:
+            problem = f"{STATS} does not match its sha256 (corrupted)"
+        if problem is None:
+            _remove_outputs(stage, run_dir)
+            for name, expected in manifest["files"].items():
+                if name != STATS and _copy_hashed(entry / name, run_dir / Path(name).relative_to(FILES)) != expected:
+                    problem = f"{name} does not match its sha256 (corrupted)"
+                    _remove_outputs(stage, run_dir)  # the stage writes them afresh
+                    break
+    except OSError as e:  # the entry removed meanwhile by another run, or the run directory unwritable
+        log.warning("stage cache: could not restore the %s entry %s (%s: %s); the stage runs", stage, entry,
+                    type(e).__name__, e)
+        _remove_outputs(stage, run_dir)
+        return None
+    if problem is not None:
+        _drop(entry, stage, problem)
+        return None
+    return _stats_from_json(stage, (entry / STATS).read_text(), run_dir)
+
+
+def store(cfg: RunConfig, stage: str, key: str, run_dir: Path, stats: dict) -> Path | None:
+    """Save the outputs of `stage` in `run_dir` and its stats under the key; return the entry, or None
+    when it could not be written (a warning: the run goes on without it)."""
+    stage_dir = cache_dir(cfg) / stage
+    entry = stage_dir / key
+    tmp = None
+    try:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=stage_dir))
+        # mkdtemp makes the directory private (0700); the entry is read by later runs of other users too.
+        tmp.chmod(0o755)
+        files = {(FILES / rel).as_posix(): _copy_hashed(Path(run_dir) / rel, tmp / FILES / rel)
+                 for rel in _output_files(stage, Path(run_dir))}
+        (tmp / STATS).write_text(_stats_to_json(stage, stats))
+        files[STATS] = _copy_hashed(tmp / STATS, None)
+        # The manifest is written last: its presence marks a complete entry.
+        (tmp / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "stage": stage, "files": files}, indent=1))
+        if problem := _entry_problem(tmp)[1]:  # e.g. the cache folder deleted (and its parents remade) meanwhile
+            raise FileNotFoundError(f"the entry being written lost a file: {problem}")
         os.rename(tmp, entry)
-    except OSError:
-        # Another run stored the same key first (rename onto a non-empty directory fails); its
-        # entry holds the same outputs, so this copy is not needed.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (entry / "stats.json").is_file():
-            raise
-    return entry
+        return entry
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        # Another run stored the same key first (rename onto a non-empty directory fails): its entry
+        # holds the same outputs. Anything else (a full disk, the cache deleted meanwhile) is a warning.
+        if _entry_problem(entry)[1] is None:
+            return entry
+        log.warning("stage cache: could not store the %s outputs in %s (%s: %s); the run goes on without "
+                    "caching them", stage, entry, type(e).__name__, e)
+        return None
 
 
 def run_cached(cfg: RunConfig, stage: str, run_dir: Path, compute: Callable[[], dict]) -> tuple[dict, str | None]:

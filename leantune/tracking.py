@@ -41,6 +41,7 @@ import math
 import os
 import re
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -267,6 +268,11 @@ class Tracker:
         from torch.utils.tensorboard import SummaryWriter
 
         fresh = not self.layout.tensorboard.is_dir()
+        # A folder this process cannot write to (read-only, another user's) fails here, in one warning
+        # (_guard), rather than in the writer's own thread, which prints a traceback.
+        self.layout.tensorboard.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.layout.tensorboard):
+            pass
         # purge_step: TensorBoard hides what an earlier writer logged from this step on (steps not yet logged).
         self._writer = SummaryWriter(str(self.layout.tensorboard),
                                      purge_step=None if fresh else self.state["steps_logged"] + 1)
@@ -346,7 +352,7 @@ class Tracker:
         self.log_figures()
         self.log_artifacts()
         self._guard("mlflow", lambda: self._client.set_terminated(self.run_id, status))
-        self._guard("tensorboard", self._writer.close)
+        self._guard("tensorboard", lambda: self._writer.close())  # evaluated only while TensorBoard is on
         self._save()
 
 

@@ -93,11 +93,12 @@ def show_user_errors_once_on_console() -> None:
             handler.addFilter(_UserErrorOnceOnConsole())
 
 
-def failure_exit_code(state, what: str) -> int:
+def failure_exit_code(state, what: str, run_dir=None) -> int:
     """Exit status of a flow script whose run did not complete, with one line on stderr saying why.
 
     A UserError (bad config, unusable data) is the user's to fix: its message and 2. Anything else is a
-    bug or an environment fault: its class and message, a pointer to the log, and 1.
+    bug or an environment fault: its class and message, a pointer to the log, and 1. `run_dir`: the
+    finetune run, which a full disk's message names (and the --resume that continues it).
     """
     import sys
 
@@ -107,7 +108,8 @@ def failure_exit_code(state, what: str) -> int:
         print(f"leantune: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if full := no_space_left(e, "the run directory"):  # a full disk, met by the flow's own writes
+        # A full disk, met by the flow's own writes.
+        if full := no_space_left(e, run_dir or "the output directory", run_dir.name if run_dir else None):
             print(f"leantune: {full}", file=sys.stderr)
             return 1
         print(f"leantune: the {what} failed: {e.__class__.__name__}: {e} (the log above has the details)",

@@ -184,7 +184,7 @@ def test_loading_twice_dequantizes_once_and_the_cache_is_a_plain_transformers_di
     cfg, first, second, calls = smollm2_cache
     assert first == second and len(calls) == 1
     assert {"config.json", "model.safetensors", "tokenizer.json", g.MARKER} <= {p.name for p in first.iterdir()}
-    assert not list(first.parent.glob(".*"))  # no temporary folder left behind
+    assert not [p for p in first.parent.glob(".*") if p.is_dir()]  # no temporary folder left behind (the lock file stays)
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(first)
@@ -281,3 +281,66 @@ def test_already_loadable_never_dequantizes(tmp_path):
     (target / g.MARKER).write_text("{}")
     assert g.already_loadable(model) == str(target)
     assert g.already_loadable(load_config(overrides=["model.name_or_path=Qwen/Qwen2.5-0.5B"]).model) == "Qwen/Qwen2.5-0.5B"
+
+
+@pytest.fixture
+def fake_dequantize(tmp_path, monkeypatch):
+    """model_source over a tiny GGUF whose "dequantization" writes 64 KB of weights and a config through the
+    real cache writer (write_cache: files, then the marker with their hashes, then the rename); counts calls."""
+    path = write_gguf(tmp_path / "m.gguf", "llama")
+    model = load_config(overrides=[f"model.name_or_path={path}", f"model.cache_dir={tmp_path / 'c'}"]).model
+    calls = []
+
+    def dequantize_to(source, target):
+        calls.append(source)
+
+        def save(tmp):
+            (tmp / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(1 << 16))
+            (tmp / "config.json").write_text('{"model_type": "llama"}')
+        target.parent.mkdir(parents=True, exist_ok=True)
+        g.write_cache(target, save, {"gguf": str(source)})
+        return target
+
+    monkeypatch.setattr(g, "dequantize_to", dequantize_to)
+    return model, calls
+
+
+def test_the_marker_records_every_files_size_and_sha256(fake_dequantize):
+    import hashlib
+    import json
+
+    model, calls = fake_dequantize
+    target = Path(g.model_source(model))
+    assert g.model_source(model) == str(target) and len(calls) == 1
+    files = json.loads((target / g.MARKER).read_text())["files"]
+    weights = (target / "model.safetensors").read_bytes()
+    assert files["model.safetensors"] == {"size": 65536, "sha256": hashlib.sha256(weights).hexdigest()}
+    assert sorted(files) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("4 KB of random bytes", "model.safetensors does not match its sha256 in leantune-gguf.json (corrupted)"),
+    ("truncated", "model.safetensors has 1000 bytes, leantune-gguf.json says 65536"),
+    ("no marker", "leantune-gguf.json is missing"),
+    ("a marker without hashes", "leantune-gguf.json is unreadable or records no file hashes"),
+])
+def test_a_damaged_model_cache_is_detected_and_rebuilt(fake_dequantize, caplog, damage, problem):
+    model, calls = fake_dequantize
+    target = Path(g.model_source(model))
+    clean = (target / "model.safetensors").read_bytes()
+    if damage == "4 KB of random bytes":
+        with open(target / "model.safetensors", "r+b") as f:
+            f.seek(20_000)
+            f.write(os.urandom(4096))
+    elif damage == "truncated":
+        os.truncate(target / "model.safetensors", 1000)
+    elif damage == "no marker":
+        (target / g.MARKER).unlink()  # was "Directory not empty" on every later run
+    else:
+        (target / g.MARKER).write_text('{"gguf": "m.gguf", "sha256": "0"}')  # a marker from before the hashes
+    with caplog.at_level("WARNING", logger="leantune.gguf"):
+        assert g.model_source(model) == str(target)
+    assert len(calls) == 2  # dequantized again
+    assert f"model cache {target}: {problem}" in caplog.text and "dequantizing again" in caplog.text
+    assert (target / "model.safetensors").read_bytes() == clean and g.cache_problem(target) is None
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".") and p.is_dir()]  # no temporary folder

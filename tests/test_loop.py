@@ -266,6 +266,8 @@ def test_flow_trains_publishes_a_summary_and_resumes(prefect_server, tmp_path, c
     again = json.loads((run_dir / "training.json").read_text())
     assert again["resumed_from_step"] == 2 and again["steps"] == 2
     completed_rows = (run_dir / "attempts.jsonl").read_text().count('"completed"')
+    # Attempt numbers go on across resumes (attempts/attempt-N/ of two commands never collide).
+    assert [json.loads(line)["attempt"] for line in (run_dir / "attempts.jsonl").read_text().splitlines()] == [1, 2]
 
     # A run stopped after training (no report) resumes with what is left: no training, no new attempt row.
     (run_dir / "report.md").unlink()

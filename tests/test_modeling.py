@@ -449,3 +449,21 @@ def test_real_model_configs_name_existing_layers(path):
     if family == "Gemma2Config":
         # Gemma-2 soft-caps attention logits, which transformers' sdpa path refuses.
         assert cfg.model.attn_implementation in ("eager", "flash_attention_2")
+
+
+def test_two_identical_lora_models_save_byte_identical_adapter_directories(tokenizer, tmp_path):
+    import json
+
+    from leantune.modeling import sort_adapter_config
+
+    targets = ["v_proj", "q_proj", "up_proj", "o_proj", "down_proj", "k_proj", "gate_proj"]
+    saved = []
+    for name in ("a", "b"):
+        model = build_model(cfg_with("model.method=lora", f"lora.target_modules=[{', '.join(targets)}]"), tokenizer, CPU)
+        sort_adapter_config(model)
+        model.save_pretrained(tmp_path / name)
+        saved.append({p.name: p.read_bytes() for p in (tmp_path / name).iterdir()})
+    assert saved[0] == saved[1] and {"adapter_config.json", "adapter_model.safetensors"} <= saved[0].keys()
+    # peft holds the targets as a set, listed in the order of this process's string hashing; sorted, the file
+    # is the same in every process.
+    assert json.loads(saved[0]["adapter_config.json"])["target_modules"] == sorted(targets)

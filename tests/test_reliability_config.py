@@ -98,3 +98,56 @@ def test_problems_before_data_name_a_missing_data_file(tmp_path):
     assert problems_before_data(cfg) == [
         f"data.sources.0.path: '{tmp_path}/nope.jsonl' does not exist (resolved from {Path.cwd()}); give an "
         "existing file or directory"]
+
+
+def test_lora_targets_that_are_containers_not_linear_layers_are_refused():
+    problem = lora_target_problem(load_config(overrides=["lora.target_modules=[q_proj, mlp, self_attn]"]))
+    assert problem == ("lora.target_modules: 'mlp' (LlamaMLP), 'self_attn' (LlamaAttention) are containers of "
+                       "layers in scratch, not a linear layer LoRA can adapt; name its linear layers instead: "
+                       "['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj'] "
+                       "(or use 'all-linear')")
+    assert lora_target_problem(load_config(overrides=["lora.target_modules=[q_proj, embed_tokens, lm_head]"])) is None
+
+
+def test_a_missing_local_model_and_fp16_on_the_cpu_are_refused_before_the_data_stages(tmp_path):
+    cfg = load_config(overrides=[f"model.name_or_path={tmp_path}/no-model", "model.dtype=fp16", "train.device=cpu",
+                                 "eval.enabled=false"])
+    assert problems_before_data(cfg) == [
+        f"model.name_or_path: '{tmp_path}/no-model' is not a directory (resolved from {Path.cwd()}); give an "
+        "existing local model directory (with config.json), or a hub id such as Qwen/Qwen2.5-0.5B-Instruct",
+        "model.dtype: fp16 is not supported on the CPU; use model.dtype=fp32 (or auto)"]
+    # Hub ids (org/name), relative names that could be one, 'scratch' and fp32 on the CPU pass.
+    for name in ("Qwen/Qwen2.5-0.5B", "gpt2", "scratch"):
+        assert problems_before_data(load_config(overrides=[f"model.name_or_path={name}", "train.device=cpu",
+                                                           "eval.enabled=false", "model.dtype=fp32"])) == []
+    cfg = load_config(overrides=["model.name_or_path=./models/x", "train.device=cpu", "eval.enabled=false"])
+    assert problems_before_data(cfg)[0].startswith("model.name_or_path: './models/x' is not a directory")
+
+
+@pytest.mark.slow
+@pytest.mark.flow
+def test_each_early_check_stops_the_flow_before_the_data_stages_with_exit_2(prefect_server, tmp_path, capsys):
+    from transformers import MixtralConfig
+
+    from flows.finetune import main
+
+    moe = tmp_path / "moe"
+    MixtralConfig(vocab_size=300, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4).save_pretrained(moe)
+    cases = {
+        "targets": (["lora.target_modules=[mlp, self_attn]"], "lora.target_modules: 'mlp' (LlamaMLP), 'self_attn' "
+                    "(LlamaAttention) are containers of layers in scratch, not a linear layer"),
+        "dtype": (["model.dtype=fp16", "train.device=cpu"], "model.dtype: fp16 is not supported on the CPU"),
+        "path": ([f"model.name_or_path={tmp_path}/missing"], f"model.name_or_path: '{tmp_path}/missing' is not a "
+                 "directory"),
+        "qlora-moe": ([f"model.name_or_path={moe}", "model.method=qlora", "lora.target_modules=all-linear",
+                       "lora.dropout=0"], f"model.method: qlora cannot quantise the experts of '{moe}'"),
+    }
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    for name, (settings, expected) in cases.items():
+        capsys.readouterr()
+        argv = ["--config", str(smoke), "--run-name", name, "--set", f"run.output_dir={tmp_path / 'runs'}"]
+        assert main([*argv, *(a for s in settings for a in ("--set", s))]) == 2, name
+        said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("leantune:")]
+        assert len(said) == 1 and said[0].startswith(f"leantune: {expected}"), (name, said)
+        assert not (tmp_path / "runs" / name).exists()  # refused before the run directory and the data stages

@@ -3,6 +3,7 @@ non-zero exit, no traceback; also when the disk is too full for the failure file
 
 import errno
 import json
+from pathlib import Path
 
 from leantune.config import dump_config, load_config
 from leantune.errors import no_space_left
@@ -69,6 +70,12 @@ def test_the_flow_script_exits_with_one_line_when_its_own_write_fails(capsys):
         def result(self):
             raise OSError(errno.ENOSPC, "No space left on device", "/runs/r/attempts.jsonl")
 
-    assert failure_exit_code(FailedState(), "run") == 1
+    assert failure_exit_code(FailedState(), "run", Path("/runs/r")) == 1
     assert capsys.readouterr().err == ("leantune: no space left on device at /runs/r/attempts.jsonl; free space and "
-                                       "resume with --resume RUN_NAME\n")
+                                       "resume with --resume r\n")
+    # Without a file name the run directory is named; without a run (the evaluate flow), no --resume at all.
+    assert str(no_space_left(OSError(errno.ENOSPC, "No space left on device"), Path("/runs/r"), "r")) == (
+        "no space left on device at /runs/r; free space and resume with --resume r")
+    assert failure_exit_code(FailedState(), "evaluation") == 1
+    assert capsys.readouterr().err == ("leantune: no space left on device at /runs/r/attempts.jsonl; free space and "
+                                       "run the command again\n")

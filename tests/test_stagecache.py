@@ -27,10 +27,14 @@ def write_inputs(directory: Path) -> Path:
     return directory
 
 
+def stage_config(inputs: Path, out: Path, name: str, *overrides: str):
+    return load_config(overrides=[*SMALL, f"data.sources=[{{kind: file, path: '{inputs}', name: qa}}]",
+                                  f"run.output_dir={out}", f"run.name={name}", *overrides])
+
+
 def run_stages(inputs: Path, out: Path, name: str, *overrides: str) -> tuple[Path, dict, dict]:
     """The three data stages as the flow's tasks run them; returns (run dir, stats, which stages ran)."""
-    cfg = load_config(overrides=[*SMALL, f"data.sources=[{{kind: file, path: '{inputs}', name: qa}}]",
-                                 f"run.output_dir={out}", f"run.name={name}", *overrides])
+    cfg = stage_config(inputs, out, name, *overrides)
     run_dir = create_run_dir(cfg)
     ran, stats = {}, {}
 
@@ -154,6 +158,86 @@ def test_tokenize_writes_only_into_tokens(first, tmp_path):
     lengths = json.loads(layout.token_lengths.read_text())
     assert lengths["count"] == stats["train"]["counts"]["records_read"] == len(stats["lengths"])
     assert lengths["max"] == int(stats["lengths"].max()) and lengths["total"] == int(stats["lengths"].sum())
+
+
+def copy_cache(first, out: Path) -> Path:
+    """The first run's cache entries, copied into `out`'s own cache (so a test may damage them)."""
+    import shutil
+
+    root, _, _, _ = first
+    shutil.copytree(root / "runs" / ".cache", out / ".cache")
+    return out / ".cache"
+
+
+def entry_of(first, cache: Path, stage: str) -> Path:
+    """The cache entry of `stage` for the first run's config."""
+    from leantune.stagecache import STAGE_KEYS
+
+    _, inputs, _, _ = first
+    return cache / stage / STAGE_KEYS[stage](stage_config(inputs, cache.parent, "any"))
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, stage, problem", [
+    ("delete a shard", "tokenize", "files/tokens/train/shard-00000.tokens.npy is missing"),
+    ("delete the manifest", "validate", "manifest.json is missing (an incomplete entry)"),
+    ("flip a byte", "prepare", "records.jsonl does not match its sha256 (corrupted)"),
+    ("flip a byte of the stats", "tokenize", "stats.json does not match its sha256 (corrupted)"),
+    ("truncate a file", "validate", "has 10 bytes, the manifest says"),
+])
+def test_an_incomplete_or_corrupted_entry_is_a_miss_and_is_replaced(first, tmp_path, caplog, damage, stage, problem):
+    _, inputs, first_dir, _ = first
+    cache = copy_cache(first, tmp_path / "runs")
+    entry = entry_of(first, cache, stage)
+    if damage == "delete a shard":
+        (entry / "files" / "tokens" / "train" / "shard-00000.tokens.npy").unlink()
+    elif damage == "delete the manifest":
+        (entry / "manifest.json").unlink()
+    elif damage == "flip a byte":
+        flip_byte(entry / "files" / "data" / "records.jsonl")
+    elif damage == "flip a byte of the stats":
+        flip_byte(entry / "stats.json")
+    else:
+        (entry / "files" / "data" / "train.jsonl").write_bytes(b"0123456789")
+    with caplog.at_level("WARNING", logger="leantune.stagecache"):
+        run_dir, _, ran = run_stages(inputs, tmp_path / "runs", "again")
+    assert ran == {s: s == stage for s in STAGES}  # only the damaged stage runs; the later ones still hit
+    assert f"the {stage} entry {entry} is damaged" in caplog.text and problem in caplog.text
+    assert files(run_dir) == files(first_dir)
+    # The damaged entry was replaced by a complete one: the next run hits every stage.
+    assert (entry / "manifest.json").is_file()
+    _, _, ran = run_stages(inputs, tmp_path / "runs", "third")
+    assert not any(ran.values())
+
+
+def test_a_cache_deleted_while_a_stage_stores_into_it_does_not_fail_the_run(first, tmp_path, caplog, monkeypatch):
+    import shutil
+
+    from leantune import stagecache
+
+    _, inputs, first_dir, _ = first
+    cache = copy_cache(first, tmp_path / "runs")
+    shutil.rmtree(entry_of(first, cache, "tokenize"))
+    copy = stagecache._copy_hashed
+
+    def deleted_meanwhile(src, dst):
+        entry = copy(src, dst)
+        if dst is not None and cache in dst.parents and (cache / "prepare").exists():
+            shutil.rmtree(cache)  # the user clears the cache while the run copies its files into it
+        return entry
+
+    monkeypatch.setattr(stagecache, "_copy_hashed", deleted_meanwhile)
+    with caplog.at_level("WARNING", logger="leantune.stagecache"):
+        run_dir, stats, ran = run_stages(inputs, tmp_path / "runs", "again")
+    assert ran == {"prepare": False, "validate": False, "tokenize": True}
+    assert "could not store the tokenize outputs in" in caplog.text and "the run goes on" in caplog.text
+    assert files(run_dir) == files(first_dir) and stats["tokenize"]["train"]["counts"]["records_read"] > 0
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # nothing half-written was published
 
 
 @pytest.mark.slow

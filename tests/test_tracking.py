@@ -229,3 +229,24 @@ def test_the_flow_finishes_with_the_mlflow_server_unreachable(prefect_server, tm
     assert len(records.messages) == 1 and url in records.messages[0], records.messages
     assert "mlflow" not in json.loads(RunDir(run_dir).tracking.read_text())
     assert [s for s, _ in tensorboard_scalars(run_dir, "train/loss")] == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs sysfs: a folder no one may create files in")
+def test_a_read_only_tensorboard_folder_is_one_warning_not_a_writer_thread_traceback(tmp_path, caplog, capfd):
+    cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r", "tracking.mlflow=false"])
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    # Read-only even for root (tests may run as root, whom a chmod does not stop): sysfs.
+    RunDir(run_dir).tensorboard.symlink_to("/sys/kernel")
+    write_steps(run_dir, [step_line(s, 3.0 / s) for s in range(1, 4)], checkpoint=3)
+    with caplog.at_level(logging.WARNING, logger="leantune.tracking"):
+        tracker = Tracker(cfg, run_dir)
+        tracker.start()
+        tracker.log_steps()
+        tracker.finish("FINISHED")
+    time.sleep(0.5)  # a writer thread's traceback would be printed by now
+    warnings = [r.getMessage() for r in caplog.records if r.name == "leantune.tracking"]
+    assert len(warnings) == 1 and "tensorboard left out" in warnings[0] and "Permission denied" in warnings[0]
+    assert tracker.problems == {"tensorboard": warnings[0].split("(", 1)[1].rsplit(")", 1)[0]}
+    assert "Traceback" not in capfd.readouterr().err
+    assert "tensorboard" not in json.loads(RunDir(run_dir).tracking.read_text())  # no logdir is claimed

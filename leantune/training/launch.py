@@ -28,6 +28,7 @@ from leantune.config import RunConfig
 from leantune.failures import JSON_LOG_ENV, parse_log_line
 from leantune.metrics import MetricsFollower
 from leantune.rundir import RunDir
+from leantune.runlock import held_lock_fds
 from leantune.tables import markdown_table
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,10 @@ def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], 
     RunDir(run_dir).failure.unlink(missing_ok=True)
     follower = MetricsFollower(run_dir, from_end=True)
     # Bytes, split on newlines only: text mode would turn a progress bar's carriage returns into lines.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **CHILD_ENV})
+    # The run directory's lock, when this process holds it, is inherited: held while the training process
+    # lives, even if this one is killed first (leantune/runlock.py).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **CHILD_ENV},
+                            pass_fds=held_lock_fds(run_dir))
     lines: queue.Queue[str | None] = queue.Queue()
     # A thread reads the pipe so that a chatty process never blocks on it while this one polls.
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), name="training-output", daemon=True)

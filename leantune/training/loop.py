@@ -581,8 +581,11 @@ def _checkpoint_if_due(run: _Run, step: int, val_loss: float | None, due: str | 
 
 def _write_outputs(run: _Run, tokenizer) -> tuple[Path, Path | None]:
     """The adapter in PEFT format (full fine-tune: the model) and, with train.export_merged, the merged model."""
+    from leantune.modeling import sort_adapter_config
+
     adapter_dir = RunDir(run.run_dir).adapter
     model = run.model
+    sort_adapter_config(model)  # adapter_config.json the same in every process
     # The base's embedding matrices are not part of the adapter (see checkpoint._save_weights).
     model.save_pretrained(adapter_dir, **({"save_embedding_layers": False} if hasattr(model, "peft_config") else {}))
     tokenizer.save_pretrained(adapter_dir)
