@@ -57,8 +57,12 @@ class SourceConfig(Section):
     name: str | None = Field(
         None, description="Label for this source in reports and in each record's 'source'. Default: the path."
     )
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = Field(
-        "auto", description="Record format; 'auto' detects it from the source's first rows."
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "prompt_chosen_rejected",
+                    "chosen_rejected"] = Field(
+        "auto", description="Record format; 'auto' detects it from the source's first rows. The preference formats "
+        "(train.objective dpo or simpo): 'prompt_chosen_rejected' (TRL's prompt/chosen/rejected, strings or message "
+        "lists) and 'chosen_rejected' (full conversations sharing a prompt: Anthropic HH's Human:/Assistant: texts, "
+        "or message lists); see leantune/data/preference.py."
     )
     hub_config: str | None = Field(None, description="kind=hub: the dataset's configuration name.")
     split: str = Field("train", description="kind=hub: which split to read.")
@@ -148,7 +152,7 @@ class ValidationConfig(Section):
     )
     expectations_dir: str | None = Field(
         None,
-        description="Folder holding the Great Expectations suites records.json and tokens.json; default: "
+        description="Folder holding the Great Expectations suites records.json, pairs.json and tokens.json; default: "
         "expectations/ of the leantune checkout, else of the working directory.",
     )
 
@@ -323,6 +327,25 @@ class TrainConfig(Section):
         "pay the compile: seconds to minutes on CUDA, many minutes on a small CPU, where it does not pay for "
         "short runs, hence off by default. Needs a C++ compiler on the CPU, Triton on CUDA.",
     )
+    objective: Literal["sft", "dpo", "simpo"] = Field(
+        "sft", description="Training objective: 'sft' (cross-entropy on the assistant tokens of conversations), "
+        "'dpo' (Direct Preference Optimization, sigmoid loss -logsigmoid(dpo_beta x ((policy - reference) log-prob "
+        "of chosen minus that of rejected)); the reference is the base model with the LoRA adapter off, so no "
+        "second copy of the weights) or 'simpo' (SimPO, reference-free: -logsigmoid(simpo_beta x (mean token "
+        "log-prob of chosen - of rejected) - simpo_gamma)). dpo and simpo train on preference pairs (formats "
+        "prompt_chosen_rejected, chosen_rejected: leantune/data/preference.py), one pair never split across "
+        "micro-batches; the batch sizes count pairs; the loss is normalised by the pairs of the global batch "
+        "(leantune/training/preference.py).",
+    )
+    dpo_beta: float = Field(0.1, gt=0, description="train.objective=dpo: beta, the strength of the KL "
+                            "constraint to the reference (TRL's default 0.1).")
+    rpo_alpha: float = Field(0.0, ge=0, description="train.objective=dpo or simpo: weight of an added NLL term on "
+                             "the chosen response, per pair normalised by its tokens (RPO, Pang et al. 2024); 0 "
+                             "turns it off.")
+    simpo_beta: float = Field(2.0, gt=0, description="train.objective=simpo: beta, the scale of the "
+                              "length-normalised log-prob margin (the SimPO paper's 2.0).")
+    simpo_gamma: float = Field(1.0, ge=0, description="train.objective=simpo: gamma, the target reward margin "
+                               "subtracted inside the sigmoid (the SimPO paper's gamma = 0.5 x beta).")
     eval_every: int = Field(50, ge=1, description="Validation loss every this many steps.")
     log_every: int = Field(1, ge=1, description="Write metrics.jsonl every this many steps.")
     seed: int = Field(0, description="Seed for weights init, LoRA init, dropout and data order.")
@@ -545,6 +568,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"model.scratch.hidden_size: {s.hidden_size} must be a multiple of model.scratch.num_heads {s.num_heads}"
         )
     problems += moe_config_problems(cfg)
+    problems += preference_config_problems(cfg)
     syn = cfg.data.synthetic
     if syn.challenge_share and syn.neutral_share + syn.challenge_share > 1:
         problems.append(f"data.synthetic.challenge_share: {syn.challenge_share} plus data.synthetic.neutral_share "
@@ -563,6 +587,33 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     names = [source_name(s) for s in cfg.data.sources]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"data.sources: two sources are both named '{name}'; give them distinct 'name's")
+    return problems
+
+
+def preference_config_problems(cfg: RunConfig) -> list[str]:
+    """What train.objective dpo/simpo cannot work with, and rpo_alpha without a preference objective."""
+    t = cfg.train
+    if t.objective == "sft":
+        forced = [f"data.sources.{i}.format: '{s.format}' is a preference format, but train.objective is 'sft'; set "
+                  "train.objective=dpo or simpo, or give conversations" for i, s in enumerate(cfg.data.sources)
+                  if s.format in ("prompt_chosen_rejected", "chosen_rejected")]
+        return forced + (["train.rpo_alpha: only used with train.objective dpo or simpo; remove it"]
+                         if t.rpo_alpha else [])
+    problems = []
+    if cfg.tokenize.packing:
+        problems.append(f"tokenize.packing: preference pairs are not packed (train.objective={t.objective}); set "
+                        "tokenize.packing=false")
+    if t.objective == "dpo" and cfg.model.method == "full":
+        problems.append("train.objective: dpo with model.method=full would need a frozen copy of the model as its "
+                        "reference, which leantune does not keep; use model.method=lora or qlora (the reference is "
+                        "the base with the adapter off) or train.objective=simpo (no reference)")
+    for i, src in enumerate(cfg.data.sources):
+        if src.kind == "synthetic":
+            problems.append(f"data.sources.{i}.kind: the synthetic source makes conversations, not the preference "
+                            f"pairs train.objective={t.objective} trains on; give a file or hub source of pairs")
+        elif src.format not in ("auto", "prompt_chosen_rejected", "chosen_rejected"):
+            problems.append(f"data.sources.{i}.format: '{src.format}' has no chosen/rejected pair, which "
+                            f"train.objective={t.objective} needs; use prompt_chosen_rejected, chosen_rejected or auto")
     return problems
 
 

@@ -57,6 +57,7 @@ from typing import Any, Literal
 import numpy as np
 
 from leantune.config import RunConfig
+from leantune.data.preference import pair_messages, tokenize_pairs
 from leantune.data.quality import length_summary
 from leantune.errors import DataError, UserError
 from leantune.gguf import model_source
@@ -141,7 +142,8 @@ def _scratch_training_texts(train_path: Path) -> Iterator[str]:
     # Role and content as the template lays them out between its special tokens, in file order
     # (the order makes training deterministic).
     for record in iter_jsonl(train_path):
-        for message in record["messages"]:
+        # A preference pair (data/preference.py): its prompt and both answers.
+        for message in record["messages"] if "messages" in record else pair_messages(record):
             yield f"{message['role']}\n{message['content']}"
 
 
@@ -584,7 +586,9 @@ def tokenize(cfg: RunConfig, data_dir: Path, tokens_dir: Path) -> dict:
     if not train_path.is_file():
         raise DataError(f"{train_path}: not found; run the validation stage, which writes it, first")
     tokenizer = load_tokenizer(cfg, train_path, out.tokenizer)
-    train = tokenize_records(cfg, tokenizer, train_path, out.train)
+    # Preference pairs (train.objective dpo or simpo): the prompt once, then both answers (data/preference.py).
+    tokenize_records_ = tokenize_pairs if cfg.train.objective != "sft" else tokenize_records
+    train = tokenize_records_(cfg, tokenizer, train_path, out.train)
     if train["counts"]["sequences"] == 0:
         c = train["counts"]
         reasons = [e["reason"] for kind in train["failure_examples"].values() for e in kind][:1]
@@ -596,7 +600,7 @@ def tokenize(cfg: RunConfig, data_dir: Path, tokens_dir: Path) -> dict:
             + "; raise tokenize.max_seq_len, set tokenize.overlong='truncate', or use a tokenizer whose "
             "chat template fits the data"
         )
-    val = tokenize_records(cfg, tokenizer, val_path, out.val) if val_path.is_file() else None
+    val = tokenize_records_(cfg, tokenizer, val_path, out.val) if val_path.is_file() else None
     lengths = np.load(out.record_lengths("train"))
     out.lengths.write_text(json.dumps(length_summary(lengths), indent=2) + "\n")
     return {
