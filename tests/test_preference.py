@@ -4,6 +4,8 @@ as the adapter turned off); the micro-batch split does not change the update; ex
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +14,11 @@ from test_loss import TINY, VOCAB, Tokenizer
 
 from leantune.config import load_config
 from leantune.modeling import build_model
-from leantune.training.preference import PreferenceObjective, metrics
+from leantune.training.loop import train
+from leantune.training.preference import PreferenceObjective, preference_metrics
 
 CPU = torch.device("cpu")
+METRICS = ("loss", "pref_accuracy", "reward_margin", "logp_chosen", "logp_rejected", "grad_norm")
 PAIRS = ["train.objective=dpo", "tokenize.packing=false", "data.sources=[{kind: file, path: pairs.jsonl}]"]
 
 
@@ -111,7 +115,7 @@ def test_loss_and_every_lora_gradient_equal_a_hand_written_reference(overrides):
     with torch.no_grad():
         logp = hand_logps(model, items)
     assert float(stats["s"][0]) / len(items) == pytest.approx(ref_loss, rel=1e-6)
-    m = metrics(stats["s"], len(items))
+    m = preference_metrics(stats["s"], len(items))
     assert m["logp_chosen"] == pytest.approx(float(logp[:4].mean()), rel=1e-5)
     assert m["logp_rejected"] == pytest.approx(float(logp[4:].mean()), rel=1e-5)
     assert 0 <= m["pref_accuracy"] <= 1 and m["pref_accuracy"] * 4 == round(m["pref_accuracy"] * 4)
@@ -124,3 +128,235 @@ def test_dpo_reference_is_the_adapter_off_and_zero_margin_at_start():
     loss, stats = PreferenceObjective(cfg.train, 0, torch.float32, False, CPU).loss(model, pair_items(), 4)
     assert float(loss.detach()) == pytest.approx(np.log(2), abs=1e-6)
     assert float(stats[2]) == pytest.approx(0, abs=1e-6) and float(stats[1]) == 0  # margin sum, pairs right
+
+
+# ------------------------------------------------------------------------------------------- formats
+
+
+def test_pair_formats_convert_to_the_canonical_record():
+    from leantune.data.formats import RowError, detect_format
+    from leantune.data.preference import to_pair
+
+    u, a = ({"role": "user", "content": "Is 7 prime?"}, {"role": "assistant", "content": "Yes."})
+    yes, no = [{"role": "assistant", "content": "Yes."}], [{"role": "assistant", "content": "No."}]
+    expected = {"prompt": [u], "chosen": yes, "rejected": no}
+    trl = {"prompt": " Is 7 prime?", "chosen": "Yes.", "rejected": "No.\r\n"}
+    assert detect_format([trl]) == "prompt_chosen_rejected" and to_pair(trl, "prompt_chosen_rejected") == expected
+    conversational = {"prompt": [u], "chosen": yes, "rejected": no}
+    assert to_pair(conversational, "prompt_chosen_rejected") == expected
+    # UltraFeedback-binarized: the prompt's messages repeated before each answer.
+    ultra = {"prompt": "Is 7 prime?", "chosen": [u, *yes], "rejected": [u, *no], "score_chosen": 9}
+    assert to_pair(ultra, "prompt_chosen_rejected") == expected
+    # Older HH-derived sets: the prompt is a transcript ending with the answer's "Assistant:" header.
+    hh_prompt = {"prompt": "\n\nHuman: Is 7 prime?\n\nAssistant:", "chosen": " Yes.", "rejected": " No."}
+    assert to_pair(hh_prompt, "prompt_chosen_rejected") == expected
+    # Anthropic HH: two whole conversations sharing all but their last turn.
+    hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Is 7 prime?\n\nAssistant: Yes.",
+          "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Is 7 prime?\n\nAssistant: No."}
+    assert detect_format([hh]) == "chosen_rejected"
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, u]
+    assert to_pair(hh, "chosen_rejected") == {"prompt": history, "chosen": yes, "rejected": no}
+    assert to_pair({"chosen": [u, *yes], "rejected": [u, *no]}, "chosen_rejected") == expected
+
+    def code(row, fmt="prompt_chosen_rejected"):
+        with pytest.raises(RowError) as e:
+            to_pair(row, fmt)
+        return e.value.code
+
+    assert code({"chosen": hh["chosen"], "rejected": "\n\nHuman: Other\n\nAssistant: No."}, "chosen_rejected") == \
+        "no_shared_prompt"
+    assert code({"prompt": "Is 7 prime?", "chosen": "Yes.", "rejected": " \u200b "}) == "empty_content"
+    assert code({"prompt": "Is 7 prime?", "chosen": [*yes, u, *yes], "rejected": "No."}) == "bad_structure"
+    assert code({"prompt": [a], "chosen": "Yes.", "rejected": "No."}) == "wrong_role_order"
+    assert code({"prompt": "Is 7 prime?", "chosen": 3, "rejected": "No."}) == "bad_structure"
+    assert code({"instruction": "x", "output": "y"}, "alpaca") == "not_a_pair"
+
+
+def test_truncation_keeps_the_prompts_end_then_cuts_the_answers_ends():
+    from leantune.data.preference import truncate_pair
+
+    prompt, answers = list(range(10)), [([20, 21, 22], [0, 1, 1]), ([30, 31, 32, 33, 34], [0, 1, 1, 1, 1])]
+    assert truncate_pair(prompt, answers, 15) == (prompt, answers, 0, 0)
+    assert truncate_pair(prompt, answers, 12) == ([3, 4, 5, 6, 7, 8, 9], answers, 3, 0)
+    # The prompt keeps one token; then each answer loses its end.
+    assert truncate_pair(prompt, answers, 4) == ([9], [([20, 21, 22], [0, 1, 1]), ([30, 31, 32], [0, 1, 1])], 9, 2)
+
+
+# ----------------------------------------------------------------------------------- the data stages
+
+# 48 arithmetic pairs in TRL's format (four long prompts among them, truncated at max_seq_len 64), 24 in
+# Anthropic HH's, plus faults: a blank answer (rejected), a repeated pair (duplicate), equal answers
+# (quarantined by the pair suite).
+PAIR_RUN = [*PAIRS, "data.val_fraction=0.1", "data.chunk_size=20", "tokenize.vocab_size=400",
+            "tokenize.max_seq_len=64", "model.scratch.hidden_size=32", "model.scratch.intermediate_size=64",
+            "model.scratch.num_layers=2", "model.scratch.num_heads=4", "model.scratch.num_kv_heads=2", "lora.r=4",
+            "lora.alpha=8", "lora.dropout=0.0", "train.device=cpu", "train.global_batch_size=8",
+            "train.micro_batch_size=4", "train.warmup_steps=2", "train.lr=1e-2", "train.dpo_beta=0.5",
+            "train.eval_every=1000", "checkpoint.every_steps=1000", "eval.enabled=false"]
+
+
+def write_pair_sources(root):
+    trl = [{"prompt": f"What is {i} plus {i % 7}?", "chosen": f"It is {i + i % 7}.", "rejected": f"It is {i + 9}."}
+           for i in range(48)]
+    for k in (5, 6, 7, 8):
+        trl[k]["prompt"] = "Think about this carefully. " * 12 + trl[k]["prompt"]
+    trl += [{"prompt": "What is 1 plus 1?", "chosen": "2.", "rejected": "  "}, trl[3],
+            {"prompt": "What is 2 plus 2?", "chosen": "4.", "rejected": "4."}]
+    hh = [{"chosen": f"\n\nHuman: Is {i} even?\n\nAssistant: {'Yes' if i % 2 == 0 else 'No'}.",
+           "rejected": f"\n\nHuman: Is {i} even?\n\nAssistant: {'No' if i % 2 == 0 else 'Yes'}."} for i in range(24)]
+    for name, rows in (("trl.jsonl", trl), ("hh.jsonl", hh)):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [f"data.sources=[{{kind: file, path: {root / 'trl.jsonl'}, name: trl}}, "
+            f"{{kind: file, path: {root / 'hh.jsonl'}, name: hh}}]"]
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory):
+    """A run directory of pairs after prepare, validate and tokenize (and the token suite); copy before use."""
+    from leantune.config import dump_config
+    from leantune.data.prepare import prepare
+    from leantune.tokenization import tokenize
+    from leantune.validation import validate_records, validate_tokens
+
+    root = tmp_path_factory.mktemp("pairs")
+    run_dir = root / "run"
+    run_dir.mkdir()
+    cfg = load_config(overrides=PAIR_RUN + write_pair_sources(root) + [f"run.output_dir={root}", "run.name=run"])
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    stats = {"prepare": prepare(cfg, run_dir / "data"), "validate": validate_records(cfg, run_dir / "data"),
+             "tokenize": tokenize(cfg, run_dir / "data", run_dir / "tokens")}
+    validate_tokens(cfg, run_dir / "tokens")
+    return run_dir, stats
+
+
+def test_pairs_go_through_prepare_validate_and_tokenize_with_exact_accounting(pair_run):
+    from transformers import AutoTokenizer
+
+    from leantune.data.preference import pair_id
+    from leantune.jsonl import iter_jsonl
+    from leantune.tokenization import TokenShards
+
+    run_dir, stats = pair_run
+    t = stats["prepare"]["totals"]
+    assert (t["read"], t["kept"], t["rejected"], t["duplicates"]) == (75, 73, 1, 1)
+    assert t["reasons"] == {"empty_content": 1}
+    assert stats["prepare"]["sources"]["hh"]["format"] == "chosen_rejected"
+    assert stats["prepare"]["sources"]["trl"]["format"] == "prompt_chosen_rejected"
+    records = list(iter_jsonl(run_dir / "data" / "records.jsonl"))
+    assert all(list(r) == ["id", "prompt", "chosen", "rejected", "source"] and r["id"] == pair_id(r) for r in records)
+    v = stats["validate"]
+    assert v["quarantined"] == 1 and v["train"] + v["val"] == 72 and v["val"] > 0
+    assert {e["name"]: e["rows_failed"] for e in v["expectations"]}["chosen_differs_from_rejected"] == 1
+
+    # Tokens: one sequence of three documents per pair; the two rows rebuilt from it are the chat template's
+    # renderings of prompt + chosen and prompt + rejected; targets only in the answers.
+    c = stats["tokenize"]["train"]["counts"]
+    assert c["records_read"] == v["train"] == c["records_written"] + c["dropped_overlong"] + c["no_trainable"]
+    shards = TokenShards(run_dir / "tokens" / "train")
+    assert len(shards) == c["records_written"] and (shards.index[:, 4] == 3).all()
+    tok = AutoTokenizer.from_pretrained(run_dir / "tokens" / "tokenizer")
+    train = list(iter_jsonl(run_dir / "data" / "train.jsonl"))
+    long_prompts = [k for k, r in enumerate(train) if r["prompt"][0]["content"].startswith("Think")]
+    for k in range(len(shards)):
+        item, record = shards[k], train[k]
+        p, ch, rj = item["doc_lengths"]
+        assert (item["labels"][:p] == -100).all() and (item["labels"][p:p + ch] != -100).any()
+        for side, row in (("chosen", np.r_[0:p + ch]), ("rejected", np.r_[0:p, p + ch:p + ch + rj])):
+            text = tok.apply_chat_template(record["prompt"] + record[side], tokenize=False)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if k in long_prompts:  # truncated: the prompt's start is cut, its end and the answers kept
+                assert len(row) == 64 and list(item["input_ids"][row]) == ids[-64:]
+            else:
+                assert list(item["input_ids"][row]) == ids
+            answer = tok.decode(item["input_ids"][row][item["labels"][row] != -100])
+            assert answer.startswith(record[side][0]["content"])
+    assert c["truncated"] == len(long_prompts) > 0 and c["prompt_tokens_cut"] > 0 and c["answer_tokens_cut"] == 0
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def new_pair_run(pair_run, tmp_path, *overrides, name="run"):
+    from run_helpers import new_run
+
+    return new_run(pair_run[0], tmp_path, *overrides, name=name)
+
+
+def test_dpo_trains_and_logs_the_preference_metrics(pair_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    from leantune.modeling import build_base_model
+    from leantune.tokenization import TokenShards
+    from leantune.training.loop import epoch_order, next_global_batch
+
+    cfg, run_dir = new_pair_run(pair_run, tmp_path, "train.max_steps=3", "train.eval_every=3")
+    summary = train(cfg, run_dir)
+    lines = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in m]
+    assert [m["step"] for m in lines] == [1, 2, 3] and summary["completed"]
+    for m in lines:
+        assert {"pref_accuracy", "reward_margin", "logp_chosen", "logp_rejected"} <= m.keys()
+    # Step 1 runs at LoRA B = 0, where the policy is its reference: every margin 0, the loss log 2; its
+    # log-probabilities are the hand-written ones of the global batch's pairs.
+    assert lines[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and lines[0]["reward_margin"] == 0
+    shards = TokenShards(run_dir / "tokens" / "train")
+    batch, *_ = next_global_batch(lambda e: epoch_order(shards, e, 8, cfg.train.seed), 0, 0, 8)
+    tok = AutoTokenizer.from_pretrained(run_dir / "tokens" / "tokenizer")
+    model = build_model(cfg, tok, CPU)
+    with torch.no_grad():
+        logp = hand_logps(model, [shards[i] for i in batch])
+    assert lines[0]["logp_chosen"] == pytest.approx(float(logp[:8].mean()), rel=1e-5)
+    assert lines[0]["logp_rejected"] == pytest.approx(float(logp[8:].mean()), rel=1e-5)
+    # Training moved the chosen answers up against the rejected ones on the pairs it saw.
+    from peft import PeftModel
+
+    tuned = PeftModel.from_pretrained(build_base_model(cfg, tok, CPU), run_dir / "adapter")
+    with torch.no_grad():
+        _, stats = PreferenceObjective(cfg.train, shards.pad_id, torch.float32, False, CPU).loss(
+            tuned, [shards[i] for i in batch], 8)
+    assert preference_metrics(stats, 8)["reward_margin"] > 0.01 and float(stats[0]) / 8 < np.log(2)
+    assert "val_loss" in lines[-1] and summary["final_val_loss"] == lines[-1]["val_loss"]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+def test_the_update_does_not_depend_on_the_micro_batch_split(pair_run, tmp_path, objective):
+    from run_helpers import adapter, assert_same_weights
+
+    weights, losses = {}, {}
+    for micro in (1, 2, 8):  # 8x1, 4x2 and 1x8 pairs
+        cfg, run_dir = new_pair_run(pair_run, tmp_path, "train.max_steps=2", f"train.micro_batch_size={micro}",
+                                    f"train.objective={objective}", "train.rpo_alpha=0.2", name=f"mb{micro}")
+        train(cfg, run_dir)
+        lines = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in m]
+        assert {m["accumulation_steps"] for m in lines} == {8 // micro}
+        weights[micro], losses[micro] = adapter(run_dir), [[m[k] for k in METRICS] for m in lines]
+    assert max(float(v.abs().max()) for k, v in weights[8].items() if "lora_B" in k) > 1e-3
+    for micro in (2, 8):
+        assert_same_weights(weights[micro], weights[1])
+        np.testing.assert_allclose(losses[micro], losses[1], rtol=1e-5, atol=1e-6)
+
+
+def test_signal_stops_cleanly_and_resume_continues_bitwise(pair_run, tmp_path):
+    import os
+    import signal
+
+    from run_helpers import adapter
+
+    from leantune.testing import loop_hooks
+
+    cfg, straight = new_pair_run(pair_run, tmp_path, "train.max_steps=4", name="straight")
+    train(cfg, straight)
+    cfg, run_dir = new_pair_run(pair_run, tmp_path, "train.max_steps=4", name="stopped")
+
+    def sigterm_after_step_2(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with loop_hooks(headroom=sigterm_after_step_2):
+        assert train(cfg, run_dir)["steps"] == 2
+    resumed = train(cfg, run_dir)
+    assert resumed["completed"] and resumed["resumed_from_step"] == 2
+    a, b = adapter(run_dir), adapter(straight)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    lines = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (run_dir, straight)]
+    assert [[m[k] for k in METRICS] for m in lines[0]] == [[m[k] for k in METRICS] for m in lines[1]]
+    assert [m["step"] for m in lines[0]] == [1, 2, 3, 4]

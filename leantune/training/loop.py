@@ -8,6 +8,10 @@ sequences whatever the split; they run as micro-batches of `micro_batch_size` se
 `MicroBatchController`, adaptive.py), accumulating gradients. The loss of a step is the sum of the
 per-token cross-entropy over every micro-batch divided by the number of target tokens in the WHOLE
 global batch, so the update does not depend on the split (tests/test_loop.py checks 1x8, 2x4, 8x1).
+With train.objective dpo or simpo a sequence is a preference pair (prompt, chosen, rejected), the batch
+sizes count pairs, and the loss is the sum of the pair losses divided by the pairs of the global batch
+(training/preference.py; `run.pref`); metrics.jsonl adds pref_accuracy, reward_margin, logp_chosen and
+logp_rejected, and val_loss is the mean pair loss.
 
 Step numbers: step N is the N-th optimizer step (from 1); its metrics line says "step": N, and
 `checkpoints/step-N/` holds the state after it. The data cursor (epoch, offset) points into a
@@ -98,6 +102,7 @@ from leantune.tokenization import TokenShards, collate
 from leantune.training.adaptive import MicroBatchController
 from leantune.training.distributed import DistContext, process_group
 from leantune.training.loss import compile_decoder, target_cross_entropy
+from leantune.training.preference import STATS, PreferenceObjective, preference_metrics
 
 # Named, not __name__: run as `python -m leantune.training.loop` this module is __main__, and the
 # flow shows the child's log lines under their logger name.
@@ -168,6 +173,7 @@ class _Run:
     feedback: object = None  # monitor.policy.Feedback: the monitor's decisions, drained at each step boundary
     saved_step: int | None = None  # the newest checkpoint's step
     rank_peaks_mb: list[float] = field(default_factory=list)
+    pref: PreferenceObjective | None = None  # train.objective dpo or simpo: the loss of pairs (preference.py)
 
     def record(self, change) -> None:
         """A micro-batch change: a metrics.jsonl line, and counted."""
@@ -290,6 +296,8 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
         mask_dtype=precision, one_row=model.config._attn_implementation == "flash_attention_2",
         moe=moe, aux_coef=aux_coef, controller=MicroBatchController.from_config(cfg, dist.world_size),
         ckpt=CheckpointManager(cfg, run_dir, run_fingerprints(cfg, run_dir)))
+    if t.objective != "sft":
+        run.pref = PreferenceObjective.for_run(cfg, train_shards, moe, precision, run.one_row, device)
     return run, tokenizer
 
 
@@ -346,8 +354,8 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     energy_start = run.monitor.energy_j() if run.monitor is not None else None
     indices, epoch, offset = next_global_batch(order_of, state.epoch, state.offset, t.global_batch_size)
     items = [run.train_shards[int(i)] for i in indices]
-    # The loss of the step is normalised by every target token of the global batch.
-    targets = sum(int((it["labels"][1:] != -100).sum()) for it in items)
+    # The loss of the step is normalised by every target token of the global batch (pairs: every pair).
+    targets = len(items) if run.pref else sum(int((it["labels"][1:] != -100).sum()) for it in items)
     tokens = sum(len(it["input_ids"]) for it in items)
     # Data parallel: this rank's disjoint share of the global batch (a single process: all of it).
     share = items[dist.share(len(items))]
@@ -362,7 +370,7 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    loss = float(ce_sum) / targets  # .item() waits for the device, so the timing below is real
+    loss = float(ce_sum[0] if run.pref else ce_sum) / targets  # .item() waits for the device: the timing is real
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"the training loss is {loss} at step {step} (lr {lr:.3g}); the last checkpoint "
                             "holds the weights before it; lower train.lr, or use model.dtype=bf16 over fp16")
@@ -378,6 +386,8 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
             "tokens_per_s": tokens / step_seconds, "micro_batch_size": mb,
             "accumulation_steps": len(share) // mb, "world_size": dist.world_size,
             "peak_memory_mb": peak_mb, "elapsed_s": round(state.elapsed_s, 3)}
+    if run.pref is not None:
+        line.update(preference_metrics(ce_sum, targets))
     energy_end = run.monitor.energy_j() if run.monitor is not None else None
     if energy_start is not None and energy_end is not None:
         line["energy_j"] = round(energy_end - energy_start, 3)
@@ -386,8 +396,9 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     # Validation every train.eval_every steps and after the last one.
     val_loss = None
     if run.val_shards is not None and (step % t.eval_every == 0 or step == run.num_steps):
-        val_loss = evaluate(run.model, run.val_shards, run.controller.micro_batch_size, run.device, run.autocast,
-                            run.mask_dtype, run.one_row, dist)
+        val_loss = (run.pref.evaluate(run.model, run.val_shards, run.controller.micro_batch_size, run.autocast, dist)
+                    if run.pref else evaluate(run.model, run.val_shards, run.controller.micro_batch_size, run.device,
+                                              run.autocast, run.mask_dtype, run.one_row, dist))
         line["val_loss"] = state.val_loss = val_loss
     if run.moe is not None:
         line["router_aux_loss"] = float(moe_sums[0]) / tokens
@@ -415,7 +426,8 @@ def _forward_backward_fitting(run: _Run, step: int, share: list[dict], targets: 
             torch.cuda.reset_peak_memory_stats(run.device)
         oom = False
         mb = run.controller.micro_batch_size
-        ce_sum = torch.zeros((), device=run.device)
+        # Pairs: the sums of preference.STATS instead.
+        ce_sum = torch.zeros(len(STATS) if run.pref else (), device=run.device)
         # MoE: the step's router loss (sum of n_s aux_s) and expert counts, summed like ce_sum.
         moe_sums = [torch.zeros((), device=run.device), 0] if run.moe is not None else []
         try:
@@ -443,6 +455,11 @@ def _forward_backward(run: _Run, share: list[dict], k: int, targets: int, tokens
     Returns its cross-entropy sum (detached) and, MoE, (router loss, expert counts) or None."""
     mb = run.controller.micro_batch_size
     micro = share[k * mb:(k + 1) * mb]
+    if run.pref is not None:  # pairs: the summed pair losses / pairs of the global batch, and their STATS
+        with run.autocast:
+            objective, stats = run.pref.loss(run.forward_model, micro, targets)
+        run.scaler.scale(objective).backward()
+        return stats, None
     inputs, labels = model_inputs(micro, run.train_shards.pad_id, run.mask_dtype, run.one_row, run.device)
     if run.moe is not None:
         run.moe.start()
@@ -739,9 +756,12 @@ def _probe(run: _Run, indices: np.ndarray) -> None:
     rng = _torch_rng_state(run.device)
     try:
         items = [run.train_shards[int(i)] for i in indices]
-        inputs, labels = model_inputs(items, run.train_shards.pad_id, run.mask_dtype, run.one_row, run.device)
         with run.autocast:
-            loss = target_cross_entropy(run.model, inputs, labels)
+            if run.pref is not None:
+                loss = run.pref.loss(run.model, items, len(items))[0]
+            else:
+                inputs, labels = model_inputs(items, run.train_shards.pad_id, run.mask_dtype, run.one_row, run.device)
+                loss = target_cross_entropy(run.model, inputs, labels)
         loss.backward()
     finally:
         # Also after an out-of-memory error, so a probe that is retried smaller starts the same.

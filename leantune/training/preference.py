@@ -26,7 +26,7 @@ SimPO (Meng et al. 2024), no reference:
 The step's objective is the sum of the per-pair losses over the global batch divided by its number of
 pairs: every micro-batch adds its pairs' losses / pairs of the global batch, so the update is the same
 for any split (tests/test_preference.py checks 1x8, 2x4, 8x1). The loop sums `STATS` over the step's
-micro-batches (and the ranks) and metrics.jsonl reports them as `metrics` names them.
+micro-batches (and the ranks) and metrics.jsonl reports them as `preference_metrics` names them.
 """
 
 from __future__ import annotations
@@ -106,6 +106,19 @@ class PreferenceObjective:
         self.t, self.pad_id, self.mask_dtype, self.one_row, self.device = train_cfg, pad_id, mask_dtype, one_row, device
         self.chunk_logits = chunk_logits
 
+    @classmethod
+    def for_run(cls, cfg, train_shards, moe, mask_dtype, one_row: bool, device) -> PreferenceObjective:
+        """The objective of a run, once its pair shards and model are known to fit it."""
+        from leantune.errors import UserError
+
+        if not train_shards.meta.get("pairs"):
+            raise UserError(f"train.objective: {cfg.train.objective} trains on preference pairs, but "
+                            f"{train_shards.directory} holds conversations; run the data stages again with this config")
+        if moe is not None:
+            raise UserError(f"train.objective: {cfg.train.objective} is not supported for Mixture-of-Experts models "
+                            "(their router loss counts packed tokens); use train.objective=sft or a dense model")
+        return cls(cfg.train, train_shards.pad_id, mask_dtype, one_row, device)
+
     def loss(self, model, micro: list[dict], pairs: int):
         """(objective to backward: the micro-batch's summed pair losses / `pairs`, the pairs of the global
         batch; the detached STATS sums of the micro-batch)."""
@@ -157,7 +170,7 @@ class PreferenceObjective:
         return total / max(count, 1)
 
 
-def metrics(stats, pairs: int) -> dict:
+def preference_metrics(stats, pairs: int) -> dict:
     """A step's metrics.jsonl entries from its STATS sums over `pairs` pairs: preference accuracy (share of
     pairs whose margin is positive), the mean reward margin, the mean log-probabilities of the answers."""
     values = dict(zip(STATS, stats.tolist(), strict=True))
