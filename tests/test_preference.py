@@ -321,6 +321,8 @@ def test_dpo_trains_and_logs_the_preference_metrics(pair_run, tmp_path):
 def test_the_update_does_not_depend_on_the_micro_batch_split(pair_run, tmp_path, objective):
     from run_helpers import adapter, assert_same_weights
 
+    from leantune.testing import loop_hooks
+
     weights, losses = {}, {}
     for micro in (1, 2, 8):  # 8x1, 4x2 and 1x8 pairs
         cfg, run_dir = new_pair_run(pair_run, tmp_path, "train.max_steps=2", f"train.micro_batch_size={micro}",
@@ -329,8 +331,17 @@ def test_the_update_does_not_depend_on_the_micro_batch_split(pair_run, tmp_path,
         lines = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in m]
         assert {m["accumulation_steps"] for m in lines} == {8 // micro}
         weights[micro], losses[micro] = adapter(run_dir), [[m[k] for k in METRICS] for m in lines]
+    # Out of memory in step 1 at 8 and at 4 pairs: the micro-batch halves in pairs, 8 -> 4 -> 2, and the
+    # step is redone whole.
+    cfg, run_dir = new_pair_run(pair_run, tmp_path, "train.max_steps=2", "train.micro_batch_size=8",
+                                f"train.objective={objective}", "train.rpo_alpha=0.2", name="oom")
+    with loop_hooks(oom=lambda step, k, mb: step == 1 and mb > 2):
+        train(cfg, run_dir)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["old"], m["new"]) for m in lines if m.get("event") == "micro_batch"] == [(8, 4), (4, 2)]
+    weights["oom"], losses["oom"] = adapter(run_dir), [[m[k] for k in METRICS] for m in lines if "event" not in m]
     assert max(float(v.abs().max()) for k, v in weights[8].items() if "lora_B" in k) > 1e-3
-    for micro in (2, 8):
+    for micro in (2, 8, "oom"):
         assert_same_weights(weights[micro], weights[1])
         np.testing.assert_allclose(losses[micro], losses[1], rtol=1e-5, atol=1e-6)
 
@@ -360,3 +371,25 @@ def test_signal_stops_cleanly_and_resume_continues_bitwise(pair_run, tmp_path):
     lines = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (run_dir, straight)]
     assert [[m[k] for k in METRICS] for m in lines[0]] == [[m[k] for k in METRICS] for m in lines[1]]
     assert [m["step"] for m in lines[0]] == [1, 2, 3, 4]
+
+
+def test_config_refuses_what_a_preference_objective_cannot_train_on(tmp_path):
+    from leantune.config import ConfigError
+    from leantune.data.prepare import prepare
+    from leantune.errors import DataError
+
+    def problems(*overrides):
+        with pytest.raises(ConfigError) as e:
+            load_config(overrides=list(overrides))
+        return [p.split(":")[0] for p in e.value.problems]
+
+    assert problems("train.objective=dpo") == ["tokenize.packing", "data.sources.0.kind"]
+    assert problems(*PAIRS, "model.method=full") == ["train.objective"]
+    assert problems(*PAIRS, "data.sources.0.format=alpaca") == ["data.sources.0.format"]
+    assert problems("train.rpo_alpha=0.5") == ["train.rpo_alpha"]
+    assert problems("data.sources=[{kind: file, path: x, format: chosen_rejected}]") == ["data.sources.0.format"]
+    assert load_config(overrides=[*PAIRS, "model.method=full", "train.objective=simpo"]).train.objective == "simpo"
+    # Pairs in an sft run: every row rejected, saying what to set.
+    sources = write_pair_sources(tmp_path)
+    with pytest.raises(DataError, match="preference_pair x75 .*set train.objective=dpo or simpo"):
+        prepare(load_config(overrides=sources), tmp_path / "data")
