@@ -331,7 +331,8 @@ class TrainConfig(Section):
         "sft", description="Training objective: 'sft' (cross-entropy on the assistant tokens of conversations), "
         "'dpo' (Direct Preference Optimization, sigmoid loss -logsigmoid(dpo_beta x ((policy - reference) log-prob "
         "of chosen minus that of rejected)); the reference is the base model with the LoRA adapter off, so no "
-        "second copy of the weights) or 'simpo' (SimPO, reference-free: -logsigmoid(simpo_beta x (mean token "
+        "second copy of the weights; full fine-tuning: the base's log-probs of every pair, computed once before "
+        "the first step and stored beside the token shards) or 'simpo' (SimPO, reference-free: -logsigmoid(simpo_beta x (mean token "
         "log-prob of chosen - of rejected) - simpo_gamma)). dpo and simpo train on preference pairs (formats "
         "prompt_chosen_rejected, chosen_rejected: leantune/data/preference.py), one pair never split across "
         "micro-batches; the batch sizes count pairs; the loss is normalised by the pairs of the global batch "
@@ -603,10 +604,6 @@ def preference_config_problems(cfg: RunConfig) -> list[str]:
     if cfg.tokenize.packing:
         problems.append(f"tokenize.packing: preference pairs are not packed (train.objective={t.objective}); set "
                         "tokenize.packing=false")
-    if t.objective == "dpo" and cfg.model.method == "full":
-        problems.append("train.objective: dpo with model.method=full would need a frozen copy of the model as its "
-                        "reference, which leantune does not keep; use model.method=lora or qlora (the reference is "
-                        "the base with the adapter off) or train.objective=simpo (no reference)")
     for i, src in enumerate(cfg.data.sources):
         if src.kind == "synthetic":
             problems.append(f"data.sources.{i}.kind: the synthetic source makes conversations, not the preference "

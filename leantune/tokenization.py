@@ -70,6 +70,7 @@ FORMAT_VERSION = 1
 # batches are both low-padding and differently composed per seed.
 MEGABATCH_BATCHES = 50
 MAX_FAILURE_EXAMPLES = 5
+REFERENCE_LOGPS = "reference_logps.npy"  # of pair shards, full fine-tuning's DPO reference (training/preference.py)
 
 SCRATCH_PAD, SCRATCH_BOS, IM_START, IM_END = "<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>"
 # ChatML; <|im_end|> is the end-of-turn token and therefore the eos that generation stops at.
@@ -634,6 +635,10 @@ class TokenShards:
         self.index = np.load(self.directory / "index.npy")
         self.docs = np.load(self.directory / "docs.npy")
         self.pad_id: int = self.meta["tokenizer"]["pad_id"]
+        # Pairs under train.objective=dpo with model.method=full: each pair's reference log-probabilities
+        # (chosen, rejected), written before the first step (training/preference.py).
+        reference = self.directory / REFERENCE_LOGPS
+        self.reference = np.load(reference) if reference.is_file() else None
         # Opened on first use, so a reader handed to DataLoader workers maps the files in each worker.
         self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -661,7 +666,10 @@ class TokenShards:
         labels = np.where(mask[offset:offset + length].astype(bool), input_ids, -100)
         doc_lengths = self.docs[first_doc:first_doc + n_docs, 1].copy()
         position_ids = np.concatenate([np.arange(n, dtype=np.int64) for n in doc_lengths])
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "doc_lengths": doc_lengths}
+        item = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "doc_lengths": doc_lengths}
+        if self.reference is not None:
+            item["reference_logps"] = self.reference[i]
+        return item
 
     def training_batches(self, global_batch_size: int, seed: int, group_by_length: bool) -> list[np.ndarray]:
         """An epoch's global batches of sequence indices, in training order (`training_batches`)."""

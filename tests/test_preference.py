@@ -4,6 +4,8 @@ as the adapter turned off); the micro-batch split does not change the update; ex
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 
 import numpy as np
@@ -14,6 +16,7 @@ from test_loss import TINY, VOCAB, Tokenizer
 
 from leantune.config import load_config
 from leantune.modeling import build_model
+from leantune.tokenization import TokenShards
 from leantune.training.loop import train
 from leantune.training.preference import PreferenceObjective, preference_metrics
 
@@ -51,15 +54,16 @@ def hand_logps(model, items) -> torch.Tensor:
     return torch.stack(out["chosen"] + out["rejected"])
 
 
-def hand_loss(model, items, t) -> torch.Tensor:
+def hand_loss(model, items, t, reference=None) -> torch.Tensor:
+    """The mean pair loss; the DPO reference is `reference` (a frozen model), else `model` with its adapter off."""
     m = len(items)
     logp = hand_logps(model, items)
     n = torch.tensor([int((it["labels"] != -100)[1:p + c].sum()) for it in items for p, c in [it["doc_lengths"][:2]]]
                      + [int((it["labels"] != -100)[p + c:].sum()) for it in items for p, c in [it["doc_lengths"][:2]]],
                      dtype=torch.float32)
     if t.objective == "dpo":
-        with torch.no_grad(), model.disable_adapter():
-            ref = hand_logps(model, items)
+        with torch.no_grad(), (contextlib.nullcontext() if reference else model.disable_adapter()):
+            ref = hand_logps(reference or model, items)
         losses = -F.logsigmoid(t.dpo_beta * ((logp[:m] - ref[:m]) - (logp[m:] - ref[m:])))
     else:
         losses = -F.logsigmoid(t.simpo_beta * (logp[:m] / n[:m] - logp[m:] / n[m:]) - t.simpo_gamma)
@@ -119,6 +123,45 @@ def test_loss_and_every_lora_gradient_equal_a_hand_written_reference(overrides):
     assert m["logp_chosen"] == pytest.approx(float(logp[:4].mean()), rel=1e-5)
     assert m["logp_rejected"] == pytest.approx(float(logp[4:].mean()), rel=1e-5)
     assert 0 <= m["pref_accuracy"] <= 1 and m["pref_accuracy"] * 4 == round(m["pref_accuracy"] * 4)
+
+
+def test_full_fine_tuning_dpo_reads_the_reference_stored_before_training(tmp_path):
+    """Full fine-tuning: the reference log-probs are the model's before any step, stored beside the shards;
+    the loss and every gradient then equal the hand-written DPO with a frozen copy as the reference."""
+    from leantune.training.distributed import DistContext
+
+    cfg = load_config(overrides=[*TINY, *PAIRS, "model.method=full", "train.micro_batch_size=3",
+                                 "train.global_batch_size=6"])
+    model = build_model(cfg, Tokenizer(), CPU)
+    frozen = copy.deepcopy(model)
+    shards = FakeShards(tmp_path, pair_items(5))
+    objective = PreferenceObjective(cfg.train, 0, torch.float32, False, CPU)
+    objective.store_reference(model, shards, DistContext(CPU))
+    with torch.no_grad():
+        np.testing.assert_allclose(np.load(tmp_path / "reference_logps.npy"),
+                                   hand_logps(model, shards.items).reshape(2, -1).T.numpy(), rtol=1e-5)
+    with torch.no_grad():  # the policy moves away from its reference
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    items = [{**it, "reference_logps": shards.reference[i]} for i, it in enumerate(shards.items)]
+    ref_loss, ref = gradients(model, lambda: hand_loss(model, items, cfg.train, reference=frozen))
+    loss, new = gradients(model, lambda: objective.loss(model, items, 5)[0])
+    assert loss == pytest.approx(ref_loss, rel=1e-6) and abs(ref_loss - np.log(2)) > 1e-3
+    for name, g in ref.items():
+        torch.testing.assert_close(new[name], g, rtol=1e-5, atol=1e-5, msg=name)
+
+
+class FakeShards:
+    """Pair items as TokenShards serve them, from `directory` (where the reference file goes)."""
+
+    def __init__(self, directory, items):
+        self.directory, self.items, self.reference = directory, items, None
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
 
 
 def test_dpo_reference_is_the_adapter_off_and_zero_margin_at_start():
@@ -384,7 +427,6 @@ def test_config_refuses_what_a_preference_objective_cannot_train_on(tmp_path):
         return [p.split(":")[0] for p in e.value.problems]
 
     assert problems("train.objective=dpo") == ["tokenize.packing", "data.sources.0.kind"]
-    assert problems(*PAIRS, "model.method=full") == ["train.objective"]
     assert problems(*PAIRS, "data.sources.0.format=alpaca") == ["data.sources.0.format"]
     assert problems("train.rpo_alpha=0.5") == ["train.rpo_alpha"]
     assert problems("data.sources=[{kind: file, path: x, format: chosen_rejected}]") == ["data.sources.0.format"]
@@ -393,3 +435,29 @@ def test_config_refuses_what_a_preference_objective_cannot_train_on(tmp_path):
     sources = write_pair_sources(tmp_path)
     with pytest.raises(DataError, match="preference_pair x75 .*set train.objective=dpo or simpo"):
         prepare(load_config(overrides=sources), tmp_path / "data")
+
+
+def test_full_fine_tuning_dpo_run_starts_at_its_reference_and_resumes(pair_run, tmp_path):
+    import os
+    import signal
+
+    from leantune.testing import loop_hooks
+
+    cfg, run_dir = new_pair_run(pair_run, tmp_path, "model.method=full",
+                                "train.max_steps=3", "train.lr=1e-3")
+
+    def sigterm_after_step_2(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with loop_hooks(headroom=sigterm_after_step_2):
+        assert train(cfg, run_dir)["steps"] == 2
+    reference = {s: np.load(run_dir / "tokens" / s / "reference_logps.npy") for s in ("train", "val")}
+    assert reference["train"].shape == (len(TokenShards(run_dir / "tokens" / "train")), 2)
+    resumed = train(cfg, run_dir)  # the same data fingerprint: the stored reference is read back, not recomputed
+    assert resumed["completed"] and resumed["resumed_from_step"] == 2
+    assert all(np.array_equal(np.load(run_dir / "tokens" / s / "reference_logps.npy"), reference[s]) for s in reference)
+    lines = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in m]
+    # Step 1: the policy is the model the reference was computed from.
+    assert lines[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and abs(lines[0]["reward_margin"]) < 1e-5
+    assert [m["step"] for m in lines] == [1, 2, 3] and lines[2]["reward_margin"] != 0

@@ -206,6 +206,7 @@ def tokenize_pairs(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Path)
     from leantune.tokenization import (
         FORMAT_VERSION,
         MAX_FAILURE_EXAMPLES,
+        REFERENCE_LOGPS,
         EncodeFailure,
         _ShardWriter,
         micro_batches,
@@ -220,8 +221,9 @@ def tokenize_pairs(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Path)
     t = cfg.tokenize
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("shard-*.npy"):
-        stale.unlink()
+    # The reference log-probabilities of the pairs of an earlier tokenization go with its shards.
+    for stale in [*out_dir.glob("shard-*.npy"), out_dir / REFERENCE_LOGPS]:
+        stale.unlink(missing_ok=True)
     vocab = vocab_size(tokenizer)
     dtype = np.uint16 if vocab < 65536 else np.uint32
     # A pair's sequence holds the prompt once and both answers: at most twice max_seq_len tokens.

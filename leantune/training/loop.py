@@ -282,6 +282,11 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
     if t.compile != "off":
         compile_decoder(model, t.compile)
     moe, aux_coef = _router_tap(cfg, model)
+    one_row = model.config._attn_implementation == "flash_attention_2"
+    pref = PreferenceObjective.for_run(cfg, train_shards, moe, precision, one_row, device) if t.objective != "sft" else None
+    if t.objective == "dpo" and cfg.model.method == "full":  # the reference log-probs: of this model, before any step
+        for shards in (s for s in (train_shards, val_shards) if s is not None):
+            pref.store_reference(model, shards, dist)
     if dist.rank > 0:
         # Every rank built the same weights from train.seed; each draws its own dropout, as it has its own data.
         torch.manual_seed(int(np.random.SeedSequence([t.seed, dist.rank]).generate_state(1)[0]))
@@ -293,11 +298,9 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
         # fp16 has too little range for small gradients: scale the loss up, unscale before clipping.
         scaler=torch.amp.GradScaler(device.type, enabled=precision == torch.float16),
         autocast=torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32),
-        mask_dtype=precision, one_row=model.config._attn_implementation == "flash_attention_2",
+        mask_dtype=precision, one_row=one_row, pref=pref,
         moe=moe, aux_coef=aux_coef, controller=MicroBatchController.from_config(cfg, dist.world_size),
         ckpt=CheckpointManager(cfg, run_dir, run_fingerprints(cfg, run_dir)))
-    if t.objective != "sft":
-        run.pref = PreferenceObjective.for_run(cfg, train_shards, moe, precision, run.one_row, device)
     return run, tokenizer
 
 

@@ -17,7 +17,9 @@ of token terms, and these losses are not). The head's dropout draws are restored
 DPO (Rafailov et al. 2023), sigmoid loss per pair:
     margin = dpo_beta x ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)));  loss = -logsigmoid(margin)
 The reference is the same model with its LoRA adapter disabled (peft's `disable_adapter`), run under
-no_grad before the policy's forward: no second copy of the weights. With train.rpo_alpha, RPO's term
+no_grad before the policy's forward: no second copy of the weights. Full fine-tuning has no adapter to
+turn off: there the reference log-probabilities of every pair are computed once, before the first step,
+and stored beside the token shards (`store_reference`). With train.rpo_alpha, RPO's term
 rpo_alpha x (-log pi(c) / answer tokens of c) is added per pair.
 SimPO (Meng et al. 2024), no reference:
     margin = simpo_beta x (log pi(c) / |c| - log pi(r) / |r|);  loss = -logsigmoid(margin - simpo_gamma)
@@ -131,7 +133,9 @@ class PreferenceObjective:
         counts = target_counts(rows)
         inputs, labels = model_inputs(rows, self.pad_id, self.mask_dtype, self.one_row, self.device)
         m, t = len(micro), self.t
-        if t.objective == "dpo":
+        if t.objective == "dpo" and "reference_logps" in micro[0]:  # full fine-tuning: computed before training
+            ref = torch.tensor(np.stack([it["reference_logps"] for it in micro]).T.reshape(-1), device=self.device)
+        elif t.objective == "dpo":
             # The reference first, under no_grad: its activations are gone before the policy's are made.
             with torch.no_grad(), adapter_disabled(model):
                 ref = sequence_logps(model, inputs, labels, counts, self.chunk_logits)
@@ -148,6 +152,35 @@ class PreferenceObjective:
         stats = torch.stack([losses.sum(), (margin > 0).sum().to(losses.dtype), margin.sum(), logp[:m].sum(),
                              logp[m:].sum()]).detach()
         return losses.sum() / pairs, stats
+
+    def store_reference(self, model, shards, dist) -> None:
+        """Full fine-tuning's DPO reference: the log-probabilities of every pair of `shards` under `model` as it is
+        now (before any step), written beside the shards once (tokenization.REFERENCE_LOGPS: 8 bytes a pair; one
+        forward of every pair without gradients, about a third of an epoch's compute) and served with their
+        items from then on (a resume reads the file). Data parallel: rank 0 writes it while the others wait."""
+        import torch
+
+        from leantune.tokenization import REFERENCE_LOGPS
+        from leantune.training.loop import model_inputs
+
+        path = shards.directory / REFERENCE_LOGPS
+        if dist.is_main and not path.is_file():
+            logps = np.zeros((len(shards), 2), dtype=np.float32)
+            autocast = torch.autocast(self.device.type, dtype=self.mask_dtype, enabled=self.mask_dtype != torch.float32)
+            model.eval()
+            with torch.no_grad(), autocast:
+                for start in range(0, len(shards), self.t.micro_batch_size):
+                    items = [shards[i] for i in range(start, min(start + self.t.micro_batch_size, len(shards)))]
+                    rows = pair_rows(items)
+                    inputs, labels = model_inputs(rows, self.pad_id, self.mask_dtype, self.one_row, self.device)
+                    logp = sequence_logps(model, inputs, labels, target_counts(rows), self.chunk_logits)
+                    logps[start:start + len(items)] = logp.reshape(2, -1).T.cpu().numpy()
+            model.train()
+            partial = path.with_name(".tmp-" + path.name)  # whole or not at all
+            np.save(partial, logps)
+            partial.replace(path)
+        dist.broadcast(None)  # the others wait for rank 0's file
+        shards.reference = np.load(path)
 
     def evaluate(self, model, shards, batch_size: int, autocast, dist=None) -> float:
         """Mean pair loss over every pair of `shards` (the validation split), without dropout;
