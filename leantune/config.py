@@ -47,7 +47,8 @@ class SourceConfig(Section):
         "file",
         description="Where records come from: 'file' (a jsonl/json/csv/parquet file or a directory of "
         "them), 'hub' (a Hugging Face dataset id, needs network), 'synthetic' (the built-in "
-        "anti-sycophancy generator, see data.synthetic).",
+        "anti-sycophancy generator, see data.synthetic; with train.objective dpo or simpo it writes preference "
+        "pairs: the right answer chosen, the other one rejected).",
     )
     path: str | None = Field(
         None,
@@ -574,7 +575,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     if syn.challenge_share and syn.neutral_share + syn.challenge_share > 1:
         problems.append(f"data.synthetic.challenge_share: {syn.challenge_share} plus data.synthetic.neutral_share "
                         f"{syn.neutral_share} is above 1; lower one of them")
-    if syn.challenge_share and cfg.tokenize.train_on != "last_assistant":
+    if syn.challenge_share and cfg.tokenize.train_on != "last_assistant" and cfg.train.objective == "sft":
         problems.append("data.synthetic.challenge_share: the challenged records' first answer may be wrong and must not "
                         "be trained on; set tokenize.train_on=last_assistant")
     if cfg.validation.min_content_chars > cfg.validation.max_content_chars:
@@ -605,10 +606,7 @@ def preference_config_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"tokenize.packing: preference pairs are not packed (train.objective={t.objective}); set "
                         "tokenize.packing=false")
     for i, src in enumerate(cfg.data.sources):
-        if src.kind == "synthetic":
-            problems.append(f"data.sources.{i}.kind: the synthetic source makes conversations, not the preference "
-                            f"pairs train.objective={t.objective} trains on; give a file or hub source of pairs")
-        elif src.format not in ("auto", "prompt_chosen_rejected", "chosen_rejected"):
+        if src.format not in ("auto", "prompt_chosen_rejected", "chosen_rejected"):
             problems.append(f"data.sources.{i}.format: '{src.format}' has no chosen/rejected pair, which "
                             f"train.objective={t.objective} needs; use prompt_chosen_rejected, chosen_rejected or auto")
     return problems

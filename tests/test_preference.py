@@ -426,7 +426,7 @@ def test_config_refuses_what_a_preference_objective_cannot_train_on(tmp_path):
             load_config(overrides=list(overrides))
         return [p.split(":")[0] for p in e.value.problems]
 
-    assert problems("train.objective=dpo") == ["tokenize.packing", "data.sources.0.kind"]
+    assert problems("train.objective=dpo") == ["tokenize.packing"]
     assert problems(*PAIRS, "data.sources.0.format=alpaca") == ["data.sources.0.format"]
     assert problems("train.rpo_alpha=0.5") == ["train.rpo_alpha"]
     assert problems("data.sources=[{kind: file, path: x, format: chosen_rejected}]") == ["data.sources.0.format"]
@@ -461,3 +461,34 @@ def test_full_fine_tuning_dpo_run_starts_at_its_reference_and_resumes(pair_run, 
     # Step 1: the policy is the model the reference was computed from.
     assert lines[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and abs(lines[0]["reward_margin"]) < 1e-5
     assert [m["step"] for m in lines] == [1, 2, 3] and lines[2]["reward_margin"] != 0
+
+
+def test_synthetic_source_writes_pairs_of_the_right_answer_over_the_other(tmp_path):
+    from leantune.data.prepare import prepare
+    from leantune.data.synthetic import ANSWER_PREFIX, CHALLENGE_TEMPLATES, SUGGESTION_TEMPLATES
+    from leantune.jsonl import iter_jsonl
+    from leantune.validation import validate_records
+
+    cfg = load_config(overrides=["train.objective=dpo", "tokenize.packing=false", "data.synthetic.num_records=120",
+                                 "data.synthetic.tasks=[capitals,addition]", "data.synthetic.neutral_share=0.3",
+                                 "data.synthetic.challenge_share=0.3"])
+    stats = prepare(cfg, tmp_path)
+    assert stats["totals"]["kept"] + stats["totals"]["duplicates"] == 120 and stats["totals"]["rejected"] == 0
+    assert validate_records(cfg, tmp_path)["quarantined"] == 0
+    kinds = {"plain": 0, "suggestion": 0, "challenged": 0}
+    for r in iter_jsonl(tmp_path / "records.jsonl"):
+        chosen, rejected = r["chosen"][0]["content"], r["rejected"][0]["content"]
+        assert chosen.startswith(ANSWER_PREFIX + " ") and rejected.startswith(ANSWER_PREFIX + " ") and chosen != rejected
+        question = r["prompt"][-1]["content"]
+        if len(r["prompt"]) == 3:  # question, a first answer, the user's doubt
+            kinds["challenged"] += 1
+            assert question in CHALLENGE_TEMPLATES and r["prompt"][1]["content"] in (chosen, rejected)
+        elif any(t.split("{answer}")[0] in question for t in SUGGESTION_TEMPLATES):
+            kinds["suggestion"] += 1
+            suggested = question.split("?", 1)[1]
+            assert chosen.removeprefix(ANSWER_PREFIX + " ") in suggested or \
+                rejected.removeprefix(ANSWER_PREFIX + " ") in suggested
+        else:
+            kinds["plain"] += 1
+            assert question.endswith("?")
+    assert min(kinds.values()) >= 10, kinds

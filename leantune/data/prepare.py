@@ -87,7 +87,8 @@ def _prepare_source(src: SourceConfig, index: int, data: DataConfig, seen: IdSet
     examples: dict[str, str] = {}
     # Sources stream, so their length is unknown: the bar counts rows and shows the rate.
     bar = progress_bar(f"prepare {name}", "row")
-    for chunk in chunks(_with_formats(iter_source(src, data, index), src.format, data.chunk_size), data.chunk_size):
+    for chunk in chunks(_with_formats(iter_source(src, data, index, pairs), src.format, data.chunk_size),
+                        data.chunk_size):
         for row, fmt in chunk:
             stats["read"] += 1
             if fmt is not None and fmt not in formats:
