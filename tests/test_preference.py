@@ -492,3 +492,14 @@ def test_synthetic_source_writes_pairs_of_the_right_answer_over_the_other(tmp_pa
             kinds["plain"] += 1
             assert question.endswith("?")
     assert min(kinds.values()) >= 10, kinds
+
+
+def test_the_memory_estimate_counts_a_pair_as_two_rows():
+    from leantune.probe import estimate_for_config, model_shape
+
+    dpo = load_config(overrides=[*PAIRS, "train.micro_batch_size=2"])
+    sft = load_config(overrides=["tokenize.packing=false", "train.micro_batch_size=4"])
+    shape = model_shape(sft, 2048)
+    assert estimate_for_config(dpo, shape, "cuda") == estimate_for_config(sft, shape, "cuda")
+    assert estimate_for_config(dpo, shape, "cuda").activations > estimate_for_config(
+        load_config(overrides=["tokenize.packing=false", "train.micro_batch_size=2"]), shape, "cuda").activations

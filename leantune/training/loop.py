@@ -224,7 +224,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool) ->
             line, val_loss = _train_step(run, step, order_of)
             progress.update(1)
             progress.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}", mb=line["micro_batch_size"],
-                                 refresh=False)
+                                 **({"acc": f"{line['pref_accuracy']:.2f}"} if run.pref else {}), refresh=False)
             _apply_feedback(run, step)
             # One exchange per step (data parallel), so that every rank decides alike from here on.
             free, due, stop = _agree_after_step(run, line["peak_memory_mb"])
