@@ -503,3 +503,113 @@ def test_the_memory_estimate_counts_a_pair_as_two_rows():
     assert estimate_for_config(dpo, shape, "cuda") == estimate_for_config(sft, shape, "cuda")
     assert estimate_for_config(dpo, shape, "cuda").activations > estimate_for_config(
         load_config(overrides=["tokenize.packing=false", "train.micro_batch_size=2"]), shape, "cuda").activations
+
+
+def test_fuzzed_pair_files_are_accounted_for_row_by_row(tmp_path):
+    """Pair rows in every form (TRL strings and message lists, UltraFeedback, HH texts and lists) over .jsonl,
+    .json and .csv, with every fault kind mixed in: each good pair kept as its canonical record, each bad row
+    rejected with its file, line and reason, each repeated pair (in any form) listed as a duplicate."""
+    import csv
+    import random
+
+    from leantune.data.normalize import normalize_text
+    from leantune.data.preference import pair_id
+    from leantune.data.prepare import prepare
+    from leantune.jsonl import iter_jsonl
+
+    rng = random.Random(25)
+    words = ["sky", "blue", "naïve", "café", "日本語", "e\u0301", "  padded  ", "\u00a0nbsp", "a,b", 'say "hi"']
+    counter = iter(range(10**6))
+
+    def text():
+        return f"t{next(counter)} " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
+
+    def good(form, texts=None):
+        p, c, r = texts or (text(), text(), text())
+        pair = {"prompt": [{"role": "user", "content": normalize_text(p)}],
+                "chosen": [{"role": "assistant", "content": normalize_text(c)}],
+                "rejected": [{"role": "assistant", "content": normalize_text(r)}]}
+        u, a_c, a_r = {"role": "user", "content": p}, {"role": "assistant", "content": c}, {"role": "assistant",
+                                                                                              "content": r}
+        return {"strings": {"prompt": p, "chosen": c, "rejected": r},
+                "lists": {"prompt": [u], "chosen": [a_c], "rejected": [a_r]},
+                "ultra": {"prompt": p, "chosen": [u, a_c], "rejected": [u, a_r]},
+                "hh": {"chosen": f"\n\nHuman: {p}\n\nAssistant: {c}", "rejected": f"\n\nHuman: {p}\n\nAssistant: {r}"},
+                "hh_lists": {"chosen": [u, a_c], "rejected": [u, a_r]}}[form], pair
+
+    def bad(form, kind):
+        row, _ = good(form)
+        if kind == "missing_field":
+            row.pop("rejected")
+        elif kind == "empty_content":
+            row["rejected"] = {"hh": "\n\nHuman: x\n\nAssistant: \u200b", "lists": [
+                {"role": "assistant", "content": " \u2060 "}], "hh_lists": [
+                row["chosen"][0], {"role": "assistant", "content": "\u200b"}]}.get(form, "\u200b")
+            if form == "hh":
+                row["chosen"] = "\n\nHuman: x\n\nAssistant: yes"
+        elif kind == "invalid_unicode":
+            row["chosen"] = "lone \ud800" if isinstance(row["chosen"], str) else [
+                {"role": "assistant", "content": "lone \udfff"}]
+        elif kind == "no_shared_prompt":
+            row["rejected"] = good(form)[0]["rejected"]
+        else:  # wrong_role_order
+            row["prompt"] = [{"role": "assistant", "content": text()}]
+        return row
+
+    kept, seen = {}, []
+
+    def entries(forms, kinds, n):
+        """[(row, None) for a good or repeated row | (row, reason)], and the positions of the repeats."""
+        out, repeats = [], []
+        for i in range(n):
+            roll = rng.random()
+            if roll < 0.15:
+                form = rng.choice(forms)
+                kind = rng.choice(kinds[form])
+                out.append((bad(form, kind), kind))
+            elif roll < 0.25 and seen:  # a pair seen before (in this file or another), in any form of this file
+                out.append((good(rng.choice(forms), rng.choice(seen))[0], None))
+                repeats.append(i)
+            else:
+                texts = (text(), text(), text())
+                row, pair = good(rng.choice(forms), texts)
+                kept[pair_id(pair)] = pair
+                seen.append(texts)
+                out.append((row, None))
+        return out, repeats
+
+    src = tmp_path / "pairs"
+    src.mkdir()
+    rejects, duplicates = set(), set()
+    common = ["missing_field", "empty_content", "invalid_unicode"]
+    a, a_repeats = entries(["strings", "lists", "ultra"], {"strings": common, "lists": [*common, "wrong_role_order"],
+                                                           "ultra": common}, 150)
+    lines = [json.dumps(row) for row, _ in a]
+    lines.insert(40, '{"prompt": "broken')  # physical line 41: not JSON
+    number = [i + 1 + (i >= 40) for i in range(len(a))]
+    (src / "a.jsonl").write_text("\n".join(lines) + "\n")
+    rejects |= {(str(src / "a.jsonl"), number[i], reason) for i, (_, reason) in enumerate(a) if reason}
+    rejects.add((str(src / "a.jsonl"), 41, "bad_json"))
+    duplicates |= {(str(src / "a.jsonl"), number[i]) for i in a_repeats}
+    b, b_repeats = entries(["hh", "hh_lists"], {f: [*common, "no_shared_prompt"] for f in ("hh", "hh_lists")}, 120)
+    (src / "b.json").write_text(json.dumps([row for row, _ in b]))
+    rejects |= {(str(src / "b.json"), i + 1, reason) for i, (_, reason) in enumerate(b) if reason}
+    duplicates |= {(str(src / "b.json"), i + 1) for i in b_repeats}
+    c, c_repeats = entries(["strings"], {"strings": ["empty_content"]}, 80)
+    with open(src / "c.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["prompt", "chosen", "rejected"]] + [[row[k] for k in ("prompt", "chosen", "rejected")]
+                                                                         for row, _ in c])
+    rejects |= {(str(src / "c.csv"), i + 2, reason) for i, (_, reason) in enumerate(c) if reason}
+    duplicates |= {(str(src / "c.csv"), i + 2) for i in c_repeats}
+
+    cfg = load_config(overrides=[*PAIRS[:2], f"data.sources=[{{kind: file, path: {src}}}]",
+                                 "validation.max_reject_fraction=0.5"])
+    totals = prepare(cfg, tmp_path / "data")["totals"]
+    assert totals["read"] == 351 == totals["kept"] + totals["rejected"] + totals["duplicates"]
+    records = {r["id"]: {k: r[k] for k in ("prompt", "chosen", "rejected")} for r in iter_jsonl(
+        tmp_path / "data" / "records.jsonl")}
+    assert records == kept and len(kept) > 200
+    assert {(r["file"], r["line"], r["reason"]) for r in iter_jsonl(tmp_path / "data" / "rejects.jsonl")} == rejects
+    assert {(d["file"], d["line"]) for d in iter_jsonl(tmp_path / "data" / "duplicates.jsonl")} == duplicates
+    assert {r for *_, r in rejects} == {"missing_field", "empty_content", "invalid_unicode", "no_shared_prompt",
+                                        "wrong_role_order", "bad_json"}
