@@ -358,6 +358,10 @@ def test_dpo_trains_and_logs_the_preference_metrics(pair_run, tmp_path):
             tuned, [shards[i] for i in batch], 8)
     assert preference_metrics(stats, 8)["reward_margin"] > 0.01 and float(stats[0]) / 8 < np.log(2)
     assert "val_loss" in lines[-1] and summary["final_val_loss"] == lines[-1]["val_loss"]
+    from leantune.report import write_report
+
+    assert "![Preference](preference.png)" in write_report(run_dir).read_text()
+    assert (run_dir / "preference.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])
