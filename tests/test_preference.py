@@ -617,3 +617,25 @@ def test_fuzzed_pair_files_are_accounted_for_row_by_row(tmp_path):
     assert {(d["file"], d["line"]) for d in iter_jsonl(tmp_path / "data" / "duplicates.jsonl")} == duplicates
     assert {r for *_, r in rejects} == {"missing_field", "empty_content", "invalid_unicode", "no_shared_prompt",
                                         "wrong_role_order", "bad_json"}
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_dpo_update(pair_run, tmp_path):
+    """Data parallel (torchrun, gloo): each rank runs half of every global batch of pairs, the reference pass
+    included; the summed STATS and gradients give the single-process weights, metrics and validation loss."""
+    from run_helpers import adapter, assert_same_weights
+    from test_distributed import run_two
+
+    from leantune.metrics import read_metrics
+
+    overrides = ["train.max_steps=3", "train.eval_every=3", "monitor.enabled=false"]
+    cfg, one = new_pair_run(pair_run, tmp_path, *overrides, name="one")
+    train(cfg, one)
+    _, two = new_pair_run(pair_run, tmp_path, *overrides, name="two")
+    run_two(two)
+    assert_same_weights(adapter(two), adapter(one), rel=1e-5)
+    lines = {d: read_metrics(d, "step") for d in (one, two)}
+    assert {m["world_size"] for m in lines[two]} == {2}
+    for key in (*METRICS[:-1], "val_loss"):
+        np.testing.assert_allclose([m[key] for m in lines[two] if key in m], [m[key] for m in lines[one] if key in m],
+                                   rtol=1e-5, atol=1e-6, err_msg=key)
