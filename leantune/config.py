@@ -59,11 +59,12 @@ class SourceConfig(Section):
         None, description="Label for this source in reports and in each record's 'source'. Default: the path."
     )
     format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "prompt_chosen_rejected",
-                    "chosen_rejected"] = Field(
+                    "instruction_chosen_rejected", "sharegpt_chosen_rejected", "chosen_rejected"] = Field(
         "auto", description="Record format; 'auto' detects it from the source's first rows. The preference formats "
         "(train.objective dpo or simpo): 'prompt_chosen_rejected' (TRL's prompt/chosen/rejected, strings or message "
-        "lists) and 'chosen_rejected' (full conversations sharing a prompt: Anthropic HH's Human:/Assistant: texts, "
-        "or message lists); see leantune/data/preference.py."
+        "lists), 'instruction_chosen_rejected' and 'sharegpt_chosen_rejected' (LLaMA-Factory's ranking data in alpaca "
+        "and sharegpt form) and 'chosen_rejected' (full conversations sharing a prompt: Anthropic HH's "
+        "Human:/Assistant: texts, or message lists); see leantune/data/preference.py."
     )
     hub_config: str | None = Field(None, description="kind=hub: the dataset's configuration name.")
     split: str = Field("train", description="kind=hub: which split to read.")
@@ -598,7 +599,7 @@ def preference_config_problems(cfg: RunConfig) -> list[str]:
     if t.objective == "sft":
         forced = [f"data.sources.{i}.format: '{s.format}' is a preference format, but train.objective is 'sft'; set "
                   "train.objective=dpo or simpo, or give conversations" for i, s in enumerate(cfg.data.sources)
-                  if s.format in ("prompt_chosen_rejected", "chosen_rejected")]
+                  if s.format.endswith("chosen_rejected")]
         return forced + (["train.rpo_alpha: only used with train.objective dpo or simpo; remove it"]
                          if t.rpo_alpha else [])
     problems = []
@@ -606,9 +607,9 @@ def preference_config_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"tokenize.packing: preference pairs are not packed (train.objective={t.objective}); set "
                         "tokenize.packing=false")
     for i, src in enumerate(cfg.data.sources):
-        if src.format not in ("auto", "prompt_chosen_rejected", "chosen_rejected"):
+        if src.format != "auto" and not src.format.endswith("chosen_rejected"):
             problems.append(f"data.sources.{i}.format: '{src.format}' has no chosen/rejected pair, which "
-                            f"train.objective={t.objective} needs; use prompt_chosen_rejected, chosen_rejected or auto")
+                            f"train.objective={t.objective} needs; use a *_chosen_rejected format or auto")
     return problems
 
 

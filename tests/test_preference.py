@@ -200,6 +200,16 @@ def test_pair_formats_convert_to_the_canonical_record():
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, u]
     assert to_pair(hh, "chosen_rejected") == {"prompt": history, "chosen": yes, "rejected": no}
     assert to_pair({"chosen": [u, *yes], "rejected": [u, *no]}, "chosen_rejected") == expected
+    # LLaMA-Factory's ranking data, alpaca and sharegpt style.
+    system = {"role": "system", "content": "Be brief."}
+    factory = {"instruction": "Is 7", "input": "prime?", "chosen": "Yes.", "rejected": "No.", "system": "Be brief."}
+    assert detect_format([factory]) == "instruction_chosen_rejected"
+    assert to_pair(factory, "instruction_chosen_rejected") == {
+        **expected, "prompt": [system, {"role": "user", "content": "Is 7\n\nprime?"}]}
+    factory = {"conversations": [{"from": "human", "value": "Is 7 prime?"}], "chosen": {"from": "gpt", "value": "Yes."},
+               "rejected": {"from": "gpt", "value": "No."}}
+    assert detect_format([factory]) == "sharegpt_chosen_rejected"
+    assert to_pair(factory, "sharegpt_chosen_rejected") == expected
 
     def code(row, fmt="prompt_chosen_rejected"):
         with pytest.raises(RowError) as e:

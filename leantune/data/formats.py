@@ -15,8 +15,8 @@ Supported input formats (fields other than these are ignored):
   user/assistant pairs), which every chat template accepts, and with ``tokenize.train_on``
   'assistant' the loss covers the entire text. The empty user message is the one place an empty
   content is allowed; later stages must let it through.
-- ``prompt_chosen_rejected`` and ``chosen_rejected``: preference pairs (train.objective dpo or
-  simpo), read by leantune/data/preference.py; with train.objective=sft such a row is rejected
+- ``prompt_chosen_rejected``, ``instruction_chosen_rejected``, ``sharegpt_chosen_rejected`` and
+  ``chosen_rejected``: preference pairs (train.objective dpo or simpo), read by leantune/data/preference.py; with train.objective=sft such a row is rejected
   (``preference_pair``).
 
 Every content is normalised (`normalize_text`); one with nothing visible left (only spaces or
@@ -32,14 +32,16 @@ from typing import Any
 
 from leantune.data.normalize import has_lone_surrogate, is_blank, normalize_text
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", "prompt_chosen_rejected", "chosen_rejected")
 # Preference pairs (train.objective dpo or simpo), read by leantune/data/preference.py.
-PAIR_FORMATS = ("prompt_chosen_rejected", "chosen_rejected")
+PAIR_FORMATS = ("prompt_chosen_rejected", "instruction_chosen_rejected", "sharegpt_chosen_rejected", "chosen_rejected")
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", *PAIR_FORMATS)
 
 # The fields that identify each format, tried in this order: the more specific first, so that an
 # alpaca row that also carries a 'text' column counts as alpaca.
 _SIGNATURES = {
     "prompt_chosen_rejected": ("prompt", "chosen", "rejected"),
+    "instruction_chosen_rejected": ("instruction", "chosen", "rejected"),
+    "sharegpt_chosen_rejected": ("conversations", "chosen", "rejected"),
     "chosen_rejected": ("chosen", "rejected"),
     "messages": ("messages",),
     "sharegpt": ("conversations",),

@@ -11,6 +11,11 @@ Input formats (detected like the conversation formats, leantune/data/formats.py)
 - ``prompt_chosen_rejected`` (TRL's explicit prompt): ``prompt`` a string (one user message) or a list
   of messages; ``chosen`` and ``rejected`` a string (one assistant message) or a list of messages: one
   assistant message, or (UltraFeedback-binarized style) the prompt's messages followed by one.
+- ``instruction_chosen_rejected`` (LLaMA-Factory's alpaca-style ranking data): the prompt is ``instruction``
+  and ``input`` as in the alpaca format, after an optional ``system``; ``chosen`` and ``rejected`` strings.
+- ``sharegpt_chosen_rejected`` (LLaMA-Factory's sharegpt-style ranking data): the prompt is
+  ``conversations`` (sharegpt turns ending with the human's), after an optional ``system``; ``chosen`` and
+  ``rejected`` one ``{"from": "gpt", "value": ...}`` message each.
 - ``chosen_rejected`` (implicit prompt): ``chosen`` and ``rejected`` are whole conversations sharing a
   prompt: Anthropic HH texts ("\\n\\nHuman: ...\\n\\nAssistant: ...") or message lists. All but their last
   message must be equal (the shared prompt); the last message of each is the assistant's answer.
@@ -35,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from leantune.data.formats import RowError, _check_order, _text, _turns, type_name
+from leantune.data.formats import _SHAREGPT_ROLES, RowError, _check_order, _text, _turns, type_name
 from leantune.data.normalize import is_blank, record_id
 
 if TYPE_CHECKING:
@@ -52,10 +57,8 @@ def to_pair(row, fmt: str) -> dict:
     """One parsed row of a preference format -> {"prompt", "chosen", "rejected"}, normalised and checked."""
     if not isinstance(row, dict):
         raise RowError("not_an_object", f"expected a JSON object, got {type_name(row)}")
-    if fmt == "prompt_chosen_rejected":
-        prompt = _messages(row, "prompt", "user")
-        if len(prompt) > 1 and prompt[-1]["role"] == "assistant" and is_blank(prompt[-1]["content"]):
-            prompt = prompt[:-1]  # an HH prompt text ending in "Assistant:", the answer's header
+    if fmt in ("prompt_chosen_rejected", "instruction_chosen_rejected", "sharegpt_chosen_rejected"):
+        prompt = _prompt(row, fmt)
         chosen, rejected = (_answer(row, key, prompt) for key in ("chosen", "rejected"))
     elif fmt == "chosen_rejected":
         chosen, rejected = (_messages(row, key, "assistant") for key in ("chosen", "rejected"))
@@ -78,9 +81,30 @@ def to_pair(row, fmt: str) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def _prompt(row: dict, fmt: str) -> list[dict]:
+    if fmt == "prompt_chosen_rejected":
+        prompt = _messages(row, "prompt", "user")
+        if len(prompt) > 1 and prompt[-1]["role"] == "assistant" and is_blank(prompt[-1]["content"]):
+            prompt = prompt[:-1]  # an HH prompt text ending in "Assistant:", the answer's header
+        return prompt
+    if fmt == "instruction_chosen_rejected":
+        user = "\n\n".join(part for part in (_text(row, "instruction"), _text(row, "input", required=False)) if part)
+        prompt = [{"role": "user", "content": user}]
+    else:
+        prompt = [{"role": r, "content": c} for r, c in _turns(row, "conversations", "from", "value", _SHAREGPT_ROLES)]
+    system = _text(row, "system", required=False)
+    return [{"role": "system", "content": system}, *prompt] if system else prompt
+
+
 def _messages(row: dict, key: str, role_of_text: str) -> list[dict]:
-    """row[key] as messages: a message list, or a string (an HH transcript, else one `role_of_text` message)."""
+    """row[key] as messages: a message list or one message ({"role", "content"}, or sharegpt's {"from",
+    "value"}), or a string (an HH transcript, else one `role_of_text` message)."""
     value = row.get(key)
+    if isinstance(value, dict):
+        sharegpt = "from" in value
+        turns = _turns({key: [value]}, key, *(("from", "value", _SHAREGPT_ROLES) if sharegpt else
+                                               ("role", "content", _ROLES)))
+        return [{"role": r, "content": c} for r, c in turns]
     if isinstance(value, str):
         parts = _HH_TURN.split(value)
         if len(parts) > 1 and not parts[0].strip():
