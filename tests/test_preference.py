@@ -18,7 +18,7 @@ from leantune.config import load_config
 from leantune.modeling import build_model
 from leantune.tokenization import TokenShards
 from leantune.training.loop import train
-from leantune.training.preference import PreferenceObjective, preference_metrics
+from leantune.training.preference import PreferenceObjective, pair_rows, preference_metrics
 
 CPU = torch.device("cpu")
 METRICS = ("loss", "pref_accuracy", "reward_margin", "logp_chosen", "logp_rejected", "grad_norm")
@@ -353,6 +353,8 @@ def test_dpo_trains_and_logs_the_preference_metrics(pair_run, tmp_path):
     assert lines[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and lines[0]["reward_margin"] == 0
     shards = TokenShards(run_dir / "tokens" / "train")
     batch, *_ = next_global_batch(lambda e: epoch_order(shards, e, 8, cfg.train.seed), 0, 0, 8)
+    # The tokens the model ran: both rows of each pair, the prompt in each.
+    assert lines[0]["tokens"] == sum(len(r["input_ids"]) for r in pair_rows([shards[i] for i in batch]))
     tok = AutoTokenizer.from_pretrained(run_dir / "tokens" / "tokenizer")
     model = build_model(cfg, tok, CPU)
     with torch.no_grad():

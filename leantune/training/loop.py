@@ -11,7 +11,7 @@ global batch, so the update does not depend on the split (tests/test_loop.py che
 With train.objective dpo or simpo a sequence is a preference pair (prompt, chosen, rejected), the batch
 sizes count pairs, and the loss is the sum of the pair losses divided by the pairs of the global batch
 (training/preference.py; `run.pref`); metrics.jsonl adds pref_accuracy, reward_margin, logp_chosen and
-logp_rejected, and val_loss is the mean pair loss.
+logp_rejected, val_loss is the mean pair loss, and tokens count the prompt once per row (twice a pair).
 
 Step numbers: step N is the N-th optimizer step (from 1); its metrics line says "step": N, and
 `checkpoints/step-N/` holds the state after it. The data cursor (epoch, offset) points into a
@@ -359,7 +359,8 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     items = [run.train_shards[int(i)] for i in indices]
     # The loss of the step is normalised by every target token of the global batch (pairs: every pair).
     targets = len(items) if run.pref else sum(int((it["labels"][1:] != -100).sum()) for it in items)
-    tokens = sum(len(it["input_ids"]) for it in items)
+    # Pairs: the prompt runs twice, in front of each answer.
+    tokens = sum(len(it["input_ids"]) + (int(it["doc_lengths"][0]) if run.pref else 0) for it in items)
     # Data parallel: this rank's disjoint share of the global batch (a single process: all of it).
     share = items[dist.share(len(items))]
     lr = run.scheduler.get_last_lr()[0]
