@@ -376,8 +376,8 @@ def test_dpo_trains_and_logs_the_preference_metrics(pair_run, tmp_path):
     assert (run_dir / "preference.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("objective", ["dpo", "simpo"])
-def test_the_update_does_not_depend_on_the_micro_batch_split(pair_run, tmp_path, objective):
+def test_the_update_does_not_depend_on_the_micro_batch_split(pair_run, tmp_path, objective="dpo"):
+    """(SimPO's loss is normalised by the same code: per pair, over the pairs of the global batch.)"""
     from run_helpers import adapter, assert_same_weights
 
     from leantune.testing import loop_hooks
@@ -651,3 +651,17 @@ def test_two_processes_give_the_single_process_dpo_update(pair_run, tmp_path):
     for key in (*METRICS[:-1], "val_loss"):
         np.testing.assert_allclose([m[key] for m in lines[two] if key in m], [m[key] for m in lines[one] if key in m],
                                    rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_a_preference_objective_refuses_conversation_shards_and_mixture_of_experts(tmp_path):
+    from leantune.errors import UserError
+
+    cfg = load_config(overrides=PAIRS)
+    shards = FakeShards(tmp_path, [])
+    shards.meta, shards.pad_id = {"pairs": False}, 0
+    with pytest.raises(UserError, match="holds conversations; run the data stages again"):
+        PreferenceObjective.for_run(cfg, shards, None, torch.float32, False, CPU)
+    shards.meta["pairs"] = True
+    with pytest.raises(UserError, match="not supported for Mixture-of-Experts"):
+        PreferenceObjective.for_run(cfg, shards, object(), torch.float32, False, CPU)
+    assert PreferenceObjective.for_run(cfg, shards, None, torch.float32, False, CPU).t.objective == "dpo"
