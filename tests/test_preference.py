@@ -93,7 +93,8 @@ def gradients(model, loss_fn):
     ["train.rpo_alpha=0.5", "lora.target_modules=[q_proj,v_proj,down_proj,embed_tokens,lm_head]"],
     ["train.objective=simpo"],
     ["train.objective=simpo", "train.rpo_alpha=0.3", "lora.target_modules=[q_proj,v_proj,embed_tokens,lm_head]"],
-], ids=["dpo", "dpo-rpo-lora-on-head", "simpo", "simpo-rpo-lora-on-head"])
+    ["model.method=qlora"],
+], ids=["dpo", "dpo-rpo-lora-on-head", "simpo", "simpo-rpo-lora-on-head", "dpo-qlora"])
 def test_loss_and_every_lora_gradient_equal_a_hand_written_reference(overrides):
     cfg, model = lora_model(["train.dpo_beta=0.5", "train.simpo_beta=2.5", "train.simpo_gamma=0.4", *overrides])
     items = pair_items()
