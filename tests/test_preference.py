@@ -666,3 +666,46 @@ def test_a_preference_objective_refuses_conversation_shards_and_mixture_of_exper
     with pytest.raises(UserError, match="not supported for Mixture-of-Experts"):
         PreferenceObjective.for_run(cfg, shards, object(), torch.float32, False, CPU)
     assert PreferenceObjective.for_run(cfg, shards, None, torch.float32, False, CPU).t.objective == "dpo"
+
+
+def test_dpo_loss_and_gradients_equal_trls_dpo_trainer(tmp_path):
+    """The same pairs, model, adapter and beta through TRL's DPOTrainer (its own tokenization, its reference
+    the adapter off): the same loss and LoRA gradients. TRL is the bench extra: skipped where it is not installed."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from leantune.data.preference import tokenize_pairs
+    from leantune.modeling import build_base_model
+    from leantune.tokenization import load_tokenizer
+
+    pairs = [{"id": str(i), "prompt": [{"role": "user", "content": f"What is {i} plus {i % 5}?"}],
+              "chosen": [{"role": "assistant", "content": f"It is {i + i % 5}."}],
+              "rejected": [{"role": "assistant", "content": f"Maybe {i + 7}, I think."}], "source": "s"} for i in range(6)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    cfg = load_config(overrides=[*PAIR_RUN, "train.global_batch_size=6", "train.micro_batch_size=6"])
+    tok = load_tokenizer(cfg, tmp_path / "train.jsonl", tmp_path / "tokenizer")
+    tokenize_pairs(cfg, tok, tmp_path / "train.jsonl", tmp_path / "train")
+    shards = TokenShards(tmp_path / "train")
+    torch.manual_seed(0)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=6, beta=cfg.train.dpo_beta,
+                     loss_type="sigmoid", report_to=[], use_cpu=True, bf16=False, max_length=None)
+    trainer = DPOTrainer(model=build_base_model(cfg, tok, CPU), args=args, processing_class=tok,
+                         train_dataset=Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
+                                                          for p in pairs]),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+    model = trainer.model
+    with torch.no_grad():  # off the zero-initialised B, where the policy is its reference
+        for name, p in model.named_parameters():
+            if "lora_" in name and not p.any():
+                p.normal_(0, 0.3)
+    objective = PreferenceObjective(cfg.train, shards.pad_id, torch.float32, False, CPU)
+    loss, ours = gradients(model, lambda: objective.loss(model, [shards[i] for i in range(6)], 6)[0])
+    batch = next(iter(trainer.get_train_dataloader()))
+    trl_loss, theirs = gradients(model, lambda: trainer.compute_loss(model, batch))
+    assert loss == pytest.approx(trl_loss, rel=1e-5) and abs(loss - np.log(2)) > 1e-3
+    assert ours.keys() == theirs.keys() and len(ours) == 28
+    for name, g in theirs.items():
+        torch.testing.assert_close(ours[name], g, rtol=1e-5, atol=1e-5, msg=name)
