@@ -291,9 +291,10 @@ class DistributedConfig(Section):
 
 
 class TrainConfig(Section):
-    global_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step; fixed for the run.")
+    global_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step; fixed for the run. "
+                                   "train.objective dpo or simpo: preference pairs.")
     micro_batch_size: int = Field(
-        4, ge=1, description="Sequences per forward pass at the start; adapts during the run."
+        4, ge=1, description="Sequences (dpo, simpo: pairs) per forward pass at the start; adapts during the run."
     )
     max_steps: int | None = Field(
         None, ge=1, description="Optimizer steps to run; default: epochs x sequences / global_batch_size."
