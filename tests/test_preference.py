@@ -136,7 +136,7 @@ def test_full_fine_tuning_dpo_reads_the_reference_stored_before_training(tmp_pat
     model = build_model(cfg, Tokenizer(), CPU)
     frozen = copy.deepcopy(model)
     shards = FakeShards(tmp_path, pair_items(5))
-    objective = PreferenceObjective(cfg.train, 0, torch.float32, False, CPU)
+    objective = PreferenceObjective(cfg.train, 0, torch.float32, False, CPU, stored_reference=True)
     objective.store_reference(model, shards, DistContext(CPU))
     with torch.no_grad():
         np.testing.assert_allclose(np.load(tmp_path / "reference_logps.npy"),

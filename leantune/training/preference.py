@@ -104,9 +104,11 @@ class PreferenceObjective:
     """train.objective dpo or simpo for the training loop: the loss of a micro-batch of pairs and the
     validation loss of pair shards."""
 
-    def __init__(self, train_cfg, pad_id: int, mask_dtype, one_row: bool, device, chunk_logits: int = CHUNK_LOGITS):
+    def __init__(self, train_cfg, pad_id: int, mask_dtype, one_row: bool, device, chunk_logits: int = CHUNK_LOGITS,
+                 stored_reference: bool = False):
         self.t, self.pad_id, self.mask_dtype, self.one_row, self.device = train_cfg, pad_id, mask_dtype, one_row, device
         self.chunk_logits = chunk_logits
+        self.stored_reference = stored_reference  # full fine-tuning: the items carry their reference log-probs
 
     @classmethod
     def for_run(cls, cfg, train_shards, moe, mask_dtype, one_row: bool, device) -> PreferenceObjective:
@@ -119,7 +121,7 @@ class PreferenceObjective:
         if moe is not None:
             raise UserError(f"train.objective: {cfg.train.objective} is not supported for Mixture-of-Experts models "
                             "(their router loss counts packed tokens); use train.objective=sft or a dense model")
-        return cls(cfg.train, train_shards.pad_id, mask_dtype, one_row, device)
+        return cls(cfg.train, train_shards.pad_id, mask_dtype, one_row, device, stored_reference=cfg.model.method == "full")
 
     def loss(self, model, micro: list[dict], pairs: int):
         """(objective to backward: the micro-batch's summed pair losses / `pairs`, the pairs of the global
@@ -133,7 +135,7 @@ class PreferenceObjective:
         counts = target_counts(rows)
         inputs, labels = model_inputs(rows, self.pad_id, self.mask_dtype, self.one_row, self.device)
         m, t = len(micro), self.t
-        if t.objective == "dpo" and "reference_logps" in micro[0]:  # full fine-tuning: computed before training
+        if t.objective == "dpo" and self.stored_reference:  # full fine-tuning: computed before training
             ref = torch.tensor(np.stack([it["reference_logps"] for it in micro]).T.reshape(-1), device=self.device)
         elif t.objective == "dpo":
             # The reference first, under no_grad: its activations are gone before the policy's are made.
