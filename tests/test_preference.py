@@ -283,7 +283,7 @@ def pair_run(tmp_path_factory):
     return run_dir, stats
 
 
-def test_pairs_go_through_prepare_validate_and_tokenize_with_exact_accounting(pair_run):
+def test_pairs_go_through_prepare_validate_and_tokenize_with_exact_accounting(pair_run, tmp_path):
     from transformers import AutoTokenizer
 
     from leantune.data.preference import pair_id
@@ -325,6 +325,13 @@ def test_pairs_go_through_prepare_validate_and_tokenize_with_exact_accounting(pa
             answer = tok.decode(item["input_ids"][row][item["labels"][row] != -100])
             assert answer.startswith(record[side][0]["content"])
     assert c["truncated"] == len(long_prompts) > 0 and c["prompt_tokens_cut"] > 0 and c["answer_tokens_cut"] == 0
+    # tokenize.overlong=drop drops those pairs instead, and counts them.
+    from leantune.data.preference import tokenize_pairs
+
+    drop = load_config(run_dir / "config.yaml", overrides=["tokenize.overlong=drop"])
+    d = tokenize_pairs(drop, tok, run_dir / "data" / "train.jsonl", tmp_path / "dropped")["counts"]
+    assert (d["dropped_overlong"], d["truncated"], d["records_written"]) == (len(long_prompts), 0, len(train) - len(
+        long_prompts))
 
 
 # ------------------------------------------------------------------------------------------ training
