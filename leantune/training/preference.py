@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from leantune.training.loss import CHUNK_LOGITS, _logit_function, causal_lm_parts
+from leantune.training.loss import CHUNK_LOGITS, target_rows
 
 # Per micro-batch sums, added up over a step: loss, pairs ranked right (margin > 0), margin, and the
 # policy's log-probabilities of the chosen and of the rejected answers.
@@ -69,18 +69,11 @@ def sequence_logps(model, inputs: dict, labels, counts: list[int], chunk_logits:
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    decoder, head, config = causal_lm_parts(model)
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    keep = targets != -100
-    rows, row_targets = hidden[keep], targets[keep]
-    del hidden
-    logits_of = _logit_function(head, config)
+    rows, row_targets, _, logits_of, chunk = target_rows(model, inputs, labels, chunk_logits)
 
     def token_logps(part, part_targets):
         return -F.cross_entropy(logits_of(part).float(), part_targets, reduction="none")
 
-    chunk = max(1, chunk_logits // config.vocab_size)
     grad = torch.is_grad_enabled()
     pieces = [checkpoint(token_logps, rows[s:s + chunk], row_targets[s:s + chunk], use_reentrant=False) if grad
               else token_logps(rows[s:s + chunk], row_targets[s:s + chunk]) for s in range(0, len(rows), chunk)]
