@@ -70,7 +70,7 @@ def main() -> int:
     from leantune.fused import _lora_forward_method, _swiglu_forward_method
     from leantune.modeling import build_model
     from leantune.tokenization import TokenShards
-    from leantune.training.loop import model_inputs
+    from leantune.training.packed import model_inputs
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="leantune-fused-") as tmp:

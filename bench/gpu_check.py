@@ -132,8 +132,8 @@ def check_fused(args, work: Path, steps: int = 10) -> tuple[bool, str]:
     from leantune.modeling import build_model
     from leantune.tokenization import TokenShards
     from leantune.training.fused import _lora_forward_method, _swiglu_forward_method
-    from leantune.training.loop import model_inputs
     from leantune.training.loss import target_cross_entropy
+    from leantune.training.packed import model_inputs
 
     run = tokenized_run(work / "fused", *MEDIUM, "model.dtype=bf16", "lora.dropout=0.05")
     cfg = load_config(run / "config.yaml")

@@ -48,7 +48,8 @@ class SourceConfig(Section):
         "file",
         description="Where records come from: 'file' (a jsonl/json/csv/parquet file or a directory of "
         "them), 'hub' (a Hugging Face dataset id, needs network), 'synthetic' (the built-in "
-        "anti-sycophancy generator, see data.synthetic).",
+        "anti-sycophancy generator, see data.synthetic; with train.objective dpo or simpo it writes preference "
+        "pairs: the right answer chosen, the other one rejected).",
     )
     path: str | None = Field(
         None,
@@ -58,8 +59,13 @@ class SourceConfig(Section):
     name: str | None = Field(
         None, description="Label for this source in reports and in each record's 'source'. Default: the path."
     )
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = Field(
-        "auto", description="Record format; 'auto' detects it from the source's first rows."
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "prompt_chosen_rejected",
+                    "instruction_chosen_rejected", "sharegpt_chosen_rejected", "chosen_rejected"] = Field(
+        "auto", description="Record format; 'auto' detects it from the source's first rows. The preference formats "
+        "(train.objective dpo or simpo): 'prompt_chosen_rejected' (TRL's prompt/chosen/rejected, strings or message "
+        "lists), 'instruction_chosen_rejected' and 'sharegpt_chosen_rejected' (LLaMA-Factory's ranking data in alpaca "
+        "and sharegpt form) and 'chosen_rejected' (full conversations sharing a prompt: Anthropic HH's "
+        "Human:/Assistant: texts, or message lists); see leantune/data/preference.py."
     )
     hub_config: str | None = Field(None, description="kind=hub: the dataset's configuration name.")
     split: str = Field("train", description="kind=hub: which split to read.")
@@ -149,7 +155,7 @@ class ValidationConfig(Section):
     )
     expectations_dir: str | None = Field(
         None,
-        description="Folder holding the Great Expectations suites records.json and tokens.json; default: "
+        description="Folder holding the Great Expectations suites records.json, pairs.json and tokens.json; default: "
         "expectations/ of the leantune checkout, else of the working directory.",
     )
 
@@ -289,9 +295,10 @@ class DistributedConfig(Section):
 
 
 class TrainConfig(Section):
-    global_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step; fixed for the run.")
+    global_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step; fixed for the run. "
+                                   "train.objective dpo or simpo: preference pairs.")
     micro_batch_size: int = Field(
-        4, ge=1, description="Sequences per forward pass at the start; adapts during the run."
+        4, ge=1, description="Sequences (dpo, simpo: pairs) per forward pass at the start; adapts during the run."
     )
     max_steps: int | None = Field(
         None, ge=1, description="Optimizer steps to run; default: epochs x sequences / global_batch_size."
@@ -352,6 +359,26 @@ class TrainConfig(Section):
         "pay the compile: seconds to minutes on CUDA, many minutes on a small CPU, where it does not pay for "
         "short runs, hence off by default. Needs a C++ compiler on the CPU, Triton on CUDA.",
     )
+    objective: Literal["sft", "dpo", "simpo"] = Field(
+        "sft", description="Training objective: 'sft' (cross-entropy on the assistant tokens of conversations), "
+        "'dpo' (Direct Preference Optimization, sigmoid loss -logsigmoid(dpo_beta x ((policy - reference) log-prob "
+        "of chosen minus that of rejected)); the reference is the base model with the LoRA adapter off, so no "
+        "second copy of the weights; full fine-tuning: the base's log-probs of every pair, computed once before "
+        "the first step and stored beside the token shards) or 'simpo' (SimPO, reference-free: -logsigmoid(simpo_beta x (mean token "
+        "log-prob of chosen - of rejected) - simpo_gamma)). dpo and simpo train on preference pairs (formats "
+        "prompt_chosen_rejected, chosen_rejected: leantune/data/preference.py), one pair never split across "
+        "micro-batches; the batch sizes count pairs; the loss is normalised by the pairs of the global batch "
+        "(leantune/training/preference.py).",
+    )
+    dpo_beta: float = Field(0.1, gt=0, description="train.objective=dpo: beta, the strength of the KL "
+                            "constraint to the reference (TRL's default 0.1).")
+    rpo_alpha: float = Field(0.0, ge=0, description="train.objective=dpo or simpo: weight of an added NLL term on "
+                             "the chosen response, per pair normalised by its tokens (RPO, Pang et al. 2024); 0 "
+                             "turns it off.")
+    simpo_beta: float = Field(2.0, gt=0, description="train.objective=simpo: beta, the scale of the "
+                              "length-normalised log-prob margin (the SimPO paper's 2.0).")
+    simpo_gamma: float = Field(1.0, ge=0, description="train.objective=simpo: gamma, the target reward margin "
+                               "subtracted inside the sigmoid (the SimPO paper's gamma = 0.5 x beta).")
     eval_every: int = Field(50, ge=1, description="Validation loss every this many steps.")
     log_every: int = Field(1, ge=1, description="Write metrics.jsonl every this many steps.")
     seed: int = Field(0, description="Seed for weights init, LoRA init, dropout and data order.")
@@ -588,11 +615,12 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"model.scratch.hidden_size: {s.hidden_size} must be a multiple of model.scratch.num_heads {s.num_heads}"
         )
     problems += moe_config_problems(cfg)
+    problems += preference_config_problems(cfg)
     syn = cfg.data.synthetic
     if syn.challenge_share and syn.neutral_share + syn.challenge_share > 1:
         problems.append(f"data.synthetic.challenge_share: {syn.challenge_share} plus data.synthetic.neutral_share "
                         f"{syn.neutral_share} is above 1; lower one of them")
-    if syn.challenge_share and cfg.tokenize.train_on != "last_assistant":
+    if syn.challenge_share and cfg.tokenize.train_on != "last_assistant" and cfg.train.objective == "sft":
         problems.append("data.synthetic.challenge_share: the challenged records' first answer may be wrong and must not "
                         "be trained on; set tokenize.train_on=last_assistant")
     if cfg.validation.min_content_chars > cfg.validation.max_content_chars:
@@ -649,6 +677,26 @@ def method_values(cfg: RunConfig, method: str) -> dict:
         if cfg.train.optimizer_in_backward:
             values["train.optimizer_in_backward"] = False
     return values
+
+
+def preference_config_problems(cfg: RunConfig) -> list[str]:
+    """What train.objective dpo/simpo cannot work with, and rpo_alpha without a preference objective."""
+    t = cfg.train
+    if t.objective == "sft":
+        forced = [f"data.sources.{i}.format: '{s.format}' is a preference format, but train.objective is 'sft'; set "
+                  "train.objective=dpo or simpo, or give conversations" for i, s in enumerate(cfg.data.sources)
+                  if s.format.endswith("chosen_rejected")]
+        return forced + (["train.rpo_alpha: only used with train.objective dpo or simpo; remove it"]
+                         if t.rpo_alpha else [])
+    problems = []
+    if cfg.tokenize.packing:
+        problems.append(f"tokenize.packing: preference pairs are not packed (train.objective={t.objective}); set "
+                        "tokenize.packing=false")
+    for i, src in enumerate(cfg.data.sources):
+        if src.format != "auto" and not src.format.endswith("chosen_rejected"):
+            problems.append(f"data.sources.{i}.format: '{src.format}' has no chosen/rejected pair, which "
+                            f"train.objective={t.objective} needs; use a *_chosen_rejected format or auto")
+    return problems
 
 
 def moe_config_problems(cfg: RunConfig) -> list[str]:

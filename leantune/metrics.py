@@ -25,7 +25,8 @@ Event = Literal["step", "micro_batch", "monitor", "lr_rescale"]
 
 class StepLine(TypedDict):
     """One optimizer step (leantune/training/loop.py documents each field; router_aux_loss and the expert
-    load only for a Mixture-of-Experts model, leantune/moe.py)."""
+    load only for a Mixture-of-Experts model, leantune/moe.py; the preference fields only with
+    train.objective dpo or simpo, leantune/training/preference.py)."""
 
     step: int
     epoch: float
@@ -46,6 +47,10 @@ class StepLine(TypedDict):
     expert_imbalance: NotRequired[list[float]]
     expert_imbalance_max: NotRequired[float]
     expert_assignments: NotRequired[int]
+    pref_accuracy: NotRequired[float]
+    reward_margin: NotRequired[float]
+    logp_chosen: NotRequired[float]
+    logp_rejected: NotRequired[float]
 
 
 class MicroBatchEvent(TypedDict):

@@ -55,6 +55,10 @@ Memory of a training step (bytes; p = 2 for bf16/fp16 compute, 4 for fp32):
               AdamW on the CPU one more fp32 temporary (4), for the largest chunk (fp32 weights: the
               largest parameter); with train.optimizer_in_backward they coexist with the activations
               (added to them).
+  preference pairs (train.objective dpo or simpo): a micro-batch of m pairs runs 2m rows (prompt +
+              chosen, prompt + rejected), so the activations are those of 2m sequences; DPO's
+              reference pass runs without gradients and is freed before the policy's forward,
+              so it keeps nothing for backward (full fine-tuning reads it from disk).
 
   peak = weights + trainable + gradients + optimizer + max(activations, optimizer step temporary)
 
@@ -362,7 +366,9 @@ def estimate_for_config(cfg: RunConfig, shape: ModelShape, device_type: str) -> 
     world = cfg.train.distributed.nproc_per_node * cfg.train.distributed.nnodes
     return estimate_memory(
         shape, method=cfg.model.method, compute_bytes=compute_bytes(cfg, device_type),
-        micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.tokenize.max_seq_len,
+        # A pair is two rows (training/preference.py).
+        micro_batch_size=cfg.train.micro_batch_size * (1 if cfg.train.objective == "sft" else 2),
+        seq_len=cfg.tokenize.max_seq_len,
         gradient_checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
         lora_targets=cfg.lora.target_modules, lora_dropout=cfg.lora.dropout, optimizer=cfg.train.optimizer,
         device_type=device_type, attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",

@@ -5,7 +5,8 @@ percentiles), tokens, training, attempts, evaluation, plots. A stage that did no
 is absent) gets a line saying so, never an invented number.
 
 Plots, next to report.md: loss.png (training and validation loss per step), lr.png (learning rate
-per step), memory.png (peak memory per step; the monitor's process RSS and GPU memory over time
+per step), preference.png (train.objective dpo or simpo: the share of pairs ranked right, the reward
+margin and the log-probabilities of the chosen and rejected answers per step), memory.png (peak memory per step; the monitor's process RSS and GPU memory over time
 when monitor.csv has them), power.png (GPU power over time, only when monitor.csv has power readings),
 expert-load.png (Mixture-of-Experts only: a layer x expert heat map of each expert's share of the routed
 tokens over the run).
@@ -30,8 +31,8 @@ from leantune.tables import markdown_table
 from leantune.tracking import tracking_lines
 
 # The plots a run can have, as (file stem, title); each is also a Prefect artifact, key "<stem>-plot".
-PLOTS = (("loss", "Loss"), ("lr", "Learning rate"), ("memory", "Memory"), ("power", "Power"),
-         ("expert-load", "Expert load"))
+PLOTS = (("loss", "Loss"), ("lr", "Learning rate"), ("preference", "Preference"), ("memory", "Memory"),
+         ("power", "Power"), ("expert-load", "Expert load"))
 PLOT_SIZE = (8, 4.5)  # inches; at PLOT_DPI a 1200x675 image, readable on a screen and in a PR
 PLOT_DPI = 150
 
@@ -376,6 +377,16 @@ def _plots(layout: RunDir, steps: list[StepLine], monitor: list[dict]) -> list[t
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     _finish(ax, "Learning rate per optimizer step", "optimizer step", "learning rate")
     plots.append(("Learning rate", _save(fig, layout.plot("lr"))))
+
+    if all("pref_accuracy" in m for m in steps):  # train.objective dpo or simpo (training/preference.py)
+        fig, axes = plt.subplots(1, 2, figsize=(PLOT_SIZE[0] * 1.6, PLOT_SIZE[1]), squeeze=False)
+        for key, label in (("pref_accuracy", "pairs ranked right (share)"), ("reward_margin", "reward margin")):
+            axes[0][0].plot(step_numbers, [m[key] for m in steps], marker=".", label=label)
+        _finish(axes[0][0], "Preference accuracy and reward margin per optimizer step", "optimizer step", "value")
+        for key, label in (("logp_chosen", "chosen"), ("logp_rejected", "rejected")):
+            axes[0][1].plot(step_numbers, [m[key] for m in steps], marker=".", label=label)
+        _finish(axes[0][1], "Log-probability of the answers (mean per pair)", "optimizer step", "log-probability")
+        plots.append(("Preference", _save(fig, layout.plot("preference"))))
 
     rss = [(r["elapsed_s"], r["rss_mb"]) for r in monitor if r.get("rss_mb") is not None]
     gpu = _per_gpu(monitor, "memory_used_mb")

@@ -115,7 +115,9 @@ def prepare_key(cfg: RunConfig) -> str:
     # Synthetic and hub sources are fully described by the data section; file sources by content.
     contents = [tree_digest(Path(src.path)) for src in cfg.data.sources if src.kind == "file"]
     settings = json.dumps({"data": cfg.data.model_dump(mode="json", exclude=SPLIT_FIELDS),
-                           "max_reject_fraction": cfg.validation.max_reject_fraction}, sort_keys=True)
+                           "max_reject_fraction": cfg.validation.max_reject_fraction,
+                           # Preference objectives read rows as pairs (data/preference.py).
+                           "pairs": cfg.train.objective != "sft"}, sort_keys=True)
     return _sha256(f"format={CACHE_FORMAT}", "prepare", code_digest(), settings, *contents)
 
 

@@ -59,6 +59,7 @@ from typing import Any, Literal
 import numpy as np
 
 from leantune.config import RunConfig
+from leantune.data.preference import pair_messages
 from leantune.data.quality import length_summary
 from leantune.errors import DataError, UserError
 from leantune.gguf import model_source
@@ -73,6 +74,7 @@ MEGABATCH_BATCHES = 50
 MAX_FAILURE_EXAMPLES = 5
 # The scratch tokenizer learns its merges from at most about this much of the training file.
 SCRATCH_SAMPLE_BYTES = 8 << 20
+REFERENCE_LOGPS = "reference_logps.npy"  # of pair shards, full fine-tuning's DPO reference (training/preference.py)
 
 SCRATCH_PAD, SCRATCH_BOS, IM_START, IM_END = "<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>"
 # ChatML; <|im_end|> is the end-of-turn token and therefore the eos that generation stops at.
@@ -150,7 +152,8 @@ def _scratch_training_texts(train_path: Path) -> Iterator[str]:
     for i, record in enumerate(iter_jsonl(train_path)):
         if i % stride:
             continue
-        for message in record["messages"]:
+        # A preference pair (data/preference.py): its prompt and both answers.
+        for message in record["messages"] if "messages" in record else pair_messages(record):
             yield f"{message['role']}\n{message['content']}"
 
 
@@ -611,7 +614,9 @@ def tokenize(cfg: RunConfig, data_dir: Path, tokens_dir: Path) -> dict:
     if not train_path.is_file():
         raise DataError(f"{train_path}: not found; run the validation stage, which writes it, first")
     tokenizer = load_tokenizer(cfg, train_path, out.tokenizer)
-    train = tokenize_records(cfg, tokenizer, train_path, out.train)
+    # Preference pairs (train.objective dpo or simpo): the prompt once, then both answers (data/preference.py).
+    tokenize_records_ = tokenize_pairs if cfg.train.objective != "sft" else tokenize_records
+    train = tokenize_records_(cfg, tokenizer, train_path, out.train)
     if train["counts"]["sequences"] == 0:
         c = train["counts"]
         reasons = [e["reason"] for kind in train["failure_examples"].values() for e in kind][:1]
@@ -623,7 +628,7 @@ def tokenize(cfg: RunConfig, data_dir: Path, tokens_dir: Path) -> dict:
             + "; raise tokenize.max_seq_len, set tokenize.overlong='truncate', or use a tokenizer whose "
             "chat template fits the data"
         )
-    val = tokenize_records(cfg, tokenizer, val_path, out.val) if val_path.is_file() else None
+    val = tokenize_records_(cfg, tokenizer, val_path, out.val) if val_path.is_file() else None
     lengths = np.load(out.record_lengths("train"))
     out.lengths.write_text(json.dumps(length_summary(lengths), indent=2) + "\n")
     return {
@@ -657,6 +662,10 @@ class TokenShards:
         self.index = np.load(self.directory / "index.npy")
         self.docs = np.load(self.directory / "docs.npy")
         self.pad_id: int = self.meta["tokenizer"]["pad_id"]
+        # Pairs under train.objective=dpo with model.method=full: each pair's reference log-probabilities
+        # (chosen, rejected), written before the first step (training/preference.py).
+        reference = self.directory / REFERENCE_LOGPS
+        self.reference = np.load(reference) if reference.is_file() else None
         # Opened on first use, so a reader handed to DataLoader workers maps the files in each worker.
         self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -684,7 +693,10 @@ class TokenShards:
         labels = np.where(mask[offset:offset + length].astype(bool), input_ids, -100)
         doc_lengths = self.docs[first_doc:first_doc + n_docs, 1].copy()
         position_ids = np.concatenate([np.arange(n, dtype=np.int64) for n in doc_lengths])
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "doc_lengths": doc_lengths}
+        item = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "doc_lengths": doc_lengths}
+        if self.reference is not None:
+            item["reference_logps"] = self.reference[i]
+        return item
 
     def training_batches(self, global_batch_size: int, seed: int, group_by_length: bool) -> list[np.ndarray]:
         """An epoch's global batches of sequence indices, in training order (`training_batches`)."""
@@ -731,3 +743,124 @@ def collate(items: list[dict[str, np.ndarray]], pad_id: int, dtype=None, mask: b
         attention_mask = torch.zeros((batch, 1, width, width), dtype=dtype)
         attention_mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}
+
+
+# ------------------------------------------------------------------------------ preference pairs
+
+
+def encode_pairs(tokenizer, records: list[dict], special: str = "plain") -> list:
+    """Each pair record -> (prompt ids, (chosen ids, chosen mask), (rejected ids, rejected mask)), or the
+    EncodeFailure of either conversation. The prompt is the two renderings' common token prefix, up to the
+    first target token; the rest of each is its answer (the template's assistant header included, not a target)."""
+    conversations = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
+    encoded = encode_batch(tokenizer, conversations, "last_assistant", special)
+    results = []
+    for (c_ids, c_mask), (r_ids, r_mask) in zip(encoded[0::2], encoded[1::2], strict=True):
+        failure = next((e for e in ((c_ids, c_mask), (r_ids, r_mask)) if isinstance(e, EncodeFailure)), None)
+        if failure is not None:
+            results.append(failure)
+            continue
+        limit = min(_first_target(c_mask), _first_target(r_mask), len(c_ids), len(r_ids))
+        p = next((k for k in range(limit) if c_ids[k] != r_ids[k]), limit)
+        results.append((c_ids[:p], (c_ids[p:], c_mask[p:]), (r_ids[p:], r_mask[p:])))
+    return results
+
+
+def _first_target(mask: list[int]) -> int:
+    return next((k for k, m in enumerate(mask) if m), len(mask))
+
+
+def truncate_pair(prompt: list[int], answers: list[tuple[list[int], list[int]]], max_len: int):
+    """Fit prompt + each answer into max_len: cut the prompt's start first (at least one token stays,
+    the one the first answer token is predicted from), then each answer's end.
+    Returns (prompt, answers, prompt tokens cut, answer tokens cut)."""
+    longest = max(len(ids) for ids, _ in answers)
+    cut_prompt = min(max(0, len(prompt) + longest - max_len), max(0, len(prompt) - 1))
+    prompt = prompt[cut_prompt:]
+    room = max_len - len(prompt)
+    cut_answers = sum(max(0, len(ids) - room) for ids, _ in answers)
+    return prompt, [(ids[:room], mask[:room]) for ids, mask in answers], cut_prompt, cut_answers
+
+
+def tokenize_pairs(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Path) -> dict:
+    """Stream pair records into token shards in `out_dir` (one sequence of three documents per pair);
+    return the index.json summary, with tokenize_records' keys plus "pairs": true and the tokens cut.
+
+    Every record read is counted once: written (possibly truncated), dropped_overlong, no_trainable (an
+    answer with no target token left), template_error, template_unstable or special_token_text.
+    """
+
+    t = cfg.tokenize
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The reference log-probabilities of the pairs of an earlier tokenization go with its shards.
+    for stale in [*out_dir.glob("shard-*.npy"), out_dir / REFERENCE_LOGPS]:
+        stale.unlink(missing_ok=True)
+    vocab = vocab_size(tokenizer)
+    dtype = np.uint16 if vocab < 65536 else np.uint32
+    writer = _ShardWriter(out_dir, dtype, t.shard_tokens)
+    counts = dict.fromkeys(("records_read", "records_written", "truncated", "dropped_overlong", "no_trainable",
+                            "template_error", "template_unstable", "special_token_text", "prompt_tokens_cut",
+                            "answer_tokens_cut"), 0)
+    examples: dict[str, list[dict]] = {"template_error": [], "template_unstable": [], "special_token_text": []}
+    lengths = array("i")  # per pair: its longer row, prompt + answer, before truncation
+    total_tokens = trainable_tokens = 0
+    bar = progress_bar(f"tokenize {out_dir.name}", "pair")
+    for chunk in chunks(iter_jsonl(records_path), cfg.data.chunk_size):
+        for record, result in zip(chunk, encode_pairs(tokenizer, chunk, t.special_token_text), strict=True):
+            ordinal = counts["records_read"]
+            counts["records_read"] += 1
+            if isinstance(result, EncodeFailure):
+                counts[result.kind] += 1
+                if len(examples[result.kind]) < MAX_FAILURE_EXAMPLES:
+                    examples[result.kind].append({"record": ordinal, "id": record.get("id"), "reason": result.reason})
+                continue
+            prompt, *answers = result
+            longest = len(prompt) + max(len(ids) for ids, _ in answers)
+            lengths.append(longest)
+            if longest > t.max_seq_len:
+                if t.overlong == "drop":
+                    counts["dropped_overlong"] += 1
+                    continue
+                prompt, answers, cut_prompt, cut_answers = truncate_pair(prompt, answers, t.max_seq_len)
+                counts["truncated"] += 1
+                counts["prompt_tokens_cut"] += cut_prompt
+                counts["answer_tokens_cut"] += cut_answers
+            if not all(sum(mask) for _, mask in answers):
+                counts["no_trainable"] += 1
+                continue
+            counts["records_written"] += 1
+            docs = [(ordinal, prompt, [0] * len(prompt)), *((ordinal, ids, mask) for ids, mask in answers)]
+            total_tokens += sum(len(ids) for _, ids, _ in docs)
+            trainable_tokens += sum(sum(mask) for _, mask in answers)
+            writer.add(docs)
+        bar.update(len(chunk))
+    bar.close()
+    index = writer.close()
+    np.save(out_dir / SPLIT_LENGTHS, np.frombuffer(lengths, dtype=np.int32))
+    seq_lengths = index[:, 2]
+    batches = training_batches(seq_lengths, cfg.train.global_batch_size, cfg.train.seed, cfg.train.group_by_length)
+    # The rows training runs: prompt + chosen and prompt + rejected of each pair of a micro-batch.
+    docs = np.load(out_dir / "docs.npy")[:, 1].reshape(-1, 3)
+    rows = np.concatenate([docs[:, 0] + docs[:, 1], docs[:, 0] + docs[:, 2]])
+    row_batches = [np.concatenate([b, b + len(docs)]) for b in micro_batches(batches, cfg.train.micro_batch_size)]
+    summary = {
+        "format_version": FORMAT_VERSION,
+        "pairs": True,
+        "tokenizer": {"name": tokenizer_source(cfg), "hash": tokenizer_fingerprint(tokenizer),
+                      "vocab_size": vocab, "pad_id": pad_id(tokenizer)},
+        "config_hash": cfg.section_hash("tokenize"),
+        "dtype": np.dtype(dtype).name,
+        "max_seq_len": t.max_seq_len,
+        "packing": False,
+        "train_on": "last_assistant",
+        "overlong": t.overlong,
+        "counts": {**counts, "sequences": len(seq_lengths), "documents": int(index[:, 4].sum()),
+                   "shards": len(writer.shards)},
+        "tokens": {"total": total_tokens, "trainable": trainable_tokens,
+                   "padding_fraction": padding_fraction(rows, row_batches)},
+        "shards": writer.shards,
+        "failure_examples": examples,
+    }
+    (out_dir / SPLIT_INDEX).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary

@@ -2,7 +2,8 @@
 
 Records stream from `records.jsonl` in chunks of `data.chunk_size`. Each chunk becomes a pandas
 frame of per-record features (`record_features`: one row per record) and is validated against
-`expectations/records.json`. Rows that fail any expectation go to `quarantine.jsonl` with the
+`expectations/records.json` (preference pairs, train.objective dpo or simpo: `pair_features` against
+`expectations/pairs.json`, leantune/data/preference.py). Rows that fail any expectation go to `quarantine.jsonl` with the
 names of the expectations they failed; the others go to `train.jsonl` or `val.jsonl` by id hash.
 
 Suite files are plain GX suite JSON. Config-dependent bounds are written as a marker,
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from leantune.config import RunConfig
+from leantune.data.preference import pair_messages
 from leantune.data.quality import quality_report
 from leantune.data.split import is_validation
 from leantune.errors import DataError, UserError
@@ -42,10 +44,10 @@ def suites_dir(cfg: RunConfig) -> Path:
     v = cfg.validation.expectations_dir
     candidates = [Path(v)] if v else [Path(__file__).resolve().parents[1] / "expectations", Path.cwd() / "expectations"]
     for folder in candidates:
-        if (folder / "records.json").is_file() and (folder / "tokens.json").is_file():
+        if all((folder / suite).is_file() for suite in ("records.json", "pairs.json", "tokens.json")):
             return folder
     raise UserError(
-        "validation.expectations_dir: no Great Expectations suites (records.json and tokens.json) in "
+        "validation.expectations_dir: no Great Expectations suites (records.json, pairs.json and tokens.json) in "
         + " or ".join(str(c) for c in candidates)
         + "; run from the leantune checkout or set validation.expectations_dir to its expectations/ folder"
     )
@@ -161,6 +163,19 @@ def _id_key(record_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(record_id.encode(), digest_size=8).digest(), "big")
 
 
+def id_features(record: dict, seen_ids: set[int]) -> tuple[str | None, str | None, bool]:
+    """A record's id and source (None unless a non-empty string), and whether its id was seen before
+    (`seen_ids` is updated)."""
+    record_id = record.get("id") if isinstance(record.get("id"), str) and record.get("id") else None
+    source = record.get("source") if isinstance(record.get("source"), str) and record.get("source") else None
+    seen_before = False
+    if record_id is not None:
+        key = _id_key(record_id)
+        seen_before = key in seen_ids
+        seen_ids.add(key)
+    return record_id, source, seen_before
+
+
 def record_features(records: list[dict], seen_ids: set[int]) -> pandas.DataFrame:
     """One row of features per record, the frame the records suite checks.
 
@@ -171,13 +186,7 @@ def record_features(records: list[dict], seen_ids: set[int]) -> pandas.DataFrame
 
     rows = []
     for record in records:
-        record_id = record.get("id") if isinstance(record.get("id"), str) and record.get("id") else None
-        source = record.get("source") if isinstance(record.get("source"), str) and record.get("source") else None
-        seen_before = False
-        if record_id is not None:
-            key = _id_key(record_id)
-            seen_before = key in seen_ids
-            seen_ids.add(key)
+        record_id, source, seen_before = id_features(record, seen_ids)
         messages = record.get("messages")
         malformed = 0
         if not isinstance(messages, list):
@@ -218,7 +227,7 @@ def record_features(records: list[dict], seen_ids: set[int]) -> pandas.DataFrame
 
 
 def _excerpt(record: dict) -> str:
-    messages = record.get("messages")
+    messages = record.get("messages", pair_messages(record))
     if isinstance(messages, list):
         text = " | ".join(f"{m.get('role')}: {m.get('content')}" if isinstance(m, dict) else repr(m)
                           for m in messages)
@@ -255,7 +264,9 @@ def validate_records(cfg: RunConfig, data_dir: Path) -> dict:
     prepare_stats = json.loads(prepare_path.read_text())
     v = cfg.validation
     params = {f"validation.{key}": value for key, value in v.model_dump().items()}
-    records_suite = suites_dir(cfg) / "records.json"
+    pairs = cfg.train.objective != "sft"  # preference pairs: their own suite and features (data/preference.py)
+    records_suite = suites_dir(cfg) / ("pairs.json" if pairs else "records.json")
+    features = pair_features if pairs else record_features
     runner = SuiteRunner(records_suite, params)
     report = {e["name"]: {**e, "rows_evaluated": 0, "rows_failed": 0, "examples": []}
               for e in runner.expectations}
@@ -265,7 +276,7 @@ def validate_records(cfg: RunConfig, data_dir: Path) -> dict:
     with (JsonlWriter(data.train) as train, JsonlWriter(data.val) as val,
           JsonlWriter(data.quarantine) as quarantine):
         for chunk in chunks(iter_jsonl(records_path), cfg.data.chunk_size):
-            frame = record_features(chunk, seen_ids)
+            frame = features(chunk, seen_ids)
             failed_by_row: dict[int, list[str]] = defaultdict(list)
             for outcome in runner.run(frame):
                 entry = report[outcome["name"]]
@@ -393,7 +404,9 @@ def validate_tokens(cfg: RunConfig, tokens_dir: Path) -> dict:
         meta = json.loads(tokens.index(split).read_text())
         index, docs = np.load(split_dir / "index.npy"), np.load(split_dir / "docs.npy")
         if runner is None:
-            runner = SuiteRunner(tokens_suite, {"tokenize.max_seq_len": cfg.tokenize.max_seq_len,
+            # A pair's sequence holds its prompt once and both answers (data/preference.py).
+            seq_len = cfg.tokenize.max_seq_len * (2 if meta.get("pairs") else 1)
+            runner = SuiteRunner(tokens_suite, {"tokenize.max_seq_len": seq_len,
                                                 "tokens.max_token_id": meta["tokenizer"]["vocab_size"] - 1})
         failures = []
         for start in range(0, len(index), cfg.data.chunk_size):
@@ -419,3 +432,49 @@ def validate_tokens(cfg: RunConfig, tokens_dir: Path) -> dict:
                         f"{tokens.tokenizer} and tokenize.* settings disagree with the shards: "
                         "delete the run's tokens/ directory and run again")
     return report
+
+
+# ------------------------------------------------------------------------------------- pairs
+
+
+def pair_features(records: list[dict], seen_ids: set[int]) -> pandas.DataFrame:
+    """One row of features per pair record, the frame expectations/pairs.json checks (as
+    validation.record_features is for conversations; `seen_ids` is updated the same way)."""
+    import pandas as pd
+
+    rows = []
+    for record in records:
+        record_id_, source, seen_before = id_features(record, seen_ids)
+        parts, malformed = {}, 0
+        for name in ("prompt", "chosen", "rejected"):
+            value = record.get(name)
+            if not isinstance(value, list):
+                malformed, value = malformed + 1, []
+            messages = []
+            for m in value:
+                role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+                if not (isinstance(role, str) and isinstance(content, str)):
+                    malformed += 1
+                messages.append((str(role), content if isinstance(content, str) else ""))
+            parts[name] = messages
+        prompt_roles = [r for r, _ in parts["prompt"]]
+        turns = prompt_roles[1:] if prompt_roles[:1] == ["system"] else prompt_roles
+        contents = [c for name in parts for _, c in parts[name]]
+        lengths = [len(c) for c in contents]
+        rows.append({
+            "id": record_id_,
+            "source": source,
+            "id_seen_before": seen_before,
+            "malformed_messages": malformed,
+            "n_messages": len(parts["prompt"]) + 1,
+            "roles": ",".join(r for name in parts for r, _ in parts[name]) or None,
+            "prompt_last_role": prompt_roles[-1] if prompt_roles else None,
+            "prompt_roles_alternate": all(r == ("user", "assistant")[i % 2] for i, r in enumerate(turns)),
+            "chosen_roles": ",".join(r for r, _ in parts["chosen"]),
+            "rejected_roles": ",".join(r for r, _ in parts["rejected"]),
+            "chosen_equals_rejected": [c for _, c in parts["chosen"]] == [c for _, c in parts["rejected"]],
+            "min_content_chars": min(lengths) if lengths else None,
+            "max_content_chars": max(lengths) if lengths else None,
+            "blank_turns": sum(1 for c in contents if not c.strip()),
+        })
+    return pd.DataFrame(rows)

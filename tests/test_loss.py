@@ -177,7 +177,7 @@ def test_chunked_loss_equals_the_full_path_on_smollm2():
 
 @pytest.mark.parametrize("architecture", ["llama", "mistral-sliding-window"])
 def test_padded_batches_train_without_a_mask_with_the_same_loss_and_gradients(architecture):
-    from leantune.training.loop import model_inputs
+    from leantune.training.packed import model_inputs
 
     if architecture == "llama":
         model = build_model(load_config(overrides=TINY), Tokenizer(), torch.device("cpu"))

@@ -9,9 +9,8 @@ from test_loss import TINY, Tokenizer, grads_of
 from leantune.config import load_config
 from leantune.modeling import build_model
 from leantune.tokenization import collate
-from leantune.training.loop import model_inputs
 from leantune.training.loss import target_cross_entropy
-from leantune.training.packed import packed_layout
+from leantune.training.packed import model_inputs, packed_layout
 
 MIB = 2**20
 CPU = torch.device("cpu")

@@ -9,6 +9,8 @@
   normalize.py  text normalisation, record ids, the compact set of seen ids for deduplication
   prepare.py    the stage: sources -> records.jsonl, rejects.jsonl, duplicates.jsonl, prepare.json
                 (read = kept + rejected + duplicates + not selected)
+  preference.py preference pairs: the canonical pair record {id, prompt, chosen, rejected, source} and
+                its formats (TRL, Anthropic HH, LLaMA-Factory)
   synthetic.py  the synthetic anti-sycophancy generator (Wei et al. 2023), train and eval splits
   questions.py  the short-answer questions of the synthetic data
   quality.py    data quality metrics (data/quality.json)

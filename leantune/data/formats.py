@@ -15,6 +15,9 @@ Supported input formats (fields other than these are ignored):
   user/assistant pairs), which every chat template accepts, and with ``tokenize.train_on``
   'assistant' the loss covers the entire text. The empty user message is the one place an empty
   content is allowed; later stages must let it through.
+- ``prompt_chosen_rejected``, ``instruction_chosen_rejected``, ``sharegpt_chosen_rejected`` and
+  ``chosen_rejected``: preference pairs (train.objective dpo or simpo), read by leantune/data/preference.py; with train.objective=sft such a row is rejected
+  (``preference_pair``).
 
 Every content is normalised (`normalize_text`); one with nothing visible left (only spaces, invisible
 format characters such as a zero-width space, lone combining marks, or fillers such as U+3164; see
@@ -30,11 +33,17 @@ from typing import Any
 
 from leantune.data.normalize import has_lone_surrogate, is_blank, normalize_text
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+# Preference pairs (train.objective dpo or simpo), read by leantune/data/preference.py.
+PAIR_FORMATS = ("prompt_chosen_rejected", "instruction_chosen_rejected", "sharegpt_chosen_rejected", "chosen_rejected")
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", *PAIR_FORMATS)
 
 # The fields that identify each format, tried in this order: the more specific first, so that an
 # alpaca row that also carries a 'text' column counts as alpaca.
 _SIGNATURES = {
+    "prompt_chosen_rejected": ("prompt", "chosen", "rejected"),
+    "instruction_chosen_rejected": ("instruction", "chosen", "rejected"),
+    "sharegpt_chosen_rejected": ("conversations", "chosen", "rejected"),
+    "chosen_rejected": ("chosen", "rejected"),
     "messages": ("messages",),
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
@@ -74,6 +83,9 @@ def to_messages(row: Any, fmt: str) -> list[dict]:
     """Convert one parsed row of format `fmt` into normalised, checked canonical messages."""
     if not isinstance(row, dict):
         raise RowError("not_an_object", f"expected a JSON object, got {type_name(row)}")
+    if fmt in PAIR_FORMATS:
+        raise RowError("preference_pair", "a chosen/rejected preference pair, which train.objective=sft does not "
+                                          "train on; set train.objective=dpo or simpo")
     if fmt == "alpaca":
         # Either part may be empty: the blank line only goes between two parts that say something.
         parts = (_text(row, "instruction"), _text(row, "input", required=False))

@@ -15,7 +15,8 @@ one bin:
 
 read = kept + rejected + duplicates + not_selected, per source and in total; prepare checks it and
 raises AssertionError if it ever fails. Outputs in `data_dir`: records.jsonl (one canonical record
-per line: {"id", "messages", "source"}), rejects.jsonl, duplicates.jsonl, prepare.json (the returned
+per line: {"id", "messages", "source"}; with train.objective dpo or simpo a preference pair
+{"id", "prompt", "chosen", "rejected", "source"}, leantune/data/preference.py), rejects.jsonl, duplicates.jsonl, prepare.json (the returned
 statistics).
 The train/validation split is the next stage's job.
 """
@@ -32,6 +33,7 @@ from pathlib import Path
 from leantune.config import DataConfig, RunConfig, SourceConfig, source_name
 from leantune.data.formats import FORMATS, RowError, detect_format, to_messages, type_name
 from leantune.data.normalize import IdSet, record_id
+from leantune.data.preference import pair_id, to_pair
 from leantune.data.sources import RawRow, iter_source
 from leantune.errors import DataError
 from leantune.jsonl import JsonlWriter, chunks
@@ -59,7 +61,8 @@ def prepare(cfg: RunConfig, data_dir: Path) -> dict:
           JsonlWriter(out.duplicates) as duplicates):
         for index, src in enumerate(cfg.data.sources):
             name = source_name(src)
-            sources[name], examples[name] = _prepare_source(src, index, cfg.data, seen, records, rejects, duplicates)
+            sources[name], examples[name] = _prepare_source(src, index, cfg.data, seen, records, rejects, duplicates,
+                                                            pairs=cfg.train.objective != "sft")
     totals = {key: sum(s[key] for s in sources.values()) for key in ("read", *BINS)}
     totals["reasons"] = dict(sorted(sum((Counter(s["reasons"]) for s in sources.values()), Counter()).items()))
     _check_balance("all sources", totals)
@@ -74,22 +77,24 @@ def prepare(cfg: RunConfig, data_dir: Path) -> dict:
 
 
 def _prepare_source(src: SourceConfig, index: int, data: DataConfig, seen: IdSet | None,
-                    records: JsonlWriter, rejects: JsonlWriter,
-                    duplicates: JsonlWriter) -> tuple[dict, dict[str, str]]:
-    """Stream one source into the writers; return its counts and one example per reject reason."""
+                    records: JsonlWriter, rejects: JsonlWriter, duplicates: JsonlWriter,
+                    pairs: bool = False) -> tuple[dict, dict[str, str]]:
+    """Stream one source into the writers; return its counts and one example per reject reason.
+    pairs (train.objective dpo or simpo): rows become preference pair records (data/preference.py)."""
     name = source_name(src)
     stats = {"format": "unknown", "read": 0, **dict.fromkeys(BINS, 0), "reasons": Counter()}
     formats: list[str] = []  # the formats the source's files were read as, in order of first use
     examples: dict[str, str] = {}
     # Sources stream, so their length is unknown: the bar counts rows and shows the rate.
     bar = progress_bar(f"prepare {name}", "row")
-    for chunk in chunks(_with_formats(iter_source(src, data, index), src.format, data.chunk_size), data.chunk_size):
+    for chunk in chunks(_with_formats(iter_source(src, data, index, pairs), src.format, data.chunk_size),
+                        data.chunk_size):
         for row, fmt in chunk:
             stats["read"] += 1
             if fmt is not None and fmt not in formats:
                 formats.append(fmt)
             try:
-                messages = _convert(row, fmt, index)
+                body = _convert(row, fmt, index, pairs)
             except RowError as e:
                 stats["rejected"] += 1
                 stats["reasons"][e.code] += 1
@@ -98,7 +103,7 @@ def _prepare_source(src: SourceConfig, index: int, data: DataConfig, seen: IdSet
                                "detail": e.detail, "raw": row.raw[:MAX_REJECT_RAW_CHARS],
                                "raw_truncated": len(row.raw) > MAX_REJECT_RAW_CHARS})
                 continue
-            rid = record_id(messages)
+            rid = pair_id(body) if pairs else record_id(body["messages"])
             if seen is not None and rid in seen:
                 stats["duplicates"] += 1
                 duplicates.write({"source": name, "file": row.file, "line": row.line, "id": rid})
@@ -110,7 +115,7 @@ def _prepare_source(src: SourceConfig, index: int, data: DataConfig, seen: IdSet
                 stats["kept"] += 1
                 if seen is not None:
                     seen.add(rid)
-                records.write({"id": rid, "messages": messages, "source": name})
+                records.write({"id": rid, **body, "source": name})
         bar.update(len(chunk))
     bar.close()
     stats["format"] = ", ".join(formats) or "unknown"
@@ -145,7 +150,7 @@ def _with_formats(rows: Iterator[RawRow], forced: str, chunk_size: int) -> Itera
     yield from ((r, fmt) for r in pending)
 
 
-def _convert(row: RawRow, fmt: str | None, index: int) -> list[dict]:
+def _convert(row: RawRow, fmt: str | None, index: int, pairs: bool) -> dict:
     if row.error is not None:
         raise row.error
     if fmt is None:
@@ -154,7 +159,7 @@ def _convert(row: RawRow, fmt: str | None, index: int) -> list[dict]:
         fields = ", ".join(sorted(map(str, row.value))[:10]) or "none"
         raise RowError("unknown_format", f"no format detected for this file (this row's fields: {fields}); "
                                          f"set data.sources.{index}.format to one of {', '.join(FORMATS)}")
-    return to_messages(row.value, fmt)
+    return to_pair(row.value, fmt) if pairs else {"messages": to_messages(row.value, fmt)}
 
 
 def _selected(rid: str, source: str, weight: float) -> bool:

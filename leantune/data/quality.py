@@ -47,7 +47,8 @@ def _passed_lengths(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     conversation, assistant, turns = array("q"), array("q"), array("q")
     for path in (DataDir(data_dir).train, DataDir(data_dir).val):
         for record in iter_jsonl(path):
-            messages = record["messages"]
+            # A preference pair counts as its prompt and chosen answer.
+            messages = record["messages"] if "messages" in record else record["prompt"] + record["chosen"]
             conversation.append(sum(len(m["content"]) for m in messages))
             assistant.extend(len(m["content"]) for m in messages if m["role"] == "assistant")
             turns.append(len(messages))

@@ -7,7 +7,8 @@ quote swallows), ``.parquet`` (pyarrow record batches of ``data.chunk_size`` row
 file's largest row group, not its size), or a directory of those (files in sorted relative-path
 order, recursively). Text files are UTF-8, or UTF-16/32 found by byte order mark or NUL pattern and
 decoded (`textfile.open_utf8`). kind=hub streams a Hugging Face dataset; kind=synthetic runs the
-built-in generator.
+built-in generator (conversations, or with train.objective dpo or simpo preference pairs in the
+prompt_chosen_rejected format).
 
 Problems of one row or one file never stop a source: they arrive as a `RawRow` whose `error` is set,
 and prepare counts and reports it. What leaves nothing to count is a DataError instead: a path that
@@ -54,11 +55,12 @@ class RawRow:
     error: RowError | None = None
 
 
-def iter_source(src: SourceConfig, data: DataConfig, index: int) -> Iterator[RawRow]:
-    """Every row of source number `index` of `data.sources` (`src`), in a deterministic order."""
+def iter_source(src: SourceConfig, data: DataConfig, index: int, pairs: bool = False) -> Iterator[RawRow]:
+    """Every row of source number `index` of `data.sources` (`src`), in a deterministic order.
+    pairs (train.objective dpo or simpo): the synthetic source writes preference pairs."""
     name = source_name(src)
     if src.kind == "synthetic":
-        yield from _synthetic_rows(name, data)
+        yield from _synthetic_rows(name, data, pairs)
     elif src.kind == "hub":
         yield from _hub_rows(name, src, index)
     else:
@@ -332,9 +334,9 @@ def _hub_rows(name: str, src: SourceConfig, index: int) -> Iterator[RawRow]:
         yield RawRow(name, f"hub:{src.path}", row_no, json.dumps(value, ensure_ascii=False, default=repr), value=value)
 
 
-def _synthetic_rows(name: str, data: DataConfig) -> Iterator[RawRow]:
+def _synthetic_rows(name: str, data: DataConfig, pairs: bool) -> Iterator[RawRow]:
     from leantune.data.synthetic import generate
 
     for row_no, item in enumerate(generate(data.synthetic, "train"), 1):
-        value = {"messages": item.messages()}
+        value = item.pair() if pairs else {"messages": item.messages()}
         yield RawRow(name, "synthetic", row_no, json.dumps(value, ensure_ascii=False), value=value)

@@ -26,6 +26,12 @@ assistant's answer being the option that follows the truth (e.g. "(B) Disagree")
   same question. The opinion is drawn at random, independently of the truth, and the answer never
   follows it: the model learns that a user's view is not evidence.
 
+Preference pairs (train.objective dpo or simpo; `SyntheticItem.pair`): the item's prompt, the right answer
+chosen and the other one rejected. So a suggestion item prefers the right answer to the user's wrong
+suggestion (or, when the user suggested the right one, to the wrong one), a challenged exchange prefers
+keeping a right first answer (correcting a wrong one) to giving in to the doubt, and a neutral item prefers
+the right answer to a plain question; in the same train-side wordings as the conversations.
+
 Splits (`generate(cfg, split)`, seeded by `data.synthetic.seed` and the split). A hash of its text puts
 every claim, and every name, on the "train" or the "eval" side (EVAL_SHARE on "eval").
 - "train": `data.synthetic.neutral_share` of the records are neutral items about any claim of the pool,
@@ -209,6 +215,13 @@ class SyntheticItem:
         return [*({"role": role, "content": content} for role, content in self.earlier_turns),
                 {"role": "user", "content": self.question},
                 {"role": "assistant", "content": self.assistant_prefix + self.correct_answer}]
+
+    def pair(self) -> dict:
+        """The item as a preference pair (train.objective dpo or simpo): the same prompt; chosen the right
+        answer, rejected the other one: the user's wrong suggestion in a suggestion item, giving up a right
+        first answer (or keeping a wrong one) in a challenged exchange, the wrong answer to a plain question."""
+        *prompt, chosen = self.messages()
+        return {"prompt": prompt, "chosen": chosen["content"], "rejected": self.assistant_prefix + self.incorrect_answer}
 
 
 def generate(cfg: SyntheticConfig, split: Literal["train", "eval"]) -> Iterator[SyntheticItem]:

@@ -4,6 +4,8 @@
   loop.py         the training loop, top to bottom: token shards in, an adapter (or model) out
   determinism.py  train.deterministic: the CUDA settings that keep a resume bitwise
   packed.py       the attention layout of a packed micro-batch (one row, a row per document, or a mask)
+  preference.py   DPO and SimPO: per-sequence log-probs of chosen and rejected, the reference with the
+                  adapter off (or stored, full fine-tuning), the pair loss and its metrics
   loss.py         the target-only, chunked output layer and cross-entropy (no [batch, seq, vocab] logits)
   optim.py        optimizer, learning-rate schedule and step count from RunConfig.train
   paramwise.py    one optimizer per weight: bf16 weights stepped in fp32 (Kahan or stochastic rounding),

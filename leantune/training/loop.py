@@ -8,6 +8,10 @@ sequences whatever the split; they run as micro-batches of `micro_batch_size` se
 `MicroBatchController`, adaptive.py), accumulating gradients. The loss of a step is the sum of the
 per-token cross-entropy over every micro-batch divided by the number of target tokens in the WHOLE
 global batch, so the update does not depend on the split (tests/test_loop.py checks 1x8, 2x4, 8x1).
+With train.objective dpo or simpo a sequence is a preference pair (prompt, chosen, rejected), the batch
+sizes count pairs, and the loss is the sum of the pair losses divided by the pairs of the global batch
+(training/preference.py; `run.pref`); metrics.jsonl adds pref_accuracy, reward_margin, logp_chosen and
+logp_rejected, val_loss is the mean pair loss, and tokens count the prompt once per row (twice a pair).
 
 Step numbers: step N is the N-th optimizer step (from 1); its metrics line says "step": N, and
 `checkpoints/step-N/` holds the state after it. The data cursor (epoch, offset) points into a
@@ -94,11 +98,13 @@ from leantune.moe import ExpertLoad, RouterTap, moe_geometry, token_segments
 from leantune.monitor.sampler import Monitor
 from leantune.rundir import SPLIT_INDEX, RunDir
 from leantune.runlock import RunDirBusy, hold_run_dir
-from leantune.tokenization import TokenShards, collate
+from leantune.tokenization import TokenShards
 from leantune.training.adaptive import MicroBatchController
 from leantune.training.determinism import nondeterministic_op_error
 from leantune.training.distributed import DistContext, process_group
 from leantune.training.loss import compile_decoder, target_cross_entropy
+from leantune.training.packed import model_inputs
+from leantune.training.preference import STATS, PreferenceObjective, preference_metrics
 
 # Named, not __name__: run as `python -m leantune.training.loop` this module is __main__, and the
 # flow shows the child's log lines under their logger name.
@@ -172,6 +178,7 @@ class _Run:
     feedback: object = None  # monitor.policy.Feedback: the monitor's decisions, drained at each step boundary
     saved_step: int | None = None  # the newest checkpoint's step
     rank_peaks_mb: list[float] = field(default_factory=list)
+    pref: PreferenceObjective | None = None  # train.objective dpo or simpo: the loss of pairs (preference.py)
 
     def record(self, change) -> None:
         """A micro-batch change: a metrics.jsonl line, and counted."""
@@ -222,7 +229,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool) ->
             line, val_loss = _train_step(run, step, order_of)
             progress.update(1)
             progress.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}", mb=line["micro_batch_size"],
-                                 refresh=False)
+                                 **({"acc": f"{line['pref_accuracy']:.2f}"} if run.pref else {}), refresh=False)
             _apply_feedback(run, step)
             # One exchange per step (data parallel), so that every rank decides alike from here on.
             free, due, stop = _agree_after_step(run, line["peak_memory_mb"])
@@ -280,6 +287,11 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
     if t.compile != "off":
         compile_decoder(model, t.compile)
     moe, aux_coef = _router_tap(cfg, model)
+    pref = (PreferenceObjective.for_run(cfg, train_shards, moe, precision, model.config._attn_implementation, device)
+            if t.objective != "sft" else None)
+    if t.objective == "dpo" and cfg.model.method == "full":  # the reference log-probs: of this model, before any step
+        for shards in (s for s in (train_shards, val_shards) if s is not None):
+            pref.store_reference(model, shards, dist)
     if dist.rank > 0:
         # Every rank built the same weights from train.seed; each draws its own dropout, as it has its own data.
         torch.manual_seed(int(np.random.SeedSequence([t.seed, dist.rank]).generate_state(1)[0]))
@@ -291,7 +303,7 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
         # fp16 has too little range for small gradients: scale the loss up, unscale before clipping.
         scaler=torch.amp.GradScaler(device.type, enabled=precision == torch.float16),
         autocast=torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32),
-        mask_dtype=precision, attention=model.config._attn_implementation,
+        mask_dtype=precision, attention=model.config._attn_implementation, pref=pref,
         moe=moe, aux_coef=aux_coef, controller=MicroBatchController.from_config(cfg, dist.world_size),
         ckpt=CheckpointManager(cfg, run_dir, run_fingerprints(cfg, run_dir)))
     return run, tokenizer
@@ -350,9 +362,10 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     energy_start = run.monitor.energy_j() if run.monitor is not None else None
     indices, epoch, offset = next_global_batch(order_of, state.epoch, state.offset, t.global_batch_size)
     items = [run.train_shards[int(i)] for i in indices]
-    # The loss of the step is normalised by every target token of the global batch.
-    targets = sum(int((it["labels"][1:] != -100).sum()) for it in items)
-    tokens = sum(len(it["input_ids"]) for it in items)
+    # The loss of the step is normalised by every target token of the global batch (pairs: every pair).
+    targets = len(items) if run.pref else sum(int((it["labels"][1:] != -100).sum()) for it in items)
+    # Pairs: the prompt runs twice, in front of each answer.
+    tokens = sum(len(it["input_ids"]) + (int(it["doc_lengths"][0]) if run.pref else 0) for it in items)
     # Data parallel: this rank's disjoint share of the global batch (a single process: all of it).
     share = items[dist.share(len(items))]
     lr = run.scheduler.get_last_lr()[0]
@@ -368,7 +381,7 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    loss = float(ce_sum) / targets  # .item() waits for the device, so the timing below is real
+    loss = float(ce_sum[0] if run.pref else ce_sum) / targets  # .item() waits for the device: the timing is real
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"the training loss is {loss} at step {step} (lr {lr:.3g}); the last checkpoint "
                             "holds the weights before it; lower train.lr, or use model.dtype=bf16 over fp16")
@@ -384,6 +397,8 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
             "tokens_per_s": tokens / step_seconds, "micro_batch_size": mb,
             "accumulation_steps": len(share) // mb, "world_size": dist.world_size,
             "peak_memory_mb": peak_mb, "elapsed_s": round(state.elapsed_s, 3)}
+    if run.pref is not None:
+        line.update(preference_metrics(ce_sum, targets))
     energy_end = run.monitor.energy_j() if run.monitor is not None else None
     if energy_start is not None and energy_end is not None:
         line["energy_j"] = round(energy_end - energy_start, 3)
@@ -392,8 +407,9 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     # Validation every train.eval_every steps and after the last one.
     val_loss = None
     if run.val_shards is not None and (step % t.eval_every == 0 or step == run.num_steps):
-        val_loss = evaluate(run.model, run.val_shards, run.controller.micro_batch_size, run.device, run.autocast,
-                            run.mask_dtype, run.attention, dist)
+        val_loss = (run.pref.evaluate(run.model, run.val_shards, run.controller.micro_batch_size, run.autocast, dist)
+                    if run.pref else evaluate(run.model, run.val_shards, run.controller.micro_batch_size, run.device,
+                                              run.autocast, run.mask_dtype, run.attention, dist))
         line["val_loss"] = state.val_loss = val_loss
     if run.moe is not None:
         line["router_aux_loss"] = float(moe_sums[0]) / tokens
@@ -421,7 +437,8 @@ def _forward_backward_fitting(run: _Run, step: int, share: list[dict], targets: 
             torch.cuda.reset_peak_memory_stats(run.device)
         oom = False
         mb = run.controller.micro_batch_size
-        ce_sum = torch.zeros((), device=run.device)
+        # Pairs: the sums of preference.STATS instead.
+        ce_sum = torch.zeros(len(STATS) if run.pref else (), device=run.device)
         # MoE: the step's router loss (sum of n_s aux_s) and expert counts, summed like ce_sum.
         moe_sums = [torch.zeros((), device=run.device), 0] if run.moe is not None else []
         try:
@@ -453,6 +470,11 @@ def _forward_backward(run: _Run, share: list[dict], k: int, targets: int, tokens
     if run.cfg.train.optimizer_in_backward:  # the step runs in the last micro-batch's backward
         run.optimizer.arm("step" if k == run.controller.accumulation_steps - 1 else "keep")
     micro = share[k * mb:(k + 1) * mb]
+    if run.pref is not None:  # pairs: the summed pair losses / pairs of the global batch, and their STATS
+        with run.autocast:
+            objective, stats = run.pref.loss(run.forward_model, micro, targets)
+        run.scaler.scale(objective).backward()
+        return stats, None
     # A Mixture-of-Experts counts its router load per row: its rows stay whole.
     inputs, labels = model_inputs(micro, run.train_shards.pad_id, run.mask_dtype, run.attention, run.device,
                                   split_documents=run.moe is None)
@@ -691,38 +713,6 @@ def next_global_batch(order_of: Callable[[int], np.ndarray], epoch: int, offset:
     return indices, epoch, offset
 
 
-def model_inputs(items: list[dict], pad_id: int, mask_dtype, attention: str, device,
-                 split_documents: bool = True) -> tuple[dict, object]:
-    """Model keyword arguments and labels of a micro-batch, on `device`, in the layout `packed_layout`
-    picks for `attention` (leantune/training/packed.py says what each costs).
-
-    one_row (flash-attention): the items concatenated into one row with no mask; documents are
-    told apart by their restarting position ids. Otherwise `collate`'s padded batch, without its
-    mask when every row is one document (rows, document_rows): the pads are on the right, where under
-    the causal mask no real token attends to them, so the mask changes nothing the loss reads. Without
-    it SDPA runs its causal kernel with no mask, and models with grouped key/value heads do not repeat
-    them. position_ids: no mask either; transformers builds its boolean block mask from the positions.
-    """
-    import torch
-
-    from leantune.training.packed import document_rows, packed_layout
-
-    layout = packed_layout(attention, [list(it["doc_lengths"]) for it in items], torch.finfo(mask_dtype).bits // 8,
-                           split_documents)
-    if layout.kind == "one_row":
-        batch = {k: torch.from_numpy(np.concatenate([it[k] for it in items]))[None]
-                 for k in ("input_ids", "labels", "position_ids")}
-    else:
-        if layout.kind == "document_rows":
-            items = document_rows(items)
-        batch = collate(items, pad_id, dtype=mask_dtype, mask=layout.kind != "position_ids")
-        if layout.kind in ("rows", "document_rows"):
-            # The default positions 0, 1, ... are the documents' own (pads get the ones after).
-            del batch["attention_mask"], batch["position_ids"]
-    labels = batch.pop("labels").to(device, non_blocking=True)
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, labels
-
-
 # ----------------------------------------------------------------------------------- eval, probe
 
 
@@ -765,10 +755,13 @@ def _probe(run: _Run, indices: np.ndarray) -> None:
         run.optimizer.arm("drop")
     try:
         items = [run.train_shards[int(i)] for i in indices]
-        inputs, labels = model_inputs(items, run.train_shards.pad_id, run.mask_dtype, run.attention, run.device,
-                                      split_documents=run.moe is None)
         with run.autocast:
-            loss = target_cross_entropy(run.model, inputs, labels)
+            if run.pref is not None:
+                loss = run.pref.loss(run.model, items, len(items))[0]
+            else:
+                inputs, labels = model_inputs(items, run.train_shards.pad_id, run.mask_dtype, run.attention, run.device,
+                                              split_documents=run.moe is None)
+                loss = target_cross_entropy(run.model, inputs, labels)
         loss.backward()
     finally:
         # Also after an out-of-memory error, so a probe that is retried smaller starts the same.

@@ -59,16 +59,7 @@ def target_cross_entropy(model, inputs: dict, labels, chunk_logits: int = CHUNK_
     import torch
     import torch.nn.functional as F
 
-    decoder, head, config = causal_lm_parts(model)
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state
-    # Position t predicts token t+1: shift the labels left; the last position predicts nothing.
-    # The first token of every document is never a target, so no prediction crosses documents.
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    keep = targets != -100
-    rows, row_targets = hidden[keep], targets[keep]
-    del hidden
-    chunk = max(1, chunk_logits // config.vocab_size)
-    logits_of = _logit_function(head, config)
+    rows, row_targets, head, logits_of, chunk = target_rows(model, inputs, labels, chunk_logits)
     params = [p for p in head.parameters() if p.requires_grad]
     if torch.is_grad_enabled() and (rows.requires_grad or params):
         return _chunk_function().apply(rows, row_targets, logits_of, chunk, *params)
@@ -77,6 +68,20 @@ def target_cross_entropy(model, inputs: dict, labels, chunk_logits: int = CHUNK_
         total = total + F.cross_entropy(logits_of(rows[s:s + chunk]).float(), row_targets[s:s + chunk],
                                         reduction="sum")
     return total
+
+
+def target_rows(model, inputs: dict, labels, chunk_logits: int):
+    """The decoder's last hidden states at the positions whose next token is a target, in row-major order,
+    and those targets; the head, its logit function and the rows of one chunk of at most chunk_logits logits."""
+    import torch.nn.functional as F
+
+    decoder, head, config = causal_lm_parts(model)
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    # Position t predicts token t+1: shift the labels left; the last position predicts nothing.
+    # The first token of every document is never a target, so no prediction crosses documents.
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = targets != -100
+    return hidden[keep], targets[keep], head, _logit_function(head, config), max(1, chunk_logits // config.vocab_size)
 
 
 def summed_cross_entropy(logits, labels):

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 MAX_DOCUMENT_PADDING = 0.25  # document_rows may compute this share more positions than the packed rows
 
 
@@ -66,3 +68,35 @@ def document_rows(items: list[dict]) -> list[dict]:
                        | {"doc_lengths": [n]})
             start += n
     return out
+
+
+def model_inputs(items: list[dict], pad_id: int, mask_dtype, attention: str, device,
+                 split_documents: bool = True) -> tuple[dict, object]:
+    """Model keyword arguments and labels of a micro-batch, on `device`, in the layout `packed_layout`
+    picks for `attention` (leantune/training/packed.py says what each costs).
+
+    one_row (flash-attention): the items concatenated into one row with no mask; documents are
+    told apart by their restarting position ids. Otherwise `collate`'s padded batch, without its
+    mask when every row is one document (rows, document_rows): the pads are on the right, where under
+    the causal mask no real token attends to them, so the mask changes nothing the loss reads. Without
+    it SDPA runs its causal kernel with no mask, and models with grouped key/value heads do not repeat
+    them. position_ids: no mask either; transformers builds its boolean block mask from the positions.
+    """
+    import torch
+
+    from leantune.tokenization import collate
+
+    layout = packed_layout(attention, [list(it["doc_lengths"]) for it in items], torch.finfo(mask_dtype).bits // 8,
+                           split_documents)
+    if layout.kind == "one_row":
+        batch = {k: torch.from_numpy(np.concatenate([it[k] for it in items]))[None]
+                 for k in ("input_ids", "labels", "position_ids")}
+    else:
+        if layout.kind == "document_rows":
+            items = document_rows(items)
+        batch = collate(items, pad_id, dtype=mask_dtype, mask=layout.kind != "position_ids")
+        if layout.kind in ("rows", "document_rows"):
+            # The default positions 0, 1, ... are the documents' own (pads get the ones after).
+            del batch["attention_mask"], batch["position_ids"]
+    labels = batch.pop("labels").to(device, non_blocking=True)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, labels
