@@ -104,7 +104,17 @@ def write_failure(run_dir: Path, error: BaseException, cfg=None) -> None:
     {"outcome": classify(error), "error_type", "message", "user_error": a UserError that another
     attempt would only repeat, "device_type", "bf16_supported"}. Written whole (a temporary file
     renamed), so the flow reads either all of it or none; a process killed by a signal writes none.
+
+    Under torchrun the ranks that lose their connection to a failed rank fail too, before or after it
+    writes: their "error" never replaces an "oom" or "nan" that another rank of the attempt wrote.
     """
+    path = RunDir(run_dir).failure
+    if classify(error) == "error" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and path.is_file():
+        try:
+            if json.loads(path.read_text())["outcome"] in ("oom", "nan"):
+                return
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable: replaced as before
+            pass
     device_type = bf16 = None
     if cfg is not None:
         try:
@@ -115,7 +125,6 @@ def write_failure(run_dir: Path, error: BaseException, cfg=None) -> None:
     data = {"outcome": outcome, "error_type": type(error).__name__, "message": str(error),
             "user_error": isinstance(error, UserError) and outcome == "error",
             "device_type": device_type, "bf16_supported": bf16}
-    path = RunDir(run_dir).failure
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)

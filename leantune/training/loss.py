@@ -59,6 +59,8 @@ def target_cross_entropy(model, inputs: dict, labels, chunk_logits: int = CHUNK_
     import torch
     import torch.nn.functional as F
 
+    if isinstance(model, _target_loss_class()):  # FSDP's root (fsdp.py): its hooks run around the whole loss
+        return model(inputs, labels)
     decoder, head, config = causal_lm_parts(model)
     hidden = decoder(**inputs, use_cache=False).last_hidden_state
     # Position t predicts token t+1: shift the labels left; the last position predicts nothing.
@@ -77,6 +79,30 @@ def target_cross_entropy(model, inputs: dict, labels, chunk_logits: int = CHUNK_
         total = total + F.cross_entropy(logits_of(rows[s:s + chunk]).float(), row_targets[s:s + chunk],
                                         reduction="sum")
     return total
+
+
+def target_loss_module(model):
+    """A module whose forward(inputs, labels) is `target_cross_entropy(model, inputs, labels)`.
+
+    FSDP (fsdp.py) makes it the root, so that the decoder and the head run inside one forward of
+    the root; `target_cross_entropy` called with it calls its forward.
+    """
+    return _target_loss_class()(model)
+
+
+@functools.cache
+def _target_loss_class():
+    import torch
+
+    class TargetLoss(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, inputs: dict, labels):
+            return target_cross_entropy(self.model, inputs, labels)
+
+    return TargetLoss
 
 
 def summed_cross_entropy(logits, labels):
