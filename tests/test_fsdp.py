@@ -224,3 +224,72 @@ def test_fsdp_refuses_what_it_cannot_shard_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:
         load_config(overrides=["train.distributed.strategy=fsdp", *overrides])
     assert f"{key}:" in str(e.value) and "fsdp" in str(e.value)
+
+
+# ------------------------------------------------------------------- memory, cost and routing under FSDP
+
+# Llama-3.1-70B's config.json values (no network here).
+LLAMA31_70B = {"vocab_size": 128256, "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+               "num_key_value_heads": 8, "intermediate_size": 28672, "tie_word_embeddings": False}
+CONFIG_70B = Path(__file__).resolve().parents[1] / "configs" / "llama-3.1-70b-qlora-fsdp.yaml"
+
+
+def test_the_70b_qlora_config_fits_four_24gb_gpus_with_fsdp_and_not_two():
+    from transformers import LlamaConfig
+
+    from leantune.probe import GIB, ModelShape, estimate_for_config
+
+    shape = ModelShape.from_hf_config(LlamaConfig(**LLAMA31_70B))
+    budget = 24 * 0.92  # a 24 GB card under monitor.memory_high_fraction
+
+    def per_gpu(*overrides):
+        return estimate_for_config(load_config(CONFIG_70B, list(overrides)), shape, "cuda").total / GIB
+
+    four, two = per_gpu(), per_gpu("train.distributed.nproc_per_node=2")
+    replica = per_gpu("train.distributed.strategy=ddp")
+    # Sharded: a quarter (a half) of the 4-bit layers, of the fp32 embedding and head and of the adapter's
+    # optimizer state, plus the gathered layers and head in bf16 and the activations of one micro-batch.
+    assert (round(four, 2), round(two, 2), round(replica, 2)) == (20.17, 30.93, 47.71)
+    assert four <= budget < two
+    # The activations are every GPU's own: the same whatever the sharding.
+    assert estimate_for_config(load_config(CONFIG_70B), shape, "cuda").activations == estimate_for_config(
+        load_config(CONFIG_70B, ["train.distributed.strategy=ddp"]), shape, "cuda").activations
+
+
+def test_cost_shows_the_gpus_a_sharded_config_needs_and_its_memory_per_gpu(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from leantune.cost import main
+
+    LlamaConfig(**LLAMA31_70B).save_pretrained(tmp_path)
+    args = ["--config", str(CONFIG_70B), "--model", str(tmp_path), "--tokens", "20M", "--gpu", "RTX 4090"]
+    assert main(args) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.startswith("GPU") and "fits memory (per GPU)" in header
+    assert row.startswith("4 x RTX 4090") and "yes (20.2 GiB, fsdp)" in row
+    assert main([*args, "--json"]) == 0
+    four = json.loads(capsys.readouterr().out)[0]
+    single = tmp_path / "one-gpu.yaml"
+    single.write_text(dump_config(load_config(CONFIG_70B, ["train.distributed.nproc_per_node=1"])))
+    assert main([*args, "--json", "--config", str(single)]) == 0
+    one = json.loads(capsys.readouterr().out)[0]
+    # Four GPUs share the FLOPs: a quarter of the one-GPU time, the same rent and energy.
+    assert (four["gpus"], one["gpus"]) == (4, 1) and four["seconds"] == pytest.approx(one["seconds"] / 4)
+    assert (four["rent_usd"], four["energy_j"]) == pytest.approx((one["rent_usd"], one["energy_j"]))
+    assert one["fits"].startswith("no")  # one GPU of 24 GB holds no 70B model
+
+
+def test_routing_sends_a_four_gpu_fsdp_run_to_machines_with_four_gpus():
+    from transformers import LlamaConfig
+
+    from leantune.probe import ModelShape
+    from leantune.routing import NoPoolFits, PoolClass, route
+
+    shape = ModelShape.from_hf_config(LlamaConfig(**LLAMA31_70B))
+    pools = [PoolClass(name="gpu-24gb", memory_gb=24, gpus=8), PoolClass(name="gpu-80gb", memory_gb=80),
+             PoolClass(name="gpu-24gb-x4", memory_gb=24, gpus=8, gpus_per_machine=4)]
+    chosen = route(load_config(CONFIG_70B), pools, shape)
+    assert chosen.pool == "gpu-24gb-x4" and "per GPU on 4 GPUs" in chosen.describe()
+    with pytest.raises(NoPoolFits) as e:
+        route(load_config(CONFIG_70B), pools[:2], shape)
+    assert "train.distributed.nproc_per_node is 4" in str(e.value)
