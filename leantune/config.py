@@ -285,6 +285,15 @@ class DistributedConfig(Section):
         None, description="host:port of the rendezvous every node reaches (multi-node); one machine needs none.",
     )
     rdzv_id: str = Field("leantune", description="Rendezvous id shared by the nodes of one run (multi-node).")
+    join_timeout_s: int = Field(
+        600, ge=1, description="Multi-node: seconds the rendezvous waits for every node to join; a node that never "
+        "joins then ends the run with one message naming the endpoint, instead of a wait with no end.",
+    )
+    collective_timeout_s: int = Field(
+        1800, ge=1, description="Seconds any collective (a gradient sum, an FSDP gather) may wait for the other "
+        "processes before the run fails: a process that hangs, or a machine that is gone without its connections "
+        "closing, ends the run instead of stalling it.",
+    )
 
 
 class TrainConfig(Section):

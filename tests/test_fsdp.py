@@ -293,3 +293,62 @@ def test_routing_sends_a_four_gpu_fsdp_run_to_machines_with_four_gpus():
     with pytest.raises(NoPoolFits) as e:
         route(load_config(CONFIG_70B), pools[:2], shape)
     assert "train.distributed.nproc_per_node is 4" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------- multi-node
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_node_that_never_joins_ends_the_run_within_the_join_timeout(tmp_path):
+    from leantune.training.launch import (
+        RENDEZVOUS_TIMEOUT,
+        rendezvous_timeout_message,
+        run_training,
+        training_command,
+    )
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    cfg = load_config(overrides=["train.distributed.nnodes=2", f"train.distributed.rdzv_endpoint={endpoint}",
+                                 "train.distributed.join_timeout_s=5", "train.device=cpu"])
+    lines, started = [], time.monotonic()
+    # Only this node starts: torchrun waits 5 s for the second, then fails (600 s without the setting).
+    rc = run_training(training_command(cfg, tmp_path, False), tmp_path, on_log=lambda level, text: lines.append(text),
+                      on_metrics=lambda steps: None)
+    assert rc != 0 and time.monotonic() - started < 5 + 60
+    assert any(RENDEZVOUS_TIMEOUT in line for line in lines), lines[-20:]
+    # What the train task raises then (tasks/train.py): one line, the setting, the endpoint, what to do.
+    assert rendezvous_timeout_message(cfg) == (
+        f"train.distributed.join_timeout_s: not all 2 nodes joined the rendezvous leantune at {endpoint} within 5 s; "
+        "start the training on every node with the same rdzv_endpoint and rdzv_id (each must reach that host and "
+        "port), or raise train.distributed.join_timeout_s")
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_on_one_host_give_the_one_process_weights(tokenized_run, tmp_path, one_process):
+    _, run_dir = new_run(tokenized_run, tmp_path, *SHORT, name="two-nodes")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([{"run_dir": str(run_dir)}]))
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # Two "nodes" of one process each, as launch.training_command starts them on each machine.
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--nnodes=2",
+                                f"--node-rank={rank}", "--max-restarts=0", "--rdzv-backend=c10d",
+                                f"--rdzv-endpoint={endpoint}", "--rdzv-id=two-nodes", "--rdzv-conf=join_timeout=120",
+                                str(LAUNCHER), str(plan)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        outputs = [agent.communicate(timeout=TIMEOUT)[0] for agent in agents]
+    except subprocess.TimeoutExpired:
+        for agent in agents:
+            agent.kill()
+        pytest.fail("the two agents still ran after the timeout (a hang)")
+    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert_same_run(run_dir, one_process("lora"), "adapter_model.safetensors", 1)

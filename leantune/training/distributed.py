@@ -28,6 +28,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from leantune.config import RunConfig
@@ -261,7 +262,9 @@ def setup(cfg: RunConfig, device: torch.device) -> DistContext:
                         f"{world_size} training processes; use a multiple of {world_size}")
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        # A collective that waits longer fails the run (train.distributed.collective_timeout_s), not stalls it.
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
+                                timeout=timedelta(seconds=cfg.train.distributed.collective_timeout_s))
     log.info("data parallel: rank %d of %d (local rank %d) on %s, backend %s", rank, world_size, local_rank,
              device, backend)
     return DistContext(device=device, world_size=world_size, rank=rank, local_rank=local_rank, backend=backend,
