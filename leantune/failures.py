@@ -138,14 +138,16 @@ def attempt_failure(run_dir: Path, returncode: int, worker_exitcodes: list[int] 
     SIGKILL, or an error. worker_exitcodes: the workers' exit codes torchrun reported (TORCHRUN_WORKER_EXIT).
     """
     path = RunDir(run_dir).failure
+    info = json.loads(path.read_text()) if path.is_file() else None
     # Under torchrun a rank killed by SIGKILL writes nothing and torchrun exits 1; its summary names the
     # worker's exit code. That kill is the cause even when a surviving rank wrote a failure file about
-    # the broken connection to it.
-    if any(code == -signal.SIGKILL for code in worker_exitcodes):
+    # the broken connection to it, but not when a rank ran out of memory (or its loss became NaN) first:
+    # torchrun then SIGKILLs the ranks still waiting for it in a collective (FSDP on NCCL).
+    resource = info is not None and info["outcome"] in ("oom", "nan")
+    if any(code == -signal.SIGKILL for code in worker_exitcodes) and not resource:
         return AttemptFailed("killed", "a training process was killed (SIGKILL: the kernel's out-of-memory "
                              "killer, a preempted machine or a person); torchrun stopped the others", returncode)
-    if path.is_file():
-        info = json.loads(path.read_text())
+    if info is not None:
         if info["user_error"]:
             return UserError(info["message"])
         return AttemptFailed(info["outcome"], f"{info['error_type']}: {info['message']}", returncode,
