@@ -35,6 +35,10 @@ torch.distributed.checkpoint (`save_sharded`, `load_sharded`): every rank writes
 the checkpoint's `sharded/` folder, beside rank 0's files (checkpoint.py). The shards are
 re-split on load, so a checkpoint of N ranks resumes on M ranks, on one process included.
 The adapter (or the model) is exported gathered on rank 0 (`gather_weights`).
+
+Not done: every rank builds the whole model on its device before `shard_model` shards it, so the
+model must fit one device whole at load time (loading on one rank and broadcasting, or loading
+sharded, would lift that).
 """
 
 from __future__ import annotations
