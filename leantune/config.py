@@ -281,9 +281,12 @@ class DistributedConfig(Section):
     )
     nnodes: int = Field(1, ge=1, description="Machines taking part; above 1 needs train.distributed.rdzv_endpoint.")
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="ddp: a full replica of the model per process, gradients summed after every step. fsdp "
-        "(sharded weights) is refused for now: its collectives run inside forward and backward, where a process "
-        "out of memory would leave the others waiting.",
+        "ddp", description="ddp: a full replica of the model per process, gradients summed after every step. fsdp: "
+        "FSDP2 (torch's fully_shard) over every decoder layer and the rest of the model, so each process holds "
+        "1/N of the weights, gradients and optimizer state plus one layer in full (leantune/training/fsdp.py); "
+        "the same update as one process; checkpoints are sharded (torch.distributed.checkpoint) and resume on "
+        "any number of processes. Under fsdp the micro-batch does not adapt inside an attempt: out of memory "
+        "ends the attempt and the next one halves train.micro_batch_size and resumes.",
     )
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend; 'auto' picks nccl on CUDA and gloo on the CPU.",
@@ -292,6 +295,15 @@ class DistributedConfig(Section):
         None, description="host:port of the rendezvous every node reaches (multi-node); one machine needs none.",
     )
     rdzv_id: str = Field("leantune", description="Rendezvous id shared by the nodes of one run (multi-node).")
+    join_timeout_s: int = Field(
+        600, ge=1, description="Multi-node: seconds the rendezvous waits for every node to join; a node that never "
+        "joins then ends the run with one message naming the endpoint, instead of a wait with no end.",
+    )
+    collective_timeout_s: int = Field(
+        1800, ge=1, description="Seconds any collective (a gradient sum, an FSDP gather) may wait for the other "
+        "processes before the run fails: a process that hangs, or a machine that is gone without its connections "
+        "closing, ends the run instead of stalling it.",
+    )
 
 
 class TrainConfig(Section):
@@ -599,9 +611,19 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"train.global_batch_size: {t.global_batch_size} does not split evenly over {world} training "
                         f"processes (train.distributed.nproc_per_node x nnodes); use a multiple of {world}, e.g. "
                         f"{world * max(1, round(t.global_batch_size / world))}")
-    if d.strategy == "fsdp":
-        problems.append("train.distributed.strategy: 'fsdp' is not supported (its collectives inside forward and "
-                        "backward would leave the other processes waiting when one runs out of memory); use ddp")
+    if d.strategy == "fsdp" and t.optimizer != "adamw":
+        problems.append(f"train.optimizer: {t.optimizer} (bitsandbytes) is not supported with "
+                        "train.distributed.strategy fsdp, whose sharded parameters it does not take; use adamw")
+    if d.strategy == "fsdp" and t.objective != "sft":
+        problems.append(f"train.objective: {t.objective} is not supported with train.distributed.strategy fsdp yet "
+                        "(its pair log-probs need the unsharded model); use train.distributed.strategy=ddp")
+    if d.strategy == "fsdp" and t.full_precision != "fp32":
+        problems.append(f"train.full_precision: {t.full_precision} is not supported with train.distributed.strategy "
+                        "fsdp yet (its per-weight optimizers do not take sharded parameters); use "
+                        "train.full_precision=fp32 or train.distributed.strategy=ddp")
+    if d.strategy == "fsdp" and cfg.model.dtype == "fp16":
+        problems.append("model.dtype: fp16 is not supported with train.distributed.strategy fsdp (no sharded loss "
+                        "scaling); use bf16 or fp32, or train.distributed.strategy=ddp")
     if d.backend == "nccl" and t.device == "cpu":
         problems.append("train.distributed.backend: nccl needs CUDA devices but train.device is 'cpu'; use "
                         "train.distributed.backend=gloo (or auto)")

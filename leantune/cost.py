@@ -37,6 +37,11 @@ of well-fed single-GPU training in bf16, and 0.25 for QLoRA, whose 4-bit weights
 before every matmul; a measured run's MFU is the number to put in --utilisation next time.
 Memory: with the model's shape known, leantune's memory estimator (probe.py) says whether the
 run fits the GPU.
+
+Several GPUs (a --config with train.distributed.nproc_per_node x nnodes = W above 1): the rows are
+"W x GPU"; the time is the one-GPU time over W (the same utilisation on each, communication not
+counted), so energy and rent are those of one GPU's time; memory is per GPU: one replica each with
+ddp, a 1/W share plus the gathered layers with fsdp (probe.py).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -308,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = ("GPU", "fits memory", "time", "energy kWh", "rent USD", "electricity USD", "utilisation")
-    table = [header] + [(r["gpu"], r["fits"], _duration(r["seconds"]), f"{r['energy_j'] / 3.6e6:.2f}",
+    header = ("GPU", "fits memory (per GPU)" if rows and rows[0]["gpus"] > 1 else "fits memory", "time", "energy kWh", "rent USD", "electricity USD", "utilisation")
+    table = [header] + [(f"{r['gpus']} x {r['gpu']}" if r["gpus"] > 1 else r["gpu"], r["fits"], _duration(r["seconds"]), f"{r['energy_j'] / 3.6e6:.2f}",
                          f"{r['rent_usd']:.2f}", f"{r['electricity_usd']:.2f}", f"{r['utilisation']:.2f}")
                         for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
@@ -369,13 +374,17 @@ def _answer(args) -> list[dict]:
     memory = estimate_for_config(cfg, shape, "cuda").total if shape else None
     price = args.price_per_kwh if args.price_per_kwh is not None else cfg.power.price_per_kwh
     rows = []
+    world = cfg.train.distributed.nproc_per_node * cfg.train.distributed.nnodes
     for gpu in gpus:
         figures = estimate(work, gpu, utilisation=args.utilisation, precision=compute_dtype(cfg.model.dtype, "cuda"),
                            price_per_kwh=price)
+        # W GPUs share the work: 1/W of the time each, so the energy and rent of the one-GPU time.
+        figures = replace(figures, seconds=figures.seconds / world)
         # Cards sold as "N GB" hold N GiB; the run must stay under monitor.memory_high_fraction of it.
         budget = gpu.memory_gb * GIB * cfg.monitor.memory_high_fraction
-        fits = "-" if memory is None else f"{'yes' if memory <= budget else 'no'} ({memory / GIB:.1f} GiB)"
-        rows.append({**figures.to_dict(), "fits": fits, "memory_estimate_bytes": memory})
+        sharing = f", {cfg.train.distributed.strategy}" if world > 1 else ""
+        fits = "-" if memory is None else f"{'yes' if memory <= budget else 'no'} ({memory / GIB:.1f} GiB{sharing})"
+        rows.append({**figures.to_dict(), "gpus": world, "fits": fits, "memory_estimate_bytes": memory})
     return rows
 
 

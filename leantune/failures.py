@@ -117,7 +117,17 @@ def write_failure(run_dir: Path, error: BaseException, cfg=None) -> None:
     {"outcome": classify(error), "error_type", "message", "user_error": a UserError that another
     attempt would only repeat, "device_type", "bf16_supported"}. Written whole (a temporary file
     renamed), so the flow reads either all of it or none; a process killed by a signal writes none.
+
+    Under torchrun the ranks that lose their connection to a failed rank fail too, before or after it
+    writes: their "error" never replaces an "oom" or "nan" that another rank of the attempt wrote.
     """
+    path = RunDir(run_dir).failure
+    if classify(error) == "error" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and path.is_file():
+        try:
+            if json.loads(path.read_text())["outcome"] in ("oom", "nan"):
+                return
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable: replaced as before
+            pass
     device_type = bf16 = None
     if cfg is not None:
         try:
@@ -128,7 +138,6 @@ def write_failure(run_dir: Path, error: BaseException, cfg=None) -> None:
     data = {"outcome": outcome, "error_type": type(error).__name__, "message": str(error),
             "user_error": isinstance(error, UserError) and outcome == "error",
             "device_type": device_type, "bf16_supported": bf16}
-    path = RunDir(run_dir).failure
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
@@ -142,14 +151,16 @@ def attempt_failure(run_dir: Path, returncode: int, worker_exitcodes: list[int] 
     SIGKILL, or an error. worker_exitcodes: the workers' exit codes torchrun reported (TORCHRUN_WORKER_EXIT).
     """
     path = RunDir(run_dir).failure
+    info = json.loads(path.read_text()) if path.is_file() else None
     # Under torchrun a rank killed by SIGKILL writes nothing and torchrun exits 1; its summary names the
     # worker's exit code. That kill is the cause even when a surviving rank wrote a failure file about
-    # the broken connection to it.
-    if any(code == -signal.SIGKILL for code in worker_exitcodes):
+    # the broken connection to it, but not when a rank ran out of memory (or its loss became NaN) first:
+    # torchrun then SIGKILLs the ranks still waiting for it in a collective (FSDP on NCCL).
+    resource = info is not None and info["outcome"] in ("oom", "nan")
+    if any(code == -signal.SIGKILL for code in worker_exitcodes) and not resource:
         return AttemptFailed("killed", "a training process was killed (SIGKILL: the kernel's out-of-memory "
                              "killer, a preempted machine or a person); torchrun stopped the others", returncode)
-    if path.is_file():
-        info = json.loads(path.read_text())
+    if info is not None:
         if info["user_error"]:
             return UserError(info["message"])
         return AttemptFailed(info["outcome"], f"{info['error_type']}: {info['message']}", returncode,

@@ -112,7 +112,11 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
             # bitsandbytes quantises at load time; going through save + from_pretrained uses the
             # same supported path as a hub model and gives real Linear4bit layers.
             with tempfile.TemporaryDirectory(prefix="leantune-scratch-") as tmp, _no_progress_bars():
-                model.save_pretrained(tmp)
+                # Not save_pretrained: under torchrun it writes on rank 0 only, and every rank loads.
+                from safetensors.torch import save_model
+
+                model.config.save_pretrained(tmp)
+                save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
                 model = _load_pretrained(cfg, tmp, None, False, storage, attention, device, precision)
         else:
             model = model.to(device=device, dtype=storage)
@@ -225,6 +229,8 @@ def _load_pretrained(cfg: RunConfig, name: str, revision: str | None, trust_remo
             bnb_4bit_quant_type=cfg.model.quant_type,
             bnb_4bit_use_double_quant=cfg.model.double_quant,
             bnb_4bit_compute_dtype=precision,
+            # FSDP shards the 4-bit weights with the other parameters of a layer, which must share their dtype.
+            **({"bnb_4bit_quant_storage": storage} if cfg.train.distributed.strategy == "fsdp" else {}),
         )
     try:
         return AutoModelForCausalLM.from_pretrained(

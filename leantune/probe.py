@@ -62,6 +62,15 @@ Memory of a training step (bytes; p = 2 for bf16/fp16 compute, 4 for fp32):
 
   peak = weights + trainable + gradients + optimizer + max(activations, optimizer step temporary)
 
+FSDP (train.distributed.strategy fsdp over W = nproc_per_node x nnodes GPUs, training/fsdp.py): the
+figure is per GPU. Each holds 1/W of the stored weights, of the trainable parameters, of the optimizer
+state and of its step's temporary; and gathered in the compute dtype (p): two decoder layers at a time
+(the one running and the one prefetched; QLoRA's at their 4-bit size) and the rest of the model
+(embeddings, head, norms), which the root keeps gathered from forward to backward. Gradients: LoRA
+keeps its unsharded gradients until the last micro-batch (all of them, as without FSDP); full
+fine-tuning holds 1/W of them plus two layers' unsharded fp32 gradients being reduce-scattered.
+Activations are those of the GPU's own micro-batch, as without FSDP.
+
 Checked against published figures (tests/test_probe.py): Llama-2-7B's 6.74 B parameters and its
 39,976,960 LoRA parameters at r=16 on every linear; NF4 weights of 7-8 B models at 3.5-5 GB;
 and against the measured peak of every tensor of a training step of tiny CPU models.
@@ -362,9 +371,10 @@ def compute_bytes(cfg: RunConfig, device_type: str) -> int:
 
 
 def estimate_for_config(cfg: RunConfig, shape: ModelShape, device_type: str) -> MemoryEstimate:
-    """`estimate_memory` with every setting from `cfg` (the longest sequence: tokenize.max_seq_len)."""
+    """`estimate_memory` with every setting from `cfg` (the longest sequence: tokenize.max_seq_len); per GPU
+    under FSDP (`sharded_estimate`)."""
     world = cfg.train.distributed.nproc_per_node * cfg.train.distributed.nnodes
-    return estimate_memory(
+    estimate = estimate_memory(
         shape, method=cfg.model.method, compute_bytes=compute_bytes(cfg, device_type),
         # A pair is two rows (training/preference.py).
         micro_batch_size=cfg.train.micro_batch_size * (1 if cfg.train.objective == "sft" else 2),
@@ -378,6 +388,31 @@ def estimate_for_config(cfg: RunConfig, shape: ModelShape, device_type: str) -> 
         # Micro-batches per step of each training process.
         accumulation_steps=cfg.train.global_batch_size // (cfg.train.micro_batch_size * world),
     )
+    d = cfg.train.distributed
+    if d.strategy == "fsdp" and d.nproc_per_node * d.nnodes > 1:
+        return sharded_estimate(estimate, shape, cfg.model.method, compute_bytes(cfg, device_type),
+                                d.nproc_per_node * d.nnodes, cfg.model.double_quant)
+    return estimate
+
+
+def sharded_estimate(estimate: MemoryEstimate, shape: ModelShape, method: str, compute_bytes: int, world: int,
+                     double_quant: bool = True) -> MemoryEstimate:
+    """One GPU's share of `estimate` (one process's, unsharded) under FSDP over `world` GPUs (module docstring)."""
+    p = compute_bytes
+    layer = shape.linear_params // shape.num_layers
+    if method == "full":
+        stored = shape.total_params * 4
+    elif method == "qlora":
+        per_weight = NF4_DOUBLE_QUANT_BYTES if double_quant else NF4_BYTES
+        stored = round(shape.linear_params * per_weight) + shape.other_params * 4
+        layer = round(layer * per_weight / p)  # two gathered layers below cost their 4-bit size
+    else:
+        stored = shape.total_params * p
+    gradients = (estimate.gradients // world + 2 * layer * 4) if method == "full" else estimate.gradients
+    return MemoryEstimate(
+        weights=stored // world + (2 * layer + shape.other_params) * p, trainable=estimate.trainable // world,
+        gradients=gradients, optimizer=estimate.optimizer // world, activations=estimate.activations,
+        optimizer_step=estimate.optimizer_step // world)
 
 
 def model_shape(cfg: RunConfig, vocab_size: int | None = None) -> ModelShape | None:

@@ -5,6 +5,9 @@ memory of one of its GPUs. `route` estimates the peak memory of a training step 
 given (leantune/probe.py: the method, micro-batch, sequence length and checkpointing it names; the
 probe at the start of training may still lower them) and picks the smallest class whose memory,
 times monitor.memory_high_fraction (the share the monitor lets training use), holds it.
+
+Several GPUs (train.distributed.nproc_per_node N above 1): only classes whose machines have N GPUs
+(`gpus_per_machine`) qualify, and the estimate is per GPU (a replica with ddp, a shard with fsdp).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ class PoolClass(BaseModel):
     name: str = Field(description="The Prefect work pool of this machine class, e.g. gpu-24gb.")
     memory_gb: float = Field(gt=0, description="Memory of one GPU of the class as sold (a 24 GB card holds 24 GiB).")
     gpus: int = Field(1, ge=1, description="GPUs in the class, one worker each: the pool's concurrency limit.")
+    gpus_per_machine: int = Field(
+        1, ge=1, description="GPUs one machine of the class has: a run with train.distributed.nproc_per_node N "
+        "goes only to a class with N or more (its worker then drives the machine's GPUs).")
     description: str = Field("", description="What machines the class stands for.")
 
 
@@ -40,10 +46,12 @@ class Route:
     pool: str
     estimate: MemoryEstimate
     budget_bytes: int
+    gpus: int = 1  # train.distributed.nproc_per_node: the estimate and budget are per GPU
 
     def describe(self) -> str:
+        per = f" per GPU on {self.gpus} GPUs" if self.gpus > 1 else ""
         return (f"{self.pool}: estimated {self.estimate.total / GIB:.2f} GiB of a {self.budget_bytes / GIB:.2f} GiB "
-                "budget")
+                f"budget{per}")
 
 
 def load_pool_classes(path: str | Path) -> list[PoolClass]:
@@ -90,11 +98,15 @@ def route(cfg: RunConfig, pools: list[PoolClass], shape: ModelShape | None = Non
         )
     estimate = estimate_for_config(cfg, shape, training_device_type(cfg))
     fraction = cfg.monitor.memory_high_fraction
-    ordered = sorted(pools, key=lambda p: p.memory_gb)
+    gpus = cfg.train.distributed.nproc_per_node
+    ordered = sorted((p for p in pools if p.gpus_per_machine >= gpus), key=lambda p: p.memory_gb)
+    if not ordered:
+        raise NoPoolFits(f"routing: train.distributed.nproc_per_node is {gpus} and no pool's machines have that many "
+                         "GPUs (gpus_per_machine); lower it or add such a machine class to the pool catalogue")
     for pool in ordered:
         budget = int(pool.memory_gb * GIB * fraction)
         if estimate.total <= budget:
-            return Route(pool=pool.name, estimate=estimate, budget_bytes=budget)
+            return Route(pool=pool.name, estimate=estimate, budget_bytes=budget, gpus=gpus)
     largest = ordered[-1]
     raise NoPoolFits(
         f"routing: no pool has the memory for {cfg.model.name_or_path} ({cfg.model.method}): estimated "

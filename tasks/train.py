@@ -34,7 +34,13 @@ from leantune.resume import resume_refusal
 from leantune.rundir import RunDir, write_config
 from leantune.runlock import check_run_dir_free
 from leantune.tracking import Tracker
-from leantune.training.launch import progress_markdown, run_training, training_command
+from leantune.training.launch import (
+    RENDEZVOUS_TIMEOUT,
+    progress_markdown,
+    rendezvous_timeout_message,
+    run_training,
+    training_command,
+)
 from leantune.training.optim import total_steps
 
 PROGRESS_EVERY_S = 10.0  # the artifacts are updated at most this often (and after the last step)
@@ -97,11 +103,14 @@ def train_model(config: RunConfig, run_dir: Path, resume: bool = False, tracker:
     write_config(run_dir, config)
     progress = _TrainingProgress(training_steps(config, run_dir))
     worker_exitcodes = []
+    rendezvous_timed_out = []  # multi-node: torchrun's error when a node never joined
 
     def on_log(level: int, text: str) -> None:
         # torchrun's own summary of a failed worker: how a killed rank (which writes nothing) is told apart.
         if match := TORCHRUN_WORKER_EXIT.match(text):
             worker_exitcodes.append(int(match.group(1)))
+        if RENDEZVOUS_TIMEOUT in text:
+            rendezvous_timed_out.append(text)
         log.log(level, text)
 
     def on_metrics(lines: list[dict]) -> None:
@@ -114,6 +123,8 @@ def train_model(config: RunConfig, run_dir: Path, resume: bool = False, tracker:
                                   on_metrics=on_metrics)
     finally:
         progress.close()
+    if returncode not in (0, EXIT_STOPPED) and rendezvous_timed_out:
+        raise UserError(rendezvous_timeout_message(config))
     if returncode not in (0, EXIT_STOPPED):
         raise attempt_failure(run_dir, returncode, worker_exitcodes)
     s = json.loads(RunDir(run_dir).training.read_text())

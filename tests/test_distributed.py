@@ -147,7 +147,6 @@ def test_out_of_memory_on_one_rank_halves_the_micro_batch_on_both(tokenized_run,
 
 @pytest.mark.parametrize("overrides, key", [
     (["train.distributed.nproc_per_node=3"], "train.global_batch_size"),
-    (["train.distributed.strategy=fsdp"], "train.distributed.strategy"),
     (["train.distributed.backend=nccl", "train.device=cpu"], "train.distributed.backend"),
 ])
 def test_combinations_that_cannot_run_are_refused_naming_the_key(overrides, key):

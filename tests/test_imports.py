@@ -29,8 +29,7 @@ def imports_of(module: str, inside_functions: bool = True) -> set[str]:
         path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
     known = set(module_names())
     tree = ast.parse(path.read_text())
-    # `if TYPE_CHECKING:` blocks import nothing at run time
-    nodes = ast.walk(tree) if inside_functions else (n for n in tree.body if not isinstance(n, ast.If))
+    nodes = _run_time_nodes(tree) if inside_functions else (n for n in tree.body if not isinstance(n, ast.If))
     found = set()
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -39,6 +38,15 @@ def imports_of(module: str, inside_functions: bool = True) -> set[str]:
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names}
     return {name for name in found if name in known and name != module}
+
+
+def _run_time_nodes(node: ast.AST):
+    """Every node under `node` except the bodies of `if TYPE_CHECKING:` blocks, which import nothing at run time."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+            continue
+        yield child
+        yield from _run_time_nodes(child)
 
 
 def package_of(module: str) -> str:

@@ -25,6 +25,14 @@ def test_values_the_config_refuses(override, expected):
     assert expected in str(e.value)
 
 
+def test_what_fsdp_does_not_take_yet_is_refused_by_name():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["train.distributed.strategy=fsdp", "train.distributed.nproc_per_node=2",
+                               "train.objective=dpo", "tokenize.packing=false", "model.method=full",
+                               "lora.target_modules=all-linear", "train.full_precision=bf16-kahan", "model.dtype=bf16"])
+    assert [p.split(":")[0] for p in e.value.problems] == ["train.objective", "train.full_precision"]
+
+
 def test_eval_datasets_problems_are_reported_together_before_any_set_loads():
     with pytest.raises(ConfigError) as e:
         load_config(overrides=["eval.datasets=[synthetic, nosuchset, a/x.jsonl, b/x.jsonl, synthetic]"])

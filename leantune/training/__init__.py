@@ -14,6 +14,8 @@
   checkpoint.py   checkpoints with exact resume: what they hold, retention, verified loading (the
                   resume policy, what may change on resume, is leantune/resume.py)
   distributed.py  data-parallel glue under torchrun: process group, shares, gradient sum
+  fsdp.py         FSDP2: every decoder layer and a root around the model and its loss sharded, gradients
+                  summed over ranks, sharded checkpoints
 
 The flow and this process share only files in the run directory and an exit code (leantune/failures.py).
 """

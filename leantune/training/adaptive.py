@@ -59,9 +59,12 @@ class MicroBatchController:
     @classmethod
     def from_config(cls, cfg, world_size: int = 1) -> MicroBatchController:
         """The controller of one process; with several (data parallel) it splits that process's share
-        of the global batch, train.global_batch_size / world_size sequences."""
+        of the global batch, train.global_batch_size / world_size sequences. FSDP over several processes:
+        off (an out-of-memory error ends the attempt, see leantune/training/fsdp.py)."""
         a = cfg.adaptive
-        return cls(cfg.train.global_batch_size // world_size, cfg.train.micro_batch_size, enabled=a.enabled,
+        sharded = world_size > 1 and cfg.train.distributed.strategy == "fsdp"
+        return cls(cfg.train.global_batch_size // world_size, cfg.train.micro_batch_size,
+                   enabled=a.enabled and not sharded,
                    max_micro_batch_size=a.max_micro_batch_size, grow_after_steps=a.grow_after_steps,
                    headroom_fraction=a.headroom_fraction)
 

@@ -10,6 +10,10 @@ the restored schedule is rescaled by new/old (`_rescale_lr`, recorded in `lr_res
 On-disk format of `checkpoints/step-N/` (N = optimizer steps completed):
   adapter.safetensors   LoRA/QLoRA: the adapter tensors (peft's get_peft_model_state_dict), or
   model.safetensors     full fine-tune: the whole state_dict (tied weights stored once)
+  sharded/              FSDP (train.distributed.strategy fsdp): instead of the weights file and
+                        optimizer.pt, the trained weights and the optimizer state as
+                        torch.distributed.checkpoint writes them, each rank its own files (fsdp.py);
+                        they load onto any number of ranks
   optimizer.pt          optimizer.state_dict()      } torch.save; read back with
   scheduler.pt          scheduler.state_dict()      } torch.load(weights_only=True): tensors,
   scaler.pt             GradScaler state (fp16 only) } numbers, strings, lists, dicts only
@@ -19,7 +23,7 @@ On-disk format of `checkpoints/step-N/` (N = optimizer steps completed):
   state.json            the loop's state (data cursor, micro-batch, step and token counters, ...)
   manifest.json         format + version, step, creation time, save reason, metric, the run's
                         fingerprints, the resume-relevant config (`resume_fingerprint`), and the
-                        sha256 and size of every other file
+                        sha256 and size of every other file (those in sharded/ too)
 `checkpoints/best.json` names the checkpoint with the lowest metric: {"checkpoint", "step", "metric"}.
 
 A checkpoint is written to `checkpoints/.tmp-step-N/` (every file fsynced), then renamed to
@@ -54,7 +58,7 @@ FORMAT = "leantune-checkpoint"
 FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"
 REQUIRED_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
-WEIGHT_FILES = {"adapter": "adapter.safetensors", "model": "model.safetensors"}
+WEIGHT_FILES = {"adapter": "adapter.safetensors", "model": "model.safetensors", "sharded": "sharded/.metadata"}
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # ---------------------------------------------------------------------------------- fingerprints
@@ -344,23 +348,35 @@ class CheckpointManager:
     # ---------------------------------------------------------------------------------- save
 
     def save(self, step: int, model, optimizer, scheduler, state: dict, metric: float | None = None, *,
-             scaler=None, reason: str | None = None, rank_rngs: list[dict] | None = None) -> Path:
+             scaler=None, reason: str | None = None, rank_rngs: list[dict] | None = None, dist=None) -> Path:
         """Write checkpoints/step-`step`/ atomically, update best.json, apply retention; return its path.
 
         `state` is the loop's JSON-able state; `metric` (lower is better, e.g. validation loss)
         competes for best; `scaler` is the fp16 GradScaler; `reason` (what `due` returned) goes
         into the manifest. Data parallel: rank 0 saves, `rank_rngs` are the `rng_state()`s of ranks
-        1, 2, ... and the other ranks call `mark_saved`.
+        1, 2, ... and the other ranks call `mark_saved`. FSDP (`dist.sharded`): every rank calls it and
+        writes its shards into sharded/ (fsdp.py); rank 0 writes the rest.
         """
-        self.dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{step}"
         tmp = self.dir / f"{TMP_PREFIX}{name}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        sharded = dist is not None and dist.sharded
+        if not sharded or dist.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        if sharded:
+            from leantune.training.fsdp import SHARDED_DIR, save_sharded
 
-        weights = _save_weights(model, tmp)
-        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+            dist.broadcast(None)  # the other ranks write into tmp once rank 0 has made it afresh
+            save_sharded(model, optimizer, tmp / SHARDED_DIR)  # returns when every rank's files are written
+            if not dist.is_main:
+                self.mark_saved(step)
+                return self.dir / name
+            weights = "sharded"
+        else:
+            weights = _save_weights(model, tmp)
+            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             _torch_save(scaler.state_dict(), tmp / "scaler.pt")
@@ -370,9 +386,9 @@ class CheckpointManager:
         _write_json(tmp / "state.json", state)
 
         files = {}
-        for path in sorted(tmp.iterdir()):
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             _fsync_file(path)
-            files[path.name] = {"sha256": _sha256(path), "size": path.stat().st_size}
+            files[path.relative_to(tmp).as_posix()] = {"sha256": _sha256(path), "size": path.stat().st_size}
         now = time.time()
         _write_json(tmp / "manifest.json", {
             "format": FORMAT,
@@ -388,6 +404,8 @@ class CheckpointManager:
             "resume_config": resume_fingerprint(self.cfg),
             "files": files,
         })
+        for folder in [p for p in tmp.rglob("*") if p.is_dir()]:
+            _fsync_dir(folder)
         _fsync_dir(tmp)
 
         final = self.dir / name
@@ -482,7 +500,9 @@ class CheckpointManager:
         if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
             return "manifest.json is not a leantune checkpoint manifest"
         files = manifest["files"]
-        needed = [*REQUIRED_FILES, WEIGHT_FILES.get(manifest.get("weights"), "weights")]
+        # FSDP's optimizer state is in sharded/ with its weights.
+        needed = [*(f for f in REQUIRED_FILES if not (manifest.get("weights") == "sharded" and f == "optimizer.pt")),
+                  WEIGHT_FILES.get(manifest.get("weights"), "weights")]
         absent = [name for name in needed if name not in files]
         if absent:
             return f"the manifest lists no {', '.join(absent)}"
@@ -518,10 +538,12 @@ class CheckpointManager:
             log.warning("checkpoint %s is unusable: %s; falling back to an older checkpoint", path, problem)
         return None
 
-    def load(self, path: Path, model, optimizer, scheduler, scaler=None, *, rank: int = 0) -> dict:
+    def load(self, path: Path, model, optimizer, scheduler, scaler=None, *, rank: int = 0,
+             sharded: bool = False) -> dict:
         """Restore weights, optimizer, scheduler, (scaler) and RNG states from `path`; return the loop state.
 
         Data parallel: every rank loads the same checkpoint; rank R restores the RNG state saved for it.
+        sharded: this run's model is sharded (FSDP), so only a sharded checkpoint loads into it.
 
         Refuses (UserError) a checkpoint that does not verify, comes from a newer leantune, or
         belongs to a run whose resume-relevant config, data or tokenizer differ from this one.
@@ -536,10 +558,19 @@ class CheckpointManager:
                             f"this leantune reads ({FORMAT_VERSION}); upgrade leantune to resume it")
         self._check_same_run(path, manifest)
 
-        _load_weights(model, path, manifest["weights"])
         # The peak lrs this run's config asks for, before the checkpoint's replace them.
         configured_lrs = list(scheduler.base_lrs)
-        optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
+        if manifest["weights"] == "sharded":
+            from leantune.training.fsdp import SHARDED_DIR, load_sharded
+
+            load_sharded(model, optimizer, path / SHARDED_DIR)
+        else:
+            if sharded:
+                raise UserError(f"checkpoint {path} was saved by one process or with train.distributed.strategy "
+                                "ddp, and this run shards the model (fsdp); resume it with the strategy it was "
+                                "saved with, or start a new run")
+            _load_weights(model, path, manifest["weights"])
+            optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
         scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
         self.lr_rescale = _rescale_lr(optimizer, scheduler, configured_lrs, manifest["step"])
         has_scaler = (path / "scaler.pt").is_file()

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from leantune.config import RunConfig
@@ -51,6 +53,10 @@ class DistContext:
     local_rank: int = 0
     backend: str | None = None
     owns_group: bool = False
+    # train.distributed.strategy fsdp with several ranks: the model is sharded (fsdp.py), `root` is what
+    # forward runs on, and FSDP reduce-scatters the gradients inside backward.
+    sharded: bool = False
+    root: Any = None
 
     @property
     def enabled(self) -> bool:
@@ -142,7 +148,8 @@ class DistContext:
         import torch
         import torch.distributed as dist
 
-        tensors = [p.grad for p in params if p.grad is not None] + list(extra)
+        # FSDP: the weights' gradients are summed already (reduce-scattered in backward); only `extra` is left.
+        tensors = [p.grad for p in params if p.grad is not None and not self.sharded] + list(extra)
         bucket: list[torch.Tensor] = []
         size = 0
         for i, tensor in enumerate(tensors):
@@ -163,6 +170,38 @@ class DistContext:
 
     # ------------------------------------------------------------------------------ the model
 
+    def shard(self, model, precision: torch.dtype, full: bool):
+        """FSDP: shard `model` in place (before the optimizer takes its parameters) and return the root to
+        call forward on; None without sharding."""
+        if self.sharded:
+            from leantune.training.fsdp import shard_model
+
+            self.root = shard_model(model, self, precision, full)
+        return self.root
+
+    def before_micro_batch(self, k: int, accumulation_steps: int) -> None:
+        """FSDP: whether micro-batch k's backward reduce-scatters the gradients (fsdp.py); nothing otherwise."""
+        if self.root is not None:
+            from leantune.training.fsdp import before_micro_batch
+
+            before_micro_batch(self.root, k, accumulation_steps)
+
+    def missing_forwards(self, total: int, batch_size: int) -> int:
+        """FSDP gathers weights in every forward, so every rank must run as many: the forwards this rank is
+        short of the busiest one when the ranks evaluate every world_size-th of `total` sequences."""
+        if not self.sharded:
+            return 0
+        mine = len(range(self.rank, total, self.world_size))
+        return math.ceil(math.ceil(total / self.world_size) / batch_size) - math.ceil(mine / batch_size)
+
+    def gather_weights(self, model) -> dict | None:
+        """FSDP: the trained weights gathered on rank 0 for the export (every rank calls it); None otherwise."""
+        if not self.sharded:
+            return None
+        from leantune.training.fsdp import gather_weights
+
+        return gather_weights(model)
+
     def wrap(self, model):
         """The model to call forward on: DDP around it with several ranks, the model itself otherwise.
 
@@ -170,6 +209,8 @@ class DistContext:
         ones. forward_sync_buffers=False: DDP would otherwise broadcast buffers in every forward, a
         collective that a rank redoing a step after out-of-memory would not be in step with.
         """
+        if self.root is not None:
+            return self.root
         if not self.enabled:
             return model
         from torch.nn.parallel import DistributedDataParallel
@@ -221,11 +262,13 @@ def setup(cfg: RunConfig, device: torch.device) -> DistContext:
                         f"{world_size} training processes; use a multiple of {world_size}")
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        # A collective that waits longer fails the run (train.distributed.collective_timeout_s), not stalls it.
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
+                                timeout=timedelta(seconds=cfg.train.distributed.collective_timeout_s))
     log.info("data parallel: rank %d of %d (local rank %d) on %s, backend %s", rank, world_size, local_rank,
              device, backend)
     return DistContext(device=device, world_size=world_size, rank=rank, local_rank=local_rank, backend=backend,
-                       owns_group=owns)
+                       owns_group=owns, sharded=cfg.train.distributed.strategy == "fsdp")
 
 
 def teardown(ctx: DistContext) -> None:

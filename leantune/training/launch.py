@@ -48,8 +48,21 @@ def training_command(cfg: RunConfig, run_dir: Path, resume: bool) -> list[str]:
         # A free port on this machine, no rendezvous server to set up.
         cmd.append("--standalone")
     else:
-        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={d.rdzv_endpoint}", f"--rdzv-id={d.rdzv_id}"]
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={d.rdzv_endpoint}", f"--rdzv-id={d.rdzv_id}",
+                f"--rdzv-conf=join_timeout={d.join_timeout_s}"]
     return [*cmd, "-m", *entry]
+
+
+# torchrun's error when not every node joined the rendezvous in time (its own text, read by pattern).
+RENDEZVOUS_TIMEOUT = "RendezvousTimeoutError"
+
+
+def rendezvous_timeout_message(cfg: RunConfig) -> str:
+    """What the flow says when torchrun ended with RENDEZVOUS_TIMEOUT: which setting, which endpoint, what to do."""
+    d = cfg.train.distributed
+    return (f"train.distributed.join_timeout_s: not all {d.nnodes} nodes joined the rendezvous {d.rdzv_id} at "
+            f"{d.rdzv_endpoint} within {d.join_timeout_s} s; start the training on every node with the same "
+            "rdzv_endpoint and rdzv_id (each must reach that host and port), or raise train.distributed.join_timeout_s")
 
 
 # ------------------------------------------------------------------------------- running the process

@@ -202,7 +202,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool) ->
     # The longest sequences first, so that a too-large micro-batch fails in seconds, not hours in.
     if cfg.adaptive.probe_longest_first:
         _probe_until_it_fits(run)
-    # The model forward runs on: DDP around it with several ranks (it broadcasts rank 0's weights now).
+    # The model forward runs on: DDP around it with several ranks (it broadcasts rank 0's weights now);
+    # FSDP's root, built with the model.
     run.forward_model = dist.wrap(run.model)
     order_of = _EpochOrders(run.train_shards, cfg.train.global_batch_size, cfg.train.seed, cfg.train.group_by_length)
 
@@ -248,7 +249,9 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool) ->
         run.metrics.close()
         resources.close()  # the monitor's last sample, then the power limit restored
 
-    adapter_dir, merged_dir = _write_outputs(run, tokenizer) if not stopped and dist.is_main else (None, None)
+    # FSDP: every rank takes part in gathering the weights that rank 0 writes.
+    gathered = dist.gather_weights(run.model) if not stopped else None
+    adapter_dir, merged_dir = _write_outputs(run, tokenizer, gathered) if not stopped and dist.is_main else (None, None)
     summary = _summary(run, completed=not stopped, resumed_from=resumed_from, power=power, started=started,
                        adapter_dir=adapter_dir, merged_dir=merged_dir)
     if dist.is_main:
@@ -295,6 +298,8 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
     if dist.rank > 0:
         # Every rank built the same weights from train.seed; each draws its own dropout, as it has its own data.
         torch.manual_seed(int(np.random.SeedSequence([t.seed, dist.rank]).generate_state(1)[0]))
+    # FSDP: the weights sharded over the ranks before the optimizer takes them (fsdp.py); None otherwise.
+    sharded_root = dist.shard(model, precision, full=cfg.model.method == "full")
     optimizer = build_optimizer(cfg, model)
     run = _Run(
         cfg=cfg, run_dir=run_dir, dist=dist, device=device, train_shards=train_shards, val_shards=val_shards,
@@ -305,7 +310,7 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
         autocast=torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32),
         mask_dtype=precision, attention=model.config._attn_implementation, pref=pref,
         moe=moe, aux_coef=aux_coef, controller=MicroBatchController.from_config(cfg, dist.world_size),
-        ckpt=CheckpointManager(cfg, run_dir, run_fingerprints(cfg, run_dir)))
+        ckpt=CheckpointManager(cfg, run_dir, run_fingerprints(cfg, run_dir)), forward_model=sharded_root)
     return run, tokenizer
 
 
@@ -318,7 +323,8 @@ def _resume(run: _Run, look: bool) -> int | None:
     if latest is None:
         return None
     saved = run.ckpt.load(latest, run.model, run.optimizer, run.scheduler,
-                          run.scaler if run.scaler.is_enabled() else None, rank=run.dist.rank)
+                          run.scaler if run.scaler.is_enabled() else None, rank=run.dist.rank,
+                          sharded=run.dist.sharded)
     run.controller.load_state_dict(saved.pop("adaptive"))
     run.state = replace(run.state, **saved)
     return run.state.step
@@ -408,8 +414,8 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     val_loss = None
     if run.val_shards is not None and (step % t.eval_every == 0 or step == run.num_steps):
         val_loss = (run.pref.evaluate(run.model, run.val_shards, run.controller.micro_batch_size, run.autocast, dist)
-                    if run.pref else evaluate(run.model, run.val_shards, run.controller.micro_batch_size, run.device,
-                                              run.autocast, run.mask_dtype, run.attention, dist))
+                    if run.pref else evaluate(run.forward_model, run.val_shards, run.controller.micro_batch_size,
+                                              run.device, run.autocast, run.mask_dtype, run.attention, dist))
         line["val_loss"] = state.val_loss = val_loss
     if run.moe is not None:
         line["router_aux_loss"] = float(moe_sums[0]) / tokens
@@ -445,6 +451,7 @@ def _forward_backward_fitting(run: _Run, step: int, share: list[dict], targets: 
             # No gradient all-reduce inside backward (distributed.py says why): gradients stay local.
             with run.dist.no_sync(run.forward_model):
                 for k in range(run.controller.accumulation_steps):
+                    run.dist.before_micro_batch(k, run.controller.accumulation_steps)
                     micro_ce, moe_part = _forward_backward(run, share, k, targets, tokens)
                     ce_sum += micro_ce
                     if moe_part is not None:
@@ -589,10 +596,11 @@ def _checkpoint_if_due(run: _Run, step: int, val_loss: float | None, due: str | 
         return
     # Every rank's RNG state goes into the checkpoint (rank 0 writes it), so each resumes exactly.
     rngs = run.dist.gather_to_main(rng_state())
-    if run.dist.is_main:
+    if run.dist.is_main or run.dist.sharded:  # FSDP: every rank writes its shards
         run.ckpt.save(step, run.model, run.optimizer, run.scheduler,
                       {**asdict(state), "adaptive": run.controller.state_dict()}, metric=val_loss,
-                      scaler=run.scaler if run.scaler.is_enabled() else None, reason=reason, rank_rngs=rngs[1:])
+                      scaler=run.scaler if run.scaler.is_enabled() else None, reason=reason,
+                      rank_rngs=rngs[1:] if rngs else None, dist=run.dist)
     else:
         run.ckpt.mark_saved(step)
     run.saved_step = step
@@ -601,15 +609,17 @@ def _checkpoint_if_due(run: _Run, step: int, val_loss: float | None, due: str | 
 # --------------------------------------------------------------------------------------- the end
 
 
-def _write_outputs(run: _Run, tokenizer) -> tuple[Path, Path | None]:
-    """The adapter in PEFT format (full fine-tune: the model) and, with train.export_merged, the merged model."""
+def _write_outputs(run: _Run, tokenizer, gathered: dict | None) -> tuple[Path, Path | None]:
+    """The adapter in PEFT format (full fine-tune: the model) and, with train.export_merged, the merged model.
+    gathered: FSDP's trained weights gathered on this rank (fsdp.py)."""
     from leantune.modeling import sort_adapter_config
 
     adapter_dir = RunDir(run.run_dir).adapter
     model = run.model
     sort_adapter_config(model)  # adapter_config.json the same in every process
     # The base's embedding matrices are not part of the adapter (see checkpoint._save_weights).
-    model.save_pretrained(adapter_dir, **({"save_embedding_layers": False} if hasattr(model, "peft_config") else {}))
+    model.save_pretrained(adapter_dir, **({"save_embedding_layers": False} if hasattr(model, "peft_config") else {}),
+                          **({"state_dict": gathered} if gathered is not None else {}))
     tokenizer.save_pretrained(adapter_dir)
     if not run.cfg.train.export_merged:
         return adapter_dir, None
@@ -738,6 +748,12 @@ def evaluate(model, shards: TokenShards, batch_size: int, device, autocast, mask
             inputs, labels = model_inputs(items, shards.pad_id, mask_dtype, attention, device)
             with autocast:
                 ce += target_cross_entropy(model, inputs, labels).double()
+        # FSDP: a rank with fewer batches runs its first sequence again as often as it is short, uncounted.
+        for _ in range(dist.missing_forwards(len(shards), batch_size) if dist is not None else 0):
+            inputs, labels = model_inputs([shards[int(order[0] if len(order) else 0)]], shards.pad_id, mask_dtype,
+                                          attention, device)
+            with autocast:
+                target_cross_entropy(model, inputs, labels)
     model.train()
     if dist is not None:
         ce_total, targets_total = dist.sum_all([float(ce), targets])
@@ -761,7 +777,8 @@ def _probe(run: _Run, indices: np.ndarray) -> None:
             else:
                 inputs, labels = model_inputs(items, run.train_shards.pad_id, run.mask_dtype, run.attention, run.device,
                                               split_documents=run.moe is None)
-                loss = target_cross_entropy(run.model, inputs, labels)
+                # FSDP: through its root (built with the model)
+                loss = target_cross_entropy(run.forward_model or run.model, inputs, labels)
         loss.backward()
     finally:
         # Also after an out-of-memory error, so a probe that is retried smaller starts the same.

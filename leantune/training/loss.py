@@ -59,6 +59,8 @@ def target_cross_entropy(model, inputs: dict, labels, chunk_logits: int = CHUNK_
     import torch
     import torch.nn.functional as F
 
+    if isinstance(model, _target_loss_class()):  # FSDP's root (fsdp.py): its hooks run around the whole loss
+        return model(inputs, labels)
     rows, row_targets, head, logits_of, chunk = target_rows(model, inputs, labels, chunk_logits)
     params = [p for p in head.parameters() if p.requires_grad]
     if torch.is_grad_enabled() and (rows.requires_grad or params):
@@ -82,6 +84,30 @@ def target_rows(model, inputs: dict, labels, chunk_logits: int):
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     keep = targets != -100
     return hidden[keep], targets[keep], head, _logit_function(head, config), max(1, chunk_logits // config.vocab_size)
+
+
+def target_loss_module(model):
+    """A module whose forward(inputs, labels) is `target_cross_entropy(model, inputs, labels)`.
+
+    FSDP (fsdp.py) makes it the root, so that the decoder and the head run inside one forward of
+    the root; `target_cross_entropy` called with it calls its forward.
+    """
+    return _target_loss_class()(model)
+
+
+@functools.cache
+def _target_loss_class():
+    import torch
+
+    class TargetLoss(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, inputs: dict, labels):
+            return target_cross_entropy(self.model, inputs, labels)
+
+    return TargetLoss
 
 
 def summed_cross_entropy(logits, labels):

@@ -1,0 +1,162 @@
+"""train.distributed.strategy: fsdp: the weights, gradients and optimizer state sharded over the ranks (FSDP2).
+
+`shard_model` applies torch's `fully_shard` (FSDP2, torch.distributed.fsdp) to every decoder layer
+and then to a root: a `TargetLoss` module around the model, whose forward is the loop's whole loss
+(loss.py), so that FSDP's root hooks run around the decoder AND the head. What the root gathers (the
+embeddings, the final norm, the head and their LoRA) stays gathered for the whole forward, so the
+chunked head and cross-entropy take their gradients with respect to the gathered parameters, and
+the root's post-backward reduce-scatters them. Each layer is gathered in its forward and again in
+its backward, then freed: a rank holds 1/N of the model plus one layer in full.
+
+The loss stays "sum of the per-token cross-entropy, divided by the target tokens of the WHOLE
+global batch" (loop.py): the gradients must be SUMMED over the ranks, not averaged. FSDP2 averages
+by default; `set_gradient_divide_factor(1.0)` makes it sum, and gloo refuses the pre-multiplied sum
+that it asks for ("Cannot use ReduceOp.PREMUL_SUM with Gloo") unless
+`set_force_sum_reduction_for_comms(True)` is set too. Both apply to one FSDP module, not to the ones
+inside it, so they are set on every layer and on the root.
+
+Gradient accumulation: LoRA's gradients are small, so they stay unsharded and local until the last
+micro-batch of a step, whose backward reduce-scatters their sum (`set_requires_gradient_sync`);
+full fine-tuning reduce-scatters after every micro-batch, because its unsharded gradients would be
+as large as the model.
+
+Mixed precision: on CUDA in bf16 the gathered parameters are bf16 and the gradients are reduced in
+fp32 (the sharded master copy keeps the dtype it was built in); on the CPU everything is fp32.
+
+Out of memory: FSDP's collectives run inside forward and backward, so a rank cannot drop a step and
+redo it smaller while the others wait inside a gather (the data-parallel loop's in-step halving).
+The micro-batch controller is off under FSDP (adaptive.py): the rank that runs out of memory raises,
+exits with outcome "oom", torchrun stops the others, and the flow's attempt ladder (attempts.py)
+halves train.micro_batch_size and resumes from the last checkpoint. The start-up probe (the longest
+sequences) runs first, so a micro-batch that cannot fit ends the attempt in seconds.
+
+Checkpoints: the trained weights (LoRA: the adapter only) and the optimizer state go through
+torch.distributed.checkpoint (`save_sharded`, `load_sharded`): every rank writes its shards into
+the checkpoint's `sharded/` folder, beside rank 0's files (checkpoint.py). The shards are
+re-split on load, so a checkpoint of N ranks resumes on M ranks, on one process included.
+The adapter (or the model) is exported gathered on rank 0 (`gather_weights`).
+
+Not done: every rank builds the whole model on its device before `shard_model` shards it, so the
+model must fit one device whole at load time (loading on one rank and broadcasting, or loading
+sharded, would lift that).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from leantune.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from leantune.training.distributed import DistContext
+
+log = logging.getLogger(__name__)
+
+# The folder of a checkpoint that torch.distributed.checkpoint writes (every rank its own files).
+SHARDED_DIR = "sharded"
+
+
+def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool):
+    """Shard `model` over the ranks in place; return the root to call forward on (a `TargetLoss`).
+
+    full: full fine-tuning (gradients reduce-scattered after every micro-batch, see the module docstring).
+    """
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    from leantune.training.loss import target_loss_module
+
+    if precision == torch.float16:
+        raise UserError("train.distributed.strategy: fsdp runs in bf16 or fp32, and model.dtype resolves to fp16 "
+                        "here (no bf16 on this GPU); set model.dtype=fp32 or train.distributed.strategy=ddp")
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if dist.device.type == "cuda" and precision == torch.bfloat16 else MixedPrecisionPolicy())
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    root = target_loss_module(model)
+    fully_shard(root, mesh=mesh, mp_policy=policy)
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    root.sync_every_micro_batch = full
+    log.info("fsdp: %d decoder layers and the root sharded over %d ranks (%s)", len(layers), dist.world_size,
+             "bf16 parameters, fp32 gradient reduction" if policy.param_dtype is not None else "fp32")
+    return root
+
+
+def decoder_layers(model) -> list:
+    """The model's decoder layers: the modules of the classes transformers never splits (`_no_split_modules`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        raise UserError(f"train.distributed.strategy: fsdp finds no decoder layers in {type(base).__name__} "
+                        "(its _no_split_modules names none); use train.distributed.strategy=ddp")
+    return layers
+
+
+def before_micro_batch(root, k: int, accumulation_steps: int) -> None:
+    """Whether micro-batch k's backward reduce-scatters: the last one always, every one for full fine-tuning."""
+    root.set_requires_gradient_sync(root.sync_every_micro_batch or k == accumulation_steps - 1)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def _state_options(full: bool = False):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # LoRA: only the adapter (the frozen base is rebuilt from the model, as in every checkpoint), which is
+    # also why loading is not strict: the frozen weights are not in it (dcp.load checks the trained ones).
+    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full, strict=False)
+
+
+def _states(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model, options=_state_options()),
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=_state_options())}
+
+
+def save_sharded(model, optimizer, directory: Path) -> None:
+    """Every rank writes its shards of the trained weights and the optimizer state into `directory`."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_states(model, optimizer), checkpoint_id=str(directory))
+
+
+def load_sharded(model, optimizer, directory: Path) -> None:
+    """Restore what `save_sharded` wrote, re-split for this run's ranks (one process included)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    states = _states(model, optimizer)
+    try:
+        dcp.load(states, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
+    except Exception as e:  # a checkpoint of another model.method or LoRA layout: its keys do not match
+        if "Missing key" in str(e) or "Size mismatch" in str(e):
+            raise UserError(f"checkpoint {directory.parent}: its sharded weights do not match the model being "
+                            "trained; resume with the model, model.method and lora settings the run was started "
+                            "with") from None
+        raise
+    set_model_state_dict(model, states["model"], options=_state_options())
+    set_optimizer_state_dict(model, optimizer, states["optimizer"], options=_state_options())
+
+
+def gather_weights(model) -> dict:
+    """The trained weights gathered on rank 0 (on the CPU) for the PEFT-format export; {} on the others.
+
+    Every rank must call it (all-gathers). LoRA: the adapter; full fine-tuning: every weight.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_state_options(full=True))

