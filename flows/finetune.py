@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -33,12 +34,13 @@ from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
 from leantune.preflight import check_before_data
 from leantune.rundir import RunDir, create_run_dir, data_stages_done, existing_run_dir
-from tasks.attempts import after_failure, probe_memory, publish_attempts, record_success
+from leantune.stopping import raise_stopped, stop_signal, stopped_line
+from tasks.attempts import after_failure, probe_memory, publish_attempts, record_interruption, record_success
 from tasks.evaluate import evaluate_sycophancy
 from tasks.filtration import filter_claims
 from tasks.prepare import prepare_data
 from tasks.report import report_run
-from tasks.server import connect_to_prefect
+from tasks.server import connect_to_prefect, stop_temporary_server
 from tasks.tokenize import tokenize_data
 from tasks.track import end_tracking, finish_tracking, start_tracking
 from tasks.train import train_model
@@ -98,6 +100,11 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
                 if adjustment is None or attempt == config.train.max_attempts:
                     publish_attempts(run_dir)
                     raise
+            except BaseException as stop:  # Ctrl-C, SIGTERM, a cancellation: after the training's checkpoint
+                if stop_signal(stop) is not None:
+                    record_interruption(run_dir, attempt, stop_signal(stop))
+                    publish_attempts(run_dir)
+                raise
             # Only a failed attempt gets here: the next one trains with the adjusted config.
             config = adjustment.config
             if adjustment.retokenize:
@@ -119,7 +126,8 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
 def main(argv: list[str] | None = None, request: FinetuneRequest | None = None) -> int:
     """The script: the command line (leantune/cli.py, unless `request` is that already), the Prefect API, the flow.
 
-    Exit status 0 (finished, or --resume of a finished run), 2 (a user error: one `leantune:` line), 1.
+    Exit status 0 (finished, or --resume of a finished run), 2 (a user error: one `leantune:` line), 1;
+    stopped by Ctrl-C or SIGTERM: 130 or 143 and one `leantune:` line with the resume command.
     """
     try:
         request = request or finetune_request(argv)
@@ -130,8 +138,18 @@ def main(argv: list[str] | None = None, request: FinetuneRequest | None = None) 
     except UserError as e:
         print(f"leantune: {e}", file=sys.stderr)
         return 2
-    state = finetune(request.config, config_name=request.config_name, resume=request.resume, return_state=True)
+    # SIGTERM outside the flow run (Prefect's handler takes over inside it) stops the script the same way.
+    signal.signal(signal.SIGTERM, raise_stopped)
+    try:
+        state = finetune(request.config, config_name=request.config_name, resume=request.resume, return_state=True)
+    except BaseException as stop:
+        if (signum := stop_signal(stop)) is None:
+            raise
+        stop_temporary_server()
+        print(stopped_line(signum, Path(request.config.run.output_dir) / request.config.run.name), file=sys.stderr)
+        return 128 + signum
     if state.is_completed():
+        stop_temporary_server()
         print(f"leantune: run finished; outputs in {state.result()}")
         return 0
     return failure_exit_code(state, "run")

@@ -41,7 +41,8 @@ def set_up_flow_process() -> None:
       "database is locked" and print a long traceback; leantune runs offline. DO_NOT_TRACK also keeps
       Prefect's client from printing its "collects anonymous usage data" notice.
     - leantune's own messages (the model summary, the monitor backend, a resume's fallback) go to the
-      run's log and the UI beside the tasks' lines.
+      run's log and the UI beside the tasks' lines (those logged outside a flow run, by a state hook,
+      only to the terminal).
     - Third-party progress bars and chatter off (leantune/progress.py); a UserError's traceback hidden,
       and on the terminal its message shown once (`_UserErrorOnceOnConsole`).
     A user's own environment settings win. Prefect is imported at the end (its logging set up).
@@ -53,6 +54,9 @@ def set_up_flow_process() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "leantune")
+    # A flow state hook (tasks/track.py's end_tracking) logs after the run's context is gone: its lines
+    # go to the terminal, without a warning per line that they cannot reach the run's log.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     quiet_third_party()
     quiet_user_error_tracebacks()
     logging.getLogger("leantune").setLevel(logging.INFO)

@@ -397,11 +397,35 @@ def test_sigterm_sets_stop_requested_and_handlers_are_restored(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
         assert mgr.stop_requested
         assert mgr.due(3) == "signal"
-        # The first signal hands SIGTERM back to what it was before.
-        assert signal.getsignal(signal.SIGTERM) is before
     finally:
         mgr.restore_signal_handlers()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_sigterm_while_the_checkpoint_is_written_waits_for_it(tmp_path):
+    """The second SIGTERM (a service manager signalling every process, the flow's own stop) arrives while
+    the optimizer state is written: SIGTERM's default action would kill the process there; it waits."""
+    mgr = manager(make_cfg(), tmp_path)
+    model, opt, sched = tiny_full(mgr.cfg, 0)
+    state_dict = opt.state_dict
+
+    def signalled_state_dict():
+        os.kill(os.getpid(), signal.SIGTERM)
+        return state_dict()
+
+    opt.state_dict = signalled_state_dict
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        mgr.install_signal_handlers()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            mgr.save(1, model, opt, sched, {"step": 1})
+        finally:
+            mgr.restore_signal_handlers()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert mgr.stop_requested
+    assert step_dirs(tmp_path) == [1] and (tmp_path / "checkpoints" / "step-1" / "optimizer.pt").is_file()
 
 
 def test_second_sigint_interrupts_at_once(tmp_path):

@@ -64,7 +64,7 @@ def test_figures_are_numbers_with_intervals_split():
 
 @pytest.mark.slow
 def test_steps_reach_mlflow_once_a_checkpoint_holds_them_and_never_twice(tmp_path):
-    """Also: a sweep member is a child run of the sweep's run; a failed flow run ends its MLflow run FAILED."""
+    """Also: a sweep member is a child run of the sweep's run."""
     from mlflow import MlflowClient
 
     cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r"])
@@ -110,14 +110,33 @@ def test_steps_reach_mlflow_once_a_checkpoint_holds_them_and_never_twice(tmp_pat
     member.start()
     assert client.get_run(member.run_id).data.tags["mlflow.parentRunId"] == parent
 
-    # The flow's state hook ends the MLflow run of a flow run that failed as FAILED.
-    from prefect.states import Failed
+
+@pytest.mark.slow
+def test_state_hooks_end_the_mlflow_run_in_the_flow_and_in_prefects_runner(prefect_server, tmp_path):
+    """Called as Prefect 3.8.8 calls hooks (keywords flow, flow_run, state). In the flow's process the tracker
+    it started ends the run: FAILED for a failure, KILLED for a crash (Ctrl-C, SIGTERM). A cancelled
+    deployment run's hooks run in Prefect's runner, which has no tracker: the MLflow run tagged with the
+    flow run's id is found in the store of the run's config and ended KILLED."""
+    import uuid
+
+    from mlflow import MlflowClient
+    from prefect.states import Cancelling, Crashed, Failed
 
     from tasks.track import _STARTED, end_tracking
 
-    _STARTED["flow-run-id"] = member
-    end_tracking(None, SimpleNamespace(id="flow-run-id"), Failed())
-    assert client.get_run(member.run_id).info.status == "FAILED"
+    cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", "tracking.tensorboard=false"])
+    client = MlflowClient(tracking_uri=mlflow_uri(cfg))
+    runs = {}
+    for name, state in (("failed", Failed()), ("crashed", Crashed()), ("cancelled", Cancelling())):
+        (tmp_path / name).mkdir()
+        flow_run = SimpleNamespace(id=uuid.uuid4(), parameters={"config": cfg.model_dump(mode="json")})
+        runs[name] = Tracker(cfg, tmp_path / name)
+        runs[name].start({"prefect.flow_run_id": str(flow_run.id)})
+        if name != "cancelled":
+            _STARTED[str(flow_run.id)] = runs[name]
+        end_tracking(flow=None, flow_run=flow_run, state=state)
+    assert {name: client.get_run(t.run_id).info.status for name, t in runs.items()} == {
+        "failed": "FAILED", "crashed": "KILLED", "cancelled": "KILLED"}
 
 
 def test_an_unreachable_mlflow_server_is_reported_once_and_tensorboard_goes_on(tmp_path, caplog):

@@ -383,6 +383,7 @@ class CheckpointManager:
         # attribute write, never the lock (the interrupted code may be holding it).
         self._signalled: str | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._saving = False  # a checkpoint is being written: a repeated signal waits for it (`_on_signal`)
         self._verified: set[Path] = set()
         # What the last `load` did to the learning rate: {"old", "new", "factor"} (lists per group), or None.
         self.lr_rescale: dict | None = None
@@ -422,7 +423,8 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------- signals
 
     def install_signal_handlers(self) -> None:
-        """On SIGTERM/SIGINT set `stop_requested` (when checkpoint.on_signal); a second one acts as before.
+        """On SIGTERM/SIGINT set `stop_requested` (when checkpoint.on_signal); a second one acts as before,
+        unless it comes while a checkpoint is being written (then the stop waits for it).
 
         Handlers can only be installed from the main thread; elsewhere (e.g. a Prefect task in a
         worker thread) signals keep their default action and this says so.
@@ -444,17 +446,36 @@ class CheckpointManager:
         self._previous_handlers.clear()
 
     def _on_signal(self, signum: int, frame) -> None:
-        self._signalled = signal.Signals(signum).name
-        # A second Ctrl-C (or SIGTERM) must still be able to stop a run that hangs before its
-        # next step boundary, so the first one hands the signal back to its previous handler.
+        name = signal.Signals(signum).name
+        if self._signalled is None:
+            self._signalled = name
+            log.warning("%s received: saving a checkpoint at the end of this step, then stopping "
+                        "(send it again to stop at once)", name)
+            return
+        if self._saving:
+            # A second signal is often not a person's (a service manager signalling every process of
+            # the run, or the flow's own stop after it): it must not cut the checkpoint that is being written.
+            log.warning("%s received again while the checkpoint is written: stopping right after it", name)
+            return
+        # A second Ctrl-C (or SIGTERM) between checkpoints stops a run that hangs before its next step
+        # boundary: the signal goes to the handler that was there before.
         signal.signal(signum, self._previous_handlers[signum])
-        log.warning("%s received: saving a checkpoint at the end of this step, then stopping "
-                    "(send it again to stop at once)", self._signalled)
+        signal.raise_signal(signum)
 
     # ---------------------------------------------------------------------------------- save
 
     def save(self, step: int, model, optimizer, scheduler, state: dict, metric: float | None = None, *,
              scaler=None, reason: str | None = None, rank_rngs: list[dict] | None = None) -> Path:
+        """`_write` with a repeated SIGTERM/SIGINT held off until the checkpoint is whole (`_on_signal`)."""
+        self._saving = True
+        try:
+            return self._write(step, model, optimizer, scheduler, state, metric, scaler=scaler, reason=reason,
+                               rank_rngs=rank_rngs)
+        finally:
+            self._saving = False
+
+    def _write(self, step: int, model, optimizer, scheduler, state: dict, metric: float | None = None, *,
+               scaler=None, reason: str | None = None, rank_rngs: list[dict] | None = None) -> Path:
         """Write checkpoints/step-`step`/ atomically, update best.json, apply retention; return its path.
 
         `state` is the loop's JSON-able state; `metric` (lower is better, e.g. validation loss)
