@@ -62,6 +62,7 @@ def end_tracking(flow, flow_run, state) -> None:
         config = flow_run.parameters.get("config") or inspect.signature(flow.fn).parameters["config"].default
         config = config if isinstance(config, RunConfig) else RunConfig.model_validate(config)
         run_dirs = end_runs_tagged(config, "prefect.flow_run_id", str(flow_run.id), status)
+    ended = "cancelled" if state.is_cancelling() or state.is_cancelled() else state.name.lower()
     for run_dir in run_dirs:
         finish_progress(flow_run.id, f"Training stopped at step {checkpointed_step(run_dir)} (the last checkpoint): "
-                        f"the flow run is {state.name}; continue it with --resume {run_dir.name}")
+                        f"the flow run ended {ended}; continue it with --resume {run_dir.name}")

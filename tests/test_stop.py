@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from run_helpers import ENDLESS_TRAINING, SMOKE
 
-from leantune.rundir import read_attempts
+from leantune.rundir import RunDir, read_attempts
 from leantune.runlock import check_run_dir_free
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_ctrl_c_stops_the_flow_after_a_checkpoint_and_resume_finishes(tmp_path):
     resumed = subprocess.run([*command, "--resume", "stopped"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     training = json.loads((tmp_path / "stopped" / "training.json").read_text())
-    assert (training["completed"], training["steps"], training["resumed_from"]) == (True, steps, step)
+    assert (training["completed"], training["steps"], training["resumed_from_step"]) == (True, steps, step)
     assert [a["outcome"] for a in read_attempts(tmp_path / "stopped")] == ["interrupted", "completed"]
     assert mlflow_status(tmp_path / "stopped") == "FINISHED"
 
@@ -109,3 +109,53 @@ def test_sigterm_to_the_group_ends_the_prefect_run_crashed_not_running(tmp_path)
         flow_runs = db.execute("SELECT state_type FROM flow_run").fetchall()
         open_tasks = db.execute("SELECT name FROM task_run WHERE state_type IN ('RUNNING', 'PENDING')").fetchall()
     assert flow_runs == [("CRASHED",)] and open_tasks == []
+
+
+@pytest.mark.slow
+@pytest.mark.flow
+def test_a_cancel_through_the_server_ends_the_run_cancelled_checkpointed_and_tracked(prefect_server, tmp_path):
+    """Cancel (as the UI and `prefect flow-run cancel` do) a deployment run that deployments/serve.py runs,
+    during training: Prefect's runner SIGTERMs the flow's process group (SIGKILL 30 s later); the training,
+    in its own session, is stopped once by the flow and saves a checkpoint; the runner runs the on_cancellation
+    hook, which ends the MLflow run KILLED and gives the progress bar its last word; the lock is free."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import State
+    from run_helpers import apply_served_deployments
+
+    from leantune.config import load_config
+
+    apply_served_deployments()
+    config = load_config(SMOKE, [*TINY, *ENDLESS_TRAINING, f"run.output_dir={tmp_path}", "run.name=cancelled"])
+    flow_run = run_deployment("finetune/adhoc", parameters={"config": config.model_dump(mode="json")}, timeout=0)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    serve = subprocess.Popen([sys.executable, "deployments/serve.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run_dir = tmp_path / "cancelled"
+    try:
+        first_step_logged(run_dir, serve)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, State(type=StateType.CANCELLING))
+            deadline = time.monotonic() + 120
+            while not (state := client.read_flow_run(flow_run.id).state).is_final() and time.monotonic() < deadline:
+                time.sleep(1)
+            # The runner's hook ends MLflow's run just before it proposes Cancelled; the lock goes with the training.
+            while (RunDir(run_dir).lock.read_text() or mlflow_status(run_dir) == "RUNNING") \
+                    and time.monotonic() < deadline:
+                time.sleep(1)
+            [progress] = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["training-progress"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        output = serve.communicate(timeout=120)[0]
+    assert state.type == StateType.CANCELLED, f"{state}\n{output[-3000:]}"
+    [step] = [int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*")]
+    assert json.loads(RunDir(run_dir).training.read_text())["steps"] == step
+    assert mlflow_status(run_dir) == "KILLED", output[-3000:]
+    check_run_dir_free(run_dir)
+    assert progress.description == (f"Training stopped at step {step} (the last checkpoint): the flow run "
+                                     "ended cancelled; continue it with --resume cancelled")
+    assert [(a["outcome"], a["step"]) for a in read_attempts(run_dir)] == [("interrupted", step)]
