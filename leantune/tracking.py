@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
 PARAM_MAX_CHARS = 6000  # MLflow refuses longer param values; config.yaml (an artifact) has them whole
 LOSS_KEY = "train/loss"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI picks its view (runs or GenAI traces) by it
 # The files whose numbers are logged once, as (group, its path in a run directory, the part of it logged).
 FIGURES = (
     ("data", lambda r: r.data_dir.quality,
@@ -155,7 +156,9 @@ def _experiment_id(client, cfg: RunConfig) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None if cfg.tracking.mlflow_uri else (Path(cfg.run.output_dir).resolve() / "mlartifacts").as_uri()
-    return client.create_experiment(cfg.tracking.mlflow_experiment, artifact_location=location)
+    # Model training, not GenAI: MLflow 3's UI opens such an experiment on its runs.
+    return client.create_experiment(cfg.tracking.mlflow_experiment, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
 
 
 def _never_fails(method: Callable) -> Callable:

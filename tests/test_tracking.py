@@ -137,6 +137,8 @@ def test_state_hooks_end_the_mlflow_run_in_the_flow_and_in_prefects_runner(prefe
         end_tracking(flow=None, flow_run=flow_run, state=state)
     assert {name: client.get_run(t.run_id).info.status for name, t in runs.items()} == {
         "failed": "FAILED", "crashed": "KILLED", "cancelled": "KILLED"}
+    # The UI opens the experiment on its runs, not on GenAI traces.
+    assert client.get_experiment_by_name("leantune").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_an_unreachable_mlflow_server_is_reported_once_and_tensorboard_goes_on(tmp_path, caplog):
