@@ -35,6 +35,7 @@ from leantune.errors import UserError
 from leantune.preflight import check_before_data
 from leantune.rundir import RunDir, create_run_dir, data_stages_done, existing_run_dir
 from leantune.stopping import raise_stopped, stop_signal, stopped_line
+from leantune.training.checkpoint import resume_refusal
 from tasks.attempts import after_failure, probe_memory, publish_attempts, record_interruption, record_success
 from tasks.evaluate import evaluate_sycophancy
 from tasks.filtration import filter_claims
@@ -60,6 +61,8 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
     log = get_run_logger()
     check_before_data(config)  # eval files, LoRA targets: refused before the run directory is made
     run_dir = existing_run_dir(config) if resume else create_run_dir(config, config_name)
+    if resume and (refusal := resume_refusal(config, run_dir)):  # before its MLflow run is reopened
+        raise UserError(refusal)
     log.info(f"run directory: {run_dir}")
     # MLflow and TensorBoard (leantune/tracking.py): the config now, each step once a checkpoint holds it,
     # figures and artifacts at the end; a resumed run continues its tracker run.

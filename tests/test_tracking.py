@@ -250,3 +250,22 @@ def test_the_flow_finishes_with_the_mlflow_server_unreachable(prefect_server, tm
     assert len(records.messages) == 1 and url in records.messages[0], records.messages
     assert "mlflow" not in json.loads(RunDir(run_dir).tracking.read_text())
     assert [s for s, _ in tensorboard_scalars(run_dir, "train/loss")] == [1, 2, 3, 4]
+
+
+@pytest.mark.flow
+def test_a_refused_resume_leaves_the_runs_mlflow_run_alone(prefect_server, tmp_path):
+    """A resume whose settings would alter the updates (from the UI's form, say) is refused before the run's
+    MLflow run is reopened: it is not marked RUNNING, then FAILED, for a resume that never ran."""
+    from flows.finetune import finetune
+    from leantune.config import dump_config
+    from leantune.errors import UserError
+    from leantune.training.checkpoint import resume_fingerprint
+
+    cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r"])
+    step = tmp_path / "r" / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (tmp_path / "r" / "config.yaml").write_text(dump_config(cfg))
+    (step / "manifest.json").write_text(json.dumps({"resume_config": resume_fingerprint(cfg)}))
+    with pytest.raises(UserError, match="lora.r"):
+        finetune(load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r", "lora.r=8"]), resume=True)
+    assert not (tmp_path / "r" / "tracking.json").exists() and not (tmp_path / "mlflow.db").exists()
