@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import Literal
 
 if __name__ == "__main__":
     # The command line is checked before Prefect, torch or a stage is imported: --help, a config error, a
@@ -49,16 +50,28 @@ from tasks.validate import validate_data
 
 # The UI form starts from the offline default, so a run triggered with no changes works anywhere.
 DEFAULT_RUN_CONFIG = load_config(DEFAULT_CONFIG)
+# The configs/*.yaml beside the default, by name: the form's `config_file` choices.
+ConfigFile = Literal[tuple(sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.yaml")))]
 
 
 @flow(name="finetune", on_failure=[end_tracking], on_crashed=[end_tracking], on_cancellation=[end_tracking])
-def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default", resume: bool = False) -> Path:
+def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default", resume: bool = False,
+             config_file: ConfigFile | None = None) -> Path:
     """Fine-tune a model as `config` says; returns the run directory.
 
-    resume: continue the existing run runs/<run.name>/: training picks up from its newest checkpoint;
-    data stages that did not finish (the run stopped on a data error) run again first.
+    Args:
+        config: the run's whole config (every key documented in leantune/config.py); the form starts from
+            configs/default.yaml. Not used when config_file is chosen.
+        config_name: the start of a new run's directory name, <config_name>-<date>-<time>, when run.name
+            is not set.
+        resume: continue the existing run <run.output_dir>/<run.name>/ (run.name must be set): training picks
+            up from its newest checkpoint; data stages that did not finish run again first.
+        config_file: run a config file of configs/ as it is (e.g. smoke, the tiny offline check) instead of
+            the config above.
     """
     log = get_run_logger()
+    if config_file:
+        config = load_config(DEFAULT_CONFIG.parent / f"{config_file}.yaml")
     check_before_data(config)  # eval files, LoRA targets: refused before the run directory is made
     run_dir = existing_run_dir(config) if resume else create_run_dir(config, config_name)
     if resume and (refusal := resume_refusal(config, run_dir)):  # before its MLflow run is reopened
