@@ -48,6 +48,43 @@ class TrainingBar:
             self._bar.close()
 
 
+PROGRESS_EVERY_S = 10.0  # a long in-process stage logs where it is at most this often
+
+
+class StageProgress:
+    """Where a long in-process stage is (filtration, evaluation): `label: N of TOTAL items (P%), R items/s,
+    ETA M:SS`, logged every `every_s` seconds while it runs. A log line, not a bar: it reaches the run's
+    log in the UI as well as the terminal, where it stands on its own line. A stage shorter than
+    `every_s` logs nothing here (its own summary line says what it did)."""
+
+    def __init__(self, label: str, total: int, unit: str = "items", every_s: float = PROGRESS_EVERY_S,
+                 clock=None):
+        import time
+
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self._clock = clock or time.monotonic
+        self.started = self._logged_at = self._clock()
+        self.done = 0
+        self.lines: list[str] = []
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = self._clock()
+        if now - self._logged_at >= self.every_s and self.done < self.total:
+            self._logged_at = now
+            rate = self.done / (now - self.started)
+            line = (f"{self.label}: {self.done} of {self.total} {self.unit} ({self.done / self.total:.0%}), "
+                    f"{rate:.3g} {self.unit}/s, ETA {_interval((self.total - self.done) / rate)}")
+            self.lines.append(line)
+            logging.getLogger(__name__).info(line)
+
+
+def _interval(seconds: float) -> str:
+    from tqdm import tqdm
+
+    return tqdm.format_interval(seconds)
+
+
 def quiet_third_party() -> None:
     """Silence the progress bars and chatter of datasets, huggingface_hub, transformers and GX (idempotent).
 

@@ -1,6 +1,7 @@
 """Progress bars of prepare and tokenize: drawn on a terminal, silent in logs; third-party bars off in the flows."""
 
 import io
+import logging
 import os
 import re
 import sys
@@ -60,3 +61,43 @@ def test_quiet_third_party_turns_off_the_libraries_bars(monkeypatch):
     assert not transformers_logging.is_progress_bar_enabled()
     assert transformers_logging.get_verbosity() == transformers_logging.ERROR
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # for libraries imported later, and child processes
+
+
+def test_a_long_stage_logs_items_done_rate_and_eta_every_few_seconds(caplog):
+    """Filtration and evaluation (score_encoded) log where they are every PROGRESS_EVERY_S seconds; before,
+    filtration was seen silent for 17 minutes. A clock that advances 4 s per batch of 10 items."""
+    from leantune.progress import StageProgress
+
+    now = [0.0]
+    progress = StageProgress("filtration", 100, every_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="leantune.progress"):
+        for _ in range(10):
+            now[0] += 4.0
+            progress.update(10)
+    assert progress.lines == ["filtration: 30 of 100 items (30%), 2.5 items/s, ETA 00:28",
+                              "filtration: 60 of 100 items (60%), 2.5 items/s, ETA 00:16",
+                              "filtration: 90 of 100 items (90%), 2.5 items/s, ETA 00:04"]
+    assert [r.getMessage() for r in caplog.records] == progress.lines
+
+
+def test_a_log_line_on_the_terminal_starts_its_own_line_below_the_training_bar():
+    """Before: `...8 tokens/s]14:22:56.717 | INFO ...`, the line glued to the bar's end."""
+    from tqdm import tqdm
+
+    from tasks.logs import _LinesBelowTheBar
+
+    terminal = io.StringIO()
+    bar = tqdm(total=10, desc="train", file=terminal, ncols=60, disable=False)
+    bar.update(3)
+    handler = logging.StreamHandler(terminal)
+    handler.addFilter(_LinesBelowTheBar())
+    logger = logging.getLogger("test_progress.bar")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("a log line")
+    finally:
+        logger.removeHandler(handler)
+        bar.close()
+    drawn = terminal.getvalue()
+    assert "3/10" in drawn and drawn[:drawn.index("a log line")].endswith("\r")
