@@ -95,6 +95,8 @@ def quiet_third_party() -> None:
     """
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Bars drawn with tqdm directly (transformers' GGUF conversion); leantune's own bars pass `disable`.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for name in ("datasets", "transformers", "huggingface_hub", "peft", "great_expectations"):

@@ -101,3 +101,19 @@ def test_a_log_line_on_the_terminal_starts_its_own_line_below_the_training_bar()
         bar.close()
     drawn = terminal.getvalue()
     assert "3/10" in drawn and drawn[:drawn.index("a log line")].endswith("\r")
+
+
+def test_a_bar_drawn_with_tqdm_directly_stays_off_and_leantunes_own_bars_draw():
+    """transformers' GGUF conversion draws with tqdm itself, past its own switch: quiet_third_party sets
+    TQDM_DISABLE, which tqdm reads when first imported (in the flows, after quiet_third_party)."""
+    import subprocess
+
+    script = ("import io; from leantune.progress import quiet_third_party; quiet_third_party()\n"
+              "from tqdm.auto import tqdm\n"
+              "gguf, ours = io.StringIO(), io.StringIO()\n"
+              "list(tqdm(range(3), desc='Converting and de-quantizing GGUF tensors...', file=gguf))\n"
+              "list(tqdm(range(3), desc='train', file=ours, disable=False))\n"
+              "print(repr(gguf.getvalue()), '3/3' in ours.getvalue())")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["''", "True"]

@@ -167,6 +167,7 @@ def test_the_flow_killed_and_resumed_is_one_mlflow_run_equal_to_its_files(tmp_pa
     """The tiny-model flow as a user runs it, killed (flow and training process, SIGKILL) after MLflow has
     some steps, then resumed: one MLflow run holding the config, every step of metrics.jsonl once, the
     evaluation and the artifacts; TensorBoard's loss series equal to metrics.jsonl."""
+    import psutil
     from mlflow import MlflowClient
 
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1"}
@@ -186,7 +187,13 @@ def test_the_flow_killed_and_resumed_is_one_mlflow_run_equal_to_its_files(tmp_pa
             assert first.poll() is None and time.monotonic() < deadline, "no steps in MLflow before the kill"
             time.sleep(0.05)
     finally:
+        # The training process runs in a session of its own (it would save a checkpoint when the flow dies):
+        # killed too, as a machine that goes down kills both.
+        training = [p for p in psutil.process_iter(["cmdline"])
+                    if "leantune.training.loop" in (p.info["cmdline"] or []) and str(run_dir) in p.info["cmdline"]]
         os.killpg(first.pid, signal.SIGKILL)
+        for process in training:
+            process.kill()
         first.wait()
     assert not (run_dir / "training.json").exists(), "training finished before the kill; raise train.max_steps"
 
