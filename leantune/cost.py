@@ -268,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m leantune.cost",
                                 description="Estimate the time, energy and cost of a fine-tuning run on one GPU "
                                 "(the formula is in leantune/cost.py's docstring).")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help="a parameter count (8B, 500M), a local model directory or a cached hub id (its config.json "
-                   "gives layers and widths too, and the memory check), or 'scratch' (with --config)")
+                   "gives layers and widths too, and the memory check), or 'scratch' (with --config); default: "
+                   "the model of --config")
     p.add_argument("--active", help="with a parameter count for --model: the parameters active per token of a "
                    "Mixture-of-Experts, e.g. --model 46.7B --active 12.9B (a model directory gives them itself)")
     p.add_argument("--tokens", required=True, help="training tokens per epoch, e.g. 20M")
@@ -309,11 +310,15 @@ def _answer(args) -> list[dict]:
     from leantune.config import load_config, with_values
     from leantune.probe import GIB, estimate_for_config, model_shape
 
+    if args.model is None and args.config is None:
+        raise UserError("give --model (a parameter count such as 8B, a model directory or a hub id) or --config "
+                        "(its model.name_or_path)")
     cfg = load_config(args.config)
     changes = {}
-    count = parse_count(args.model)
+    model = args.model or cfg.model.name_or_path
+    count = parse_count(model)
     if count is None:
-        changes["model.name_or_path"] = args.model
+        changes["model.name_or_path"] = model
     for key, value in (("model.method", args.method), ("tokenize.max_seq_len", args.seq_len),
                        ("train.epochs", args.epochs), ("model.gradient_checkpointing", args.gradient_checkpointing)):
         if value is not None:
@@ -324,7 +329,7 @@ def _answer(args) -> list[dict]:
         raise UserError(f"--tokens: {args.tokens!r} is not a count; write e.g. 20M or 1500000")
     shape = None if count is not None else model_shape(cfg)
     if count is None and shape is None:
-        raise UserError(f"--model: cannot read the config of {args.model!r} here (no network to the hub?); give "
+        raise UserError(f"--model: cannot read the config of {model!r} here (no network to the hub?); give "
                         "a local directory, or its parameter count such as 8B")
     active = count
     if args.active:
@@ -332,7 +337,7 @@ def _answer(args) -> list[dict]:
         if count is None:
             raise UserError("--active: only with a parameter count for --model; a model's config gives its own")
         if active is None or active > count:
-            raise UserError(f"--active: {args.active!r} is not a count up to --model's {args.model}; write e.g. 12.9B")
+            raise UserError(f"--active: {args.active!r} is not a count up to --model's {model}; write e.g. 12.9B")
     work = workload_from_config(cfg, int(tokens * cfg.train.epochs), shape) if shape else Workload(
         params=active, tokens=int(tokens * cfg.train.epochs), seq_len=cfg.tokenize.max_seq_len,
         method=cfg.model.method, gradient_checkpointing=cfg.model.gradient_checkpointing)
