@@ -24,7 +24,7 @@ if __name__ == "__main__":
 # installs only the leantune package), whatever the working directory.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.logs import failure_exit_code, set_up_flow_process  # first: before Prefect is imported
+from tasks.logs import failure_exit_code, log_stage_times, set_up_flow_process  # before Prefect is imported
 
 set_up_flow_process()
 
@@ -135,6 +135,7 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
     # ---- stage 6: report
     report_run(run_dir)
     finish_tracking(tracker)
+    log_stage_times()
 
     return run_dir
 

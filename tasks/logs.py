@@ -1,5 +1,6 @@
 """Logging of leantune's flows: a user error is reported by its message, not by a traceback."""
 
+import contextlib
 import logging
 
 from leantune.errors import UserError, no_space_left
@@ -133,3 +134,62 @@ def failure_exit_code(state, what: str) -> int:
         print(f"leantune: the {what} failed: {e.__class__.__name__}: {e} (the log above has the details)",
               file=sys.stderr)
     return 1
+
+
+def log_stage_times() -> str:
+    """Log (and return) how long each stage of the current flow run took, from its task runs in Prefect:
+    "stage times: prepare 2s, validate 16s, ..., train 3m05s" (a stage that ran twice, summed)."""
+    from prefect import get_run_logger
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.runtime import flow_run
+
+    from leantune.progress import stage_times_text
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    times: dict[str, float] = {}
+    for run in sorted(runs, key=lambda r: r.start_time or r.expected_start_time):
+        stage = run.name.rsplit("-", 1)[0]  # the task's name without Prefect's suffix
+        times[stage] = times.get(stage, 0.0) + run.total_run_time.total_seconds()
+    line = stage_times_text(times)
+    get_run_logger().info(line)
+    return line
+
+
+class _ProgressToArtifact(logging.Handler):
+    """Each StageProgress line (leantune/progress.py) moves a Prefect progress artifact: a bar in the UI."""
+
+    def __init__(self, artifact_id):
+        super().__init__(logging.INFO)
+        self.artifact_id = artifact_id
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        if (percent := getattr(record, "stage_progress", None)) is None:
+            return
+        try:
+            update_progress_artifact(self.artifact_id, round(percent, 1), description=record.getMessage())
+        except Exception:  # noqa: BLE001 - the bar never fails a stage; the log line went out anyway
+            pass
+
+
+@contextlib.contextmanager
+def stage_progress_artifact(key: str, description: str):
+    """A progress artifact (key `key`) for the body: the items its scoring logs as done (leantune.progress.
+    StageProgress) move the bar; 100% with "done" when the body ends without an error."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    artifact = create_progress_artifact(0.0, key=key, description=description)
+    handler = _ProgressToArtifact(artifact)
+    logger = logging.getLogger("leantune.progress")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # the lines are INFO, whatever the process's logging says
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    update_progress_artifact(artifact, 100.0, description=f"{description}: done")

@@ -6,6 +6,8 @@ import os
 import re
 import sys
 
+import pytest
+
 from leantune.config import load_config
 from leantune.data.prepare import prepare
 from leantune.progress import quiet_third_party
@@ -117,3 +119,34 @@ def test_a_bar_drawn_with_tqdm_directly_stays_off_and_leantunes_own_bars_draw():
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["''", "True"]
+
+
+def test_stage_times_read_as_seconds_minutes_and_hours():
+    from leantune.progress import stage_times_text
+
+    assert stage_times_text({"prepare": 2.4, "validate": 59.6, "train": 185.0, "evaluate": 3725.0}) == \
+        "stage times: prepare 2s, validate 1m00s, train 3m05s, evaluate 1h02m"
+
+
+@pytest.mark.flow
+def test_a_long_stages_progress_moves_a_bar_in_the_ui(prefect_server):
+    """Filtration's and evaluation's progress lines move a Prefect progress artifact (a bar), 100% at the end."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from leantune.progress import StageProgress
+    from tasks.logs import stage_progress_artifact
+
+    def bar():
+        with get_client(sync_client=True) as client:
+            [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["test-bar"])))
+        return artifact.data, artifact.description
+
+    now = [0.0]
+    with stage_progress_artifact("test-bar", "Filtration"):
+        progress = StageProgress("filtration", 100, every_s=10.0, clock=lambda: now[0])
+        for _ in range(7):
+            now[0] += 4.0
+            progress.update(10)
+        assert bar() == (60.0, "filtration: 60 of 100 items (60%), 2.5 items/s, ETA 00:16")
+    assert bar() == (100.0, "Filtration: done")

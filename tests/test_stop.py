@@ -4,6 +4,7 @@ checkpoint, the flow run ends in a final state, the MLflow run is not left RUNNI
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -95,6 +96,9 @@ def test_ctrl_c_stops_the_flow_after_a_checkpoint_and_resume_finishes(tmp_path):
     command, env = flow_command(tmp_path)
     resumed = subprocess.run([*command, "--resume", "stopped"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    # The run ends with how long each of its stages took (the resume ran no data stage).
+    assert re.search(r"stage times: track \d+s, train (\d+m)?\d+s, report \d+s, track-finish \d+s",
+                     resumed.stdout + resumed.stderr), (resumed.stdout + resumed.stderr)[-3000:]
     training = json.loads((tmp_path / "stopped" / "training.json").read_text())
     assert (training["completed"], training["steps"], training["resumed_from_step"]) == (True, steps, step)
     assert [a["outcome"] for a in read_attempts(tmp_path / "stopped")] == ["interrupted", "completed"]
