@@ -156,15 +156,21 @@ def main(argv: list[str] | None = None, request: FinetuneRequest | None = None) 
         print(f"leantune: {e}", file=sys.stderr)
         return 2
     # SIGTERM outside the flow run (Prefect's handler takes over inside it) stops the script the same way.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, raise_stopped)
     try:
         state = finetune(request.config, config_name=request.config_name, resume=request.resume, return_state=True)
     except BaseException as stop:
         if (signum := stop_signal(stop)) is None:
             raise
+        for sig in handlers:  # stopped already: a repeated signal must not cut the last line short
+            signal.signal(sig, signal.SIG_IGN)
         stop_temporary_server()
         print(stopped_line(signum, Path(request.config.run.output_dir) / request.config.run.name), file=sys.stderr)
         return 128 + signum
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
     if state.is_completed():
         stop_temporary_server()
         print(f"leantune: run finished; outputs in {state.result()}")

@@ -142,7 +142,12 @@ def own_session() -> dict:
     """Popen arguments for a child the flow stops itself: a session (process group) of its own, so that a
     Ctrl-C or SIGTERM to the terminal's group, or Prefect's SIGKILL of the flow run's group after its grace
     period, does not reach it directly; and on Linux a SIGTERM when the flow process dies, so it never
-    outlives the flow unasked (a training process saves a checkpoint first)."""
+    outlives the flow unasked (a training process saves a checkpoint first).
+
+    Prefect's grace period for a cancelled run is 30 s, fixed in Prefect 3.8.8 (grace_seconds in
+    prefect/runner/_cancellation_manager.py and workers/base.py; no setting changes it). A training step
+    can be longer (a loaded CPU, a large model): the training then outlives the killed flow process, ends
+    its step, saves its checkpoint and exits (a second SIGTERM changes nothing: checkpoint.py)."""
     if not sys.platform.startswith("linux"):
         return {"start_new_session": True}
     import ctypes
