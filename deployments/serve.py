@@ -76,9 +76,36 @@ class GracefulRunner(Runner):
         stop_flow_runs_then_interrupt()
 
 
+def made_by_prefect_deploy(names: list[str]) -> list[str]:
+    """Those of the deployments `names` ("flow/name") that the server has from `prefect deploy` (deployments/
+    prefect.yaml: they run on a work pool), each with its pool. Serving the same names would re-register
+    them with no code location, and their next run would fail with FileNotFoundError '.../None'."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    found = []
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                deployment = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if deployment.work_pool_name:
+                found.append(f"{name} (work pool {deployment.work_pool_name})")
+    return found
+
+
 def main() -> None:
+    served = deployments()
+    if taken := made_by_prefect_deploy([f"{d.flow_name}/{d.name}" for d in served]):
+        names = " ".join(name.split(" ")[0] for name in taken)
+        print(f"serve.py: {', '.join(taken)} on this Prefect server came from `prefect deploy`; serving the same "
+              "names here would break them. Either run their work pool's worker (deployments/worker.py, see the "
+              f"README) instead of serve.py, or delete them first: for d in {names}; do .venv/bin/prefect "
+              "deployment delete $d; done", file=sys.stderr)
+        sys.exit(2)
     runner = GracefulRunner(pause_on_shutdown=True)
-    for deployment in deployments():
+    for deployment in served:
         runner.add_deployment(deployment)
     print("serving finetune/nightly, finetune/adhoc and evaluate/evaluate; stop with Ctrl-C or SIGTERM", flush=True)
     try:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from pathlib import Path
@@ -46,13 +47,19 @@ def evaluate_flow(config: RunConfig = DEFAULT_RUN_CONFIG, run_dir: str | None = 
                   out_dir: str | None = None) -> dict:
     """Evaluate sycophancy on config.eval.datasets.
 
-    run_dir: a finetune run: its adapter/ against its base, results in run_dir/eval/.
-    adapter: a PEFT adapter directory (or a fully fine-tuned model) for the model of `config`.
-    Neither: the model of `config` alone. out_dir: where results go (default: see `output_dir`).
+    Args:
+        config: the model and the eval section (datasets, items); with run_dir, the model is the run's own.
+        run_dir: a finetune run directory (runs/<name>): its adapter/ against its base (the model of the
+            run's own config.yaml); results in run_dir/eval/.
+        adapter: a PEFT adapter directory (or a fully fine-tuned model) for the model of config. Leave
+            both empty to evaluate the model of config alone.
+        out_dir: where the results go (default: run_dir/eval, else <run.output_dir>/eval-<model>-<time>).
     """
     log = get_run_logger()
     if run_dir and adapter:
         raise UserError("evaluate: give a run directory or an adapter, not both (a run's adapter is its adapter/)")
+    if run_dir:
+        config = run_config(config, run_dir)
     adapter_dir = RunDir(run_dir).adapter if run_dir else (Path(adapter) if adapter else None)
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise UserError(f"evaluate: {adapter_dir} is not a directory; " + (
@@ -64,6 +71,25 @@ def evaluate_flow(config: RunConfig = DEFAULT_RUN_CONFIG, run_dir: str | None = 
     # A finetune run is evaluated under its lock: never while another command works in it (leantune/runlock.py).
     with hold_run_dir(run_dir) if run_dir else contextlib.nullcontext():
         return evaluate_sycophancy(config, out, adapter_dir)
+
+
+def run_config(config: RunConfig, run_dir: str) -> RunConfig:
+    """The config a run's adapter is evaluated with: `config` (the command line's, which is the run's own
+    config.yaml with --set), or, when its model or LoRA shape is another (the UI form's default), the run's
+    config.yaml with the eval section of `config`: the adapter only fits the model it was trained on."""
+    path = RunDir(run_dir).config
+    if not path.is_file():
+        raise UserError(f"evaluate: {run_dir} has no config.yaml, so it is not a leantune run directory")
+    own = load_config(path)
+
+    def shape(c: RunConfig):
+        return c.model.name_or_path, c.model.scratch, c.model.method, c.lora
+
+    if shape(own) == shape(config):
+        return config
+    logging.getLogger("leantune.evaluate").info(f"evaluate: the run trained {own.model.name_or_path}, not {config.model.name_or_path}; "
+                          f"evaluating with the run's own config ({path}) and the given eval settings")
+    return own.model_copy(update={"eval": config.eval})
 
 
 def output_dir(config: RunConfig, run_dir: str | None) -> Path:

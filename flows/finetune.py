@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
+from typing import Literal
 
 if __name__ == "__main__":
     # The command line is checked before Prefect, torch or a stage is imported: --help, a config error, a
@@ -22,7 +24,7 @@ if __name__ == "__main__":
 # installs only the leantune package), whatever the working directory.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.logs import failure_exit_code, set_up_flow_process  # first: before Prefect is imported
+from tasks.logs import failure_exit_code, log_stage_times, set_up_flow_process  # before Prefect is imported
 
 set_up_flow_process()
 
@@ -39,14 +41,16 @@ from leantune.cli import (
 from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
 from leantune.preflight import check_before_data
+from leantune.resume import resume_refusal
 from leantune.rundir import RunDir, create_run_dir, data_stages_done, existing_run_dir, read_attempts
 from leantune.runlock import hold_run_dir
-from tasks.attempts import after_failure, probe_memory, publish_attempts, record_success
+from leantune.stopping import raise_stopped, stop_signal, stopped_line
+from tasks.attempts import after_failure, probe_memory, publish_attempts, record_interruption, record_success
 from tasks.evaluate import evaluate_sycophancy
 from tasks.filtration import filter_claims
 from tasks.prepare import prepare_data
 from tasks.report import report_run
-from tasks.server import connect_to_prefect
+from tasks.server import connect_to_prefect, stop_temporary_server
 from tasks.tokenize import tokenize_data
 from tasks.track import end_tracking, finish_tracking, start_tracking
 from tasks.train import train_model
@@ -54,15 +58,27 @@ from tasks.validate import validate_data
 
 # The UI form starts from the offline default, so a run triggered with no changes works anywhere.
 DEFAULT_RUN_CONFIG = load_config(DEFAULT_CONFIG)
+# The configs/*.yaml beside the default, by name: the form's `config_file` choices.
+ConfigFile = Literal[tuple(sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.yaml")))]
 
 
 @flow(name="finetune", on_failure=[end_tracking], on_crashed=[end_tracking], on_cancellation=[end_tracking])
-def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default", resume: bool = False) -> Path:
+def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default", resume: bool = False,
+             config_file: ConfigFile | None = None) -> Path:
     """Fine-tune a model as `config` says; returns the run directory.
 
-    resume: continue the existing run runs/<run.name>/: training picks up from its newest checkpoint;
-    data stages that did not finish (the run stopped on a data error) run again first.
+    Args:
+        config: the run's whole config (every key documented in leantune/config.py); the form starts from
+            configs/default.yaml. Not used when config_file is chosen.
+        config_name: the start of a new run's directory name, <config_name>-<date>-<time>, when run.name
+            is not set.
+        resume: continue the existing run <run.output_dir>/<run.name>/ (run.name must be set): training picks
+            up from its newest checkpoint; data stages that did not finish run again first.
+        config_file: run a config file of configs/ as it is (e.g. smoke, the tiny offline check) instead of
+            the config above.
     """
+    if config_file:
+        config = load_config(DEFAULT_CONFIG.parent / f"{config_file}.yaml")
     check_before_data(config)  # eval files, LoRA targets: refused before the run directory is made
     run_dir = existing_run_dir(config) if resume else create_run_dir(config, config_name)
     # One process at a time in a run, from the first stage to the report; a second command on the run is
@@ -70,6 +86,8 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
     with hold_run_dir(run_dir):
         if resume:
             check_not_finished(run_dir)  # another --resume finished it while this one started
+            if refusal := resume_refusal(config, run_dir):  # before its MLflow run is reopened
+                raise UserError(refusal)
         return _stages(config, run_dir, resume)
 
 
@@ -116,6 +134,11 @@ def _stages(config: RunConfig, run_dir: Path, resume: bool) -> Path:
                 if adjustment is None or attempt == done + config.train.max_attempts:
                     publish_attempts(run_dir)
                     raise
+            except BaseException as stop:  # Ctrl-C, SIGTERM, a cancellation: after the training's checkpoint
+                if stop_signal(stop) is not None:
+                    record_interruption(run_dir, attempt, stop_signal(stop))
+                    publish_attempts(run_dir)
+                raise
             # Only a failed attempt gets here: the next one trains with the adjusted config.
             config = adjustment.config
             if adjustment.retokenize:
@@ -130,6 +153,7 @@ def _stages(config: RunConfig, run_dir: Path, resume: bool) -> Path:
     # ---- stage 6: report
     report_run(run_dir)
     finish_tracking(tracker)
+    log_stage_times()
 
     return run_dir
 
@@ -137,7 +161,8 @@ def _stages(config: RunConfig, run_dir: Path, resume: bool) -> Path:
 def main(argv: list[str] | None = None, request: FinetuneRequest | None = None) -> int:
     """The script: the command line (leantune/cli.py, unless `request` is that already), the Prefect API, the flow.
 
-    Exit status 0 (finished, or --resume of a finished run), 2 (a user error: one `leantune:` line), 1.
+    Exit status 0 (finished, or --resume of a finished run), 2 (a user error: one `leantune:` line), 1;
+    stopped by Ctrl-C or SIGTERM: 130 or 143 and one `leantune:` line with the resume command.
     """
     try:
         request = request or finetune_request(argv)
@@ -148,8 +173,24 @@ def main(argv: list[str] | None = None, request: FinetuneRequest | None = None) 
     except UserError as e:
         print(f"leantune: {e}", file=sys.stderr)
         return 2
-    state = finetune(request.config, config_name=request.config_name, resume=request.resume, return_state=True)
+    # SIGTERM outside the flow run (Prefect's handler takes over inside it) stops the script the same way.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, raise_stopped)
+    try:
+        state = finetune(request.config, config_name=request.config_name, resume=request.resume, return_state=True)
+    except BaseException as stop:
+        if (signum := stop_signal(stop)) is None:
+            raise
+        for sig in handlers:  # stopped already: a repeated signal must not cut the last line short
+            signal.signal(sig, signal.SIG_IGN)
+        stop_temporary_server()
+        print(stopped_line(signum, Path(request.config.run.output_dir) / request.config.run.name), file=sys.stderr)
+        return 128 + signum
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
     if state.is_completed():
+        stop_temporary_server()
         print(f"leantune: run finished; outputs in {state.result()}")
         return 0
     return failure_exit_code(state, "run", Path(request.config.run.output_dir) / request.config.run.name)

@@ -12,6 +12,7 @@ the full map; in short:
   devices.py                         what leantune picks on a device: dtype, attention, 4-bit evaluation
   training/                          stage 4, in its own process: loop, loss, optimizer, checkpoints
   failures.py, attempts.py           how an attempt fails; the config of the next attempt
+  stopping.py                        Ctrl-C and SIGTERM: the one last line, the exit status, how to resume
   monitor/                           the resource sampler, its feedback policy, the power limit
   evaluation/                        stage 5: sycophancy of the base and tuned model; the filtration
   report.py, metrics.py, tracking.py, progress.py, tables.py  what a person reads

@@ -8,6 +8,8 @@ An attempt ends in one of these outcomes (`leantune.failures.classify`):
              a preempted machine), exit status -9 / 137
   nan        the training loss became NaN or infinite (`NonFiniteLoss`)
   stopped    SIGTERM/SIGINT after a checkpoint (exit status 75): a person or scheduler asked for it
+  interrupted  the flow itself was stopped (Ctrl-C, SIGTERM, a cancellation) and stopped its training
+             after a checkpoint; the flow records it (tasks/attempts.py), no attempt follows
   error      anything else: a bug or bad input, which another attempt would only repeat
 
 `adjust(config, report)` is pure: for oom, killed and nan it returns the next config and why

@@ -1008,7 +1008,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(path)
         if not path.is_file():
             hint = ", ".join(sorted(p.name for p in Path("configs").glob("*.yaml"))) if Path("configs").is_dir() else ""
-            raise ConfigError([f"--config: file {path} not found" + (f"; configs here: {hint}" if hint else "")],
+            where = f" (resolved from {Path.cwd()})" if not path.is_absolute() else ""
+            raise ConfigError([f"--config: file {path} not found{where}" + (f"; configs here: {hint}" if hint else "")],
                               source)
         try:
             raw = yaml_load(path.read_text()) or {}

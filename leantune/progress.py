@@ -48,6 +48,53 @@ class TrainingBar:
             self._bar.close()
 
 
+PROGRESS_EVERY_S = 10.0  # a long in-process stage logs where it is at most this often
+
+
+class StageProgress:
+    """Where a long in-process stage is (filtration, evaluation): `label: N of TOTAL items (P%), R items/s,
+    ETA M:SS`, logged every `every_s` seconds while it runs. A log line, not a bar: it reaches the run's
+    log in the UI as well as the terminal, where it stands on its own line. A stage shorter than
+    `every_s` logs nothing here (its own summary line says what it did)."""
+
+    def __init__(self, label: str, total: int, unit: str = "items", every_s: float = PROGRESS_EVERY_S,
+                 clock=None):
+        import time
+
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self._clock = clock or time.monotonic
+        self.started = self._logged_at = self._clock()
+        self.done = 0
+        self.lines: list[str] = []
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = self._clock()
+        if now - self._logged_at >= self.every_s and self.done < self.total:
+            self._logged_at = now
+            rate = self.done / (now - self.started)
+            line = (f"{self.label}: {self.done} of {self.total} {self.unit} ({self.done / self.total:.0%}), "
+                    f"{rate:.3g} {self.unit}/s, ETA {_interval((self.total - self.done) / rate)}")
+            self.lines.append(line)
+            # The numbers ride along for a handler that draws them (tasks/logs.py: a Prefect progress artifact).
+            logging.getLogger(__name__).info(line, extra={"stage_progress": 100.0 * self.done / self.total})
+
+
+def stage_times_text(seconds: dict[str, float]) -> str:
+    """'stage times: prepare 2s, validate 16s, train 3m05s' (in the order given)."""
+    def short(s: float) -> str:
+        s = round(s)
+        return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+    return "stage times: " + ", ".join(f"{name} {short(s)}" for name, s in seconds.items())
+
+
+def _interval(seconds: float) -> str:
+    from tqdm import tqdm
+
+    return tqdm.format_interval(seconds)
+
+
 def quiet_third_party() -> None:
     """Silence the progress bars and chatter of datasets, huggingface_hub, transformers and GX (idempotent).
 
@@ -58,6 +105,8 @@ def quiet_third_party() -> None:
     """
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Bars drawn with tqdm directly (transformers' GGUF conversion); leantune's own bars pass `disable`.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for name in ("datasets", "transformers", "huggingface_hub", "peft", "great_expectations"):

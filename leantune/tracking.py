@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
 PARAM_MAX_CHARS = 6000  # MLflow refuses longer param values; config.yaml (an artifact) has them whole
 LOSS_KEY = "train/loss"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI picks its view (runs or GenAI traces) by it
 # The files whose numbers are logged once, as (group, its path in a run directory, the part of it logged).
 FIGURES = (
     ("data", lambda r: r.data_dir.quality,
@@ -156,7 +157,9 @@ def _experiment_id(client, cfg: RunConfig) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None if cfg.tracking.mlflow_uri else (Path(cfg.run.output_dir).resolve() / "mlartifacts").as_uri()
-    return client.create_experiment(cfg.tracking.mlflow_experiment, artifact_location=location)
+    # Model training, not GenAI: MLflow 3's UI opens such an experiment on its runs.
+    return client.create_experiment(cfg.tracking.mlflow_experiment, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
 
 
 def _never_fails(method: Callable) -> Callable:
@@ -354,6 +357,32 @@ class Tracker:
         self._guard("mlflow", lambda: self._client.set_terminated(self.run_id, status))
         self._guard("tensorboard", lambda: self._writer.close())  # evaluated only while TensorBoard is on
         self._save()
+
+
+def end_runs_tagged(cfg: RunConfig, tag: str, value: str, status: str) -> list[Path]:
+    """End the MLflow runs of cfg's store still RUNNING whose `tag` is `value` (a Prefect flow run's id)
+    with `status`: how a process that did not start them (Prefect's runner, which runs a cancelled flow
+    run's hooks after killing it) ends them. Returns their run directories (tag leantune.run_dir).
+    Nothing is created: no store, no experiment, MLflow off or failing -> [] (reported once)."""
+    uri = mlflow_uri(cfg)
+    if not cfg.tracking.mlflow or uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return []
+    try:
+        _check_reachable(uri)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(cfg.tracking.mlflow_experiment)
+        if experiment is None:
+            return []
+        runs = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'")
+        for run in runs:
+            client.set_terminated(run.info.run_id, status)
+        return [Path(run.data.tags["leantune.run_dir"]) for run in runs if "leantune.run_dir" in run.data.tags]
+    except Exception as error:  # noqa: BLE001 - tracking never fails a run
+        log.warning("tracking: the MLflow runs of %s=%s not ended (%s: %s)", tag, value, type(error).__name__, error)
+        return []
 
 
 def start_parent_run(cfg: RunConfig, name: str, tags: dict[str, str] | None = None) -> str | None:

@@ -3,7 +3,8 @@
 `probe_memory` (a task) picks the starting method, micro-batch and gradient checkpointing
 (leantune/probe.py) and publishes the estimate. `after_failure` turns a failed training attempt
 (the AttemptFailed or UserError tasks/train.py raised for the training process) into the next config
-(leantune/attempts.py) and prepares the run directory for it; `record_success` closes the history;
+(leantune/attempts.py) and prepares the run directory for it; `record_success` closes the history
+(`record_interruption` when a signal stopped it);
 `publish_attempts` is the history's artifact.
 
 On disk: runs/<name>/attempts.jsonl, one line per attempt (attempts.history_entry); config.yaml
@@ -16,6 +17,7 @@ to attempts/attempt-N/checkpoints/ with that attempt's metrics.jsonl, never dele
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -78,6 +80,13 @@ def after_failure(config: RunConfig, run_dir: Path, attempt: int, error: BaseExc
     # config.yaml is not written here: the train task writes the config each attempt trains with, so
     # an adjustment no attempt follows (the last attempt failed) never reaches the run's config.
     return adjustment
+
+
+def record_interruption(run_dir: Path, attempt: int, signum: int) -> None:
+    """Record an attempt stopped by Ctrl-C, SIGTERM or a cancellation (after its checkpoint) as interrupted."""
+    report = report_from_run(attempt, run_dir)
+    report.outcome, report.message = "interrupted", f"stopped by {signal.Signals(signum).name}"
+    append_attempt(run_dir, history_entry(report, None))
 
 
 def record_success(run_dir: Path, attempt: int, summary: dict) -> None:

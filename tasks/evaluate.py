@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from leantune.config import RunConfig
 from leantune.evaluation.compare import overall_summary, single_table_rows, table_rows
 from leantune.evaluation.runner import evaluate
+from tasks.logs import stage_progress_artifact
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
@@ -16,7 +17,8 @@ def evaluate_sycophancy(config: RunConfig, out_dir: Path, adapter_dir: Path | No
                         tokenizer_dir: Path | None = None) -> dict:
     """Run the evaluation; return the output files and each set's overall summaries (no per-item data)."""
     log = get_run_logger()
-    results = evaluate(config, out_dir, adapter_dir=adapter_dir, tokenizer_dir=tokenizer_dir)
+    with stage_progress_artifact("evaluation-progress", "Evaluation: items scored, per model and set"):
+        results = evaluate(config, out_dir, adapter_dir=adapter_dir, tokenizer_dir=tokenizer_dir)
     comparison = results.get("comparison")
     rows = table_rows(comparison) if comparison else single_table_rows(results["base"])
     what = "base against tuned (same items; difference with Newcombe's paired interval)" if comparison else \

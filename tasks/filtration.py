@@ -8,13 +8,15 @@ from prefect.cache_policies import NO_CACHE
 from leantune.config import RunConfig
 from leantune.evaluation.filtration import filter_known_claims
 from leantune.rundir import RunDir, write_config
+from tasks.logs import stage_progress_artifact
 
 
 @task(name="filtration", cache_policy=NO_CACHE, persist_result=False)
 def filter_claims(config: RunConfig, run_dir: Path) -> RunConfig:
     """The config with data.synthetic.known_claims set; the run's config.yaml records it."""
     layout = RunDir(run_dir)
-    config = filter_known_claims(config, layout.data)
+    with stage_progress_artifact("filtration-progress", "Filtration: the base model asked about the training claims"):
+        config = filter_known_claims(config, layout.data)
     write_config(layout, config)
     known = config.data.synthetic.known_claims
     get_run_logger().info(f"filtration: opinion-bearing records on the {len(known)} training-side claims the base "

@@ -1,5 +1,6 @@
 """Logging of leantune's flows: a user error is reported by its message, not by a traceback."""
 
+import contextlib
 import logging
 
 from leantune.errors import UserError, no_space_left
@@ -41,7 +42,8 @@ def set_up_flow_process() -> None:
       "database is locked" and print a long traceback; leantune runs offline. DO_NOT_TRACK also keeps
       Prefect's client from printing its "collects anonymous usage data" notice.
     - leantune's own messages (the model summary, the monitor backend, a resume's fallback) go to the
-      run's log and the UI beside the tasks' lines.
+      run's log and the UI beside the tasks' lines (those logged outside a flow run, by a state hook,
+      only to the terminal).
     - Third-party progress bars and chatter off (leantune/progress.py); a UserError's traceback hidden,
       and on the terminal its message shown once (`_UserErrorOnceOnConsole`).
     A user's own environment settings win. Prefect is imported at the end (its logging set up).
@@ -53,6 +55,9 @@ def set_up_flow_process() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "leantune")
+    # A flow state hook (tasks/track.py's end_tracking) logs after the run's context is gone: its lines
+    # go to the terminal, without a warning per line that they cannot reach the run's log.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     quiet_third_party()
     quiet_user_error_tracebacks()
     logging.getLogger("leantune").setLevel(logging.INFO)
@@ -85,12 +90,28 @@ class _UserErrorOnceOnConsole(logging.Filter):
         return False
 
 
+class _LinesBelowTheBar(logging.Filter):
+    """On the terminal, a log line stands on its own line, not glued to the end of a progress bar
+    (`...8 tokens/s]14:22:56.717 | INFO`): the bars drawn (the training's) are cleared first; each is
+    drawn again at its next update."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            if not bar.disable:
+                bar.clear()
+        return True
+
+
 def show_user_errors_once_on_console() -> None:
-    """Install `_UserErrorOnceOnConsole` on the root logger's console handlers (Prefect's; idempotent)."""
+    """Install `_UserErrorOnceOnConsole` and `_LinesBelowTheBar` on the root logger's console handlers
+    (Prefect's; idempotent)."""
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not any(
-                isinstance(f, _UserErrorOnceOnConsole) for f in handler.filters):
-            handler.addFilter(_UserErrorOnceOnConsole())
+        if isinstance(handler, logging.StreamHandler):
+            for kind in (_UserErrorOnceOnConsole, _LinesBelowTheBar):
+                if not any(isinstance(f, kind) for f in handler.filters):
+                    handler.addFilter(kind())
 
 
 def failure_exit_code(state, what: str, run_dir=None) -> int:
@@ -115,3 +136,62 @@ def failure_exit_code(state, what: str, run_dir=None) -> int:
         print(f"leantune: the {what} failed: {e.__class__.__name__}: {e} (the log above has the details)",
               file=sys.stderr)
     return 1
+
+
+def log_stage_times() -> str:
+    """Log (and return) how long each stage of the current flow run took, from its task runs in Prefect:
+    "stage times: prepare 2s, validate 16s, ..., train 3m05s" (a stage that ran twice, summed)."""
+    from prefect import get_run_logger
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.runtime import flow_run
+
+    from leantune.progress import stage_times_text
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    times: dict[str, float] = {}
+    for run in sorted(runs, key=lambda r: r.start_time or r.expected_start_time):
+        stage = run.name.rsplit("-", 1)[0]  # the task's name without Prefect's suffix
+        times[stage] = times.get(stage, 0.0) + run.total_run_time.total_seconds()
+    line = stage_times_text(times)
+    get_run_logger().info(line)
+    return line
+
+
+class _ProgressToArtifact(logging.Handler):
+    """Each StageProgress line (leantune/progress.py) moves a Prefect progress artifact: a bar in the UI."""
+
+    def __init__(self, artifact_id):
+        super().__init__(logging.INFO)
+        self.artifact_id = artifact_id
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        if (percent := getattr(record, "stage_progress", None)) is None:
+            return
+        try:
+            update_progress_artifact(self.artifact_id, round(percent, 1), description=record.getMessage())
+        except Exception:  # noqa: BLE001 - the bar never fails a stage; the log line went out anyway
+            pass
+
+
+@contextlib.contextmanager
+def stage_progress_artifact(key: str, description: str):
+    """A progress artifact (key `key`) for the body: the items its scoring logs as done (leantune.progress.
+    StageProgress) move the bar; 100% with "done" when the body ends without an error."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    artifact = create_progress_artifact(0.0, key=key, description=description)
+    handler = _ProgressToArtifact(artifact)
+    logger = logging.getLogger("leantune.progress")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # the lines are INFO, whatever the process's logging says
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    update_progress_artifact(artifact, 100.0, description=f"{description}: done")

@@ -86,6 +86,17 @@ class _TrainingProgress:
         self.terminal.close()
 
 
+def finish_progress(flow_run_id, description: str) -> None:
+    """Give the flow run's training-progress bar its last word (a stopped run's bar would read as running)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        for artifact in client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["training-progress"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))):
+            client.update_artifact(artifact.id, ArtifactUpdate(description=description))
+
+
 def training_steps(config: RunConfig, run_dir: Path) -> int:
     index = json.loads(RunDir(run_dir).train_index.read_text())
     return total_steps(config, index["counts"]["sequences"])

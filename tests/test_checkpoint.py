@@ -441,11 +441,39 @@ def test_sigterm_sets_stop_requested_and_handlers_are_restored(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
         assert mgr.stop_requested
         assert mgr.due(3) == "signal"
-        # The first signal hands SIGTERM back to what it was before.
-        assert signal.getsignal(signal.SIGTERM) is before
     finally:
         mgr.restore_signal_handlers()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_signal_never_costs_the_checkpoint(tmp_path):
+    """A second SIGTERM (a service manager signalling every process, the flow dying after Prefect's grace
+    period during a long step) is not a person's: SIGTERM's default action would kill the process with no
+    checkpoint. A second Ctrl-C stops at once, but not while the checkpoint is written."""
+    mgr = manager(make_cfg(), tmp_path)
+    model, opt, sched = tiny_full(mgr.cfg, 0)
+    state_dict = opt.state_dict
+
+    def interrupted_state_dict():
+        os.kill(os.getpid(), signal.SIGINT)
+        return state_dict()
+
+    opt.state_dict = interrupted_state_dict
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler))}
+    try:
+        mgr.install_signal_handlers()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            mgr.save(1, model, opt, sched, {"step": 1})
+        finally:
+            mgr.restore_signal_handlers()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert mgr.stop_requested
+    assert step_dirs(tmp_path) == [1] and (tmp_path / "checkpoints" / "step-1" / "optimizer.pt").is_file()
 
 
 def test_second_sigint_interrupts_at_once(tmp_path):

@@ -88,9 +88,13 @@ def test_unknown_nested_key_in_a_list_item(tmp_path):
     assert "data.sources.0.pth: unknown key; did you mean 'data.sources.0.path'?" in info.value.problems
 
 
-def test_missing_file_and_bad_yaml(tmp_path):
+def test_missing_file_and_bad_yaml(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+    monkeypatch.chdir(tmp_path)  # a relative path says where it was looked for
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/nope.yaml")
+    assert info.value.problems == [f"--config: file configs/nope.yaml not found (resolved from {tmp_path})"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -181,3 +181,22 @@ def test_cli_help_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "leantune.cost", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "--model" in result.stdout and "--gpu" in result.stdout
+
+
+def test_cli_takes_the_model_of_the_config(capsys, tmp_path):
+    """`--config` names the model: --model is not needed (a config with a model directory, as a user's is)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32).save_pretrained(tmp_path / "model")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model:\n  name_or_path: {tmp_path / 'model'}\n  method: lora\ntokenize:\n  max_seq_len: 512\n")
+    common = ["--tokens", "1M", "--gpu", "A100 80GB", "--json"]
+    assert main(["--config", str(config), *common]) == 0
+    from_config = json.loads(capsys.readouterr().out)
+    assert main(["--config", str(config), "--model", str(tmp_path / "model"), *common]) == 0
+    assert from_config == json.loads(capsys.readouterr().out)
+    assert from_config[0]["seconds"] == pytest.approx(1e6 * 2 * (2 * 6_738_415_616 + 2 * 32 * 4096 * 512)
+                                                      / (312e12 * 0.35), rel=0.05)
+    assert main(["--tokens", "1M"]) == 2
+    assert "give --model" in capsys.readouterr().err

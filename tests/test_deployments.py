@@ -134,3 +134,31 @@ def test_kubernetes_job_template_renders_one_gpu_pod_on_a_node_of_the_class():
     assert container["image"] == "registry.example.com/leantune:1"
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "leantune-runs"
     assert set(variables["required"]) == {"image", "gpu_class"}
+
+
+@pytest.mark.flow
+def test_serve_refuses_the_names_of_deployments_made_by_prefect_deploy(prefect_server, capsys):
+    """`prefect deploy` (deployments/prefect.yaml) made finetune/nightly on a work pool: serve.py re-registering
+    the name would leave it with no code location (its next run: FileNotFoundError '.../None'). It refuses,
+    naming the deployment, its pool and the two ways on."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    serve = apply_served_deployments()
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="serve-test-pool", type="process"), overwrite=True)
+    [nightly] = [d for d in serve.deployments() if d.name == "nightly"]
+    nightly.apply(work_pool_name="serve-test-pool")
+    try:
+        with pytest.raises(SystemExit) as exit_status:
+            serve.main()
+    finally:  # served again, as the other tests of this server expect (applying alone would keep the pool)
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(client.read_deployment_by_name("finetune/nightly").id)
+        apply_served_deployments()
+    assert exit_status.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("serve.py: finetune/nightly (work pool serve-test-pool) on this Prefect server came "
+                              "from `prefect deploy`"), message
+    assert "deployments/worker.py" in message and "prefect deployment delete $d" in message
+    assert serve.made_by_prefect_deploy(["finetune/nightly", "finetune/adhoc"]) == []

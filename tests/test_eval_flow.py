@@ -151,3 +151,22 @@ def test_finetune_flow_ends_with_the_evaluation_stage(prefect_server, tmp_path):
     shutil.rmtree(run_dir / "eval")
     finetune(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"enabled": False})}), resume=True)
     assert (run_dir / "adapter").is_dir() and not (run_dir / "eval").exists()
+
+
+def test_a_run_is_evaluated_with_its_own_model_whatever_the_forms_default(tmp_path):
+    """The UI's form starts from configs/default.yaml: a run trained on another model is evaluated with its
+    own config.yaml (the adapter fits only its base), with the eval settings the form gives."""
+    from flows.evaluate import run_config
+    from leantune.config import dump_config
+
+    own = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r"])
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text(dump_config(own))
+    from leantune.cli import DEFAULT_CONFIG
+
+    form = load_config(DEFAULT_CONFIG, ["eval.max_items=7"])
+    assert form.model.name_or_path != own.model.name_or_path
+    used = run_config(form, str(tmp_path / "r"))
+    assert (used.model, used.lora, used.tokenize, used.eval) == (own.model, own.lora, own.tokenize, form.eval)
+    command_line = load_config(tmp_path / "r" / "config.yaml", ["eval.max_items=5"])  # --run RUN --set ...
+    assert run_config(command_line, str(tmp_path / "r")) is command_line

@@ -20,7 +20,7 @@ def stub_model(monkeypatch):
     monkeypatch.setattr(scoring, "resolve_framing", lambda framing, tok: "chat_template")
     monkeypatch.setattr(scoring, "encode_items", lambda tok, framing, items: list(items))
 
-    def score(model, items, *args):
+    def score(model, items, *args, label):
         out = []
         for item in items:
             knows = len(item.id.split("|")[0]) % 2 == 0

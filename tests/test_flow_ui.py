@@ -156,3 +156,23 @@ def test_the_loss_plot_has_a_log_scale_so_the_first_steps_do_not_flatten_the_res
     report._plots(RunDir(tmp_path), steps, [])
     assert scales["loss.png"] == "log"
     assert scales["lr.png"] == "linear"
+
+
+@pytest.mark.slow  # imports the flows (torch, transformers, Prefect)
+@pytest.mark.flow
+def test_every_form_parameter_is_described_and_a_config_file_is_picked_by_name(prefect_server, tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from flows.evaluate import evaluate_flow
+    from flows.finetune import finetune
+    from leantune.config import load_config
+    from leantune.errors import UserError
+
+    for flow in (finetune, evaluate_flow):
+        properties = flow.parameters.model_dump()["properties"]
+        assert [name for name, p in properties.items() if not p.get("description")] == [], flow.name
+    choices = finetune.parameters.model_dump()["properties"]["config_file"]["anyOf"][0]["enum"]
+    assert choices == sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")) and "smoke" in choices
+    # The file replaces the form's config: configs/smoke.yaml names no run, so there is none to resume.
+    form = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=from-the-form"])
+    with pytest.raises(UserError, match="run.name is not set"):
+        finetune(form, resume=True, config_file="smoke")

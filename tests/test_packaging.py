@@ -72,3 +72,14 @@ def test_default_config_is_found_from_a_wheel_install(tmp_path):
     assert default_config(site, str(elsewhere / "x.py"), checkout) == wanted
     # Nowhere: the place beside the package, which the config loader's error names.
     assert default_config(site, str(elsewhere / "x.py"), elsewhere) == site / "configs" / "default.yaml"
+
+
+def test_the_readmes_mlflow_ui_is_the_version_of_the_pinned_client():
+    """The README's UI command installs `mlflow` at the version pyproject pins `mlflow-skinny` to (and the one
+    installed): an older UI refuses a newer client's store ("out-of-date database schema")."""
+    import re
+    from importlib.metadata import version
+
+    [pin] = re.findall(r'"mlflow-skinny==([\d.]+)"', (REPO / "pyproject.toml").read_text())
+    [ui] = re.findall(r'pip install "mlflow==([\d.]+)"', (REPO / "README.md").read_text())
+    assert ui == pin == version("mlflow-skinny")

@@ -122,7 +122,7 @@ def test_filtration_asks_a_short_answer_question_once_and_keeps_those_answered_r
     monkeypatch.setattr(scoring, "encode_items", lambda tok, framing, items: list(items))
     scored = []
 
-    def score(model, items, *args):  # a "model" that knows the questions with an even-length right answer
+    def score(model, items, *args, label):  # a "model" that knows the questions with an even-length right answer
         scored.extend(items)
         return [[-1.0, -2.0] if len(i.not_matching[0].strip()) % 2 else [-2.0, -1.0] for i in items]
 

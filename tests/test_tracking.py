@@ -64,7 +64,7 @@ def test_figures_are_numbers_with_intervals_split():
 
 @pytest.mark.slow
 def test_steps_reach_mlflow_once_a_checkpoint_holds_them_and_never_twice(tmp_path):
-    """Also: a sweep member is a child run of the sweep's run; a failed flow run ends its MLflow run FAILED."""
+    """Also: a sweep member is a child run of the sweep's run."""
     from mlflow import MlflowClient
 
     cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r"])
@@ -110,14 +110,35 @@ def test_steps_reach_mlflow_once_a_checkpoint_holds_them_and_never_twice(tmp_pat
     member.start()
     assert client.get_run(member.run_id).data.tags["mlflow.parentRunId"] == parent
 
-    # The flow's state hook ends the MLflow run of a flow run that failed as FAILED.
-    from prefect.states import Failed
+
+@pytest.mark.slow
+def test_state_hooks_end_the_mlflow_run_in_the_flow_and_in_prefects_runner(prefect_server, tmp_path):
+    """Called as Prefect 3.8.8 calls hooks (keywords flow, flow_run, state). In the flow's process the tracker
+    it started ends the run: FAILED for a failure, KILLED for a crash (Ctrl-C, SIGTERM). A cancelled
+    deployment run's hooks run in Prefect's runner, which has no tracker: the MLflow run tagged with the
+    flow run's id is found in the store of the run's config and ended KILLED."""
+    import uuid
+
+    from mlflow import MlflowClient
+    from prefect.states import Cancelling, Crashed, Failed
 
     from tasks.track import _STARTED, end_tracking
 
-    _STARTED["flow-run-id"] = member
-    end_tracking(None, SimpleNamespace(id="flow-run-id"), Failed())
-    assert client.get_run(member.run_id).info.status == "FAILED"
+    cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", "tracking.tensorboard=false"])
+    client = MlflowClient(tracking_uri=mlflow_uri(cfg))
+    runs = {}
+    for name, state in (("failed", Failed()), ("crashed", Crashed()), ("cancelled", Cancelling())):
+        (tmp_path / name).mkdir()
+        flow_run = SimpleNamespace(id=uuid.uuid4(), parameters={"config": cfg.model_dump(mode="json")})
+        runs[name] = Tracker(cfg, tmp_path / name)
+        runs[name].start({"prefect.flow_run_id": str(flow_run.id)})
+        if name != "cancelled":
+            _STARTED[str(flow_run.id)] = runs[name]
+        end_tracking(flow=None, flow_run=flow_run, state=state)
+    assert {name: client.get_run(t.run_id).info.status for name, t in runs.items()} == {
+        "failed": "FAILED", "crashed": "KILLED", "cancelled": "KILLED"}
+    # The UI opens the experiment on its runs, not on GenAI traces.
+    assert client.get_experiment_by_name("leantune").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_an_unreachable_mlflow_server_is_reported_once_and_tensorboard_goes_on(tmp_path, caplog):
@@ -146,6 +167,7 @@ def test_the_flow_killed_and_resumed_is_one_mlflow_run_equal_to_its_files(tmp_pa
     """The tiny-model flow as a user runs it, killed (flow and training process, SIGKILL) after MLflow has
     some steps, then resumed: one MLflow run holding the config, every step of metrics.jsonl once, the
     evaluation and the artifacts; TensorBoard's loss series equal to metrics.jsonl."""
+    import psutil
     from mlflow import MlflowClient
 
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1"}
@@ -165,7 +187,13 @@ def test_the_flow_killed_and_resumed_is_one_mlflow_run_equal_to_its_files(tmp_pa
             assert first.poll() is None and time.monotonic() < deadline, "no steps in MLflow before the kill"
             time.sleep(0.05)
     finally:
+        # The training process runs in a session of its own (it would save a checkpoint when the flow dies):
+        # killed too, as a machine that goes down kills both.
+        training = [p for p in psutil.process_iter(["cmdline"])
+                    if "leantune.training.loop" in (p.info["cmdline"] or []) and str(run_dir) in p.info["cmdline"]]
         os.killpg(first.pid, signal.SIGKILL)
+        for process in training:
+            process.kill()
         first.wait()
     assert not (run_dir / "training.json").exists(), "training finished before the kill; raise train.max_steps"
 
@@ -250,3 +278,22 @@ def test_a_read_only_tensorboard_folder_is_one_warning_not_a_writer_thread_trace
     assert tracker.problems == {"tensorboard": warnings[0].split("(", 1)[1].rsplit(")", 1)[0]}
     assert "Traceback" not in capfd.readouterr().err
     assert "tensorboard" not in json.loads(RunDir(run_dir).tracking.read_text())  # no logdir is claimed
+
+
+@pytest.mark.flow
+def test_a_refused_resume_leaves_the_runs_mlflow_run_alone(prefect_server, tmp_path):
+    """A resume whose settings would alter the updates (from the UI's form, say) is refused before the run's
+    MLflow run is reopened: it is not marked RUNNING, then FAILED, for a resume that never ran."""
+    from flows.finetune import finetune
+    from leantune.config import dump_config
+    from leantune.errors import UserError
+    from leantune.resume import resume_fingerprint
+
+    cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r"])
+    step = tmp_path / "r" / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (tmp_path / "r" / "config.yaml").write_text(dump_config(cfg))
+    (step / "manifest.json").write_text(json.dumps({"resume_config": resume_fingerprint(cfg)}))
+    with pytest.raises(UserError, match="lora.r"):
+        finetune(load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r", "lora.r=8"]), resume=True)
+    assert not (tmp_path / "r" / "tracking.json").exists() and not (tmp_path / "mlflow.db").exists()

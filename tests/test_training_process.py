@@ -105,3 +105,34 @@ def test_a_rank_killed_under_torchrun_is_a_killed_attempt(tmp_path):
     failure = attempt_failure(tmp_path, 1, codes)
     assert isinstance(failure, AttemptFailed) and failure.outcome == "killed" and "killed" in failure.message
     assert attempt_failure(tmp_path, 1, [1]).outcome == "error"  # a worker that failed on its own
+
+
+def test_a_child_in_its_own_session_misses_the_flows_group_signal_and_hears_of_the_flows_death(tmp_path):
+    """own_session(): Ctrl-C or SIGTERM to the flow's process group (and Prefect's SIGKILL of it after its
+    grace period) does not reach the child; when the flow process dies, the child gets one SIGTERM (Linux)."""
+    import os
+    import subprocess
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    heard = tmp_path / "heard"
+    child = (f"import signal, time\n"  # every signal it hears, in order
+             f"def note(name): open({str(heard)!r}, 'a').write(name + ' ')\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (note('SIGTERM'), exit(0)))\n"
+             "signal.signal(signal.SIGINT, lambda *a: note('SIGINT'))\n"
+             "time.sleep(120)")
+    flow = (f"import subprocess, sys, time; from leantune.training.launch import own_session\n"
+            f"c = subprocess.Popen([sys.executable, '-c', {child!r}], **own_session()); print(c.pid, flush=True)\n"
+            "time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", flow], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child_pid = int(parent.stdout.readline())
+    time.sleep(1)  # the child's handlers installed
+    assert os.getpgid(child_pid) != os.getpgid(parent.pid)
+    os.killpg(parent.pid, signal.SIGINT)  # Ctrl-C to the flow's group: the flow dies of it, the child hears only
+    parent.wait(timeout=30)               # of the flow's death
+    deadline = time.monotonic() + 30
+    while not heard.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert heard.read_text() == "SIGTERM "

@@ -57,7 +57,8 @@ def filter_known_claims(cfg: RunConfig, data_dir: Path) -> RunConfig:
     model = build_eval_model(cfg, tokenizer, device)
     encoded = encode_items(tokenizer, framing, items)
     scores = score_encoded(model, encoded, cfg.eval.batch_size, pad_id(tokenizer), device,
-                           torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32), precision)
+                           torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32), precision,
+                           label="filtration: asking the base model about the training claims")
     del model
     correct = [lp[1] > lp[0] for lp in scores]
     lettered = [(item, lp) for item, lp in zip(items, scores, strict=True) if not item.assistant_prefix]

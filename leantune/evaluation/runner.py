@@ -238,7 +238,8 @@ def _evaluate_model(model, sets: list[EvalSet], encoded: dict, ctx: dict, about:
         started = time.monotonic()
         if s.kind == "choice":
             scores = _halving_on_oom(ctx, s.name, lambda size, s=s: score_encoded(
-                model, encoded[s.name], size, ctx["pad_id"], ctx["device"], ctx["autocast"], ctx["mask_dtype"]))
+                model, encoded[s.name], size, ctx["pad_id"], ctx["device"], ctx["autocast"], ctx["mask_dtype"],
+                label=f"evaluate {about['label']} {s.name}"))
             outcomes = choice_outcomes(s.items, scores, encoded[s.name])
             subsets, overall = by_subset(outcomes, cfg.eval.confidence)
             if all(option.strip().startswith("(") for i in s.items for option in i.options):

@@ -125,9 +125,12 @@ def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def score_encoded(model, encoded: Sequence[EncodedItem], batch_size: int, pad_id: int, device,
-                  autocast, mask_dtype) -> list[list[float]]:
-    """Log-likelihood of every answer of every item, in item order (see the module docstring)."""
+                  autocast, mask_dtype, label: str = "scoring") -> list[list[float]]:
+    """Log-likelihood of every answer of every item, in item order (see the module docstring); a long
+    scoring logs its progress under `label` (leantune.progress.StageProgress)."""
     import torch
+
+    from leantune.progress import StageProgress
 
     # Longest prompts first: batches of similar lengths pad less, and a batch too big for memory
     # fails at the start; equal lengths in token order, so items that share a prefix meet in a batch.
@@ -135,6 +138,7 @@ def score_encoded(model, encoded: Sequence[EncodedItem], batch_size: int, pad_id
     scores: list[list[float]] = [[] for _ in encoded]
     with torch.inference_mode():
         shared = PrefixCache(model, device, autocast, [e.prompt_ids for e in encoded])
+        progress = StageProgress(label, len(encoded))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = [encoded[i] for i in idx]
@@ -142,6 +146,7 @@ def score_encoded(model, encoded: Sequence[EncodedItem], batch_size: int, pad_id
             for i, s in zip(idx, _score_batch(model, batch, prefix, pad_id, device, autocast, mask_dtype),
                             strict=True):
                 scores[i] = s
+            progress.update(len(idx))
     return scores
 
 

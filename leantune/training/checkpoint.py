@@ -277,6 +277,7 @@ class CheckpointManager:
         # attribute write, never the lock (the interrupted code may be holding it).
         self._signalled: str | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._saving = False  # a checkpoint is being written: a repeated SIGINT waits for it (`_on_signal`)
         self._verified: set[Path] = set()
         # What the last `load` did to the learning rate: {"old", "new", "factor"} (lists per group), or None.
         self.lr_rescale: dict | None = None
@@ -316,7 +317,8 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------- signals
 
     def install_signal_handlers(self) -> None:
-        """On SIGTERM/SIGINT set `stop_requested` (when checkpoint.on_signal); a second one acts as before.
+        """On SIGTERM/SIGINT set `stop_requested` (when checkpoint.on_signal); a second SIGINT acts as before
+        unless a checkpoint is being written; a second SIGTERM changes nothing (`_on_signal`).
 
         Handlers can only be installed from the main thread; elsewhere (e.g. a Prefect task in a
         worker thread) signals keep their default action and this says so.
@@ -338,17 +340,38 @@ class CheckpointManager:
         self._previous_handlers.clear()
 
     def _on_signal(self, signum: int, frame) -> None:
-        self._signalled = signal.Signals(signum).name
-        # A second Ctrl-C (or SIGTERM) must still be able to stop a run that hangs before its
-        # next step boundary, so the first one hands the signal back to its previous handler.
+        name = signal.Signals(signum).name
+        if self._signalled is None:
+            self._signalled = name
+            log.warning("%s received: saving a checkpoint at the end of this step, then stopping "
+                        "(send it again to stop at once)", name)
+            return
+        if self._saving or signum == signal.SIGTERM:
+            # A second SIGTERM is not a person's: a service manager signalling every process of the run, the
+            # flow's stop after it, or the flow dying (launch.own_session) when Prefect kills it after its
+            # grace period while a long step runs. It must not cost the checkpoint, nor may any signal cut
+            # the checkpoint being written.
+            log.warning("%s received again: stopping after the checkpoint, as asked", name)
+            return
+        # A second Ctrl-C between checkpoints (the loop run by hand) stops a run that hangs before its next
+        # step boundary: the signal goes to the handler that was there before.
         signal.signal(signum, self._previous_handlers[signum])
-        log.warning("%s received: saving a checkpoint at the end of this step, then stopping "
-                    "(send it again to stop at once)", self._signalled)
+        signal.raise_signal(signum)
 
     # ---------------------------------------------------------------------------------- save
 
     def save(self, step: int, model, optimizer, scheduler, state: dict, metric: float | None = None, *,
              scaler=None, reason: str | None = None, rank_rngs: list[dict] | None = None, dist=None) -> Path:
+        """`_write` with a repeated SIGINT held off until the checkpoint is whole (`_on_signal`)."""
+        self._saving = True
+        try:
+            return self._write(step, model, optimizer, scheduler, state, metric, scaler=scaler, reason=reason,
+                               rank_rngs=rank_rngs, dist=dist)
+        finally:
+            self._saving = False
+
+    def _write(self, step: int, model, optimizer, scheduler, state: dict, metric: float | None = None, *,
+               scaler=None, reason: str | None = None, rank_rngs: list[dict] | None = None, dist=None) -> Path:
         """Write checkpoints/step-`step`/ atomically, update best.json, apply retention; return its path.
 
         `state` is the loop's JSON-able state; `metric` (lower is better, e.g. validation loss)

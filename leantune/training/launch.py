@@ -100,9 +100,11 @@ def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], 
 
     Its output (stdout and stderr, in order) goes line by line to `on_log(level, text)` (see
     `log_record`); the lines it appends to run_dir/metrics.jsonl go to `on_metrics` as they come.
-    Both are called from this thread. An exception here (Ctrl-C's KeyboardInterrupt, Prefect
-    cancelling the run) first stops the process: SIGTERM, which makes it save a checkpoint and exit
-    75, then SIGKILL if it is not gone after `stop_grace_s`; then the exception goes on.
+    Both are called from this thread. The process runs in a session of its own (`own_session`): a
+    signal meant for the flow reaches it once, from here. An exception here (Ctrl-C's KeyboardInterrupt,
+    Prefect's TerminationSignal for SIGTERM or a cancellation) first stops the process: SIGTERM, which
+    makes it save a checkpoint and exit 75, then SIGKILL if it is not gone after `stop_grace_s`; then
+    the exception goes on.
     """
     run_dir = Path(run_dir)
     # What a failed process leaves (RunDir.failure, leantune.failures.write_failure) must be this attempt's.
@@ -110,9 +112,9 @@ def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], 
     follower = MetricsFollower(run_dir, from_end=True)
     # Bytes, split on newlines only: text mode would turn a progress bar's carriage returns into lines.
     # The run directory's lock, when this process holds it, is inherited: held while the training process
-    # lives, even if this one is killed first (leantune/runlock.py).
+    # lives, even if this one is killed first (leantune/runlock.py). Its own session: see own_session.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **CHILD_ENV},
-                            pass_fds=held_lock_fds(run_dir))
+                            pass_fds=held_lock_fds(run_dir), **own_session())
     lines: queue.Queue[str | None] = queue.Queue()
     # A thread reads the pipe so that a chatty process never blocks on it while this one polls.
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), name="training-output", daemon=True)
@@ -150,6 +152,27 @@ def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], 
     if metrics := follower.new_lines():
         on_metrics(metrics)
     return proc.returncode
+
+
+def own_session() -> dict:
+    """Popen arguments for a child the flow stops itself: a session (process group) of its own, so that a
+    Ctrl-C or SIGTERM to the terminal's group, or Prefect's SIGKILL of the flow run's group after its grace
+    period, does not reach it directly; and on Linux a SIGTERM when the flow process dies, so it never
+    outlives the flow unasked (a training process saves a checkpoint first).
+
+    Prefect's grace period for a cancelled run is 30 s, fixed in Prefect 3.8.8 (grace_seconds in
+    prefect/runner/_cancellation_manager.py and workers/base.py; no setting changes it). A training step
+    can be longer (a loaded CPU, a large model): the training then outlives the killed flow process, ends
+    its step, saves its checkpoint and exits (a second SIGTERM changes nothing: checkpoint.py)."""
+    if not sys.platform.startswith("linux"):
+        return {"start_new_session": True}
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return {"start_new_session": True, "preexec_fn": lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)}
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent dies
 
 
 def _pump(stream, lines: queue.Queue) -> None:

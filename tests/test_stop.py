@@ -1,0 +1,165 @@
+"""Every way a run can stop ends clean: Ctrl-C or SIGTERM to a terminal's `python flows/finetune.py` (its
+own temporary Prefect server), and a cancellation through a Prefect server. The training saves a
+checkpoint, the flow run ends in a final state, the MLflow run is not left RUNNING, the lock is free."""
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from run_helpers import ENDLESS_TRAINING, SMOKE
+
+from leantune.rundir import RunDir, read_attempts
+from leantune.runlock import check_run_dir_free
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.synthetic.num_records=60", "tokenize.vocab_size=400", "tokenize.max_seq_len=128",
+        "data.val_fraction=0.1", "data.chunk_size=64", "tracking.tensorboard=false"]
+
+
+def first_step_logged(run_dir: Path, process: subprocess.Popen, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and '"step"' in metrics.read_text():
+            return
+        time.sleep(0.5)
+    process.kill()
+    raise AssertionError(f"training did not start\n{process.communicate()[0][-3000:]}")
+
+
+def mlflow_status(run_dir: Path) -> str:
+    from mlflow import MlflowClient
+
+    tracking = json.loads((run_dir / "tracking.json").read_text())["mlflow"]
+    return MlflowClient(tracking["tracking_uri"]).get_run(tracking["run_id"]).info.status
+
+
+def flow_command(tmp_path, *extra) -> tuple[list[str], dict]:
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)  # the user's own temporary server
+    command = [sys.executable, str(ROOT / "flows" / "finetune.py"), "--config", str(SMOKE),
+               *[f"--set={o}" for o in [*TINY, f"run.output_dir={tmp_path}", *extra]]]
+    return command, env
+
+
+def signal_the_terminal(tmp_path, signum: int, *extra) -> tuple[str, int]:
+    """`python flows/finetune.py` in a session of its own (a terminal's foreground process group, which
+    Ctrl-C signals, as a `timeout` or a CI limit does); `signum` to its whole group once training logged a
+    step. Returns its output and the step of the checkpoint it left, after checking what every stop must
+    show: exit 128 + signum in seconds, no traceback, one `leantune:` line last with the resume command, the
+    attempt recorded as interrupted, the MLflow run KILLED, the run's lock released."""
+    command, env = flow_command(tmp_path, *extra)
+    flow = subprocess.Popen([*command, "--run-name", "stopped"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    run_dir = tmp_path / "stopped"
+    first_step_logged(run_dir, flow)
+    os.killpg(flow.pid, signum)
+    started = time.monotonic()
+    try:
+        output = flow.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(flow.pid, signal.SIGKILL)
+        raise AssertionError(f"the flow did not stop\n{flow.communicate()[0][-3000:]}") from None
+    took = time.monotonic() - started
+    name = signal.Signals(signum).name
+    print(f"stopped {took:.1f} s after {name}")
+    assert flow.returncode == 128 + signum, output[-3000:]
+    # Seconds on an idle machine (one tiny step, its checkpoint); ~30 s measured with seven test runs on two
+    # cores. The bound tells "stops" from "hangs" (before: over 6 minutes, until a second Ctrl-C).
+    assert took < 60, output[-3000:]
+    assert "Traceback" not in output and "ConnectError" not in output, output[-5000:]
+    [step] = [int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*")]
+    lines = output.strip().splitlines()
+    assert [line for line in lines if line.startswith("leantune:")] == [lines[-1]]
+    assert lines[-1] == (f"leantune: stopped by {name} at step {step}; checkpoint in {run_dir / 'checkpoints'}/"
+                         f"step-{step}; resume with: python flows/finetune.py --resume stopped")
+    assert [(a["outcome"], a["step"], a["message"]) for a in read_attempts(run_dir)] == [
+        ("interrupted", step, f"stopped by {name}")]
+    assert mlflow_status(run_dir) == "KILLED"
+    check_run_dir_free(run_dir)  # raises RunDirBusy while a process holds it
+    assert not (run_dir / ".lock").read_text()  # released cleanly, not left stale
+    return output, step
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_flow_after_a_checkpoint_and_resume_finishes(tmp_path):
+    steps = 40
+    _, step = signal_the_terminal(tmp_path, signal.SIGINT, *ENDLESS_TRAINING, f"train.max_steps={steps}")
+    assert 0 < step < steps
+    command, env = flow_command(tmp_path)
+    resumed = subprocess.run([*command, "--resume", "stopped"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    # The run ends with how long each of its stages took (the resume ran no data stage).
+    assert re.search(r"stage times: track \d+s, train (\d+m)?\d+s, report \d+s, track-finish \d+s",
+                     resumed.stdout + resumed.stderr), (resumed.stdout + resumed.stderr)[-3000:]
+    training = json.loads((tmp_path / "stopped" / "training.json").read_text())
+    assert (training["completed"], training["steps"], training["resumed_from_step"]) == (True, steps, step)
+    assert [a["outcome"] for a in read_attempts(tmp_path / "stopped")] == ["interrupted", "completed"]
+    assert mlflow_status(tmp_path / "stopped") == "FINISHED"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_group_ends_the_prefect_run_crashed_not_running(tmp_path):
+    signal_the_terminal(tmp_path, signal.SIGTERM, *ENDLESS_TRAINING)
+    # The temporary server's database: the flow run and its tasks ended in a final state.
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        flow_runs = db.execute("SELECT state_type FROM flow_run").fetchall()
+        open_tasks = db.execute("SELECT name FROM task_run WHERE state_type IN ('RUNNING', 'PENDING')").fetchall()
+    assert flow_runs == [("CRASHED",)] and open_tasks == []
+
+
+@pytest.mark.slow
+@pytest.mark.flow
+def test_a_cancel_through_the_server_ends_the_run_cancelled_checkpointed_and_tracked(prefect_server, tmp_path):
+    """Cancel (as the UI and `prefect flow-run cancel` do) a deployment run that deployments/serve.py runs,
+    during training: Prefect's runner SIGTERMs the flow's process group (SIGKILL 30 s later); the training,
+    in its own session, is stopped once by the flow and saves a checkpoint; the runner runs the on_cancellation
+    hook, which ends the MLflow run KILLED and gives the progress bar its last word; the lock is free."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import State
+    from run_helpers import apply_served_deployments
+
+    from leantune.config import load_config
+
+    apply_served_deployments()
+    config = load_config(SMOKE, [*TINY, *ENDLESS_TRAINING, f"run.output_dir={tmp_path}", "run.name=cancelled"])
+    flow_run = run_deployment("finetune/adhoc", parameters={"config": config.model_dump(mode="json")}, timeout=0)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    serve = subprocess.Popen([sys.executable, "deployments/serve.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run_dir = tmp_path / "cancelled"
+    try:
+        first_step_logged(run_dir, serve)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, State(type=StateType.CANCELLING))
+            deadline = time.monotonic() + 120
+            while not (state := client.read_flow_run(flow_run.id).state).is_final() and time.monotonic() < deadline:
+                time.sleep(1)
+            # The runner's hook ends MLflow's run just before it proposes Cancelled; the lock goes with the training.
+            while (RunDir(run_dir).lock.read_text() or mlflow_status(run_dir) == "RUNNING") \
+                    and time.monotonic() < deadline:
+                time.sleep(1)
+            [progress] = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["training-progress"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        output = serve.communicate(timeout=120)[0]
+    assert state.type == StateType.CANCELLED, f"{state}\n{output[-3000:]}"
+    [step] = [int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*")]
+    assert json.loads(RunDir(run_dir).training.read_text())["steps"] == step
+    assert mlflow_status(run_dir) == "KILLED", output[-3000:]
+    check_run_dir_free(run_dir)
+    assert progress.description == (f"Training stopped at step {step} (the last checkpoint): the flow run "
+                                     "ended cancelled; continue it with --resume cancelled")
+    assert [(a["outcome"], a["step"]) for a in read_attempts(run_dir)] == [("interrupted", step)]
