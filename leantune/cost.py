@@ -327,9 +327,6 @@ def _answer(args) -> list[dict]:
     from leantune.config import load_config, method_values, with_values
     from leantune.probe import GIB, estimate_for_config, model_shape
 
-    if args.model is None and args.config is None:
-        raise UserError("give --model (a parameter count such as 8B, a model directory or a hub id) or --config "
-                        "(its model.name_or_path)")
     cfg = load_config(args.config)
     model = args.model or (cfg.model.name_or_path if args.config else None)
     if model is None:

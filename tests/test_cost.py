@@ -199,4 +199,4 @@ def test_cli_takes_the_model_of_the_config(capsys, tmp_path):
     assert from_config[0]["seconds"] == pytest.approx(1e6 * 2 * (2 * 6_738_415_616 + 2 * 32 * 4096 * 512)
                                                       / (312e12 * 0.35), rel=0.05)
     assert main(["--tokens", "1M"]) == 2
-    assert "give --model" in capsys.readouterr().err
+    assert "--model: required without --config" in capsys.readouterr().err

@@ -124,11 +124,11 @@ def test_out_of_memory_in_scoring_halves_the_batch_and_gives_the_same_scores(tok
     real_score = runner.score_encoded
     sizes = []
 
-    def score_fits_one(model, encoded, batch_size, *args):
+    def score_fits_one(model, encoded, batch_size, *args, **kwargs):
         sizes.append(batch_size)
         if batch_size > 1:
             raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
-        return real_score(model, encoded, batch_size, *args)
+        return real_score(model, encoded, batch_size, *args, **kwargs)
 
     monkeypatch.setattr(runner, "score_encoded", score_fits_one)
     results = evaluate(cfg, tmp_path / "eval", tokenizer_dir=tokenizer_dir)
