@@ -137,6 +137,6 @@ def test_out_of_memory_in_scoring_halves_the_batch_and_gives_the_same_scores(tok
     ref_items = reference["base"]["sets"]["synthetic"]["items"]
     assert [o["logprobs"] for o in results["base"]["sets"]["synthetic"]["items"]] == [o["logprobs"] for o in ref_items]
 
-    monkeypatch.setattr(runner, "score_encoded", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    monkeypatch.setattr(runner, "score_encoded", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
     with pytest.raises(OutOfMemory, match="evaluation ran out of memory on synthetic with a batch of 1 item"):
         evaluate(cfg, tmp_path / "eval2", tokenizer_dir=tokenizer_dir)
