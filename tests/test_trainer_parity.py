@@ -23,9 +23,21 @@ SETTINGS = ["tokenize.packing=false", f"train.max_steps={STEPS}", "train.global_
             "train.eval_every=1000", "checkpoint.every_steps=1000", "monitor.enabled=false"]
 
 
+def vary_answer_lengths(data_dir):
+    """Every answer repeated 1 to 4 times: the synthetic answers are all 6 tokens long, and micro-batches of
+    equal target counts would make a per-micro-batch mean the same as the global batch's per-token mean."""
+    path = data_dir / "train.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, record in enumerate(records):
+        answer = record["messages"][-1]
+        answer["content"] = " ".join([answer["content"]] * (1 + i % 4))
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def trainer_run(cfg, run_dir, out_dir):
     """transformers.Trainer on leantune's initial model with peft's own forwards (not fused.py's), fed
-    leantune's global batches in leantune's order; returns the loss of each step and the adapter weights."""
+    leantune's global batches in leantune's order; returns the loss and the gradient norm (before clipping)
+    of each step, and the adapter weights."""
     t = cfg.train
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokens" / "tokenizer")
     _seed_everything(t.seed)  # as the loop does before it builds the model: the same base and LoRA init
@@ -39,12 +51,12 @@ def trainer_run(cfg, run_dir, out_dir):
                                              *cursor, t.global_batch_size)
         order += indices
     data = [{"input_ids": shards[i]["input_ids"].tolist(), "labels": shards[i]["labels"].tolist()} for i in order]
-    losses = []
+    logged = []
 
-    class Losses(TrainerCallback):
+    class Log(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if "loss" in (logs or {}):
-                losses.append(logs["loss"])
+                logged.append((logs["loss"], logs["grad_norm"]))
 
     args = TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=t.micro_batch_size,
@@ -52,21 +64,28 @@ def trainer_run(cfg, run_dir, out_dir):
         lr_scheduler_type=t.schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=True, dataloader_num_workers=0, seed=t.seed, disable_tqdm=True, train_sampling_strategy="sequential")
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[Losses()],
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[Log()],
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)).train()
-    return losses, get_peft_model_state_dict(model)
+    return [x[0] for x in logged], [x[1] for x in logged], get_peft_model_state_dict(model)
 
 
 def test_equal_weights_and_batches_give_trainers_losses(tokenized_run, tmp_path):
     cfg, run_dir = new_run(tokenized_run, tmp_path, *SETTINGS)
+    vary_answer_lengths(run_dir / "data")
     tokenize(cfg, run_dir / "data", run_dir / "tokens")
     train(cfg, run_dir)
-    ours = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    ours = [m["loss"] for m in ours if "event" not in m]
-    theirs, trainer_weights = trainer_run(cfg, run_dir, tmp_path / "trainer")
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ours = [m["loss"] for m in lines if "event" not in m]
+    our_norms = [m["grad_norm"] for m in lines if "event" not in m]
+    theirs, their_norms, trainer_weights = trainer_run(cfg, run_dir, tmp_path / "trainer")
 
     assert len(ours) == len(theirs) == STEPS
     # The weights moved enough for the losses to tell a different update apart.
     assert ours[0] - ours[-1] > 0.05
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    # Adam's steps hardly depend on the gradient's scale and only a little on how micro-batches are weighted;
+    # the gradient norm does, so a different loss normalisation shows here at once. Above the clipping norm
+    # at every step, so clipping is applied at every step.
+    np.testing.assert_allclose(our_norms, their_norms, rtol=1e-4)
+    assert min(our_norms) > cfg.train.max_grad_norm
     assert_same_weights(adapter(run_dir), trainer_weights, rel=1e-4)
