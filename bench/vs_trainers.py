@@ -305,7 +305,7 @@ def summarise(results: dict[str, list[dict]]) -> dict:
         m["final_loss"] = spread([x["final_loss"] for x in rs])
         if all(x["val_loss"] is not None for x in rs):
             m["val_loss"] = spread([x["val_loss"] for x in rs])
-        if "leantune" in results:
+        if "leantune" in results and name != "leantune":
             ours = results["leantune"]
             m["leantune_speed_ratio"] = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, rs, strict=True)]
             m["leantune_rss_ratio"] = [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in zip(ours, rs, strict=True)]
