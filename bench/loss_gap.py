@@ -1,6 +1,10 @@
 """Controlled runs: leantune's training loop against transformers.Trainer + peft, one difference at a time.
 
     .venv/bin/python bench/loss_gap.py [--model tiny|smollm2] [--steps 8] [--variants a,b,...]
+                                       [--compare-init] [--set key=value] [--out runs.json]
+
+A variant is a name of VARIANTS below, optionally followed by config overrides of its own:
+`leantune-dropout@train.seed=3` (train.seed sets the init and the order, and the Trainer's seed).
 
 Both start from the same model object's weights (leantune's `build_model`: base and LoRA init from
 train.seed) and see the same global batches in the same order (leantune's `epoch_order`, fed to the
