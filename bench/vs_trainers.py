@@ -1,7 +1,8 @@
 """leantune against HF Trainer + PEFT and TRL's SFTTrainer on SmolLM2-135M-Instruct, in one run.
 
     .venv/bin/pip install -e '.[bench]'     # TRL, for this benchmark only
-    .venv/bin/python bench/vs_trainers.py [--rounds 3] [--steps 2] [--threads 1] [--out bench/vs_trainers.json]
+    .venv/bin/python bench/vs_trainers.py [--rounds 3] [--steps 8,32] [--threads 1] [--held-out 32]
+                                          [--out bench/vs_trainers.json]
 
 The same sequences (variable-length chat records: the synthetic anti-sycophancy set mixed with the
 longer persona-and-question records of the bundled Anthropic sample, tokenized once by leantune with
@@ -16,13 +17,21 @@ accumulation) and number of optimizer steps for
   trl-packing        trl.SFTTrainer, packing=True (best-fit packing into rows of max_length, padding-free)
   trl-padding-free   trl.SFTTrainer, padding_free=True (a micro-batch is one row without padding)
 Each runs in its own process (its own peak RSS), `--threads` torch threads, runners interleaved in
-every round (a fresh shuffled order per round), medians over rounds. Per runner: trained tokens/s
-(non-padding tokens of the optimizer steps / the time of the steps), peak RSS (VmHWM at the end of
-training), the final loss (mean cross-entropy per target token over all the training sequences after
-training, one sequence at a time, the same way for all; TRL's packing puts more sequences in a row, so
-its steps go over the data more than once), and MFU: 6 x (parameters, embeddings excluded) FLOPs per
-trained token over a fp32 matmul peak measured in the same run with the same threads. The JSON goes
-to --out; the table is printed.
+every round (a fresh shuffled order per round). Round r runs every runner with seed r (leantune's
+train.seed, the Trainers' seed and the torch seed their LoRA init is drawn from): it sets each
+runner's batch order, LoRA init and dropout masks, so the rounds give the spread over seeds. For
+every step count of --steps (a training set of steps x global batch sequences, one epoch): per
+runner, trained tokens/s (non-padding tokens of the optimizer steps / the time of the steps, median
+over rounds, and leantune's per-round ratio to it), peak RSS (VmHWM at the end of training), the
+final loss (mean cross-entropy per target token over all the training sequences after training, one
+sequence at a time, the same way for all; TRL's packing puts more sequences in a row, so its steps go
+over the data more than once) and the validation loss (the same over --held-out sequences of the same
+mix that no runner trains on), each as mean, standard deviation, min and max over the seeds, and
+MFU: 6 x (parameters, embeddings excluded) FLOPs per trained token over a fp32 matmul peak measured
+in the same run with the same threads. One seed says little about the loss: with the same initial
+weights and the same batches leantune and the Trainer give the same losses (tests/test_trainer_parity.py),
+while one batch order against another moved the 8-step final loss by up to 0.35 (bench/loss_gap.md).
+The JSON (every round of every runner) goes to --out; the tables are printed.
 """
 
 from __future__ import annotations
@@ -63,9 +72,10 @@ def bench_config(work: Path, steps: int):
     ])
 
 
-def prepare(work: Path, steps: int) -> Path:
+def prepare(work: Path, steps: int, held_out: int = 0) -> Path:
     """A run directory with config.yaml and tokens/ (train shards + tokenizer) of exactly steps x
-    global batch sequences."""
+    global batch sequences; with held_out, also work/heldout/: that many sequences of the same mix
+    (half and half) that are not in the training set, tokenized by the same tokenizer."""
     from leantune.config import dump_config
     from leantune.data.synthetic import generate
     from leantune.evaluation.datasets import BUNDLED_SAMPLE, anthropic_file
@@ -80,16 +90,31 @@ def prepare(work: Path, steps: int) -> Path:
                {"role": "assistant", "content": f"{it.assistant_prefix} {it.options[1]}".strip()}]
               for it in anthropic_file(BUNDLED_SAMPLE, "anthropic-sample", 0.0).items]
     rng = random.Random(0)
-    mixed = rng.sample(synthetic, n - n // 2) + rng.sample(longer, n // 2)
-    with open(run / "data" / "train.jsonl", "w") as f:
-        for i, messages in enumerate(mixed):
-            f.write(json.dumps({"id": str(i), "messages": messages, "source": "bench"}) + "\n")
+    train_short, train_long = rng.sample(range(len(synthetic)), n - n // 2), rng.sample(range(len(longer)), n // 2)
+    write_records(run / "data" / "train.jsonl", [synthetic[i] for i in train_short] + [longer[i] for i in train_long])
     tokenizer = load_tokenizer(cfg, run / "data" / "train.jsonl", run / "tokens" / "tokenizer")
     counts = tokenize_records(cfg, tokenizer, run / "data" / "train.jsonl", run / "tokens" / "train")["counts"]
     if counts["sequences"] != n:
         raise SystemExit(f"expected {n} sequences, tokenized {counts}")
     (run / "config.yaml").write_text(dump_config(cfg))
+    if held_out:
+        rest_short = sorted(set(range(len(synthetic))) - set(train_short))
+        rest_long = sorted(set(range(len(longer))) - set(train_long))
+        rng = random.Random(1)
+        records = ([synthetic[i] for i in rng.sample(rest_short, held_out - held_out // 2)]
+                   + [longer[i] for i in rng.sample(rest_long, held_out // 2)])
+        write_records(work / "heldout" / "heldout.jsonl", records)
+        counts = tokenize_records(cfg, tokenizer, work / "heldout" / "heldout.jsonl", work / "heldout" / "tokens")
+        if counts["counts"]["sequences"] != held_out:
+            raise SystemExit(f"expected {held_out} held-out sequences, tokenized {counts['counts']}")
     return run
+
+
+def write_records(path: Path, conversations: list[list[dict]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i, messages in enumerate(conversations):
+            f.write(json.dumps({"id": str(i), "messages": messages, "source": "bench"}) + "\n")
 
 
 def matmul_peak(threads: int) -> float:
@@ -122,15 +147,16 @@ def sequences(run: Path) -> list[dict]:
             for i in range(len(shards))]
 
 
-def final_loss(model, run: Path) -> float:
-    """Mean cross-entropy per target token over every training sequence (the same for every runner, and
-    not tied to the order in which a runner's batches came), one sequence at a time, in eval mode."""
+def mean_loss(model, tokens: Path) -> float:
+    """Mean cross-entropy per target token over every sequence of the token shards in `tokens` (the same
+    for every runner, and not tied to the order in which a runner's batches came), one sequence at a
+    time, in eval mode."""
     import torch
 
     from leantune.tokenization import TokenShards, collate
     from leantune.training.loss import summed_cross_entropy
 
-    shards = TokenShards(run / "tokens" / "train")
+    shards = TokenShards(tokens)
     model.eval()
     ce, targets = 0.0, 0
     with torch.no_grad():
@@ -142,18 +168,26 @@ def final_loss(model, run: Path) -> float:
     return ce / targets
 
 
-def run_leantune(pristine: Path, steps: int) -> dict:
+def losses(model, pristine: Path) -> dict:
+    """The final loss over the training sequences and the validation loss over the held-out ones."""
+    heldout = pristine.parent / "heldout" / "tokens"
+    return {"final_loss": mean_loss(model, pristine / "tokens" / "train"),
+            "val_loss": mean_loss(model, heldout) if heldout.is_dir() else None}
+
+
+def run_leantune(pristine: Path, steps: int, seed: int) -> dict:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from leantune.config import load_config
+    from leantune.config import dump_config, load_config
     from leantune.modeling import build_base_model
     from leantune.training.loop import train
 
     run = pristine.parent / "leantune"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(pristine, run)
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(run / "config.yaml", overrides=[f"train.seed={seed}"])
+    (run / "config.yaml").write_text(dump_config(cfg))
     summary = train(cfg, run)
     rss = peak_rss_mb()
     tokenizer = AutoTokenizer.from_pretrained(run / "tokens" / "tokenizer")
@@ -161,10 +195,10 @@ def run_leantune(pristine: Path, steps: int) -> dict:
 
     model = PeftModel.from_pretrained(build_base_model(cfg, tokenizer, torch.device("cpu")), run / "adapter")
     return {"steps": summary["steps"], "tokens": summary["tokens"], "seconds": summary["train_seconds"],
-            "peak_rss_mb": rss, "final_loss": final_loss(model, pristine)}
+            "peak_rss_mb": rss, **losses(model, pristine)}
 
 
-def run_hf(pristine: Path, steps: int, runner: str) -> dict:
+def run_hf(pristine: Path, steps: int, runner: str, seed: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -177,6 +211,7 @@ def run_hf(pristine: Path, steps: int, runner: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(pristine / "tokens" / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(model_source(cfg.model), dtype=torch.float32,
                                                  attn_implementation="sdpa")
+    torch.manual_seed(seed)  # the LoRA init: the same as leantune's at the same seed (bench/loss_gap.md)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     data = Dataset.from_list(sequences(pristine))
@@ -201,7 +236,7 @@ def run_hf(pristine: Path, steps: int, runner: str) -> dict:
                   gradient_accumulation_steps=GLOBAL_BATCH // MICRO_BATCH, max_steps=steps, learning_rate=LR,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                   optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                  dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                  dataloader_num_workers=0, seed=seed, disable_tqdm=True)
     if runner.startswith("hf"):
         from transformers import Trainer, TrainingArguments
 
@@ -223,15 +258,16 @@ def run_hf(pristine: Path, steps: int, runner: str) -> dict:
     trainer.train()
     rss = peak_rss_mb()
     return {"steps": trainer.state.global_step, "tokens": seen["tokens"], "seconds": seen["seconds"],
-            "peak_rss_mb": rss, "final_loss": final_loss(model, pristine)}
+            "peak_rss_mb": rss, **losses(model, pristine)}
 
 
-def child(runner: str, pristine: Path, steps: int, threads: int) -> None:
+def child(runner: str, pristine: Path, steps: int, threads: int, seed: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    result = run_leantune(pristine, steps) if runner == "leantune" else run_hf(pristine, steps, runner)
+    torch.manual_seed(seed)
+    result = (run_leantune(pristine, steps, seed) if runner == "leantune"
+              else run_hf(pristine, steps, runner, seed))
     result["matmul_flops"] = matmul_peak(threads)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -253,70 +289,114 @@ def model_flops_per_token(pristine: Path) -> float:
     return 6 * (layers * (attn + 3 * h * i) + h * c.vocab_size)
 
 
+def spread(values: list[float]) -> dict:
+    """Mean, standard deviation (0 for one value), min and max."""
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def summarise(results: dict[str, list[dict]]) -> dict:
+    """Per runner: medians over rounds of the speed and memory, leantune's per-round ratios to it (the
+    same round is the same seed), and the spread over seeds of the final and the validation loss."""
+    out = {}
+    for name, rs in results.items():
+        m = {k: statistics.median(x[k] for x in rs) for k in ("tokens_per_s", "peak_rss_mb", "mfu", "seconds",
+                                                             "tokens", "steps")}
+        m["final_loss"] = spread([x["final_loss"] for x in rs])
+        if all(x["val_loss"] is not None for x in rs):
+            m["val_loss"] = spread([x["val_loss"] for x in rs])
+        if "leantune" in results and name != "leantune":
+            ours = results["leantune"]
+            m["leantune_speed_ratio"] = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, rs, strict=True)]
+            m["leantune_rss_ratio"] = [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in zip(ours, rs, strict=True)]
+        out[name] = m
+    return out
+
+
+def print_table(summary: dict, steps: int, rounds: int, threads: int, load: list[float]) -> None:
+    def loss(x: dict | None) -> str:
+        return "" if x is None else f"{x['mean']:.4f} ± {x['sd']:.4f} ({x['min']:.4f}-{x['max']:.4f})"
+
+    print(f"\nSmolLM2-135M-Instruct, LoRA r{LORA['r']} all-linear, fp32 CPU, {threads} thread(s), global batch "
+          f"{GLOBAL_BATCH}, {steps} steps, {rounds} rounds (seeds 0-{rounds - 1}); load average during the run "
+          f"{statistics.median(load):.2f}")
+    print("| runner | trained tokens/s | leantune is (per round) | peak RSS MB | leantune's RSS is | "
+          "final loss, mean ± sd (min-max) over seeds | validation loss | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, m in summary.items():
+        speed = rss = ""
+        if "leantune_speed_ratio" in m:
+            speed = (f"{statistics.median(m['leantune_speed_ratio']):.2f}x ("
+                     + ", ".join(f"{r:.2f}" for r in m["leantune_speed_ratio"]) + ")")
+            rss = f"{statistics.median(m['leantune_rss_ratio']):.2f}x"
+        print(f"| {name} | {m['tokens_per_s']:.1f} | {speed} | {m['peak_rss_mb']:.0f} | {rss} | "
+              f"{loss(m['final_loss'])} | {loss(m.get('val_loss'))} | {100 * m['mfu']:.2f}% |")
+
+
+def run_rounds(pristine: Path, steps: int, args, runners: list[str], env: dict, flops_per_token: float):
+    """Every runner once per round, in a fresh shuffled order, round r with seed r; returns (results, load)."""
+    from leantune.training.launch import CHILD_ENV
+
+    results: dict[str, list[dict]] = {r: [] for r in runners}
+    load = []
+    for rnd in range(args.rounds):
+        for runner in random.Random(rnd).sample(runners, len(runners)):
+            load.append(os.getloadavg()[0])
+            # leantune's runner gets the environment leantune's launcher gives a training process.
+            out = subprocess.run([sys.executable, __file__, "--child", runner, "--pristine", str(pristine),
+                                  "--steps", str(steps), "--threads", str(args.threads), "--seed", str(rnd)],
+                                 env={**env, **CHILD_ENV} if runner == "leantune" else env,
+                                 capture_output=True, text=True)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
+                raise SystemExit(f"{runner} failed (exit {out.returncode})")
+            r = {"round": rnd, "seed": rnd, "load_average": load[-1], **json.loads(line[7:])}
+            r["tokens_per_s"] = r["tokens"] / r["seconds"]
+            r["mfu"] = r["tokens_per_s"] * flops_per_token / r["matmul_flops"]
+            results[runner].append(r)
+            val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
+            print(f"{steps} steps, round {rnd + 1} {runner:19s} {r['tokens_per_s']:7.1f} tokens/s  "
+                  f"rss {r['peak_rss_mb']:6.0f} MB  loss {r['final_loss']:.4f}  val {val}  steps {r['steps']}  "
+                  f"tokens {r['tokens']}", flush=True)
+    return results, load
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=2, help=f"optimizer steps per runner (global batch {GLOBAL_BATCH})")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; round r runs every runner with seed r")
+    p.add_argument("--steps", default="8,32",
+                   help=f"optimizer steps per runner, comma-separated step counts (global batch {GLOBAL_BATCH})")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every runner")
+    p.add_argument("--held-out", type=int, default=32, help="held-out sequences for the validation loss (0: none)")
     p.add_argument("--runners", default=",".join(RUNNERS))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "vs_trainers.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--pristine", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.pristine, args.steps, args.threads)
+        child(args.child, args.pristine, int(args.steps), args.threads, args.seed)
         return 0
-
-    from leantune.training.launch import CHILD_ENV
 
     runners = args.runners.split(",")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false",
            "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    by_steps = {}
     with tempfile.TemporaryDirectory(prefix="leantune-vs-") as tmp:
-        pristine = prepare(Path(tmp), args.steps)
-        flops_per_token = model_flops_per_token(pristine)
-        results: dict[str, list[dict]] = {r: [] for r in runners}
-        load = []
-        for rnd in range(args.rounds):
-            order = random.Random(rnd).sample(runners, len(runners))
-            for runner in order:
-                load.append(os.getloadavg()[0])
-                # leantune's runner gets the environment leantune's launcher gives a training process.
-                out = subprocess.run([sys.executable, __file__, "--child", runner, "--pristine", str(pristine),
-                                      "--steps", str(args.steps), "--threads", str(args.threads)],
-                                     env={**env, **CHILD_ENV} if runner == "leantune" else env,
-                                     capture_output=True, text=True)
-                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
-                    raise SystemExit(f"{runner} failed (exit {out.returncode})")
-                r = json.loads(line[7:])
-                r["tokens_per_s"] = r["tokens"] / r["seconds"]
-                r["mfu"] = r["tokens_per_s"] * flops_per_token / r["matmul_flops"]
-                results[runner].append(r)
-                print(f"round {rnd + 1} {runner:19s} {r['tokens_per_s']:7.1f} tokens/s  rss {r['peak_rss_mb']:6.0f} MB  "
-                      f"loss {r['final_loss']:.4f}  steps {r['steps']}  tokens {r['tokens']}", flush=True)
-
-    med = {name: {k: statistics.median(x[k] for x in rs) for k in
-                  ("tokens_per_s", "peak_rss_mb", "final_loss", "mfu", "seconds", "tokens", "steps")}
-           for name, rs in results.items()}
-    base = med.get("leantune")
-    print(f"\nSmolLM2-135M-Instruct, LoRA r{LORA['r']} all-linear, fp32 CPU, {args.threads} thread(s), "
-          f"global batch {GLOBAL_BATCH}, {args.steps} steps, medians of {args.rounds} rounds; "
-          f"load average during the run {statistics.median(load):.2f}")
-    print("| runner | trained tokens/s | leantune is | peak RSS MB | leantune's RSS is | final loss | MFU |")
-    print("|---|---|---|---|---|---|---|")
-    for name, m in med.items():
-        speed = f"{base['tokens_per_s'] / m['tokens_per_s']:.2f}x" if base else ""
-        rss = f"{base['peak_rss_mb'] / m['peak_rss_mb']:.2f}x" if base else ""
-        print(f"| {name} | {m['tokens_per_s']:.1f} | {speed} | {m['peak_rss_mb']:.0f} | {rss} | "
-              f"{m['final_loss']:.4f} | {100 * m['mfu']:.2f}% |")
-    args.out.write_text(json.dumps({"rounds": args.rounds, "steps": args.steps, "threads": args.threads,
+        for steps in map(int, args.steps.split(",")):
+            pristine = prepare(Path(tmp) / f"steps-{steps}", steps, args.held_out)
+            flops_per_token = model_flops_per_token(pristine)
+            results, load = run_rounds(pristine, steps, args, runners, env, flops_per_token)
+            summary = summarise(results)
+            print_table(summary, steps, args.rounds, args.threads, load)
+            by_steps[str(steps)] = {"load_average": load, "flops_per_token": flops_per_token, "summary": summary,
+                                    "runs": results}
+    args.out.write_text(json.dumps({"rounds": args.rounds, "seeds": list(range(args.rounds)), "threads": args.threads,
                                     "global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH, "lora": LORA,
-                                    "lr": LR, "max_seq_len": MAX_SEQ_LEN, "load_average": load,
-                                    "flops_per_token": flops_per_token, "median": med, "runs": results},
-                                   indent=2) + "\n")
+                                    "lr": LR, "max_seq_len": MAX_SEQ_LEN, "held_out": args.held_out,
+                                    "by_steps": by_steps}, indent=2) + "\n")
     print(f"\nwritten: {args.out}")
     return 0
 
