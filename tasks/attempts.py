@@ -20,9 +20,8 @@ import json
 import signal
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from leantune.attempts import (
     Adjustment,
@@ -36,9 +35,10 @@ from leantune.config import RunConfig
 from leantune.probe import probe
 from leantune.rundir import RunDir, append_attempt, read_attempts, set_aside_attempt, write_config
 from leantune.runlock import RunDirBusy
+from tasks.stage import stage_task
 
 
-@task(name="probe-memory", cache_policy=NO_CACHE, persist_result=False)
+@stage_task(name="probe-memory")
 def probe_memory(config: RunConfig, run_dir: Path) -> RunConfig:
     """The config training starts with: `config` with the probe's choices (and config.yaml updated)."""
     log = get_run_logger()

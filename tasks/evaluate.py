@@ -2,17 +2,17 @@
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from leantune.config import RunConfig
 from leantune.evaluation.compare import overall_summary, single_table_rows, table_rows
 from leantune.evaluation.runner import evaluate
 from tasks.logs import stage_progress_artifact
+from tasks.stage import stage_task
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
+@stage_task(name="evaluate")
 def evaluate_sycophancy(config: RunConfig, out_dir: Path, adapter_dir: Path | None = None,
                         tokenizer_dir: Path | None = None) -> dict:
     """Run the evaluation; return the output files and each set's overall summaries (no per-item data)."""

@@ -2,16 +2,16 @@
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from leantune.config import RunConfig
 from leantune.evaluation.filtration import filter_known_claims
 from leantune.rundir import RunDir, write_config
 from tasks.logs import stage_progress_artifact
+from tasks.stage import stage_task
 
 
-@task(name="filtration", cache_policy=NO_CACHE, persist_result=False)
+@stage_task(name="filtration")
 def filter_claims(config: RunConfig, run_dir: Path) -> RunConfig:
     """The config with data.synthetic.known_claims set; the run's config.yaml records it."""
     layout = RunDir(run_dir)

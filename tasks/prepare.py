@@ -2,19 +2,17 @@
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from leantune.config import RunConfig
 from leantune.data.prepare import prepare
 from leantune.rundir import RunDir
 from leantune.stagecache import run_cached
+from tasks.stage import stage_task
 
 
-# Prefect's own result cache stays off: leantune's stage cache (leantune/stagecache.py) restores the
-# stage's files into each new run directory, which a cached return value would not.
-@task(name="prepare", cache_policy=NO_CACHE, persist_result=False)
+@stage_task(name="prepare")
 def prepare_data(config: RunConfig, run_dir: Path) -> dict:
     log = get_run_logger()
     data = RunDir(run_dir).data_dir

@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from leantune.config import RunConfig
 from leantune.profile import (
@@ -15,10 +14,10 @@ from leantune.profile import (
     write_summary,
 )
 from leantune.report import png_data_uri
+from tasks.stage import stage_task
 
 
-@task(name="tokenize-seq-len", task_run_name="tokenize-seq-{max_seq_len}", cache_policy=NO_CACHE,
-      persist_result=False)
+@stage_task(name="tokenize-seq-len", task_run_name="tokenize-seq-{max_seq_len}")
 def tokenize_seq_len(config: RunConfig, profile_dir: Path, max_seq_len: int) -> None:
     stats = tokenize_for_seq_len(config, profile_dir, max_seq_len)
     c, t = stats["train"]["counts"], stats["train"]["tokens"]
@@ -26,8 +25,7 @@ def tokenize_seq_len(config: RunConfig, profile_dir: Path, max_seq_len: int) -> 
                           f"{c['sequences']} sequences, {t['total']} tokens, padding {t['padding_fraction']:.1%}")
 
 
-@task(name="profile-combination", task_run_name="profile-{combo.name}", cache_policy=NO_CACHE,
-      persist_result=False)
+@stage_task(name="profile-combination", task_run_name="profile-{combo.name}")
 def profile_combination(config: RunConfig, combo: Combination, profile_dir: Path, breakdown: bool) -> dict:
     row = run_combination(config, combo, profile_dir, breakdown)
     log = get_run_logger()
@@ -44,7 +42,7 @@ def profile_combination(config: RunConfig, combo: Combination, profile_dir: Path
     return row
 
 
-@task(name="publish-profile", cache_policy=NO_CACHE, persist_result=False)
+@stage_task(name="publish-profile")
 def publish_profile(rows: list[dict], profile_dir: Path) -> dict:
     """profile.csv and profile.png; the table and the plot as artifacts with stable keys."""
     paths = write_summary(rows, profile_dir)

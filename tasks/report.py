@@ -14,14 +14,14 @@ image, which for a data: URI would be a screenful of base64.
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from leantune.report import inline_images, plot_files, png_data_uri, write_report
+from tasks.stage import stage_task
 
 
-@task(name="report", cache_policy=NO_CACHE, persist_result=False)
+@stage_task(name="report")
 def report_run(run_dir: Path) -> Path:
     """Write the run report (leantune/report.py); publish it ("run-report") and each plot ("<plot>-plot")."""
     run_dir = Path(run_dir)

@@ -2,17 +2,16 @@
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from leantune.config import RunConfig
 from leantune.rundir import RunDir
 from leantune.stagecache import run_cached
 from leantune.tokenization import tokenize_checked
+from tasks.stage import stage_task
 
 
-# Prefect's result cache stays off; leantune's stage cache restores the files (see tasks/prepare.py).
-@task(name="tokenize", cache_policy=NO_CACHE, persist_result=False)
+@stage_task(name="tokenize")
 def tokenize_data(config: RunConfig, run_dir: Path) -> dict:
     log = get_run_logger()
     layout = RunDir(run_dir)

@@ -10,19 +10,19 @@ them, `finish_tracking` logs the rest and ends the MLflow run. `end_tracking` is
 import inspect
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from leantune.config import RunConfig
 from leantune.tracking import Tracker, checkpointed_step, end_runs_tagged, tracking_lines
+from tasks.stage import stage_task
 from tasks.train import finish_progress
 
 _STARTED: dict[str, Tracker] = {}  # flow run id -> the tracker it started, for end_tracking
 
 
-@task(name="track", cache_policy=NO_CACHE, persist_result=False)
+@stage_task(name="track")
 def start_tracking(config: RunConfig, run_dir: Path) -> Tracker:
     """Start (or, for a resumed run, continue) the run's MLflow run and TensorBoard writer."""
     tracker = Tracker(config, run_dir)
@@ -37,7 +37,7 @@ def start_tracking(config: RunConfig, run_dir: Path) -> Tracker:
     return tracker
 
 
-@task(name="track-finish", cache_policy=NO_CACHE, persist_result=False)
+@stage_task(name="track-finish")
 def finish_tracking(tracker: Tracker) -> None:
     """Log the figures and artifacts and end the MLflow run as finished."""
     _STARTED.pop(str(flow_run.id), None)

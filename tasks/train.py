@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from uuid import UUID
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 
@@ -42,6 +41,7 @@ from leantune.training.launch import (
     training_command,
 )
 from leantune.training.optim import total_steps
+from tasks.stage import stage_task
 
 PROGRESS_EVERY_S = 10.0  # the artifacts are updated at most this often (and after the last step)
 
@@ -102,7 +102,7 @@ def training_steps(config: RunConfig, run_dir: Path) -> int:
     return total_steps(config, index["counts"]["sequences"])
 
 
-@task(name="train", cache_policy=NO_CACHE, persist_result=False)
+@stage_task(name="train")
 def train_model(config: RunConfig, run_dir: Path, resume: bool = False, tracker: Tracker | None = None) -> dict:
     log = get_run_logger()
     # The training process reads its config here: the probe's, an adjusted attempt's or --resume --set's.

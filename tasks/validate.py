@@ -2,18 +2,17 @@
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from leantune.config import RunConfig
 from leantune.rundir import RunDir
 from leantune.stagecache import run_cached
 from leantune.validation import validate_records
+from tasks.stage import stage_task
 
 
-# Prefect's result cache stays off; leantune's stage cache restores the files (see tasks/prepare.py).
-@task(name="validate", cache_policy=NO_CACHE, persist_result=False)
+@stage_task(name="validate")
 def validate_data(config: RunConfig, run_dir: Path) -> dict:
     log = get_run_logger()
     data = RunDir(run_dir).data_dir
