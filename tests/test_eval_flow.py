@@ -120,7 +120,7 @@ def test_cli_user_errors_exit_2_with_a_message(prefect_server, trained_run, tmp_
     assert "leave out --adapter" in capsys.readouterr().err
     assert main(["--run", str(trained_run), "--set", "eval.datasets=[missing.jsonl]", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "'missing.jsonl' is not a file" in err and "Traceback" not in err
+    assert "'missing.jsonl': missing.jsonl is not a file" in err and "Traceback" not in err
     assert main(["--set", "eval.max_items=0"]) == 2
     assert "eval.max_items" in capsys.readouterr().err
     # The scratch model (configs/smoke.yaml) has no tokenizer of its own outside a run.
@@ -147,8 +147,9 @@ def test_finetune_flow_ends_with_the_evaluation_stage(prefect_server, tmp_path):
     comparison = read(run_dir / "eval" / "comparison.json")
     assert set(comparison["sets"]) == {"synthetic", "synthetic-plain", "anthropic-sample"}
     assert read(run_dir / "eval" / "tuned.json")["model"]["adapter"] == str(run_dir / "adapter")
-    # eval.enabled=false skips the stage (a resume of the finished run: no data stages, no new steps).
+    # eval.enabled=false skips the stage (a resume of a run stopped after training: no data stages, no new steps).
     shutil.rmtree(run_dir / "eval")
+    (run_dir / "report.md").unlink()  # a run with its report is finished: resuming it is refused
     finetune(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"enabled": False})}), resume=True)
     assert (run_dir / "adapter").is_dir() and not (run_dir / "eval").exists()
 

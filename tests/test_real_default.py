@@ -48,4 +48,4 @@ def test_the_default_fine_tunes_smollm2_with_filtration_and_measures_it(prefect_
     report = (run_dir / "report.md").read_text()
     assert "Filtration (Wei et al.)" in report and "Opinion-induced shift" in report
     # The model was dequantized once, into the configured cache.
-    assert len(list((tmp_path / "models").iterdir())) == 1
+    assert len([p for p in (tmp_path / "models").iterdir() if p.is_dir()]) == 1  # beside it only its .lock file
