@@ -510,6 +510,13 @@ def _npy_header(f, dtype: np.dtype, length: int) -> None:
         raise AssertionError(f"a .npy header of {f.tell()} bytes, not 128: the shard header cannot be rewritten")
 
 
+def _count_failure(failure: EncodeFailure, ordinal: int, record: dict, counts: dict, examples: dict) -> None:
+    """A record the template could not encode: counted by kind, the first few kept as examples."""
+    counts[failure.kind] += 1
+    if len(examples[failure.kind]) < MAX_FAILURE_EXAMPLES:
+        examples[failure.kind].append({"record": ordinal, "id": record.get("id"), "reason": failure.reason})
+
+
 def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Path) -> dict:
     """Stream canonical records into token shards in `out_dir`; return the index.json summary.
 
@@ -544,9 +551,7 @@ def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Pat
             ordinal = counts["records_read"]
             counts["records_read"] += 1
             if isinstance(result, EncodeFailure):
-                counts[result.kind] += 1
-                if len(examples[result.kind]) < MAX_FAILURE_EXAMPLES:
-                    examples[result.kind].append({"record": ordinal, "id": record.get("id"), "reason": result.reason})
+                _count_failure(result, ordinal, record, counts, examples)
                 continue
             ids, mask = result
             lengths.append(len(ids))
@@ -811,9 +816,7 @@ def tokenize_pairs(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Path)
             ordinal = counts["records_read"]
             counts["records_read"] += 1
             if isinstance(result, EncodeFailure):
-                counts[result.kind] += 1
-                if len(examples[result.kind]) < MAX_FAILURE_EXAMPLES:
-                    examples[result.kind].append({"record": ordinal, "id": record.get("id"), "reason": result.reason})
+                _count_failure(result, ordinal, record, counts, examples)
                 continue
             prompt, *answers = result
             longest = len(prompt) + max(len(ids) for ids, _ in answers)
