@@ -64,23 +64,14 @@ def prepare(work: Path, model: str, steps: int, extra: list[str]) -> Path:
 
 
 def final_loss(model, run: Path) -> float:
-    import torch
+    """vs_trainers' final loss (mean cross-entropy per target token over the run's training sequences), the
+    model's training mode kept."""
+    from vs_trainers import mean_loss
 
-    from leantune.tokenization import TokenShards, collate
-    from leantune.training.loss import summed_cross_entropy
-
-    shards = TokenShards(run / "tokens" / "train")
     was_training = model.training
-    model.eval()
-    ce, targets = 0.0, 0
-    with torch.no_grad():
-        for i in range(len(shards)):
-            batch = collate([shards[i]], shards.pad_id)
-            labels = batch.pop("labels")
-            ce += float(summed_cross_entropy(model(**batch).logits, labels))
-            targets += int((labels[:, 1:] != -100).sum())
+    loss = mean_loss(model, run / "tokens" / "train")
     model.train(was_training)
-    return ce / targets
+    return loss
 
 
 def init_difference(pristine: Path) -> float:
