@@ -61,13 +61,9 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
     path = RunDir(run_dir).lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            taken = True
-        except BlockingIOError:
-            taken = False
+        taken, holder = _try_lock(fd, path)
         if not taken:
-            if not _held_by_an_ancestor(holder := _read(path)):
+            if not _held_by_an_ancestor(holder):
                 raise RunDirBusy(_busy_message(run_dir, holder))
             yield  # the flow that started this process holds it, for this process too
             return
@@ -86,6 +82,22 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
             os.ftruncate(fd, 0)  # released cleanly: nothing stale is left to report
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def _try_lock(fd: int, path: Path, settle_s: float = 2.0) -> tuple[bool, dict]:
+    """Try the lock once more while the file is empty: a holder writes its details just after it takes the
+    lock and empties the file just before it lets go, so an empty file under a held lock is one of those two
+    moments, not a holder without a name. Returns (taken, the holder's details when not taken)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True, {}
+        except BlockingIOError:
+            pass
+        if (holder := _read(path)) or time.monotonic() > deadline:
+            return False, holder
+        time.sleep(0.02)
 
 
 def check_run_dir_free(run_dir: Path) -> None:

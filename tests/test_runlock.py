@@ -37,6 +37,32 @@ def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path, holder):
     assert sorted(p.name for p in tmp_path.iterdir()) == [RunDir(tmp_path).lock.name]
 
 
+# Takes the lock and names itself only 0.3 s later, then empties the file 0.3 s before it lets go: the two
+# moments a second process would see a held lock with an empty file.
+SLOW_HOLD = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print('locked', flush=True); time.sleep(0.3)
+os.pwrite(fd, b'{"pid": %d, "host": "h"}' % os.getpid(), 0); time.sleep(1.0)
+os.ftruncate(fd, 0); print('emptied', flush=True); time.sleep(0.3)
+"""
+
+
+def test_a_held_lock_with_an_empty_file_is_waited_on_not_reported_as_another_process(tmp_path):
+    lock = RunDir(tmp_path).lock
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_HOLD, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirBusy, match=f"in use by process {proc.pid} on h "):
+            check_run_dir_free(tmp_path)  # the file is still empty: waits for the holder to name itself
+        assert proc.stdout.readline().strip() == "emptied"
+        with hold_run_dir(tmp_path):  # the holder is letting go: waits for it instead of refusing
+            assert f'"pid": {os.getpid()}' in lock.read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_killed_holders_lock_is_stale_and_taken_over(tmp_path, holder, caplog):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
