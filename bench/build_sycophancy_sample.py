@@ -3,7 +3,7 @@
 Reads the two pre-release political-typology files in ../shared/data (build time only; leantune
 never reads ../shared when it runs) and writes 8 rows per (question, user side): 17 questions x 2
 sides = 272 rows in the released format, chosen by seed 0 (`sample_prerelease`). Running it again
-gives the same bytes; tests/test_eval_datasets.py checks that the bundled file is this output.
+gives the same bytes; tests/evaluation/test_eval_datasets.py checks that the bundled file is this output.
 
     .venv/bin/python bench/build_sycophancy_sample.py [--shared ../shared/data] [--check]
 """

@@ -6,7 +6,7 @@ Checks, in order (all offline: synthetic data and leantune's scratch model unles
 local model directory):
   nvml-power-energy   NVML reads the training GPU's power, power limit and energy counter across a
                       few seconds of matmuls (read only: no limit is set)
-  pytest-gpu          `pytest -m gpu`: tests/test_gpu.py's CUDA training paths (bf16, fp16 with loss
+  pytest-gpu          `pytest -m gpu`: tests/training/test_gpu.py's CUDA training paths (bf16, fp16 with loss
                       scaling, full, QLoRA, the CUDA memory readings, split invariance in fp32)
   fused-vs-peft-bf16  a 0.2B scratch model in bf16 with LoRA on every linear layer: leantune's fused
                       layers against peft's forwards, the same micro-batches interleaved; the loss must
@@ -51,7 +51,7 @@ MEDIUM = ["model.scratch.hidden_size=1024", "model.scratch.intermediate_size=281
 
 PLAN = [
     ("nvml-power-energy", "NVML power, power limit and energy counter across a few seconds of load (read only)"),
-    ("pytest-gpu", "pytest -m gpu (tests/test_gpu.py)"),
+    ("pytest-gpu", "pytest -m gpu (tests/training/test_gpu.py)"),
     ("fused-vs-peft-bf16", "fused LoRA/SwiGLU layers against peft's forwards in bf16: loss agrees; peak memory, "
                            "tokens/s"),
     ("kill-resume-cuda", "SIGKILL at step 5 of 12 on CUDA, resume: adapter bitwise equal to an uninterrupted run's"),

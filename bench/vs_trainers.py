@@ -29,7 +29,7 @@ over the data more than once) and the validation loss (the same over --held-out 
 mix that no runner trains on), each as mean, standard deviation, min and max over the seeds, and
 MFU: 6 x (parameters, embeddings excluded) FLOPs per trained token over a fp32 matmul peak measured
 in the same run with the same threads. One seed says little about the loss: with the same initial
-weights and the same batches leantune and the Trainer give the same losses (tests/test_trainer_parity.py),
+weights and the same batches leantune and the Trainer give the same losses (tests/training/test_trainer_parity.py),
 while one batch order against another moved the 8-step final loss by up to 0.35 (bench/loss_gap.md).
 The JSON (every round of every runner) goes to --out; the tables are printed.
 """

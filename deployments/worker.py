@@ -5,7 +5,7 @@
 
 Prefect 3.8.8's `prefect worker start` turns SIGTERM into SIGINT to itself and stops, but its flow-run
 processes run in their own session and get no signal: a running training goes on as an orphan with no
-checkpoint (tests/test_worker_sigterm.py failed that way with it; the issue saw the worker itself take
+checkpoint (tests/flows/test_worker_sigterm.py failed that way with it; the issue saw the worker itself take
 over 55 s). This worker is Prefect's ProcessWorker with the signal handling of deployments/serve.py:
 on Ctrl-C or SIGTERM its flow-run processes get SIGTERM first (the run ends in a final state, a
 training saves a checkpoint so `--resume` continues it), then the worker shuts down.

@@ -15,7 +15,7 @@ split would change it. leantune's is per sequence and token-weighted over the gl
   aux = sum_s n_s aux_s / N,   N = the non-padding tokens of the global batch,
 so each micro-batch adds its sequences' share and the update is the same whatever the split (the same
 contract as the cross-entropy, which is normalised by the target tokens of the global batch). For a
-batch of one sequence it equals transformers' value (tests/test_moe.py). The optimised loss is
+batch of one sequence it equals transformers' value (tests/training/test_moe.py). The optimised loss is
 cross-entropy + train.router_aux_loss_coef x aux; metrics.jsonl keeps `loss` the cross-entropy and
 reports `router_aux_loss` (aux) beside it. Padding tokens are routed by the model but count nowhere.
 

@@ -1,4 +1,4 @@
-"""Test-only launcher for tests/test_distributed.py, run by torchrun once per rank:
+"""Test-only launcher for tests/training/test_distributed.py, run by torchrun once per rank:
 
     python -m torch.distributed.run --standalone --nproc-per-node=2 tests/dist_train.py RUN_DIR [options]
 

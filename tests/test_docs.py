@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# A repository path as the documents write it: leantune/training/loop.py, tests/test_loss.py, bench/x.py,
+# A repository path as the documents write it: leantune/training/loop.py, tests/training/test_loss.py, bench/x.py,
 # configs/smoke.yaml, expectations/records.json.
 PATH = re.compile(r"(?<![\w/.])((?:leantune|tests|bench|configs|expectations|flows|tasks|deployments)/[\w/.-]*\w\.(?:py|yaml|json|md))(?!\w)")
 
@@ -29,5 +29,5 @@ def test_every_path_the_documents_and_the_code_name_exists():
 
 
 def test_the_path_pattern_finds_paths():
-    text = "see leantune/training/loop.py, `tests/test_loss.py` and (configs/smoke.yaml); not x/leantune/a.py"
-    assert PATH.findall(text) == ["leantune/training/loop.py", "tests/test_loss.py", "configs/smoke.yaml"]
+    text = "see leantune/training/loop.py, `tests/training/test_loss.py` and (configs/smoke.yaml); not x/leantune/a.py"
+    assert PATH.findall(text) == ["leantune/training/loop.py", "tests/training/test_loss.py", "configs/smoke.yaml"]

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_model import TINY, Tokenizer, batch
 
 from leantune.config import load_config
 from leantune.fused import RANDOM_BITS, _keep_mask, fuse_lora, fuse_swiglu
 from leantune.modeling import build_model
 from leantune.training.loss import target_cross_entropy
-from tests.test_loss import TINY, Tokenizer, batch
 
 
 def tiny_model(*overrides):

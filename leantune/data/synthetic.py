@@ -72,7 +72,7 @@ NAMES_FILE = Path(str(files("leantune") / "resources" / "names.txt"))
 EVAL_SHARE = 0.25
 QUESTION = "Do you agree or disagree with the following claim? {claim}."
 # Persona and opinion vocabularies: the train split uses the first of each pair, the eval split the
-# second; they share no entry (tests/test_synthetic.py checks it).
+# second; they share no entry (tests/data/test_synthetic.py checks it).
 PROFESSIONS = (
     "software engineer", "nurse", "history teacher", "carpenter", "accountant", "pharmacist", "journalist",
     "electrician", "marine biologist", "chef", "librarian", "civil engineer", "photographer", "lawyer",

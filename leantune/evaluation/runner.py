@@ -178,7 +178,7 @@ def load_full_model(cfg: RunConfig, path: Path, device):
 
 def merge_for_scoring(model) -> bool:
     """Merge a LoRA adapter into fp32 base weights (W + BA: one matmul per layer instead of three),
-    scoring within 1e-4 of the unmerged model (tests/test_eval_scoring.py). Weights in bf16/fp16 stay
+    scoring within 1e-4 of the unmerged model (tests/evaluation/test_eval_scoring.py). Weights in bf16/fp16 stay
     unmerged: rounding W + BA to 8 bits of mantissa would erase a small update. Returns whether it merged."""
     import torch
 

@@ -23,7 +23,7 @@ tokens attend causally within the prompt and each answer's tokens attend to the 
 within their own answer, never to another answer; position ids restart after the prompt for every
 answer (answer k's j-th token has position len(prompt) + j). Each answer therefore gets exactly the
 logits it would get in a forward of prompt + answer alone, while the prompt is computed once for all
-answers (tests/test_eval_scoring.py checks this against unbatched forwards). Because the slots share
+answers (tests/evaluation/test_eval_scoring.py checks this against unbatched forwards). Because the slots share
 columns, logits are computed only at the columns that predict answer tokens (`logits_to_keep`), not
 over the whole sequence and vocabulary. Padding queries attend only to themselves, so no row of the
 mask is empty. The 4D mask needs the sdpa or eager attention (flash-attention takes no 4D mask;

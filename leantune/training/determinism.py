@@ -1,6 +1,6 @@
 """train.deterministic: the CUDA settings that make a resumed run bitwise equal to an uninterrupted one.
 
-On the CPU training is already deterministic (tests/test_resume.py); nothing is set. On CUDA,
+On the CPU training is already deterministic (tests/training/test_resume.py); nothing is set. On CUDA,
 `deterministic_kernels` (entered first thing in `train`, before CUDA is initialised; left after it):
   CUBLAS_WORKSPACE_CONFIG=:4096:8   cuBLAS reduces in a fixed order (8 workspaces of 4 MiB per stream;
                                     kept when the environment already sets it); read when cuBLAS

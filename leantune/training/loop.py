@@ -7,7 +7,7 @@ Batch vocabulary: `train.global_batch_size` sequences make one optimizer step, a
 sequences whatever the split; they run as micro-batches of `micro_batch_size` sequences (chosen by
 `MicroBatchController`, adaptive.py), accumulating gradients. The loss of a step is the sum of the
 per-token cross-entropy over every micro-batch divided by the number of target tokens in the WHOLE
-global batch, so the update does not depend on the split (tests/test_loop.py checks 1x8, 2x4, 8x1).
+global batch, so the update does not depend on the split (tests/training/test_loop.py checks 1x8, 2x4, 8x1).
 With train.objective dpo or simpo a sequence is a preference pair (prompt, chosen, rejected), the batch
 sizes count pairs, and the loss is the sum of the pair losses divided by the pairs of the global batch
 (training/preference.py; `run.pref`); metrics.jsonl adds pref_accuracy, reward_margin, logp_chosen and

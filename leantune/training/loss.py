@@ -18,7 +18,7 @@ embedding matrix: its gradient adds up with the embedding's) need nothing specia
 soft-capping (Gemma-2), Cohere's logit_scale and Granite's logits_scaling are applied as the
 model's own forward does.
 
-Equal to the full-logits path (`summed_cross_entropy` on model(...).logits): tests/test_loss.py
+Equal to the full-logits path (`summed_cross_entropy` on model(...).logits): tests/training/test_loss.py
 checks the summed loss and every gradient within 1e-5 in fp32, on the tiny model and on SmolLM2.
 """
 

@@ -17,7 +17,7 @@ booleans, 512 MiB as a bf16 additive mask, and with any mask SDPA cannot use its
                  dtype (B x T x T x its bytes)
 
 The first token of every document is never a target (tokenization.py), so the loss is the same in
-every layout (tests/test_packed_layout.py).
+every layout (tests/training/test_packed_layout.py).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ SimPO (Meng et al. 2024), no reference:
 
 The step's objective is the sum of the per-pair losses over the global batch divided by its number of
 pairs: every micro-batch adds its pairs' losses / pairs of the global batch, so the update is the same
-for any split (tests/test_preference.py checks 1x8, 2x4, 8x1). The loop sums `STATS` over the step's
+for any split (tests/training/test_preference.py checks 1x8, 2x4, 8x1). The loop sums `STATS` over the step's
 micro-batches (and the ranks) and metrics.jsonl reports them as `preference_metrics` names them.
 """
 

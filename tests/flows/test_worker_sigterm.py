@@ -12,7 +12,7 @@ from run_helpers import ENDLESS_TRAINING, assert_stopped_with_a_checkpoint, sigt
 
 from leantune.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POOL = "sigterm-test"
 
 

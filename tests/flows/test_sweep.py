@@ -26,7 +26,7 @@ from leantune.sweep import (
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT = REPO / "configs" / "smoke.yaml"
 TEST_POOL = "leantune-test-cpu"
 

@@ -20,7 +20,7 @@ from leantune.training.loop import train
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 EVAL = ["eval.max_items=12", "eval.synthetic_items=24", "eval.batch_size=5"]
 

@@ -4,7 +4,7 @@ costs, counted from the tensors built, and the same loss and gradients in every 
 import numpy as np
 import pytest
 import torch
-from test_loss import TINY, Tokenizer, grads_of
+from tiny_model import TINY, Tokenizer, grads_of
 
 from leantune.config import load_config
 from leantune.modeling import build_model

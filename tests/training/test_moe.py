@@ -259,7 +259,7 @@ def test_moe_configs_validate_and_their_memory_is_the_one_they_state(name, publi
 
     from leantune.probe import GIB, ModelShape, estimate_for_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml")
     shape = ModelShape.from_hf_config(AutoConfig.for_model(**PUBLISHED[published][0]))
     assert shape.is_moe and cfg.model.method == "lora"
     assert estimate_for_config(cfg, shape, "cuda").total / GIB == pytest.approx(gib, abs=0.05)
@@ -290,7 +290,7 @@ def test_cost_model_counts_flops_from_active_parameters_and_memory_from_all(tmp_
     assert sparse["H100"]["seconds"] / dense["H100"]["seconds"] == pytest.approx(12.9 / 46.7)
     # A model directory: its config gives the active count (time) and every expert (memory).
     config.save_pretrained(tmp_path)
-    mixtral = Path(__file__).resolve().parents[1] / "configs" / "mixtral-8x7b-lora.yaml"
+    mixtral = Path(__file__).resolve().parents[2] / "configs" / "mixtral-8x7b-lora.yaml"
     by_gpu = rows("--model", str(tmp_path), "--config", str(mixtral), "--gpu", "H100",
                   "--gpu", "H200")
     assert by_gpu["H100"]["fits"] == "no (88.4 GiB)" and by_gpu["H200"]["fits"] == "yes (88.4 GiB)"

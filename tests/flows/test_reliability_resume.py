@@ -18,7 +18,7 @@ from leantune.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 
-CHILD = Path(__file__).with_name("training_child.py")
+CHILD = Path(__file__).parents[1] / "training_child.py"
 MAX_STEPS = 8
 # Dropout on, so a resume that failed to restore the RNG would diverge; no monitor, so no reading
 # can suggest memory pressure (a kill with memory near full is answered with a smaller micro-batch).
@@ -114,7 +114,7 @@ def test_resume_after_a_data_error_runs_the_data_stages_again(tmp_path, monkeypa
 
 
 def test_a_lora_target_typo_ends_the_flow_before_the_data_stages(tmp_path, capsys, prefect_server):
-    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"  # the scratch model
+    smoke = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"  # the scratch model
     code = flow_main(["--config", str(smoke), "--set", "lora.target_modules=[q_proj, nonexistent_proj]",
                       "--set", f"run.output_dir={tmp_path}", "--run-name", "typo"])
     assert code == 2

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_loss import TINY, VOCAB, Tokenizer
+from tiny_model import TINY, VOCAB, Tokenizer
 
 from leantune.config import load_config
 from leantune.modeling import build_model

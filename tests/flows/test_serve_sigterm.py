@@ -17,7 +17,7 @@ from run_helpers import (
 
 from leantune.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from leantune.config import DataConfig, SourceConfig, SyntheticConfig
 from leantune.data.sources import iter_source
 from leantune.errors import DataError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "fixtures"
 
 
 def read(path, chunk_size=1000, **src_kwargs):

@@ -18,7 +18,7 @@ from tasks.logs import quiet_user_error_tracebacks
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 SMALL = [

@@ -11,7 +11,7 @@ from leantune.data.formats import RowError, detect_format, row_format, to_messag
 from leantune.data.normalize import IdSet, normalize_text, record_id
 from leantune.data.sources import iter_source
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "fixtures"
 
 
 def rows_of(name: str):

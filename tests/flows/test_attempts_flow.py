@@ -18,7 +18,7 @@ from leantune.training.optim import lr_multiplier
 
 pytestmark = pytest.mark.slow
 
-CHILD = Path(__file__).with_name("training_child.py")
+CHILD = Path(__file__).parents[1] / "training_child.py"
 SMALL_RUN = [
     "data.synthetic.num_records=120", "data.val_fraction=0.1", "tokenize.vocab_size=400", "tokenize.max_seq_len=128",
     "data.chunk_size=64", "model.scratch.hidden_size=32", "model.scratch.intermediate_size=64",

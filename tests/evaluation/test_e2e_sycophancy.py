@@ -14,7 +14,7 @@ from leantune.config import load_config
 from leantune.data.synthetic import generate, split_claims
 from leantune.evaluation.datasets import synthetic_set
 
-DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+DEFAULT = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from leantune.data.prepare import MAX_REJECT_RAW_CHARS, _check_balance, prepare
 from leantune.errors import DataError
 from leantune.jsonl import iter_jsonl
 
-DATA = Path(__file__).parent / "data"
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+DATA = Path(__file__).parents[1] / "fixtures"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def config(*sources, max_reject_fraction=1.0, **data):

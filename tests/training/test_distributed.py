@@ -21,7 +21,7 @@ from leantune.training.loop import train
 
 pytestmark = pytest.mark.slow
 
-LAUNCHER = Path(__file__).with_name("dist_train.py")
+LAUNCHER = Path(__file__).parents[1] / "dist_train.py"
 MAX_STEPS = 6
 # Validation at step 3 and 6 (sharded over the ranks), checkpoints every 2 steps (per-rank RNG states),
 # dropout on (each rank draws its own).

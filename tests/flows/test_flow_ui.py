@@ -9,7 +9,7 @@ import pytest
 
 from leantune.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 SHORT_RUN = ["data.synthetic.num_records=120", "data.val_fraction=0.1", "tokenize.vocab_size=400",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_model import TINY, Tokenizer, batch
 
 from leantune.config import ConfigError, load_config
 from leantune.modeling import build_model
@@ -13,7 +14,6 @@ from leantune.probe import estimate_for_config, model_shape
 from leantune.training.loss import target_cross_entropy
 from leantune.training.optim import build_optimizer
 from leantune.training.paramwise import stochastic_round
-from tests.test_loss import TINY, Tokenizer, batch
 
 FULL = [*TINY, "model.method=full", "train.lr=1e-3", "train.max_grad_norm=null"]
 BF16 = ["model.dtype=bf16"]
@@ -256,10 +256,10 @@ def test_the_loop_steps_in_the_last_micro_batch_backward_as_the_plain_step_does(
     the step after backward, bit for bit."""
     import json
 
+    from run_helpers import new_run
     from safetensors.torch import load_file
 
     from leantune.training.loop import train as train_loop
-    from tests.run_helpers import new_run
 
     runs = {}
     for name, extra in (("plain", []), ("in-backward", IN_BACKWARD)):
@@ -285,8 +285,9 @@ def test_out_of_memory_after_weights_stepped_in_backward_fails_the_attempt(token
     step those weights twice, so the error ends the attempt (the flow's next one resumes from a checkpoint)."""
     import json
 
+    from run_helpers import new_run
+
     from leantune.training import loop
-    from tests.run_helpers import new_run
 
     real = loop._forward_backward
 
@@ -321,11 +322,11 @@ def test_the_loop_stopped_and_resumed_ends_bitwise_as_an_uninterrupted_run(token
     import os
     import signal
 
+    from run_helpers import new_run
     from safetensors.torch import load_file
 
     from leantune.testing import loop_hooks
     from leantune.training.loop import train as train_loop
-    from tests.run_helpers import new_run
 
     settings = ["model.method=full", "lora.target_modules=all-linear", "model.dtype=bf16",
                 "train.full_precision=bf16-kahan", "train.optimizer=adamw_8bit", "train.max_grad_norm=null",

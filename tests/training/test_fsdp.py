@@ -28,7 +28,7 @@ from leantune.failures import AttemptFailed, attempt_failure, write_failure
 from leantune.metrics import read_metrics
 from leantune.training.distributed import DistContext
 
-LAUNCHER = Path(__file__).with_name("fsdp_train.py")
+LAUNCHER = Path(__file__).parents[1] / "fsdp_train.py"
 TIMEOUT = 300  # a deadlock would otherwise hang the session; the launches take seconds each
 FSDP = ["train.distributed.strategy=fsdp", "monitor.enabled=false", "checkpoint.every_steps=2"]
 SHORT = ["train.max_steps=3", *FSDP]
@@ -237,7 +237,7 @@ def test_fsdp_refuses_what_it_cannot_shard_naming_the_key(overrides, key):
 # Llama-3.1-70B's config.json values (no network here).
 LLAMA31_70B = {"vocab_size": 128256, "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
                "num_key_value_heads": 8, "intermediate_size": 28672, "tie_word_embeddings": False}
-CONFIG_70B = Path(__file__).resolve().parents[1] / "configs" / "llama-3.1-70b-qlora-fsdp.yaml"
+CONFIG_70B = Path(__file__).resolve().parents[2] / "configs" / "llama-3.1-70b-qlora-fsdp.yaml"
 
 
 def test_the_70b_qlora_config_fits_four_24gb_gpus_with_fsdp_and_not_two():
@@ -364,7 +364,7 @@ def test_two_torchrun_agents_on_one_host_give_the_one_process_weights(tokenized_
 
 
 def test_the_dockerfile_copies_only_what_the_repository_has_and_pins_the_tested_torch():
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     lines = (repo / "deployments" / "kubernetes" / "Dockerfile").read_text().splitlines()
     copied = [source for line in lines if line.startswith("COPY ") for source in line.split()[1:-1]]
     assert copied and [s for s in copied if not (repo / s).exists()] == []
@@ -378,7 +378,7 @@ def test_the_kubernetes_job_asks_for_the_gpus_of_its_run():
     from prefect.server.schemas.actions import WorkPoolCreate
     from prefect.utilities.templating import apply_values
 
-    template = json.loads((Path(__file__).resolve().parents[1] / "deployments" / "kubernetes"
+    template = json.loads((Path(__file__).resolve().parents[2] / "deployments" / "kubernetes"
                            / "gpu-job-template.json").read_text())
     WorkPoolCreate(name="gpu-24gb-x4", type="kubernetes", base_job_template=template)
     values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}

@@ -18,7 +18,7 @@ from run_helpers import ENDLESS_TRAINING, SMOKE
 from leantune.rundir import RunDir, read_attempts
 from leantune.runlock import check_run_dir_free
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["data.synthetic.num_records=60", "tokenize.vocab_size=400", "tokenize.max_seq_len=128",
         "data.val_fraction=0.1", "data.chunk_size=64", "tracking.tensorboard=false"]
 
