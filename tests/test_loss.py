@@ -9,7 +9,7 @@ import torch
 
 from leantune.config import load_config
 from leantune.modeling import build_model
-from leantune.tokenization import collate
+from leantune.shards import collate
 from leantune.training.loss import summed_cross_entropy, target_cross_entropy
 
 VOCAB = 300
