@@ -92,7 +92,7 @@ def peak_rss_mb() -> float:
 
 def row_tokens(run: Path) -> int:
     """Non-padding tokens of the prompt+chosen and prompt+rejected rows of every pair."""
-    from leantune.tokenization import TokenShards
+    from leantune.shards import TokenShards
 
     shards = TokenShards(run / "tokens" / "train")
     return sum(int(shards[i]["doc_lengths"][0]) + len(shards[i]["input_ids"]) for i in range(len(shards)))
@@ -103,7 +103,7 @@ def preference_accuracy(model, run: Path) -> float:
     import torch
 
     from leantune.config import load_config
-    from leantune.tokenization import TokenShards
+    from leantune.shards import TokenShards
     from leantune.training.preference import PreferenceObjective
 
     cfg = load_config(run / "config.yaml")

@@ -69,7 +69,7 @@ def main() -> int:
     from leantune.config import load_config
     from leantune.fused import _lora_forward_method, _swiglu_forward_method
     from leantune.modeling import build_model
-    from leantune.tokenization import TokenShards
+    from leantune.shards import TokenShards
     from leantune.training.packed import model_inputs
 
     torch.set_num_threads(args.threads)

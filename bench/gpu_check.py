@@ -130,7 +130,7 @@ def check_fused(args, work: Path, steps: int = 10) -> tuple[bool, str]:
 
     from leantune.config import load_config
     from leantune.modeling import build_model
-    from leantune.tokenization import TokenShards
+    from leantune.shards import TokenShards
     from leantune.training.fused import _lora_forward_method, _swiglu_forward_method
     from leantune.training.loss import target_cross_entropy
     from leantune.training.packed import model_inputs

@@ -147,7 +147,7 @@ def trainer_run(pristine: Path, name: str, overrides: list[str], *, fused: bool 
 
     from leantune.config import load_config
     from leantune.modeling import build_model
-    from leantune.tokenization import TokenShards
+    from leantune.shards import TokenShards
     from leantune.training.loop import _seed_everything, epoch_order, next_global_batch
     from leantune.training.optim import total_steps
 

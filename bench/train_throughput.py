@@ -141,7 +141,7 @@ def trainer_child(cfg, run_dir: Path, side: str, step_ends: dict[int, float]) ->
     )
 
     from leantune.modeling import build_model
-    from leantune.tokenization import TokenShards
+    from leantune.shards import TokenShards
 
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokens" / "tokenizer")
@@ -203,6 +203,7 @@ def main() -> None:
     from leantune.data.prepare import prepare
     from leantune.modeling import build_model, describe_model
     from leantune.rundir import write_config
+    from leantune.shards import TokenShards, padding_estimate
     from leantune.tokenization import tokenize
     from leantune.validation import validate_records
 
@@ -222,8 +223,9 @@ def main() -> None:
             validate_records(cfg, run_dir / "data")
             stats = tokenize(cfg, run_dir / "data", run_dir / "tokens")
             t = stats["train"]
+            padding = padding_estimate(TokenShards(run_dir / "tokens" / "train"), cfg.train)
             print(f"{'packed  ' if packing else 'unpacked'}: {t['counts']['sequences']} sequences, "
-                  f"{t['tokens']['total']} tokens, padding {t['tokens']['padding_fraction']:.1%} "
+                  f"{t['tokens']['total']} tokens, padding {padding:.1%} "
                   f"(at micro-batch 4, in leantune's order)", flush=True)
         import torch
         from transformers import AutoTokenizer

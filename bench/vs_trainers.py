@@ -140,7 +140,7 @@ def peak_rss_mb() -> float:
 
 
 def sequences(run: Path) -> list[dict]:
-    from leantune.tokenization import TokenShards
+    from leantune.shards import TokenShards
 
     shards = TokenShards(run / "tokens" / "train")
     return [{"input_ids": shards[i]["input_ids"].tolist(), "labels": shards[i]["labels"].tolist()}
@@ -153,7 +153,7 @@ def mean_loss(model, tokens: Path) -> float:
     time, in eval mode."""
     import torch
 
-    from leantune.tokenization import TokenShards, collate
+    from leantune.shards import TokenShards, collate
     from leantune.training.loss import summed_cross_entropy
 
     shards = TokenShards(tokens)

@@ -4,7 +4,7 @@
     python flows/evaluate.py --config configs/qwen2.5-0.5b-lora.yaml   # a model alone
     python flows/evaluate.py --config configs/qwen2.5-0.5b-lora.yaml --adapter path/to/adapter
     python flows/evaluate.py --run RUN --set 'eval.datasets=[synthetic, /data/sycophancy_on_nlp_survey.jsonl]'
-    python flows/evaluate.py --help
+    python flows/evaluate.py --help                                  # or leantune-evaluate --help
 """
 
 from __future__ import annotations
@@ -16,14 +16,10 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__":
-    # The command line is checked before Prefect, torch or a stage is imported (leantune/cli.py).
-    from leantune.cli import evaluate_request, request_or_exit
+    # The same command as leantune-evaluate (flows/commands.py): checked before Prefect or torch is imported.
+    from flows.commands import evaluate as command
 
-    REQUEST = request_or_exit(evaluate_request, sys.argv[1:])
-
-# A script of the checkout: tasks/ and flows/ are imported from the repository root (the wheel
-# installs only the leantune package), whatever the working directory.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(command())
 
 from tasks.logs import failure_exit_code, set_up_flow_process  # first: before Prefect is imported
 
@@ -115,6 +111,3 @@ def main(argv: list[str] | None = None, request: EvaluateRequest | None = None) 
         return 0
     return failure_exit_code(state, "evaluation")
 
-
-if __name__ == "__main__":
-    sys.exit(main(request=REQUEST))

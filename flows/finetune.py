@@ -3,7 +3,7 @@
     python flows/finetune.py                                   # the offline default, runs anywhere
     python flows/finetune.py --config configs/default.yaml --set tokenize.max_seq_len=128
     python flows/finetune.py --resume default-20250101-120000  # continue a stopped run
-    python flows/finetune.py --help
+    python flows/finetune.py --help                            # or leantune-finetune --help: the same command
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ from pathlib import Path
 from typing import Literal
 
 if __name__ == "__main__":
-    # The command line is checked before Prefect, torch or a stage is imported: --help, a config error, a
-    # missing data path or a taken run name answer in about a second, with no server started.
-    from leantune.cli import request_or_exit
+    # The same command as leantune-finetune (flows/commands.py): the command line is checked before Prefect,
+    # torch or a stage is imported (--help, a config error, a missing data path or a taken run name answer in
+    # about a second, with no server started), then the flow runs from this module, imported as flows.finetune.
+    from flows.commands import finetune as command
 
-    REQUEST = request_or_exit(argv=sys.argv[1:])
-
-# A script of the checkout: tasks/ and flows/ are imported from the repository root (the wheel
-# installs only the leantune package), whatever the working directory.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(command())
 
 from tasks.logs import failure_exit_code, log_stage_times, set_up_flow_process  # before Prefect is imported
 
@@ -195,6 +192,3 @@ def main(argv: list[str] | None = None, request: FinetuneRequest | None = None) 
         return 0
     return failure_exit_code(state, "run", Path(request.config.run.output_dir) / request.config.run.name)
 
-
-if __name__ == "__main__":
-    sys.exit(main(request=REQUEST))

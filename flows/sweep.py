@@ -2,7 +2,7 @@
 
     python flows/sweep.py --grid lora.r=8,16 --grid train.lr=1e-4,2e-4 --set train.max_steps=200
     python flows/sweep.py --config configs/qwen2.5-0.5b-lora.yaml --config configs/phi-3-mini-qlora.yaml
-    python flows/sweep.py --help
+    python flows/sweep.py --help                                  # or leantune-sweep --help: the same command
 
 Every member (config file x grid combination) is routed to the smallest GPU class of the pool
 catalogue (deployments/pools.yaml) whose memory holds its estimate, submitted as a run of that
@@ -16,14 +16,15 @@ filesystem) for their figures to reach the table; their states always do.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-# A script of the checkout: tasks/ and flows/ are imported from the repository root (the wheel
-# installs only the leantune package), whatever the working directory.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":
+    # The same command as leantune-sweep (flows/commands.py): checked before Prefect or torch is imported.
+    from flows.commands import sweep as command
+
+    sys.exit(command())
 
 from tasks.logs import set_up_flow_process  # first: before Prefect is imported
 
@@ -33,7 +34,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
 
-from leantune.config import ConfigError
+from leantune.cli import DEFAULT_CONFIG, DEFAULT_POOLS, SweepRequest, sweep_request
 from leantune.errors import UserError
 from leantune.routing import PoolClass, load_pool_classes, route
 from leantune.sweep import (
@@ -46,9 +47,6 @@ from leantune.sweep import (
 )
 from leantune.tracking import as_children, finish_parent_run, start_parent_run
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
-POOL_CATALOGUE = REPO / "deployments" / "pools.yaml"
 ARTIFACT_KEY = "sweep-comparison"
 
 
@@ -69,7 +67,7 @@ def sweep(configs: list[str] | None = None, grid: dict[str, list] | None = None,
     log = get_run_logger()
     sweep_name = name or time.strftime("sweep-%Y%m%d-%H%M%S")
     members = expand_members(configs or [str(DEFAULT_CONFIG)], grid or {}, overrides or [], sweep_name)
-    catalogue = pools or load_pool_classes(POOL_CATALOGUE)
+    catalogue = pools or load_pool_classes(DEFAULT_POOLS)
     log.info(f"sweep {sweep_name}: {len(members)} member(s) over pools "
              f"{', '.join(f'{p.name} ({p.memory_gb:g} GB)' for p in catalogue)}")
 
@@ -135,44 +133,13 @@ def wait_for(flow_run_ids: list, poll_seconds: float, timeout_seconds: float | N
             time.sleep(poll_seconds)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python flows/sweep.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", dest="configs", action="append", type=Path, metavar="YAML",
-                   help="a member config (repeatable; default: configs/default.yaml)")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a dotted config key and the values to sweep, e.g. --grid lora.r=8,16 (repeatable; values "
-                   "parse as --set values do; every combination of every --grid is a member)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key for every member, e.g. --set train.max_steps=200")
-    p.add_argument("--name", help="sweep name; members are runs NAME-00, NAME-01, ... (default: sweep-<time>)")
-    p.add_argument("--pools", type=Path, default=POOL_CATALOGUE,
-                   help="pool catalogue (default: deployments/pools.yaml)")
-    p.add_argument("--timeout", type=float, help="stop waiting after this many seconds")
-    return p.parse_args(argv)
-
-
-def parse_grid(items: list[str]) -> dict[str, list]:
-    """--grid KEY=V1,V2 strings as {key: [value texts]}; each text is parsed as --set parses a value."""
-    grid = {}
-    for item in items:
-        key, sep, values = item.partition("=")
-        if not sep or not key.strip() or not values.strip():
-            raise ConfigError([f"--grid {item}: expected KEY=V1,V2,... such as lora.r=8,16"], "command line")
-        grid[key.strip()] = [v.strip() for v in values.split(",")]
-    return grid
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, request: SweepRequest | None = None) -> int:
+    """The command: its command line (leantune/cli.py, unless `request` is that already), a server, the flow."""
     from prefect.settings import PREFECT_API_URL
 
-    args = parse_args(argv)
     try:
-        grid = parse_grid(args.grid)
-        pools = load_pool_classes(args.pools)
-        configs = [str(c) for c in (args.configs or [DEFAULT_CONFIG])]
-        # Validate every member before anything is submitted: a bad key costs nothing.
-        expand_members(configs, grid, args.overrides, args.name or "sweep")
-    except ConfigError as e:
+        request = request or sweep_request(argv)
+    except UserError as e:
         print(f"leantune: {e}", file=sys.stderr)
         return 2
     if not PREFECT_API_URL.value():
@@ -180,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
               "(prefect server start), set PREFECT_API_URL, and register the pools (python deployments/pools.py)",
               file=sys.stderr)
         return 2
-    state = sweep(configs=configs, grid=grid, overrides=args.overrides, name=args.name, pools=pools,
-                  timeout_seconds=args.timeout, return_state=True)
+    state = sweep(configs=request.configs, grid=request.grid, overrides=request.overrides, name=request.name,
+                  pools=request.pools, timeout_seconds=request.timeout_seconds, return_state=True)
     if not state.is_completed():
         print(f"leantune: the sweep failed: {state.message}", file=sys.stderr)
         return 1
@@ -190,7 +157,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"leantune: sweep finished, {len(rows) - len(failed)} of {len(rows)} member(s) completed"
           + (f" (not completed: {', '.join(failed)})" if failed else ""))
     return 0 if not failed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

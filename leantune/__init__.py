@@ -7,7 +7,9 @@ the full map; in short:
   resume.py                          the resume policy: what may change on resume, why one is refused
   data/                              stage 1, prepare: sources, formats, synthetic data, quality, split
   validation.py                      stage 2: Great Expectations over record chunks, quarantine
-  tokenization.py                    stage 3: chat template, label masks, packing, token shards
+  tokenization.py                    stage 3: chat template, label masks, packing, the token shard writer
+  shards.py                          the token-shard format training reads: reader, collate, batch order,
+                                     the padding estimate (no training setting reaches the tokenize stage)
   modeling.py, fused.py, gguf.py, moe.py  the model: loading, quantisation, LoRA, fused layers, MoE
   devices.py                         what leantune picks on a device: dtype, attention, 4-bit evaluation
   training/                          stage 4, in its own process: loop, loss, optimizer, checkpoints

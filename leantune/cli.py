@@ -1,10 +1,11 @@
-"""The finetune command line, checked before Prefect, torch or a stage is imported.
+"""The command line of every flow, checked before Prefect, torch or a stage is imported.
 
-`python flows/finetune.py` parses its arguments here and checks everything that needs no server:
-the config, the data paths, the run name (a new run must not exist; a resumed one must, must not be
-finished, and must not be in use by another command). A user error is answered in about a second,
-before any Prefect server starts, and leaves nothing on disk. This module imports only argparse, yaml
-and pydantic (leantune.config).
+Each flow's command (flows/commands.py: `leantune-finetune`, `leantune-evaluate`, `leantune-profile`,
+`leantune-sweep`, or `python flows/<flow>.py`) parses its arguments here and checks everything that needs no
+server: the config, the data paths, the run name (a new run must not exist; a resumed one must, must not be
+finished, and must not be in use by another command), a profile's combinations, a sweep's members and pools.
+A user error is answered in about a second, before any Prefect server starts, and leaves nothing on disk.
+This module imports only argparse, yaml and pydantic (leantune.config) and torch-free leantune modules.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from leantune.config import RunConfig, load_config
+from leantune.config import ConfigError, RunConfig, load_config
 from leantune.errors import UserError
 from leantune.gguf import check_model_file
 from leantune.preflight import data_path_problems
@@ -26,18 +27,25 @@ from leantune.runlock import check_run_dir_free
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 
 
-def default_config(package_root: Path = PACKAGE_PARENT, script: str | None = None, cwd: Path | None = None) -> Path:
-    """configs/default.yaml of the checkout: beside the leantune package (a checkout, an editable install),
-    else in the checkout of the flow script being run (`python flows/finetune.py` with leantune installed
-    from a wheel, whose package sits in site-packages, away from configs/), else in the working directory.
-    None found: the first place, which the config loader's message then names."""
+def checkout_file(relative: str, package_root: Path = PACKAGE_PARENT, script: str | None = None,
+                  cwd: Path | None = None) -> Path:
+    """A file of the checkout (configs/default.yaml, deployments/pools.yaml): beside the leantune package (a
+    checkout, an editable install), else in the checkout of the flow script being run (`python flows/finetune.py`
+    with leantune installed from a wheel, whose package sits in site-packages, away from configs/), else in the
+    working directory. None found: the first place, which the loader's message then names."""
     script = sys.argv[0] if script is None and sys.argv else script
     roots = [package_root, *(Path(script).resolve().parents[1:2] if script else ()), cwd or Path.cwd()]
-    found = [root / "configs" / "default.yaml" for root in roots if (root / "configs" / "default.yaml").is_file()]
-    return (found or [package_root / "configs" / "default.yaml"])[0]
+    found = [root / relative for root in roots if (root / relative).is_file()]
+    return (found or [package_root / relative])[0]
+
+
+def default_config(package_root: Path = PACKAGE_PARENT, script: str | None = None, cwd: Path | None = None) -> Path:
+    """configs/default.yaml of the checkout (`checkout_file`)."""
+    return checkout_file("configs/default.yaml", package_root, script, cwd)
 
 
 DEFAULT_CONFIG = default_config()
+DEFAULT_POOLS = checkout_file("deployments/pools.yaml")  # the sweep's GPU machine classes
 
 
 class RunFinished(UserError):
@@ -72,9 +80,9 @@ def _config_arguments(p: argparse.ArgumentParser, config_help: str, set_example:
 
 def finetune_parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(
-        prog="python flows/finetune.py",
-        description="Fine-tune an LLM with leantune. Without arguments it runs the offline default "
-        "(configs/default.yaml; no network, no GPU).",
+        prog="leantune-finetune",
+        description="Fine-tune an LLM with leantune (also: python flows/finetune.py). Without arguments it runs "
+        "the offline default (configs/default.yaml; no network, no GPU).",
     )
     _config_arguments(p, "YAML config (default: configs/default.yaml); every key is documented in leantune/config.py",
                       "train.lr=1e-4")
@@ -150,10 +158,11 @@ class EvaluateRequest:
 
 def evaluate_parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(
-        prog="python flows/evaluate.py",
+        prog="leantune-evaluate",
         description="Evaluate the sycophancy of a model (log-likelihood of the sycophantic answer against the "
         "others, Anthropic's model-written-evals sets and leantune's synthetic set), or of a fine-tuned model "
-        "against its base on the same items. Results: base.json, tuned.json, comparison.json, sycophancy.png.",
+        "against its base on the same items. Results: base.json, tuned.json, comparison.json, sycophancy.png. "
+        "Also: python flows/evaluate.py.",
     )
     _config_arguments(p, "YAML config with the model and the eval section (default: configs/default.yaml)",
                       "eval.max_items=100")
@@ -179,8 +188,156 @@ def evaluate_request(argv: list[str] | None = None) -> EvaluateRequest:
     return EvaluateRequest(config, args.run, args.adapter, args.out)
 
 
+@dataclass
+class ProfileRequest:
+    """What a checked profile command line asks for: the base config and the lists the profile flow sweeps
+    (the flow's parameters of the same names)."""
+
+    config: RunConfig
+    config_name: str
+    micro_batch_sizes: list[int]
+    max_seq_lens: list[int]
+    optimizers: list[str]
+    precisions: list[str]
+    power_limits_w: list[float | None]
+    architectures: list[str | None]
+    steps: int
+    breakdown: bool
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers separated by commas, e.g. 1,2,4") from None
+
+
+def _choice_list(choices: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        wrong = [v for v in values if v not in choices]
+        if wrong:
+            raise argparse.ArgumentTypeError(f"{', '.join(wrong)}: not one of {', '.join(choices)}")
+        return values
+    return parse
+
+
+def _power_list(text: str) -> list[float | None]:
+    try:
+        return [None if v.strip().lower() in ("none", "null") else float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected watts or 'none' separated by commas, "
+                                         "e.g. none,100,115") from None
+
+
+def profile_parser() -> argparse.ArgumentParser:
+    import leantune.profile as pf  # here, as each command imports what it checks: leantune-finetune does not load it
+
+    p = _ArgumentParser(
+        prog="leantune-profile",
+        description="Profile training: tokens/s, seconds per 10k tokens, peak memory and energy for every "
+        "combination of micro-batch, sequence length, optimizer, precision, power limit and scratch architecture, "
+        "with the time per step split into attention / experts / router / optimizer. Writes profile.csv "
+        "and profile.png in the profile directory, and the table and plot as Prefect artifacts. "
+        "Also: python flows/profiling.py.",
+    )
+    _config_arguments(p, "base YAML config (default: configs/default.yaml, the tiny offline model)", "train.lr=1e-4")
+    p.add_argument("--run-name", help="name of the profile directory under run.output_dir")
+    p.add_argument("--micro-batch", type=_int_list, default=pf.DEFAULT_MICRO_BATCH_SIZES, metavar="N,N",
+                   help="train.micro_batch_size values (default: 1,2,4)")
+    p.add_argument("--seq-len", type=_int_list, default=pf.DEFAULT_MAX_SEQ_LENS, metavar="L,L",
+                   help="tokenize.max_seq_len values (default: 128,256)")
+    p.add_argument("--optimizer", type=_choice_list(pf.Optimizer.__args__), default=pf.DEFAULT_OPTIMIZERS,
+                   metavar="NAME,NAME", help=f"train.optimizer values: {', '.join(pf.Optimizer.__args__)} (default: adamw)")
+    p.add_argument("--precision", type=_choice_list(pf.Precision.__args__), default=pf.DEFAULT_PRECISIONS,
+                   metavar="DTYPE,DTYPE", help=f"model.dtype values: {', '.join(pf.Precision.__args__)} (default: auto)")
+    p.add_argument("--power-limit", type=_power_list, default=pf.DEFAULT_POWER_LIMITS_W, metavar="W,W",
+                   help="power.limit_watts values, 'none' for no limit (default: none); needs an NVIDIA GPU and root")
+    p.add_argument("--architecture", type=_choice_list(pf.Architecture.__args__), default=pf.DEFAULT_ARCHITECTURES,
+                   metavar="ARCH,ARCH",
+                   help=f"model.scratch.architecture values for the scratch model: "
+                   f"{', '.join(pf.Architecture.__args__)} (default: the config's model)")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="skip the profiled second training of each combination (no attention / experts / router / "
+                   "optimizer columns)")
+    p.add_argument("--steps", type=int, default=pf.DEFAULT_STEPS,
+                   help=f"optimizer steps per combination, the first not measured (default: {pf.DEFAULT_STEPS})")
+    return p
+
+
+def profile_request(argv: list[str] | None = None) -> ProfileRequest:
+    """Parse and check a profile command line: the config and every combination's config (`profile.plan`), so a
+    bad value costs no server start; raise UserError (ConfigError) for what is wrong."""
+    from leantune.profile import combinations, plan
+
+    args = profile_parser().parse_args(argv)
+    config = load_config(args.config, [*args.overrides, *([f"run.name={args.run_name}"] if args.run_name else [])])
+    request = ProfileRequest(config, args.config.stem, args.micro_batch, args.seq_len, args.optimizer, args.precision,
+                             args.power_limit, args.architecture, args.steps, args.breakdown)
+    plan(config, combinations(args.micro_batch, args.seq_len, args.optimizer, args.precision, args.power_limit,
+                              args.architecture), args.steps)
+    return request
+
+
+@dataclass
+class SweepRequest:
+    """What a checked sweep command line asks for (the sweep flow's parameters of the same names)."""
+
+    configs: list[str]
+    grid: dict[str, list]
+    overrides: list[str]
+    name: str | None
+    pools: list
+    timeout_seconds: float | None
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    p = _ArgumentParser(
+        prog="leantune-sweep",
+        description="Many fine-tunes across a pool of GPU machines, one comparison table: every member (config "
+        "file x grid combination) is routed to the smallest GPU class whose memory holds its estimate and run as a "
+        "deployment run. Needs a Prefect server, python deployments/pools.py and workers. Also: python flows/sweep.py.",
+    )
+    p.add_argument("--config", dest="configs", action="append", type=Path, metavar="YAML",
+                   help="a member config (repeatable; default: configs/default.yaml)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a dotted config key and the values to sweep, e.g. --grid lora.r=8,16 (repeatable; values "
+                   "parse as --set values do; every combination of every --grid is a member)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key for every member, e.g. --set train.max_steps=200")
+    p.add_argument("--name", help="sweep name; members are runs NAME-00, NAME-01, ... (default: sweep-<time>)")
+    p.add_argument("--pools", type=Path, default=DEFAULT_POOLS, help="pool catalogue (default: deployments/pools.yaml)")
+    p.add_argument("--timeout", type=float, help="stop waiting after this many seconds")
+    return p
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """--grid KEY=V1,V2 strings as {key: [value texts]}; each text is parsed as --set parses a value."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ConfigError([f"--grid {item}: expected KEY=V1,V2,... such as lora.r=8,16"], "command line")
+        grid[key.strip()] = [v.strip() for v in values.split(",")]
+    return grid
+
+
+def sweep_request(argv: list[str] | None = None) -> SweepRequest:
+    """Parse and check a sweep command line: the grid, the pool catalogue and every member's config, before
+    anything is submitted; raise UserError (ConfigError) for what is wrong."""
+    from leantune.routing import load_pool_classes
+    from leantune.sweep import expand_members
+
+    args = sweep_parser().parse_args(argv)
+    grid = parse_grid(args.grid)
+    pools = load_pool_classes(args.pools)
+    configs = [str(c) for c in (args.configs or [DEFAULT_CONFIG])]
+    expand_members(configs, grid, args.overrides, args.name or "sweep")
+    return SweepRequest(configs, grid, args.overrides, args.name, pools, args.timeout)
+
+
 def request_or_exit(check=finetune_request, argv: list[str] | None = None):
-    """`check(argv)` (finetune_request, evaluate_request) for a script: a user error is one line on stderr
+    """`check(argv)` (finetune_request, evaluate_request, profile_request, sweep_request) for a command: a user error is one line on stderr
     and exit 2; a finished run exit 0."""
     try:
         return check(argv)

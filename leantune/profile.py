@@ -41,7 +41,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from leantune import tables
-from leantune.config import RunConfig, apply_overrides, describe_errors
+from leantune.config import (
+    ModelConfig,
+    RunConfig,
+    ScratchModelConfig,
+    TrainConfig,
+    apply_overrides,
+    describe_errors,
+)
 from leantune.errors import UserError
 from leantune.metrics import read_metrics
 from leantune.rundir import RunDir, TokenDir, write_config
@@ -56,6 +63,18 @@ COLUMNS = ["combination", "micro_batch_size", "max_seq_len", "optimizer", "preci
 MIN_STEPS = 2
 EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
 NO_ENERGY_NOTE = "energy: n/a (no NVML energy counter here)"
+# The sweep's value types are the config's own, so the command line and the UI form offer exactly the values
+# a config accepts; the defaults: 3 x 2 combinations of the base config's model.
+Optimizer = TrainConfig.model_fields["optimizer"].annotation
+Precision = ModelConfig.model_fields["dtype"].annotation
+Architecture = ScratchModelConfig.model_fields["architecture"].annotation
+DEFAULT_MICRO_BATCH_SIZES = [1, 2, 4]
+DEFAULT_MAX_SEQ_LENS = [128, 256]
+DEFAULT_OPTIMIZERS = ["adamw"]
+DEFAULT_PRECISIONS = ["auto"]
+DEFAULT_POWER_LIMITS_W = [None]  # no limit
+DEFAULT_ARCHITECTURES = [None]  # the base config's model
+DEFAULT_STEPS = 5
 
 
 @dataclass(frozen=True)

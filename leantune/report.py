@@ -24,9 +24,11 @@ import re
 from pathlib import Path
 
 from leantune.attempts import history_markdown
+from leantune.config import load_config
 from leantune.evaluation.compare import table_rows
 from leantune.metrics import MetricLine, StepLine, event_of, read_metrics
-from leantune.rundir import EvalDir, RunDir, TokenDir, read_attempts
+from leantune.rundir import EvalDir, RunDir, read_attempts
+from leantune.shards import TokenShards, padding_estimate
 from leantune.tables import markdown_table
 from leantune.tracking import tracking_lines
 
@@ -46,7 +48,7 @@ def write_report(run_dir: Path) -> Path:
     sections = [
         f"# Run report: {layout.root.name}\n",
         _data_section(layout),
-        _tokens_section(layout.token_dir),
+        _tokens_section(layout),
         _training_section(layout, steps, events),
         _attempts_section(layout),
         _evaluation_section(layout.eval_dir),
@@ -176,15 +178,18 @@ def _data_section(layout: RunDir) -> str:
     return "\n".join(out)
 
 
-def _tokens_section(tokens_dir: TokenDir) -> str:
+def _tokens_section(layout: RunDir) -> str:
     out = ["## Tokens\n"]
     rows = []
+    tokens_dir = layout.token_dir
     for split in ("train", "val"):
         index = _load(tokens_dir.index(split))
         if index is not None:
             c, t = index["counts"], index["tokens"]
+            # The padding of micro-batches of the run's train settings (not a tokenize figure: leantune/shards.py).
+            padding = padding_estimate(TokenShards(tokens_dir.split(split)), load_config(layout.config).train)
             rows.append([split, c["records_read"], c["documents"], c["sequences"], t["total"], t["trainable"],
-                         f"{t['padding_fraction']:.1%}", c["truncated"], c["dropped_overlong"], c["no_trainable"]])
+                         f"{padding:.1%}", c["truncated"], c["dropped_overlong"], c["no_trainable"]])
     if not rows:
         out.append("Tokenize did not run (no tokens/*/index.json).\n")
         return "\n".join(out)

@@ -3,7 +3,7 @@
 `RunDir` names every file and folder a run writes, in one place; stages, tasks, flows and the report
 take their paths from it. `DataDir`, `TokenDir` and `EvalDir` name the files inside data/, tokens/ and
 eval/ (the stages write them into any such folder: a profile has tokens/seq-<L>/, the evaluate flow
-its own output folder). Inside a token split, the shard files are leantune/tokenization.py's format;
+its own output folder). Inside a token split, the shard files are leantune/shards.py's format;
 the two files other stages read are SPLIT_INDEX and SPLIT_LENGTHS. Each stage writes only its own
 files. Also here: the one writer of config.yaml (`write_config`), the run directory's creation and
 checks, and the attempt history (attempts.jsonl, attempts/attempt-N/).
@@ -244,8 +244,8 @@ class EvalDir(_Layout):
         return self.root / "sycophancy.png"
 
 
-# Files of a token split that other stages read (leantune/tokenization.py documents the split's files).
-SPLIT_INDEX = "index.json"  # counts, tokens, padding, the tokenizer, the tokenize config hash
+# Files of a token split that other stages read (leantune/shards.py documents the split's files).
+SPLIT_INDEX = "index.json"  # counts, tokens, the tokenizer, the tokenize config hash
 SPLIT_LENGTHS = "lengths.npy"  # the token length of every record
 
 

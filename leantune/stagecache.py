@@ -10,10 +10,9 @@ includes the key of the stage before it:
 - validate: the prepare key, data.val_fraction and data.split_seed (the train/val split), the
   `validation` section and the content of the expectation suites;
 - tokenize: the validate key, the `tokenize` section, the model fields that choose the tokenizer
-  (name_or_path, revision, trust_remote_code), the files of a local tokenizer directory, and,
-  without packing only, train.global_batch_size / micro_batch_size / seed / group_by_length: tokenize reads them
-  then, for the padding estimate of training's micro-batches in index.json (packed sequences are
-  padded to max_seq_len, whatever the batches).
+  (name_or_path, revision, trust_remote_code) and the files of a local tokenizer directory. No train
+  setting: the shards do not depend on the batch sizes or the seed (the padding of training's
+  micro-batches is estimated on the training side, leantune/shards.py), so a new micro-batch reuses them.
 
 Keys never use timestamps. A hub source is keyed by its id, config and split only: the hub may
 publish new data under the same id, which the key cannot see; set run.cache=false to re-read it.
@@ -136,12 +135,8 @@ def tokenize_key(cfg: RunConfig) -> str:
     m = cfg.model
     source = cfg.tokenize.tokenizer or m.name_or_path
     local = tree_digest(Path(source), _is_tokenizer_file) if Path(source).is_dir() else "not-local"
-    # Without packing, tokenize estimates the padding of training's micro-batches (index.json's
-    # padding_fraction) from the batch sizes, the seed and the grouping; packed sequences do not depend on them.
-    t = cfg.train
-    batches = [] if cfg.tokenize.packing else [t.global_batch_size, t.micro_batch_size, t.seed, t.group_by_length]
     return _sha256("tokenize", validate_key(cfg), cfg.section_hash("tokenize"),
-                   json.dumps([m.name_or_path, m.revision, m.trust_remote_code, local, *batches]))
+                   json.dumps([m.name_or_path, m.revision, m.trust_remote_code, local]))
 
 
 STAGE_KEYS: dict[str, Callable[[RunConfig], str]] = {

@@ -1,4 +1,4 @@
-"""Streaming tokenization: chat template, label masking, packing, token shard writer and reader.
+"""Streaming tokenization, the tokenize stage: chat template, label masking, packing, the token shard writer.
 
 Pipeline: canonical records (`data/train.jsonl`, `data/val.jsonl`) stream in chunks through the
 tokenizer's chat template; each record becomes `input_ids` plus a `trainable` mask; records are
@@ -18,29 +18,11 @@ template adds after it (not the role header); "last_assistant" the last such spa
 token. The first token of a record is never trainable: nothing precedes it to predict it from,
 and in a packed sequence it must not be learned as a continuation of the previous document.
 
-Attention semantics of packed sequences: documents packed into one sequence never attend to each
-other (block-diagonal causal attention), and position ids restart at 0 for each document, so a
-packed document produces the same logits as the document run alone (tests/test_packing.py).
-`collate` expresses this as a 4D additive mask of shape (batch, 1, seq, seq), which transformers
-5.x passes unchanged to the sdpa and eager attention of Llama-style models (`masking_utils`
-returns a 4D mask as is; eager adds it to the scores, so it must be additive, not boolean).
-Padding in a packed batch forms its own block after the last document. flash_attention_2 takes no
-4D mask: it finds documents from restarting position ids only in a batch of one row, so there
-concatenate a micro-batch into one row and pass `position_ids` without `attention_mask`. sdpa and
-eager find them from position ids too (no mask, `use_cache=False`: with a cache, which most configs
-enable by default, transformers skips that detection and documents silently attend to each other).
-Which of these the training loop uses, and what each mask costs: leantune/training/packed.py.
-
-On-disk format of one split directory (e.g. `tokens/train/`):
-  shard-NNNNN.tokens.npy  flat token ids, uint16 when the vocabulary has fewer than 65536 ids, else uint32
-  shard-NNNNN.mask.npy    flat uint8, 1 where the token is a training target
-  index.npy               int64 (sequences, 5): shard, offset, length, first document row, documents
-  docs.npy                int64 (documents, 2): record ordinal in the records file, document length
-  lengths.npy             int32 token length of every encoded record before truncation
-  index.json              counts, dtype, vocab size, max_seq_len, tokenizer name and hash, hash of
-                          the tokenize config section, padding fraction, token totals, failure examples
-A new shard starts when the next sequence would take the current one past `tokenize.shard_tokens`.
-Same input and config give byte-identical files.
+The files written, and what packed documents mean to attention, are the token-shard format of
+leantune/shards.py, which training reads. No batch, seed or optimizer setting is read here, so the
+stage and its stage-cache key depend only on the records (conversations, or pairs under train.objective
+dpo/simpo), the tokenizer and the `tokenize` section; the padding that training's micro-batches will
+have is `shards.padding_estimate`, computed on the training side from the train settings.
 """
 
 from __future__ import annotations
@@ -54,7 +36,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -66,15 +48,11 @@ from leantune.gguf import model_source
 from leantune.jsonl import chunks, iter_jsonl
 from leantune.progress import progress_bar
 from leantune.rundir import SPLIT_INDEX, SPLIT_LENGTHS, DataDir, TokenDir
+from leantune.shards import FORMAT_VERSION, REFERENCE_LOGPS
 
-FORMAT_VERSION = 1
-# train.group_by_length sorts lengths only within a random window of this many global batches, so
-# batches are both low-padding and differently composed per seed.
-MEGABATCH_BATCHES = 50
 MAX_FAILURE_EXAMPLES = 5
 # The scratch tokenizer learns its merges from at most about this much of the training file.
 SCRATCH_SAMPLE_BYTES = 8 << 20
-REFERENCE_LOGPS = "reference_logps.npy"  # of pair shards, full fine-tuning's DPO reference (training/preference.py)
 
 SCRATCH_PAD, SCRATCH_BOS, IM_START, IM_END = "<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>"
 # ChatML; <|im_end|> is the end-of-turn token and therefore the eos that generation stops at.
@@ -402,49 +380,6 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def training_batches(lengths: np.ndarray, global_batch_size: int, seed: int,
-                     group_by_length: bool = False) -> list[np.ndarray]:
-    """An epoch's global batches of sequence indices, in training order; every index once, the
-    short batch last.
-
-    By default each global batch is a uniform draw (seeded), sorted longest first: every optimizer
-    step sees the data's mix of lengths (and so of sources), and its micro-batches (consecutive
-    slices) get similar lengths and less padding, while what the step sums over is unchanged.
-    group_by_length (train.group_by_length) groups whole global batches instead: indices shuffled,
-    cut into mega-batches of MEGABATCH_BATCHES batches, sorted by length within each, cut into
-    batches, batch order shuffled again. The least padding, but steps all short or all long: on
-    bench/vs_trainers.py's mix of short and long records that left a quarter more loss after 4 steps.
-    """
-    lengths = np.asarray(lengths)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(lengths))
-    if not group_by_length:
-        batches = [perm[s:s + global_batch_size] for s in range(0, len(perm), global_batch_size)]
-        return [b[np.argsort(-lengths[b], kind="stable")] for b in batches]
-    batches = []
-    mega = global_batch_size * MEGABATCH_BATCHES
-    for m in range(0, len(perm), mega):
-        group = perm[m:m + mega]
-        group = group[np.argsort(-lengths[group], kind="stable")]
-        batches += [group[b:b + global_batch_size] for b in range(0, len(group), global_batch_size)]
-    batches = [batches[j] for j in rng.permutation(len(batches))]
-    # The one short batch goes last, so that global batches cut from the order are the groups.
-    batches.sort(key=lambda b: len(b) < global_batch_size)
-    return batches
-
-
-def micro_batches(batches: list[np.ndarray], micro_batch_size: int) -> list[np.ndarray]:
-    """Each global batch cut into consecutive micro-batches, as the training loop runs them."""
-    return [b[s:s + micro_batch_size] for b in batches for s in range(0, len(b), micro_batch_size)]
-
-
-def padding_fraction(lengths: np.ndarray, batches: list[list[int]]) -> float:
-    """Share of padded positions when each batch is padded to its longest sequence."""
-    lengths = np.asarray(lengths)
-    padded = sum(int(lengths[b].max()) * len(b) for b in batches if len(b))
-    return 0.0 if padded == 0 else 1 - float(lengths.sum()) / padded
-
-
 # --------------------------------------------------------------------------------------- writer
 
 
@@ -581,12 +516,6 @@ def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Pat
     np.save(out_dir / SPLIT_LENGTHS, np.frombuffer(lengths, dtype=np.int32))
 
     seq_lengths = index[:, 2]
-    if t.packing:
-        # Each packed sequence is padded to max_seq_len: its empty tail is the padding.
-        padding = 1 - float(seq_lengths.sum()) / (len(seq_lengths) * t.max_seq_len) if len(seq_lengths) else 0.0
-    else:
-        batches = training_batches(seq_lengths, cfg.train.global_batch_size, cfg.train.seed, cfg.train.group_by_length)
-        padding = padding_fraction(seq_lengths, micro_batches(batches, cfg.train.micro_batch_size))
     summary = {
         "format_version": FORMAT_VERSION,
         "tokenizer": {"name": tokenizer_source(cfg), "hash": tokenizer_fingerprint(tokenizer),
@@ -599,7 +528,7 @@ def tokenize_records(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Pat
         "overlong": t.overlong,
         "counts": {**counts, "sequences": len(seq_lengths), "documents": int(index[:, 4].sum()),
                    "shards": len(writer.shards)},
-        "tokens": {"total": total_tokens, "trainable": trainable_tokens, "padding_fraction": padding},
+        "tokens": {"total": total_tokens, "trainable": trainable_tokens},
         "shards": writer.shards,
         "failure_examples": examples,
     }
@@ -653,101 +582,6 @@ def tokenize_checked(cfg: RunConfig, data_dir: Path, tokens_dir: Path) -> dict:
     stats = tokenize(cfg, data_dir, tokens_dir)
     validate_tokens(cfg, tokens_dir)
     return stats
-
-
-# --------------------------------------------------------------------------------------- reader
-
-
-class TokenShards:
-    """Memory-mapped reader of a split directory written by `tokenize_records`."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self.meta: dict[str, Any] = json.loads((self.directory / SPLIT_INDEX).read_text())
-        self.index = np.load(self.directory / "index.npy")
-        self.docs = np.load(self.directory / "docs.npy")
-        self.pad_id: int = self.meta["tokenizer"]["pad_id"]
-        # Pairs under train.objective=dpo with model.method=full: each pair's reference log-probabilities
-        # (chosen, rejected), written before the first step (training/preference.py).
-        reference = self.directory / REFERENCE_LOGPS
-        self.reference = np.load(reference) if reference.is_file() else None
-        # Opened on first use, so a reader handed to DataLoader workers maps the files in each worker.
-        self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """Token length of every sequence."""
-        return self.index[:, 2]
-
-    def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if k not in self._shards:
-            files = self.meta["shards"][k]
-            self._shards[k] = (np.load(self.directory / files["tokens"], mmap_mode="r"),
-                               np.load(self.directory / files["mask"], mmap_mode="r"))
-        return self._shards[k]
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        """input_ids, labels (-100 where not a target; aligned with input_ids, the model shifts),
-        position_ids (restarting at 0 per document) and doc_lengths of sequence i."""
-        shard, offset, length, first_doc, n_docs = (int(v) for v in self.index[i])
-        tokens, mask = self._shard(shard)
-        input_ids = tokens[offset:offset + length].astype(np.int64)
-        labels = np.where(mask[offset:offset + length].astype(bool), input_ids, -100)
-        doc_lengths = self.docs[first_doc:first_doc + n_docs, 1].copy()
-        position_ids = np.concatenate([np.arange(n, dtype=np.int64) for n in doc_lengths])
-        item = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "doc_lengths": doc_lengths}
-        if self.reference is not None:
-            item["reference_logps"] = self.reference[i]
-        return item
-
-    def training_batches(self, global_batch_size: int, seed: int, group_by_length: bool) -> list[np.ndarray]:
-        """An epoch's global batches of sequence indices, in training order (`training_batches`)."""
-        return training_batches(self.lengths, global_batch_size, seed, group_by_length)
-
-
-def collate(items: list[dict[str, np.ndarray]], pad_id: int, dtype=None, mask: bool = True) -> dict:
-    """Pad items on the right into torch tensors: input_ids, labels (-100 on pads), position_ids,
-    attention_mask.
-
-    attention_mask is the usual (batch, seq) 0/1 mask when every item is one document, and a
-    (batch, 1, seq, seq) additive block-diagonal causal mask of `dtype` (the model's compute dtype,
-    default float32) when an item holds packed documents; see the module docstring. mask=False: no
-    attention_mask (the model finds the documents from position_ids; training/packed.py).
-    """
-    import torch
-
-    dtype = dtype or torch.float32
-    width = max(len(it["input_ids"]) for it in items)
-    batch = len(items)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    labels = torch.full((batch, width), -100, dtype=torch.long)
-    # Pads get positions restarting at 0 too, so position-id based packing detection sees them as
-    # one extra document instead of a continuation of the last one.
-    position_ids = torch.zeros((batch, width), dtype=torch.long)
-    doc_ids = torch.zeros((batch, width), dtype=torch.long)
-    for b, it in enumerate(items):
-        n = len(it["input_ids"])
-        input_ids[b, :n] = torch.from_numpy(np.asarray(it["input_ids"], dtype=np.int64))
-        labels[b, :n] = torch.from_numpy(np.asarray(it["labels"], dtype=np.int64))
-        position_ids[b, :n] = torch.from_numpy(np.asarray(it["position_ids"], dtype=np.int64))
-        position_ids[b, n:] = torch.arange(width - n)
-        doc_lengths = torch.as_tensor(np.asarray(it["doc_lengths"], dtype=np.int64))
-        doc_ids[b, :n] = torch.repeat_interleave(torch.arange(len(doc_lengths)), doc_lengths)
-        doc_ids[b, n:] = len(doc_lengths)
-    if not mask:
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-    if all(len(it["doc_lengths"]) == 1 for it in items):
-        lengths = torch.tensor([len(it["input_ids"]) for it in items])
-        attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    else:
-        causal = torch.ones((width, width), dtype=torch.bool).tril()
-        allowed = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
-        attention_mask = torch.zeros((batch, 1, width, width), dtype=dtype)
-        attention_mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}
 
 
 # ------------------------------------------------------------------------------ preference pairs
@@ -842,11 +676,6 @@ def tokenize_pairs(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Path)
     index = writer.close()
     np.save(out_dir / SPLIT_LENGTHS, np.frombuffer(lengths, dtype=np.int32))
     seq_lengths = index[:, 2]
-    batches = training_batches(seq_lengths, cfg.train.global_batch_size, cfg.train.seed, cfg.train.group_by_length)
-    # The rows training runs: prompt + chosen and prompt + rejected of each pair of a micro-batch.
-    docs = np.load(out_dir / "docs.npy")[:, 1].reshape(-1, 3)
-    rows = np.concatenate([docs[:, 0] + docs[:, 1], docs[:, 0] + docs[:, 2]])
-    row_batches = [np.concatenate([b, b + len(docs)]) for b in micro_batches(batches, cfg.train.micro_batch_size)]
     summary = {
         "format_version": FORMAT_VERSION,
         "pairs": True,
@@ -860,8 +689,7 @@ def tokenize_pairs(cfg: RunConfig, tokenizer, records_path: Path, out_dir: Path)
         "overlong": t.overlong,
         "counts": {**counts, "sequences": len(seq_lengths), "documents": int(index[:, 4].sum()),
                    "shards": len(writer.shards)},
-        "tokens": {"total": total_tokens, "trainable": trainable_tokens,
-                   "padding_fraction": padding_fraction(rows, row_batches)},
+        "tokens": {"total": total_tokens, "trainable": trainable_tokens},
         "shards": writer.shards,
         "failure_examples": examples,
     }

@@ -21,8 +21,9 @@ from tasks.stage import stage_task
 def tokenize_seq_len(config: RunConfig, profile_dir: Path, max_seq_len: int) -> None:
     stats = tokenize_for_seq_len(config, profile_dir, max_seq_len)
     c, t = stats["train"]["counts"], stats["train"]["tokens"]
+    # No padding here: it depends on each combination's micro-batch (leantune/shards.py, padding_estimate).
     get_run_logger().info(f"tokenize max_seq_len={max_seq_len}: {c['records_read']} train records -> "
-                          f"{c['sequences']} sequences, {t['total']} tokens, padding {t['padding_fraction']:.1%}")
+                          f"{c['sequences']} sequences, {t['total']} tokens")
 
 
 @stage_task(name="profile-combination", task_run_name="profile-{combo.name}")

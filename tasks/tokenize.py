@@ -6,6 +6,7 @@ from prefect import get_run_logger
 
 from leantune.config import RunConfig
 from leantune.rundir import RunDir
+from leantune.shards import TokenShards, padding_estimate
 from leantune.stagecache import run_cached
 from leantune.tokenization import tokenize_checked
 from tasks.stage import stage_task
@@ -20,7 +21,8 @@ def tokenize_data(config: RunConfig, run_dir: Path) -> dict:
         log.info(f"tokenize: skipped, same records and tokenize settings as an earlier run; shards restored "
                  f"from the stage cache (key {hit})")
     c, t = stats["train"]["counts"], stats["train"]["tokens"]
+    padding = padding_estimate(TokenShards(layout.train_tokens), config.train)  # at train.micro_batch_size
     log.info(f"tokenize: {c['records_read']} train records -> {c['sequences']} sequences, {t['total']} tokens "
-             f"({t['trainable']} trainable), padding {t['padding_fraction']:.1%}; truncated {c['truncated']}, "
+             f"({t['trainable']} trainable), padding {padding:.1%}; truncated {c['truncated']}, "
              f"dropped {c['dropped_overlong']}, no trainable token {c['no_trainable']}")
     return stats

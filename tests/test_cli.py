@@ -123,3 +123,38 @@ def test_evaluate_help_and_a_missing_run_import_neither_torch_nor_prefect(tmp_pa
                               cwd=tmp_path)
         assert proc.stdout.strip().splitlines()[-1] == f"EXIT {expected} False False", proc.stdout + proc.stderr
     assert "has no config.yaml" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------- one command per flow
+
+
+@pytest.mark.parametrize("flow", ["finetune", "evaluate", "profile", "sweep"])
+def test_each_console_script_answers_help_without_prefect_or_torch(flow, capsys):
+    # pyproject's [project.scripts] names flows.commands:<flow>; called here in-process, as the script calls it.
+    import tomllib
+
+    import flows.commands
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[f"leantune-{flow}"] == f"flows.commands:{flow}"
+    before = {m for m in sys.modules if m.split(".")[0] in ("torch", "prefect")}
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(flows.commands, flow)(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: leantune-{flow} ")
+    assert {m for m in sys.modules if m.split(".")[0] in ("torch", "prefect")} == before
+
+
+def test_each_flow_script_runs_from_another_directory_with_no_path_of_its_own(tmp_path):
+    # No flow script puts the checkout on sys.path: the installed package (pip install -e .) finds tasks/ and
+    # flows/ from any working directory, and `python flows/<flow>.py` is the console script's command.
+    for script in sorted((ROOT / "flows").glob("*.py")):
+        assert "sys.path.insert" not in script.read_text() and "sys.path.append" not in script.read_text(), script
+    proc = subprocess.run([sys.executable, str(ROOT / "flows" / "profiling.py"), "--steps", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("leantune: profile: steps is 1; use at least 2 (the first step is "
+                                                    "warm-up and is not measured)")
+    assert "Traceback" not in proc.stderr
+    code, _, _, out = run_script(["--set", "train.lrr=1"], tmp_path)  # flows/finetune.py, from tmp_path
+    assert code == 2 and "train.lrr: unknown key" in out

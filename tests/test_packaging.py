@@ -1,5 +1,6 @@
-"""Packaging: the wheel holds the leantune package and its run-time data, and nothing else; the
-Great Expectations suites are found in the checkout or where the config says, else a clear error."""
+"""Packaging: the wheel holds the leantune package, its run-time data and the flows' layer (tasks/, flows/) with
+one command per flow, and nothing else; the Great Expectations suites are found in the checkout or where the
+config says, else a clear error."""
 
 import shutil
 import subprocess
@@ -44,9 +45,13 @@ def test_wheel_holds_the_library_and_its_data_only(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("leantune-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert top_level == {"leantune"}
-    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "leantune").rglob("*.py")}
+    assert top_level == {"leantune", "tasks", "flows"}  # the library and its Prefect layer, for the commands
+    sources = {p.relative_to(REPO).as_posix() for package in top_level for p in (REPO / package).rglob("*.py")}
     assert sources <= names
+    [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    for flow in ("finetune", "evaluate", "profile", "sweep"):
+        assert f"leantune-{flow} = flows.commands:{flow}" in scripts
     for data in ("leantune/gpus.yaml", "leantune/resources/names.txt", "leantune/resources/NOTICE.md",
                  "leantune/resources/sycophancy/political_typology_quiz_sample.jsonl",
                  "leantune/resources/sycophancy/NOTICE.md"):

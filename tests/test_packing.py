@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from leantune.config import RunConfig
-from leantune.tokenization import TokenShards, collate, encode_conversation, load_tokenizer, tokenize_records
+from leantune.shards import TokenShards, collate
+from leantune.tokenization import encode_conversation, load_tokenizer, tokenize_records
 
 WORDS = "yes no the sky is blue grass green two plus two four I think you are right wrong".split()
 MAX_SEQ_LEN = 160

@@ -91,7 +91,7 @@ def peak_of_training_steps(cfg) -> int:
     from torch.utils._pytree import tree_flatten
 
     from leantune.modeling import build_model
-    from leantune.tokenization import collate
+    from leantune.shards import collate
     from leantune.training.loss import target_cross_entropy
     from leantune.training.optim import build_optimizer
 

@@ -129,18 +129,21 @@ def test_irrelevant_setting_keeps_every_hit(first):
     assert ran == {"prepare": False, "validate": False, "tokenize": False}
 
 
-def test_tokenize_key_holds_train_settings_only_without_packing(first):
+def test_train_settings_never_invalidate_the_tokenize_cache(first):
+    # The shards do not depend on the batch sizes, the seed or the grouping (leantune/shards.py estimates the
+    # padding on the training side), packed or not; a tokenize setting does invalidate them.
     root, inputs, _, _ = first
     _, _, ran = run_stages(inputs, root / "runs", "packed-mb", "train.micro_batch_size=2", "train.seed=9")
     assert ran == {"prepare": False, "validate": False, "tokenize": False}
-    _, _, ran = run_stages(inputs, root / "runs", "unpacked", "tokenize.packing=false")
+    unpacked, _, ran = run_stages(inputs, root / "runs", "unpacked", "tokenize.packing=false")
     assert ran == {"prepare": False, "validate": False, "tokenize": True}
-    # Unpacked, tokenize estimates the padding of training's micro-batches from these three.
-    run_dir, _, ran = run_stages(inputs, root / "runs", "unpacked-mb", "tokenize.packing=false",
-                                 "train.micro_batch_size=2")
-    assert ran == {"prepare": False, "validate": False, "tokenize": True}
-    _, _, ran = run_stages(inputs, root / "runs", "unpacked-gb", "tokenize.packing=false",
-                           "train.micro_batch_size=2", "train.global_batch_size=4")
+    other, _, ran = run_stages(inputs, root / "runs", "unpacked-mb", "tokenize.packing=false",
+                               "train.micro_batch_size=2", "train.global_batch_size=4", "train.seed=9",
+                               "train.group_by_length=true")
+    assert ran == {"prepare": False, "validate": False, "tokenize": False}
+    assert files(other) == files(unpacked)
+    _, _, ran = run_stages(inputs, root / "runs", "unpacked-len", "tokenize.packing=false",
+                           "train.micro_batch_size=2", "tokenize.max_seq_len=96")
     assert ran == {"prepare": False, "validate": False, "tokenize": True}
 
 

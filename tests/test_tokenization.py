@@ -14,18 +14,21 @@ import torch
 
 from leantune.config import RunConfig
 from leantune.errors import DataError, UserError
+from leantune.shards import (
+    TokenShards,
+    collate,
+    micro_batches,
+    padding_estimate,
+    padding_fraction,
+    training_batches,
+)
 from leantune.tokenization import (
     CHATML_TEMPLATE,
-    TokenShards,
     best_fit,
-    collate,
     encode_conversation,
     load_tokenizer,
-    micro_batches,
-    padding_fraction,
     tokenize,
     tokenize_records,
-    training_batches,
 )
 
 WORDS = ("the sky is blue I think you are wrong two plus two equals four paris capital of france "
@@ -423,19 +426,34 @@ def test_training_batches_cover_every_index_once(group_by_length):
     assert [m.tolist() for m in micro_batches([np.array([5, 4, 3, 2, 1])], 2)] == [[5, 4], [3, 2], [1]]
 
 
-def test_reported_padding_fraction_matches_the_layout(scratch, tmp_path):
+def test_the_shards_hold_no_training_setting_and_the_padding_estimate_follows_them(scratch, tmp_path):
+    # Training settings stay out of the tokenize stage (and so out of its cache key): the same records give
+    # byte-identical shards whatever the batch sizes and seed; training estimates its padding from them.
     tokenizer, _ = scratch
     path = write_jsonl(tmp_path / "r.jsonl", make_records(80))
-    packed = tokenize_records(config(packing_window=30), tokenizer, path, tmp_path / "p")
-    lengths = TokenShards(tmp_path / "p").lengths
-    assert packed["tokens"]["padding_fraction"] == pytest.approx(1 - lengths.sum() / (len(lengths) * 128))
-    cfg = config(packing=False)
-    unpacked = tokenize_records(cfg, tokenizer, path, tmp_path / "u")
-    reader = TokenShards(tmp_path / "u")
-    batches = reader.training_batches(cfg.train.global_batch_size, cfg.train.seed, cfg.train.group_by_length)
-    expected = padding_fraction(reader.lengths, micro_batches(batches, cfg.train.micro_batch_size))
-    assert unpacked["tokens"]["padding_fraction"] == pytest.approx(expected)
-    assert 0 < packed["tokens"]["padding_fraction"] < unpacked["tokens"]["padding_fraction"] + 0.2
+
+    def settings(micro: int, global_: int, seed: int, **tokenize) -> RunConfig:
+        return RunConfig(tokenize={"vocab_size": 300, "max_seq_len": 128, **tokenize},
+                         train={"micro_batch_size": micro, "global_batch_size": global_, "seed": seed})
+
+    tokenize_records(settings(1, 8, 0, packing=False), tokenizer, path, tmp_path / "a")
+    tokenize_records(settings(4, 16, 7, packing=False), tokenizer, path, tmp_path / "b")
+    assert file_hashes(tmp_path / "a") == file_hashes(tmp_path / "b")
+    assert "padding_fraction" not in json.loads((tmp_path / "a" / "index.json").read_text())["tokens"]
+
+    unpacked = TokenShards(tmp_path / "a")
+    assert padding_estimate(unpacked, settings(1, 8, 0).train) == 0.0  # one sequence a micro-batch: no padding
+    train = settings(4, 8, 3).train
+    batches = micro_batches(unpacked.training_batches(8, 3, False), 4)
+    assert [len(b) for b in batches[:2]] == [4, 4]
+    widths = sum(int(unpacked.lengths[b].max()) * len(b) for b in batches)
+    assert padding_estimate(unpacked, train) == pytest.approx(1 - unpacked.lengths.sum() / widths)
+    assert padding_estimate(unpacked, train) > 0
+    tokenize_records(settings(1, 8, 0, packing_window=30), tokenizer, path, tmp_path / "p")
+    packed = TokenShards(tmp_path / "p")
+    # A packed sequence is padded to max_seq_len, whatever the micro-batch.
+    expected = 1 - packed.lengths.sum() / (len(packed) * 128)
+    assert padding_estimate(packed, settings(1, 8, 0).train) == padding_estimate(packed, train) == pytest.approx(expected)
 
 
 def test_collate_pads_and_builds_block_diagonal_mask():

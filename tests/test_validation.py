@@ -15,7 +15,7 @@ from leantune.config import load_config
 from leantune.data.split import is_validation
 from leantune.errors import DataError
 from leantune.jsonl import iter_jsonl
-from leantune.tokenization import TokenShards
+from leantune.shards import TokenShards
 from leantune.validation import (
     load_suite,
     run_suite,

@@ -98,7 +98,7 @@ from leantune.moe import ExpertLoad, RouterTap, moe_geometry, token_segments
 from leantune.monitor.sampler import Monitor
 from leantune.rundir import SPLIT_INDEX, RunDir
 from leantune.runlock import RunDirBusy, hold_run_dir
-from leantune.tokenization import TokenShards
+from leantune.shards import TokenShards
 from leantune.training.adaptive import MicroBatchController
 from leantune.training.determinism import nondeterministic_op_error
 from leantune.training.distributed import DistContext, process_group

@@ -1,6 +1,6 @@
 """How a micro-batch of packed sequences reaches attention, and what its mask costs.
 
-Documents packed into one sequence must not attend to each other (tokenization.py). A dense block
+Documents packed into one sequence must not attend to each other (shards.py). A dense block
 mask of a micro-batch of B rows of T tokens holds B x T x T elements: 4 x 8k tokens is 256 MiB as
 booleans, 512 MiB as a bf16 additive mask, and with any mask SDPA cannot use its flash kernel.
 `packed_layout` picks, per micro-batch, the layout with the least mask that gives the same loss:
@@ -84,7 +84,7 @@ def model_inputs(items: list[dict], pad_id: int, mask_dtype, attention: str, dev
     """
     import torch
 
-    from leantune.tokenization import collate
+    from leantune.shards import collate
 
     layout = packed_layout(attention, [list(it["doc_lengths"]) for it in items], torch.finfo(mask_dtype).bits // 8,
                            split_documents)

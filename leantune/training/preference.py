@@ -150,12 +150,12 @@ class PreferenceObjective:
 
     def store_reference(self, model, shards, dist) -> None:
         """Full fine-tuning's DPO reference: the log-probabilities of every pair of `shards` under `model` as it is
-        now (before any step), written beside the shards once (tokenization.REFERENCE_LOGPS: 8 bytes a pair; one
+        now (before any step), written beside the shards once (shards.REFERENCE_LOGPS: 8 bytes a pair; one
         forward of every pair without gradients, about a third of an epoch's compute) and served with their
         items from then on (a resume reads the file). Data parallel: rank 0 writes it while the others wait."""
         import torch
 
-        from leantune.tokenization import REFERENCE_LOGPS
+        from leantune.shards import REFERENCE_LOGPS
         from leantune.training.packed import model_inputs
 
         path = shards.directory / REFERENCE_LOGPS

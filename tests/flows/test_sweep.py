@@ -80,7 +80,8 @@ def test_failed_and_unsubmitted_members_stay_in_the_table(tmp_path):
 
 
 def test_the_command_line_grid_and_its_errors(capsys):
-    from flows.sweep import main, parse_grid
+    from flows.sweep import main
+    from leantune.cli import parse_grid
 
     grid = parse_grid(["lora.r=8,16", "train.lr=1e-4, 2e-4"])
     assert grid == {"lora.r": ["8", "16"], "train.lr": ["1e-4", "2e-4"]}

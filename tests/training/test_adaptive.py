@@ -10,8 +10,8 @@ from run_helpers import adapter, assert_same_weights, new_run
 from leantune.errors import UserError
 from leantune.failures import OutOfMemory, is_out_of_memory
 from leantune.metrics import read_metrics
+from leantune.shards import TokenShards
 from leantune.testing import loop_hooks
-from leantune.tokenization import TokenShards
 from leantune.training import loop
 from leantune.training.adaptive import MicroBatchController
 from leantune.training.loop import train

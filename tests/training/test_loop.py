@@ -12,8 +12,9 @@ from run_helpers import SMOKE, adapter, assert_same_weights, new_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from leantune.modeling import build_base_model, build_model
+from leantune.shards import TokenShards, collate
 from leantune.testing import loop_hooks
-from leantune.tokenization import TokenShards, collate, tokenize
+from leantune.tokenization import tokenize
 from leantune.training.checkpoint import CheckpointManager, run_fingerprints
 from leantune.training.loop import epoch_order, main, next_global_batch, train
 from leantune.training.optim import build_optimizer, build_scheduler, lr_multiplier

@@ -10,7 +10,7 @@ from tiny_model import TINY, VOCAB, Tokenizer, batch, grads_of
 
 from leantune.config import load_config
 from leantune.modeling import build_model
-from leantune.tokenization import collate
+from leantune.shards import collate
 from leantune.training.loss import summed_cross_entropy, target_cross_entropy
 
 

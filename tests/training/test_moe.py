@@ -15,7 +15,7 @@ from leantune.config import ConfigError, load_config
 from leantune.errors import UserError
 from leantune.modeling import build_model, scratch_hf_config
 from leantune.moe import RouterTap, expert_load_figures, moe_geometry, token_segments
-from leantune.tokenization import TokenShards, collate
+from leantune.shards import TokenShards, collate
 from leantune.training.loop import epoch_order, next_global_batch, train
 
 CPU = torch.device("cpu")

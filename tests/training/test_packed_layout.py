@@ -8,7 +8,7 @@ from tiny_model import TINY, Tokenizer, grads_of
 
 from leantune.config import load_config
 from leantune.modeling import build_model
-from leantune.tokenization import collate
+from leantune.shards import collate
 from leantune.training.loss import target_cross_entropy
 from leantune.training.packed import model_inputs, packed_layout
 

@@ -16,7 +16,7 @@ from tiny_model import TINY, VOCAB, Tokenizer
 
 from leantune.config import load_config
 from leantune.modeling import build_model
-from leantune.tokenization import TokenShards
+from leantune.shards import TokenShards
 from leantune.training.loop import train
 from leantune.training.preference import PreferenceObjective, pair_rows, preference_metrics
 
@@ -288,7 +288,7 @@ def test_pairs_go_through_prepare_validate_and_tokenize_with_exact_accounting(pa
 
     from leantune.data.preference import pair_id
     from leantune.jsonl import iter_jsonl
-    from leantune.tokenization import TokenShards
+    from leantune.shards import TokenShards
 
     run_dir, stats = pair_run
     t = stats["prepare"]["totals"]
@@ -347,7 +347,7 @@ def test_dpo_trains_and_logs_the_preference_metrics(pair_run, tmp_path):
     from transformers import AutoTokenizer
 
     from leantune.modeling import build_base_model
-    from leantune.tokenization import TokenShards
+    from leantune.shards import TokenShards
     from leantune.training.loop import epoch_order, next_global_batch
 
     cfg, run_dir = new_pair_run(pair_run, tmp_path, "train.max_steps=3", "train.eval_every=3")

@@ -10,7 +10,8 @@ from run_helpers import adapter, assert_same_weights, new_run
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from leantune.modeling import build_model
-from leantune.tokenization import TokenShards, tokenize
+from leantune.shards import TokenShards
+from leantune.tokenization import tokenize
 from leantune.training.loop import _seed_everything, epoch_order, next_global_batch, train
 
 STEPS = 4
