@@ -4,7 +4,7 @@ gradients."""
 
 import numpy as np
 
-from leantune.tokenization import collate
+from leantune.shards import collate
 
 VOCAB = 300
 TINY = ["train.device=cpu", "model.scratch.hidden_size=64", "model.scratch.intermediate_size=128",
