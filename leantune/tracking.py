@@ -338,6 +338,10 @@ class Tracker:
                 self._writer.add_scalar(name, value, step)
         self._writer.flush()
 
+    def _tensorboard_text(self, tag: str, markdown: str) -> None:
+        self._writer.add_text(tag, markdown, 0)
+        self._writer.flush()
+
     def _mlflow_metrics(self, batch: list[tuple[int, dict[str, float]]], timestamp_ms: int) -> None:
         from mlflow.entities import Metric
 
@@ -354,8 +358,7 @@ class Tracker:
             if group in self.state["figures_logged"] or not path.is_file():
                 continue
             values = numbers(part(json.loads(path.read_text())), group)
-            self._guard("tensorboard", lambda: (self._writer.add_text(f"figures/{group}", figures_table(values), 0),
-                                                self._writer.flush()))
+            self._guard("tensorboard", self._tensorboard_text, f"figures/{group}", figures_table(values))
             self._guard("mlflow", self._mlflow_metrics, [(0, values)], int(time.time() * 1000))
             self.state["figures_logged"].append(group)
         self._save()
