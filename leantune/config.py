@@ -258,7 +258,10 @@ class LoraConfig(Section):
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the head."
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the head.",
+        # A one-value enum, not pydantic's "const", which Prefect's form shows as "a const and cannot be changed".
+        json_schema_extra={"anyOf": [{"items": {"type": "string"}, "type": "array"},
+                                     {"enum": ["all-linear"], "type": "string"}]},
     )
     target_parameters: list[str] = Field(
         default_factory=list,
