@@ -525,7 +525,8 @@ class RunSection(Section):
     name: str | None = Field(
         None, description="Run name, the folder under output_dir; default: CONFIG-TIMESTAMP, e.g. default-20250101-120000."
     )
-    output_dir: str = Field("runs", description="Directory under which each run's folder (runs/NAME/) is written.")
+    output_dir: str = Field("runs", description="Directory under which each run's folder (runs/NAME/) is written; "
+                            "a relative one is under the checkout (the folder of configs/), whatever the working directory.")
     cache: bool = Field(
         True,
         description="Reuse the outputs of prepare, validate and tokenize from an earlier run with the same "
