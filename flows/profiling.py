@@ -31,6 +31,7 @@ set_up_flow_process()
 
 from prefect import flow, get_run_logger
 
+from leantune.cli import anchored
 from leantune.config import ConfigError, ModelConfig, RunConfig, ScratchModelConfig, TrainConfig, load_config
 from leantune.errors import UserError
 from leantune.profile import combinations, markdown_table, plan, read_csv
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"run.name={args.run_name}"] if args.run_name else [])
     try:
-        config = load_config(args.config, overrides)
+        config = anchored(load_config(args.config, overrides))  # outputs under the checkout
         # The sweep is checked here too, so a bad value costs no server start.
         combos = combinations(args.micro_batch, args.seq_len, args.optimizer, args.precision, args.power_limit,
                               args.architecture)
