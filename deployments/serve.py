@@ -40,10 +40,13 @@ def nightly_schedules() -> list:
 def deployments() -> list:
     """The RunnerDeployments to serve (or to `.apply()` to a server)."""
     default = load_config(DEFAULT_CONFIG).model_dump(mode="json")
+    schedules = nightly_schedules()
+    # The UI shows a cron schedule without its timezone: the description states both.
+    when = "; ".join(f"cron '{s.cron}' in timezone {s.timezone}" for s in schedules)
     return [
         finetune.to_deployment(
-            name="nightly", schedules=nightly_schedules(), parameters={"config": default, "config_name": "nightly"},
-            description="Nightly fine-tune with configs/default.yaml (as it was when served), at 02:00 UTC.",
+            name="nightly", schedules=schedules, parameters={"config": default, "config_name": "nightly"},
+            description=f"Nightly fine-tune with configs/default.yaml (as it was when served), at {when}.",
             tags=["leantune", "nightly"], concurrency_limit=1,
         ),
         finetune.to_deployment(

@@ -27,7 +27,7 @@ set_up_flow_process()
 
 from prefect import flow, get_run_logger
 
-from leantune.cli import DEFAULT_CONFIG, EvaluateRequest, evaluate_request
+from leantune.cli import DEFAULT_CONFIG, EvaluateRequest, anchored, evaluate_request
 from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
 from leantune.rundir import RunDir
@@ -54,8 +54,7 @@ def evaluate_flow(config: RunConfig = DEFAULT_RUN_CONFIG, run_dir: str | None = 
     log = get_run_logger()
     if run_dir and adapter:
         raise UserError("evaluate: give a run directory or an adapter, not both (a run's adapter is its adapter/)")
-    if run_dir:
-        config = run_config(config, run_dir)
+    config = anchored(run_config(config, run_dir) if run_dir else config)  # outputs under the checkout
     adapter_dir = RunDir(run_dir).adapter if run_dir else (Path(adapter) if adapter else None)
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise UserError(f"evaluate: {adapter_dir} is not a directory; " + (

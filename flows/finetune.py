@@ -31,6 +31,7 @@ from leantune.cli import (
     DEFAULT_CONFIG,
     FinetuneRequest,
     RunFinished,
+    anchored,
     check_not_finished,
     finetune_request,
     training_finished,
@@ -76,6 +77,7 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
     """
     if config_file:
         config = load_config(DEFAULT_CONFIG.parent / f"{config_file}.yaml")
+    config = anchored(config)  # a relative run.output_dir: under the checkout, whatever the working directory
     check_before_data(config)  # eval files, LoRA targets: refused before the run directory is made
     run_dir = existing_run_dir(config) if resume else create_run_dir(config, config_name)
     # One process at a time in a run, from the first stage to the report; a second command on the run is

@@ -2,11 +2,11 @@
 
 Each flow's command (flows/commands.py: `leantune-finetune`, `leantune-evaluate`, `leantune-profile`,
 `leantune-sweep`, or `python flows/<flow>.py`) parses its arguments here and checks everything that needs no
-server: the config, the data paths, the run name (a new run must not exist; a resumed one must, must not be
-finished, and must not be in use by another command), a profile's combinations, a sweep's members and pools.
-A user error is answered in about a second, before any Prefect server starts, and leaves nothing on disk.
-This module imports only argparse, yaml and pydantic (leantune.config) and torch-free leantune modules.
-"""
+server: the config, the data paths, that a hub model id exists, the run name (a new run must not exist; a
+resumed one must, must not be finished, and must not be in use by another command), a profile's combinations,
+a sweep's members and pools. A relative run.output_dir is made absolute under the checkout (`anchored`). A
+user error is answered in about a second, before any Prefect server starts, and leaves nothing on disk. This
+module imports only argparse, yaml and pydantic (leantune.config) and torch-free leantune modules."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from leantune.config import ConfigError, RunConfig, load_config
 from leantune.errors import UserError
 from leantune.gguf import check_model_file
-from leantune.preflight import data_path_problems
+from leantune.preflight import data_path_problems, hub_model_problem
 from leantune.resume import resume_refusal
 from leantune.rundir import RunDir, default_run_name, run_dir_problem
 from leantune.runlock import check_run_dir_free
@@ -46,6 +46,17 @@ def default_config(package_root: Path = PACKAGE_PARENT, script: str | None = Non
 
 DEFAULT_CONFIG = default_config()
 DEFAULT_POOLS = checkout_file("deployments/pools.yaml")  # the sweep's GPU machine classes
+# The checkout whose configs/ the scripts use: a relative run.output_dir is under it (`anchored`).
+CHECKOUT = DEFAULT_CONFIG.parents[1]
+
+
+def anchored(config: RunConfig, root: Path = CHECKOUT) -> RunConfig:
+    """`config` with a relative run.output_dir made absolute under `root` (the checkout), so that the runs,
+    the MLflow store and the stage cache (all under run.output_dir) are in one place whatever the working
+    directory the command or the Prefect worker runs in."""
+    output_dir = Path(config.run.output_dir).expanduser()
+    config.run.output_dir = str(output_dir if output_dir.is_absolute() else root / output_dir)
+    return config
 
 
 class RunFinished(UserError):
@@ -105,7 +116,7 @@ def finetune_request(argv: list[str] | None = None) -> FinetuneRequest:
         raise UserError("--resume names the run to continue; leave out --run-name")
     if args.run_name:
         overrides.append(f"run.name={args.run_name}")
-    config = load_config(args.config, overrides)
+    config = anchored(load_config(args.config, overrides))
     if args.resume:
         # The run continues with its own resolved config; --config only says where runs are.
         run_dir = Path(config.run.output_dir) / args.resume
@@ -123,6 +134,8 @@ def finetune_request(argv: list[str] | None = None) -> FinetuneRequest:
     if problems := data_path_problems(config):
         raise UserError("\n".join(problems) if len(problems) > 1 else problems[0])
     check_model_file(config.model.name_or_path)
+    if problem := hub_model_problem(config.model.name_or_path, config.model.revision):  # a typo: now, not at tokenize
+        raise UserError(problem)
     # The name is fixed now, so that the run directory checked here is the one the flow creates.
     config.run.name = config.run.name or default_run_name(args.config.stem)
     if problem := run_dir_problem(config):
@@ -184,7 +197,7 @@ def evaluate_request(argv: list[str] | None = None) -> EvaluateRequest:
         raise UserError("--run evaluates the run's own adapter; leave out --adapter")
     if args.run and not RunDir(args.run).config.is_file():
         raise UserError(f"--run: {args.run} has no config.yaml, so it is not a leantune run directory")
-    config = load_config(RunDir(args.run).config if args.run else args.config, args.overrides)
+    config = anchored(load_config(RunDir(args.run).config if args.run else args.config, args.overrides))
     return EvaluateRequest(config, args.run, args.adapter, args.out)
 
 
@@ -271,7 +284,8 @@ def profile_request(argv: list[str] | None = None) -> ProfileRequest:
     from leantune.profile import combinations, plan
 
     args = profile_parser().parse_args(argv)
-    config = load_config(args.config, [*args.overrides, *([f"run.name={args.run_name}"] if args.run_name else [])])
+    run_name = [f"run.name={args.run_name}"] if args.run_name else []
+    config = anchored(load_config(args.config, [*args.overrides, *run_name]))
     request = ProfileRequest(config, args.config.stem, args.micro_batch, args.seq_len, args.optimizer, args.precision,
                              args.power_limit, args.architecture, args.steps, args.breakdown)
     plan(config, combinations(args.micro_batch, args.seq_len, args.optimizer, args.precision, args.power_limit,

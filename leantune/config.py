@@ -258,7 +258,10 @@ class LoraConfig(Section):
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the head."
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the head.",
+        # A one-value enum, not pydantic's "const", which Prefect's form shows as "a const and cannot be changed".
+        json_schema_extra={"anyOf": [{"items": {"type": "string"}, "type": "array"},
+                                     {"enum": ["all-linear"], "type": "string"}]},
     )
     target_parameters: list[str] = Field(
         default_factory=list,
@@ -522,7 +525,8 @@ class RunSection(Section):
     name: str | None = Field(
         None, description="Run name, the folder under output_dir; default: CONFIG-TIMESTAMP, e.g. default-20250101-120000."
     )
-    output_dir: str = Field("runs", description="Directory under which each run's folder (runs/NAME/) is written.")
+    output_dir: str = Field("runs", description="Directory under which each run's folder (runs/NAME/) is written; "
+                            "a relative one is under the checkout (the folder of configs/), whatever the working directory.")
     cache: bool = Field(
         True,
         description="Reuse the outputs of prepare, validate and tokenize from an earlier run with the same "

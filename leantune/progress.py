@@ -96,7 +96,8 @@ def _interval(seconds: float) -> str:
 
 
 def quiet_third_party() -> None:
-    """Silence the progress bars and chatter of datasets, huggingface_hub, transformers and GX (idempotent).
+    """Silence the progress bars and chatter of datasets, huggingface_hub, transformers, GX and bitsandbytes
+    (idempotent).
 
     Called by the flows at start-up: the terminal and the Prefect log should show leantune's stages
     (each logs what it loaded and read), not one bar per downloaded file, per checkpoint shard or per
@@ -109,7 +110,9 @@ def quiet_third_party() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for name in ("datasets", "transformers", "huggingface_hub", "peft", "great_expectations"):
+    # bitsandbytes: its CPU backend's notice that the `kernels` package could not load its 4-bit matmul (it
+    # only speeds up 4-bit matmuls on the CPU), printed by every process that imports it (peft imports it).
+    for name in ("datasets", "transformers", "huggingface_hub", "peft", "great_expectations", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if "huggingface_hub" in sys.modules:
         sys.modules["huggingface_hub"].utils.disable_progress_bars()

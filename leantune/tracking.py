@@ -17,8 +17,14 @@ What is logged:
   figures    once each, when their file exists: data/* (quality.json: rows read, kept, rejected, ...),
              validation/* (validation.json), tokens/* (tokens/train/index.json), training/* (training.json),
              eval/<set>/<group>/* (eval/comparison.json: base and tuned rates with their intervals, the
-             difference with its interval, McNemar's p); MLflow at step 0, TensorBoard scalars at step 0
-  artifacts  (MLflow) config.yaml, report.md, the plots (*.png, eval/*.png), adapter/
+             difference with its interval, McNemar's p); MLflow metrics at step 0; in TensorBoard one
+             text table per group (its Text tab), so that its scalars are the training curves alone
+  artifacts  (MLflow) config.yaml, report.md, the plots (*.png, eval/*.png), adapter/; the plots are
+             TensorBoard images too (plots/loss, plots/memory, plots/eval/sycophancy, ...)
+
+TensorBoard's step charts are grouped in a few sections (TENSORBOARD_SECTIONS): train/loss, train/lr,
+train/grad_norm, val/loss, memory/peak_memory_mb, power/energy_j, preference/*, moe/*, speed/* (tokens/s,
+micro-batch, ...). MLflow keeps the names above.
 
 Steps are logged once a checkpoint holds them (the newest checkpoints/step-N). A training process killed
 after step N+k resumes from step N and runs N+1... again, possibly with other values (a NaN retry lowers
@@ -68,6 +74,26 @@ FIGURES = (
     ("training", lambda r: r.training, lambda d: d),
     ("eval", lambda r: r.eval_dir.comparison, lambda d: d.get("sets", {})),
 )
+
+
+# TensorBoard's section of each metrics.jsonl key that is not a train/ curve (loss, lr, grad_norm, epoch).
+TENSORBOARD_SECTIONS = {
+    "peak_memory_mb": "memory", "energy_j": "power", "router_aux_loss": "moe", "expert_imbalance_max": "moe",
+    **dict.fromkeys(("pref_accuracy", "reward_margin", "logp_chosen", "logp_rejected"), "preference"),
+    **dict.fromkeys(("tokens_per_s", "tokens", "micro_batch_size", "accumulation_steps", "world_size", "elapsed_s"),
+                    "speed"),
+}
+
+
+def tensorboard_tag(name: str) -> str:
+    """The TensorBoard tag of a step metric (step_metrics' name): train/<key> moves to its section."""
+    group, _, key = name.partition("/")
+    return f"{TENSORBOARD_SECTIONS[key]}/{key}" if group == "train" and key in TENSORBOARD_SECTIONS else name
+
+
+def figures_table(values: dict[str, float]) -> str:
+    """A group of figures (numbers' output) as a markdown table for TensorBoard's Text tab."""
+    return "| figure | value |\n|---|---|\n" + "".join(f"| {k} | {v:.6g} |\n" for k, v in values.items())
 
 
 def mlflow_uri(cfg: RunConfig) -> str:
@@ -300,7 +326,8 @@ class Tracker:
             return
         now = int(time.time() * 1000)
         batch = [(line["step"], step_metrics(line)) for line in lines]
-        self._guard("tensorboard", self._tensorboard_scalars, batch)
+        self._guard("tensorboard", self._tensorboard_scalars,
+                    [(step, {tensorboard_tag(k): v for k, v in values.items()}) for step, values in batch])
         self._guard("mlflow", self._mlflow_metrics, batch, now)
         self.state["steps_logged"] = lines[-1]["step"]
         self._save()
@@ -309,6 +336,10 @@ class Tracker:
         for step, values in batch:
             for name, value in values.items():
                 self._writer.add_scalar(name, value, step)
+        self._writer.flush()
+
+    def _tensorboard_text(self, tag: str, markdown: str) -> None:
+        self._writer.add_text(tag, markdown, 0)
         self._writer.flush()
 
     def _mlflow_metrics(self, batch: list[tuple[int, dict[str, float]]], timestamp_ms: int) -> None:
@@ -327,15 +358,27 @@ class Tracker:
             if group in self.state["figures_logged"] or not path.is_file():
                 continue
             values = numbers(part(json.loads(path.read_text())), group)
-            self._guard("tensorboard", self._tensorboard_scalars, [(0, values)])
+            self._guard("tensorboard", self._tensorboard_text, f"figures/{group}", figures_table(values))
             self._guard("mlflow", self._mlflow_metrics, [(0, values)], int(time.time() * 1000))
             self.state["figures_logged"].append(group)
         self._save()
 
     @_never_fails
     def log_artifacts(self) -> None:
-        """config.yaml, report.md, the plots and the adapter as MLflow artifacts (a second upload replaces them)."""
+        """config.yaml, report.md, the plots and the adapter as MLflow artifacts (a second upload replaces them);
+        the plots as TensorBoard images."""
         self._guard("mlflow", self._mlflow_artifacts)
+        self._guard("tensorboard", self._tensorboard_images)
+
+    def _tensorboard_images(self) -> None:
+        from matplotlib.image import imread
+
+        plots = [(p.stem, p) for p in sorted(self.run_dir.glob("*.png"))]
+        plots += [(f"eval/{p.stem}", p) for p in sorted(self.layout.eval.glob("*.png"))]
+        for name, path in plots:
+            pixels = imread(path)[..., :3]  # a PNG as floats in [0, 1], RGB(A)
+            self._writer.add_image(f"plots/{name}", pixels, self.state["steps_logged"], dataformats="HWC")
+        self._writer.flush()
 
     def _mlflow_artifacts(self) -> None:
         files = [self.layout.config, self.layout.report, *sorted(self.run_dir.glob("*.png"))]

@@ -296,7 +296,10 @@ def validate_records(cfg: RunConfig, data_dir: Path) -> dict:
                 counts = per_source[str(record.get("source"))]
                 counts["records"] += 1
                 if row in failed_by_row:
-                    quarantine.write({"index": n_records + row, "failed": failed_by_row[row], "record": record})
+                    # Named as rejects.jsonl names a row: its source, file and line (records.jsonl's index too).
+                    quarantine.write({"source": record.get("source"), "file": record.get("file"),
+                                      "line": record.get("line"), "index": n_records + row, "id": record.get("id"),
+                                      "failed": failed_by_row[row], "record": record})
                     counts["quarantined"] += 1
                 elif is_validation(record["id"], cfg.data.val_fraction, cfg.data.split_seed):
                     val.write(record)

@@ -150,3 +150,19 @@ def test_a_long_stages_progress_moves_a_bar_in_the_ui(prefect_server):
             progress.update(10)
         assert bar() == (60.0, "filtration: 60 of 100 items (60%), 2.5 items/s, ETA 00:16")
     assert bar() == (100.0, "Filtration: done")
+
+
+@pytest.mark.slow  # two interpreters importing torch
+def test_bitsandbytes_notice_is_silenced_in_the_flow_and_training_processes():
+    """bitsandbytes' CPU backend logs a notice (the `kernels` package's 4-bit matmul not loaded) in every
+    process that imports it; quiet_third_party, which the flow and the training process call first, drops it."""
+    import subprocess
+    import sys
+
+    def stderr_of(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
+
+    if "gemm_4bit" not in stderr_of("import bitsandbytes"):
+        pytest.skip("bitsandbytes prints no kernels notice on this machine")
+    assert "gemm_4bit" not in stderr_of("from leantune.progress import quiet_third_party\n"
+                                        "quiet_third_party()\nimport peft, bitsandbytes")

@@ -117,7 +117,14 @@ def test_lora_targets_that_are_containers_not_linear_layers_are_refused():
     assert lora_target_problem(load_config(overrides=["lora.target_modules=[q_proj, embed_tokens, lm_head]"])) is None
 
 
-def test_a_missing_local_model_and_fp16_on_the_cpu_are_refused_before_the_data_stages(tmp_path):
+def test_a_missing_local_model_and_fp16_on_the_cpu_are_refused_before_the_data_stages(tmp_path, monkeypatch):
+    from leantune import preflight
+
+    def unreachable(name, revision):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(preflight, "hub_model_info", unreachable)  # hub ids below: a warning, no problem
+    preflight.hub_model_check.cache_clear()
     cfg = load_config(overrides=[f"model.name_or_path={tmp_path}/no-model", "model.dtype=fp16", "train.device=cpu",
                                  "eval.enabled=false"])
     assert problems_before_data(cfg) == [

@@ -297,3 +297,43 @@ def test_a_refused_resume_leaves_the_runs_mlflow_run_alone(prefect_server, tmp_p
     with pytest.raises(UserError, match="lora.r"):
         finetune(load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r", "lora.r=8"]), resume=True)
     assert not (tmp_path / "r" / "tracking.json").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_tensorboard_holds_the_curves_in_few_sections_the_figures_as_text_and_the_plots_as_images(tmp_path):
+    """TensorBoard opens on the training curves: the one-point figures are text tables, the plots images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=r", "tracking.mlflow=false"])
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    lines = [step_line(s, 2.0 - 0.1 * s, energy_j=3.0, pref_accuracy=0.5) for s in (1, 2)]
+    write_steps(run_dir, [*lines[:1], {**lines[1], "val_loss": 1.7}], checkpoint=2)
+    RunDir(run_dir).data_dir.quality.parent.mkdir(parents=True)
+    RunDir(run_dir).data_dir.quality.write_text(json.dumps({"totals": {"rows_read": 40, "kept": 38}}))
+    for path in (run_dir / "loss.png", run_dir / "eval" / "sycophancy.png"):
+        path.parent.mkdir(exist_ok=True)
+        fig = plt.figure(figsize=(2, 1), dpi=50)
+        fig.savefig(path)
+        plt.close(fig)
+    tracker = Tracker(cfg, run_dir)
+    tracker.start()
+    tracker.finish()
+
+    events = EventAccumulator(str(RunDir(run_dir).tensorboard), size_guidance={"tensors": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert set(tags["scalars"]) == {
+        "train/loss", "train/lr", "train/grad_norm", "train/epoch", "val/loss", "memory/peak_memory_mb",
+        "power/energy_j", "preference/pref_accuracy", "speed/tokens", "speed/tokens_per_s",
+        "speed/micro_batch_size"}
+    assert [e.step for e in events.Scalars("val/loss")] == [2]
+    assert set(tags["tensors"]) == {"config/text_summary", "figures/data/text_summary"}
+    table = events.Tensors("figures/data/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| data/rows_read | 40 |" in table and "| data/kept | 38 |" in table
+    assert set(tags["images"]) == {"plots/loss", "plots/eval/sycophancy"}
+    image = events.Images("plots/loss")[0]
+    assert (image.width, image.height) == (100, 50) and image.step == 2

@@ -286,3 +286,20 @@ def test_token_suite_catches_corrupt_shards(tokens_dir, tmp_path):
     assert "train: token_ids_in_vocabulary failed for 1 sequence(s), e.g. #[2]" in message
     assert "train: documents_cover_sequence failed for 1 sequence(s), e.g. #[5]" in message
     assert json.loads((broken / "validation.json").read_text())["success"] is False
+
+
+def test_quarantine_names_each_row_by_its_source_file_and_line_as_rejects_do(tmp_path):
+    from leantune.data.prepare import prepare
+
+    rows = [{"instruction": f"question {i}?", "output": f"answer number {i}."} for i in range(6)]
+    rows[3]["output"] = "x" * 80  # line 4: read fine, too long for validation.max_content_chars
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(f"data.sources=[{{kind: file, path: {path}, name: mine}}]", "validation.max_content_chars=50",
+                 "validation.max_reject_fraction=0.5", "data.val_fraction=0")
+    prepare(cfg, tmp_path / "data")
+    validate_records(cfg, tmp_path / "data")
+    [q] = list(iter_jsonl(tmp_path / "data" / "quarantine.jsonl"))
+    assert (q["source"], q["file"], q["line"], q["index"], q["failed"]) == (
+        "mine", str(path), 4, 3, ["content_not_too_long"])
+    assert q["record"]["messages"][1]["content"] == "x" * 80

@@ -15,8 +15,9 @@ one bin:
 
 read = kept + rejected + duplicates + not_selected, per source and in total; prepare checks it and
 raises AssertionError if it ever fails. Outputs in `data_dir`: records.jsonl (one canonical record
-per line: {"id", "messages", "source"}; with train.objective dpo or simpo a preference pair
-{"id", "prompt", "chosen", "rejected", "source"}, leantune/data/preference.py), rejects.jsonl, duplicates.jsonl, prepare.json (the returned
+per line: {"id", "messages", "source", "file", "line"}, file and line where the row was read; with
+train.objective dpo or simpo a preference pair {"id", "prompt", "chosen", "rejected", "source", "file", "line"},
+leantune/data/preference.py), rejects.jsonl, duplicates.jsonl, prepare.json (the returned
 statistics).
 The train/validation split is the next stage's job.
 """
@@ -115,7 +116,7 @@ def _prepare_source(src: SourceConfig, index: int, data: DataConfig, seen: IdSet
                 stats["kept"] += 1
                 if seen is not None:
                     seen.add(rid)
-                records.write({"id": rid, **body, "source": name})
+                records.write({"id": rid, **body, "source": name, "file": row.file, "line": row.line})
         bar.update(len(chunk))
     bar.close()
     stats["format"] = ", ".join(formats) or "unknown"

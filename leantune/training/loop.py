@@ -96,6 +96,7 @@ from leantune.failures import (
 from leantune.metrics import MetricsWriter
 from leantune.moe import ExpertLoad, RouterTap, moe_geometry, token_segments
 from leantune.monitor.sampler import Monitor
+from leantune.progress import quiet_third_party
 from leantune.rundir import SPLIT_INDEX, RunDir
 from leantune.runlock import RunDirBusy, hold_run_dir
 from leantune.shards import TokenShards
@@ -910,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(JsonLogFormatter() if os.environ.get(JSON_LOG_ENV) == "1"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    quiet_third_party()  # as in the flow's process: their notices once a run at most, not once per process
     cfg = None
     try:
         # One process trains in a run directory at a time (rank 0 holds the lock for all ranks).

@@ -58,8 +58,11 @@ def test_each_format_becomes_canonical_records(tmp_path, name, fmt, kept, first)
     assert (s["format"], s["kept"]) == (fmt, kept)
     records = list(iter_jsonl(tmp_path / "records.jsonl"))
     assert len(records) == kept
-    assert records[0] == {"id": record_id(first), "messages": first, "source": name}
-    assert all(list(r) == ["id", "messages", "source"] and r["id"] == record_id(r["messages"]) for r in records)
+    assert {k: records[0][k] for k in ("id", "messages", "source")} == {"id": record_id(first), "messages": first,
+                                                                         "source": name}
+    # Each record says where it was read (quarantine.jsonl names a failing one by them).
+    assert all(list(r) == ["id", "messages", "source", "file", "line"] and r["id"] == record_id(r["messages"])
+               and Path(r["file"]).name == name and r["line"] >= 1 for r in records)
     assert json.loads((tmp_path / "prepare.json").read_text()) == stats
     assert balanced(stats)
 

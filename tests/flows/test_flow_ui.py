@@ -1,5 +1,6 @@
 """What the Prefect UI shows of a run: a handful of artifacts, the live ones updated in place."""
 
+import json
 import os
 import signal
 import sys
@@ -69,6 +70,9 @@ def test_served_nightly_schedule_is_prefect_yamls_with_its_timezone():
                       if d["name"] == "nightly"]
     served = [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules]
     assert served == [(s["cron"], s["timezone"]) for s in yaml_nightly["schedules"]] == [("0 2 * * *", "UTC")]
+    # The UI shows the cron without its timezone: both descriptions state it.
+    assert nightly.description.endswith("at cron '0 2 * * *' in timezone UTC.")
+    assert yaml_nightly["description"].endswith("at 02:00 UTC.")
 
 
 def readme_server_commands() -> list[str]:
@@ -170,7 +174,12 @@ def test_every_form_parameter_is_described_and_a_config_file_is_picked_by_name(p
     for flow in (finetune, evaluate_flow):
         properties = flow.parameters.model_dump()["properties"]
         assert [name for name, p in properties.items() if not p.get("description")] == [], flow.name
-    choices = finetune.parameters.model_dump()["properties"]["config_file"]["anyOf"][0]["enum"]
+    # lora.target_modules: the form edits 'all-linear' or a list; a "const" would be shown as not changeable.
+    schema = finetune.parameters.model_dump()
+    assert schema["definitions"]["LoraConfig"]["properties"]["target_modules"]["anyOf"] == [
+        {"items": {"type": "string"}, "type": "array"}, {"enum": ["all-linear"], "type": "string"}]
+    assert '"const"' not in json.dumps(schema)
+    choices = schema["properties"]["config_file"]["anyOf"][0]["enum"]
     assert choices == sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")) and "smoke" in choices
     # The file replaces the form's config: configs/smoke.yaml names no run, so there is none to resume.
     form = load_config(SMOKE, [f"run.output_dir={tmp_path}", "run.name=from-the-form"])
