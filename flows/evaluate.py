@@ -17,7 +17,12 @@ from pathlib import Path
 
 if __name__ == "__main__":
     # The same command as leantune-evaluate (flows/commands.py): checked before Prefect or torch is imported.
-    from flows.commands import evaluate as command
+    try:
+        from flows.commands import evaluate as command
+    except ModuleNotFoundError as e:  # flows/ and tasks/ are installed with leantune (pip install -e .)
+        print(f"leantune: {e.name.partition('.')[0]} is not installed: run `pip install -e .` in the checkout (README: Set up)",
+              file=sys.stderr)
+        sys.exit(2)
 
     sys.exit(command())
 

@@ -17,7 +17,12 @@ if __name__ == "__main__":
     # The same command as leantune-finetune (flows/commands.py): the command line is checked before Prefect,
     # torch or a stage is imported (--help, a config error, a missing data path or a taken run name answer in
     # about a second, with no server started), then the flow runs from this module, imported as flows.finetune.
-    from flows.commands import finetune as command
+    try:
+        from flows.commands import finetune as command
+    except ModuleNotFoundError as e:  # flows/ and tasks/ are installed with leantune (pip install -e .)
+        print(f"leantune: {e.name.partition('.')[0]} is not installed: run `pip install -e .` in the checkout (README: Set up)",
+              file=sys.stderr)
+        sys.exit(2)
 
     sys.exit(command())
 

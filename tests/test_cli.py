@@ -158,3 +158,15 @@ def test_each_flow_script_runs_from_another_directory_with_no_path_of_its_own(tm
     assert "Traceback" not in proc.stderr
     code, _, _, out = run_script(["--set", "train.lrr=1"], tmp_path)  # flows/finetune.py, from tmp_path
     assert code == 2 and "train.lrr: unknown key" in out
+
+
+def test_a_flow_script_without_the_installed_package_says_how_to_install_it(tmp_path):
+    # An older set-up installed only leantune/: `flows` is then not importable, and the script says so in one line.
+    for script in sorted((ROOT / "flows").glob("*.py")):
+        if script.name in {"__init__.py", "commands.py"}:
+            continue
+        hide = f"import runpy, sys; sys.modules['flows'] = None; runpy.run_path({str(script)!r}, run_name='__main__')"
+        proc = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 2, (script, proc.stderr)
+        assert proc.stderr.strip() == ("leantune: flows is not installed: run `pip install -e .` in the checkout "
+                                       "(README: Set up)"), (script, proc.stderr)
