@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -200,7 +198,7 @@ def main() -> int:
         child(args.child, args.pristine, args.steps, args.threads)
         return 0
 
-    from leantune.training.launch import CHILD_ENV
+    from vs_trainers import child_rounds
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
@@ -209,22 +207,13 @@ def main() -> int:
         tokens = row_tokens(pristine)
         results: dict[str, list[dict]] = {r: [] for r in RUNNERS}
         load = []
-        for rnd in range(args.rounds):
-            for runner in random.Random(rnd).sample(RUNNERS, len(RUNNERS)):
-                load.append(os.getloadavg()[0])
-                out = subprocess.run([sys.executable, __file__, "--child", runner, "--pristine", str(pristine),
-                                      "--steps", str(args.steps), "--threads", str(args.threads)],
-                                     env={**env, **CHILD_ENV} if runner == "leantune" else env,
-                                     capture_output=True, text=True)
-                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
-                    raise SystemExit(f"{runner} failed (exit {out.returncode})")
-                r = json.loads(line[7:])
-                r["tokens_per_s"] = tokens / r["seconds"]
-                results[runner].append(r)
-                print(f"round {rnd + 1} {runner:8s} {r['tokens_per_s']:7.1f} tokens/s  rss {r['peak_rss_mb']:6.0f} MB  "
-                      f"preference accuracy {r['pref_accuracy']:.3f}  steps {r['steps']}", flush=True)
+        child_args = ["--pristine", str(pristine), "--steps", str(args.steps), "--threads", str(args.threads)]
+        for rnd, runner, r in child_rounds(__file__, RUNNERS, args.rounds, lambda rnd: child_args, env):
+            load.append(r["load_average"])
+            r["tokens_per_s"] = tokens / r["seconds"]
+            results[runner].append(r)
+            print(f"round {rnd + 1} {runner:8s} {r['tokens_per_s']:7.1f} tokens/s  rss {r['peak_rss_mb']:6.0f} MB  "
+                  f"preference accuracy {r['pref_accuracy']:.3f}  steps {r['steps']}", flush=True)
 
     med = {name: {k: statistics.median(x[k] for x in rs) for k in ("tokens_per_s", "peak_rss_mb", "pref_accuracy")}
            for name, rs in results.items()}

@@ -333,32 +333,44 @@ def print_table(summary: dict, steps: int, rounds: int, threads: int, load: list
               f"{loss(m['final_loss'])} | {loss(m.get('val_loss'))} | {100 * m['mfu']:.2f}% |")
 
 
-def run_rounds(pristine: Path, steps: int, args, runners: list[str], env: dict, flops_per_token: float):
-    """Every runner once per round, in a fresh shuffled order, round r with seed r; returns (results, load)."""
+def child_rounds(script: str, runners: list[str], rounds: int, child_args, env: dict):
+    """Every runner once per round, in a fresh shuffled order (round r's drawn with seed r), each in a process of
+    its own, `script --child RUNNER *child_args(r)` (leantune's with the environment leantune's launcher gives a
+    training process); yields (round, runner, its RESULT line's dict with the round and the load average before
+    it started). A child with no RESULT line ends the benchmark with its output."""
     from leantune.training.launch import CHILD_ENV
 
-    results: dict[str, list[dict]] = {r: [] for r in runners}
-    load = []
-    for rnd in range(args.rounds):
+    for rnd in range(rounds):
         for runner in random.Random(rnd).sample(runners, len(runners)):
-            load.append(os.getloadavg()[0])
-            # leantune's runner gets the environment leantune's launcher gives a training process.
-            out = subprocess.run([sys.executable, __file__, "--child", runner, "--pristine", str(pristine),
-                                  "--steps", str(steps), "--threads", str(args.threads), "--seed", str(rnd)],
+            load = os.getloadavg()[0]
+            out = subprocess.run([sys.executable, script, "--child", runner, *child_args(rnd)],
                                  env={**env, **CHILD_ENV} if runner == "leantune" else env,
                                  capture_output=True, text=True)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
                 raise SystemExit(f"{runner} failed (exit {out.returncode})")
-            r = {"round": rnd, "seed": rnd, "load_average": load[-1], **json.loads(line[7:])}
-            r["tokens_per_s"] = r["tokens"] / r["seconds"]
-            r["mfu"] = r["tokens_per_s"] * flops_per_token / r["matmul_flops"]
-            results[runner].append(r)
-            val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
-            print(f"{steps} steps, round {rnd + 1} {runner:19s} {r['tokens_per_s']:7.1f} tokens/s  "
-                  f"rss {r['peak_rss_mb']:6.0f} MB  loss {r['final_loss']:.4f}  val {val}  steps {r['steps']}  "
-                  f"tokens {r['tokens']}", flush=True)
+            yield rnd, runner, {"round": rnd, "load_average": load, **json.loads(line[7:])}
+
+
+def run_rounds(pristine: Path, steps: int, args, runners: list[str], env: dict, flops_per_token: float):
+    """Every runner once per round (`child_rounds`), round r with seed r; returns (results, load)."""
+    results: dict[str, list[dict]] = {r: [] for r in runners}
+    load = []
+
+    def child_args(rnd: int) -> list[str]:
+        return ["--pristine", str(pristine), "--steps", str(steps), "--threads", str(args.threads), "--seed", str(rnd)]
+
+    for rnd, runner, r in child_rounds(__file__, runners, args.rounds, child_args, env):
+        load.append(r["load_average"])
+        r = {"round": rnd, "seed": rnd, **r}
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        r["mfu"] = r["tokens_per_s"] * flops_per_token / r["matmul_flops"]
+        results[runner].append(r)
+        val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
+        print(f"{steps} steps, round {rnd + 1} {runner:19s} {r['tokens_per_s']:7.1f} tokens/s  "
+              f"rss {r['peak_rss_mb']:6.0f} MB  loss {r['final_loss']:.4f}  val {val}  steps {r['steps']}  "
+              f"tokens {r['tokens']}", flush=True)
     return results, load
 
 

@@ -2,7 +2,7 @@
 is the library; Prefect lives in tasks/ and flows/). ARCHITECTURE.md at the top of the repository is
 the full map; in short:
 
-  config.py, cli.py, preflight.py    the one config model; the command line; checks before the data stages
+  config.py, cli.py, preflight.py    the one config model; every flow's command line; checks before the data stages
   rundir.py, runlock.py, stagecache.py  the run directory's files, its lock, the stage cache
   resume.py                          the resume policy: what may change on resume, why one is refused
   data/                              stage 1, prepare: sources, formats, synthetic data, quality, split

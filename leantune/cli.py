@@ -15,6 +15,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from leantune.config import ConfigError, RunConfig, load_config
 from leantune.errors import UserError
@@ -23,6 +24,9 @@ from leantune.preflight import data_path_problems, hub_model_problem
 from leantune.resume import resume_refusal
 from leantune.rundir import RunDir, default_run_name, run_dir_problem
 from leantune.runlock import check_run_dir_free
+
+if TYPE_CHECKING:
+    from leantune.routing import PoolClass
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 
@@ -301,7 +305,7 @@ class SweepRequest:
     grid: dict[str, list]
     overrides: list[str]
     name: str | None
-    pools: list
+    pools: list[PoolClass]
     timeout_seconds: float | None
 
 

@@ -8,18 +8,14 @@ from prefect.artifacts import create_table_artifact
 from leantune.config import RunConfig
 from leantune.data.prepare import prepare
 from leantune.rundir import RunDir
-from leantune.stagecache import run_cached
-from tasks.stage import stage_task
+from tasks.stage import cached, stage_task
 
 
 @stage_task(name="prepare")
 def prepare_data(config: RunConfig, run_dir: Path) -> dict:
     log = get_run_logger()
     data = RunDir(run_dir).data_dir
-    stats, hit = run_cached(config, "prepare", run_dir, lambda: prepare(config, data.root))
-    if hit:
-        log.info(f"prepare: skipped, same inputs and settings as an earlier run; outputs restored from "
-                 f"the stage cache (key {hit})")
+    stats = cached(config, "prepare", run_dir, lambda: prepare(config, data.root), "inputs and settings")
     rows = [{"source": name, **{k: v for k, v in s.items() if k != "reasons"},
              "reasons": ", ".join(f"{r}={n}" for r, n in sorted(s["reasons"].items())) or "-"}
             for name, s in stats["sources"].items()]

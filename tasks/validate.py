@@ -7,19 +7,15 @@ from prefect.artifacts import create_table_artifact
 
 from leantune.config import RunConfig
 from leantune.rundir import RunDir
-from leantune.stagecache import run_cached
 from leantune.validation import validate_records
-from tasks.stage import stage_task
+from tasks.stage import cached, stage_task
 
 
 @stage_task(name="validate")
 def validate_data(config: RunConfig, run_dir: Path) -> dict:
     log = get_run_logger()
     data = RunDir(run_dir).data_dir
-    report, hit = run_cached(config, "validate", run_dir, lambda: validate_records(config, data.root))
-    if hit:
-        log.info(f"validate: skipped, same records and settings as an earlier run; outputs restored from "
-                 f"the stage cache (key {hit})")
+    report = cached(config, "validate", run_dir, lambda: validate_records(config, data.root), "records and settings")
     rows = [{"expectation": e["name"], "rows": e["rows_evaluated"], "failed": e["rows_failed"],
              "first failing ids": ", ".join(x["id"] for x in e["examples"][:3]) or "-"}
             for e in report["expectations"]]
