@@ -51,6 +51,9 @@ class DistContext:
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
+    # This machine's processes and its place among the machines (torchrun's LOCAL_WORLD_SIZE, GROUP_RANK).
+    local_world_size: int = 1
+    node_rank: int = 0
     backend: str | None = None
     owns_group: bool = False
     # train.distributed.strategy fsdp with several ranks: the model is sharded (fsdp.py), `root` is what
@@ -61,6 +64,11 @@ class DistContext:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def nodes(self) -> int:
+        """The machines the run spans."""
+        return self.world_size // self.local_world_size
 
     @property
     def is_main(self) -> bool:
@@ -268,6 +276,8 @@ def setup(cfg: RunConfig, device: torch.device) -> DistContext:
     log.info("data parallel: rank %d of %d (local rank %d) on %s, backend %s", rank, world_size, local_rank,
              device, backend)
     return DistContext(device=device, world_size=world_size, rank=rank, local_rank=local_rank, backend=backend,
+                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+                       node_rank=int(os.environ.get("GROUP_RANK", "0")),
                        owns_group=owns, sharded=cfg.train.distributed.strategy == "fsdp")
 
 
