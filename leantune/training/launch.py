@@ -53,6 +53,17 @@ def training_command(cfg: RunConfig, run_dir: Path, resume: bool) -> list[str]:
     return [*cmd, "-m", *entry]
 
 
+def node_command(cfg: RunConfig, run_dir: Path, node_rank: int | str, python: str = sys.executable) -> list[str]:
+    """The torchrun agent that node `node_rank` (1 to nnodes-1) of a multi-node run starts: the flow's own
+    command (`training_command`, which node 0 runs) with the node's rank. Its workers train run_dir with the
+    config.yaml the flow wrote there, from the newest checkpoint when there is one (the loop resumes by itself
+    once checkpoints exist). torchrun's c10d rendezvous assigns the ranks of the processes; --node-rank
+    names the node in its log. `python`: the interpreter on that node ('python' in a container)."""
+    cmd = training_command(cfg, run_dir, resume=False)
+    at = cmd.index(f"--nnodes={cfg.train.distributed.nnodes}") + 1
+    return [python, *cmd[1:at], f"--node-rank={node_rank}", *cmd[at:]]
+
+
 # torchrun's error when not every node joined the rendezvous in time (its own text, read by pattern).
 RENDEZVOUS_TIMEOUT = "RendezvousTimeoutError"
 
