@@ -295,6 +295,13 @@ class DistributedConfig(Section):
         None, description="host:port of the rendezvous every node reaches (multi-node); one machine needs none.",
     )
     rdzv_id: str = Field("leantune", description="Rendezvous id shared by the nodes of one run (multi-node).")
+    node_deployment: str | None = Field(
+        None, description="Multi-node through Prefect: the deployment ('flow/deployment', e.g. train-node/node from "
+        "deployments/prefect.yaml) that the train stage runs once per other machine (node ranks 1 to nnodes-1) at "
+        "every attempt, each starting that machine's torchrun agent for this run directory (which every machine "
+        "sees at the same path); its pool needs one worker on each other machine. None: start them yourself "
+        "(docs/deploy.md).",
+    )
     join_timeout_s: int = Field(
         600, ge=1, description="Multi-node: seconds the rendezvous waits for every node to join; a node that never "
         "joins then ends the run with one message naming the endpoint, instead of a wait with no end.",

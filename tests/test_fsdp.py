@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -338,26 +339,53 @@ def test_a_node_that_never_joins_ends_the_run_within_the_join_timeout(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_torchrun_agents_on_one_host_give_the_one_process_weights(tokenized_run, tmp_path, one_process):
-    _, run_dir = new_run(tokenized_run, tmp_path, *SHORT, name="two-nodes")
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps([{"run_dir": str(run_dir)}]))
-    endpoint = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    # Two "nodes" of one process each, as launch.training_command starts them on each machine.
-    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--nnodes=2",
-                                f"--node-rank={rank}", "--max-restarts=0", "--rdzv-backend=c10d",
-                                f"--rdzv-endpoint={endpoint}", "--rdzv-id=two-nodes", "--rdzv-conf=join_timeout=120",
-                                str(LAUNCHER), str(plan)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    try:
-        outputs = [agent.communicate(timeout=TIMEOUT)[0] for agent in agents]
-    except subprocess.TimeoutExpired:
-        for agent in agents:
-            agent.kill()
-        pytest.fail("the two agents still ran after the timeout (a hang)")
-    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+def test_two_nodes_started_as_the_train_stage_and_the_node_flow_start_them_give_the_one_process_weights(
+        tokenized_run, tmp_path, one_process, monkeypatch):
+    """Two torchrun agents on 127.0.0.1 (`--nnodes=2`): node 0 as the train stage starts it (training_command),
+    node 1 as the train-node flow does (run_node_agent: node_command, node_rank 1, reading config.yaml)."""
+    import threading
+
+    from leantune.training.launch import run_node_agent, run_training, training_command
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    # A hang ends within the collective timeout instead of holding the session.
+    cfg, run_dir = new_run(tokenized_run, tmp_path, *SHORT, "train.distributed.nnodes=2",
+                           f"train.distributed.rdzv_endpoint=127.0.0.1:{free_port()}",
+                           "train.distributed.rdzv_id=two-nodes", "train.distributed.join_timeout_s=120",
+                           "train.distributed.collective_timeout_s=120", name="two-nodes")
+    logs, status = {0: [], 1: []}, {}
+    node1 = threading.Thread(target=lambda: status.update(
+        {1: run_node_agent(run_dir, 1, on_log=lambda level, text: logs[1].append(text))}))
+    node1.start()
+    status[0] = run_training(training_command(cfg, run_dir, False), run_dir, on_metrics=lambda steps: None,
+                             on_log=lambda level, text: logs[0].append(text))
+    node1.join(timeout=TIMEOUT)
+    assert status == {0: 0, 1: 0}, "\n".join(logs[0][-40:] + logs[1][-40:])
     assert_same_run(run_dir, one_process("lora"), "adapter_model.safetensors", 1)
+
+
+def test_the_train_stage_starts_a_node_flow_run_per_other_machine_with_the_node_command(tmp_path):
+    from leantune.training.launch import node_command
+    from tasks.train import start_other_nodes
+
+    calls = []
+
+    def run_deployment(name, **kwargs):
+        calls.append((name, kwargs))
+        return SimpleNamespace(id=len(calls))
+
+    runs = start_other_nodes("train-node/node", tmp_path / "run", 3, run=run_deployment)
+    assert [r.id for r in runs] == [1, 2]
+    assert calls == [("train-node/node", {"parameters": {"run_dir": str((tmp_path / "run").resolve()), "node_rank": r},
+                                          "timeout": 0, "flow_run_name": f"run-node{r}"}) for r in (1, 2)]
+    cfg = load_config(overrides=["train.distributed.nnodes=2", "train.distributed.nproc_per_node=4",
+                                 "train.distributed.rdzv_endpoint=node0:29400", "train.distributed.rdzv_id=r1",
+                                 "train.distributed.join_timeout_s=900"])
+    assert node_command(cfg, Path("runs/r1"), 1, python="python") == [
+        "python", "-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=2", "--node-rank=1",
+        "--max-restarts=0", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400", "--rdzv-id=r1",
+        "--rdzv-conf=join_timeout=900", "-m", "leantune.training.loop", "runs/r1"]
 
 
 # ---------------------------------------------------------------------------------------- the pools
