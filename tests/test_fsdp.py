@@ -1,8 +1,8 @@
 """train.distributed.strategy: fsdp (FSDP2) on the CPU with gloo and 2 processes (leantune/training/fsdp.py).
 
 Two torchrun launches of tests/fsdp_train.py run every 2-process training (module fixture `fsdp_runs`):
-  1. LoRA with micro-batches of 4 and of 2 (one and two per rank and step), full fine-tuning alike, one QLoRA
-     step, a 6-step LoRA run with dropout and sharded checkpoints (`reference`), and last the same run with an
+  1. LoRA with micro-batches of 4 and of 2 (one and two per rank and step), and with train.distributed.cpu_offload,
+     full fine-tuning alike, one QLoRA step, a 6-step LoRA run with dropout and sharded checkpoints (`reference`), and last the same run with an
      out-of-memory error injected on rank 1 at step 5, which ends the launch;
   2. that failed run resumed twice from its step-4 checkpoint: unchanged, and with the config the attempt
      ladder (attempts.adjust) makes of its failure.
@@ -44,6 +44,8 @@ TWO_PROCESS_RUNS = {
     "lora-mb2-checkpointing": [*SHORT, "train.micro_batch_size=2", "model.gradient_checkpointing=true"],
     "full-mb4": [*SHORT, "model.method=full"], "full-mb2": [*SHORT, "model.method=full", "train.micro_batch_size=2"],
     "qlora": [*QLORA, *FSDP], "reference": LONG, "oom": LONG,
+    # The shards in host memory (on the CPU the same memory: only the code path).
+    "lora-offload": [*SHORT, "train.micro_batch_size=2", "train.distributed.cpu_offload=true"],
 }
 
 
@@ -131,6 +133,11 @@ def test_fsdp_full_fine_tuning_on_two_processes_gives_the_one_process_weights(fs
     assert_same_run(two, one_process("full"), "model.safetensors", 4 // micro)
     # The export is the model gathered on rank 0, loadable as the base's class.
     assert json.loads((two / "adapter" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.slow
+def test_fsdp_with_cpu_offload_gives_the_one_process_weights(fsdp_runs, one_process):
+    assert_same_run(fsdp_runs["runs"]["lora-offload"], one_process("lora"), "adapter_model.safetensors", 2)
 
 
 @pytest.mark.slow
@@ -241,26 +248,45 @@ LLAMA31_70B = {"vocab_size": 128256, "hidden_size": 8192, "num_hidden_layers": 8
 CONFIG_70B = Path(__file__).resolve().parents[1] / "configs" / "llama-3.1-70b-qlora-fsdp.yaml"
 
 
-def test_the_70b_qlora_config_fits_four_24gb_gpus_with_fsdp_and_not_two():
+def test_the_70b_qlora_config_fits_two_24gb_gpus_with_its_shards_offloaded_and_not_without():
     from transformers import LlamaConfig
 
     from leantune.probe import GIB, ModelShape, estimate_for_config
 
     shape = ModelShape.from_hf_config(LlamaConfig(**LLAMA31_70B))
-    budget = 24 * 0.92  # a 24 GB card under monitor.memory_high_fraction
+    budget = 24 * 0.92 * GIB  # a 24 GB card under monitor.memory_high_fraction
 
     def per_gpu(*overrides):
-        return estimate_for_config(load_config(CONFIG_70B, list(overrides)), shape, "cuda").total / GIB
+        return estimate_for_config(load_config(CONFIG_70B, list(overrides)), shape, "cuda")
 
-    four, two = per_gpu(), per_gpu("train.distributed.nproc_per_node=2")
-    replica = per_gpu("train.distributed.strategy=ddp")
-    # Sharded: a quarter (a half) of the 4-bit layers, of the fp32 embedding and head and of the adapter's
-    # optimizer state, plus the gathered layers and head in bf16 and the activations of one micro-batch.
-    assert (round(four, 2), round(two, 2), round(replica, 2)) == (20.17, 30.93, 47.71)
-    assert four <= budget < two
+    offloaded = per_gpu()  # the config: 2 GPUs, cpu_offload
+    on_gpu = per_gpu("train.distributed.cpu_offload=false")
+    four = per_gpu("train.distributed.cpu_offload=false", "train.distributed.nproc_per_node=4")
+    short = per_gpu("train.distributed.cpu_offload=false", "tokenize.max_seq_len=512")
+    replica = per_gpu("train.distributed.cpu_offload=false", "train.distributed.strategy=ddp")
+    # Offloaded, a GPU holds the gathered embedding, head and norms (bf16) and two 4-bit layers, LoRA's unsharded
+    # gradients and its micro-batch's activations; the shards (half the 4-bit layers, of the fp32 embedding and
+    # head, of LoRA's weights, gradients and AdamW state, and the CPU step's temporary) are on the host.
+    assert [round(x / GIB, 2) for x in (offloaded.weights, offloaded.gradients, offloaded.activations,
+                                        offloaded.total, offloaded.offloaded_host)] == [4.74, 0.77, 3.9, 9.41, 22.29]
+    assert offloaded.optimizer == offloaded.trainable == 0
+    # Sharded on the GPUs: a half (a quarter) of the 4-bit layers, of the fp32 embedding and head and of the
+    # adapter's optimizer state, plus the gathered layers and head in bf16 and the activations of one micro-batch.
+    assert [round(e.total / GIB, 2) for e in (on_gpu, four, short, replica)] == [30.93, 20.17, 28.33, 47.71]
+    assert offloaded.total <= budget < short.total < on_gpu.total and four.total <= budget
     # The activations are every GPU's own: the same whatever the sharding.
-    assert estimate_for_config(load_config(CONFIG_70B), shape, "cuda").activations == estimate_for_config(
-        load_config(CONFIG_70B, ["train.distributed.strategy=ddp"]), shape, "cuda").activations
+    assert offloaded.activations == on_gpu.activations == replica.activations
+    # Offloading full fine-tuning keeps two layers' fp32 gradients on the GPU, the 1/W shards on the host.
+    full = per_gpu("model.method=full", "train.distributed.nproc_per_node=8")
+    full_on_gpu = per_gpu("model.method=full", "train.distributed.nproc_per_node=8", "train.distributed.cpu_offload=false")
+    layer = shape.linear_params // shape.num_layers
+    assert full.gradients == 2 * layer * 4 and full.offloaded_host == (
+        full_on_gpu.weights - full.weights + full_on_gpu.optimizer + 2 * (full_on_gpu.gradients - full.gradients))
+
+
+def test_cpu_offload_is_refused_without_fsdp():
+    with pytest.raises(ConfigError, match="train.distributed.cpu_offload: offloads FSDP's shards"):
+        load_config(overrides=["train.distributed.cpu_offload=true"])
 
 
 def test_cost_shows_the_gpus_a_sharded_config_needs_and_its_memory_per_gpu(tmp_path, capsys):
@@ -273,16 +299,17 @@ def test_cost_shows_the_gpus_a_sharded_config_needs_and_its_memory_per_gpu(tmp_p
     assert main(args) == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.startswith("GPU") and "fits memory (per GPU)" in header
-    assert row.startswith("4 x RTX 4090") and "yes (20.2 GiB, fsdp)" in row
+    assert row.startswith("2 x RTX 4090") and "yes (9.4 GiB, fsdp; 22.3 GiB host memory per GPU)" in row
     assert main([*args, "--json"]) == 0
-    four = json.loads(capsys.readouterr().out)[0]
+    two = json.loads(capsys.readouterr().out)[0]
     single = tmp_path / "one-gpu.yaml"
-    single.write_text(dump_config(load_config(CONFIG_70B, ["train.distributed.nproc_per_node=1"])))
+    single.write_text(dump_config(load_config(CONFIG_70B, ["train.distributed.nproc_per_node=1",
+                                                           "train.distributed.cpu_offload=false"])))
     assert main([*args, "--json", "--config", str(single)]) == 0
     one = json.loads(capsys.readouterr().out)[0]
-    # Four GPUs share the FLOPs: a quarter of the one-GPU time, the same rent and energy.
-    assert (four["gpus"], one["gpus"]) == (4, 1) and four["seconds"] == pytest.approx(one["seconds"] / 4)
-    assert (four["rent_usd"], four["energy_j"]) == pytest.approx((one["rent_usd"], one["energy_j"]))
+    # Two GPUs share the FLOPs: half the one-GPU time, the same rent and energy.
+    assert (two["gpus"], one["gpus"]) == (2, 1) and two["seconds"] == pytest.approx(one["seconds"] / 2)
+    assert (two["rent_usd"], two["energy_j"]) == pytest.approx((one["rent_usd"], one["energy_j"]))
     assert one["fits"].startswith("no")  # one GPU of 24 GB holds no 70B model
 
 
@@ -295,10 +322,11 @@ def test_routing_sends_a_four_gpu_fsdp_run_to_machines_with_four_gpus():
     shape = ModelShape.from_hf_config(LlamaConfig(**LLAMA31_70B))
     pools = [PoolClass(name="gpu-24gb", memory_gb=24, gpus=8), PoolClass(name="gpu-80gb", memory_gb=80),
              PoolClass(name="gpu-24gb-x4", memory_gb=24, gpus=8, gpus_per_machine=4)]
-    chosen = route(load_config(CONFIG_70B), pools, shape)
+    four = ["train.distributed.nproc_per_node=4", "train.distributed.cpu_offload=false"]
+    chosen = route(load_config(CONFIG_70B, four), pools, shape)
     assert chosen.pool == "gpu-24gb-x4" and "per GPU on 4 GPUs" in chosen.describe()
     with pytest.raises(NoPoolFits) as e:
-        route(load_config(CONFIG_70B), pools[:2], shape)
+        route(load_config(CONFIG_70B, four), pools[:2], shape)
     assert "train.distributed.nproc_per_node is 4" in str(e.value)
 
 

@@ -13,7 +13,8 @@ from leantune.errors import UserError
 from leantune.kubejob import multinode_manifests
 
 K8S_VERSION = "1.32.0"
-CONFIG = "configs/llama-3.1-70b-qlora-fsdp.yaml"  # train.distributed.nproc_per_node: 4
+CONFIG = "configs/llama-3.1-70b-qlora-fsdp.yaml"
+FOUR_GPUS_TWO_NODES = ["train.distributed.nproc_per_node=4", "train.distributed.nnodes=2"]
 
 
 def validate(doc):
@@ -25,8 +26,8 @@ def validate(doc):
 @pytest.fixture(scope="module")
 def rendered():
     """The command line's output for 2 nodes x 4 GPUs, parsed back."""
-    out = subprocess.run([sys.executable, "-m", "leantune.kubejob", "--config", CONFIG, "--set",
-                          "train.distributed.nnodes=2", "--name", "llama70b", "--image", "registry.example.com/leantune:1",
+    out = subprocess.run([sys.executable, "-m", "leantune.kubejob", "--config", CONFIG,
+                          *(a for o in FOUR_GPUS_TWO_NODES for a in ("--set", o)), "--name", "llama70b", "--image", "registry.example.com/leantune:1",
                           "--gpu-class", "gpu-24gb"], capture_output=True, text=True, check=True).stdout
     return list(yaml.safe_load_all(out))
 
@@ -55,7 +56,8 @@ def test_two_nodes_of_four_gpus_render_a_valid_indexed_job_and_headless_service(
     assert "exec python flows/finetune.py --resume llama70b" in first
     assert first.splitlines()[-1].split() == [
         "exec", "python", "flows/finetune.py", "--config", CONFIG, "--run-name", "llama70b",
-        "--set", "train.distributed.nnodes=2", "--set", "train.distributed.rdzv_endpoint=llama70b-0.llama70b:29400",
+        "--set", "train.distributed.nproc_per_node=4", "--set", "train.distributed.nnodes=2",
+        "--set", "train.distributed.rdzv_endpoint=llama70b-0.llama70b:29400",
         "--set", "train.distributed.rdzv_id=llama70b"]
     # The other pods: the node's torchrun agent, its rank the completion index.
     assert shlex.split(agent) == [
@@ -83,6 +85,6 @@ def test_the_schema_check_refuses_what_kubernetes_would(rendered):
 
 def test_a_name_kubernetes_refuses_and_a_one_machine_config_are_user_errors():
     with pytest.raises(UserError, match="--name 'Llama_70B'"):
-        multinode_manifests(CONFIG, ["train.distributed.nnodes=2"], "Llama_70B", "img")
+        multinode_manifests(CONFIG, FOUR_GPUS_TWO_NODES, "Llama_70B", "img")
     with pytest.raises(UserError, match="train.distributed.nnodes is 1"):
         multinode_manifests(CONFIG, [], "llama70b", "img")

@@ -59,6 +59,7 @@ class DistContext:
     # train.distributed.strategy fsdp with several ranks: the model is sharded (fsdp.py), `root` is what
     # forward runs on, and FSDP reduce-scatters the gradients inside backward.
     sharded: bool = False
+    cpu_offload: bool = False  # train.distributed.cpu_offload: the shards in host memory (fsdp.py)
     root: Any = None
 
     @property
@@ -278,7 +279,8 @@ def setup(cfg: RunConfig, device: torch.device) -> DistContext:
     return DistContext(device=device, world_size=world_size, rank=rank, local_rank=local_rank, backend=backend,
                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
                        node_rank=int(os.environ.get("GROUP_RANK", "0")),
-                       owns_group=owns, sharded=cfg.train.distributed.strategy == "fsdp")
+                       owns_group=owns, sharded=cfg.train.distributed.strategy == "fsdp",
+                       cpu_offload=cfg.train.distributed.cpu_offload)
 
 
 def teardown(ctx: DistContext) -> None:

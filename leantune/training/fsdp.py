@@ -20,6 +20,11 @@ micro-batch of a step, whose backward reduce-scatters their sum (`set_requires_g
 full fine-tuning reduce-scatters after every micro-batch, because its unsharded gradients would be
 as large as the model.
 
+CPU offload (train.distributed.cpu_offload): FSDP2's CPUOffloadPolicy on every module sharded, so each
+rank's shards of the weights, gradients and optimizer state live in (pinned) host memory, are copied to
+the GPU for each gather, and the optimizer steps on the CPU. Run here only on the CPU, where it changes
+nothing but the code path (tests/test_fsdp.py: the one-process weights within 1e-5).
+
 Mixed precision: on CUDA in bf16 the gathered parameters are bf16 and the gradients are reduced in
 fp32 (the sharded master copy keeps the dtype it was built in); on the CPU everything is fp32.
 
@@ -67,7 +72,13 @@ def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool):
     """
     import torch
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     from leantune.training.loss import target_loss_module
 
@@ -77,18 +88,21 @@ def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool):
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if dist.device.type == "cuda" and precision == torch.bfloat16 else MixedPrecisionPolicy())
+    # train.distributed.cpu_offload: the shards (and the optimizer step) in host memory, pinned for the copies.
+    offload = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda") if dist.cpu_offload else OffloadPolicy()
     layers = decoder_layers(model)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
     root = target_loss_module(model)
-    fully_shard(root, mesh=mesh, mp_policy=policy)
+    fully_shard(root, mesh=mesh, mp_policy=policy, offload_policy=offload)
     for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     root.sync_every_micro_batch = full
-    log.info("fsdp: %d decoder layers and the root sharded over %d ranks (%s)", len(layers), dist.world_size,
-             "bf16 parameters, fp32 gradient reduction" if policy.param_dtype is not None else "fp32")
+    log.info("fsdp: %d decoder layers and the root sharded over %d ranks (%s%s)", len(layers), dist.world_size,
+             "bf16 parameters, fp32 gradient reduction" if policy.param_dtype is not None else "fp32",
+             "; shards in host memory" if dist.cpu_offload else "")
     return root
 
 
