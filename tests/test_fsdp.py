@@ -69,6 +69,8 @@ def fsdp_runs(tokenized_run, tmp_path_factory) -> dict:
     plan = [{"run_dir": str(path)} for name, path in runs.items() if name != "oom"]
     rc, out, ended = torchrun([*plan, {"run_dir": str(runs["oom"]), "oom": "1:5"}], root / "plan-1.json")
     assert rc != 0 and (runs["reference"] / "training.json").is_file(), out[-4000:]
+    # LoRA and full fine-tuning: rank 1 built its model on the meta device and got rank 0's weights (QLoRA loads).
+    assert out.count("rank 1 received its shards of rank 0's weights") == len(TWO_PROCESS_RUNS) - 2, out[-4000:]
     oom_written = (runs["oom"] / "attempt_error.json").stat().st_mtime
 
     # The attempt after the failure: resumed unchanged, and as the attempt ladder changes it.
@@ -199,6 +201,38 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(fsdp_runs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ quick checks
+
+
+@pytest.mark.parametrize("method,pretrained", [("lora", False), ("full", False), ("lora", True)])
+def test_a_rank_that_receives_rank_0s_weights_builds_the_same_model_on_the_meta_device(
+        tokenized_run, tmp_path, method, pretrained):
+    """The other ranks of an FSDP run build the model's structure only (no weight read or allocated): the same
+    parameters (names, shapes, dtypes, trained or not) and buffers as rank 0's loaded model, on the meta device."""
+    from transformers import AutoTokenizer
+
+    from leantune.modeling import build_model
+    from leantune.rundir import RunDir
+    from leantune.training.fsdp import loads_on_rank0
+
+    cfg = load_config(tokenized_run / "config.yaml", ["train.distributed.strategy=fsdp", f"model.method={method}"])
+    tokenizer = AutoTokenizer.from_pretrained(RunDir(tokenized_run).tokenizer)
+    if pretrained:  # a model directory: its config.json is what the meta ranks read
+        build_model(load_config(tokenized_run / "config.yaml", ["model.method=full"]), tokenizer,
+                    torch.device("cpu")).save_pretrained(tmp_path)
+        cfg = load_config(tokenized_run / "config.yaml", ["train.distributed.strategy=fsdp", f"model.method={method}",
+                                                          f"model.name_or_path={tmp_path}"])
+    loaded, meta = (build_model(cfg, tokenizer, torch.device("cpu"), meta=m) for m in (False, True))
+
+    def structure(model):
+        return [(n, p.shape, p.dtype, p.requires_grad) for n, p in model.named_parameters()]
+
+    assert structure(meta) == structure(loaded) and all(p.is_meta for p in meta.parameters())
+    assert [n for n, _ in meta.named_buffers()] == [n for n, _ in loaded.named_buffers()]
+    assert loads_on_rank0(cfg)
+    assert not loads_on_rank0(load_config(tokenized_run / "config.yaml", [
+        "train.distributed.strategy=fsdp", "model.method=qlora"]))
+    assert not loads_on_rank0(load_config(tokenized_run / "config.yaml", [
+        "train.distributed.strategy=fsdp", "train.distributed.cpu_offload=true"]))
 
 
 def test_fsdp_evaluation_runs_as_many_forwards_on_every_rank():

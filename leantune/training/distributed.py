@@ -179,13 +179,14 @@ class DistContext:
 
     # ------------------------------------------------------------------------------ the model
 
-    def shard(self, model, precision: torch.dtype, full: bool):
+    def shard(self, model, precision: torch.dtype, full: bool, from_rank0: bool = False):
         """FSDP: shard `model` in place (before the optimizer takes its parameters) and return the root to
-        call forward on; None without sharding."""
+        call forward on; None without sharding. from_rank0: the other ranks' models are on the meta device
+        and receive rank 0's weights (fsdp.loads_on_rank0)."""
         if self.sharded:
             from leantune.training.fsdp import shard_model
 
-            self.root = shard_model(model, self, precision, full)
+            self.root = shard_model(model, self, precision, full, from_rank0)
         return self.root
 
     def before_micro_batch(self, k: int, accumulation_steps: int) -> None:
