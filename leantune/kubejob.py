@@ -2,7 +2,7 @@
 headless Service.
 
     python -m leantune.kubejob --config configs/llama-3.1-70b-qlora-fsdp.yaml --set train.distributed.nnodes=2 \\
-        --name llama70b --image registry.example.com/leantune > llama70b.yaml
+        --set train.distributed.nproc_per_node=4 --name llama70b --image registry.example.com/leantune > llama70b.yaml
     kubectl apply -n leantune -f llama70b.yaml
 
 The Job runs N pods at once (completionMode Indexed, parallelism = completions = N), each with the
