@@ -1,11 +1,15 @@
 """Serve leantune's deployments from this process: no work pool or worker needed.
 
     python deployments/serve.py      # from the repository root; keep it running
+    python deployments/serve.py --node   # on each other machine of multi-node runs
 
 Registers the same three deployments as deployments/prefect.yaml (nightly fine-tune at 02:00 UTC,
 ad-hoc fine-tune for the UI, evaluation) on the Prefect server of PREFECT_API_URL and runs their
 flow runs as subprocesses of this machine until stopped with Ctrl-C or SIGTERM; a running training
 saves a checkpoint first (`GracefulRunner`), so `--resume` continues it.
+
+--node serves only train-node/node (flows/node.py), one flow run at a time: the deployment a multi-node
+run's train stage starts once per other machine (train.distributed.node_deployment: train-node/node).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from prefect.schedules import Cron  # noqa: E402
 
 from flows.evaluate import evaluate_flow  # noqa: E402
 from flows.finetune import DEFAULT_CONFIG, finetune  # noqa: E402
+from flows.node import train_node  # noqa: E402
 from leantune.config import load_config  # noqa: E402
 from leantune.training.launch import stop_flow_runs_then_interrupt  # noqa: E402
 
@@ -35,6 +40,14 @@ def nightly_schedules() -> list:
     spec = yaml.safe_load(PREFECT_YAML.read_text())
     [nightly] = [d for d in spec["deployments"] if d["name"] == "nightly"]
     return [Cron(s["cron"], timezone=s["timezone"]) for s in nightly["schedules"]]
+
+
+def node_deployment():
+    """train-node/node: one other machine of a multi-node run (flows/node.py)."""
+    return train_node.to_deployment(
+        name="node", tags=["leantune", "node"],
+        description="One other machine of a multi-node run, started by its train stage "
+        "(train.distributed.node_deployment train-node/node); runs that machine's torchrun agent.")
 
 
 def deployments() -> list:
@@ -98,8 +111,14 @@ def made_by_prefect_deploy(names: list[str]) -> list[str]:
     return found
 
 
-def main() -> None:
-    served = deployments()
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python deployments/serve.py", description=__doc__.split("\n")[0])
+    p.add_argument("--node", action="store_true", help="serve only train-node/node, one run at a time (each other "
+                   "machine of multi-node runs)")
+    node = p.parse_args(argv).node
+    served = [node_deployment()] if node else deployments()
     if taken := made_by_prefect_deploy([f"{d.flow_name}/{d.name}" for d in served]):
         names = " ".join(name.split(" ")[0] for name in taken)
         print(f"serve.py: {', '.join(taken)} on this Prefect server came from `prefect deploy`; serving the same "
@@ -107,10 +126,11 @@ def main() -> None:
               f"README) instead of serve.py, or delete them first: for d in {names}; do .venv/bin/prefect "
               "deployment delete $d; done", file=sys.stderr)
         sys.exit(2)
-    runner = GracefulRunner(pause_on_shutdown=True)
+    # A machine of a multi-node run takes one node at a time: its GPUs are the node's.
+    runner = GracefulRunner(pause_on_shutdown=True, **({"limit": 1} if node else {}))
     for deployment in served:
         runner.add_deployment(deployment)
-    print("serving finetune/nightly, finetune/adhoc and evaluate/evaluate; stop with Ctrl-C or SIGTERM", flush=True)
+    print(f"serving {', '.join(f'{d.flow_name}/{d.name}' for d in served)}; stop with Ctrl-C or SIGTERM", flush=True)
     try:
         asyncio.run(runner.start())
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ the full map; in short:
   evaluation/                        stage 5: sycophancy of the base and tuned model; the filtration
   report.py, metrics.py, tracking.py, progress.py, tables.py  what a person reads
   probe.py, cost.py, routing.py      planning: memory estimate and starting settings, cost, work pool
+  kubejob.py                         the Kubernetes Indexed Job and headless Service of a multi-node run
   profile.py, breakdown.py, sweep.py measuring: throughput per setting, a step's time, many runs
   errors.py, jsonl.py, testing.py    user errors, JSON-lines helpers, test seams of the loop
 

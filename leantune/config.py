@@ -294,10 +294,24 @@ class DistributedConfig(Section):
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend; 'auto' picks nccl on CUDA and gloo on the CPU.",
     )
+    cpu_offload: bool = Field(
+        False, description="strategy fsdp: keep each process's shards of the weights, gradients and optimizer "
+        "state in host memory (FSDP2's CPUOffloadPolicy, pinned on CUDA); the GPU holds the layers being computed, "
+        "the rest of the model gathered, the activations and LoRA's unsharded gradients, and the optimizer steps "
+        "on the CPU (slower). How a model whose shards alone fill the GPUs trains on them, e.g. 70B QLoRA on 2 x "
+        "24 GB (python -m leantune.cost states the GPU and host figures).",
+    )
     rdzv_endpoint: str | None = Field(
         None, description="host:port of the rendezvous every node reaches (multi-node); one machine needs none.",
     )
     rdzv_id: str = Field("leantune", description="Rendezvous id shared by the nodes of one run (multi-node).")
+    node_deployment: str | None = Field(
+        None, description="Multi-node through Prefect: the deployment ('flow/deployment', e.g. train-node/node from "
+        "deployments/prefect.yaml) that the train stage runs once per other machine (node ranks 1 to nnodes-1) at "
+        "every attempt, each starting that machine's torchrun agent for this run directory (which every machine "
+        "sees at the same path); its pool needs one worker on each other machine. None: start them yourself "
+        "(docs/deploy.md).",
+    )
     join_timeout_s: int = Field(
         600, ge=1, description="Multi-node: seconds the rendezvous waits for every node to join; a node that never "
         "joins then ends the run with one message naming the endpoint, instead of a wait with no end.",
@@ -615,6 +629,9 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"train.global_batch_size: {t.global_batch_size} does not split evenly over {world} training "
                         f"processes (train.distributed.nproc_per_node x nnodes); use a multiple of {world}, e.g. "
                         f"{world * max(1, round(t.global_batch_size / world))}")
+    if d.cpu_offload and d.strategy != "fsdp":
+        problems.append("train.distributed.cpu_offload: offloads FSDP's shards, and train.distributed.strategy is "
+                        f"{d.strategy}; set train.distributed.strategy=fsdp or remove cpu_offload")
     if d.strategy == "fsdp" and t.optimizer != "adamw":
         problems.append(f"train.optimizer: {t.optimizer} (bitsandbytes) is not supported with "
                         "train.distributed.strategy fsdp, whose sharded parameters it does not take; use adamw")

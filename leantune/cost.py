@@ -41,7 +41,8 @@ run fits the GPU.
 Several GPUs (a --config with train.distributed.nproc_per_node x nnodes = W above 1): the rows are
 "W x GPU"; the time is the one-GPU time over W (the same utilisation on each, communication not
 counted), so energy and rent are those of one GPU's time; memory is per GPU: one replica each with
-ddp, a 1/W share plus the gathered layers with fsdp (probe.py).
+ddp, a 1/W share plus the gathered layers with fsdp (probe.py); with train.distributed.cpu_offload the
+gathered layers on the GPU and the shards in host memory, whose size the row states.
 """
 
 from __future__ import annotations
@@ -371,7 +372,10 @@ def _answer(args) -> list[dict]:
             gpus.append(gpu)
     else:
         gpus = list(catalogue.values())
-    memory = estimate_for_config(cfg, shape, "cuda").total if shape else None
+    estimated = estimate_for_config(cfg, shape, "cuda") if shape else None
+    memory = estimated.total if estimated else None
+    # train.distributed.cpu_offload: each process's shards in host memory.
+    host = f"; {estimated.offloaded_host / GIB:.1f} GiB host memory per GPU" if estimated and estimated.offloaded_host else ""
     price = args.price_per_kwh if args.price_per_kwh is not None else cfg.power.price_per_kwh
     rows = []
     world = cfg.train.distributed.nproc_per_node * cfg.train.distributed.nnodes
@@ -383,7 +387,7 @@ def _answer(args) -> list[dict]:
         # Cards sold as "N GB" hold N GiB; the run must stay under monitor.memory_high_fraction of it.
         budget = gpu.memory_gb * GIB * cfg.monitor.memory_high_fraction
         sharing = f", {cfg.train.distributed.strategy}" if world > 1 else ""
-        fits = "-" if memory is None else f"{'yes' if memory <= budget else 'no'} ({memory / GIB:.1f} GiB{sharing})"
+        fits = "-" if memory is None else f"{'yes' if memory <= budget else 'no'} ({memory / GIB:.1f} GiB{sharing}{host})"
         rows.append({**figures.to_dict(), "gpus": world, "fits": fits, "memory_estimate_bytes": memory})
     return rows
 

@@ -83,10 +83,12 @@ def resolve_attention(cfg: RunConfig, device: torch.device, precision: torch.dty
     return attention
 
 
-def build_model(cfg: RunConfig, tokenizer, device: torch.device):
+def build_model(cfg: RunConfig, tokenizer, device: torch.device, meta: bool = False):
     """The model ready to train on `device`: loaded or built, quantised for QLoRA, with LoRA adapters.
 
     Only the weights the method trains require grad: LoRA/QLoRA adapters, or every weight for 'full'.
+    meta: its modules on the meta device, no weight read or allocated (an FSDP rank that receives rank 0's
+    weights when the model is sharded: training/fsdp.py).
     """
     import torch
 
@@ -106,7 +108,9 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
         raise UserError("train.optimizer_in_backward: fp16 loss scaling must check every gradient for overflow "
                         "before any step, and model.dtype auto is fp16 here; set train.optimizer_in_backward=false")
 
-    if cfg.model.name_or_path == SCRATCH:
+    if meta:
+        model = _meta_model(cfg, tokenizer, attention, storage)
+    elif cfg.model.name_or_path == SCRATCH:
         model = _build_scratch(cfg, tokenizer, attention)
         if method == "qlora":
             # bitsandbytes quantises at load time; going through save + from_pretrained uses the
@@ -201,6 +205,20 @@ def _build_scratch(cfg: RunConfig, tokenizer, attention: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         return AutoModelForCausalLM.from_config(config)
+
+
+def _meta_model(cfg: RunConfig, tokenizer, attention: str, storage: torch.dtype):
+    """The modules of the model (scratch, or model.name_or_path's config) on the meta device, in `storage`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        if cfg.model.name_or_path == SCRATCH:
+            return _build_scratch(cfg, tokenizer, attention).to(dtype=storage)
+        m = cfg.model
+        config = AutoConfig.from_pretrained(model_source(m), revision=m.revision, trust_remote_code=m.trust_remote_code)
+        config._attn_implementation = attention
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code).to(dtype=storage)
 
 
 @contextlib.contextmanager

@@ -69,7 +69,11 @@ state and of its step's temporary; and gathered in the compute dtype (p): two de
 (embeddings, head, norms), which the root keeps gathered from forward to backward. Gradients: LoRA
 keeps its unsharded gradients until the last micro-batch (all of them, as without FSDP); full
 fine-tuning holds 1/W of them plus two layers' unsharded fp32 gradients being reduce-scattered.
-Activations are those of the GPU's own micro-batch, as without FSDP.
+Activations are those of the GPU's own micro-batch, as without FSDP. With train.distributed.cpu_offload
+the shards of the weights, trainable parameters, gradients and optimizer state, and the CPU AdamW step's
+temporary (one fp32 per trainable parameter of the shard), are in host memory (`offloaded_host`, not in
+the total): the GPU keeps the gathered layers and rest of the model, the unsharded gradients (LoRA's,
+until the last micro-batch; full fine-tuning's two layers being reduce-scattered) and the activations.
 
 Checked against published figures (tests/test_probe.py): Llama-2-7B's 6.74 B parameters and its
 39,976,960 LoRA parameters at r=16 on every linear; NF4 weights of 7-8 B models at 3.5-5 GB;
@@ -240,6 +244,7 @@ class MemoryEstimate:
     activations: int
     optimizer_step: int
     paged_host: int = 0  # the paged optimizer's state, in host memory when the GPU runs short: not in `total`
+    offloaded_host: int = 0  # FSDP's CPU offload: this process's shards in host memory; not in `total`
 
     @property
     def total(self) -> int:
@@ -250,8 +255,11 @@ class MemoryEstimate:
         return {**asdict(self), "total": self.total}
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in asdict(self).items() if v and k != "paged_host")
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in asdict(self).items()
+                          if v and k not in ("paged_host", "offloaded_host"))
         host = f"; paged optimizer state {self.paged_host / GIB:.2f} GiB on the host" if self.paged_host else ""
+        if self.offloaded_host:
+            host += f"; offloaded shards {self.offloaded_host / GIB:.2f} GiB on the host"
         return f"{self.total / GIB:.2f} GiB ({parts}){host}"
 
 
@@ -391,12 +399,12 @@ def estimate_for_config(cfg: RunConfig, shape: ModelShape, device_type: str) -> 
     d = cfg.train.distributed
     if d.strategy == "fsdp" and d.nproc_per_node * d.nnodes > 1:
         return sharded_estimate(estimate, shape, cfg.model.method, compute_bytes(cfg, device_type),
-                                d.nproc_per_node * d.nnodes, cfg.model.double_quant)
+                                d.nproc_per_node * d.nnodes, cfg.model.double_quant, d.cpu_offload)
     return estimate
 
 
 def sharded_estimate(estimate: MemoryEstimate, shape: ModelShape, method: str, compute_bytes: int, world: int,
-                     double_quant: bool = True) -> MemoryEstimate:
+                     double_quant: bool = True, cpu_offload: bool = False) -> MemoryEstimate:
     """One GPU's share of `estimate` (one process's, unsharded) under FSDP over `world` GPUs (module docstring)."""
     p = compute_bytes
     layer = shape.linear_params // shape.num_layers
@@ -408,9 +416,16 @@ def sharded_estimate(estimate: MemoryEstimate, shape: ModelShape, method: str, c
         layer = round(layer * per_weight / p)  # two gathered layers below cost their 4-bit size
     else:
         stored = shape.total_params * p
-    gradients = (estimate.gradients // world + 2 * layer * 4) if method == "full" else estimate.gradients
+    gathered = (2 * layer + shape.other_params) * p
+    unsharded_gradients = 2 * layer * 4 if method == "full" else estimate.gradients
+    if cpu_offload:
+        # The shards, their gradients and optimizer state, and the CPU AdamW step's fp32 temporary on the host.
+        host = (stored + estimate.trainable + 2 * estimate.gradients + estimate.optimizer) // world
+        return MemoryEstimate(weights=gathered, trainable=0, gradients=unsharded_gradients, optimizer=0,
+                              activations=estimate.activations, optimizer_step=0, offloaded_host=host)
+    gradients = estimate.gradients // world + unsharded_gradients if method == "full" else estimate.gradients
     return MemoryEstimate(
-        weights=stored // world + (2 * layer + shape.other_params) * p, trainable=estimate.trainable // world,
+        weights=stored // world + gathered, trainable=estimate.trainable // world,
         gradients=gradients, optimizer=estimate.optimizer // world, activations=estimate.activations,
         optimizer_step=estimate.optimizer_step // world)
 

@@ -95,8 +95,12 @@ class RunDir(_Layout):
 
     @property
     def monitor(self) -> Path:
-        """The resource samples (leantune/monitor/sampler.py)."""
+        """The resource samples (leantune/monitor/sampler.py); of the first machine in a multi-node run."""
         return self.root / "monitor.csv"
+
+    def node_monitor(self, node: int) -> Path:
+        """Machine `node`'s resource samples (monitor.csv for the first)."""
+        return self.monitor if node == 0 else self.root / f"monitor-node{node}.csv"
 
     @property
     def checkpoints(self) -> Path:
@@ -145,10 +149,10 @@ class RunDir(_Layout):
         """How a failed training process ended (leantune.failures.write_failure)."""
         return self.root / "attempt_error.json"
 
-    @property
-    def power_record(self) -> Path:
-        """The GPU's power limit before the run's first cap (monitor/power.py); gone once restored."""
-        return self.root / "power_limit_original.json"
+    def power_record(self, gpu: int, node: int = 0) -> Path:
+        """GPU `gpu` (NVML's index) of machine `node`: its power limit before the run's first cap
+        (monitor/power.py); gone once restored."""
+        return self.root / f"power_limit_original-node{node}-gpu{gpu}.json"
 
     @property
     def tracking(self) -> Path:

@@ -48,7 +48,7 @@ def loop_hooks(*, oom: Callable[[int, int, int], bool] | None = None,
     if headroom is not None:
         patches["_free_share"] = lambda run: headroom(run.state.step)
     if monitor is not None:
-        patches["_new_monitor"] = lambda cfg, run_dir, device: monitor
+        patches["_new_monitor"] = lambda cfg, run_dir, dist: monitor
     saved = {name: getattr(loop, name) for name in patches}
     for name, value in patches.items():
         setattr(loop, name, value)

@@ -7,6 +7,8 @@ While it runs, its output goes to the task's log line by line, and the steps it 
 metrics.jsonl update two artifacts, each one artifact updated in place (a new version per update would
 bury the run's other artifacts under hundreds): a progress bar (key training-progress) and a table of
 the latest steps (key training-metrics); on a terminal they also draw a bar (leantune.progress.TrainingBar).
+A multi-node run with train.distributed.node_deployment starts a flow run of that deployment per other
+machine first (`start_other_nodes`; flows/node.py runs the machine's torchrun agent: `train_node_agent`).
 When it fails, the task raises what it stands for
 (leantune.failures.attempt_failure): AttemptFailed (oom, nan, killed, error), which the flow's attempt
 loop may answer with another attempt, or the UserError it reported, which ends the run.
@@ -37,6 +39,7 @@ from leantune.training.launch import (
     RENDEZVOUS_TIMEOUT,
     progress_markdown,
     rendezvous_timeout_message,
+    run_node_agent,
     run_training,
     training_command,
 )
@@ -102,6 +105,27 @@ def training_steps(config: RunConfig, run_dir: Path) -> int:
     return total_steps(config, index["counts"]["sequences"])
 
 
+def start_other_nodes(deployment: str, run_dir: Path, nnodes: int, run=None) -> list:
+    """A flow run of `deployment` per other machine of a multi-node run (node_rank 1 to nnodes-1, the run
+    directory by its absolute path), started without waiting for them: each starts its machine's torchrun
+    agent, which joins this attempt's rendezvous (config.yaml's rdzv_endpoint and rdzv_id). `run`: Prefect's
+    run_deployment (tests pass a stand-in)."""
+    if run is None:
+        from prefect.deployments import run_deployment as run
+    return [run(deployment, parameters={"run_dir": str(Path(run_dir).resolve()), "node_rank": rank}, timeout=0,
+                flow_run_name=f"{Path(run_dir).name}-node{rank}") for rank in range(1, nnodes)]
+
+
+@stage_task(name="train-node")
+def train_node_agent(run_dir: Path, node_rank: int) -> None:
+    """This machine's torchrun agent of a multi-node run (node `node_rank`), to its end; its output in the log."""
+    log = get_run_logger()
+    returncode = run_node_agent(run_dir, node_rank, on_log=log.log)
+    if returncode != 0:
+        raise RuntimeError(f"node {node_rank}'s torchrun agent for {run_dir} exited with status {returncode}; the "
+                           "train stage of the run's flow says why the attempt ended")
+
+
 @stage_task(name="train")
 def train_model(config: RunConfig, run_dir: Path, resume: bool = False, tracker: Tracker | None = None) -> dict:
     log = get_run_logger()
@@ -129,6 +153,10 @@ def train_model(config: RunConfig, run_dir: Path, resume: bool = False, tracker:
         if tracker is not None:
             tracker.log_steps()  # MLflow and TensorBoard get the steps a checkpoint holds (leantune/tracking.py)
 
+    d = config.train.distributed
+    if d.nnodes > 1 and d.node_deployment:
+        runs = start_other_nodes(d.node_deployment, run_dir, d.nnodes)
+        log.info(f"started {d.node_deployment} for nodes 1-{d.nnodes - 1}: flow runs {', '.join(str(r.id) for r in runs)}")
     try:
         returncode = run_training(training_command(config, run_dir, resume), run_dir, on_log=on_log,
                                   on_metrics=on_metrics)

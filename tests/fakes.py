@@ -123,6 +123,13 @@ class FakeNvml:
         self._current(handle)
         return f"GPU-fake-{handle}"
 
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        for i in range(self._gpus):
+            if uuid == f"GPU-fake-{i}":
+                self._current(i)
+                return i
+        self._raise("NOT_FOUND")
+
     def nvmlDeviceGetPowerManagementLimitConstraints(self, handle):
         self._current(handle)
         return [int(self._constraints[0] * 1000), int(self._constraints[1] * 1000)]

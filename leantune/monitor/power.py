@@ -8,7 +8,10 @@ warns, training goes on at the current limit, and the monitor keeps measuring. A
 with SIGKILL cannot restore anything: the limit then stays until it is reset
 (`sudo nvidia-smi -i N -pl WATTS`) or the driver reloads; the warning says so.
 
-With `record` (the run directory's power_limit_original.json) the limit found before the FIRST cap is
+`power_limits(watts, nvml, gpus, record_of)` does that for every GPU the monitor samples (all of a
+machine's GPUs in a multi-GPU run), each with its own record, all restored on leaving.
+
+With `record` (the run directory's power_limit_original-node<N>-gpu<I>.json) the limit found before the FIRST cap is
 written there before the cap is set, and every attempt restores to that recorded value: the retry of a
 killed attempt finds the capped limit on the card and must not take it for the original. The record
 names the GPU's UUID (used only for the same card) and is removed once the limit is restored.
@@ -24,7 +27,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,6 +80,17 @@ def power_limit(watts: float | None, nvml, handle, gpu: int = 0,
     finally:
         if changed:
             _restore(report, nvml, handle, record)
+
+
+@contextlib.contextmanager
+def power_limits(watts: float | None, nvml, gpus: list[tuple[int, object]],
+                 record_of: Callable[[int], Path]) -> Iterator[list[PowerLimitReport | None]]:
+    """`power_limit` on each of `gpus` ((NVML index, handle) pairs, as Monitor.gpu_handles; none: the one
+    report of no GPU), GPU i recording its original limit in record_of(i); every GPU set is restored on
+    leaving, an exception while setting a later one included. Yields the reports in the order of `gpus`."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(power_limit(watts, nvml, handle, index, record=record_of(index)))
+               for index, handle in gpus or [(0, None)]]
 
 
 def _gpu_uuid(nvml, handle) -> str | None:

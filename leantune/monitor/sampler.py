@@ -34,7 +34,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,6 +310,9 @@ class Monitor:
 
     device_type / device_index: where training runs; on CUDA only the training GPU is sampled
         (found through torch), otherwise every GPU NVML sees.
+    device_indices: on CUDA, the GPUs to sample instead (the CUDA devices of every training process on
+        this machine, device_index's first: the local rank 0 of a multi-GPU run samples them all, and
+        energy_j() sums them).
     nvml: the NVML module to use (default: pynvml; tests pass a FakeNvml).
     on_sample(sample): called in the sampler thread after each sample (the feedback policy).
     clock / wall_clock: monotonic and Unix time (tests inject fakes).
@@ -318,7 +321,8 @@ class Monitor:
     """
 
     def __init__(self, cfg: MonitorConfig, csv_path: Path | None = None, *, device_type: str = "cpu",
-                 device_index: int | None = None, nvml=None, on_sample: Callable[[Sample], None] | None = None,
+                 device_index: int | None = None, device_indices: Sequence[int] | None = None, nvml=None,
+                 on_sample: Callable[[Sample], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         import psutil
 
@@ -344,11 +348,11 @@ class Monitor:
         if cfg.backend == "psutil":
             log.info("monitor.backend=psutil: no GPU readings; sampling the process and host memory")
         else:
-            self._start_nvml(nvml, device_index)
+            self._start_nvml(nvml, list(device_indices) if device_indices else [device_index])
 
     # ---------------------------------------------------------------------------------- NVML
 
-    def _start_nvml(self, nvml, device_index: int | None) -> None:
+    def _start_nvml(self, nvml, device_indices: list[int | None]) -> None:
         if nvml is None:
             try:
                 import pynvml as nvml
@@ -361,9 +365,9 @@ class Monitor:
             self._say_degraded(f"NVML is not available ({type(e).__name__}: {e})")
             return
         try:
-            handle = _training_gpu(nvml, device_index) if self.device_type == "cuda" else None
-            if handle is not None:
-                devices = [(_nvml_index(nvml, handle), handle)]
+            handles = [_training_gpu(nvml, i) for i in device_indices] if self.device_type == "cuda" else [None]
+            if None not in handles:
+                devices = [(_nvml_index(nvml, h), h) for h in handles]
             else:
                 devices = [(i, nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(nvml.nvmlDeviceGetCount())]
             self._reader = _NvmlReader(nvml, devices)

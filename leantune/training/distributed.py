@@ -51,16 +51,25 @@ class DistContext:
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
+    # This machine's processes and its place among the machines (torchrun's LOCAL_WORLD_SIZE, GROUP_RANK).
+    local_world_size: int = 1
+    node_rank: int = 0
     backend: str | None = None
     owns_group: bool = False
     # train.distributed.strategy fsdp with several ranks: the model is sharded (fsdp.py), `root` is what
     # forward runs on, and FSDP reduce-scatters the gradients inside backward.
     sharded: bool = False
+    cpu_offload: bool = False  # train.distributed.cpu_offload: the shards in host memory (fsdp.py)
     root: Any = None
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def nodes(self) -> int:
+        """The machines the run spans."""
+        return self.world_size // self.local_world_size
 
     @property
     def is_main(self) -> bool:
@@ -170,13 +179,14 @@ class DistContext:
 
     # ------------------------------------------------------------------------------ the model
 
-    def shard(self, model, precision: torch.dtype, full: bool):
+    def shard(self, model, precision: torch.dtype, full: bool, from_rank0: bool = False):
         """FSDP: shard `model` in place (before the optimizer takes its parameters) and return the root to
-        call forward on; None without sharding."""
+        call forward on; None without sharding. from_rank0: the other ranks' models are on the meta device
+        and receive rank 0's weights (fsdp.loads_on_rank0)."""
         if self.sharded:
             from leantune.training.fsdp import shard_model
 
-            self.root = shard_model(model, self, precision, full)
+            self.root = shard_model(model, self, precision, full, from_rank0)
         return self.root
 
     def before_micro_batch(self, k: int, accumulation_steps: int) -> None:
@@ -268,7 +278,10 @@ def setup(cfg: RunConfig, device: torch.device) -> DistContext:
     log.info("data parallel: rank %d of %d (local rank %d) on %s, backend %s", rank, world_size, local_rank,
              device, backend)
     return DistContext(device=device, world_size=world_size, rank=rank, local_rank=local_rank, backend=backend,
-                       owns_group=owns, sharded=cfg.train.distributed.strategy == "fsdp")
+                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+                       node_rank=int(os.environ.get("GROUP_RANK", "0")),
+                       owns_group=owns, sharded=cfg.train.distributed.strategy == "fsdp",
+                       cpu_offload=cfg.train.distributed.cpu_offload)
 
 
 def teardown(ctx: DistContext) -> None:

@@ -20,6 +20,11 @@ micro-batch of a step, whose backward reduce-scatters their sum (`set_requires_g
 full fine-tuning reduce-scatters after every micro-batch, because its unsharded gradients would be
 as large as the model.
 
+CPU offload (train.distributed.cpu_offload): FSDP2's CPUOffloadPolicy on every module sharded, so each
+rank's shards of the weights, gradients and optimizer state live in (pinned) host memory, are copied to
+the GPU for each gather, and the optimizer steps on the CPU. Run here only on the CPU, where it changes
+nothing but the code path (tests/training/test_fsdp.py: the one-process weights within 1e-5).
+
 Mixed precision: on CUDA in bf16 the gathered parameters are bf16 and the gradients are reduced in
 fp32 (the sharded master copy keeps the dtype it was built in); on the CPU everything is fp32.
 
@@ -36,9 +41,11 @@ the checkpoint's `sharded/` folder, beside rank 0's files (checkpoint.py). The s
 re-split on load, so a checkpoint of N ranks resumes on M ranks, on one process included.
 The adapter (or the model) is exported gathered on rank 0 (`gather_weights`).
 
-Not done: every rank builds the whole model on its device before `shard_model` shards it, so the
-model must fit one device whole at load time (loading on one rank and broadcasting, or loading
-sharded, would lift that).
+Loading (`loads_on_rank0`): for LoRA and full fine-tuning only rank 0 reads the weights; the other ranks
+build the model on the meta device and receive their shards from rank 0 once it is sharded
+(set_model_state_dict with broadcast_from_rank0), so only rank 0 holds the whole model, briefly. QLoRA
+(and any run with cpu_offload) still builds the whole model on every rank before sharding it, so its
+4-bit model must fit one device whole at load time.
 """
 
 from __future__ import annotations
@@ -60,36 +67,73 @@ log = logging.getLogger(__name__)
 SHARDED_DIR = "sharded"
 
 
-def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool):
+def loads_on_rank0(cfg) -> bool:
+    """Whether only rank 0 reads the weights of an FSDP run, the other ranks building the model on the meta device
+    (modeling.build_model(meta=True)) and receiving their shards from rank 0 in `shard_model`: LoRA and full
+    fine-tuning. Not QLoRA (bitsandbytes quantises the weights as they load, into parameters with their own
+    quantisation state), nor with train.distributed.cpu_offload (the shards' place is the host)."""
+    d = cfg.train.distributed
+    return d.strategy == "fsdp" and cfg.model.method != "qlora" and not d.cpu_offload
+
+
+def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool, from_rank0: bool = False):
     """Shard `model` over the ranks in place; return the root to call forward on (a `TargetLoss`).
 
     full: full fine-tuning (gradients reduce-scattered after every micro-batch, see the module docstring).
+    from_rank0: rank 0 holds the weights, the other ranks the model on the meta device (`loads_on_rank0`).
     """
     import torch
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     from leantune.training.loss import target_loss_module
 
     if precision == torch.float16:
         raise UserError("train.distributed.strategy: fsdp runs in bf16 or fp32, and model.dtype resolves to fp16 "
                         "here (no bf16 on this GPU); set model.dtype=fp32 or train.distributed.strategy=ddp")
+    # Rank 0's weights, referenced before sharding replaces its parameters, for the other ranks' shards.
+    weights = model.state_dict() if from_rank0 and dist.rank == 0 else {}
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if dist.device.type == "cuda" and precision == torch.bfloat16 else MixedPrecisionPolicy())
+    # train.distributed.cpu_offload: the shards (and the optimizer step) in host memory, pinned for the copies.
+    offload = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda") if dist.cpu_offload else OffloadPolicy()
     layers = decoder_layers(model)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
     root = target_loss_module(model)
-    fully_shard(root, mesh=mesh, mp_policy=policy)
+    fully_shard(root, mesh=mesh, mp_policy=policy, offload_policy=offload)
     for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     root.sync_every_micro_batch = full
-    log.info("fsdp: %d decoder layers and the root sharded over %d ranks (%s)", len(layers), dist.world_size,
-             "bf16 parameters, fp32 gradient reduction" if policy.param_dtype is not None else "fp32")
+    if from_rank0:
+        _receive_from_rank0(model, weights, dist)
+    log.info("fsdp: %d decoder layers and the root sharded over %d ranks (%s%s)", len(layers), dist.world_size,
+             "bf16 parameters, fp32 gradient reduction" if policy.param_dtype is not None else "fp32",
+             "; shards in host memory" if dist.cpu_offload else "")
     return root
+
+
+def _receive_from_rank0(model, weights: dict, dist: DistContext) -> None:
+    """Every rank's shards of rank 0's `weights` (empty on the others, whose sharded model is on the meta
+    device until here), and rank 0's buffers, which the state dict leaves out (the rotary frequencies)."""
+    import torch.distributed as tdist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if dist.rank > 0:
+        model.to_empty(device=dist.device)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        tdist.broadcast(buffer, src=0)
+    log.info("fsdp: rank %d received its shards of rank 0's weights", dist.rank)
 
 
 def decoder_layers(model) -> list:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from leantune.config import RunConfig
+from leantune.config import RunConfig, load_config
 from leantune.failures import JSON_LOG_ENV, parse_log_line
 from leantune.metrics import MetricsFollower
 from leantune.rundir import RunDir
@@ -51,6 +51,25 @@ def training_command(cfg: RunConfig, run_dir: Path, resume: bool) -> list[str]:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={d.rdzv_endpoint}", f"--rdzv-id={d.rdzv_id}",
                 f"--rdzv-conf=join_timeout={d.join_timeout_s}"]
     return [*cmd, "-m", *entry]
+
+
+def node_command(cfg: RunConfig, run_dir: Path, node_rank: int | str, python: str = sys.executable) -> list[str]:
+    """The torchrun agent that node `node_rank` (1 to nnodes-1) of a multi-node run starts: the flow's own
+    command (`training_command`, which node 0 runs) with the node's rank. Its workers train run_dir with the
+    config.yaml the flow wrote there, from the newest checkpoint when there is one (the loop resumes by itself
+    once checkpoints exist). torchrun's c10d rendezvous assigns the ranks of the processes; --node-rank
+    names the node in its log. `python`: the interpreter on that node ('python' in a container)."""
+    cmd = training_command(cfg, run_dir, resume=False)
+    at = cmd.index(f"--nnodes={cfg.train.distributed.nnodes}") + 1
+    return [python, *cmd[1:at], f"--node-rank={node_rank}", *cmd[at:]]
+
+
+def run_node_agent(run_dir: Path, node_rank: int, on_log: Callable[[int, str], None]) -> int:
+    """Run node `node_rank`'s torchrun agent (`node_command`) for the run directory's config.yaml to its end
+    (run_training, its output to on_log); return its exit status. What the train-node flow runs."""
+    cfg = load_config(RunDir(run_dir).config)
+    return run_training(node_command(cfg, Path(run_dir), node_rank), Path(run_dir), on_log=on_log,
+                        on_metrics=lambda lines: None, clear_failure=False)
 
 
 # torchrun's error when not every node joined the rendezvous in time (its own text, read by pattern).
@@ -95,7 +114,7 @@ def log_record(line: str, previous_level: int) -> tuple[int, str] | None:
 
 def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], None],
                  on_metrics: Callable[[list[dict]], None], poll_s: float = 0.5,
-                 stop_grace_s: float = STOP_GRACE_S) -> int:
+                 stop_grace_s: float = STOP_GRACE_S, clear_failure: bool = True) -> int:
     """Run the training process `cmd` to its end and return its exit status.
 
     Its output (stdout and stderr, in order) goes line by line to `on_log(level, text)` (see
@@ -104,11 +123,13 @@ def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], 
     signal meant for the flow reaches it once, from here. An exception here (Ctrl-C's KeyboardInterrupt,
     Prefect's TerminationSignal for SIGTERM or a cancellation) first stops the process: SIGTERM, which
     makes it save a checkpoint and exit 75, then SIGKILL if it is not gone after `stop_grace_s`; then
-    the exception goes on.
+    the exception goes on. clear_failure False: another machine's node agent (`run_node_agent`), which
+    leaves the failure file to the attempt of the flow's machine.
     """
     run_dir = Path(run_dir)
     # What a failed process leaves (RunDir.failure, leantune.failures.write_failure) must be this attempt's.
-    RunDir(run_dir).failure.unlink(missing_ok=True)
+    if clear_failure:
+        RunDir(run_dir).failure.unlink(missing_ok=True)
     follower = MetricsFollower(run_dir, from_end=True)
     # Bytes, split on newlines only: text mode would turn a progress bar's carriage returns into lines.
     # The run directory's lock, when this process holds it, is inherited: held while the training process

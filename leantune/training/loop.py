@@ -42,7 +42,8 @@ Outputs in the run directory:
                   tokens_per_s (all ranks), micro_batch_size and accumulation_steps (per rank),
                   world_size, peak_memory_mb (rank 0's; CUDA: peak allocated during the step; CPU: the
                   process's peak RSS so far), elapsed_s,
-                  energy_j (the GPUs' energy during the step, from the monitor; absent without NVML)
+                  energy_j (the energy of every GPU of the run during the step, from the monitors;
+                  absent without NVML)
                   and val_loss on evaluation steps; plus one line per micro-batch change
                   {"event": "micro_batch", "step", "old", "new", "reason"}, one per decision of the
                   resource monitor {"event": "monitor", "step", "action", "reason", "reading"}, and
@@ -117,8 +118,9 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> dict:
     resume: continue from the newest intact checkpoint (also automatic when checkpoints exist).
 
     Under torchrun (WORLD_SIZE above 1) every process calls this (see distributed.py): each trains on
-    its share of every global batch, only rank 0 writes metrics.jsonl, monitor.csv, checkpoints, the
-    adapter and training.json, and every rank returns the summary.
+    its share of every global batch, only rank 0 writes metrics.jsonl, checkpoints, the adapter and
+    training.json, each machine's local rank 0 samples all of its GPUs into monitor.csv (machine N of
+    several: monitor-node<N>.csv), and every rank returns the summary.
     """
     from leantune.modeling import resolve_device
     from leantune.training.determinism import deterministic_kernels
@@ -189,7 +191,7 @@ class _Run:
 
 def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool) -> dict:
     from leantune.monitor.policy import Feedback
-    from leantune.monitor.power import power_limit
+    from leantune.monitor.power import power_limits
 
     started = time.monotonic()
     run, tokenizer = _build(cfg, run_dir, dist)
@@ -209,16 +211,19 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, *, resume: bool) ->
     order_of = _EpochOrders(run.train_shards, cfg.train.global_batch_size, cfg.train.seed, cfg.train.group_by_length)
 
     # The resource monitor (monitor.csv) and its feedback, and the power limit: both undone in `finally`.
-    # Data parallel: rank 0's monitor decides for all (its shrink reaches the others through _settle).
+    # Several processes: each machine's local rank 0 samples (and caps) all of that machine's GPUs; rank 0's
+    # monitor decides for all (its shrink reaches the others through _settle).
     run.feedback = Feedback(cfg.monitor, run.ckpt.request)
     resources = contextlib.ExitStack()
-    if cfg.monitor.enabled and dist.is_main:
-        run.monitor = _new_monitor(cfg, run_dir, run.device)
-        run.monitor.on_sample = run.feedback
+    if cfg.monitor.enabled and dist.local_rank == 0:
+        run.monitor = _new_monitor(cfg, run_dir, dist)
+        if dist.is_main:
+            run.monitor.on_sample = run.feedback
         resources.enter_context(run.monitor)
-    gpu = run.monitor.gpu_handles[0] if run.monitor is not None and run.monitor.gpu_handles else (None, None)
-    power = resources.enter_context(power_limit(cfg.power.limit_watts, run.monitor and run.monitor.nvml,
-                                                gpu[1], gpu[0], record=RunDir(run_dir).power_record))
+    power = resources.enter_context(power_limits(
+        cfg.power.limit_watts if dist.local_rank == 0 else None, run.monitor and run.monitor.nvml,
+        run.monitor.gpu_handles if run.monitor is not None else [],
+        lambda gpu: RunDir(run_dir).power_record(gpu, dist.node_rank)))
 
     progress = _progress_bar(run.num_steps, run.state.step)
     run.ckpt.install_signal_handlers()
@@ -270,6 +275,7 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
 
     from leantune.modeling import build_model, describe_model, resolve_precision
     from leantune.training.checkpoint import CheckpointManager, run_fingerprints
+    from leantune.training.fsdp import loads_on_rank0
     from leantune.training.optim import build_optimizer, build_scheduler, total_steps
 
     t = cfg.train
@@ -286,7 +292,9 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
     precision = resolve_precision(cfg, device)
     # Fresh runs draw weights, LoRA init and dropout from train.seed; a resume restores the RNGs.
     _seed_everything(t.seed)
-    model = build_model(cfg, tokenizer, device)
+    # FSDP, LoRA or full: only rank 0 reads the weights, the others receive theirs when it is sharded (fsdp.py).
+    from_rank0 = dist.sharded and loads_on_rank0(cfg)
+    model = build_model(cfg, tokenizer, device, meta=from_rank0 and dist.rank > 0)
     log.info("model: %s", describe_model(model))
     if t.compile != "off":
         compile_decoder(model, t.compile)
@@ -300,7 +308,7 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
         # Every rank built the same weights from train.seed; each draws its own dropout, as it has its own data.
         torch.manual_seed(int(np.random.SeedSequence([t.seed, dist.rank]).generate_state(1)[0]))
     # FSDP: the weights sharded over the ranks before the optimizer takes them (fsdp.py); None otherwise.
-    sharded_root = dist.shard(model, precision, full=cfg.model.method == "full")
+    sharded_root = dist.shard(model, precision, full=cfg.model.method == "full", from_rank0=from_rank0)
     optimizer = build_optimizer(cfg, model)
     run = _Run(
         cfg=cfg, run_dir=run_dir, dist=dist, device=device, train_shards=train_shards, val_shards=val_shards,
@@ -331,9 +339,13 @@ def _resume(run: _Run, look: bool) -> int | None:
     return run.state.step
 
 
-def _new_monitor(cfg: RunConfig, run_dir: Path, device) -> Monitor:
-    """The resource monitor of this process's device, sampling into run_dir/monitor.csv."""
-    return Monitor(cfg.monitor, RunDir(run_dir).monitor, device_type=device.type, device_index=device.index)
+def _new_monitor(cfg: RunConfig, run_dir: Path, dist: DistContext) -> Monitor:
+    """The resource monitor of this machine's GPUs (its own first), sampling into run_dir/monitor.csv
+    (monitor-node<N>.csv for machine N of several)."""
+    device = dist.device
+    indices = [(device.index or 0) + i for i in range(dist.local_world_size)] if device.type == "cuda" else None
+    return Monitor(cfg.monitor, RunDir(run_dir).node_monitor(dist.node_rank), device_type=device.type,
+                   device_index=device.index, device_indices=indices)
 
 
 class _EpochOrders:
@@ -407,8 +419,9 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     if run.pref is not None:
         line.update(preference_metrics(ce_sum, targets))
     energy_end = run.monitor.energy_j() if run.monitor is not None else None
-    if energy_start is not None and energy_end is not None:
-        line["energy_j"] = round(energy_end - energy_start, 3)
+    energy = _all_nodes_energy(run, energy_start, energy_end)
+    if energy is not None:
+        line["energy_j"] = round(energy, 3)
         state.energy_j = (state.energy_j or 0.0) + line["energy_j"]
 
     # Validation every train.eval_every steps and after the last one.
@@ -428,6 +441,18 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     if run.moe is not None:
         state.expert_counts = run.expert_load.state()
     return line, val_loss
+
+
+def _all_nodes_energy(run: _Run, start: float | None, end: float | None) -> float | None:
+    """The step's GPU energy from this machine's monitor (start/end: its energy_j() around the step), summed
+    over the machines of a multi-node run (every rank takes part; a machine without a reading makes it None)."""
+    mine = None if start is None or end is None else end - start
+    if run.dist.nodes == 1 or not run.cfg.monitor.enabled:
+        return mine
+    # Only each machine's local rank 0 has a monitor; NaN from one that has no reading.
+    own = (math.nan if mine is None else mine) if run.dist.local_rank == 0 else 0.0
+    total = run.dist.sum_all([own])[0]
+    return total if math.isfinite(total) else None
 
 
 def _forward_backward_fitting(run: _Run, step: int, share: list[dict], targets: int, tokens: int):
@@ -661,7 +686,8 @@ def _summary(run: _Run, *, completed: bool, resumed_from: int | None, power, sta
         "monitor_backend": monitor.latest.backend if monitor is not None else None,
         "device": run.device.type,
         "gpu_name": monitor.gpu_names[0] if monitor is not None and monitor.gpu_names else None,
-        "power_limit": power.to_dict() if power is not None else None,
+        "power_limit": power[0].to_dict() if power[0] is not None else None,  # the first GPU's
+        "power_limits": [p.to_dict() for p in power if p is not None],  # every GPU capped on this machine
         "seconds": round(time.monotonic() - started, 3),
         "adapter": str(adapter_dir) if adapter_dir else None,
         "merged": str(merged_dir) if merged_dir else None,

@@ -26,14 +26,23 @@ def test_prefect_yaml_names_existing_flows_and_the_gpu_pool():
 
     spec = yaml.safe_load(PREFECT_YAML.read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
-    assert set(by_name) == {"nightly", "adhoc", "evaluate"}
+    assert set(by_name) == {"nightly", "adhoc", "evaluate", "node"}
     flow_names = {}
     for name, d in by_name.items():
         path, func = d["entrypoint"].split(":")
         assert (REPO / path).is_file(), d["entrypoint"]
         flow_names[name] = load_flow_from_entrypoint(str(REPO / d["entrypoint"])).name
-        assert d["work_pool"]["name"] == "gpu-pool"
-    assert flow_names == {"nightly": "finetune", "adhoc": "finetune", "evaluate": "evaluate"}
+        # The node flow runs on the other machines of a multi-node run: a pool of its own.
+        assert d["work_pool"]["name"] == ("gpu-nodes" if name == "node" else "gpu-pool")
+    assert flow_names == {"nightly": "finetune", "adhoc": "finetune", "evaluate": "evaluate", "node": "train-node"}
+    # serve.py --node serves the same train-node/node (train.distributed.node_deployment).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("leantune_serve", REPO / "deployments" / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    node = serve.node_deployment()
+    assert (node.flow_name, node.name) == ("train-node", "node")
     assert [s["cron"] for s in by_name["nightly"]["schedules"]] == ["0 2 * * *"]
     assert "schedules" not in by_name["adhoc"]
 

@@ -3,6 +3,7 @@
 import csv
 import logging
 import time
+from types import SimpleNamespace
 
 import pytest
 from fakes import FakeNvml
@@ -273,3 +274,40 @@ def test_a_mig_slice_keeps_nvml(tmp_path, monkeypatch, visible):
     assert nvml_uuids(MIG_UUID, visible, 0) == (
         [f"MIG-{MIG_UUID}", f"GPU-{MIG_UUID}"] if visible else [f"GPU-{MIG_UUID}", f"MIG-{MIG_UUID}"])
     assert nvml_uuids(f"GPU-{MIG_UUID}", None, 0) == [f"GPU-{MIG_UUID}"]
+
+
+def test_local_rank_0_samples_every_gpu_of_its_machine_matched_by_uuid(tmp_path, monkeypatch):
+    """Machine 1 of a 2 x 3-process run on 4-GPU machines: CUDA devices 0-2 are NVML's GPUs 1-3 (CUDA
+    renumbers them), so those three are sampled, the own GPU first, and their energy is summed."""
+    import sys
+
+    import torch
+
+    from leantune.training.distributed import DistContext
+    from leantune.training.loop import _new_monitor
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"uuid": f"fake-{i + 1}"})())
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved"):
+        monkeypatch.setattr(torch.cuda, name, lambda i: 0)
+    clock = FakeClock()
+    script = [{"t": 0, "gpus": [{"energy_mj": 0, "power_w": 50.0 + 10 * i} for i in range(4)]},
+              {"t": 1, "gpus": [{"energy_mj": 1000 * (i + 1)} for i in range(4)]}]
+    fake = FakeNvml(script, clock, gpus=4)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    dist = DistContext(device=torch.device("cuda", 0), world_size=6, rank=3, local_rank=0, local_world_size=3,
+                       node_rank=1)
+    monitor = _new_monitor(SimpleNamespace(monitor=MonitorConfig()), tmp_path, dist)
+    monitor._clock = clock  # _new_monitor takes the real clock; the fake one from here on
+    assert monitor.gpu_handles == [(1, 1), (2, 2), (3, 3)]
+    assert monitor.gpu_names == ["Fake GPU 1", "Fake GPU 2", "Fake GPU 3"]
+    monitor.sample_once()
+    clock.t = 1.0
+    sample = monitor.sample_once()
+    monitor.stop()
+    assert [g.power_w for g in sample.gpus] == [60.0, 70.0, 80.0]
+    assert monitor.energy_j() == pytest.approx(2.0 + 3.0 + 4.0)  # GPUs 1-3: 0 to 2, 3 and 4 J; not GPU 0's 1 J
+    table = rows(tmp_path / "monitor-node1.csv")
+    assert [(r["gpu"], r["gpu_name"]) for r in table[:3]] == [("1", "Fake GPU 1"), ("2", "Fake GPU 2"),
+                                                             ("3", "Fake GPU 3")]
+    assert len(table) == 9 and not (tmp_path / "monitor.csv").exists()  # 3 samples x 3 GPUs, in its own file

@@ -155,6 +155,58 @@ def test_the_power_limit_is_applied_and_restored_also_when_training_fails(tokeni
     assert fake.set_calls == [(0, 90.0), (0, 115.0)] and fake.power_limits_w[0] == 115
 
 
+def test_every_gpu_of_the_machine_is_capped_restored_and_its_energy_summed(tokenized_run, tmp_path):
+    # Three GPUs found at 115, 120 and 125 W; their counters gain 100, 150 and 200 J per step.
+    script = [{"t": t, "gpus": [{"power_limit_w": 115 + 5 * i, "energy_mj": (100_000 + 50_000 * i) * t,
+                                 "power_w": 100.0} for i in range(3)]} for t in range(8)]
+    summary, run_dir, fake = monitored(tokenized_run, tmp_path, "three", script, "power.limit_watts=90",
+                                       gpus=3)
+    assert [(p["gpu"], p["status"], p["previous_w"], p["applied_w"], p["restored_w"])
+            for p in summary["power_limits"]] == [(0, "applied", 115, 90, 115), (1, "applied", 120, 90, 120),
+                                                  (2, "applied", 125, 90, 125)]
+    assert summary["power_limit"] == summary["power_limits"][0]
+    assert fake.power_limits_w == {0: 115, 1: 120, 2: 125}
+    assert [m["energy_j"] for m in steps(run_dir)] == [450.0] * 6
+    assert summary["energy_j"] == pytest.approx(2700.0)
+    table = (run_dir / "monitor.csv").read_text().splitlines()
+    assert [row.split(",")[3:5] for row in table[1:4]] == [["0", "Fake GPU 0"], ["1", "Fake GPU 1"],
+                                                          ["2", "Fake GPU 2"]]
+    assert not list(run_dir.glob("power_limit_original*"))  # every record removed once restored
+
+    # A failing run restores every GPU too; the record of each was written before its cap.
+    error, run_dir, fake = monitored(tokenized_run, tmp_path, "three-fail", script, "power.limit_watts=90",
+                                     fail_at_step=2, gpus=3)
+    assert str(error) == "the run fails here"
+    assert fake.set_calls == [(0, 90.0), (1, 90.0), (2, 90.0), (2, 125.0), (1, 120.0), (0, 115.0)]
+    assert not list(run_dir.glob("power_limit_original*"))
+
+
+def test_the_step_energy_is_summed_over_the_machines():
+    """Each machine's local rank 0 adds its monitor's step energy; other ranks add 0; a machine without a
+    reading makes the sum unknown rather than too small."""
+    from types import SimpleNamespace
+
+    from leantune.training.loop import _all_nodes_energy
+
+    def run_on(local_rank, others, nodes=2):
+        sums = []
+
+        def sum_all(values):
+            sums.append(values)
+            return [values[0] + others]
+        return SimpleNamespace(dist=SimpleNamespace(nodes=nodes, local_rank=local_rank, sum_all=sum_all),
+                               cfg=SimpleNamespace(monitor=SimpleNamespace(enabled=True))), sums
+
+    run, sums = run_on(0, others=70.0)
+    assert _all_nodes_energy(run, 100.0, 130.0) == 100.0 and sums == [[30.0]]
+    run, sums = run_on(1, others=100.0)
+    assert _all_nodes_energy(run, None, None) == 100.0 and sums == [[0.0]]
+    run, _ = run_on(0, others=float("nan"))
+    assert _all_nodes_energy(run, 100.0, 130.0) is None
+    run, sums = run_on(0, others=70.0, nodes=1)
+    assert _all_nodes_energy(run, 100.0, 130.0) == 30.0 and sums == []  # one machine: no exchange
+
+
 def test_a_nan_loss_stops_the_attempt_before_it_is_checkpointed(tokenized_run, tmp_path, monkeypatch):
     import leantune.training.loop as loop
 

@@ -1,8 +1,8 @@
 """train.distributed.strategy: fsdp (FSDP2) on the CPU with gloo and 2 processes (leantune/training/fsdp.py).
 
 Two torchrun launches of tests/fsdp_train.py run every 2-process training (module fixture `fsdp_runs`):
-  1. LoRA with micro-batches of 4 and of 2 (one and two per rank and step), full fine-tuning alike, one QLoRA
-     step, a 6-step LoRA run with dropout and sharded checkpoints (`reference`), and last the same run with an
+  1. LoRA with micro-batches of 4 and of 2 (one and two per rank and step), and with train.distributed.cpu_offload,
+     full fine-tuning alike, one QLoRA step, a 6-step LoRA run with dropout and sharded checkpoints (`reference`), and last the same run with an
      out-of-memory error injected on rank 1 at step 5, which ends the launch;
   2. that failed run resumed twice from its step-4 checkpoint: unchanged, and with the config the attempt
      ladder (attempts.adjust) makes of its failure.
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -43,6 +44,8 @@ TWO_PROCESS_RUNS = {
     "lora-mb2-checkpointing": [*SHORT, "train.micro_batch_size=2", "model.gradient_checkpointing=true"],
     "full-mb4": [*SHORT, "model.method=full"], "full-mb2": [*SHORT, "model.method=full", "train.micro_batch_size=2"],
     "qlora": [*QLORA, *FSDP], "reference": LONG, "oom": LONG,
+    # The shards in host memory (on the CPU the same memory: only the code path).
+    "lora-offload": [*SHORT, "train.micro_batch_size=2", "train.distributed.cpu_offload=true"],
 }
 
 
@@ -66,6 +69,8 @@ def fsdp_runs(tokenized_run, tmp_path_factory) -> dict:
     plan = [{"run_dir": str(path)} for name, path in runs.items() if name != "oom"]
     rc, out, ended = torchrun([*plan, {"run_dir": str(runs["oom"]), "oom": "1:5"}], root / "plan-1.json")
     assert rc != 0 and (runs["reference"] / "training.json").is_file(), out[-4000:]
+    # LoRA and full fine-tuning: rank 1 built its model on the meta device and got rank 0's weights (QLoRA loads).
+    assert out.count("rank 1 received its shards of rank 0's weights") == len(TWO_PROCESS_RUNS) - 2, out[-4000:]
     oom_written = (runs["oom"] / "attempt_error.json").stat().st_mtime
 
     # The attempt after the failure: resumed unchanged, and as the attempt ladder changes it.
@@ -133,6 +138,11 @@ def test_fsdp_full_fine_tuning_on_two_processes_gives_the_one_process_weights(fs
 
 
 @pytest.mark.slow
+def test_fsdp_with_cpu_offload_gives_the_one_process_weights(fsdp_runs, one_process):
+    assert_same_run(fsdp_runs["runs"]["lora-offload"], one_process("lora"), "adapter_model.safetensors", 2)
+
+
+@pytest.mark.slow
 def test_one_qlora_step_under_fsdp_gives_the_one_process_adapter(fsdp_runs, one_process):
     assert_same_run(fsdp_runs["runs"]["qlora"], one_process("qlora"), "adapter_model.safetensors", 1)
 
@@ -193,6 +203,38 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(fsdp_runs, tmp_path):
 # ------------------------------------------------------------------------------------ quick checks
 
 
+@pytest.mark.parametrize("method,pretrained", [("lora", False), ("full", False), ("lora", True)])
+def test_a_rank_that_receives_rank_0s_weights_builds_the_same_model_on_the_meta_device(
+        tokenized_run, tmp_path, method, pretrained):
+    """The other ranks of an FSDP run build the model's structure only (no weight read or allocated): the same
+    parameters (names, shapes, dtypes, trained or not) and buffers as rank 0's loaded model, on the meta device."""
+    from transformers import AutoTokenizer
+
+    from leantune.modeling import build_model
+    from leantune.rundir import RunDir
+    from leantune.training.fsdp import loads_on_rank0
+
+    cfg = load_config(tokenized_run / "config.yaml", ["train.distributed.strategy=fsdp", f"model.method={method}"])
+    tokenizer = AutoTokenizer.from_pretrained(RunDir(tokenized_run).tokenizer)
+    if pretrained:  # a model directory: its config.json is what the meta ranks read
+        build_model(load_config(tokenized_run / "config.yaml", ["model.method=full"]), tokenizer,
+                    torch.device("cpu")).save_pretrained(tmp_path)
+        cfg = load_config(tokenized_run / "config.yaml", ["train.distributed.strategy=fsdp", f"model.method={method}",
+                                                          f"model.name_or_path={tmp_path}"])
+    loaded, meta = (build_model(cfg, tokenizer, torch.device("cpu"), meta=m) for m in (False, True))
+
+    def structure(model):
+        return [(n, p.shape, p.dtype, p.requires_grad) for n, p in model.named_parameters()]
+
+    assert structure(meta) == structure(loaded) and all(p.is_meta for p in meta.parameters())
+    assert [n for n, _ in meta.named_buffers()] == [n for n, _ in loaded.named_buffers()]
+    assert loads_on_rank0(cfg)
+    assert not loads_on_rank0(load_config(tokenized_run / "config.yaml", [
+        "train.distributed.strategy=fsdp", "model.method=qlora"]))
+    assert not loads_on_rank0(load_config(tokenized_run / "config.yaml", [
+        "train.distributed.strategy=fsdp", "train.distributed.cpu_offload=true"]))
+
+
 def test_fsdp_evaluation_runs_as_many_forwards_on_every_rank():
     def missing(rank, total, batch):
         return DistContext(device=torch.device("cpu"), world_size=2, rank=rank, sharded=True).missing_forwards(
@@ -240,26 +282,45 @@ LLAMA31_70B = {"vocab_size": 128256, "hidden_size": 8192, "num_hidden_layers": 8
 CONFIG_70B = Path(__file__).resolve().parents[2] / "configs" / "llama-3.1-70b-qlora-fsdp.yaml"
 
 
-def test_the_70b_qlora_config_fits_four_24gb_gpus_with_fsdp_and_not_two():
+def test_the_70b_qlora_config_fits_two_24gb_gpus_with_its_shards_offloaded_and_not_without():
     from transformers import LlamaConfig
 
     from leantune.probe import GIB, ModelShape, estimate_for_config
 
     shape = ModelShape.from_hf_config(LlamaConfig(**LLAMA31_70B))
-    budget = 24 * 0.92  # a 24 GB card under monitor.memory_high_fraction
+    budget = 24 * 0.92 * GIB  # a 24 GB card under monitor.memory_high_fraction
 
     def per_gpu(*overrides):
-        return estimate_for_config(load_config(CONFIG_70B, list(overrides)), shape, "cuda").total / GIB
+        return estimate_for_config(load_config(CONFIG_70B, list(overrides)), shape, "cuda")
 
-    four, two = per_gpu(), per_gpu("train.distributed.nproc_per_node=2")
-    replica = per_gpu("train.distributed.strategy=ddp")
-    # Sharded: a quarter (a half) of the 4-bit layers, of the fp32 embedding and head and of the adapter's
-    # optimizer state, plus the gathered layers and head in bf16 and the activations of one micro-batch.
-    assert (round(four, 2), round(two, 2), round(replica, 2)) == (20.17, 30.93, 47.71)
-    assert four <= budget < two
+    offloaded = per_gpu()  # the config: 2 GPUs, cpu_offload
+    on_gpu = per_gpu("train.distributed.cpu_offload=false")
+    four = per_gpu("train.distributed.cpu_offload=false", "train.distributed.nproc_per_node=4")
+    short = per_gpu("train.distributed.cpu_offload=false", "tokenize.max_seq_len=512")
+    replica = per_gpu("train.distributed.cpu_offload=false", "train.distributed.strategy=ddp")
+    # Offloaded, a GPU holds the gathered embedding, head and norms (bf16) and two 4-bit layers, LoRA's unsharded
+    # gradients and its micro-batch's activations; the shards (half the 4-bit layers, of the fp32 embedding and
+    # head, of LoRA's weights, gradients and AdamW state, and the CPU step's temporary) are on the host.
+    assert [round(x / GIB, 2) for x in (offloaded.weights, offloaded.gradients, offloaded.activations,
+                                        offloaded.total, offloaded.offloaded_host)] == [4.74, 0.77, 3.9, 9.41, 22.29]
+    assert offloaded.optimizer == offloaded.trainable == 0
+    # Sharded on the GPUs: a half (a quarter) of the 4-bit layers, of the fp32 embedding and head and of the
+    # adapter's optimizer state, plus the gathered layers and head in bf16 and the activations of one micro-batch.
+    assert [round(e.total / GIB, 2) for e in (on_gpu, four, short, replica)] == [30.93, 20.17, 28.33, 47.71]
+    assert offloaded.total <= budget < short.total < on_gpu.total and four.total <= budget
     # The activations are every GPU's own: the same whatever the sharding.
-    assert estimate_for_config(load_config(CONFIG_70B), shape, "cuda").activations == estimate_for_config(
-        load_config(CONFIG_70B, ["train.distributed.strategy=ddp"]), shape, "cuda").activations
+    assert offloaded.activations == on_gpu.activations == replica.activations
+    # Offloading full fine-tuning keeps two layers' fp32 gradients on the GPU, the 1/W shards on the host.
+    full = per_gpu("model.method=full", "train.distributed.nproc_per_node=8")
+    full_on_gpu = per_gpu("model.method=full", "train.distributed.nproc_per_node=8", "train.distributed.cpu_offload=false")
+    layer = shape.linear_params // shape.num_layers
+    assert full.gradients == 2 * layer * 4 and full.offloaded_host == (
+        full_on_gpu.weights - full.weights + full_on_gpu.optimizer + 2 * (full_on_gpu.gradients - full.gradients))
+
+
+def test_cpu_offload_is_refused_without_fsdp():
+    with pytest.raises(ConfigError, match="train.distributed.cpu_offload: offloads FSDP's shards"):
+        load_config(overrides=["train.distributed.cpu_offload=true"])
 
 
 def test_cost_shows_the_gpus_a_sharded_config_needs_and_its_memory_per_gpu(tmp_path, capsys):
@@ -272,16 +333,17 @@ def test_cost_shows_the_gpus_a_sharded_config_needs_and_its_memory_per_gpu(tmp_p
     assert main(args) == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.startswith("GPU") and "fits memory (per GPU)" in header
-    assert row.startswith("4 x RTX 4090") and "yes (20.2 GiB, fsdp)" in row
+    assert row.startswith("2 x RTX 4090") and "yes (9.4 GiB, fsdp; 22.3 GiB host memory per GPU)" in row
     assert main([*args, "--json"]) == 0
-    four = json.loads(capsys.readouterr().out)[0]
+    two = json.loads(capsys.readouterr().out)[0]
     single = tmp_path / "one-gpu.yaml"
-    single.write_text(dump_config(load_config(CONFIG_70B, ["train.distributed.nproc_per_node=1"])))
+    single.write_text(dump_config(load_config(CONFIG_70B, ["train.distributed.nproc_per_node=1",
+                                                           "train.distributed.cpu_offload=false"])))
     assert main([*args, "--json", "--config", str(single)]) == 0
     one = json.loads(capsys.readouterr().out)[0]
-    # Four GPUs share the FLOPs: a quarter of the one-GPU time, the same rent and energy.
-    assert (four["gpus"], one["gpus"]) == (4, 1) and four["seconds"] == pytest.approx(one["seconds"] / 4)
-    assert (four["rent_usd"], four["energy_j"]) == pytest.approx((one["rent_usd"], one["energy_j"]))
+    # Two GPUs share the FLOPs: half the one-GPU time, the same rent and energy.
+    assert (two["gpus"], one["gpus"]) == (2, 1) and two["seconds"] == pytest.approx(one["seconds"] / 2)
+    assert (two["rent_usd"], two["energy_j"]) == pytest.approx((one["rent_usd"], one["energy_j"]))
     assert one["fits"].startswith("no")  # one GPU of 24 GB holds no 70B model
 
 
@@ -294,10 +356,11 @@ def test_routing_sends_a_four_gpu_fsdp_run_to_machines_with_four_gpus():
     shape = ModelShape.from_hf_config(LlamaConfig(**LLAMA31_70B))
     pools = [PoolClass(name="gpu-24gb", memory_gb=24, gpus=8), PoolClass(name="gpu-80gb", memory_gb=80),
              PoolClass(name="gpu-24gb-x4", memory_gb=24, gpus=8, gpus_per_machine=4)]
-    chosen = route(load_config(CONFIG_70B), pools, shape)
+    four = ["train.distributed.nproc_per_node=4", "train.distributed.cpu_offload=false"]
+    chosen = route(load_config(CONFIG_70B, four), pools, shape)
     assert chosen.pool == "gpu-24gb-x4" and "per GPU on 4 GPUs" in chosen.describe()
     with pytest.raises(NoPoolFits) as e:
-        route(load_config(CONFIG_70B), pools[:2], shape)
+        route(load_config(CONFIG_70B, four), pools[:2], shape)
     assert "train.distributed.nproc_per_node is 4" in str(e.value)
 
 
@@ -338,26 +401,53 @@ def test_a_node_that_never_joins_ends_the_run_within_the_join_timeout(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_torchrun_agents_on_one_host_give_the_one_process_weights(tokenized_run, tmp_path, one_process):
-    _, run_dir = new_run(tokenized_run, tmp_path, *SHORT, name="two-nodes")
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps([{"run_dir": str(run_dir)}]))
-    endpoint = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    # Two "nodes" of one process each, as launch.training_command starts them on each machine.
-    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--nnodes=2",
-                                f"--node-rank={rank}", "--max-restarts=0", "--rdzv-backend=c10d",
-                                f"--rdzv-endpoint={endpoint}", "--rdzv-id=two-nodes", "--rdzv-conf=join_timeout=120",
-                                str(LAUNCHER), str(plan)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    try:
-        outputs = [agent.communicate(timeout=TIMEOUT)[0] for agent in agents]
-    except subprocess.TimeoutExpired:
-        for agent in agents:
-            agent.kill()
-        pytest.fail("the two agents still ran after the timeout (a hang)")
-    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+def test_two_nodes_started_as_the_train_stage_and_the_node_flow_start_them_give_the_one_process_weights(
+        tokenized_run, tmp_path, one_process, monkeypatch):
+    """Two torchrun agents on 127.0.0.1 (`--nnodes=2`): node 0 as the train stage starts it (training_command),
+    node 1 as the train-node flow does (run_node_agent: node_command, node_rank 1, reading config.yaml)."""
+    import threading
+
+    from leantune.training.launch import run_node_agent, run_training, training_command
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    # A hang ends within the collective timeout instead of holding the session.
+    cfg, run_dir = new_run(tokenized_run, tmp_path, *SHORT, "train.distributed.nnodes=2",
+                           f"train.distributed.rdzv_endpoint=127.0.0.1:{free_port()}",
+                           "train.distributed.rdzv_id=two-nodes", "train.distributed.join_timeout_s=120",
+                           "train.distributed.collective_timeout_s=120", name="two-nodes")
+    logs, status = {0: [], 1: []}, {}
+    node1 = threading.Thread(target=lambda: status.update(
+        {1: run_node_agent(run_dir, 1, on_log=lambda level, text: logs[1].append(text))}))
+    node1.start()
+    status[0] = run_training(training_command(cfg, run_dir, False), run_dir, on_metrics=lambda steps: None,
+                             on_log=lambda level, text: logs[0].append(text))
+    node1.join(timeout=TIMEOUT)
+    assert status == {0: 0, 1: 0}, "\n".join(logs[0][-40:] + logs[1][-40:])
     assert_same_run(run_dir, one_process("lora"), "adapter_model.safetensors", 1)
+
+
+def test_the_train_stage_starts_a_node_flow_run_per_other_machine_with_the_node_command(tmp_path):
+    from leantune.training.launch import node_command
+    from tasks.train import start_other_nodes
+
+    calls = []
+
+    def run_deployment(name, **kwargs):
+        calls.append((name, kwargs))
+        return SimpleNamespace(id=len(calls))
+
+    runs = start_other_nodes("train-node/node", tmp_path / "run", 3, run=run_deployment)
+    assert [r.id for r in runs] == [1, 2]
+    assert calls == [("train-node/node", {"parameters": {"run_dir": str((tmp_path / "run").resolve()), "node_rank": r},
+                                          "timeout": 0, "flow_run_name": f"run-node{r}"}) for r in (1, 2)]
+    cfg = load_config(overrides=["train.distributed.nnodes=2", "train.distributed.nproc_per_node=4",
+                                 "train.distributed.rdzv_endpoint=node0:29400", "train.distributed.rdzv_id=r1",
+                                 "train.distributed.join_timeout_s=900"])
+    assert node_command(cfg, Path("runs/r1"), 1, python="python") == [
+        "python", "-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=2", "--node-rank=1",
+        "--max-restarts=0", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400", "--rdzv-id=r1",
+        "--rdzv-conf=join_timeout=900", "-m", "leantune.training.loop", "runs/r1"]
 
 
 # ---------------------------------------------------------------------------------------- the pools

@@ -1,0 +1,32 @@
+"""One machine of a multi-node run: its torchrun agent, started by the run's train stage through a deployment.
+
+The finetune flow's train stage, with train.distributed.nnodes N above 1 and train.distributed.node_deployment
+(e.g. train-node/node, deployments/prefect.yaml), runs this flow once per other machine at every attempt,
+with the run directory (the same path on every machine: a shared filesystem) and node_rank 1 to N-1. Each
+flow run starts its machine's torchrun agent for that run (leantune/training/launch.py node_command), which
+joins the rendezvous of the train stage's own torchrun (node 0) and ends with the attempt. A worker of the
+deployment's pool on each other machine takes them (`python deployments/worker.py --pool gpu-nodes
+--limit 1`); docs/deploy.md has the steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# A script of the checkout: tasks/ is imported from the repository root, whatever the working directory.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasks.logs import set_up_flow_process  # first: before Prefect is imported
+
+set_up_flow_process()
+
+from prefect import flow
+
+from tasks.train import train_node_agent
+
+
+@flow(name="train-node")
+def train_node(run_dir: str, node_rank: int) -> None:
+    """Run node `node_rank`'s torchrun agent for the run in `run_dir` (its config.yaml) until the attempt ends."""
+    train_node_agent(Path(run_dir), node_rank)
