@@ -19,13 +19,10 @@ import asyncio
 import sys
 from pathlib import Path
 
+from leantune.config import ConfigError
+from leantune.routing import PoolClass, load_pool_classes
+
 REPO = Path(__file__).resolve().parents[1]
-# `python deployments/pools.py` puts deployments/ on the path, not the repository root the flows import from.
-sys.path.insert(0, str(REPO))
-
-from leantune.config import ConfigError  # noqa: E402
-from leantune.routing import PoolClass, load_pool_classes  # noqa: E402
-
 CATALOGUE = REPO / "deployments" / "pools.yaml"
 FINETUNE_ENTRYPOINT = "flows/finetune.py:finetune"
 

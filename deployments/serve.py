@@ -18,20 +18,17 @@ import asyncio
 import sys
 from pathlib import Path
 
+import yaml
+from prefect.runner import Runner
+from prefect.schedules import Cron
+
+from flows.evaluate import evaluate_flow
+from flows.finetune import DEFAULT_CONFIG, finetune
+from flows.node import train_node
+from leantune.config import load_config
+from leantune.training.launch import stop_flow_runs_then_interrupt
+
 REPO = Path(__file__).resolve().parents[1]
-# `python deployments/serve.py` puts deployments/ on the path, not the repository root the flows import from.
-sys.path.insert(0, str(REPO))
-
-import yaml  # noqa: E402
-from prefect.runner import Runner  # noqa: E402
-from prefect.schedules import Cron  # noqa: E402
-
-from flows.evaluate import evaluate_flow  # noqa: E402
-from flows.finetune import DEFAULT_CONFIG, finetune  # noqa: E402
-from flows.node import train_node  # noqa: E402
-from leantune.config import load_config  # noqa: E402
-from leantune.training.launch import stop_flow_runs_then_interrupt  # noqa: E402
-
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 
 

@@ -16,14 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# `python deployments/worker.py` puts deployments/ on the path, not the repository root leantune imports from.
-sys.path.insert(0, str(REPO))
-
-from leantune.training.launch import stop_flow_runs_then_interrupt  # noqa: E402
+from leantune.training.launch import stop_flow_runs_then_interrupt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

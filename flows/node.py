@@ -11,11 +11,7 @@ deployment's pool on each other machine takes them (`python deployments/worker.p
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-
-# A script of the checkout: tasks/ is imported from the repository root, whatever the working directory.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.logs import set_up_flow_process  # first: before Prefect is imported
 

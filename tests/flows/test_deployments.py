@@ -160,7 +160,7 @@ def test_serve_refuses_the_names_of_deployments_made_by_prefect_deploy(prefect_s
     nightly.apply(work_pool_name="serve-test-pool")
     try:
         with pytest.raises(SystemExit) as exit_status:
-            serve.main()
+            serve.main([])
     finally:  # served again, as the other tests of this server expect (applying alone would keep the pool)
         with get_client(sync_client=True) as client:
             client.delete_deployment(client.read_deployment_by_name("finetune/nightly").id)
