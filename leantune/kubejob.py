@@ -30,6 +30,7 @@ from pathlib import Path
 
 from leantune.config import RunConfig, load_config
 from leantune.errors import UserError
+from leantune.rundir import RunDir
 from leantune.training.launch import node_command
 
 RDZV_PORT = 29400
@@ -47,7 +48,7 @@ def _pod_script(cfg: RunConfig, config_file: str, overrides: list[str], job: str
         "--node-rank=NODE_RANK", '--node-rank="$JOB_COMPLETION_INDEX"')
     return "\n".join([
         'if [ "$JOB_COMPLETION_INDEX" = 0 ]; then',
-        f"  if [ -f {shlex.quote(str(run_dir / 'config.yaml'))} ]; then exec python flows/finetune.py "
+        f"  if [ -f {shlex.quote(str(RunDir(run_dir).config))} ]; then exec python flows/finetune.py "
         f"--resume {shlex.quote(job)}; fi",
         f"  exec {shlex.join(flow)}",
         "fi",

@@ -297,7 +297,9 @@ def test_pairs_go_through_prepare_validate_and_tokenize_with_exact_accounting(pa
     assert stats["prepare"]["sources"]["hh"]["format"] == "chosen_rejected"
     assert stats["prepare"]["sources"]["trl"]["format"] == "prompt_chosen_rejected"
     records = list(iter_jsonl(run_dir / "data" / "records.jsonl"))
-    assert all(list(r) == ["id", "prompt", "chosen", "rejected", "source"] and r["id"] == pair_id(r) for r in records)
+    assert all(list(r) == ["id", "prompt", "chosen", "rejected", "source", "file", "line"] and r["id"] == pair_id(r)
+               for r in records)
+    assert [(r["file"].rsplit("/", 1)[-1], r["line"]) for r in records[:2]] == [("trl.jsonl", 1), ("trl.jsonl", 2)]
     v = stats["validate"]
     assert v["quarantined"] == 1 and v["train"] + v["val"] == 72 and v["val"] > 0
     assert {e["name"]: e["rows_failed"] for e in v["expectations"]}["chosen_differs_from_rejected"] == 1
