@@ -67,6 +67,8 @@ def evaluate_flow(config: RunConfig = DEFAULT_RUN_CONFIG, run_dir: str | None = 
     out = Path(out_dir) if out_dir else output_dir(config, run_dir)
     log.info(f"evaluate: {config.model.name_or_path}" + (f" + {adapter_dir}" if adapter_dir else "")
              + f" on {', '.join(config.eval.datasets)}; results in {out}")
+    if notice := overwrite_notice(out):
+        log.warning(notice)
     # A finetune run is evaluated under its lock: never while another command works in it (leantune/runlock.py).
     with hold_run_dir(run_dir) if run_dir else contextlib.nullcontext():
         return evaluate_sycophancy(config, out, adapter_dir)
@@ -89,6 +91,15 @@ def run_config(config: RunConfig, run_dir: str) -> RunConfig:
     logging.getLogger("leantune.evaluate").info(f"evaluate: the run trained {own.model.name_or_path}, not {config.model.name_or_path}; "
                           f"evaluating with the run's own config ({path}) and the given eval settings")
     return own.model_copy(update={"eval": config.eval})
+
+
+def overwrite_notice(out: Path) -> str | None:
+    """One line when `out` (a run's eval/, --out) already holds results that this evaluation replaces."""
+    files = sorted(p.name for p in out.iterdir() if p.is_file()) if out.is_dir() else []
+    if not files:
+        return None
+    return (f"evaluate: {out} holds an earlier evaluation ({', '.join(files)}); it is replaced (copy it first to "
+            "keep it, or give --out / out_dir)")
 
 
 def output_dir(config: RunConfig, run_dir: str | None) -> Path:
