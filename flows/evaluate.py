@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None, request: EvaluateRequest | None = None) 
                           return_state=True)
     if state.is_completed():
         files = state.result()["files"]
-        print(f"leantune: evaluation finished; results in {Path(files['base']).parent}")
+        print(f"leantune: evaluation finished; results in {Path(files['base']).parent.resolve()}")
         return 0
     return failure_exit_code(state, "evaluation")
 
