@@ -68,6 +68,8 @@ def evaluate_flow(config: RunConfig = DEFAULT_RUN_CONFIG, run_dir: str | None = 
     out = Path(out_dir) if out_dir else output_dir(config, run_dir)
     log.info(f"evaluate: {config.model.name_or_path}" + (f" + {adapter_dir}" if adapter_dir else "")
              + f" on {', '.join(config.eval.datasets)}; results in {out}")
+    if notice := overwrite_notice(out):
+        log.warning(notice)
     # A finetune run is evaluated under its lock: never while another command works in it (leantune/runlock.py).
     with hold_run_dir(run_dir) if run_dir else contextlib.nullcontext():
         return evaluate_sycophancy(config, out, adapter_dir)
@@ -92,6 +94,15 @@ def run_config(config: RunConfig, run_dir: str) -> RunConfig:
     return own.model_copy(update={"eval": config.eval})
 
 
+def overwrite_notice(out: Path) -> str | None:
+    """One line when `out` (a run's eval/, --out) already holds results that this evaluation replaces."""
+    files = sorted(p.name for p in out.iterdir() if p.is_file()) if out.is_dir() else []
+    if not files:
+        return None
+    return (f"evaluate: {out} holds an earlier evaluation ({', '.join(files)}); it is replaced (copy it first to "
+            "keep it, or give --out / out_dir)")
+
+
 def output_dir(config: RunConfig, run_dir: str | None) -> Path:
     """run_dir/eval for a run, else <run.output_dir>/eval-<model>-<time>."""
     if run_dir:
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None, request: EvaluateRequest | None = None) 
                           return_state=True)
     if state.is_completed():
         files = state.result()["files"]
-        print(f"leantune: evaluation finished; results in {Path(files['base']).parent}")
+        print(f"leantune: evaluation finished; results in {Path(files['base']).parent.resolve()}")
         return 0
     return failure_exit_code(state, "evaluation")
 

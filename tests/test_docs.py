@@ -31,3 +31,18 @@ def test_every_path_the_documents_and_the_code_name_exists():
 def test_the_path_pattern_finds_paths():
     text = "see leantune/training/loop.py, `tests/training/test_loss.py` and (configs/smoke.yaml); not x/leantune/a.py"
     assert PATH.findall(text) == ["leantune/training/loop.py", "tests/training/test_loss.py", "configs/smoke.yaml"]
+
+
+def test_the_readmes_test_commands_follow_from_its_first_command():
+    """The README's first command installs no test extra: its Tests section installs it before any pytest."""
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    setup = readme[readme.index("## Set up"):]
+    first = setup[setup.index("```bash\n") + 8:].splitlines()[0]
+    assert "-e ." in first and "pytest" not in first  # the first command: the main flow, no test extra
+    tests = readme[readme.index("## Tests"):]
+    block = tests[tests.index("```bash\n") + 8:tests.index("```", tests.index("```bash\n") + 8)].splitlines()
+    assert block[0] == ".venv/bin/pip install -e '.[test]'" and all("pytest" in line for line in block[1:])
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    assert any(req.startswith("pytest") for req in extra)

@@ -171,3 +171,16 @@ def test_a_run_is_evaluated_with_its_own_model_whatever_the_forms_default(tmp_pa
     assert (used.model, used.lora, used.tokenize, used.eval) == (own.model, own.lora, own.tokenize, form.eval)
     command_line = load_config(tmp_path / "r" / "config.yaml", ["eval.max_items=5"])  # --run RUN --set ...
     assert run_config(command_line, str(tmp_path / "r")) is command_line
+
+
+def test_evaluating_a_run_again_says_in_one_line_that_its_eval_is_replaced(tmp_path):
+    from flows.evaluate import overwrite_notice
+
+    out = tmp_path / "eval"
+    assert overwrite_notice(out) is None
+    out.mkdir()
+    assert overwrite_notice(out) is None
+    for name in ("comparison.json", "base.json"):
+        (out / name).write_text("{}")
+    assert overwrite_notice(out) == (f"evaluate: {out} holds an earlier evaluation (base.json, comparison.json); it "
+                                     "is replaced (copy it first to keep it, or give --out / out_dir)")
