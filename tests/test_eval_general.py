@@ -119,7 +119,7 @@ def test_t_interval_and_paired_test_numbers():
         assert student_t_quantile(0.975, df) == pytest.approx(float(stats.t.ppf(0.975, df)), abs=1e-9)
 
 
-def test_compare_and_table_of_an_nll_set():
+def test_compare_and_table_of_an_nll_set(tmp_path):
     def result(nlls):
         items = [{"id": f"i{k}", "subset": "ab"[k % 2], "tokens": 10, "nll": v} for k, v in enumerate(nlls)]
         from leantune.evaluation.stats import nll_summary
@@ -139,6 +139,16 @@ def test_compare_and_table_of_an_nll_set():
     assert [r["subset"] for r in rows] == ["overall", "a", "b"]
     assert rows[0]["base mean NLL"].startswith("2.2500 [") and rows[0]["difference (tuned - base)"].startswith("+0.1000")
     assert rows[0]["paired t-test p"] == f"{overall['t_test_p']:.3g}"
+    # The report shows the general set's table (and no sycophancy table, which has no rows here).
+    from leantune.report import _evaluation_section
+    from leantune.rundir import EvalDir
+
+    out = EvalDir(tmp_path / "eval")
+    out.root.mkdir()
+    out.comparison.write_text(json.dumps(comparison))
+    section = _evaluation_section(out)
+    assert "Mean negative log-likelihood per response token" in section and "No items were evaluated" not in section
+    assert f"| general | overall | 4 | {rows[0]['base mean NLL']} | {rows[0]['tuned mean NLL']} |" in section
 
 
 def test_validation_split_is_training_side_and_never_trained_on():
