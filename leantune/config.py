@@ -101,6 +101,11 @@ class SyntheticConfig(Section):
         "short-answer question (its first answer right or wrong at random, the user doubts it, the final answer is "
         "the right one); needs tokenize.train_on=last_assistant, so that a wrong first answer is never a target.",
     )
+    validation_share: float = Field(
+        0.0, ge=0, lt=1, description="Share of the training-side short-answer and agree/disagree questions (by a hash "
+        "of the question) held out of training in every form, to choose settings on without the evaluation's "
+        "held-out questions: eval.synthetic_split=validation evaluates the synthetic sets on them.",
+    )
     neutral_held_out: bool = Field(
         True, description="Neutral training records may state held-out (evaluation) claims. The tiny scratch "
         "model needs it to know them at all; for a pretrained model set false, so that no held-out claim's "
@@ -481,10 +486,17 @@ class EvalConfig(Section):
         default_factory=lambda: ["synthetic", "anthropic-sample"],
         description="Evaluation sets: 'synthetic' (held-out synthetic claims the user is wrong about), "
         "'anthropic-sample' (the bundled Anthropic sample), 'are-you-sure:synthetic' (the held-out claims asked "
-        "plainly, then challenged), 'anthropic-hub:SUBSET' with SUBSET "
+        "plainly, then challenged), 'general' (the bundled instructions with reference responses: their mean "
+        "negative log-likelihood per token, the cost of tuning beyond sycophancy), 'anthropic-hub:SUBSET' with SUBSET "
         "one of nlp_survey, philpapers2020, political_typology_quiz (needs network), 'are-you-sure:PATH' (a meg-tong/sycophancy-eval "
         "are_you_sure.jsonl), or paths to Anthropic-format jsonl (released or pre-release); see "
         "leantune/evaluation/datasets.py.",
+    )
+    synthetic_split: Literal["eval", "validation"] = Field(
+        "eval", description="Questions of the synthetic sets (synthetic, synthetic-plain, are-you-sure:synthetic): "
+        "'eval', the held-out evaluation side; 'validation', the training-side questions that "
+        "data.synthetic.validation_share keeps out of training, asked in the evaluation's wordings (to choose "
+        "settings on).",
     )
     max_items: int | None = Field(
         None, ge=1, description="Evaluate at most this many items per set (evenly spread over the set)."
@@ -666,6 +678,9 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     if syn.challenge_share and cfg.tokenize.train_on != "last_assistant" and cfg.train.objective == "sft":
         problems.append("data.synthetic.challenge_share: the challenged records' first answer may be wrong and must not "
                         "be trained on; set tokenize.train_on=last_assistant")
+    if cfg.eval.synthetic_split == "validation" and not syn.validation_share:
+        problems.append("eval.synthetic_split: 'validation' needs training-side questions held out; set "
+                        "data.synthetic.validation_share (e.g. 0.3)")
     if cfg.validation.min_content_chars > cfg.validation.max_content_chars:
         problems.append("validation.min_content_chars: larger than validation.max_content_chars; swap them")
     for i, src in enumerate(cfg.data.sources):
@@ -928,7 +943,7 @@ def _drop(raw: Any, loc: tuple) -> None:
 
 EVAL_HUB_SUBSETS = ("nlp_survey", "philpapers2020", "political_typology_quiz")
 SYNTHETIC_CHALLENGE = "are-you-sure:synthetic"
-EVAL_SET_FORMS = ("'synthetic', 'anthropic-sample', 'are-you-sure:synthetic', "
+EVAL_SET_FORMS = ("'synthetic', 'anthropic-sample', 'are-you-sure:synthetic', 'general', "
                   f"'anthropic-hub:<{'|'.join(EVAL_HUB_SUBSETS)}>', 'are-you-sure:<path to jsonl>' or the path of "
                   "an Anthropic-format .jsonl file")
 
@@ -937,7 +952,7 @@ EVAL_SET_FORMS = ("'synthetic', 'anthropic-sample', 'are-you-sure:synthetic', "
 class EvalSetSpec:
     """One entry of eval.datasets, parsed: the only place its text form is read.
 
-    kind: synthetic | anthropic-sample | synthetic-challenge | anthropic-hub | are-you-sure | anthropic-file;
+    kind: synthetic | anthropic-sample | general | synthetic-challenge | anthropic-hub | are-you-sure | anthropic-file;
     path: the jsonl file (are-you-sure, anthropic-file); subset: the hub subset (anthropic-hub);
     name: the set's name in results (the text for built-in sets, the file stem for files)."""
 
@@ -958,7 +973,7 @@ class EvalSetSpec:
 def parse_eval_set(text: str) -> EvalSetSpec:
     """The parsed form of one eval.datasets entry; ValueError (without the key) says what is wrong and the fix.
     Whether a file exists is checked where the run starts (leantune/preflight.py)."""
-    if text in ("synthetic", "anthropic-sample"):
+    if text in ("synthetic", "anthropic-sample", "general"):
         return EvalSetSpec(text, text, text)
     if text == SYNTHETIC_CHALLENGE:
         return EvalSetSpec(text, "synthetic-challenge", text)
@@ -973,7 +988,7 @@ def parse_eval_set(text: str) -> EvalSetSpec:
         return EvalSetSpec(text, "are-you-sure", f"are-you-sure:{path.stem}", path=path)
     if text.endswith(".jsonl"):
         return EvalSetSpec(text, "anthropic-file", Path(text).stem, path=Path(text))
-    close = difflib.get_close_matches(text, ("synthetic", "anthropic-sample", SYNTHETIC_CHALLENGE), n=1)
+    close = difflib.get_close_matches(text, ("synthetic", "anthropic-sample", "general", SYNTHETIC_CHALLENGE), n=1)
     raise ValueError(f"'{text}' is not a set" + (f" (did you mean '{close[0]}'?)" if close else "")
                      + f"; use {EVAL_SET_FORMS}")
 

@@ -39,7 +39,7 @@ def problems_before_data(cfg: RunConfig) -> list[str]:
         sets = cfg.eval.sets()
         problems += [problem for spec in sets if (problem := spec.missing_file())]
         if {"synthetic", "synthetic-challenge"} & {spec.kind for spec in sets} and (problem := short_answer_shortfall(
-                cfg.data.synthetic, synthetic_item_count(cfg))):
+                cfg.data.synthetic, synthetic_item_count(cfg), cfg.eval.synthetic_split)):
             problems.append(problem)
     if not readable:  # the model's config cannot be read (no such hub id, the hub unreachable): training checks
         return problems

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from leantune.attempts import history_markdown
 from leantune.config import load_config
-from leantune.evaluation.compare import table_rows
+from leantune.evaluation.compare import nll_table_rows, table_rows
 from leantune.metrics import MetricLine, StepLine, event_of, read_metrics
 from leantune.rundir import EvalDir, RunDir, read_attempts
 from leantune.shards import TokenShards, padding_estimate
@@ -310,7 +310,14 @@ def _evaluation_section(eval_dir: EvalDir) -> str:
     out = ["## Evaluation\n",
            f"Sycophancy rate (lower is better) with {comparison['confidence']:.0%} intervals, "
            "base and tuned on the same items:\n",
-           markdown_table(list(rows[0]), [list(r.values()) for r in rows]) if rows else "No items were evaluated.\n"]
+           markdown_table(list(rows[0]), [list(r.values()) for r in rows]) if rows else
+           "" if nll_table_rows(comparison) else "No items were evaluated.\n"]
+    if nll := nll_table_rows(comparison):
+        out.append("Mean negative log-likelihood per response token (lower is better; the mean over items, "
+                   f"{comparison['confidence']:.0%} t intervals) of the general set's reference responses, the "
+                   "instruction as the user's turn: what tuning costs beyond sycophancy. The difference is paired "
+                   "item by item, with the paired t-test:\n")
+        out.append(markdown_table(list(nll[0]), [list(r.values()) for r in nll]))
     if "synthetic-plain" in comparison["sets"]:
         out.append("synthetic-plain is the capability guard: the same held-out claims with no user opinion; its "
                    "rate is the share answered wrongly (1 - accuracy).\n")

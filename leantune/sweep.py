@@ -102,12 +102,14 @@ def member_row(member: Member, *, pool: str | None, estimate_bytes: int | None, 
     comparison = _read_json(RunDir(member.run_dir).eval_dir.comparison)
     for set_name, groups in (comparison or {}).get("sets", {}).items():
         overall = groups["overall"]
+        # The general set compares mean NLL per token (paired t-test), the others rates (McNemar).
+        measure, test = ("mean_nll", "t_test_p") if "t_test_p" in overall else ("rate", "mcnemar_p")
         row.update({
             f"{set_name} items": overall["n"],
-            f"{set_name} base rate": _round(overall["base"]["rate"]),
-            f"{set_name} tuned rate": _round(overall["tuned"]["rate"]),
+            f"{set_name} base {measure.replace('_', ' ')}": _round(overall["base"][measure]),
+            f"{set_name} tuned {measure.replace('_', ' ')}": _round(overall["tuned"][measure]),
             f"{set_name} difference": _round(overall["difference"]),
-            f"{set_name} McNemar p": _round(overall["mcnemar_p"]),
+            f"{set_name} {'paired t-test p' if test == 't_test_p' else 'McNemar p'}": _round(overall[test]),
         })
     return row
 

@@ -37,7 +37,11 @@ def test_the_default_fine_tunes_smollm2_with_filtration_and_measures_it(prefect_
     assert all(r["messages"][1]["content"].startswith("The answer is ") for r in records)
 
     comparison = json.loads((run_dir / "eval" / "comparison.json").read_text())
-    assert set(comparison["sets"]) == {"synthetic", "synthetic-plain", "are-you-sure:synthetic", "anthropic-sample"}
+    assert set(comparison["sets"]) == {"synthetic", "synthetic-plain", "are-you-sure:synthetic", "anthropic-sample",
+                                       "general"}
+    general = comparison["sets"]["general"]["overall"]
+    assert general["n"] == 8 and general["difference"] == pytest.approx(
+        general["tuned"]["mean_nll"] - general["base"]["mean_nll"], abs=1e-9)
     shift = comparison["opinion_shift"]
     # The paired difference is the mean of the per-item differences, which eval/*.json keeps to 6 decimals.
     assert shift["n"] == 8 and shift["difference"] == pytest.approx(shift["tuned_mean"] - shift["base_mean"], abs=1e-6)

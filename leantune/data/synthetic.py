@@ -41,6 +41,10 @@ every claim, and every name, on the "train" or the "eval" side (EVAL_SHARE on "e
   interests and opinion phrasings. With Wei et al.'s filtration (`data.synthetic.filtration`, run by
   leantune/evaluation/filtration.py before the data is prepared), opinion items use only the claims in
   `data.synthetic.known_claims`: those the base model already answers correctly when asked plainly.
+- "validation" (`data.synthetic.validation_share`, to choose settings without the evaluation's questions):
+  a hash of each training-side claim keeps that share out of "train" in every form (neutral, opinion,
+  challenged; the filtration asks only the rest); its opinion items are written as "eval"'s are (eval-side
+  names, professions, interests and phrasings), on those validation claims.
 - "eval" (the held-out sycophancy set, leantune/evaluation/datasets.py): opinion items about
   eval-side claims only, with eval-side names, professions, interests and opinion phrasings, none of
   which the train split uses. So the training data states the truth of every held-out claim, in
@@ -224,16 +228,18 @@ class SyntheticItem:
         return {"prompt": prompt, "chosen": chosen["content"], "rejected": self.assistant_prefix + self.incorrect_answer}
 
 
-def generate(cfg: SyntheticConfig, split: Literal["train", "eval"]) -> Iterator[SyntheticItem]:
+def generate(cfg: SyntheticConfig, split: Literal["train", "eval", "validation"]) -> Iterator[SyntheticItem]:
     """`cfg.num_records` items of `split` (module docstring); the same config and split give the same
     items, and the first n items do not depend on num_records."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if split not in ("train", "eval", "validation"):
+        raise ValueError(f"split must be 'train', 'eval' or 'validation', got {split!r}")
     # A string seed is hashed with sha512 by `random`, so the stream does not depend on PYTHONHASHSEED.
     rng = random.Random(f"leantune-synthetic:{cfg.seed}:{split}")
-    names = split_names(split)
-    neutral_pools = {t: claim_pool(t) if cfg.neutral_held_out else split_claims(t, "train") for t in cfg.tasks}
-    opinion_pools = {t: split_claims(t, split) for t in cfg.tasks}
+    # Validation items are asked as the evaluation's are: its names and wordings, on their own questions.
+    names = split_names("train" if split == "train" else "eval")
+    share = cfg.validation_share
+    neutral_pools = {t: claim_pool(t) if cfg.neutral_held_out else split_claims(t, "train", share) for t in cfg.tasks}
+    opinion_pools = {t: split_claims(t, split, share) for t in cfg.tasks}
     if split == "train" and cfg.known_claims is not None:
         # The filtration step: a user's opinion only on claims the base model answers correctly.
         known = set(cfg.known_claims)
@@ -269,9 +275,14 @@ def claim_pool(task: str) -> tuple[Claim, ...]:
 
 
 @cache
-def split_claims(task: str, split: str) -> tuple[Claim, ...]:
-    """The claims of one kind on one side of the split."""
-    return tuple(c for c in claim_pool(task) if claim_split(c.text) == split)
+def split_claims(task: str, split: str, validation_share: float = 0.0) -> tuple[Claim, ...]:
+    """The claims of one kind on one side of the split: "eval", or the training side, of which a hash of
+    each claim puts `validation_share` on "validation" (data.synthetic.validation_share) and the rest on
+    "train"."""
+    if split == "eval":
+        return tuple(c for c in claim_pool(task) if claim_split(c.text) == "eval")
+    return tuple(c for c in claim_pool(task) if claim_split(c.text) == "train"
+                 and (_fraction(f"synthetic-validation:{c.text}") < validation_share) == (split == "validation"))
 
 
 def claim_split(text: str) -> Literal["train", "eval"]:
@@ -285,8 +296,11 @@ def name_split(name: str) -> Literal["train", "eval"]:
 
 
 def _hash_split(key: str) -> Literal["train", "eval"]:
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return "eval" if h / 2**64 < EVAL_SHARE else "train"
+    return "eval" if _fraction(key) < EVAL_SHARE else "train"
+
+
+def _fraction(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
 @lru_cache(maxsize=1)

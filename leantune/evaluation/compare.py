@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from leantune.evaluation.stats import paired_difference
+from leantune.evaluation.stats import paired_difference, paired_mean_difference
 
 
 def compare_results(base: dict, tuned: dict, confidence: float) -> dict:
@@ -22,12 +22,14 @@ def compare_results(base: dict, tuned: dict, confidence: float) -> dict:
         rows = {}
         for group, idx in groups.items():
             summary_key = ("overall", None) if group == "overall" else ("subsets", group)
-            rows[group] = {
-                "base": _pick(b, summary_key),
-                "tuned": _pick(t, summary_key),
-                **paired_difference([base_items[i]["sycophantic"] for i in idx],
-                                    [tuned_items[i]["sycophantic"] for i in idx], confidence),
-            }
+            rows[group] = {"base": _pick(b, summary_key), "tuned": _pick(t, summary_key)}
+            if b.get("kind") == "nll":
+                # The general set: each item's NLL per token, base and tuned, compared item by item.
+                rows[group].update(paired_mean_difference([base_items[i]["nll"] for i in idx],
+                                                          [tuned_items[i]["nll"] for i in idx], confidence))
+                continue
+            rows[group].update(paired_difference([base_items[i]["sycophantic"] for i in idx],
+                                                 [tuned_items[i]["sycophantic"] for i in idx], confidence))
             lo_b, hi_b = rows[group]["base"]["rate_ci"]
             lo_t, hi_t = rows[group]["tuned"]["rate_ci"]
             rows[group]["intervals_overlap"] = not (hi_t < lo_b or hi_b < lo_t)
@@ -41,9 +43,12 @@ def _pick(result: dict, key: tuple[str, str | None]) -> dict:
 
 
 def table_rows(comparison: dict) -> list[dict]:
-    """One row per set and subset (overall first), for the Prefect table artifact and the report."""
+    """One row per set and subset (overall first), for the Prefect table artifact and the report; the
+    general set's rows are nll_table_rows'."""
     rows = []
     for name, groups in comparison["sets"].items():
+        if "t_test_p" in groups["overall"]:
+            continue
         for group in ["overall", *sorted(g for g in groups if g != "overall")]:
             r = groups[group]
             rows.append({
@@ -56,6 +61,28 @@ def table_rows(comparison: dict) -> list[dict]:
     return rows
 
 
+def nll_table_rows(comparison: dict) -> list[dict]:
+    """The general set's rows (overall, then each subset): mean NLL per response token of base and tuned with
+    their t intervals, the paired difference, the paired t-test's p."""
+    rows = []
+    for name, groups in comparison["sets"].items():
+        if "t_test_p" not in groups["overall"]:
+            continue
+        for group in ["overall", *sorted(g for g in groups if g != "overall")]:
+            r = groups[group]
+            rows.append({"set": name, "subset": group, "items": r["n"], "base mean NLL": _mean(r["base"]),
+                         "tuned mean NLL": _mean(r["tuned"]),
+                         "difference (tuned - base)": f"{r['difference']:+.4f} [{r['difference_ci'][0]:+.4f}, "
+                                                      f"{r['difference_ci'][1]:+.4f}]",
+                         "paired t-test p": f"{r['t_test_p']:.3g}"})
+    return rows
+
+
+def _mean(summary: dict) -> str:
+    lo, hi = summary["mean_nll_ci"]
+    return f"{summary['mean_nll']:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
 def overall_summary(results: dict) -> dict:
     """Per set, each model's overall summary ("base", "tuned") and, with a comparison, its difference,
     interval, McNemar p and whether the intervals overlap: what the evaluate task returns (no per-item data)."""
@@ -66,17 +93,18 @@ def overall_summary(results: dict) -> dict:
         if comparison:
             c = comparison["sets"][name]["overall"]
             overall[name]["difference"] = {k: c[k] for k in ("difference", "difference_ci", "mcnemar_p",
-                                                             "intervals_overlap")}
+                                                             "intervals_overlap", "t_test_p") if k in c}
     return overall
 
 
 def single_table_rows(result: dict) -> list[dict]:
-    """Table rows for one model's result (no comparison)."""
+    """Table rows for one model's result (no comparison); the general set's "rate" is its mean NLL per token."""
     rows = []
     for name, s in result["sets"].items():
-        rows.append({"set": name, "subset": "overall", "items": s["overall"]["n"], "rate": _rate(s["overall"])})
+        show = _mean if s.get("kind") == "nll" else _rate
+        rows.append({"set": name, "subset": "overall", "items": s["overall"]["n"], "rate": show(s["overall"])})
         for sub, summary in s["subsets"].items():
-            rows.append({"set": name, "subset": sub, "items": summary["n"], "rate": _rate(summary)})
+            rows.append({"set": name, "subset": sub, "items": summary["n"], "rate": show(summary)})
     return rows
 
 
@@ -96,8 +124,10 @@ def plot_rates(results: dict[str, dict], path: Path, confidence: float) -> Path:
     import matplotlib.pyplot as plt
 
     first = next(iter(results.values()))
-    groups = []  # (set, subset or None)
+    groups = []  # (set, subset or None); the general set has no rate
     for name, s in first["sets"].items():
+        if s.get("kind") == "nll":
+            continue
         groups.append((name, None))
         groups += [(name, sub) for sub in s["subsets"]]
     labels = [f"{name}: overall" if sub is None else _wrap(sub) for name, sub in groups]

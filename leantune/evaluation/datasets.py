@@ -26,6 +26,9 @@ Set names in `eval.datasets`:
   opinion removed (plain_set): the plain error rate on held-out claims (1 - accuracy, the capability
   guard) and, item by item against `synthetic`, the opinion-induced shift (leantune/evaluation/shift.py).
 - `are-you-sure:synthetic`: the held-out claims asked plainly, then "are you sure?" (challenge_set).
+- `general`: the bundled instructions with reference responses, leantune/resources/general/general.jsonl
+  (120 items written for leantune, see leantune/resources/general/NOTICE.md; subsets: how-to, definition,
+  rewriting, reasoning, list), scored by the responses' negative log-likelihood per token ("nll" sets).
 - `anthropic-sample`: the bundled sample leantune/resources/sycophancy/political_typology_quiz_sample.jsonl
   (272 items of Perez et al. 2022, CC-BY-4.0, see leantune/resources/sycophancy/NOTICE.md; rebuilt by
   bench/build_sycophancy_sample.py with `sample_prerelease`).
@@ -70,10 +73,11 @@ from leantune.config import (
     parse_eval_set,
 )
 from leantune.errors import DataError, UserError
-from leantune.evaluation.items import CHALLENGE, ChallengeItem, ChoiceItem
+from leantune.evaluation.items import CHALLENGE, ChallengeItem, ChoiceItem, ResponseItem
 
 DATA_DIR = Path(str(files("leantune") / "resources" / "sycophancy"))
 BUNDLED_SAMPLE = DATA_DIR / "political_typology_quiz_sample.jsonl"
+GENERAL_FILE = Path(str(files("leantune") / "resources" / "general" / "general.jsonl"))
 HUB_DATASET = "Anthropic/model-written-evals"
 # Anthropic's assistant prefix (sycophancy/README.md of anthropics/evals).
 ANTHROPIC_ASSISTANT_PREFIX = "I believe the better option is"
@@ -87,7 +91,7 @@ class EvalSet:
     """One evaluation set: its items and the count of every row read (used or why not)."""
 
     name: str
-    kind: Literal["choice", "are_you_sure"]
+    kind: Literal["choice", "are_you_sure", "nll"]
     source: str
     items: list = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
@@ -132,13 +136,15 @@ def synthetic_item_count(cfg: RunConfig) -> int:
 def load_eval_set(spec: EvalSetSpec, cfg: RunConfig) -> EvalSet:
     """One set of `eval.datasets` (see the module docstring for the names)."""
     if spec.kind == "synthetic":
-        return synthetic_set(cfg.data.synthetic, synthetic_item_count(cfg))
+        return synthetic_set(cfg.data.synthetic, synthetic_item_count(cfg), cfg.eval.synthetic_split)
+    if spec.kind == "general":
+        return general_set(GENERAL_FILE)
     if spec.kind == "anthropic-sample":
         return anthropic_file(BUNDLED_SAMPLE, name=spec.name, max_invalid_fraction=0.0)
     if spec.kind == "anthropic-hub":
         return anthropic_hub(spec.subset, cfg.validation.max_reject_fraction)
     if spec.kind == "synthetic-challenge":
-        plain = plain_set(synthetic_set(cfg.data.synthetic, synthetic_item_count(cfg)))
+        plain = plain_set(synthetic_set(cfg.data.synthetic, synthetic_item_count(cfg), cfg.eval.synthetic_split))
         return challenge_set(plain)
     if problem := spec.missing_file():
         raise UserError(problem)
@@ -162,17 +168,19 @@ def cap(s: EvalSet, max_items: int) -> None:
 # -------------------------------------------------------------------------------------- synthetic
 
 
-def synthetic_set(cfg: SyntheticConfig, num_items: int) -> EvalSet:
-    """`num_items` held-out synthetic items, balanced over cells (see the module docstring)."""
+def synthetic_set(cfg: SyntheticConfig, num_items: int, split: Literal["eval", "validation"] = "eval") -> EvalSet:
+    """`num_items` held-out synthetic items, balanced over cells (see the module docstring), from the evaluation's
+    questions or (`split` "validation") the training-side ones data.synthetic.validation_share keeps out of
+    training, asked in the same wordings."""
     from leantune.data.synthetic import SHORT_ANSWER_TASKS, generate
 
-    if problem := short_answer_shortfall(cfg, num_items):
+    if problem := short_answer_shortfall(cfg, num_items, split):
         raise DataError(problem)
-    s = EvalSet("synthetic", "choice", f"leantune synthetic generator, split 'eval', seed {cfg.seed}")
+    s = EvalSet("synthetic", "choice", f"leantune synthetic generator, split '{split}', seed {cfg.seed}")
     quota = _cell_quota(cfg.tasks, num_items)
     asked = set()
     # The generator is lazy and its stream does not depend on num_records: draw until every cell is full.
-    stream = generate(cfg.model_copy(update={"num_records": 2**62}), split="eval")
+    stream = generate(cfg.model_copy(update={"num_records": 2**62}), split=split)
     for index in count():
         if s.counts["used"] == num_items:
             break
@@ -197,7 +205,7 @@ def synthetic_set(cfg: SyntheticConfig, num_items: int) -> EvalSet:
         asked.add(item.claim.text)
         s.counts["used"] += 1
         s.items.append(ChoiceItem(
-            id=f"synthetic-eval-{index}",
+            id=f"synthetic-{split}-{index}",
             subset=item.claim.task,
             question=item.question,
             matching=item.sycophantic_answer,
@@ -228,12 +236,12 @@ def _cell_quota(tasks: list[str], num_items: int) -> Counter:
     return quota
 
 
-def short_answer_shortfall(cfg: SyntheticConfig, num_items: int) -> str | None:
-    """Why the held-out short-answer questions, each asked once, cannot fill their share of `num_items`
-    synthetic items, or None; checked before the data stages (leantune/preflight.py)."""
+def short_answer_shortfall(cfg: SyntheticConfig, num_items: int, split: str = "eval") -> str | None:
+    """Why the held-out short-answer questions of `split`, each asked once, cannot fill their share of
+    `num_items` synthetic items, or None; checked before the data stages (leantune/preflight.py)."""
     from leantune.data.synthetic import SHORT_ANSWER_TASKS, split_claims
 
-    held_out = sum(len(split_claims(t, "eval")) for t in set(cfg.tasks) if t in SHORT_ANSWER_TASKS)
+    held_out = sum(len(split_claims(t, split, cfg.validation_share)) for t in set(cfg.tasks) if t in SHORT_ANSWER_TASKS)
     if _cell_quota(cfg.tasks, num_items)[SHORT_ANSWER_CELL] <= held_out:
         return None
     most = max(n for n in range(num_items) if _cell_quota(cfg.tasks, n)[SHORT_ANSWER_CELL] <= held_out)
@@ -278,6 +286,26 @@ def challenge_set(plain: EvalSet) -> EvalSet:
                         "short_answer_not_asked": len(plain.items) - len(lettered)})
     s.items = [ChallengeItem(item.id, item.subset, (("user", item.question),), "", item.not_matching[0][1], "AB")
                for item in lettered]
+    return s
+
+
+# ---------------------------------------------------------------------------------------- general
+
+
+def general_set(path: Path) -> EvalSet:
+    """`general`: rows {"id", "category", "instruction", "response"}; every row must be usable (the file is
+    bundled: a bad row is a defect, not data to skip)."""
+    s = EvalSet("general", "nll", str(path))
+    for _, where, row in _json_lines(s, path):
+        texts = [row.get(k) if isinstance(row, dict) else None for k in ("id", "category", "instruction", "response")]
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            s.skip("invalid", where, "needs non-empty strings 'id', 'category', 'instruction' and 'response'")
+            continue
+        s.counts["used"] += 1
+        s.items.append(ResponseItem(id=texts[0], subset=texts[1], question=texts[2], response=texts[3]))
+    if s.counts["invalid"] or not s.items:
+        raise DataError(f"eval.datasets: general: {path} has {s.counts['invalid']} invalid rows of {s.counts['read']} "
+                        f"(first ones: {s.examples['invalid']}); restore the file from the repository")
     return s
 
 

@@ -40,7 +40,7 @@ def filter_known_claims(cfg: RunConfig, data_dir: Path) -> RunConfig:
 
     started = time.monotonic()
     synthetic = cfg.data.synthetic
-    claims = [c for task in synthetic.tasks for c in split_claims(task, "train")]
+    claims = [c for task in synthetic.tasks for c in split_claims(task, "train", synthetic.validation_share)]
     # One item per claim and answer order; the "matching" answer of a ChoiceItem is the one that should lose.
     items, item_claim = [], []
     for index, c in enumerate(claims):

@@ -1,4 +1,5 @@
-"""What an evaluation item is: a choice scored by log-likelihood, or an "are you sure?" challenge.
+"""What an evaluation item is: a choice scored by log-likelihood, an "are you sure?" challenge, or an
+instruction whose reference response is scored by its negative log-likelihood.
 Plain data, no torch: the loaders (datasets.py), the scorers (scoring.py, are_you_sure.py) and the
 filtration (filtration.py) share them."""
 
@@ -36,3 +37,20 @@ class ChallengeItem:
     prefill: str  # what the assistant's answers start with (e.g. "The answer is ("), may be ""
     correct_letter: str
     letters: str  # the letters of the choices, e.g. "ABCD"
+
+
+@dataclass(frozen=True)
+class ResponseItem:
+    """An instruction and a reference response, scored by the response's negative log-likelihood per token
+    (teacher forcing); `options` lets scoring.py encode it as a choice item with one answer."""
+
+    id: str
+    subset: str
+    question: str  # the user's turn
+    response: str
+    assistant_prefix: str = ""
+    earlier_turns: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return (self.response,)

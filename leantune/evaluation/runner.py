@@ -18,10 +18,15 @@ Files in `out_dir` (a run's eval/):
                    used or counted by reason), per subset and overall: n, sycophantic, rate,
                    non_sycophantic_rate, rate_ci, mean_p_matching (choice sets) or first_accuracy /
                    flip_rate (are-you-sure); and per item: id, subset, logprobs (matching answer
-                   first), sycophantic, p_matching; plus model, framing, timing
+                   first), sycophantic, p_matching; an "nll" set (general) instead per subset and
+                   overall: n, tokens, mean_nll (the mean over items of each response's negative
+                   log-likelihood per token) with its t interval, token_nll (all tokens pooled), and
+                   per item: id, subset, tokens, nll; plus model, framing, timing
   tuned.json       the same for the tuned model
   comparison.json  per set and subset: both summaries, difference tuned - base with Newcombe's
-                   interval, discordant counts, McNemar's exact p, whether the intervals overlap
+                   interval, discordant counts, McNemar's exact p, whether the intervals overlap; an
+                   "nll" set: the mean per-item difference of NLL with its t interval and the paired
+                   t-test's p
   sycophancy.png   bar chart of the rates with intervals, base against tuned
 """
 
@@ -38,9 +43,15 @@ from leantune.errors import UserError
 from leantune.evaluation.are_you_sure import are_you_sure_summary, model_generator, run_are_you_sure
 from leantune.evaluation.compare import compare_results, plot_rates
 from leantune.evaluation.datasets import EvalSet, load_eval_sets
-from leantune.evaluation.scoring import choice_outcomes, encode_items, resolve_framing, score_encoded
+from leantune.evaluation.scoring import (
+    choice_outcomes,
+    encode_items,
+    nll_outcomes,
+    resolve_framing,
+    score_encoded,
+)
 from leantune.evaluation.shift import answer_bias, opinion_shift, shift_difference
-from leantune.evaluation.stats import by_subset
+from leantune.evaluation.stats import by_subset, nll_summary
 from leantune.modeling import qlora_base_in_4_bits
 from leantune.rundir import EvalDir, RunDir
 
@@ -62,7 +73,7 @@ def evaluate(cfg: RunConfig, out_dir: Path, *, adapter_dir: Path | None = None,
     framing = resolve_framing(cfg.eval.framing, tokenizer)
     # Data problems are found before a model is loaded.
     sets = load_eval_sets(cfg)
-    encoded = {s.name: encode_items(tokenizer, framing, s.items) for s in sets if s.kind == "choice"}
+    encoded = {s.name: encode_items(tokenizer, framing, s.items) for s in sets if s.kind in ("choice", "nll")}
     device = resolve_device(cfg)
     precision = resolve_precision(cfg, device)
     ctx = {
@@ -236,7 +247,14 @@ def _evaluate_model(model, sets: list[EvalSet], encoded: dict, ctx: dict, about:
     result = {"model": about, "confidence": cfg.eval.confidence, "sets": {}}
     for s in sets:
         started = time.monotonic()
-        if s.kind == "choice":
+        if s.kind == "nll":
+            scores = _halving_on_oom(ctx, s.name, lambda size, s=s: score_encoded(
+                model, encoded[s.name], size, ctx["pad_id"], ctx["device"], ctx["autocast"], ctx["mask_dtype"],
+                label=f"evaluate {about['label']} {s.name}"))
+            outcomes = nll_outcomes(s.items, scores, encoded[s.name])
+            subsets = {k: nll_summary(v, cfg.eval.confidence) for k, v in _grouped(outcomes).items()}
+            overall = nll_summary(outcomes, cfg.eval.confidence)
+        elif s.kind == "choice":
             scores = _halving_on_oom(ctx, s.name, lambda size, s=s: score_encoded(
                 model, encoded[s.name], size, ctx["pad_id"], ctx["device"], ctx["autocast"], ctx["mask_dtype"],
                 label=f"evaluate {about['label']} {s.name}"))
@@ -250,18 +268,19 @@ def _evaluate_model(model, sets: list[EvalSet], encoded: dict, ctx: dict, about:
                 s.items, ctx["tokenizer"], ctx["framing"],
                 model_generator(model, ctx["tokenizer"], ctx["framing"], cfg.eval.max_new_tokens, size,
                                 ctx["pad_id"], ctx["device"], ctx["autocast"])))
-            groups: dict[str, list[dict]] = {}
-            for o in outcomes:
-                groups.setdefault(o["subset"], []).append(o)
-            subsets = {k: are_you_sure_summary(v, cfg.eval.confidence) for k, v in sorted(groups.items())}
+            subsets = {k: are_you_sure_summary(v, cfg.eval.confidence) for k, v in _grouped(outcomes).items()}
             overall = are_you_sure_summary(outcomes, cfg.eval.confidence)
         seconds = time.monotonic() - started
         result["sets"][s.name] = {**s.describe(), "subsets": subsets, "overall": overall,
                                   "seconds": round(seconds, 3), "items_per_second": len(outcomes) / seconds,
                                   "batch_size": ctx["batch_size"], "items": outcomes}
         o = overall
-        log.info("%s on %s: sycophancy rate %.3f [%.3f, %.3f] over %d items (%.1f items/s)", about["label"], s.name,
-                 o["rate"], *o["rate_ci"], o["n"], len(outcomes) / seconds)
+        if s.kind == "nll":
+            log.info("%s on %s: mean NLL per response token %.4f [%.4f, %.4f] over %d items (%.1f items/s)",
+                     about["label"], s.name, o["mean_nll"], *o["mean_nll_ci"], o["n"], len(outcomes) / seconds)
+        else:
+            log.info("%s on %s: sycophancy rate %.3f [%.3f, %.3f] over %d items (%.1f items/s)", about["label"],
+                     s.name, o["rate"], *o["rate_ci"], o["n"], len(outcomes) / seconds)
     if {"synthetic", "synthetic-plain"} <= result["sets"].keys():
         shift = opinion_shift(result["sets"]["synthetic"]["items"], result["sets"]["synthetic-plain"]["items"],
                               cfg.eval.confidence)
@@ -269,6 +288,13 @@ def _evaluate_model(model, sets: list[EvalSet], encoded: dict, ctx: dict, about:
         log.info("%s: opinion-induced shift toward the user's side %+.3f [%+.3f, %+.3f] over %d held-out items",
                  about["label"], shift["mean"], *shift["mean_ci"], shift["n"])
     return result
+
+
+def _grouped(outcomes: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for o in outcomes:
+        groups.setdefault(o["subset"], []).append(o)
+    return dict(sorted(groups.items()))
 
 
 def _write_json(path: Path, obj: dict) -> Path:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from leantune.errors import UserError
-from leantune.evaluation.items import ChoiceItem
+from leantune.evaluation.items import ChoiceItem, ResponseItem
 
 Framing = Literal["chat_template", "human_assistant"]
 
@@ -85,7 +85,7 @@ class EncodedItem:
     boundary_retokenized: bool = False
 
 
-def encode_items(tokenizer, framing: Framing, items: Sequence[ChoiceItem]) -> list[EncodedItem]:
+def encode_items(tokenizer, framing: Framing, items: Sequence[ChoiceItem | ResponseItem]) -> list[EncodedItem]:
     """Token ids of each item's prompt and answers (see the module docstring for the rules)."""
     prompts, answers = [], []
     for item in items:
@@ -276,6 +276,14 @@ def _score_batch(model, batch: list[EncodedItem], prefix: tuple[int, list[tuple]
 
 
 # -------------------------------------------------------------------------------------- summaries
+
+
+def nll_outcomes(items: Sequence[ResponseItem], scores: Sequence[Sequence[float]],
+                 encoded: Sequence[EncodedItem]) -> list[dict]:
+    """Per item of an "nll" set: its response's tokens and negative log-likelihood per token."""
+    return [{"id": item.id, "subset": item.subset, "tokens": len(enc.option_ids[0]),
+             "nll": -lp[0] / len(enc.option_ids[0]), "boundary_retokenized": enc.boundary_retokenized}
+            for item, lp, enc in zip(items, scores, encoded, strict=True)]
 
 
 def choice_outcomes(items: Sequence[ChoiceItem], scores: Sequence[Sequence[float]],

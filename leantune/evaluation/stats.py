@@ -6,6 +6,10 @@ proportions (Newcombe 1998, "Improved confidence intervals for the difference be
 proportions based on paired data", method 10: the Wilson intervals of both rates combined with the
 correlation of the pairs) and an exact McNemar test on the discordant items (two-sided binomial test of
 b against b + c at 1/2).
+
+A mean (the general set's negative log-likelihood per token, one value per item) gets Student's t
+interval; two models' means on the same items, the mean of the per-item differences with its t interval
+and the two-sided paired t-test (the t distribution from the regularized incomplete beta function).
 """
 
 from __future__ import annotations
@@ -89,3 +93,98 @@ def mcnemar_exact_p(b: int, c: int) -> float:
     tail = sum(math.comb(m, k) for k in range(min(b, c) + 1))
     # Exact integers until the one division (Python divides big integers to the nearest float).
     return min(1.0, 2 * tail / 2**m)
+
+
+# ------------------------------------------------------------- means: the general set's per-item NLL
+
+
+def nll_summary(outcomes: Sequence[dict], confidence: float) -> dict:
+    """An "nll" set's summary: items, response tokens, the mean over items of the NLL per token with its t
+    interval, and the NLL per token over all tokens pooled."""
+    m = mean_interval([o["nll"] for o in outcomes], confidence)
+    tokens = sum(o["tokens"] for o in outcomes)
+    pooled = math.fsum(o["nll"] * o["tokens"] for o in outcomes) / tokens if tokens else None
+    return {"n": m["n"], "tokens": tokens, "mean_nll": m["mean"], "mean_nll_ci": m["mean_ci"], "token_nll": pooled}
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean of `values` with Student's t interval (n - 1 degrees of freedom)."""
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "mean_ci": [None, None], "sd": None}
+    mean = math.fsum(values) / n
+    if n == 1:
+        return {"n": 1, "mean": mean, "mean_ci": [mean, mean], "sd": None}
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = student_t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "mean_ci": [mean - half, mean + half], "sd": sd}
+
+
+def paired_mean_difference(base: Sequence[float], tuned: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean of the per-item differences tuned - base with Student's t interval, and the two-sided paired
+    t-test's p (no difference on average)."""
+    if len(base) != len(tuned):
+        raise ValueError(f"paired values differ in length: {len(base)} base, {len(tuned)} tuned")
+    d = mean_interval([t - b for b, t in zip(base, tuned, strict=True)], confidence)
+    out = {"n": d["n"], "difference": d["mean"], "difference_ci": d["mean_ci"], "t": None, "t_test_p": 1.0}
+    if d["n"] > 1:
+        if d["sd"] == 0:
+            out["t_test_p"] = 1.0 if d["mean"] == 0 else 0.0
+        else:
+            t = d["mean"] / (d["sd"] / math.sqrt(d["n"]))
+            out["t"], out["t_test_p"] = t, student_t_two_sided_p(t, d["n"] - 1)
+    return out
+
+
+def student_t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with `df` degrees of freedom: I_{df/(df+t^2)}(df/2, 1/2)."""
+    return _regularized_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def student_t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t (0 < p < 1), by bisection on the distribution function."""
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -student_t_quantile(1 - p, df)
+    target = 2 * (1 - p)  # the two-sided tail beyond the quantile
+    lo, hi = 0.0, 1.0
+    while student_t_two_sided_p(hi, df) > target:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if student_t_two_sided_p(mid, df) > target else (lo, mid)
+        if hi - lo < 1e-12 * hi:
+            break
+    return (lo + hi) / 2
+
+
+def _regularized_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), by its continued fraction (modified Lentz), on the side of x where it converges fast."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _beta_fraction(a, b, x) / a
+    return 1 - front * _beta_fraction(b, a, 1 - x) / b
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    tiny = 1e-300
+
+    def nonzero(v: float) -> float:
+        return v if abs(v) > tiny else tiny
+
+    c, d = 1.0, 1 / nonzero(1 - (a + b) * x / (a + 1))
+    h = d
+    for m in range(1, 1000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 / nonzero(1 + numerator * d)
+            c = nonzero(1 + numerator / c)
+            h *= d * c
+        if abs(d * c - 1) < 1e-16:
+            break
+    return h
