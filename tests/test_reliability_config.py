@@ -37,7 +37,7 @@ def test_eval_datasets_problems_are_reported_together_before_any_set_loads():
     with pytest.raises(ConfigError) as e:
         load_config(overrides=["eval.datasets=[synthetic, nosuchset, a/x.jsonl, b/x.jsonl, synthetic]"])
     assert e.value.problems == [
-        "eval.datasets: 'nosuchset' is not a set; use 'synthetic', 'anthropic-sample', 'are-you-sure:synthetic', "
+        "eval.datasets: 'nosuchset' is not a set; use 'synthetic', 'anthropic-sample', 'are-you-sure:synthetic', 'general', "
         "'anthropic-hub:<nlp_survey|philpapers2020|political_typology_quiz>', 'are-you-sure:<path to jsonl>' or the "
         "path of an Anthropic-format .jsonl file",
         "eval.datasets: more than one set is called synthetic, x; list each set once (sets from files are named by "
