@@ -33,10 +33,15 @@ def test_a_run_has_a_bounded_number_of_artifacts_and_the_live_ones_keep_one_id(p
     # Publish at every poll of the training process (the default is every 10 s): many updates in a short run.
     monkeypatch.setattr(tasks.train, "PROGRESS_EVERY_S", 0.0)
     updates = []
-    original = tasks.train._TrainingProgress.publish
+    original_publish = tasks.train._TrainingProgress.publish
     monkeypatch.setattr(tasks.train._TrainingProgress, "publish",
                         lambda self: (updates.append(self.history.steps[-1]["step"] if self.history.steps else None),
-                                      original(self)))
+                                      original_publish(self)))
+    # A fast run can write all 16 steps between two polls: hand them over one line at a time, so the
+    # in-place update path runs whatever the machine's speed (CI once saw a single poll).
+    original_add = tasks.train._TrainingProgress.add
+    monkeypatch.setattr(tasks.train._TrainingProgress, "add",
+                        lambda self, lines: [original_add(self, [line]) for line in lines] and None)
     config = load_config(SMOKE, [*SHORT_RUN, f"run.output_dir={tmp_path}", "run.name=ui"])
     state = finetune(config, config_name="ui", return_state=True)
     assert state.is_completed()
