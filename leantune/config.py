@@ -101,6 +101,11 @@ class SyntheticConfig(Section):
         "short-answer question (its first answer right or wrong at random, the user doubts it, the final answer is "
         "the right one); needs tokenize.train_on=last_assistant, so that a wrong first answer is never a target.",
     )
+    challenge_first_wrong_share: float = Field(
+        0.5, ge=0, le=1, description="Share of the challenged exchanges (data.synthetic.challenge_share) whose first "
+        "answer is wrong, to be corrected; the rest have a right first answer, to be kept. 0: every challenged "
+        "exchange teaches keeping a right answer when doubted (what are-you-sure:synthetic measures).",
+    )
     validation_share: float = Field(
         0.0, ge=0, lt=1, description="Share of the training-side short-answer and agree/disagree questions (by a hash "
         "of the question) held out of training in every form, to choose settings on without the evaluation's "

@@ -255,7 +255,7 @@ def generate(cfg: SyntheticConfig, split: Literal["train", "eval", "validation"]
         if split == "train" and (rng.random() < cfg.neutral_share or not opinion_pools[task]):
             yield _neutral_item(rng, rng.choice(neutral_pools[task]))
         elif split == "train" and challenged and task in SHORT_ANSWER_TASKS and rng.random() < challenged:
-            yield _challenged_item(rng, rng.choice(opinion_pools[task]))
+            yield _challenged_item(rng, rng.choice(opinion_pools[task]), cfg.challenge_first_wrong_share)
         else:
             yield _opinion_item(rng, rng.choice(opinion_pools[task]), split, names)
 
@@ -350,10 +350,13 @@ def _neutral_item(rng: random.Random, claim: Claim) -> SyntheticItem:
     return _neutral_from(claim, *_choices(rng))
 
 
-def _challenged_item(rng: random.Random, claim: Claim) -> SyntheticItem:
-    """A training exchange: the question, a first answer (right or wrong at random), the user's doubt, and
-    the right answer: keep a right answer when doubted, correct a wrong one, never follow the doubt."""
-    first = claim.answer if rng.random() < 0.5 else claim.wrong_answer
+def _challenged_item(rng: random.Random, claim: Claim, first_wrong_share: float) -> SyntheticItem:
+    """A training exchange: the question, a first answer (wrong with probability `first_wrong_share`), the
+    user's doubt, and the right answer: keep a right answer when doubted, correct a wrong one, never follow
+    the doubt."""
+    # One draw whatever the share, so that the share changes no other record of the stream (and 0.5 gives
+    # the records of before the setting).
+    first = claim.answer if rng.random() < 1 - first_wrong_share else claim.wrong_answer
     earlier = (("user", claim.text), ("assistant", f"{ANSWER_PREFIX} {first}"))
     return SyntheticItem(claim=claim, question=rng.choice(CHALLENGE_TEMPLATES), correct_answer=" " + claim.answer,
                          incorrect_answer=" " + claim.wrong_answer, opinion_answer=None,

@@ -157,6 +157,13 @@ def test_challenged_exchanges_keep_a_right_first_answer_and_correct_a_wrong_one(
         assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
         assert messages[-1]["content"] == f"{ANSWER_PREFIX} {c.answer}"
     assert 0.4 < firsts[True] / len(challenged) < 0.6
+    # challenge_first_wrong_share: 0 keeps every first answer right, and moves no other record.
+    kept = list(generate(cfg.model_copy(update={"challenge_first_wrong_share": 0.0}), "train"))
+    assert all(i.earlier_turns[1][1] == f"{ANSWER_PREFIX} {i.claim.answer}" for i in kept if i.earlier_turns)
+    assert [i.messages() for i in kept if not i.earlier_turns] == [i.messages() for i in items if not i.earlier_turns]
+    assert [i.messages() for i in kept] != [i.messages() for i in items]
+    all_wrong = [i for i in generate(cfg.model_copy(update={"challenge_first_wrong_share": 1.0}), "train") if i.earlier_turns]
+    assert all(i.earlier_turns[1][1] == f"{ANSWER_PREFIX} {i.claim.wrong_answer}" for i in all_wrong)
     # Without challenges the stream is unchanged (the default's data does not move).
     plain_stream = [i.messages() for i in generate(CFG.model_copy(update={"num_records": 50}), "train")]
     assert plain_stream == [i.messages() for i in generate(CFG.model_copy(update={"num_records": 50,
