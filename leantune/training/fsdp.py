@@ -45,7 +45,8 @@ Loading (`loads_on_rank0`): for LoRA and full fine-tuning only rank 0 reads the 
 build the model on the meta device and receive their shards from rank 0 once it is sharded
 (set_model_state_dict with broadcast_from_rank0), so only rank 0 holds the whole model, briefly. QLoRA
 (and any run with cpu_offload) still builds the whole model on every rank before sharding it, so its
-4-bit model must fit one device whole at load time.
+4-bit model must fit one device whole at load time; the preflight refuses a machine whose memory cannot
+hold that load, or the offloaded shards of its processes (probe.load_memory_problems).
 """
 
 from __future__ import annotations

@@ -323,6 +323,80 @@ def test_cpu_offload_is_refused_without_fsdp():
         load_config(overrides=["train.distributed.cpu_offload=true"])
 
 
+def simulated_machine(monkeypatch, host_gib: float, gpu_gib: float = 80) -> None:
+    """This machine's available host memory and GPU 0's free memory, as the preflight reads them."""
+    from leantune.probe import GIB
+
+    monkeypatch.setattr("leantune.probe.free_memory_bytes",
+                        lambda device_type, index=0: int((host_gib if device_type == "cpu" else gpu_gib) * GIB))
+
+
+def test_the_70b_config_is_refused_where_the_host_cannot_hold_its_offloaded_shards_or_a_gpu_its_load(monkeypatch):
+    from transformers import LlamaConfig
+
+    from leantune.probe import ModelShape, load_memory_problems
+
+    shape = ModelShape.from_hf_config(LlamaConfig(**LLAMA31_70B))
+    cfg = load_config(CONFIG_70B)
+    # Each of the 2 processes keeps its half of the shards on the host: 22.29 GiB (the cost model's figure), 44.58
+    # for the machine. And each loads the whole model onto its GPU: 68,451,041,280 NF4 linear weights with double
+    # quantisation (0.515869 bytes each) plus 2,102,665,216 fp32 embedding, head and norm weights = 40.72 GiB.
+    simulated_machine(monkeypatch, host_gib=40, gpu_gib=23)
+    host, gpu = load_memory_problems(cfg, shape, "cuda")
+    assert host.startswith("host memory: the 2 training processes of this machine (train.distributed.nproc_per_node "
+                           "2) need 44.58 GiB and 40.00 GiB is available: each keeps 22.29 GiB of shards")
+    assert "set train.distributed.cpu_offload=false" in host and "raise train.distributed.nnodes" in host
+    assert gpu.startswith("GPU memory: each process loads the whole model onto its GPU before sharding it (40.72 GiB; "
+                          "model.method qlora with train.distributed.cpu_offload loads on every rank), and GPU 0 has "
+                          "23.00 GiB free")
+    simulated_machine(monkeypatch, host_gib=44.5, gpu_gib=40.7)
+    assert len(load_memory_problems(cfg, shape, "cuda")) == 2
+    simulated_machine(monkeypatch, host_gib=44.6, gpu_gib=40.8)
+    assert load_memory_problems(cfg, shape, "cuda") == []
+    # Over 2 machines each process keeps a quarter of the shards: 2 x 11.14 GiB on this one.
+    simulated_machine(monkeypatch, host_gib=22.3, gpu_gib=40.8)
+    two_nodes = load_config(CONFIG_70B, ["train.distributed.nnodes=2", "train.distributed.rdzv_endpoint=node0:29400"])
+    assert load_memory_problems(two_nodes, shape, "cuda") == []
+    simulated_machine(monkeypatch, host_gib=22.2, gpu_gib=40.8)
+    assert "need 22.29 GiB and 22.20 GiB" in load_memory_problems(two_nodes, shape, "cuda")[0]
+    # Without the offload nothing stays on the host; LoRA loads on rank 0 only, its 140 GB of bf16 weights on GPU 0.
+    assert load_memory_problems(load_config(CONFIG_70B, ["train.distributed.cpu_offload=false"]), shape, "cuda") == []
+    lora = load_config(CONFIG_70B, ["train.distributed.cpu_offload=false", "model.method=lora"])
+    simulated_machine(monkeypatch, host_gib=1, gpu_gib=79)
+    assert load_memory_problems(lora, shape, "cuda") == [
+        "GPU memory: rank 0 loads the whole model onto its GPU before sharding it (131.42 GiB; model.method lora and "
+        "full load on rank 0 only under fsdp), and GPU 0 has 79.00 GiB free, so loading would run out of memory "
+        "whatever the per-GPU estimate of a step. To fit: GPUs with that much free memory, or a smaller "
+        "model.name_or_path"]
+    # On the CPU every process loads into host memory: QLoRA's whole model twice (the larger than the shards).
+    simulated_machine(monkeypatch, host_gib=81.4)
+    [on_cpu] = load_memory_problems(cfg, shape, "cpu")
+    assert ("need 81.44 GiB and 81.40 GiB is available: each process loads the whole model into host memory (40.72 "
+            "GiB; model.method qlora with train.distributed.cpu_offload loads on every rank); each keeps 22.29 GiB"
+            in on_cpu) and "lower train.distributed.nproc_per_node" in on_cpu
+
+
+def test_the_preflight_refuses_a_host_too_small_for_the_processes_that_load_the_model(monkeypatch):
+    from leantune.errors import UserError
+    from leantune.preflight import check_before_data, problems_before_data
+    from leantune.probe import model_shape, stored_bytes
+
+    base = ["train.distributed.strategy=fsdp", "train.distributed.nproc_per_node=2", "train.device=cpu"]
+    lora, qlora = load_config(overrides=base), load_config(overrides=[*base, *QLORA])
+    one_lora, one_qlora = (stored_bytes(model_shape(c), c.model.method, 4, True) for c in (lora, qlora))
+    # The host holds one whole model and a half: enough for LoRA (rank 0 loads), not for QLoRA (both load).
+    simulated_machine(monkeypatch, host_gib=1.5 * one_qlora / 2**30)
+    assert one_lora < 1.5 * one_qlora and problems_before_data(lora) == []
+    with pytest.raises(UserError) as e:
+        check_before_data(qlora)
+    mib = 2**20
+    assert str(e.value).startswith(
+        f"host memory: the 2 training processes of this machine (train.distributed.nproc_per_node 2) need "
+        f"{2 * one_qlora / mib:.1f} MiB and {1.5 * one_qlora / mib:.1f} MiB is available: each process loads the whole "
+        f"model into host memory ({one_qlora / mib:.1f} MiB; model.method qlora loads on every rank)")
+    assert 1 < one_qlora / mib < 10  # the tiny model's: MiB, not 0.00 GiB
+
+
 def test_cost_shows_the_gpus_a_sharded_config_needs_and_its_memory_per_gpu(tmp_path, capsys):
     from transformers import LlamaConfig
 
