@@ -442,42 +442,40 @@ def load_memory_problems(cfg: RunConfig, shape: ModelShape, device_type: str) ->
     the memory there is now (`free_memory_bytes`); one sentence per memory that falls short, [] when both hold it.
 
     Host memory: with train.distributed.cpu_offload each process keeps its shards there (`offloaded_host`); on the
-    CPU device a process that reads the weights holds the whole model (`stored_bytes`) until it is sharded (FSDP)
-    or for good, and which processes read them is `fsdp.loads_on_rank0`'s answer: rank 0 alone, or every one. A
-    process needs the larger of the two (its whole model is sharded before its shards exist); the machine, the sum
-    over its train.distributed.nproc_per_node processes. On CUDA the weights go straight to each reading process's
-    GPU as they load (modeling.build_model): under FSDP that GPU holds the whole model before it is sharded, which
-    the step's estimate, made of shards, leaves out. The configured method is checked, not one the probe may
-    choose later (it only moves to lighter ones)."""
+    CPU device a process that reads the weights holds the whole model (`stored_bytes`): under FSDP rank 0 alone
+    (`fsdp.loads_on_rank0`), until its shards are filled from it, so beside its own shards; without FSDP every
+    process, for good. The machine's need is the sum over its train.distributed.nproc_per_node processes. On CUDA
+    the weights go straight to the reading process's GPU as they load (modeling.build_model): under FSDP rank 0's
+    GPU holds the whole model before it is sharded, which the step's estimate, made of shards, leaves out. The
+    configured method is checked, not one the probe may choose later (it only moves to lighter ones)."""
     from leantune.training.fsdp import loads_on_rank0
 
     d = cfg.train.distributed
     procs, world = d.nproc_per_node, d.nproc_per_node * d.nnodes
-    sharded = d.strategy == "fsdp" and world > 1
+    sharded = d.strategy == "fsdp" and world > 1 and loads_on_rank0(cfg)
     if device_type == "cuda" and not sharded or cfg.model.method == "qlora" and shape.is_moe:
         return []  # QLoRA of a Mixture-of-Experts is refused on its own (modeling.moe_problems)
     whole = stored_bytes(shape, cfg.model.method, compute_bytes(cfg, device_type), cfg.model.double_quant)
     offload = estimate_for_config(cfg, shape, device_type).offloaded_host if d.cpu_offload else 0
-    readers = 1 if sharded and loads_on_rank0(cfg) else procs
-    who = "rank 0 loads" if readers == 1 and procs > 1 else "each process loads"
-    how = ("model.method lora and full load on rank 0 only under fsdp" if readers == 1 else
-           f"model.method {cfg.model.method}{' with train.distributed.cpu_offload' if d.cpu_offload else ''} loads "
-           "on every rank" if sharded else f"train.distributed.strategy {d.strategy} keeps a whole model per process")
+    who, how = (("rank 0 loads", "the other ranks receive their shards from it") if sharded else
+                ("each process loads", f"train.distributed.strategy {d.strategy} keeps a whole model in every process")
+                if procs > 1 else ("the training process loads", ""))
     problems = []
     on_host = whole if device_type == "cpu" else 0
-    host_need = readers * max(on_host, offload) + (procs - readers) * offload
+    host_need = (on_host if sharded else procs * on_host) + procs * offload
     available = free_memory_bytes("cpu")
     if host_need > available:
         parts = []
         if on_host:
-            parts.append(f"{who} the whole model into host memory ({_size(whole)}; {how})")
+            parts.append(f"{who} the whole model into host memory ({_size(whole)}{'; ' * bool(how)}{how})")
         if offload:
             parts.append(f"each keeps {_size(offload)} of shards of the weights, gradients and optimizer state "
                          "there (train.distributed.cpu_offload: true)")
         fixes = (["set train.distributed.cpu_offload=false with GPUs that hold the shards (python -m leantune.cost "
                   "--config YAML shows the memory per GPU)", "raise train.distributed.nnodes (each machine then "
                   "holds a smaller share of the shards)"] if offload else []) + (
-            ["lower train.distributed.nproc_per_node"] if on_host and readers > 1 else []) + [
+            ["set train.distributed.strategy=fsdp (rank 0 alone loads the model)", "lower "
+             "train.distributed.nproc_per_node"] if on_host and not sharded and procs > 1 else []) + [
             "run on a machine with more memory"]
         problems.append(f"host memory: the {procs} training process{'es' if procs > 1 else ''} of this machine "
                         f"(train.distributed.nproc_per_node {procs}) need {_size(host_need)} and "

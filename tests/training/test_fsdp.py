@@ -69,8 +69,8 @@ def fsdp_runs(tokenized_run, tmp_path_factory) -> dict:
     plan = [{"run_dir": str(path)} for name, path in runs.items() if name != "oom"]
     rc, out, ended = torchrun([*plan, {"run_dir": str(runs["oom"]), "oom": "1:5"}], root / "plan-1.json")
     assert rc != 0 and (runs["reference"] / "training.json").is_file(), out[-4000:]
-    # LoRA and full fine-tuning: rank 1 built its model on the meta device and got rank 0's weights (QLoRA loads).
-    assert out.count("rank 1 received its shards of rank 0's weights") == len(TWO_PROCESS_RUNS) - 2, out[-4000:]
+    # Every run, QLoRA and cpu_offload too: rank 1 built its model on the meta device and got rank 0's weights.
+    assert out.count("rank 1 received its shards of rank 0's weights") == len(TWO_PROCESS_RUNS), out[-4000:]
     oom_written = (runs["oom"] / "attempt_error.json").stat().st_mtime
 
     # The attempt after the failure: resumed unchanged, and as the attempt ladder changes it.
@@ -203,36 +203,44 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(fsdp_runs, tmp_path):
 # ------------------------------------------------------------------------------------ quick checks
 
 
-@pytest.mark.parametrize("method,pretrained", [("lora", False), ("full", False), ("lora", True)])
+@pytest.mark.parametrize("method,pretrained", [("lora", False), ("full", False), ("lora", True), ("qlora", False),
+                                               ("qlora", True)])
 def test_a_rank_that_receives_rank_0s_weights_builds_the_same_model_on_the_meta_device(
         tokenized_run, tmp_path, method, pretrained):
     """The other ranks of an FSDP run build the model's structure only (no weight read or allocated): the same
-    parameters (names, shapes, dtypes, trained or not) and buffers as rank 0's loaded model, on the meta device."""
+    parameters (names, shapes, dtypes, trained or not) and buffers as rank 0's loaded model, on the meta device;
+    for QLoRA the same 4-bit layers, their packed weights marked quantised, their quantisation state still to
+    come from rank 0."""
+    import bitsandbytes as bnb
     from transformers import AutoTokenizer
 
     from leantune.modeling import build_model
     from leantune.rundir import RunDir
     from leantune.training.fsdp import loads_on_rank0
 
-    cfg = load_config(tokenized_run / "config.yaml", ["train.distributed.strategy=fsdp", f"model.method={method}"])
+    qlora = QLORA[2:] if method == "qlora" else []  # a layer width bitsandbytes' CPU kernels take
+    cfg = load_config(tokenized_run / "config.yaml", ["train.distributed.strategy=fsdp", f"model.method={method}",
+                                                      *qlora])
     tokenizer = AutoTokenizer.from_pretrained(RunDir(tokenized_run).tokenizer)
     if pretrained:  # a model directory: its config.json is what the meta ranks read
-        build_model(load_config(tokenized_run / "config.yaml", ["model.method=full"]), tokenizer,
+        build_model(load_config(tokenized_run / "config.yaml", ["model.method=full", *qlora]), tokenizer,
                     torch.device("cpu")).save_pretrained(tmp_path)
         cfg = load_config(tokenized_run / "config.yaml", ["train.distributed.strategy=fsdp", f"model.method={method}",
-                                                          f"model.name_or_path={tmp_path}"])
+                                                          *qlora, f"model.name_or_path={tmp_path}"])
     loaded, meta = (build_model(cfg, tokenizer, torch.device("cpu"), meta=m) for m in (False, True))
 
     def structure(model):
-        return [(n, p.shape, p.dtype, p.requires_grad) for n, p in model.named_parameters()]
+        return [(n, p.shape, p.dtype, p.requires_grad, type(p).__name__) for n, p in model.named_parameters()]
 
     assert structure(meta) == structure(loaded) and all(p.is_meta for p in meta.parameters())
     assert [n for n, _ in meta.named_buffers()] == [n for n, _ in loaded.named_buffers()]
-    assert loads_on_rank0(cfg)
-    assert not loads_on_rank0(load_config(tokenized_run / "config.yaml", [
-        "train.distributed.strategy=fsdp", "model.method=qlora"]))
-    assert not loads_on_rank0(load_config(tokenized_run / "config.yaml", [
+    assert repr(meta) == repr(loaded)  # the same module classes: bitsandbytes' and peft's 4-bit ones for QLoRA
+    four_bit = [m for m in meta.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == (14 if method == "qlora" else 0)  # 7 linears x 2 layers
+    assert all(m.weight.bnb_quantized and m.quant_state is None for m in four_bit)
+    assert loads_on_rank0(cfg) and loads_on_rank0(load_config(tokenized_run / "config.yaml", [
         "train.distributed.strategy=fsdp", "train.distributed.cpu_offload=true"]))
+    assert not loads_on_rank0(load_config(tokenized_run / "config.yaml", ["train.distributed.nproc_per_node=2"]))
 
 
 def test_fsdp_evaluation_runs_as_many_forwards_on_every_rank():
@@ -339,16 +347,15 @@ def test_the_70b_config_is_refused_where_the_host_cannot_hold_its_offloaded_shar
     shape = ModelShape.from_hf_config(LlamaConfig(**LLAMA31_70B))
     cfg = load_config(CONFIG_70B)
     # Each of the 2 processes keeps its half of the shards on the host: 22.29 GiB (the cost model's figure), 44.58
-    # for the machine. And each loads the whole model onto its GPU: 68,451,041,280 NF4 linear weights with double
+    # for the machine. And rank 0 loads the whole model onto its GPU: 68,451,041,280 NF4 linear weights with double
     # quantisation (0.515869 bytes each) plus 2,102,665,216 fp32 embedding, head and norm weights = 40.72 GiB.
     simulated_machine(monkeypatch, host_gib=40, gpu_gib=23)
     host, gpu = load_memory_problems(cfg, shape, "cuda")
     assert host.startswith("host memory: the 2 training processes of this machine (train.distributed.nproc_per_node "
                            "2) need 44.58 GiB and 40.00 GiB is available: each keeps 22.29 GiB of shards")
     assert "set train.distributed.cpu_offload=false" in host and "raise train.distributed.nnodes" in host
-    assert gpu.startswith("GPU memory: each process loads the whole model onto its GPU before sharding it (40.72 GiB; "
-                          "model.method qlora with train.distributed.cpu_offload loads on every rank), and GPU 0 has "
-                          "23.00 GiB free")
+    assert gpu.startswith("GPU memory: rank 0 loads the whole model onto its GPU before sharding it (40.72 GiB; the "
+                          "other ranks receive their shards from it), and GPU 0 has 23.00 GiB free")
     simulated_machine(monkeypatch, host_gib=44.5, gpu_gib=40.7)
     assert len(load_memory_problems(cfg, shape, "cuda")) == 2
     simulated_machine(monkeypatch, host_gib=44.6, gpu_gib=40.8)
@@ -359,21 +366,20 @@ def test_the_70b_config_is_refused_where_the_host_cannot_hold_its_offloaded_shar
     assert load_memory_problems(two_nodes, shape, "cuda") == []
     simulated_machine(monkeypatch, host_gib=22.2, gpu_gib=40.8)
     assert "need 22.29 GiB and 22.20 GiB" in load_memory_problems(two_nodes, shape, "cuda")[0]
-    # Without the offload nothing stays on the host; LoRA loads on rank 0 only, its 140 GB of bf16 weights on GPU 0.
+    # Without the offload nothing stays on the host; LoRA's 140 GB of bf16 weights are loaded onto GPU 0 alike.
     assert load_memory_problems(load_config(CONFIG_70B, ["train.distributed.cpu_offload=false"]), shape, "cuda") == []
     lora = load_config(CONFIG_70B, ["train.distributed.cpu_offload=false", "model.method=lora"])
     simulated_machine(monkeypatch, host_gib=1, gpu_gib=79)
     assert load_memory_problems(lora, shape, "cuda") == [
-        "GPU memory: rank 0 loads the whole model onto its GPU before sharding it (131.42 GiB; model.method lora and "
-        "full load on rank 0 only under fsdp), and GPU 0 has 79.00 GiB free, so loading would run out of memory "
-        "whatever the per-GPU estimate of a step. To fit: GPUs with that much free memory, or a smaller "
-        "model.name_or_path"]
-    # On the CPU every process loads into host memory: QLoRA's whole model twice (the larger than the shards).
-    simulated_machine(monkeypatch, host_gib=81.4)
-    [on_cpu] = load_memory_problems(cfg, shape, "cpu")
-    assert ("need 81.44 GiB and 81.40 GiB is available: each process loads the whole model into host memory (40.72 "
-            "GiB; model.method qlora with train.distributed.cpu_offload loads on every rank); each keeps 22.29 GiB"
-            in on_cpu) and "lower train.distributed.nproc_per_node" in on_cpu
+        "GPU memory: rank 0 loads the whole model onto its GPU before sharding it (131.42 GiB; the other ranks "
+        "receive their shards from it), and GPU 0 has 79.00 GiB free, so loading would run out of memory whatever "
+        "the per-GPU estimate of a step. To fit: GPUs with that much free memory, or a smaller model.name_or_path"]
+    # On the CPU the load is in host memory: rank 0's whole model beside the 2 processes' shards, 85.30 GiB.
+    simulated_machine(monkeypatch, host_gib=85.2)
+    assert load_memory_problems(cfg, shape, "cpu")[0].startswith(
+        "host memory: the 2 training processes of this machine (train.distributed.nproc_per_node 2) need 85.30 GiB "
+        "and 85.20 GiB is available: rank 0 loads the whole model into host memory (40.72 GiB; the other ranks "
+        "receive their shards from it); each keeps 22.29 GiB of shards")
 
 
 def test_the_preflight_refuses_a_host_too_small_for_the_processes_that_load_the_model(monkeypatch):
@@ -381,20 +387,22 @@ def test_the_preflight_refuses_a_host_too_small_for_the_processes_that_load_the_
     from leantune.preflight import check_before_data, problems_before_data
     from leantune.probe import model_shape, stored_bytes
 
-    base = ["train.distributed.strategy=fsdp", "train.distributed.nproc_per_node=2", "train.device=cpu"]
-    lora, qlora = load_config(overrides=base), load_config(overrides=[*base, *QLORA])
-    one_lora, one_qlora = (stored_bytes(model_shape(c), c.model.method, 4, True) for c in (lora, qlora))
-    # The host holds one whole model and a half: enough for LoRA (rank 0 loads), not for QLoRA (both load).
-    simulated_machine(monkeypatch, host_gib=1.5 * one_qlora / 2**30)
-    assert one_lora < 1.5 * one_qlora and problems_before_data(lora) == []
+    base = ["train.distributed.nproc_per_node=2", "train.device=cpu"]
+    ddp, fsdp = load_config(overrides=base), load_config(overrides=[*base, "train.distributed.strategy=fsdp"])
+    one = stored_bytes(model_shape(ddp), "lora", 4)
+    # The host holds one whole model and a half: enough for FSDP (rank 0 loads it), not for DDP (each process does).
+    simulated_machine(monkeypatch, host_gib=1.5 * one / 2**30)
+    assert problems_before_data(fsdp) == []
     with pytest.raises(UserError) as e:
-        check_before_data(qlora)
+        check_before_data(ddp)
     mib = 2**20
-    assert str(e.value).startswith(
+    assert str(e.value) == (
         f"host memory: the 2 training processes of this machine (train.distributed.nproc_per_node 2) need "
-        f"{2 * one_qlora / mib:.1f} MiB and {1.5 * one_qlora / mib:.1f} MiB is available: each process loads the whole "
-        f"model into host memory ({one_qlora / mib:.1f} MiB; model.method qlora loads on every rank)")
-    assert 1 < one_qlora / mib < 10  # the tiny model's: MiB, not 0.00 GiB
+        f"{2 * one / mib:.1f} MiB and {1.5 * one / mib:.1f} MiB is available: each process loads the whole model "
+        f"into host memory ({one / mib:.1f} MiB; train.distributed.strategy ddp keeps a whole model in every "
+        "process). To fit: set train.distributed.strategy=fsdp (rank 0 alone loads the model), or lower "
+        "train.distributed.nproc_per_node, or run on a machine with more memory")
+    assert 1 < one / mib < 10  # the tiny model's: MiB, not 0.00 GiB
 
 
 def test_cost_shows_the_gpus_a_sharded_config_needs_and_its_memory_per_gpu(tmp_path, capsys):
