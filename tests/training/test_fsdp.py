@@ -2,7 +2,7 @@
 
 Two torchrun launches of tests/fsdp_train.py run every 2-process training (module fixture `fsdp_runs`):
   1. LoRA with micro-batches of 4 and of 2 (one and two per rank and step), and with train.distributed.cpu_offload,
-     full fine-tuning alike, one QLoRA step, a 6-step LoRA run with dropout and sharded checkpoints (`reference`), and last the same run with an
+     full fine-tuning alike, one QLoRA step (and one with cpu_offload), a 6-step LoRA run with dropout and sharded checkpoints (`reference`), and last the same run with an
      out-of-memory error injected on rank 1 at step 5, which ends the launch;
   2. that failed run resumed twice from its step-4 checkpoint: unchanged, and with the config the attempt
      ladder (attempts.adjust) makes of its failure.
@@ -43,7 +43,8 @@ TWO_PROCESS_RUNS = {
     # Gradient checkpointing recomputes each layer, its FSDP gather included, in backward.
     "lora-mb2-checkpointing": [*SHORT, "train.micro_batch_size=2", "model.gradient_checkpointing=true"],
     "full-mb4": [*SHORT, "model.method=full"], "full-mb2": [*SHORT, "model.method=full", "train.micro_batch_size=2"],
-    "qlora": [*QLORA, *FSDP], "reference": LONG, "oom": LONG,
+    "qlora": [*QLORA, *FSDP], "qlora-offload": [*QLORA, *FSDP, "train.distributed.cpu_offload=true"],
+    "reference": LONG, "oom": LONG,
     # The shards in host memory (on the CPU the same memory: only the code path).
     "lora-offload": [*SHORT, "train.micro_batch_size=2", "train.distributed.cpu_offload=true"],
 }
@@ -143,8 +144,10 @@ def test_fsdp_with_cpu_offload_gives_the_one_process_weights(fsdp_runs, one_proc
 
 
 @pytest.mark.slow
-def test_one_qlora_step_under_fsdp_gives_the_one_process_adapter(fsdp_runs, one_process):
-    assert_same_run(fsdp_runs["runs"]["qlora"], one_process("qlora"), "adapter_model.safetensors", 1)
+@pytest.mark.parametrize("name", ["qlora", "qlora-offload"])
+def test_one_qlora_step_under_fsdp_gives_the_one_process_adapter(fsdp_runs, one_process, name):
+    """Rank 1 built the 4-bit model on the meta device and received its shards and the quantisation states."""
+    assert_same_run(fsdp_runs["runs"][name], one_process("qlora"), "adapter_model.safetensors", 1)
 
 
 @pytest.mark.slow
