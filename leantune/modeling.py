@@ -109,7 +109,7 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device, meta: bool = Fa
                         "before any step, and model.dtype auto is fp16 here; set train.optimizer_in_backward=false")
 
     if meta:
-        model = _meta_model(cfg, tokenizer, attention, storage)
+        model = _meta_model(cfg, tokenizer, attention, storage, precision)
     elif cfg.model.name_or_path == SCRATCH:
         model = _build_scratch(cfg, tokenizer, attention)
         if method == "qlora":
@@ -207,18 +207,24 @@ def _build_scratch(cfg: RunConfig, tokenizer, attention: str):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _meta_model(cfg: RunConfig, tokenizer, attention: str, storage: torch.dtype):
-    """The modules of the model (scratch, or model.name_or_path's config) on the meta device, in `storage`."""
+def _meta_model(cfg: RunConfig, tokenizer, attention: str, storage: torch.dtype, precision: torch.dtype):
+    """The modules of the model (scratch, or model.name_or_path's config) on the meta device, in `storage`; for
+    QLoRA with its linears 4-bit (`_quantized_skeleton`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         if cfg.model.name_or_path == SCRATCH:
-            return _build_scratch(cfg, tokenizer, attention).to(dtype=storage)
-        m = cfg.model
-        config = AutoConfig.from_pretrained(model_source(m), revision=m.revision, trust_remote_code=m.trust_remote_code)
-        config._attn_implementation = attention
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code).to(dtype=storage)
+            model = _build_scratch(cfg, tokenizer, attention).to(dtype=storage)
+        else:
+            m = cfg.model
+            config = AutoConfig.from_pretrained(model_source(m), revision=m.revision,
+                                                trust_remote_code=m.trust_remote_code)
+            config._attn_implementation = attention
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code).to(dtype=storage)
+    if cfg.model.method == "qlora":
+        _quantized_skeleton(model, _quantization_config(cfg, storage, precision))
+    return model
 
 
 @contextlib.contextmanager
@@ -235,21 +241,51 @@ def _no_progress_bars():
             logging.enable_progress_bar()
 
 
+def _quantization_config(cfg: RunConfig, storage: torch.dtype, precision: torch.dtype):
+    """QLoRA's bitsandbytes settings: NF4 (model.quant_type), double quantisation, computing in `precision`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.model.quant_type,
+        bnb_4bit_use_double_quant=cfg.model.double_quant,
+        bnb_4bit_compute_dtype=precision,
+        # FSDP shards the 4-bit weights with the other parameters of a layer, which must share their dtype.
+        **({"bnb_4bit_quant_storage": storage} if cfg.train.distributed.strategy == "fsdp" else {}),
+    )
+
+
+def _quantized_skeleton(model, config) -> None:
+    """Turn `model`, on the meta device, into what from_pretrained makes of it with `config` (QLoRA): bitsandbytes'
+    Linear4bit layers (transformers' quantizer picks the same linears), each weight the packed 4-bit parameter
+    quantising gives (the shape of bitsandbytes' quantize_4bit: two weights a byte, in the storage dtype), marked
+    quantised. Their quantisation states (absmax, blocksize, shape) are rank 0's, received with the weights
+    (training/fsdp.py)."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
+    quantizer.preprocess_model(model, device_map={"": "meta"})
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w, n = module.weight, module.in_features * module.out_features
+            packed = torch.empty(((n + 1) // (w.quant_storage.itemsize * 2), 1), dtype=w.quant_storage, device="meta")
+            module.weight = bnb.nn.Params4bit(packed, requires_grad=False, blocksize=w.blocksize,
+                                              compress_statistics=w.compress_statistics, quant_type=w.quant_type,
+                                              quant_storage=w.quant_storage, module=module, bnb_quantized=True)
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
+
+
 def _load_pretrained(cfg: RunConfig, name: str, revision: str | None, trust_remote_code: bool,
                      storage: torch.dtype, attention: str, device: torch.device, precision: torch.dtype):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     quantization = None
     if cfg.model.method == "qlora":
         _refuse_qlora_of_moe(name, revision, trust_remote_code)
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.model.quant_type,
-            bnb_4bit_use_double_quant=cfg.model.double_quant,
-            bnb_4bit_compute_dtype=precision,
-            # FSDP shards the 4-bit weights with the other parameters of a layer, which must share their dtype.
-            **({"bnb_4bit_quant_storage": storage} if cfg.train.distributed.strategy == "fsdp" else {}),
-        )
+        quantization = _quantization_config(cfg, storage, precision)
     try:
         return AutoModelForCausalLM.from_pretrained(
             name,

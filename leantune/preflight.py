@@ -3,8 +3,9 @@ exist, the files that eval.datasets names exist, the held-out short-answer quest
 eval.synthetic_items, a local model.name_or_path exists, model.dtype suits the device training runs on,
 a hub model id is known to the local Hugging Face cache or to the hub (`hub_model_problem`),
 every name in lora.target_modules matches a layer LoRA can adapt (a linear layer, not a container such as
-`mlp`), and QLoRA is not asked of a Mixture-of-Experts model (the model's skeleton, built on the meta device
-from its config). A problem found only after hours of data preparation and training is a problem
+`mlp`), QLoRA is not asked of a Mixture-of-Experts model (the model's skeleton, built on the meta device
+from its config), and this machine's host memory (and under FSDP its GPU's) holds what loading the model and
+train.distributed.cpu_offload need (probe.load_memory_problems). A problem found only after hours of data preparation and training is a problem
 found too late."""
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ def check_before_data(cfg: RunConfig) -> None:
 
 def problems_before_data(cfg: RunConfig) -> list[str]:
     from leantune.modeling import lora_target_problem, moe_problems, resolve_device, resolve_precision
+    from leantune.probe import load_memory_problems, model_shape
 
     problems = data_path_problems(cfg)
     hub_problem, readable = hub_model_check(cfg.model.name_or_path, cfg.model.revision)
     if problem := local_model_problem(cfg.model.name_or_path) or hub_problem:
         problems.append(problem)
+    device = None
     try:
-        resolve_precision(cfg, resolve_device(cfg))  # e.g. fp16 on the CPU, bf16 on a GPU without it
+        device = resolve_device(cfg)
+        resolve_precision(cfg, device)  # e.g. fp16 on the CPU, bf16 on a GPU without it
     except UserError as e:
         problems.append(str(e))
     if cfg.eval.enabled:
@@ -46,6 +50,8 @@ def problems_before_data(cfg: RunConfig) -> list[str]:
     if problem := lora_target_problem(cfg):
         problems.append(problem)
     problems += moe_problems(cfg)
+    if device is not None and (shape := model_shape(cfg)) is not None:
+        problems += load_memory_problems(cfg, shape, device.type)
     return problems
 
 

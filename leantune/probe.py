@@ -408,14 +408,10 @@ def sharded_estimate(estimate: MemoryEstimate, shape: ModelShape, method: str, c
     """One GPU's share of `estimate` (one process's, unsharded) under FSDP over `world` GPUs (module docstring)."""
     p = compute_bytes
     layer = shape.linear_params // shape.num_layers
-    if method == "full":
-        stored = shape.total_params * 4
-    elif method == "qlora":
+    stored = stored_bytes(shape, method, p, double_quant)
+    if method == "qlora":
         per_weight = NF4_DOUBLE_QUANT_BYTES if double_quant else NF4_BYTES
-        stored = round(shape.linear_params * per_weight) + shape.other_params * 4
         layer = round(layer * per_weight / p)  # two gathered layers below cost their 4-bit size
-    else:
-        stored = shape.total_params * p
     gathered = (2 * layer + shape.other_params) * p
     unsharded_gradients = 2 * layer * 4 if method == "full" else estimate.gradients
     if cpu_offload:
@@ -428,6 +424,76 @@ def sharded_estimate(estimate: MemoryEstimate, shape: ModelShape, method: str, c
         weights=stored // world + gathered, trainable=estimate.trainable // world,
         gradients=gradients, optimizer=estimate.optimizer // world, activations=estimate.activations,
         optimizer_step=estimate.optimizer_step // world)
+
+
+def stored_bytes(shape: ModelShape, method: str, compute_bytes: int, double_quant: bool = True) -> int:
+    """The whole model's weights as a training process stores them (before any sharding): full fine-tuning in
+    fp32, LoRA in the compute dtype, QLoRA's linears in 4 bits and the rest in fp32."""
+    if method == "full":
+        return shape.total_params * 4
+    if method == "qlora":
+        per_weight = NF4_DOUBLE_QUANT_BYTES if double_quant else NF4_BYTES
+        return round(shape.linear_params * per_weight) + shape.other_params * 4
+    return shape.total_params * compute_bytes
+
+
+def load_memory_problems(cfg: RunConfig, shape: ModelShape, device_type: str) -> list[str]:
+    """What the training processes of this machine need beyond the per-GPU estimate of a training step, against
+    the memory there is now (`free_memory_bytes`); one sentence per memory that falls short, [] when both hold it.
+
+    Host memory: with train.distributed.cpu_offload each process keeps its shards there (`offloaded_host`); on the
+    CPU device a process that reads the weights holds the whole model (`stored_bytes`): under FSDP rank 0 alone
+    (`fsdp.loads_on_rank0`), until its shards are filled from it, so beside its own shards; without FSDP every
+    process, for good. The machine's need is the sum over its train.distributed.nproc_per_node processes. On CUDA
+    the weights go straight to the reading process's GPU as they load (modeling.build_model): under FSDP rank 0's
+    GPU holds the whole model before it is sharded, which the step's estimate, made of shards, leaves out. The
+    configured method is checked, not one the probe may choose later (it only moves to lighter ones)."""
+    from leantune.training.fsdp import loads_on_rank0
+
+    d = cfg.train.distributed
+    procs, world = d.nproc_per_node, d.nproc_per_node * d.nnodes
+    sharded = d.strategy == "fsdp" and world > 1 and loads_on_rank0(cfg)
+    if device_type == "cuda" and not sharded or cfg.model.method == "qlora" and shape.is_moe:
+        return []  # QLoRA of a Mixture-of-Experts is refused on its own (modeling.moe_problems)
+    whole = stored_bytes(shape, cfg.model.method, compute_bytes(cfg, device_type), cfg.model.double_quant)
+    offload = estimate_for_config(cfg, shape, device_type).offloaded_host if d.cpu_offload else 0
+    who, how = (("rank 0 loads", "the other ranks receive their shards from it") if sharded else
+                ("each process loads", f"train.distributed.strategy {d.strategy} keeps a whole model in every process")
+                if procs > 1 else ("the training process loads", ""))
+    problems = []
+    on_host = whole if device_type == "cpu" else 0
+    host_need = (on_host if sharded else procs * on_host) + procs * offload
+    available = free_memory_bytes("cpu")
+    if host_need > available:
+        parts = []
+        if on_host:
+            parts.append(f"{who} the whole model into host memory ({_size(whole)}{'; ' * bool(how)}{how})")
+        if offload:
+            parts.append(f"each keeps {_size(offload)} of shards of the weights, gradients and optimizer state "
+                         "there (train.distributed.cpu_offload: true)")
+        fixes = (["set train.distributed.cpu_offload=false with GPUs that hold the shards (python -m leantune.cost "
+                  "--config YAML shows the memory per GPU)", "raise train.distributed.nnodes (each machine then "
+                  "holds a smaller share of the shards)"] if offload else []) + (
+            ["set train.distributed.strategy=fsdp (rank 0 alone loads the model)", "lower "
+             "train.distributed.nproc_per_node"] if on_host and not sharded and procs > 1 else []) + [
+            "run on a machine with more memory"]
+        problems.append(f"host memory: the {procs} training process{'es' if procs > 1 else ''} of this machine "
+                        f"(train.distributed.nproc_per_node {procs}) need {_size(host_need)} and "
+                        f"{_size(available)} is available: {'; '.join(parts)}. To fit: {', or '.join(fixes)}")
+    if device_type == "cuda":
+        free = free_memory_bytes("cuda", 0)
+        if whole > free:
+            problems.append(
+                f"GPU memory: {who} the whole model onto its GPU before sharding it ({_size(whole)}; {how}), "
+                f"and GPU 0 has {_size(free)} free, so loading would run out of memory whatever the "
+                "per-GPU estimate of a step. To fit: GPUs with that much free memory, or a smaller "
+                "model.name_or_path")
+    return problems
+
+
+def _size(n: int) -> str:
+    """Bytes in GiB, or in MiB below a tenth of a GiB (the tiny models of the tests)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
 
 def model_shape(cfg: RunConfig, vocab_size: int | None = None) -> ModelShape | None:

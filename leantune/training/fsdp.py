@@ -41,11 +41,16 @@ the checkpoint's `sharded/` folder, beside rank 0's files (checkpoint.py). The s
 re-split on load, so a checkpoint of N ranks resumes on M ranks, on one process included.
 The adapter (or the model) is exported gathered on rank 0 (`gather_weights`).
 
-Loading (`loads_on_rank0`): for LoRA and full fine-tuning only rank 0 reads the weights; the other ranks
-build the model on the meta device and receive their shards from rank 0 once it is sharded
-(set_model_state_dict with broadcast_from_rank0), so only rank 0 holds the whole model, briefly. QLoRA
-(and any run with cpu_offload) still builds the whole model on every rank before sharding it, so its
-4-bit model must fit one device whole at load time.
+Loading (`loads_on_rank0`): only rank 0 reads the weights; the other ranks build the model on the meta
+device and receive their shards from rank 0 once it is sharded (set_model_state_dict with
+broadcast_from_rank0), so only rank 0 holds the whole model, briefly, on its device. QLoRA too: the other
+ranks build the same 4-bit skeleton (modeling._quantized_skeleton: transformers' quantizer swaps in
+bitsandbytes' Linear4bit, each weight a packed parameter of the quantised shape, which FSDP shards like any
+other since bnb_4bit_quant_storage is the layer's dtype), and receive, besides the packed shards, every
+layer's quantisation state whole (`_receive_quant_states`: absmax, code, nested constants, shape), which
+bitsandbytes keeps on the module, outside the parameters that FSDP shards. With cpu_offload the received
+shards are placed in host memory. Run on the CPU with gloo only (tests/training/test_fsdp.py). The preflight refuses a machine whose memory cannot hold rank
+0's load or the offloaded shards of its processes (probe.load_memory_problems).
 """
 
 from __future__ import annotations
@@ -68,12 +73,9 @@ SHARDED_DIR = "sharded"
 
 
 def loads_on_rank0(cfg) -> bool:
-    """Whether only rank 0 reads the weights of an FSDP run, the other ranks building the model on the meta device
-    (modeling.build_model(meta=True)) and receiving their shards from rank 0 in `shard_model`: LoRA and full
-    fine-tuning. Not QLoRA (bitsandbytes quantises the weights as they load, into parameters with their own
-    quantisation state), nor with train.distributed.cpu_offload (the shards' place is the host)."""
-    d = cfg.train.distributed
-    return d.strategy == "fsdp" and cfg.model.method != "qlora" and not d.cpu_offload
+    """Whether only rank 0 reads the weights, the other ranks building the model on the meta device
+    (modeling.build_model(meta=True)) and receiving their shards from rank 0 in `shard_model`: every FSDP run."""
+    return cfg.train.distributed.strategy == "fsdp"
 
 
 def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool, from_rank0: bool = False):
@@ -97,8 +99,9 @@ def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool, fr
     if precision == torch.float16:
         raise UserError("train.distributed.strategy: fsdp runs in bf16 or fp32, and model.dtype resolves to fp16 "
                         "here (no bf16 on this GPU); set model.dtype=fp32 or train.distributed.strategy=ddp")
-    # Rank 0's weights, referenced before sharding replaces its parameters, for the other ranks' shards.
-    weights = model.state_dict() if from_rank0 and dist.rank == 0 else {}
+    # Rank 0's weights, referenced before sharding replaces its parameters, for the other ranks' shards (its
+    # parameters and buffers: not the quantisation states bitsandbytes adds to a state dict, sent on their own).
+    weights = dict(_named_tensors(model)) if from_rank0 and dist.rank == 0 else {}
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if dist.device.type == "cuda" and precision == torch.bfloat16 else MixedPrecisionPolicy())
@@ -122,18 +125,65 @@ def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool, fr
     return root
 
 
+def _named_tensors(model):
+    """(name, tensor) of the model's parameters and persistent buffers, as its state dict names them."""
+    yield from model.named_parameters()
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                yield f"{module_name}.{name}" if module_name else name, buffer
+
+
 def _receive_from_rank0(model, weights: dict, dist: DistContext) -> None:
     """Every rank's shards of rank 0's `weights` (empty on the others, whose sharded model is on the meta
-    device until here), and rank 0's buffers, which the state dict leaves out (the rotary frequencies)."""
+    device until here), rank 0's buffers, which the state dict leaves out (the rotary frequencies), and
+    QLoRA's quantisation states (`_receive_quant_states`)."""
+    import torch
     import torch.distributed as tdist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if dist.rank > 0:
-        model.to_empty(device=dist.device)
+        # With cpu_offload the shards live on the host (FSDP pins them there); buffers are never offloaded.
+        model.to_empty(device=torch.device("cpu") if dist.cpu_offload else dist.device)
+        if dist.cpu_offload:
+            for module in model.modules():
+                for name, buffer in module.named_buffers(recurse=False):
+                    setattr(module, name, buffer.to(dist.device))
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for buffer in model.buffers():
         tdist.broadcast(buffer, src=0)
+    _receive_quant_states(model, dist)
     log.info("fsdp: rank %d received its shards of rank 0's weights", dist.rank)
+
+
+def _receive_quant_states(model, dist: DistContext) -> None:
+    """Rank 0's quantisation state of every 4-bit linear (QLoRA), whole, on every rank: bitsandbytes keeps it
+    beside the parameter (Linear4bit.quant_state, which its forward gives the gathered weight back), so neither
+    sharding nor the state dict carries it. Sent as QuantState.as_dict(packed=True): tensors only (absmax, the
+    code, the nested ones, the rest packed), whose shapes and dtypes go first."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "is_loaded_in_4bit", False):  # transformers' mark of a 4-bit model
+        return
+    import bitsandbytes as bnb
+    import torch
+    import torch.distributed as tdist
+    from bitsandbytes.functional import QuantState
+
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if not modules:
+        return
+    states = {name: m.quant_state.as_dict(packed=True) for name, m in modules} if dist.rank == 0 else {}
+    layout = [{name: {k: (t.shape, t.dtype) for k, t in state.items()} for name, state in states.items()}]
+    tdist.broadcast_object_list(layout, src=0)
+    for name, module in modules:
+        received = {}
+        for key, (shape, dtype) in layout[0][name].items():
+            tensor = (states[name][key].to(dist.device) if dist.rank == 0
+                      else torch.empty(shape, dtype=dtype, device=dist.device))
+            tdist.broadcast(tensor, src=0)
+            received[key] = tensor
+        if dist.rank > 0:
+            module.quant_state = QuantState.from_dict(received, device=dist.device)
 
 
 def decoder_layers(model) -> list:

@@ -292,7 +292,7 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
     precision = resolve_precision(cfg, device)
     # Fresh runs draw weights, LoRA init and dropout from train.seed; a resume restores the RNGs.
     _seed_everything(t.seed)
-    # FSDP, LoRA or full: only rank 0 reads the weights, the others receive theirs when it is sharded (fsdp.py).
+    # FSDP: only rank 0 reads the weights, the others receive theirs when it is sharded (fsdp.py).
     from_rank0 = dist.sharded and loads_on_rank0(cfg)
     model = build_model(cfg, tokenizer, device, meta=from_rank0 and dist.rank > 0)
     log.info("model: %s", describe_model(model))

@@ -2,7 +2,7 @@
 
 Two torchrun launches of tests/fsdp_train.py run every 2-process training (module fixture `fsdp_runs`):
   1. LoRA with micro-batches of 4 and of 2 (one and two per rank and step), and with train.distributed.cpu_offload,
-     full fine-tuning alike, one QLoRA step, a 6-step LoRA run with dropout and sharded checkpoints (`reference`), and last the same run with an
+     full fine-tuning alike, one QLoRA step (and one with cpu_offload), a 6-step LoRA run with dropout and sharded checkpoints (`reference`), and last the same run with an
      out-of-memory error injected on rank 1 at step 5, which ends the launch;
   2. that failed run resumed twice from its step-4 checkpoint: unchanged, and with the config the attempt
      ladder (attempts.adjust) makes of its failure.
@@ -43,7 +43,8 @@ TWO_PROCESS_RUNS = {
     # Gradient checkpointing recomputes each layer, its FSDP gather included, in backward.
     "lora-mb2-checkpointing": [*SHORT, "train.micro_batch_size=2", "model.gradient_checkpointing=true"],
     "full-mb4": [*SHORT, "model.method=full"], "full-mb2": [*SHORT, "model.method=full", "train.micro_batch_size=2"],
-    "qlora": [*QLORA, *FSDP], "reference": LONG, "oom": LONG,
+    "qlora": [*QLORA, *FSDP], "qlora-offload": [*QLORA, *FSDP, "train.distributed.cpu_offload=true"],
+    "reference": LONG, "oom": LONG,
     # The shards in host memory (on the CPU the same memory: only the code path).
     "lora-offload": [*SHORT, "train.micro_batch_size=2", "train.distributed.cpu_offload=true"],
 }
@@ -69,8 +70,8 @@ def fsdp_runs(tokenized_run, tmp_path_factory) -> dict:
     plan = [{"run_dir": str(path)} for name, path in runs.items() if name != "oom"]
     rc, out, ended = torchrun([*plan, {"run_dir": str(runs["oom"]), "oom": "1:5"}], root / "plan-1.json")
     assert rc != 0 and (runs["reference"] / "training.json").is_file(), out[-4000:]
-    # LoRA and full fine-tuning: rank 1 built its model on the meta device and got rank 0's weights (QLoRA loads).
-    assert out.count("rank 1 received its shards of rank 0's weights") == len(TWO_PROCESS_RUNS) - 2, out[-4000:]
+    # Every run, QLoRA and cpu_offload too: rank 1 built its model on the meta device and got rank 0's weights.
+    assert out.count("rank 1 received its shards of rank 0's weights") == len(TWO_PROCESS_RUNS), out[-4000:]
     oom_written = (runs["oom"] / "attempt_error.json").stat().st_mtime
 
     # The attempt after the failure: resumed unchanged, and as the attempt ladder changes it.
@@ -143,8 +144,10 @@ def test_fsdp_with_cpu_offload_gives_the_one_process_weights(fsdp_runs, one_proc
 
 
 @pytest.mark.slow
-def test_one_qlora_step_under_fsdp_gives_the_one_process_adapter(fsdp_runs, one_process):
-    assert_same_run(fsdp_runs["runs"]["qlora"], one_process("qlora"), "adapter_model.safetensors", 1)
+@pytest.mark.parametrize("name", ["qlora", "qlora-offload"])
+def test_one_qlora_step_under_fsdp_gives_the_one_process_adapter(fsdp_runs, one_process, name):
+    """Rank 1 built the 4-bit model on the meta device and received its shards and the quantisation states."""
+    assert_same_run(fsdp_runs["runs"][name], one_process("qlora"), "adapter_model.safetensors", 1)
 
 
 @pytest.mark.slow
@@ -203,36 +206,44 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(fsdp_runs, tmp_path):
 # ------------------------------------------------------------------------------------ quick checks
 
 
-@pytest.mark.parametrize("method,pretrained", [("lora", False), ("full", False), ("lora", True)])
+@pytest.mark.parametrize("method,pretrained", [("lora", False), ("full", False), ("lora", True), ("qlora", False),
+                                               ("qlora", True)])
 def test_a_rank_that_receives_rank_0s_weights_builds_the_same_model_on_the_meta_device(
         tokenized_run, tmp_path, method, pretrained):
     """The other ranks of an FSDP run build the model's structure only (no weight read or allocated): the same
-    parameters (names, shapes, dtypes, trained or not) and buffers as rank 0's loaded model, on the meta device."""
+    parameters (names, shapes, dtypes, trained or not) and buffers as rank 0's loaded model, on the meta device;
+    for QLoRA the same 4-bit layers, their packed weights marked quantised, their quantisation state still to
+    come from rank 0."""
+    import bitsandbytes as bnb
     from transformers import AutoTokenizer
 
     from leantune.modeling import build_model
     from leantune.rundir import RunDir
     from leantune.training.fsdp import loads_on_rank0
 
-    cfg = load_config(tokenized_run / "config.yaml", ["train.distributed.strategy=fsdp", f"model.method={method}"])
+    qlora = QLORA[2:] if method == "qlora" else []  # a layer width bitsandbytes' CPU kernels take
+    cfg = load_config(tokenized_run / "config.yaml", ["train.distributed.strategy=fsdp", f"model.method={method}",
+                                                      *qlora])
     tokenizer = AutoTokenizer.from_pretrained(RunDir(tokenized_run).tokenizer)
     if pretrained:  # a model directory: its config.json is what the meta ranks read
-        build_model(load_config(tokenized_run / "config.yaml", ["model.method=full"]), tokenizer,
+        build_model(load_config(tokenized_run / "config.yaml", ["model.method=full", *qlora]), tokenizer,
                     torch.device("cpu")).save_pretrained(tmp_path)
         cfg = load_config(tokenized_run / "config.yaml", ["train.distributed.strategy=fsdp", f"model.method={method}",
-                                                          f"model.name_or_path={tmp_path}"])
+                                                          *qlora, f"model.name_or_path={tmp_path}"])
     loaded, meta = (build_model(cfg, tokenizer, torch.device("cpu"), meta=m) for m in (False, True))
 
     def structure(model):
-        return [(n, p.shape, p.dtype, p.requires_grad) for n, p in model.named_parameters()]
+        return [(n, p.shape, p.dtype, p.requires_grad, type(p).__name__) for n, p in model.named_parameters()]
 
     assert structure(meta) == structure(loaded) and all(p.is_meta for p in meta.parameters())
     assert [n for n, _ in meta.named_buffers()] == [n for n, _ in loaded.named_buffers()]
-    assert loads_on_rank0(cfg)
-    assert not loads_on_rank0(load_config(tokenized_run / "config.yaml", [
-        "train.distributed.strategy=fsdp", "model.method=qlora"]))
-    assert not loads_on_rank0(load_config(tokenized_run / "config.yaml", [
+    assert repr(meta) == repr(loaded)  # the same module classes: bitsandbytes' and peft's 4-bit ones for QLoRA
+    four_bit = [m for m in meta.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == (14 if method == "qlora" else 0)  # 7 linears x 2 layers
+    assert all(m.weight.bnb_quantized and m.quant_state is None for m in four_bit)
+    assert loads_on_rank0(cfg) and loads_on_rank0(load_config(tokenized_run / "config.yaml", [
         "train.distributed.strategy=fsdp", "train.distributed.cpu_offload=true"]))
+    assert not loads_on_rank0(load_config(tokenized_run / "config.yaml", ["train.distributed.nproc_per_node=2"]))
 
 
 def test_fsdp_evaluation_runs_as_many_forwards_on_every_rank():
@@ -321,6 +332,80 @@ def test_the_70b_qlora_config_fits_two_24gb_gpus_with_its_shards_offloaded_and_n
 def test_cpu_offload_is_refused_without_fsdp():
     with pytest.raises(ConfigError, match="train.distributed.cpu_offload: offloads FSDP's shards"):
         load_config(overrides=["train.distributed.cpu_offload=true"])
+
+
+def simulated_machine(monkeypatch, host_gib: float, gpu_gib: float = 80) -> None:
+    """This machine's available host memory and GPU 0's free memory, as the preflight reads them."""
+    from leantune.probe import GIB
+
+    monkeypatch.setattr("leantune.probe.free_memory_bytes",
+                        lambda device_type, index=0: int((host_gib if device_type == "cpu" else gpu_gib) * GIB))
+
+
+def test_the_70b_config_is_refused_where_the_host_cannot_hold_its_offloaded_shards_or_a_gpu_its_load(monkeypatch):
+    from transformers import LlamaConfig
+
+    from leantune.probe import ModelShape, load_memory_problems
+
+    shape = ModelShape.from_hf_config(LlamaConfig(**LLAMA31_70B))
+    cfg = load_config(CONFIG_70B)
+    # Each of the 2 processes keeps its half of the shards on the host: 22.29 GiB (the cost model's figure), 44.58
+    # for the machine. And rank 0 loads the whole model onto its GPU: 68,451,041,280 NF4 linear weights with double
+    # quantisation (0.515869 bytes each) plus 2,102,665,216 fp32 embedding, head and norm weights = 40.72 GiB.
+    simulated_machine(monkeypatch, host_gib=40, gpu_gib=23)
+    host, gpu = load_memory_problems(cfg, shape, "cuda")
+    assert host.startswith("host memory: the 2 training processes of this machine (train.distributed.nproc_per_node "
+                           "2) need 44.58 GiB and 40.00 GiB is available: each keeps 22.29 GiB of shards")
+    assert "set train.distributed.cpu_offload=false" in host and "raise train.distributed.nnodes" in host
+    assert gpu.startswith("GPU memory: rank 0 loads the whole model onto its GPU before sharding it (40.72 GiB; the "
+                          "other ranks receive their shards from it), and GPU 0 has 23.00 GiB free")
+    simulated_machine(monkeypatch, host_gib=44.5, gpu_gib=40.7)
+    assert len(load_memory_problems(cfg, shape, "cuda")) == 2
+    simulated_machine(monkeypatch, host_gib=44.6, gpu_gib=40.8)
+    assert load_memory_problems(cfg, shape, "cuda") == []
+    # Over 2 machines each process keeps a quarter of the shards: 2 x 11.14 GiB on this one.
+    simulated_machine(monkeypatch, host_gib=22.3, gpu_gib=40.8)
+    two_nodes = load_config(CONFIG_70B, ["train.distributed.nnodes=2", "train.distributed.rdzv_endpoint=node0:29400"])
+    assert load_memory_problems(two_nodes, shape, "cuda") == []
+    simulated_machine(monkeypatch, host_gib=22.2, gpu_gib=40.8)
+    assert "need 22.29 GiB and 22.20 GiB" in load_memory_problems(two_nodes, shape, "cuda")[0]
+    # Without the offload nothing stays on the host; LoRA's 140 GB of bf16 weights are loaded onto GPU 0 alike.
+    assert load_memory_problems(load_config(CONFIG_70B, ["train.distributed.cpu_offload=false"]), shape, "cuda") == []
+    lora = load_config(CONFIG_70B, ["train.distributed.cpu_offload=false", "model.method=lora"])
+    simulated_machine(monkeypatch, host_gib=1, gpu_gib=79)
+    assert load_memory_problems(lora, shape, "cuda") == [
+        "GPU memory: rank 0 loads the whole model onto its GPU before sharding it (131.42 GiB; the other ranks "
+        "receive their shards from it), and GPU 0 has 79.00 GiB free, so loading would run out of memory whatever "
+        "the per-GPU estimate of a step. To fit: GPUs with that much free memory, or a smaller model.name_or_path"]
+    # On the CPU the load is in host memory: rank 0's whole model beside the 2 processes' shards, 85.30 GiB.
+    simulated_machine(monkeypatch, host_gib=85.2)
+    assert load_memory_problems(cfg, shape, "cpu")[0].startswith(
+        "host memory: the 2 training processes of this machine (train.distributed.nproc_per_node 2) need 85.30 GiB "
+        "and 85.20 GiB is available: rank 0 loads the whole model into host memory (40.72 GiB; the other ranks "
+        "receive their shards from it); each keeps 22.29 GiB of shards")
+
+
+def test_the_preflight_refuses_a_host_too_small_for_the_processes_that_load_the_model(monkeypatch):
+    from leantune.errors import UserError
+    from leantune.preflight import check_before_data, problems_before_data
+    from leantune.probe import model_shape, stored_bytes
+
+    base = ["train.distributed.nproc_per_node=2", "train.device=cpu"]
+    ddp, fsdp = load_config(overrides=base), load_config(overrides=[*base, "train.distributed.strategy=fsdp"])
+    one = stored_bytes(model_shape(ddp), "lora", 4)
+    # The host holds one whole model and a half: enough for FSDP (rank 0 loads it), not for DDP (each process does).
+    simulated_machine(monkeypatch, host_gib=1.5 * one / 2**30)
+    assert problems_before_data(fsdp) == []
+    with pytest.raises(UserError) as e:
+        check_before_data(ddp)
+    mib = 2**20
+    assert str(e.value) == (
+        f"host memory: the 2 training processes of this machine (train.distributed.nproc_per_node 2) need "
+        f"{2 * one / mib:.1f} MiB and {1.5 * one / mib:.1f} MiB is available: each process loads the whole model "
+        f"into host memory ({one / mib:.1f} MiB; train.distributed.strategy ddp keeps a whole model in every "
+        "process). To fit: set train.distributed.strategy=fsdp (rank 0 alone loads the model), or lower "
+        "train.distributed.nproc_per_node, or run on a machine with more memory")
+    assert 1 < one / mib < 10  # the tiny model's: MiB, not 0.00 GiB
 
 
 def test_cost_shows_the_gpus_a_sharded_config_needs_and_its_memory_per_gpu(tmp_path, capsys):
