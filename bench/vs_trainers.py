@@ -215,11 +215,21 @@ def run_hf(pristine: Path, steps: int, runner: str, seed: int) -> dict:
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     data = Dataset.from_list(sequences(pristine))
-    seen = {"tokens": 0}
+    seen = {"tokens": 0, "step_seconds": 0.0}
 
     class Timer(TrainerCallback):
+        """seconds: the whole training loop. step_seconds: its steps alone, timed as leantune times its own
+        (train_seconds: fetching and collating the batch, forward, backward, the update), so without the
+        Trainer's logging after each step: a step starts at the previous step's log (logging_steps=1)."""
+
         def on_train_begin(self, *args, **kwargs):
-            seen["start"] = time.perf_counter()
+            seen["start"] = seen["step_start"] = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            seen["step_seconds"] += time.perf_counter() - seen["step_start"]
+
+        def on_log(self, *args, **kwargs):
+            seen["step_start"] = time.perf_counter()
 
         def on_train_end(self, *args, **kwargs):
             seen["seconds"] = time.perf_counter() - seen["start"]
@@ -258,7 +268,7 @@ def run_hf(pristine: Path, steps: int, runner: str, seed: int) -> dict:
     trainer.train()
     rss = peak_rss_mb()
     return {"steps": trainer.state.global_step, "tokens": seen["tokens"], "seconds": seen["seconds"],
-            "peak_rss_mb": rss, **losses(model, pristine)}
+            "step_seconds": seen["step_seconds"], "peak_rss_mb": rss, **losses(model, pristine)}
 
 
 def child(runner: str, pristine: Path, steps: int, threads: int, seed: int) -> None:
@@ -364,11 +374,17 @@ def run_rounds(pristine: Path, steps: int, args, runners: list[str], env: dict, 
     for rnd, runner, r in child_rounds(__file__, runners, args.rounds, child_args, env):
         load.append(r["load_average"])
         r = {"round": rnd, "seed": rnd, **r}
-        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        # The same clock for every runner: its steps alone (leantune's seconds are its train_seconds, steps
+        # only; a Trainer's step_seconds leave out its per-step logging); loop_tokens_per_s: the whole loop.
+        r["tokens_per_s"] = r["tokens"] / r.get("step_seconds", r["seconds"])
+        loop = ""
+        if "step_seconds" in r:
+            r["loop_tokens_per_s"] = r["tokens"] / r["seconds"]
+            loop = f" (whole loop {r['loop_tokens_per_s']:.1f})"
         r["mfu"] = r["tokens_per_s"] * flops_per_token / r["matmul_flops"]
         results[runner].append(r)
         val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
-        print(f"{steps} steps, round {rnd + 1} {runner:19s} {r['tokens_per_s']:7.1f} tokens/s  "
+        print(f"{steps} steps, round {rnd + 1} {runner:19s} {r['tokens_per_s']:7.1f} tokens/s{loop}  "
               f"rss {r['peak_rss_mb']:6.0f} MB  loss {r['final_loss']:.4f}  val {val}  steps {r['steps']}  "
               f"tokens {r['tokens']}", flush=True)
     return results, load
