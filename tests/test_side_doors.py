@@ -2,6 +2,8 @@
 (a typo refused at once, leaving nothing; an unreachable hub a warning), outputs under the checkout whatever
 the working directory (a sweep's too)."""
 
+import contextlib
+import io
 import logging
 import re
 from pathlib import Path
@@ -117,7 +119,7 @@ def test_outputs_are_under_the_checkout_whatever_the_working_directory(tmp_path,
 
 
 def test_a_sweeps_runs_table_and_last_line_are_under_the_checkout_whatever_the_working_directory(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Completed
 
@@ -139,8 +141,11 @@ def test_a_sweeps_runs_table_and_last_line_are_under_the_checkout_whatever_the_w
     # The last line gives the table's absolute path (the flow itself stands in: it needs workers).
     rows = [{"member": "anchored-sweep-00", "state": "Completed"}, {"member": "anchored-sweep-01", "state": "Failed"}]
     monkeypatch.setattr(flows.sweep, "sweep", lambda **_: Completed(data=rows))
-    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+    # Its own capture: a capture fixture's stream, closed after the test, would be the one Prefect's log
+    # handler (set up by the first import of a flow module) writes to in later tests.
+    said = io.StringIO()
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}), contextlib.redirect_stdout(said):
         assert flows.sweep.main(request=request) == 1
-    assert capsys.readouterr().out == (
+    assert said.getvalue() == (
         "leantune: sweep anchored-sweep finished, 1 of 2 member(s) completed (not completed: anchored-sweep-01); "
         f"table in {ROOT / 'runs' / 'anchored-sweep' / 'comparison.csv'}\n")
