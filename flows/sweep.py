@@ -46,6 +46,7 @@ from leantune.sweep import (
     Member,
     add_scaling_efficiency,
     complete_rows,
+    expand_members,
     member_row,
     table_path,
     write_csv,
@@ -71,7 +72,8 @@ def sweep(configs: list[str] | None = None, grid: dict[str, list] | None = None,
     """
     log = get_run_logger()
     sweep_name = name or time.strftime("sweep-%Y%m%d-%H%M%S")
-    members = sweep_members(configs or [str(DEFAULT_CONFIG)], grid or {}, overrides or [], sweep_name)
+    configs, grid, overrides = configs or [str(DEFAULT_CONFIG)], grid or {}, overrides or []
+    members = sweep_members(configs, grid, overrides, sweep_name)  # where this sweep finds them: its checkout
     catalogue = pools or load_pool_classes(DEFAULT_POOLS)
     log.info(f"sweep {sweep_name}: {len(members)} member(s) over pools "
              f"{', '.join(f'{p.name} ({p.memory_gb:g} GB)' for p in catalogue)}")
@@ -79,8 +81,10 @@ def sweep(configs: list[str] | None = None, grid: dict[str, list] | None = None,
     # One MLflow run for the sweep, each member's run its child (leantune/tracking.py; members on other machines
     # need a shared tracking.mlflow_uri for that).
     parent_run = start_parent_run(members[0].config, sweep_name, {"leantune.sweep": sweep_name})
-    members = as_children(members, parent_run)
-    submitted = [submit(member, catalogue, deployment, sweep_name) for member in members]
+    # Submitted as given: a worker puts a relative run.output_dir under its own checkout, as for any run (here
+    # the same folder in this checkout; on Kubernetes the runs volume at the image's checkout).
+    given = as_children(expand_members(configs, grid, overrides, sweep_name), parent_run)
+    submitted = [submit(member, catalogue, deployment, sweep_name) for member in given]
     finished = wait_for([s["flow_run"] for s in submitted if s["flow_run"] is not None], poll_seconds,
                         timeout_seconds)
     rows = []

@@ -346,8 +346,9 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 
 def sweep_members(configs: list[str], grid: dict[str, list], overrides: list[str], name: str) -> list[Member]:
-    """The sweep's members (`expand_members`), each with a relative run.output_dir `anchored` under the checkout:
-    the members' runs, the sweep's table and its MLflow run are in one place whatever the working directory."""
+    """The sweep's members (`expand_members`) as the sweep sees them, a relative run.output_dir `anchored` under
+    the checkout: where it reads the members' runs and writes its table and MLflow run, whatever the working
+    directory. (A member is submitted as given: its worker anchors it under the worker's own checkout.)"""
     from leantune.sweep import expand_members
 
     members = expand_members(configs, grid, overrides, name)
