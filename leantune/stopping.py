@@ -10,8 +10,9 @@ A stop takes the first signal only. A SIGTERM to a process group that holds a se
 `timeout` forwards the SIGTERM it gets to its group after its child, so the flow gets it twice, and a
 terminal's session leader (the shell of `setsid bash -c '...'`) killed by it makes the kernel send SIGHUP to
 the terminal's foreground group, the flow's, whose default action kills the flow mid-stop (no last line, a
-stale lock). So the terminal's SIGHUP is taken as a SIGTERM (`hang_up`), and once a stop has begun a
-repeated SIGTERM or SIGHUP is ignored (`hold_off_repeats`); a second Ctrl-C still stops at once.
+stale lock). So the terminal's SIGHUP is a SIGTERM unless a stop begins with it (`hang_up`), and once a
+stop has begun a repeated SIGTERM or SIGHUP is ignored (`hold_off_repeats`); a second Ctrl-C still stops
+at once.
 """
 
 from __future__ import annotations
@@ -38,10 +39,23 @@ def raise_stopped(signum: int, _frame) -> None:
     raise Stopped(signum)
 
 
+# How long after the terminal's SIGHUP the script sends itself the SIGTERM that stops it, unless a stop has
+# begun by then: the group's SIGTERM that killed the terminal's shell reaches the script at the same moment.
+HANGUP_WAIT_S = 1.0
+
+
 def hang_up(_signum: int, _frame) -> None:
-    """The script's SIGHUP handler: the terminal hung up (its session leader exited); stop as on SIGTERM, or,
-    when a stop has begun already, ignore it as a repeat."""
-    os.kill(os.getpid(), signal.SIGTERM)
+    """The script's SIGHUP handler: the terminal hung up (its session leader exited). Stop as on SIGTERM, a
+    second later unless a stop has begun: raised here, it could land in the middle of the stop that a SIGTERM
+    to the group has just begun, and cut it short."""
+    timer = threading.Timer(HANGUP_WAIT_S, _stop_unless_stopping)
+    timer.daemon = True
+    timer.start()
+
+
+def _stop_unless_stopping() -> None:
+    if signal.getsignal(signal.SIGHUP) is hang_up:  # no stop has begun (`hold_off_repeats` replaces it)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def ignore_repeat(_signum: int, _frame) -> None:

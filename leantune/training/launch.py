@@ -164,9 +164,11 @@ def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], 
                 on_metrics(metrics)
             time.sleep(poll_s)
     except BaseException as stop:
-        if stop_signal(stop) is not None:
-            hold_off_repeats()  # a repeated SIGTERM, the terminal's SIGHUP: not to cost the checkpoint
-        _stop(proc, stop_grace_s)
+        try:
+            if stop_signal(stop) is not None:
+                hold_off_repeats()  # a repeated SIGTERM, the terminal's SIGHUP: not to cost the checkpoint
+        finally:  # a repeat that came first (`timeout` sends two) still stops the process after its checkpoint
+            _stop(proc, stop_grace_s)
         # What it said while stopping (its checkpoint) still reaches the log.
         reader.join(timeout=10)
         forward_output()

@@ -104,13 +104,25 @@ def test_the_first_signal_stops_the_script_and_a_repeated_sigterm_or_the_termina
     signal.signal(signal.SIGTERM, raise_stopped)
     signal.signal(signal.SIGHUP, hang_up)
     try:
-        with pytest.raises(Stopped) as stop:  # the terminal hung up: a SIGTERM
+        started = time.monotonic()
+        with pytest.raises(Stopped) as stop:  # the terminal hung up: a SIGTERM, a second later
             signal.raise_signal(signal.SIGHUP)
-        assert stop.value.signal == signal.SIGTERM
+            time.sleep(10)
+        assert stop.value.signal == signal.SIGTERM and 1 <= time.monotonic() - started < 5
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGTERM):  # during the stop: nothing more happens
             signal.raise_signal(sig)
+        time.sleep(1.5)
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still stops at once
             signal.raise_signal(signal.SIGINT)
+        # A SIGTERM to the group kills the terminal's shell, so its hangup and the SIGTERM come together:
+        # one stop, by SIGTERM, and the hangup's SIGTERM a second later does not raise in its middle.
+        signal.signal(signal.SIGTERM, raise_stopped)
+        signal.signal(signal.SIGHUP, hang_up)
+        with pytest.raises(Stopped) as stop:
+            signal.raise_signal(signal.SIGHUP)
+            signal.raise_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        assert stop.value.signal == signal.SIGTERM
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
