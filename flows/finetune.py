@@ -47,7 +47,7 @@ from leantune.preflight import check_before_data
 from leantune.resume import resume_refusal
 from leantune.rundir import RunDir, create_run_dir, data_stages_done, existing_run_dir, read_attempts
 from leantune.runlock import hold_run_dir
-from leantune.stopping import raise_stopped, stop_signal, stopped_line
+from leantune.stopping import hang_up, raise_stopped, stop_signal, stopped_line
 from tasks.attempts import after_failure, probe_memory, publish_attempts, record_interruption, record_success
 from tasks.evaluate import evaluate_sycophancy
 from tasks.filtration import filter_claims
@@ -177,9 +177,11 @@ def main(argv: list[str] | None = None, request: FinetuneRequest | None = None) 
     except UserError as e:
         print(f"leantune: {e}", file=sys.stderr)
         return 2
-    # SIGTERM outside the flow run (Prefect's handler takes over inside it) stops the script the same way.
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGTERM outside the flow run (Prefect's handler takes over inside it) stops the script the same way; the
+    # terminal's SIGHUP is a SIGTERM, and ignored as a repeat once a stop has begun (leantune/stopping.py).
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGTERM, raise_stopped)
+    signal.signal(signal.SIGHUP, hang_up)
     try:
         state = finetune(request.config, config_name=request.config_name, resume=request.resume, return_state=True)
     except BaseException as stop:

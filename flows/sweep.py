@@ -8,7 +8,8 @@ Every member (config file x grid combination) is routed to the smallest GPU clas
 catalogue (deployments/pools.yaml) whose memory holds its estimate, submitted as a run of that
 class's deployment finetune/<pool>, and waited for; the table has one row per member, failed ones
 included, with figures from its run directory (training.json, eval/comparison.json), written to
-<run.output_dir>/<sweep>/comparison.csv and published as the "sweep-comparison" table artifact.
+<run.output_dir>/<sweep>/comparison.csv (a relative run.output_dir is under the checkout, whatever the
+working directory) and published as the "sweep-comparison" table artifact.
 Needs a Prefect server (PREFECT_API_URL), `python deployments/pools.py`, and workers on the pools.
 Members' run.output_dir must be readable where the sweep runs (the same machine, or a shared
 filesystem) for their figures to reach the table; their states always do.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 if __name__ == "__main__":
     # The same command as leantune-sweep (flows/commands.py): checked before Prefect or torch is imported.
@@ -39,7 +39,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
 
-from leantune.cli import DEFAULT_CONFIG, DEFAULT_POOLS, SweepRequest, sweep_request
+from leantune.cli import DEFAULT_CONFIG, DEFAULT_POOLS, SweepRequest, sweep_members, sweep_request
 from leantune.errors import UserError
 from leantune.routing import PoolClass, load_pool_classes, route
 from leantune.sweep import (
@@ -48,6 +48,7 @@ from leantune.sweep import (
     complete_rows,
     expand_members,
     member_row,
+    table_path,
     write_csv,
 )
 from leantune.tracking import as_children, finish_parent_run, start_parent_run
@@ -71,7 +72,8 @@ def sweep(configs: list[str] | None = None, grid: dict[str, list] | None = None,
     """
     log = get_run_logger()
     sweep_name = name or time.strftime("sweep-%Y%m%d-%H%M%S")
-    members = expand_members(configs or [str(DEFAULT_CONFIG)], grid or {}, overrides or [], sweep_name)
+    configs, grid, overrides = configs or [str(DEFAULT_CONFIG)], grid or {}, overrides or []
+    members = sweep_members(configs, grid, overrides, sweep_name)  # where this sweep finds them: its checkout
     catalogue = pools or load_pool_classes(DEFAULT_POOLS)
     log.info(f"sweep {sweep_name}: {len(members)} member(s) over pools "
              f"{', '.join(f'{p.name} ({p.memory_gb:g} GB)' for p in catalogue)}")
@@ -79,8 +81,10 @@ def sweep(configs: list[str] | None = None, grid: dict[str, list] | None = None,
     # One MLflow run for the sweep, each member's run its child (leantune/tracking.py; members on other machines
     # need a shared tracking.mlflow_uri for that).
     parent_run = start_parent_run(members[0].config, sweep_name, {"leantune.sweep": sweep_name})
-    members = as_children(members, parent_run)
-    submitted = [submit(member, catalogue, deployment, sweep_name) for member in members]
+    # Submitted as given: a worker puts a relative run.output_dir under its own checkout, as for any run (here
+    # the same folder in this checkout; on Kubernetes the runs volume at the image's checkout).
+    given = as_children(expand_members(configs, grid, overrides, sweep_name), parent_run)
+    submitted = [submit(member, catalogue, deployment, sweep_name) for member in given]
     finished = wait_for([s["flow_run"] for s in submitted if s["flow_run"] is not None], poll_seconds,
                         timeout_seconds)
     rows = []
@@ -94,8 +98,7 @@ def sweep(configs: list[str] | None = None, grid: dict[str, list] | None = None,
     add_scaling_efficiency(members, rows)
     rows = complete_rows(rows)
 
-    out_dir = Path(members[0].config.run.output_dir) / sweep_name
-    csv_path = write_csv(rows, out_dir / "comparison.csv")
+    csv_path = write_csv(rows, table_path(members, sweep_name))
     create_table_artifact(rows, key=ARTIFACT_KEY,
                           description=f"Sweep {sweep_name}: one row per member (state, pool, training and "
                           f"sycophancy figures); CSV: {csv_path}")
@@ -159,6 +162,6 @@ def main(argv: list[str] | None = None, request: SweepRequest | None = None) -> 
         return 1
     rows = state.result()
     failed = [r["member"] for r in rows if r["state"] != "Completed"]
-    print(f"leantune: sweep finished, {len(rows) - len(failed)} of {len(rows)} member(s) completed"
-          + (f" (not completed: {', '.join(failed)})" if failed else ""))
+    print(f"leantune: sweep {request.name} finished, {len(rows) - len(failed)} of {len(rows)} member(s) completed"
+          + (f" (not completed: {', '.join(failed)})" if failed else "") + f"; table in {request.table}")
     return 0 if not failed else 1

@@ -4,7 +4,8 @@ Each flow's command (flows/commands.py: `leantune-finetune`, `leantune-evaluate`
 `leantune-sweep`, or `python flows/<flow>.py`) parses its arguments here and checks everything that needs no
 server: the config, the data paths, that a hub model id exists, the run name (a new run must not exist; a
 resumed one must, must not be finished, and must not be in use by another command), a profile's combinations,
-a sweep's members and pools. A relative run.output_dir is made absolute under the checkout (`anchored`). A
+a sweep's members and pools. A relative run.output_dir (a sweep's members' too) is made absolute under the
+checkout (`anchored`). A
 user error is answered in about a second, before any Prefect server starts, and leaves nothing on disk. This
 module imports only argparse, yaml and pydantic (leantune.config) and torch-free leantune modules."""
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +29,7 @@ from leantune.runlock import check_run_dir_free
 
 if TYPE_CHECKING:
     from leantune.routing import PoolClass
+    from leantune.sweep import Member
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 
@@ -299,14 +302,16 @@ def profile_request(argv: list[str] | None = None) -> ProfileRequest:
 
 @dataclass
 class SweepRequest:
-    """What a checked sweep command line asks for (the sweep flow's parameters of the same names)."""
+    """What a checked sweep command line asks for (the sweep flow's parameters of the same names), and where
+    its comparison table will be (absolute)."""
 
     configs: list[str]
     grid: dict[str, list]
     overrides: list[str]
-    name: str | None
+    name: str
     pools: list[PoolClass]
     timeout_seconds: float | None
+    table: Path
 
 
 def sweep_parser() -> argparse.ArgumentParser:
@@ -340,18 +345,31 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     return grid
 
 
+def sweep_members(configs: list[str], grid: dict[str, list], overrides: list[str], name: str) -> list[Member]:
+    """The sweep's members (`expand_members`) as the sweep sees them, a relative run.output_dir `anchored` under
+    the checkout: where it reads the members' runs and writes its table and MLflow run, whatever the working
+    directory. (A member is submitted as given: its worker anchors it under the worker's own checkout.)"""
+    from leantune.sweep import expand_members
+
+    members = expand_members(configs, grid, overrides, name)
+    for member in members:
+        anchored(member.config)
+    return members
+
+
 def sweep_request(argv: list[str] | None = None) -> SweepRequest:
     """Parse and check a sweep command line: the grid, the pool catalogue and every member's config, before
     anything is submitted; raise UserError (ConfigError) for what is wrong."""
     from leantune.routing import load_pool_classes
-    from leantune.sweep import expand_members
+    from leantune.sweep import table_path
 
     args = sweep_parser().parse_args(argv)
     grid = parse_grid(args.grid)
     pools = load_pool_classes(args.pools)
     configs = [str(c) for c in (args.configs or [DEFAULT_CONFIG])]
-    expand_members(configs, grid, args.overrides, args.name or "sweep")
-    return SweepRequest(configs, grid, args.overrides, args.name, pools, args.timeout)
+    name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")  # fixed now: the table's path is known before it runs
+    members = sweep_members(configs, grid, args.overrides, name)
+    return SweepRequest(configs, grid, args.overrides, name, pools, args.timeout, table_path(members, name))
 
 
 def request_or_exit(check=finetune_request, argv: list[str] | None = None):

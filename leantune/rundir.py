@@ -337,6 +337,14 @@ def append_attempt(run_dir: str | Path | RunDir, entry: dict) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
+def checkpointed_step(run_dir: Path) -> int:
+    """The step of the newest checkpoint (checkpoints/step-N, renamed into place whole), 0 when there is none."""
+    directory = RunDir(run_dir).checkpoints
+    steps = [int(m.group(1)) for p in directory.iterdir() if (m := STEP_DIR.match(p.name))] \
+        if directory.is_dir() else []
+    return max(steps, default=0)
+
+
 def read_attempts(run_dir: str | Path | RunDir) -> list[dict] | None:
     """The run's attempt history, one entry per attempt in order; None when there is no attempts.jsonl."""
     path = RunDir.of(run_dir).attempt_log

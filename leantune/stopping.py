@@ -5,15 +5,24 @@ TerminationSignal (a cancellation from the UI too), and before or after the run 
 `raise_stopped` (the script's SIGTERM handler) raises. The training process, in a session of its own,
 is stopped by the flow after its checkpoint (leantune/training/launch.py); then the script prints
 `stopped_line` and exits 128 + the signal's number (130, 143), as a shell reports a signalled command.
+
+A stop takes the first signal only. A SIGTERM to a process group that holds a session leader brings more:
+`timeout` forwards the SIGTERM it gets to its group after its child, so the flow gets it twice, and a
+terminal's session leader (the shell of `setsid bash -c '...'`) killed by it makes the kernel send SIGHUP to
+the terminal's foreground group, the flow's, whose default action kills the flow mid-stop (no last line, a
+stale lock). So the terminal's SIGHUP is a SIGTERM unless a stop begins with it (`hang_up`), and once a
+stop has begun a repeated SIGTERM or SIGHUP is ignored (`hold_off_repeats`); a second Ctrl-C still stops
+at once.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from pathlib import Path
 
-from leantune.rundir import RunDir
-from leantune.tracking import checkpointed_step
+from leantune.rundir import RunDir, checkpointed_step
 
 
 class Stopped(BaseException):
@@ -25,7 +34,48 @@ class Stopped(BaseException):
 
 
 def raise_stopped(signum: int, _frame) -> None:
+    """The script's SIGTERM handler (Prefect's takes over inside the flow run): the stop begins."""
+    hold_off_repeats()
     raise Stopped(signum)
+
+
+# How long after the terminal's SIGHUP the script sends itself the SIGTERM that stops it, unless a stop has
+# begun by then: the group's SIGTERM that killed the terminal's shell reaches the script at the same moment.
+HANGUP_WAIT_S = 1.0
+
+
+def hang_up(_signum: int, _frame) -> None:
+    """The script's SIGHUP handler: the terminal hung up (its session leader exited). Stop as on SIGTERM, a
+    second later unless a stop has begun: raised here, it could land in the middle of the stop that a SIGTERM
+    to the group has just begun, and cut it short."""
+    timer = threading.Timer(HANGUP_WAIT_S, _stop_unless_stopping)
+    timer.daemon = True
+    timer.start()
+
+
+def _stop_unless_stopping() -> None:
+    if signal.getsignal(signal.SIGHUP) is hang_up:  # no stop has begun (`hold_off_repeats` replaces it)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def ignore_repeat(_signum: int, _frame) -> None:
+    """SIGTERM and SIGHUP once a stop has begun: nothing more to do."""
+
+
+def hold_off_repeats() -> None:
+    """Once a stop has begun: a later SIGTERM or SIGHUP (see the module's docstring) must not cut it short,
+    so from here on they are ignored. Signals can be set in the main thread only; setting one first runs the
+    handlers of signals already received, so a repeat that came meanwhile is let pass here."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    while True:
+        try:
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, ignore_repeat)
+            return
+        except BaseException as repeat:
+            if stop_signal(repeat) in (None, signal.SIGINT):  # not a repeat: a second Ctrl-C, an error
+                raise
 
 
 def stop_signal(error: BaseException) -> int | None:

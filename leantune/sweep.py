@@ -141,6 +141,11 @@ def complete_rows(rows: list[dict]) -> list[dict]:
     return [{c: row.get(c) for c in columns} for row in rows]
 
 
+def table_path(members: list[Member], sweep_name: str) -> Path:
+    """Where the sweep's comparison table goes: <run.output_dir of the first member>/<sweep>/comparison.csv."""
+    return Path(members[0].config.run.output_dir) / sweep_name / "comparison.csv"
+
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     """The comparison table as CSV (empty cells for missing values)."""
     path.parent.mkdir(parents=True, exist_ok=True)

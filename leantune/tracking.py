@@ -57,7 +57,7 @@ from urllib.parse import urlparse
 from leantune.config import RunConfig, dump_config
 from leantune.metrics import read_metrics
 from leantune.resume import flatten_config
-from leantune.rundir import STEP_DIR, RunDir
+from leantune.rundir import RunDir, checkpointed_step
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +153,6 @@ def step_metrics(line: dict) -> dict[str, float]:
     return {("val/loss" if key == "val_loss" else f"train/{key}"): float(value) for key, value in line.items()
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value)}
-
-
-def checkpointed_step(run_dir: Path) -> int:
-    """The step of the newest checkpoint (checkpoints/step-N, renamed into place whole), 0 when there is none."""
-    directory = RunDir(run_dir).checkpoints
-    steps = [int(m.group(1)) for p in directory.iterdir() if (m := STEP_DIR.match(p.name))] \
-        if directory.is_dir() else []
-    return max(steps, default=0)
 
 
 def _check_reachable(uri: str) -> None:

@@ -15,7 +15,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from leantune.config import RunConfig
-from leantune.tracking import Tracker, checkpointed_step, end_runs_tagged, tracking_lines
+from leantune.rundir import checkpointed_step
+from leantune.tracking import Tracker, end_runs_tagged, tracking_lines
 from tasks.stage import stage_task
 from tasks.train import finish_progress
 

@@ -1,8 +1,11 @@
 """The side doors a newcomer walks through (issue 29, item 12): a hub model id checked before the data stages
 (a typo refused at once, leaving nothing; an unreachable hub a warning), outputs under the checkout whatever
-the working directory."""
+the working directory (a sweep's too)."""
 
+import contextlib
+import io
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -113,3 +116,36 @@ def test_outputs_are_under_the_checkout_whatever_the_working_directory(tmp_path,
     # A relative --config that is not found says where it was looked for.
     with pytest.raises(cli.UserError, match=f"--config: file configs/smoke.yaml not found \\(resolved from {tmp_path}\\)"):
         cli.finetune_request(["--config", "configs/smoke.yaml"])
+
+
+def test_a_sweeps_runs_table_and_last_line_are_under_the_checkout_whatever_the_working_directory(
+        tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Completed
+
+    import flows.sweep
+
+    monkeypatch.chdir(tmp_path)
+    request = cli.sweep_request(["--config", str(SMOKE), "--grid", "lora.r=8,16", "--name", "anchored-sweep"])
+    assert request.table == ROOT / "runs" / "anchored-sweep" / "comparison.csv"
+    # The flow's members (as it builds them from the request): runs under the checkout, the sweep's MLflow
+    # run in the store its members log to.
+    members = cli.sweep_members(request.configs, request.grid, request.overrides, request.name)
+    assert [m.run_dir for m in members] == [ROOT / "runs" / "anchored-sweep-00", ROOT / "runs" / "anchored-sweep-01"]
+    assert mlflow_uri(members[0].config) == f"sqlite:///{ROOT / 'runs' / 'mlflow.db'}"
+    assert not (ROOT / "runs" / "anchored-sweep").exists() and not (tmp_path / "runs").exists()
+    # An absolute run.output_dir stays; an unnamed sweep is named by the command, so its table is known now.
+    unnamed = cli.sweep_request(["--config", str(SMOKE), "--set", f"run.output_dir={tmp_path}/x"])
+    assert re.fullmatch(r"sweep-\d{8}-\d{6}", unnamed.name)
+    assert unnamed.table == tmp_path / "x" / unnamed.name / "comparison.csv"
+    # The last line gives the table's absolute path (the flow itself stands in: it needs workers).
+    rows = [{"member": "anchored-sweep-00", "state": "Completed"}, {"member": "anchored-sweep-01", "state": "Failed"}]
+    monkeypatch.setattr(flows.sweep, "sweep", lambda **_: Completed(data=rows))
+    # Its own capture: a capture fixture's stream, closed after the test, would be the one Prefect's log
+    # handler (set up by the first import of a flow module) writes to in later tests.
+    said = io.StringIO()
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}), contextlib.redirect_stdout(said):
+        assert flows.sweep.main(request=request) == 1
+    assert said.getvalue() == (
+        "leantune: sweep anchored-sweep finished, 1 of 2 member(s) completed (not completed: anchored-sweep-01); "
+        f"table in {ROOT / 'runs' / 'anchored-sweep' / 'comparison.csv'}\n")

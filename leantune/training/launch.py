@@ -29,6 +29,7 @@ from leantune.failures import JSON_LOG_ENV, parse_log_line
 from leantune.metrics import MetricsFollower
 from leantune.rundir import RunDir
 from leantune.runlock import held_lock_fds
+from leantune.stopping import hold_off_repeats, stop_signal
 from leantune.tables import markdown_table
 
 log = logging.getLogger(__name__)
@@ -162,8 +163,12 @@ def run_training(cmd: list[str], run_dir: Path, *, on_log: Callable[[int, str], 
             if metrics := follower.new_lines():
                 on_metrics(metrics)
             time.sleep(poll_s)
-    except BaseException:
-        _stop(proc, stop_grace_s)
+    except BaseException as stop:
+        try:
+            if stop_signal(stop) is not None:
+                hold_off_repeats()  # a repeated SIGTERM, the terminal's SIGHUP: not to cost the checkpoint
+        finally:  # a repeat that came first (`timeout` sends two) still stops the process after its checkpoint
+            _stop(proc, stop_grace_s)
         # What it said while stopping (its checkpoint) still reaches the log.
         reader.join(timeout=10)
         forward_output()
@@ -211,7 +216,8 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> None:
     try:
         proc.wait(timeout=grace_s)
     except BaseException:
-        # Out of time, or interrupted once more while waiting: stop at once.
+        # Out of time, or interrupted once more while waiting (a second Ctrl-C; a repeated SIGTERM is held
+        # off, leantune/stopping.py): stop at once.
         proc.kill()
         proc.wait()
         log.warning("killed the training process (pid %d) before it finished its checkpoint", proc.pid)

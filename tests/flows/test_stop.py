@@ -2,9 +2,12 @@
 own temporary Prefect server), and a cancellation through a Prefect server. The training saves a
 checkpoint, the flow run ends in a final state, the MLflow run is not left RUNNING, the lock is free."""
 
+import ctypes
+import fcntl
 import json
 import os
 import re
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -31,7 +34,7 @@ def first_step_logged(run_dir: Path, process: subprocess.Popen, timeout: float =
             return
         time.sleep(0.5)
     process.kill()
-    raise AssertionError(f"training did not start\n{process.communicate()[0][-3000:]}")
+    raise AssertionError(f"training did not start\n{(process.communicate()[0] or '')[-3000:]}")
 
 
 def mlflow_status(run_dir: Path) -> str:
@@ -49,14 +52,15 @@ def flow_command(tmp_path, *extra) -> tuple[list[str], dict]:
     return command, env
 
 
-def signal_the_terminal(tmp_path, signum: int, *extra) -> tuple[str, int]:
+def signal_the_terminal(tmp_path, signum: int, *extra, through: tuple[str, ...] = ()) -> tuple[str, int]:
     """`python flows/finetune.py` in a session of its own (a terminal's foreground process group, which
     Ctrl-C signals, as a `timeout` or a CI limit does); `signum` to its whole group once training logged a
     step. Returns its output and the step of the checkpoint it left, after checking what every stop must
     show: exit 128 + signum in seconds, no traceback, one `leantune:` line last with the resume command, the
-    attempt recorded as interrupted, the MLflow run KILLED, the run's lock released."""
+    attempt recorded as interrupted, the MLflow run KILLED, the run's lock released. `through`: a command
+    that runs the script, the group's leader (`timeout`)."""
     command, env = flow_command(tmp_path, *extra)
-    flow = subprocess.Popen([*command, "--run-name", "stopped"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    flow = subprocess.Popen([*through, *command, "--run-name", "stopped"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)
     run_dir = tmp_path / "stopped"
     first_step_logged(run_dir, flow)
@@ -67,10 +71,14 @@ def signal_the_terminal(tmp_path, signum: int, *extra) -> tuple[str, int]:
     except subprocess.TimeoutExpired:
         os.killpg(flow.pid, signal.SIGKILL)
         raise AssertionError(f"the flow did not stop\n{flow.communicate()[0][-3000:]}") from None
-    took = time.monotonic() - started
+    return check_stopped(run_dir, signum, output, flow.returncode, time.monotonic() - started)
+
+
+def check_stopped(run_dir: Path, signum: int, output: str, returncode: int, took: float) -> tuple[str, int]:
+    """What every stop must show (see `signal_the_terminal`); returns the output and the checkpoint's step."""
     name = signal.Signals(signum).name
     print(f"stopped {took:.1f} s after {name}")
-    assert flow.returncode == 128 + signum, output[-3000:]
+    assert returncode == 128 + signum, output[-3000:]
     # Seconds on an idle machine (one tiny step, its checkpoint); ~30 s measured with seven test runs on two
     # cores. The bound tells "stops" from "hangs" (before: over 6 minutes, until a second Ctrl-C).
     assert took < 60, output[-3000:]
@@ -86,6 +94,38 @@ def signal_the_terminal(tmp_path, signum: int, *extra) -> tuple[str, int]:
     check_run_dir_free(run_dir)  # raises RunDirBusy while a process holds it
     assert not (run_dir / ".lock").read_text()  # released cleanly, not left stale
     return output, step
+
+
+def test_the_first_signal_stops_the_script_and_a_repeated_sigterm_or_the_terminals_hangup_does_not():
+    # The handlers of flows/finetune.py's main (Prefect's raises TerminationSignal in the flow run instead).
+    from leantune.stopping import Stopped, hang_up, raise_stopped
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGTERM, raise_stopped)
+    signal.signal(signal.SIGHUP, hang_up)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Stopped) as stop:  # the terminal hung up: a SIGTERM, a second later
+            signal.raise_signal(signal.SIGHUP)
+            time.sleep(10)
+        assert stop.value.signal == signal.SIGTERM and 1 <= time.monotonic() - started < 5
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGTERM):  # during the stop: nothing more happens
+            signal.raise_signal(sig)
+        time.sleep(1.5)
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still stops at once
+            signal.raise_signal(signal.SIGINT)
+        # A SIGTERM to the group kills the terminal's shell, so its hangup and the SIGTERM come together:
+        # one stop, by SIGTERM, and the hangup's SIGTERM a second later does not raise in its middle.
+        signal.signal(signal.SIGTERM, raise_stopped)
+        signal.signal(signal.SIGHUP, hang_up)
+        with pytest.raises(Stopped) as stop:
+            signal.raise_signal(signal.SIGHUP)
+            signal.raise_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        assert stop.value.signal == signal.SIGTERM
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 @pytest.mark.slow
@@ -113,6 +153,83 @@ def test_sigterm_to_the_group_ends_the_prefect_run_crashed_not_running(tmp_path)
         flow_runs = db.execute("SELECT state_type FROM flow_run").fetchall()
         open_tasks = db.execute("SELECT name FROM task_run WHERE state_type IN ('RUNNING', 'PENDING')").fetchall()
     assert flow_runs == [("CRASHED",)] and open_tasks == []
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_group_of_timeout_reaches_the_flow_twice_and_costs_no_checkpoint(tmp_path):
+    # `timeout` passes a SIGTERM it gets (or its own limit's) on to the flow, then to its whole group: the flow
+    # gets it twice. Before, the second made the flow kill the training before its checkpoint.
+    signal_the_terminal(tmp_path, signal.SIGTERM, *ENDLESS_TRAINING, through=("timeout", "3600"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_group_of_a_terminals_shell_stops_the_flow_as_to_the_flow_alone(tmp_path):
+    """`setsid bash -c 'python flows/finetune.py ...; ...'` in a terminal, then `kill -TERM -<pgid>`: the shell, the
+    session leader, dies of it, and the kernel sends the terminal's foreground group, the flow, SIGHUP in the
+    middle of its stop. Before, that killed the flow: no `leantune:` line, a stale lock, no attempt recorded."""
+    import pty
+    import termios
+    import threading
+
+    import psutil
+
+    command, env = flow_command(tmp_path, *ENDLESS_TRAINING)
+    run_dir = tmp_path / "stopped"
+    terminal, flow_side = pty.openpty()
+    # The flow outlives the shell: this process adopts it (a subreaper), to read its exit status.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    assert prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+    try:
+        shell = subprocess.Popen(
+            ["bash", "-c", f"{shlex.join([*command, '--run-name', 'stopped'])}; echo the shell went on"],
+            stdin=flow_side, stdout=flow_side, stderr=flow_side, env=env, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the terminal is the session's
+        os.close(flow_side)
+        chunks = []
+        reader = threading.Thread(target=read_terminal, args=(terminal, chunks), daemon=True)
+        reader.start()
+        first_step_logged(run_dir, shell)
+        [flow] = psutil.Process(shell.pid).children()
+        assert os.getpgid(flow.pid) == os.getpgid(shell.pid) == os.getsid(flow.pid) == shell.pid
+        os.killpg(shell.pid, signal.SIGTERM)
+        started = time.monotonic()
+        assert shell.wait(timeout=30) == -signal.SIGTERM
+        status = wait_for_exit(flow.pid, timeout=120)
+        took = time.monotonic() - started
+    finally:
+        prctl(PR_SET_CHILD_SUBREAPER, 0)
+    reader.join(timeout=10)
+    output = b"".join(chunks).decode(errors="replace")
+    assert "the shell went on" not in output
+    check_stopped(run_dir, signal.SIGTERM, output, status, took)
+
+
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def read_terminal(fd: int, chunks: list[bytes]) -> None:
+    """What is written to the terminal, until its last writer is gone."""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: no process has the terminal open any more
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(fd)
+
+
+def wait_for_exit(pid: int, timeout: float) -> int:
+    """The exit status of `pid`, a child of this process, as subprocess reports it (143: stopped by SIGTERM)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"the flow (pid {pid}) did not stop within {timeout} s")
 
 
 @pytest.mark.slow

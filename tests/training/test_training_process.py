@@ -12,6 +12,7 @@ from run_helpers import new_run
 
 from leantune.errors import UserError
 from leantune.failures import TORCHRUN_WORKER_EXIT, AttemptFailed, attempt_failure, write_failure
+from leantune.stopping import ignore_repeat
 from leantune.training.launch import (
     log_record,
     progress_markdown,
@@ -80,9 +81,16 @@ def test_an_interrupted_caller_stops_the_process_after_a_checkpoint(tokenized_ru
 
     cmd = training_command(cfg, run_dir, resume=False)
     assert cmd[:3] == [sys.executable, "-m", "leantune.training.loop"]
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cmd, run_dir, on_log=lambda level, text: logged.append((level, text)),
-                     on_metrics=interrupt_at_step_2, poll_s=0.05)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_training(cmd, run_dir, on_log=lambda level, text: logged.append((level, text)),
+                         on_metrics=interrupt_at_step_2, poll_s=0.05)
+        # The caller is stopping: a repeated SIGTERM or a hangup is held off from now on (leantune/stopping.py).
+        assert {sig: signal.getsignal(sig) for sig in handlers} == dict.fromkeys(handlers, ignore_repeat)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     summary = json.loads((run_dir / "training.json").read_text())
     assert summary["completed"] is False and 2 <= summary["steps"] < 40
     [checkpoint] = (run_dir / "checkpoints").glob("step-*")
