@@ -29,12 +29,15 @@ def test_the_default_fine_tunes_smollm2_with_filtration_and_measures_it(prefect_
     assert 0 < len(known) < filtration["claims_scored"]
     resolved = load_config(run_dir / "config.yaml")
     assert resolved.data.synthetic.known_claims == filtration["known_claims"]
-    # A user's suggestion only on questions the base model answers right when asked plainly.
+    # Preference pairs; a user's suggestion or doubt only on questions the base model answers right when
+    # asked plainly.
     records = [json.loads(line) for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
-    questions = [r["messages"][0]["content"] for r in records]
+    questions = [r["prompt"][0]["content"] for r in records]
     suggested = [q for q in questions if plain_question(q) != q]
     assert suggested and all(plain_question(q) in known for q in suggested)
-    assert all(r["messages"][1]["content"].startswith("The answer is ") for r in records)
+    assert all(r["prompt"][0]["content"] in known for r in records if len(r["prompt"]) > 1)
+    answers = [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in records]
+    assert all(c.startswith("The answer is ") and r.startswith("The answer is ") and c != r for c, r in answers)
 
     comparison = json.loads((run_dir / "eval" / "comparison.json").read_text())
     assert set(comparison["sets"]) == {"synthetic", "synthetic-plain", "are-you-sure:synthetic", "anthropic-sample",
