@@ -1,6 +1,7 @@
 """Test settings: offline Prefect in a temporary home, one test server per session, CUDA-only skips."""
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,12 @@ os.environ.update({
 # One compute thread per test process (and its subprocesses): on a small shared machine OpenMP's
 # spinning threads slow tests several-fold, and one thread keeps CPU results reproducible.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# A test run started in the background of a non-interactive shell (`pytest ... &`, nohup) inherits SIGINT
+# ignored, and so would every flow process it starts; the stop tests send Ctrl-C as a terminal does. With
+# Python's own handler here, children start with the default again (exec resets a handled signal).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
