@@ -275,7 +275,7 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
 
     from leantune.modeling import build_model, describe_model, resolve_precision
     from leantune.training.checkpoint import CheckpointManager, run_fingerprints
-    from leantune.training.fsdp import loads_on_rank0
+    from leantune.training.fsdp import build_to_shard, loads_on_rank0
     from leantune.training.optim import build_optimizer, build_scheduler, total_steps
 
     t = cfg.train
@@ -292,9 +292,11 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
     precision = resolve_precision(cfg, device)
     # Fresh runs draw weights, LoRA init and dropout from train.seed; a resume restores the RNGs.
     _seed_everything(t.seed)
-    # FSDP: only rank 0 reads the weights, the others receive theirs when it is sharded (fsdp.py).
+    # FSDP: only rank 0 reads the weights, into host memory; every rank's model is on the meta device until
+    # it is sharded and receives its shards from them (fsdp.py).
     from_rank0 = dist.sharded and loads_on_rank0(cfg)
-    model = build_model(cfg, tokenizer, device, meta=from_rank0 and dist.rank > 0)
+    model, source = (build_to_shard(cfg, tokenizer, device, dist.rank) if from_rank0
+                     else (build_model(cfg, tokenizer, device), None))
     log.info("model: %s", describe_model(model))
     if t.compile != "off":
         compile_decoder(model, t.compile)
@@ -308,7 +310,9 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
         # Every rank built the same weights from train.seed; each draws its own dropout, as it has its own data.
         torch.manual_seed(int(np.random.SeedSequence([t.seed, dist.rank]).generate_state(1)[0]))
     # FSDP: the weights sharded over the ranks before the optimizer takes them (fsdp.py); None otherwise.
-    sharded_root = dist.shard(model, precision, full=cfg.model.method == "full", from_rank0=from_rank0)
+    sharded_root = dist.shard(model, precision, full=cfg.model.method == "full", from_rank0=from_rank0,
+                              source=source)
+    del source  # rank 0's host copy of the weights: its memory back before training
     optimizer = build_optimizer(cfg, model)
     run = _Run(
         cfg=cfg, run_dir=run_dir, dist=dist, device=device, train_shards=train_shards, val_shards=val_shards,
