@@ -470,8 +470,9 @@ def load_memory_problems(cfg: RunConfig, shape: ModelShape, device_type: str) ->
     """What the training processes of this machine need beyond the per-GPU estimate of a training step, against
     the memory there is now (`free_memory_bytes`); one sentence per memory that falls short, [] when both hold it.
 
-    Host memory: with train.distributed.cpu_offload each process keeps its shards there (`offloaded_host`); a
-    process that reads the weights holds the whole model there (`stored_bytes`): under FSDP rank 0 alone
+    Host memory: with train.distributed.cpu_offload each process keeps its shards there (`offloaded_host`), and
+    on CUDA copies there each whole tensor it receives while loading, to cut its shard (`largest_stored_tensor`);
+    a process that reads the weights holds the whole model there (`stored_bytes`): under FSDP rank 0 alone
     (`fsdp.loads_on_rank0`), on the CPU device and on CUDA alike (fsdp.build_to_shard), until every rank's shards
     are filled from it, so beside the offloaded shards; without FSDP on the CPU device every process, for good
     (on CUDA they load straight onto their GPU). The machine's need is the sum over its
@@ -495,7 +496,10 @@ def load_memory_problems(cfg: RunConfig, shape: ModelShape, device_type: str) ->
                 if procs > 1 else ("the training process loads", ""))
     problems = []
     on_host = whole if device_type == "cpu" or sharded else 0
-    host_need = (on_host if sharded else procs * on_host) + procs * offload
+    # FSDP on CUDA with the offload: torch receives each whole tensor on the GPU and copies it to the host to cut
+    # each process's shard from it (_state_dict_utils._broadcast_tensors), one tensor at a time.
+    passing = largest_stored_tensor(shape, method, p) if sharded and offload and device_type == "cuda" else 0
+    host_need = (on_host if sharded else procs * on_host) + procs * (offload + passing)
     available = free_memory_bytes("cpu")
     if host_need > available:
         parts = []
@@ -504,6 +508,9 @@ def load_memory_problems(cfg: RunConfig, shape: ModelShape, device_type: str) ->
         if offload:
             parts.append(f"each keeps {_size(offload)} of shards of the weights, gradients and optimizer state "
                          "there (train.distributed.cpu_offload: true)")
+        if passing:
+            parts.append(f"each copies there the tensor it is loading, whole, to cut its shard ({_size(passing)} "
+                         "at most)")
         fixes = (["set train.distributed.cpu_offload=false with GPUs that hold the shards (python -m leantune.cost "
                   "--config YAML shows the memory per GPU)", "raise train.distributed.nnodes (each machine then "
                   "holds a smaller share of the shards)"] if offload else []) + (

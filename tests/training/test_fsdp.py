@@ -393,16 +393,20 @@ def test_the_70b_config_loads_on_two_24gb_gpus_where_the_host_holds_rank_0s_copy
     cfg = load_config(CONFIG_70B)
     # Rank 0 reads the whole model into host memory: 68,451,041,280 NF4 linear weights with double quantisation
     # (0.515869 bytes each) plus 2,102,665,216 fp32 embedding, head and norm weights = 40.72 GiB; beside it each of
-    # the 2 processes keeps its half of the shards there: 21.78 GiB (the cost model's figure). 84.29 GiB in all.
-    # Each GPU (shards offloaded) holds the quantisation constants (1.01 GiB) and the tensor being sent, at most
-    # the fp32 embedding or head (3.91 GiB): a 24 GB card holds that, 23.5 GiB free.
-    simulated_machine(monkeypatch, host_gib=84.3, gpu_gib=23.5)
+    # the 2 processes keeps its half of the shards there, 21.78 GiB (the cost model's figure), and copies there each
+    # whole tensor it receives to cut its shard, at most the fp32 embedding or head (3.91 GiB): 92.11 GiB in all.
+    # Each GPU (shards offloaded) holds the quantisation constants (1.01 GiB) and the tensor being sent: a 24 GB
+    # card holds that, 23.5 GiB free.
+    simulated_machine(monkeypatch, host_gib=92.2, gpu_gib=23.5)
     assert load_memory_problems(cfg, shape, "cuda") == []
-    simulated_machine(monkeypatch, host_gib=84.2, gpu_gib=4.9)
+    simulated_machine(monkeypatch, host_gib=92.1, gpu_gib=4.9)
     host, gpu = load_memory_problems(cfg, shape, "cuda")
     assert host.startswith("host memory: the 2 training processes of this machine (train.distributed.nproc_per_node "
-                           "2) need 84.29 GiB and 84.20 GiB is available: rank 0 reads the whole model into host "
-                           "memory (40.72 GiB; the ranks' shards are filled from it); each keeps 21.78 GiB of shards")
+                           "2) need 92.11 GiB and 92.10 GiB is available: rank 0 reads the whole model into host "
+                           "memory (40.72 GiB; the ranks' shards are filled from it); each keeps 21.78 GiB of shards "
+                           "of the weights, gradients and optimizer state there (train.distributed.cpu_offload: "
+                           "true); each copies there the tensor it is loading, whole, to cut its shard (3.91 GiB at "
+                           "most)")
     assert "set train.distributed.cpu_offload=false" in host and "raise train.distributed.nnodes" in host
     assert gpu == ("GPU memory: while the model loads each GPU holds the quantisation constants (1.01 GiB), the "
                    "largest tensor rank 0 sends, whole (3.91 GiB): 4.93 GiB, and GPU 0 has 4.90 GiB free. To fit: "
@@ -415,12 +419,13 @@ def test_the_70b_config_loads_on_two_24gb_gpus_where_the_host_holds_rank_0s_copy
         "GiB), the largest tensor rank 0 sends, whole (3.91 GiB): 24.78 GiB, and GPU 0 has 23.50 GiB free. To fit: "
         "set train.distributed.cpu_offload=true (the shards in host memory), or raise "
         "train.distributed.nproc_per_node, or GPUs with more free memory"]
-    # Over 2 machines each process keeps a quarter of the shards: rank 0's copy and 2 x 10.89 GiB on this one.
+    # Over 2 machines each process keeps a quarter of the shards: rank 0's copy and 2 x (10.89 + 3.91) GiB on its
+    # machine.
     two_nodes = load_config(CONFIG_70B, ["train.distributed.nnodes=2", "train.distributed.rdzv_endpoint=node0:29400"])
-    simulated_machine(monkeypatch, host_gib=62.6, gpu_gib=23.5)
+    simulated_machine(monkeypatch, host_gib=70.4, gpu_gib=23.5)
     assert load_memory_problems(two_nodes, shape, "cuda") == []
-    simulated_machine(monkeypatch, host_gib=62.4, gpu_gib=23.5)
-    assert "need 62.50 GiB and 62.40 GiB" in load_memory_problems(two_nodes, shape, "cuda")[0]
+    simulated_machine(monkeypatch, host_gib=70.3, gpu_gib=23.5)
+    assert "need 70.33 GiB and 70.30 GiB" in load_memory_problems(two_nodes, shape, "cuda")[0]
     # LoRA's 131.42 GiB of bf16 weights are read into host memory alike; its GPUs hold a quarter each (4 GPUs)
     # and one bf16 linear or embedding (1.96 GiB) at a time.
     lora = load_config(CONFIG_70B, ["train.distributed.cpu_offload=false", "model.method=lora",
@@ -430,7 +435,8 @@ def test_the_70b_config_loads_on_two_24gb_gpus_where_the_host_holds_rank_0s_copy
     assert "need 131.42 GiB and 131.40 GiB is available: rank 0 reads the whole model into host memory" in host
     assert gpu.startswith("GPU memory: while the model loads each GPU holds its shards (32.85 GiB), the largest "
                           "tensor rank 0 sends, whole (1.96 GiB): 34.81 GiB, and GPU 0 has 34.80 GiB free")
-    # On the CPU the load is in host memory too: rank 0's whole model beside the 2 processes' shards.
+    # On the CPU the load is in host memory too: rank 0's whole model beside the 2 processes' shards (each tensor
+    # is cut into shards where it arrives: no copy).
     simulated_machine(monkeypatch, host_gib=84.2)
     assert load_memory_problems(cfg, shape, "cpu")[0].startswith(
         "host memory: the 2 training processes of this machine (train.distributed.nproc_per_node 2) need 84.29 GiB "
