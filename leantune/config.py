@@ -299,8 +299,9 @@ class DistributedConfig(Section):
         "1/N of the weights, gradients and optimizer state plus one layer in full (leantune/training/fsdp.py); "
         "the same update as one process; only rank 0 reads the weights, into host memory (QLoRA quantised there), "
         "and every process's shards are filled from that copy, so no GPU holds the whole model; checkpoints are "
-        "sharded (torch.distributed.checkpoint) and resume on any number of processes. Under fsdp the micro-batch does not adapt inside an attempt: out of memory "
-        "ends the attempt and the next one halves train.micro_batch_size and resumes.",
+        "sharded (torch.distributed.checkpoint) and resume on any number of processes. Under fsdp the micro-batch "
+        "does not adapt inside an attempt: out of memory ends the attempt and the next one halves "
+        "train.micro_batch_size and resumes.",
     )
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend; 'auto' picks nccl on CUDA and gloo on the CPU.",

@@ -47,18 +47,18 @@ rank, rank 0 included, builds the model on the meta device, shards it, and has i
 host copy (set_model_state_dict with broadcast_from_rank0: torch sends one whole tensor at a time, copied from
 rank 0's host to the device, and each rank keeps its shard of it). So a GPU never holds more than its shards
 (none with cpu_offload), QLoRA's quantisation states and the one tensor being sent; rank 0's host holds the
-whole model until the shards are filled, beside the offloaded shards. QLoRA: the meta-built model is the same 4-bit skeleton
-(modeling._quantized_skeleton: transformers' quantizer swaps in bitsandbytes' Linear4bit, each weight a packed
-parameter of the quantised shape, which FSDP shards like any other since bnb_4bit_quant_storage is the layer's
-dtype), and every rank receives, besides the packed shards, every layer's quantisation state whole onto its
-device (`_receive_quant_states`: absmax, code, nested constants, shape), which bitsandbytes keeps on the module,
-outside the parameters that FSDP shards. bitsandbytes quantises on the CPU with its reference torch code
-(backends/default/ops.py: two 4-bit codes a byte, the first in the high nibble, one absmax per block), the
-layout its CUDA kernels are meant to write and read alike; that a CPU-quantised model trains as a GPU-quantised
-one on CUDA was not checked here (no GPU). With cpu_offload the shards
-are placed in host memory. Run on the CPU with gloo only (tests/training/test_fsdp.py). The preflight refuses a
-machine whose host memory cannot hold rank 0's copy and the offloaded shards of its processes, or whose GPU
-cannot hold what loading puts there (probe.load_memory_problems).
+whole model until the shards are filled, beside the offloaded shards. QLoRA: the meta-built model is the same
+4-bit skeleton (modeling._quantized_skeleton: transformers' quantizer swaps in bitsandbytes' Linear4bit, each
+weight a packed parameter of the quantised shape, which FSDP shards like any other since
+bnb_4bit_quant_storage is the layer's dtype), and every rank receives, besides the packed shards, every layer's
+quantisation state whole onto its device (`_receive_quant_states`: absmax, code, nested constants, shape),
+which bitsandbytes keeps on the module, outside the parameters that FSDP shards. bitsandbytes quantises on the
+CPU with its reference torch code (backends/default/ops.py: two 4-bit codes a byte, the first in the high
+nibble, one absmax per block); that its CUDA kernels write and read the same layout, so that a CPU-quantised
+model trains on CUDA as a GPU-quantised one, was not checked here (no GPU). With cpu_offload the shards are
+placed in host memory. Run on the CPU with gloo only (tests/training/test_fsdp.py). The preflight
+refuses a machine whose host memory cannot hold rank 0's copy and the offloaded shards of its processes, or
+whose GPU cannot hold what loading puts there (probe.load_memory_problems).
 """
 
 from __future__ import annotations
@@ -131,6 +131,13 @@ def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool, fr
     # train.distributed.cpu_offload: the shards (and the optimizer step) in host memory, pinned for the copies.
     offload = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda") if dist.cpu_offload else OffloadPolicy()
     layers = decoder_layers(model)
+    for module in model.modules():
+        # bitsandbytes repacks a 4-bit weight in place for its CPU kernel at the first eval-mode forward on a CPU
+        # with AVX512-BF16, and marks the layer's quantisation state so; FSDP gathers the weight afresh for every
+        # forward, so the repacked copy would be lost and the mark kept (wrong validation losses, and training
+        # after them): the repacking stays off for sharded 4-bit layers.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
     root = target_loss_module(model)

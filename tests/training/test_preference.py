@@ -665,10 +665,10 @@ def test_two_processes_give_the_single_process_dpo_update(pair_run, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_on_two_processes_gives_the_single_process_dpo_update(pair_run, tmp_path):
-    """FSDP2 (torchrun, gloo, one launch): DPO with LoRA (the reference the adapter turned off, run through FSDP's
-    root, which gathers the shards) and with full fine-tuning (the reference log-probs stored before the first
-    step, every rank running every forward), and SimPO; each gives the single-process weights, metrics and
-    validation loss."""
+    """FSDP2 (torchrun, gloo, one launch): DPO with LoRA and QLoRA (the reference the adapter turned off, run
+    through FSDP's root, which gathers the shards) and with full fine-tuning (the reference log-probs stored before
+    the first step, every rank running every forward), and SimPO; each gives the single-process weights, metrics
+    and validation loss."""
     from run_helpers import adapter, assert_same_weights
     from safetensors.torch import load_file
     from test_fsdp import torchrun
@@ -676,7 +676,9 @@ def test_fsdp_on_two_processes_gives_the_single_process_dpo_update(pair_run, tmp
     from leantune.metrics import read_metrics
 
     overrides = ["train.max_steps=3", "train.eval_every=3", "monitor.enabled=false"]
-    variants = {"lora": [], "full": ["model.method=full", "train.lr=1e-3"], "simpo": ["train.objective=simpo"]}
+    variants = {"lora": [], "full": ["model.method=full", "train.lr=1e-3"], "simpo": ["train.objective=simpo"],
+                # bitsandbytes' CPU 4-bit kernels need rows of at least one quantisation block (64).
+                "qlora": ["model.method=qlora", "model.scratch.hidden_size=64", "model.scratch.intermediate_size=128"]}
     fsdp = ["train.distributed.strategy=fsdp"]
     runs = {}
     for name, extra in variants.items():
@@ -697,8 +699,12 @@ def test_fsdp_on_two_processes_gives_the_single_process_dpo_update(pair_run, tmp
         lines = {d: read_metrics(d, "step") for d in (one, two)}
         assert {m["world_size"] for m in lines[two]} == {2}
         for key in (*METRICS[:-1], "val_loss"):
+            # One process validates QLoRA through bitsandbytes' AVX512-BF16 CPU kernel where the CPU has it (it
+            # repacks the weights at the first eval-mode forward), FSDP through the generic one (fsdp.py keeps the
+            # repacking off): 4.3e-5 apart here; 2.5e-2 with the repacking left on under FSDP.
+            rtol = 1e-4 if (name, key) == ("qlora", "val_loss") else 1e-5
             np.testing.assert_allclose([m[key] for m in lines[two] if key in m],
-                                       [m[key] for m in lines[one] if key in m], rtol=1e-5, atol=1e-6,
+                                       [m[key] for m in lines[one] if key in m], rtol=rtol, atol=1e-6,
                                        err_msg=f"{name} {key}")
 
 
