@@ -222,8 +222,8 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(fsdp_runs, tmp_path):
                                                ("qlora", True)])
 def test_a_rank_that_receives_rank_0s_weights_builds_the_same_model_on_the_meta_device(
         tokenized_run, tmp_path, method, pretrained):
-    """The other ranks of an FSDP run build the model's structure only (no weight read or allocated): the same
-    parameters (names, shapes, dtypes, trained or not) and buffers as rank 0's loaded model, on the meta device;
+    """Every rank of an FSDP run builds the model's structure only (no weight read or allocated): the same
+    parameters (names, shapes, dtypes, trained or not) and buffers as the model rank 0 reads, on the meta device;
     for QLoRA the same 4-bit layers, their packed weights marked quantised, their quantisation state still to
     come from rank 0."""
     import bitsandbytes as bnb
