@@ -39,11 +39,12 @@ from leantune.rundir import RunDir
 from leantune.runlock import hold_run_dir
 from tasks.evaluate import evaluate_sycophancy
 from tasks.server import connect_to_prefect
+from tasks.stage import end_stop
 
 DEFAULT_RUN_CONFIG = load_config(DEFAULT_CONFIG)
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", on_crashed=[end_stop], on_cancellation=[end_stop])  # end_stop: tasks/stage.py
 def evaluate_flow(config: RunConfig = DEFAULT_RUN_CONFIG, run_dir: str | None = None, adapter: str | None = None,
                   out_dir: str | None = None) -> dict:
     """Evaluate sycophancy on config.eval.datasets.

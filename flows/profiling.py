@@ -60,12 +60,13 @@ from leantune.rundir import create_run_dir
 from tasks.prepare import prepare_data
 from tasks.profile import profile_combination, publish_profile, tokenize_seq_len
 from tasks.server import connect_to_prefect
+from tasks.stage import end_stop
 from tasks.validate import validate_data
 
 DEFAULT_RUN_CONFIG = load_config(DEFAULT_CONFIG)
 
 
-@flow(name="profile")
+@flow(name="profile", on_crashed=[end_stop], on_cancellation=[end_stop])  # end_stop: tasks/stage.py
 def profile(
     config: RunConfig = DEFAULT_RUN_CONFIG,
     micro_batch_sizes: list[int] = DEFAULT_MICRO_BATCH_SIZES,

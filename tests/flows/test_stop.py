@@ -2,8 +2,10 @@
 own temporary Prefect server), and a cancellation through a Prefect server. The training saves a
 checkpoint, the flow run ends in a final state, the MLflow run is not left RUNNING, the lock is free."""
 
+import contextlib
 import ctypes
 import fcntl
+import io
 import json
 import os
 import re
@@ -280,3 +282,87 @@ def test_a_cancel_through_the_server_ends_the_run_cancelled_checkpointed_and_tra
     assert progress.description == (f"Training stopped at step {step} (the last checkpoint): the flow run "
                                      "ended cancelled; continue it with --resume cancelled")
     assert [(a["outcome"], a["step"]) for a in read_attempts(run_dir)] == [("interrupted", step)]
+
+
+def stop_the_validate_stage(monkeypatch, signum: int) -> None:
+    """The validate stage, once it starts, is stopped by `signum` (its work never begins)."""
+    import tasks.validate
+
+    def stopped(*_args):
+        signal.raise_signal(signum)
+        raise AssertionError(f"{signal.Signals(signum).name} did not stop the stage")
+
+    monkeypatch.setattr(tasks.validate, "cached", stopped)
+
+
+@pytest.mark.flow
+def test_a_sigterm_repeated_while_prefect_records_a_stages_crash_leaves_nothing_running(
+        prefect_server, tmp_path, monkeypatch):
+    """`timeout`'s second SIGTERM, or the terminal's hangup (a SIGTERM a second later), can come while Prefect
+    records the crash of the stage the first SIGTERM stopped, and of the flow run. Before, Prefect's own
+    handler was still in place there and raised in the middle of it: the task and the flow run were left
+    Running in the server's database. Here the repeat comes at the start of each recording."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.flow_engine import FlowRunEngine
+    from prefect.task_engine import SyncTaskRunEngine
+
+    from flows.finetune import main
+
+    def repeat_first(handle_crash):
+        def repeated(engine, exc):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return handle_crash(engine, exc)
+        return repeated
+
+    stop_the_validate_stage(monkeypatch, signal.SIGTERM)
+    for engine in (SyncTaskRunEngine, FlowRunEngine):
+        monkeypatch.setattr(engine, "handle_crash", repeat_first(engine.handle_crash))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # Its own capture: a capture fixture's stream, closed after the test, would be the one Prefect's log handler
+    # (set up by the first import of a flow module) writes to in later tests.
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        code = main(["--config", str(SMOKE), "--run-name", "stopped",
+                     *[f"--set={o}" for o in [*TINY, f"run.output_dir={tmp_path}"]]])
+    err = said.getvalue()
+    run_dir = tmp_path / "stopped"
+    assert code == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"leantune: stopped by SIGTERM before the first checkpoint (in {run_dir}); "
+                                            "resume with: python flows/finetune.py --resume stopped")
+    tracking = json.loads((run_dir / "tracking.json").read_text())["mlflow"]
+    mlflow_run = MlflowClient(tracking["tracking_uri"]).get_run(tracking["run_id"])
+    with get_client(sync_client=True) as client:
+        flow_run_id = mlflow_run.data.tags["prefect.flow_run_id"]
+        flow_run = client.read_flow_run(flow_run_id)
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert flow_run.state.name == "Crashed"
+    assert sorted((t.name.rsplit("-", 1)[0], t.state.name) for t in task_runs) == [
+        ("prepare", "Completed"), ("track", "Completed"), ("validate", "Crashed")]
+    assert mlflow_run.info.status == "KILLED"
+    check_run_dir_free(run_dir)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+
+
+@pytest.mark.flow
+def test_a_flow_called_from_python_and_stopped_leaves_the_signal_handlers_as_they_were(prefect_server, tmp_path,
+                                                                                        monkeypatch):
+    """A stop holds off repeated SIGTERMs and SIGHUPs (leantune/stopping.py) until the flow has ended; a flow
+    called from Python (a notebook, a test) then finds its handlers as they were, not ignored."""
+    from flows.finetune import finetune
+    from leantune.config import load_config
+    from leantune.stopping import ignore_repeat
+
+    stop_the_validate_stage(monkeypatch, signal.SIGINT)
+    config = load_config(SMOKE, [*TINY, f"run.output_dir={tmp_path}", "run.name=stopped"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    during_the_stop = []  # the handlers while Prefect records the crash: held off
+    monkeypatch.setattr(finetune, "on_crashed_hooks", [
+        lambda flow, flow_run, state: during_the_stop.extend(signal.getsignal(sig) for sig in handlers),
+        *finetune.on_crashed_hooks])
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config)
+    assert during_the_stop == [ignore_repeat, ignore_repeat]
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    check_run_dir_free(tmp_path / "stopped")
