@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None, request: FinetuneRequest | None = None) 
         for sig in handlers:  # stopped already: a repeated signal must not cut the last line short
             signal.signal(sig, signal.SIG_IGN)
         stop_temporary_server()
-        print(stopped_line(signum, Path(request.config.run.output_dir) / request.config.run.name), file=sys.stderr)
+        try:
+            print(stopped_line(signum, Path(request.config.run.output_dir) / request.config.run.name), file=sys.stderr)
+        except OSError:  # the terminal is gone (its window closed): the exit status still says how the run ended
+            pass
         return 128 + signum
     finally:
         for sig, handler in handlers.items():

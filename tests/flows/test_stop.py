@@ -169,16 +169,70 @@ def test_sigterm_to_the_group_of_a_terminals_shell_stops_the_flow_as_to_the_flow
     """`setsid bash -c 'python flows/finetune.py ...; ...'` in a terminal, then `kill -TERM -<pgid>`: the shell, the
     session leader, dies of it, and the kernel sends the terminal's foreground group, the flow, SIGHUP in the
     middle of its stop. Before, that killed the flow: no `leantune:` line, a stale lock, no attempt recorded."""
+    import threading
+
+    with flow_in_a_terminal(tmp_path) as (terminal, shell, flow):
+        chunks = []
+        reader = threading.Thread(target=read_terminal, args=(terminal, chunks), daemon=True)
+        reader.start()
+        first_step_logged(tmp_path / "stopped", shell)
+        flow_pid = flow().pid
+        os.killpg(shell.pid, signal.SIGTERM)
+        started = time.monotonic()
+        assert shell.wait(timeout=30) == -signal.SIGTERM
+        status = wait_for_exit(flow_pid, timeout=120)
+        took = time.monotonic() - started
+    reader.join(timeout=10)
+    output = b"".join(chunks).decode(errors="replace")
+    assert "the shell went on" not in output
+    check_stopped(tmp_path / "stopped", signal.SIGTERM, output, status, took)
+
+
+@pytest.mark.slow
+def test_closing_the_terminal_window_stops_the_flow_after_a_checkpoint(tmp_path):
+    """A terminal window closed during training: the kernel hangs up the terminal (SIGHUP to its shell and its
+    foreground group, the flow's) and every later write to it fails. The flow stops as on SIGTERM: the training's
+    checkpoint, the attempt recorded as interrupted, the MLflow run KILLED, the lock released."""
+    import threading
+
+    run_dir = tmp_path / "stopped"
+    with flow_in_a_terminal(tmp_path) as (terminal, shell, flow):
+        closing = threading.Event()
+        # The window shows what the flow writes until it closes (a full terminal would block the flow's writes).
+        reader = threading.Thread(target=read_terminal, args=(terminal, [], closing), daemon=True)
+        reader.start()
+        first_step_logged(run_dir, shell)
+        flow_pid = flow().pid
+        closing.set()
+        reader.join(timeout=10)  # it closes the window's side of the terminal
+        started = time.monotonic()
+        assert shell.wait(timeout=30) == -signal.SIGHUP
+        status = wait_for_exit(flow_pid, timeout=120)
+        took = time.monotonic() - started
+    print(f"stopped {took:.1f} s after the hangup, exit status {status}")
+    # The newest checkpoint is the stop's (a slow stop may come after a best-validation checkpoint).
+    step = max(int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*"))
+    assert [(a["outcome"], a["step"], a["message"]) for a in read_attempts(run_dir)] == [
+        ("interrupted", step, "stopped by SIGTERM")]
+    assert mlflow_status(run_dir) == "KILLED"
+    check_run_dir_free(run_dir)
+    assert not (run_dir / ".lock").read_text()
+    assert status == 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def flow_in_a_terminal(tmp_path):
+    """`bash -c 'python flows/finetune.py ... --run-name stopped; echo the shell went on'` on a new pseudo-terminal
+    whose session the shell leads, as in a terminal window. Yields the terminal's side (its fd), the shell's Popen
+    and a function that returns the flow's psutil.Process; this process adopts the flow (a subreaper) when the
+    shell dies first, so that it can read its exit status."""
     import pty
     import termios
-    import threading
 
     import psutil
 
     command, env = flow_command(tmp_path, *ENDLESS_TRAINING)
-    run_dir = tmp_path / "stopped"
     terminal, flow_side = pty.openpty()
-    # The flow outlives the shell: this process adopts it (a subreaper), to read its exit status.
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     assert prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
     try:
@@ -187,31 +241,28 @@ def test_sigterm_to_the_group_of_a_terminals_shell_stops_the_flow_as_to_the_flow
             stdin=flow_side, stdout=flow_side, stderr=flow_side, env=env, start_new_session=True,
             preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the terminal is the session's
         os.close(flow_side)
-        chunks = []
-        reader = threading.Thread(target=read_terminal, args=(terminal, chunks), daemon=True)
-        reader.start()
-        first_step_logged(run_dir, shell)
-        [flow] = psutil.Process(shell.pid).children()
-        assert os.getpgid(flow.pid) == os.getpgid(shell.pid) == os.getsid(flow.pid) == shell.pid
-        os.killpg(shell.pid, signal.SIGTERM)
-        started = time.monotonic()
-        assert shell.wait(timeout=30) == -signal.SIGTERM
-        status = wait_for_exit(flow.pid, timeout=120)
-        took = time.monotonic() - started
+
+        def flow():
+            [process] = psutil.Process(shell.pid).children()
+            assert os.getpgid(process.pid) == os.getpgid(shell.pid) == os.getsid(process.pid) == shell.pid
+            return process
+
+        yield terminal, shell, flow
     finally:
         prctl(PR_SET_CHILD_SUBREAPER, 0)
-    reader.join(timeout=10)
-    output = b"".join(chunks).decode(errors="replace")
-    assert "the shell went on" not in output
-    check_stopped(run_dir, signal.SIGTERM, output, status, took)
 
 
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
-def read_terminal(fd: int, chunks: list[bytes]) -> None:
-    """What is written to the terminal, until its last writer is gone."""
-    while True:
+def read_terminal(fd: int, chunks: list[bytes], closing=None) -> None:
+    """What is written to the terminal, until its last writer is gone or `closing` (a threading.Event) is set;
+    then the terminal's fd is closed."""
+    import select
+
+    while closing is None or not closing.is_set():
+        if not select.select([fd], [], [], 0.2)[0]:
+            continue
         try:
             data = os.read(fd, 65536)
         except OSError:  # EIO: no process has the terminal open any more
