@@ -51,11 +51,11 @@ def evaluate_flow(config: RunConfig = DEFAULT_RUN_CONFIG, run_dir: str | None = 
 
     Args:
         config: the model and the eval section (datasets, items); with run_dir, the model is the run's own.
-        run_dir: a finetune run directory (runs/<name>): its adapter/ against its base (the model of the
+        run_dir: a finetune run directory (runs/NAME): its adapter/ against its base (the model of the
             run's own config.yaml); results in run_dir/eval/.
         adapter: a PEFT adapter directory (or a fully fine-tuned model) for the model of config. Leave
             both empty to evaluate the model of config alone.
-        out_dir: where the results go (default: run_dir/eval, else <run.output_dir>/eval-<model>-<time>).
+        out_dir: where the results go (default: run_dir/eval, else run.output_dir/eval-MODEL-TIME).
     """
     log = get_run_logger()
     if run_dir and adapter:

@@ -76,9 +76,9 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
     Args:
         config: the run's whole config (every key documented in leantune/config.py); the form starts from
             configs/default.yaml. Not used when config_file is chosen.
-        config_name: the start of a new run's directory name, <config_name>-<date>-<time>, when run.name
-            is not set.
-        resume: continue the existing run <run.output_dir>/<run.name>/ (run.name must be set): training picks
+        config_name: the start of a new run's directory name, CONFIG_NAME-YYYYMMDD-HHMMSS (e.g.
+            adhoc-20250101-120000), when run.name is not set.
+        resume: continue the existing run run.output_dir/run.name/ (run.name must be set): training picks
             up from its newest checkpoint; data stages that did not finish run again first.
         config_file: run a config file of configs/ as it is (e.g. smoke, the tiny offline check) instead of
             the config above.

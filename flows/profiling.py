@@ -94,7 +94,7 @@ def profile(
         steps: optimizer steps per combination; the first is warm-up and not measured.
         breakdown: also train each combination's steps under torch.profiler for the execution-time breakdown
             (attention / experts / router / optimizer / other per step); doubles the sweep's training time.
-        config_name: names the profile directory, profile-<config_name>-<time> (unless config.run.name is set).
+        config_name: names the profile directory, profile-CONFIG_NAME-TIME (unless config.run.name is set).
     """
     log = get_run_logger()
     combos = combinations(micro_batch_sizes, max_seq_lens, optimizers, precisions, power_limits_w, architectures)
