@@ -297,9 +297,11 @@ class DistributedConfig(Section):
         "ddp", description="ddp: a full replica of the model per process, gradients summed after every step. fsdp: "
         "FSDP2 (torch's fully_shard) over every decoder layer and the rest of the model, so each process holds "
         "1/N of the weights, gradients and optimizer state plus one layer in full (leantune/training/fsdp.py); "
-        "the same update as one process; checkpoints are sharded (torch.distributed.checkpoint) and resume on "
-        "any number of processes. Under fsdp the micro-batch does not adapt inside an attempt: out of memory "
-        "ends the attempt and the next one halves train.micro_batch_size and resumes.",
+        "the same update as one process; only rank 0 reads the weights, into host memory (QLoRA quantised there), "
+        "and every process's shards are filled from that copy, so no GPU holds the whole model; checkpoints are "
+        "sharded (torch.distributed.checkpoint) and resume on any number of processes. Under fsdp the micro-batch "
+        "does not adapt inside an attempt: out of memory ends the attempt and the next one halves "
+        "train.micro_batch_size and resumes.",
     )
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend; 'auto' picks nccl on CUDA and gloo on the CPU.",
@@ -652,9 +654,6 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     if d.strategy == "fsdp" and t.optimizer != "adamw":
         problems.append(f"train.optimizer: {t.optimizer} (bitsandbytes) is not supported with "
                         "train.distributed.strategy fsdp, whose sharded parameters it does not take; use adamw")
-    if d.strategy == "fsdp" and t.objective != "sft":
-        problems.append(f"train.objective: {t.objective} is not supported with train.distributed.strategy fsdp yet "
-                        "(its pair log-probs need the unsharded model); use train.distributed.strategy=ddp")
     if d.strategy == "fsdp" and t.full_precision != "fp32":
         problems.append(f"train.full_precision: {t.full_precision} is not supported with train.distributed.strategy "
                         "fsdp yet (its per-weight optimizers do not take sharded parameters); use "

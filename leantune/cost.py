@@ -42,7 +42,8 @@ Several GPUs (a --config with train.distributed.nproc_per_node x nnodes = W abov
 "W x GPU"; the time is the one-GPU time over W (the same utilisation on each, communication not
 counted), so energy and rent are those of one GPU's time; memory is per GPU: one replica each with
 ddp, a 1/W share plus the gathered layers with fsdp (probe.py); with train.distributed.cpu_offload the
-gathered layers on the GPU and the shards in host memory, whose size the row states.
+gathered layers on the GPU and the shards in host memory, whose size the row states. With fsdp the row
+also states the host memory rank 0 reads the whole model into to load it (training/fsdp.py).
 """
 
 from __future__ import annotations
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _answer(args) -> list[dict]:
     from leantune.config import load_config, method_values, with_values
-    from leantune.probe import GIB, estimate_for_config, model_shape
+    from leantune.probe import GIB, compute_bytes, estimate_for_config, model_shape, stored_bytes
 
     cfg = load_config(args.config)
     model = args.model or (cfg.model.name_or_path if args.config else None)
@@ -376,6 +377,11 @@ def _answer(args) -> list[dict]:
     memory = estimated.total if estimated else None
     # train.distributed.cpu_offload: each process's shards in host memory.
     host = f"; {estimated.offloaded_host / GIB:.1f} GiB host memory per GPU" if estimated and estimated.offloaded_host else ""
+    d = cfg.train.distributed
+    if estimated and d.strategy == "fsdp" and d.nproc_per_node * d.nnodes > 1:
+        # Rank 0 reads the whole model into host memory, and every rank's shards are filled from there (fsdp.py).
+        whole = stored_bytes(shape, cfg.model.method, compute_bytes(cfg, "cuda"), cfg.model.double_quant)
+        host += f"; {whole / GIB:.1f} GiB on rank 0's host while loading"
     price = args.price_per_kwh if args.price_per_kwh is not None else cfg.power.price_per_kwh
     rows = []
     world = cfg.train.distributed.nproc_per_node * cfg.train.distributed.nnodes

@@ -83,19 +83,24 @@ def resolve_attention(cfg: RunConfig, device: torch.device, precision: torch.dty
     return attention
 
 
-def build_model(cfg: RunConfig, tokenizer, device: torch.device, meta: bool = False):
+def build_model(cfg: RunConfig, tokenizer, device: torch.device, meta: bool = False, host: bool = False):
     """The model ready to train on `device`: loaded or built, quantised for QLoRA, with LoRA adapters.
 
     Only the weights the method trains require grad: LoRA/QLoRA adapters, or every weight for 'full'.
-    meta: its modules on the meta device, no weight read or allocated (an FSDP rank that receives rank 0's
-    weights when the model is sharded: training/fsdp.py).
+    meta: its modules on the meta device, no weight read or allocated (every rank of an FSDP run, whose shards
+    are filled from rank 0's weights when the model is sharded: training/fsdp.py).
+    host: the weights read into host memory whatever `device` is, in the dtypes chosen for `device`, QLoRA's
+    quantised there by bitsandbytes' CPU kernels (rank 0 of an FSDP run, which sends every rank its shards from
+    them, so that no GPU holds the whole model).
     """
     import torch
 
     from leantune.fused import fuse_swiglu
 
     precision = resolve_precision(cfg, device)
-    attention = resolve_attention(cfg, device, precision)
+    # The host copy's attention never runs (only its weights are read): no GPU kernel is asked of host weights.
+    attention = "sdpa" if host else resolve_attention(cfg, device, precision)
+    placed = torch.device("cpu") if host else device
     method = cfg.model.method
     # Full fine-tuning keeps fp32 master weights (autocast supplies the compute precision), or bf16 ones
     # (train.full_precision); LoRA's frozen base only needs to be read, so it is stored in the compute dtype.
@@ -121,12 +126,12 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device, meta: bool = Fa
 
                 model.config.save_pretrained(tmp)
                 save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
-                model = _load_pretrained(cfg, tmp, None, False, storage, attention, device, precision)
+                model = _load_pretrained(cfg, tmp, None, False, storage, attention, placed, precision)
         else:
-            model = model.to(device=device, dtype=storage)
+            model = model.to(device=placed, dtype=storage)
     else:
         model = _load_pretrained(cfg, model_source(cfg.model), cfg.model.revision, cfg.model.trust_remote_code,
-                                 storage, attention, device, precision)
+                                 storage, attention, placed, precision)
         _check_vocab(model, tokenizer, cfg.model.name_or_path)
 
     # The KV cache is for generation; in training it only costs memory (and conflicts with checkpointing).

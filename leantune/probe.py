@@ -65,15 +65,22 @@ Memory of a training step (bytes; p = 2 for bf16/fp16 compute, 4 for fp32):
 FSDP (train.distributed.strategy fsdp over W = nproc_per_node x nnodes GPUs, training/fsdp.py): the
 figure is per GPU. Each holds 1/W of the stored weights, of the trainable parameters, of the optimizer
 state and of its step's temporary; and gathered in the compute dtype (p): two decoder layers at a time
-(the one running and the one prefetched; QLoRA's at their 4-bit size) and the rest of the model
-(embeddings, head, norms), which the root keeps gathered from forward to backward. Gradients: LoRA
+(the one running and the one prefetched; QLoRA's at their packed 4-bit size, 0.5 byte a weight) and the
+rest of the model (embeddings, head, norms), which the root keeps gathered from forward to backward. QLoRA's
+quantisation constants are not sharded: bitsandbytes keeps them on the module, outside the parameters, so
+each GPU holds all of them (0.0159 byte a weight with double quantisation). Gradients: LoRA
 keeps its unsharded gradients until the last micro-batch (all of them, as without FSDP); full
 fine-tuning holds 1/W of them plus two layers' unsharded fp32 gradients being reduce-scattered.
 Activations are those of the GPU's own micro-batch, as without FSDP. With train.distributed.cpu_offload
 the shards of the weights, trainable parameters, gradients and optimizer state, and the CPU AdamW step's
 temporary (one fp32 per trainable parameter of the shard), are in host memory (`offloaded_host`, not in
-the total): the GPU keeps the gathered layers and rest of the model, the unsharded gradients (LoRA's,
-until the last micro-batch; full fine-tuning's two layers being reduce-scattered) and the activations.
+the total): the GPU keeps the gathered layers and rest of the model, QLoRA's quantisation constants, the
+unsharded gradients (LoRA's, until the last micro-batch; full fine-tuning's two layers being
+reduce-scattered) and the activations.
+
+Loading under FSDP (`load_memory_problems`): rank 0 reads the whole model into host memory, where it stays
+until every rank's shards are filled from it; each GPU then holds its shards (none with the offload), QLoRA's
+constants and one whole tensor at a time, the one being sent (`largest_stored_tensor`).
 
 Checked against published figures (tests/test_probe.py): Llama-2-7B's 6.74 B parameters and its
 39,976,960 LoRA parameters at r=16 on every linear; NF4 weights of 7-8 B models at 3.5-5 GB;
@@ -408,11 +415,12 @@ def sharded_estimate(estimate: MemoryEstimate, shape: ModelShape, method: str, c
     """One GPU's share of `estimate` (one process's, unsharded) under FSDP over `world` GPUs (module docstring)."""
     p = compute_bytes
     layer = shape.linear_params // shape.num_layers
-    stored = stored_bytes(shape, method, p, double_quant)
+    constants = quantisation_constants(shape, method, double_quant)
+    stored = stored_bytes(shape, method, p, double_quant) - constants
     if method == "qlora":
-        per_weight = NF4_DOUBLE_QUANT_BYTES if double_quant else NF4_BYTES
-        layer = round(layer * per_weight / p)  # two gathered layers below cost their 4-bit size
-    gathered = (2 * layer + shape.other_params) * p
+        layer = round(layer * 0.5 / p)  # two gathered layers below cost their packed 4-bit size
+    # Gathered in the compute dtype, and QLoRA's constants, whole on every GPU.
+    gathered = (2 * layer + shape.other_params) * p + constants
     unsharded_gradients = 2 * layer * 4 if method == "full" else estimate.gradients
     if cpu_offload:
         # The shards, their gradients and optimizer state, and the CPU AdamW step's fp32 temporary on the host.
@@ -424,6 +432,27 @@ def sharded_estimate(estimate: MemoryEstimate, shape: ModelShape, method: str, c
         weights=stored // world + gathered, trainable=estimate.trainable // world,
         gradients=gradients, optimizer=estimate.optimizer // world, activations=estimate.activations,
         optimizer_step=estimate.optimizer_step // world)
+
+
+def quantisation_constants(shape: ModelShape, method: str, double_quant: bool = True) -> int:
+    """QLoRA's quantisation constants (absmax, and with double quantisation its own constants): bitsandbytes keeps
+    them on the 4-bit module, outside the parameters FSDP shards, so every GPU holds all of them (training/fsdp.py);
+    0 for the other methods."""
+    if method != "qlora":
+        return 0
+    per_weight = NF4_DOUBLE_QUANT_BYTES if double_quant else NF4_BYTES
+    return round(shape.linear_params * (per_weight - 0.5))
+
+
+def largest_stored_tensor(shape: ModelShape, method: str, compute_bytes: int) -> int:
+    """Bytes of the largest single tensor of the model as a training process stores it (`stored_bytes`): what rank
+    0 sends, whole, to every GPU when an FSDP run loads (training/fsdp.py). QLoRA: the fp32 embedding or head, or
+    the largest packed 4-bit linear."""
+    if method == "qlora":
+        linears = shape.linears()
+        return max(shape.vocab_size * shape.hidden_size * 4,
+                   *(linears[n][0] * linears[n][1] // 2 for n in shape.linear_names))
+    return shape.largest_param * (4 if method == "full" else compute_bytes)
 
 
 def stored_bytes(shape: ModelShape, method: str, compute_bytes: int, double_quant: bool = True) -> int:
@@ -441,13 +470,17 @@ def load_memory_problems(cfg: RunConfig, shape: ModelShape, device_type: str) ->
     """What the training processes of this machine need beyond the per-GPU estimate of a training step, against
     the memory there is now (`free_memory_bytes`); one sentence per memory that falls short, [] when both hold it.
 
-    Host memory: with train.distributed.cpu_offload each process keeps its shards there (`offloaded_host`); on the
-    CPU device a process that reads the weights holds the whole model (`stored_bytes`): under FSDP rank 0 alone
-    (`fsdp.loads_on_rank0`), until its shards are filled from it, so beside its own shards; without FSDP every
-    process, for good. The machine's need is the sum over its train.distributed.nproc_per_node processes. On CUDA
-    the weights go straight to the reading process's GPU as they load (modeling.build_model): under FSDP rank 0's
-    GPU holds the whole model before it is sharded, which the step's estimate, made of shards, leaves out. The
-    configured method is checked, not one the probe may choose later (it only moves to lighter ones)."""
+    Host memory: with train.distributed.cpu_offload each process keeps its shards there (`offloaded_host`), and
+    on CUDA copies there each whole tensor it receives while loading, to cut its shard (`largest_stored_tensor`);
+    a process that reads the weights holds the whole model there (`stored_bytes`): under FSDP rank 0 alone
+    (`fsdp.loads_on_rank0`), on the CPU device and on CUDA alike (fsdp.build_to_shard), until every rank's shards
+    are filled from it, so beside the offloaded shards; without FSDP on the CPU device every process, for good
+    (on CUDA they load straight onto their GPU). The machine's need is the sum over its
+    train.distributed.nproc_per_node processes. GPU memory under FSDP on CUDA: while the shards are filled each
+    GPU holds its shards (none with cpu_offload), QLoRA's quantisation constants (`quantisation_constants`, whole
+    on every GPU) and the tensor being sent (`largest_stored_tensor`), counted together (the constants come after
+    the last tensor: an upper bound), against GPU 0's free memory. The configured method is checked, not one the
+    probe may choose later (it only moves to lighter ones)."""
     from leantune.training.fsdp import loads_on_rank0
 
     d = cfg.train.distributed
@@ -455,14 +488,18 @@ def load_memory_problems(cfg: RunConfig, shape: ModelShape, device_type: str) ->
     sharded = d.strategy == "fsdp" and world > 1 and loads_on_rank0(cfg)
     if device_type == "cuda" and not sharded or cfg.model.method == "qlora" and shape.is_moe:
         return []  # QLoRA of a Mixture-of-Experts is refused on its own (modeling.moe_problems)
-    whole = stored_bytes(shape, cfg.model.method, compute_bytes(cfg, device_type), cfg.model.double_quant)
+    method, p = cfg.model.method, compute_bytes(cfg, device_type)
+    whole = stored_bytes(shape, method, p, cfg.model.double_quant)
     offload = estimate_for_config(cfg, shape, device_type).offloaded_host if d.cpu_offload else 0
-    who, how = (("rank 0 loads", "the other ranks receive their shards from it") if sharded else
+    who, how = (("rank 0 reads", "the ranks' shards are filled from it") if sharded else
                 ("each process loads", f"train.distributed.strategy {d.strategy} keeps a whole model in every process")
                 if procs > 1 else ("the training process loads", ""))
     problems = []
-    on_host = whole if device_type == "cpu" else 0
-    host_need = (on_host if sharded else procs * on_host) + procs * offload
+    on_host = whole if device_type == "cpu" or sharded else 0
+    # FSDP on CUDA with the offload: torch receives each whole tensor on the GPU and copies it to the host to cut
+    # each process's shard from it (_state_dict_utils._broadcast_tensors), one tensor at a time.
+    passing = largest_stored_tensor(shape, method, p) if sharded and offload and device_type == "cuda" else 0
+    host_need = (on_host if sharded else procs * on_host) + procs * (offload + passing)
     available = free_memory_bytes("cpu")
     if host_need > available:
         parts = []
@@ -471,6 +508,9 @@ def load_memory_problems(cfg: RunConfig, shape: ModelShape, device_type: str) ->
         if offload:
             parts.append(f"each keeps {_size(offload)} of shards of the weights, gradients and optimizer state "
                          "there (train.distributed.cpu_offload: true)")
+        if passing:
+            parts.append(f"each copies there the tensor it is loading, whole, to cut its shard ({_size(passing)} "
+                         "at most)")
         fixes = (["set train.distributed.cpu_offload=false with GPUs that hold the shards (python -m leantune.cost "
                   "--config YAML shows the memory per GPU)", "raise train.distributed.nnodes (each machine then "
                   "holds a smaller share of the shards)"] if offload else []) + (
@@ -481,14 +521,31 @@ def load_memory_problems(cfg: RunConfig, shape: ModelShape, device_type: str) ->
                         f"(train.distributed.nproc_per_node {procs}) need {_size(host_need)} and "
                         f"{_size(available)} is available: {'; '.join(parts)}. To fit: {', or '.join(fixes)}")
     if device_type == "cuda":
+        shards, constants, sent = sharded_load_gpu_bytes(cfg, shape)
         free = free_memory_bytes("cuda", 0)
-        if whole > free:
+        if shards + constants + sent > free:
+            parts = [f"its shards ({_size(shards)})"] if shards else []
+            parts += [f"the quantisation constants ({_size(constants)})"] if constants else []
+            parts.append(f"the largest tensor rank 0 sends, whole ({_size(sent)})")
+            fixes = ["set train.distributed.cpu_offload=true (the shards in host memory)",
+                     "raise train.distributed.nproc_per_node"] if shards else []
             problems.append(
-                f"GPU memory: {who} the whole model onto its GPU before sharding it ({_size(whole)}; {how}), "
-                f"and GPU 0 has {_size(free)} free, so loading would run out of memory whatever the "
-                "per-GPU estimate of a step. To fit: GPUs with that much free memory, or a smaller "
-                "model.name_or_path")
+                f"GPU memory: while the model loads each GPU holds {', '.join(parts)}: "
+                f"{_size(shards + constants + sent)}, and GPU 0 has {_size(free)} free. To fit: "
+                f"{', or '.join([*fixes, 'GPUs with more free memory'])}")
     return problems
+
+
+def sharded_load_gpu_bytes(cfg: RunConfig, shape: ModelShape) -> tuple[int, int, int]:
+    """(shards, constants, sent): what each GPU of an FSDP run on CUDA holds while its shards are filled from rank
+    0's host copy (training/fsdp.py): its shards of the weights (0 with train.distributed.cpu_offload), QLoRA's
+    quantisation constants, whole, and the one whole tensor being sent, at most `largest_stored_tensor`."""
+    d, method = cfg.train.distributed, cfg.model.method
+    p = compute_bytes(cfg, "cuda")
+    constants = quantisation_constants(shape, method, cfg.model.double_quant)
+    shards = 0 if d.cpu_offload else (stored_bytes(shape, method, p, cfg.model.double_quant) - constants) // (
+        d.nproc_per_node * d.nnodes)
+    return shards, constants, largest_stored_tensor(shape, method, p)
 
 
 def _size(n: int) -> str:

@@ -179,14 +179,14 @@ class DistContext:
 
     # ------------------------------------------------------------------------------ the model
 
-    def shard(self, model, precision: torch.dtype, full: bool, from_rank0: bool = False):
+    def shard(self, model, precision: torch.dtype, full: bool, from_rank0: bool = False, source=None):
         """FSDP: shard `model` in place (before the optimizer takes its parameters) and return the root to
-        call forward on; None without sharding. from_rank0: the other ranks' models are on the meta device
-        and receive rank 0's weights (fsdp.loads_on_rank0)."""
+        call forward on; None without sharding. from_rank0: every rank's model is on the meta device and
+        receives the weights of rank 0's `source` (fsdp.build_to_shard)."""
         if self.sharded:
             from leantune.training.fsdp import shard_model
 
-            self.root = shard_model(model, self, precision, full, from_rank0)
+            self.root = shard_model(model, self, precision, full, from_rank0, source)
         return self.root
 
     def before_micro_batch(self, k: int, accumulation_steps: int) -> None:

@@ -41,16 +41,24 @@ the checkpoint's `sharded/` folder, beside rank 0's files (checkpoint.py). The s
 re-split on load, so a checkpoint of N ranks resumes on M ranks, on one process included.
 The adapter (or the model) is exported gathered on rank 0 (`gather_weights`).
 
-Loading (`loads_on_rank0`): only rank 0 reads the weights; the other ranks build the model on the meta
-device and receive their shards from rank 0 once it is sharded (set_model_state_dict with
-broadcast_from_rank0), so only rank 0 holds the whole model, briefly, on its device. QLoRA too: the other
-ranks build the same 4-bit skeleton (modeling._quantized_skeleton: transformers' quantizer swaps in
-bitsandbytes' Linear4bit, each weight a packed parameter of the quantised shape, which FSDP shards like any
-other since bnb_4bit_quant_storage is the layer's dtype), and receive, besides the packed shards, every
-layer's quantisation state whole (`_receive_quant_states`: absmax, code, nested constants, shape), which
-bitsandbytes keeps on the module, outside the parameters that FSDP shards. With cpu_offload the received
-shards are placed in host memory. Run on the CPU with gloo only (tests/training/test_fsdp.py). The preflight refuses a machine whose memory cannot hold rank
-0's load or the offloaded shards of its processes (probe.load_memory_problems).
+Loading (`loads_on_rank0`, `build_to_shard`): only rank 0 reads the weights, into host memory, whatever the
+training device (modeling.build_model(host=True); QLoRA's quantised there by bitsandbytes' CPU kernels). Every
+rank, rank 0 included, builds the model on the meta device, shards it, and has its shards filled from rank 0's
+host copy (set_model_state_dict with broadcast_from_rank0: torch sends one whole tensor at a time, copied from
+rank 0's host to the device, and each rank keeps its shard of it). So a GPU never holds more than its shards
+(none with cpu_offload), QLoRA's quantisation states and the one tensor being sent; rank 0's host holds the
+whole model until the shards are filled, beside the offloaded shards. QLoRA: the meta-built model is the same
+4-bit skeleton (modeling._quantized_skeleton: transformers' quantizer swaps in bitsandbytes' Linear4bit, each
+weight a packed parameter of the quantised shape, which FSDP shards like any other since
+bnb_4bit_quant_storage is the layer's dtype), and every rank receives, besides the packed shards, every layer's
+quantisation state whole onto its device (`_receive_quant_states`: absmax, code, nested constants, shape),
+which bitsandbytes keeps on the module, outside the parameters that FSDP shards. bitsandbytes quantises on the
+CPU with its reference torch code (backends/default/ops.py: two 4-bit codes a byte, the first in the high
+nibble, one absmax per block); that its CUDA kernels write and read the same layout, so that a CPU-quantised
+model trains on CUDA as a GPU-quantised one, was not checked here (no GPU). With cpu_offload the shards are
+placed in host memory. Run on the CPU with gloo only (tests/training/test_fsdp.py). The preflight
+refuses a machine whose host memory cannot hold rank 0's copy and the offloaded shards of its processes, or
+whose GPU cannot hold what loading puts there (probe.load_memory_problems).
 """
 
 from __future__ import annotations
@@ -73,16 +81,34 @@ SHARDED_DIR = "sharded"
 
 
 def loads_on_rank0(cfg) -> bool:
-    """Whether only rank 0 reads the weights, the other ranks building the model on the meta device
-    (modeling.build_model(meta=True)) and receiving their shards from rank 0 in `shard_model`: every FSDP run."""
+    """Whether only rank 0 reads the weights, into host memory, every rank building the model on the meta device
+    and receiving its shards from rank 0 in `shard_model` (`build_to_shard`): every FSDP run."""
     return cfg.train.distributed.strategy == "fsdp"
 
 
-def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool, from_rank0: bool = False):
+def build_to_shard(cfg, tokenizer, device: torch.device, rank: int):
+    """(model, source): the model to shard, on the meta device (modeling.build_model(meta=True)), and on rank 0
+    the weights it sends, read into host memory whatever `device` is (build_model(host=True)); None elsewhere.
+    Only shards and one whole tensor at a time then reach a GPU, in `shard_model`."""
+    import torch
+
+    from leantune.modeling import build_model
+
+    source = build_model(cfg, tokenizer, device, host=True) if rank == 0 else None
+    # The meta build's LoRA layers draw their initial values on the CPU too: rank 0's RNG goes on from the host
+    # build's draws, as one process's does from its only build (its dropout masks are then the same).
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg, tokenizer, device, meta=True)
+    return model, source
+
+
+def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool, from_rank0: bool = False,
+                source=None):
     """Shard `model` over the ranks in place; return the root to call forward on (a `TargetLoss`).
 
     full: full fine-tuning (gradients reduce-scattered after every micro-batch, see the module docstring).
-    from_rank0: rank 0 holds the weights, the other ranks the model on the meta device (`loads_on_rank0`).
+    from_rank0: every rank's `model` is on the meta device, and rank 0's weights are `source`, in host memory
+    (`build_to_shard`; None on the other ranks).
     """
     import torch
     from torch.distributed.device_mesh import init_device_mesh
@@ -99,15 +125,19 @@ def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool, fr
     if precision == torch.float16:
         raise UserError("train.distributed.strategy: fsdp runs in bf16 or fp32, and model.dtype resolves to fp16 "
                         "here (no bf16 on this GPU); set model.dtype=fp32 or train.distributed.strategy=ddp")
-    # Rank 0's weights, referenced before sharding replaces its parameters, for the other ranks' shards (its
-    # parameters and buffers: not the quantisation states bitsandbytes adds to a state dict, sent on their own).
-    weights = dict(_named_tensors(model)) if from_rank0 and dist.rank == 0 else {}
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if dist.device.type == "cuda" and precision == torch.bfloat16 else MixedPrecisionPolicy())
     # train.distributed.cpu_offload: the shards (and the optimizer step) in host memory, pinned for the copies.
     offload = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda") if dist.cpu_offload else OffloadPolicy()
     layers = decoder_layers(model)
+    for module in model.modules():
+        # bitsandbytes repacks a 4-bit weight in place for its CPU kernel at the first eval-mode forward on a CPU
+        # with AVX512-BF16, and marks the layer's quantisation state so; FSDP gathers the weight afresh for every
+        # forward, so the repacked copy would be lost and the mark kept (wrong validation losses, and training
+        # after them): the repacking stays off for sharded 4-bit layers.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
     root = target_loss_module(model)
@@ -118,7 +148,7 @@ def shard_model(model, dist: DistContext, precision: torch.dtype, full: bool, fr
             module.set_force_sum_reduction_for_comms(True)
     root.sync_every_micro_batch = full
     if from_rank0:
-        _receive_from_rank0(model, weights, dist)
+        _receive_from_rank0(model, source, dist)
     log.info("fsdp: %d decoder layers and the root sharded over %d ranks (%s%s)", len(layers), dist.world_size,
              "bf16 parameters, fp32 gradient reduction" if policy.param_dtype is not None else "fp32",
              "; shards in host memory" if dist.cpu_offload else "")
@@ -134,33 +164,40 @@ def _named_tensors(model):
                 yield f"{module_name}.{name}" if module_name else name, buffer
 
 
-def _receive_from_rank0(model, weights: dict, dist: DistContext) -> None:
-    """Every rank's shards of rank 0's `weights` (empty on the others, whose sharded model is on the meta
-    device until here), rank 0's buffers, which the state dict leaves out (the rotary frequencies), and
-    QLoRA's quantisation states (`_receive_quant_states`)."""
+def _receive_from_rank0(model, source, dist: DistContext) -> None:
+    """Every rank's shards of the weights of rank 0's `source` (None on the others), the buffers, which the state
+    dict leaves out (the rotary frequencies), and QLoRA's quantisation states (`_receive_quant_states`), into the
+    sharded `model`, on the meta device until here."""
     import torch
     import torch.distributed as tdist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    if dist.rank > 0:
-        # With cpu_offload the shards live on the host (FSDP pins them there); buffers are never offloaded.
-        model.to_empty(device=torch.device("cpu") if dist.cpu_offload else dist.device)
-        if dist.cpu_offload:
-            for module in model.modules():
-                for name, buffer in module.named_buffers(recurse=False):
-                    setattr(module, name, buffer.to(dist.device))
+    # With cpu_offload the shards live on the host (FSDP pins them there); buffers are never offloaded.
+    model.to_empty(device=torch.device("cpu") if dist.cpu_offload else dist.device)
+    if dist.cpu_offload:
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                setattr(module, name, buffer.to(dist.device))
+    # Rank 0's parameters and persistent buffers (not the quantisation states bitsandbytes adds to a state dict,
+    # sent on their own). torch sends one whole tensor at a time, copied from the host to the device, and each
+    # rank keeps its shard of it (_state_dict_utils._broadcast_state_dict).
+    weights = dict(_named_tensors(source)) if source is not None else {}
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for buffer in model.buffers():
+    own = dict(source.named_buffers()) if source is not None else {}
+    for name, buffer in model.named_buffers():
+        if source is not None:
+            buffer.copy_(own[name])
         tdist.broadcast(buffer, src=0)
-    _receive_quant_states(model, dist)
-    log.info("fsdp: rank %d received its shards of rank 0's weights", dist.rank)
+    _receive_quant_states(model, source, dist)
+    log.info("fsdp: rank %d %s", dist.rank, "filled its shards from the weights it read into host memory"
+             if source is not None else "received its shards of rank 0's weights")
 
 
-def _receive_quant_states(model, dist: DistContext) -> None:
-    """Rank 0's quantisation state of every 4-bit linear (QLoRA), whole, on every rank: bitsandbytes keeps it
-    beside the parameter (Linear4bit.quant_state, which its forward gives the gathered weight back), so neither
-    sharding nor the state dict carries it. Sent as QuantState.as_dict(packed=True): tensors only (absmax, the
-    code, the nested ones, the rest packed), whose shapes and dtypes go first."""
+def _receive_quant_states(model, source, dist: DistContext) -> None:
+    """The quantisation state of every 4-bit linear (QLoRA) of rank 0's `source`, whole, on every rank's device:
+    bitsandbytes keeps it beside the parameter (Linear4bit.quant_state, which its forward gives the gathered weight
+    back), so neither sharding nor the state dict carries it. Sent as QuantState.as_dict(packed=True): tensors
+    only (absmax, the code, the nested ones, the rest packed), whose shapes and dtypes go first."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "is_loaded_in_4bit", False):  # transformers' mark of a 4-bit model
         return
@@ -172,18 +209,18 @@ def _receive_quant_states(model, dist: DistContext) -> None:
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     if not modules:
         return
-    states = {name: m.quant_state.as_dict(packed=True) for name, m in modules} if dist.rank == 0 else {}
+    states = ({name: m.quant_state.as_dict(packed=True) for name, m in source.named_modules()
+               if isinstance(m, bnb.nn.Linear4bit)} if source is not None else {})
     layout = [{name: {k: (t.shape, t.dtype) for k, t in state.items()} for name, state in states.items()}]
     tdist.broadcast_object_list(layout, src=0)
     for name, module in modules:
         received = {}
         for key, (shape, dtype) in layout[0][name].items():
-            tensor = (states[name][key].to(dist.device) if dist.rank == 0
+            tensor = (states[name][key].to(dist.device) if source is not None
                       else torch.empty(shape, dtype=dtype, device=dist.device))
             tdist.broadcast(tensor, src=0)
             received[key] = tensor
-        if dist.rank > 0:
-            module.quant_state = QuantState.from_dict(received, device=dist.device)
+        module.quant_state = QuantState.from_dict(received, device=dist.device)
 
 
 def decoder_layers(model) -> list:

@@ -275,7 +275,7 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
 
     from leantune.modeling import build_model, describe_model, resolve_precision
     from leantune.training.checkpoint import CheckpointManager, run_fingerprints
-    from leantune.training.fsdp import loads_on_rank0
+    from leantune.training.fsdp import build_to_shard, loads_on_rank0
     from leantune.training.optim import build_optimizer, build_scheduler, total_steps
 
     t = cfg.train
@@ -292,23 +292,31 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistContext) -> tuple[_Run, obje
     precision = resolve_precision(cfg, device)
     # Fresh runs draw weights, LoRA init and dropout from train.seed; a resume restores the RNGs.
     _seed_everything(t.seed)
-    # FSDP: only rank 0 reads the weights, the others receive theirs when it is sharded (fsdp.py).
+    # FSDP: only rank 0 reads the weights, into host memory; every rank's model is on the meta device until
+    # it is sharded and receives its shards from them (fsdp.py).
     from_rank0 = dist.sharded and loads_on_rank0(cfg)
-    model = build_model(cfg, tokenizer, device, meta=from_rank0 and dist.rank > 0)
+    model, source = (build_to_shard(cfg, tokenizer, device, dist.rank) if from_rank0
+                     else (build_model(cfg, tokenizer, device), None))
     log.info("model: %s", describe_model(model))
     if t.compile != "off":
         compile_decoder(model, t.compile)
     moe, aux_coef = _router_tap(cfg, model)
     pref = (PreferenceObjective.for_run(cfg, train_shards, moe, precision, model.config._attn_implementation, device)
             if t.objective != "sft" else None)
-    if t.objective == "dpo" and cfg.model.method == "full":  # the reference log-probs: of this model, before any step
-        for shards in (s for s in (train_shards, val_shards) if s is not None):
-            pref.store_reference(model, shards, dist)
     if dist.rank > 0:
         # Every rank built the same weights from train.seed; each draws its own dropout, as it has its own data.
         torch.manual_seed(int(np.random.SeedSequence([t.seed, dist.rank]).generate_state(1)[0]))
     # FSDP: the weights sharded over the ranks before the optimizer takes them (fsdp.py); None otherwise.
-    sharded_root = dist.shard(model, precision, full=cfg.model.method == "full", from_rank0=from_rank0)
+    sharded_root = dist.shard(model, precision, full=cfg.model.method == "full", from_rank0=from_rank0,
+                              source=source)
+    del source  # rank 0's host copy of the weights: its memory back before training
+    if t.objective == "dpo" and cfg.model.method == "full":  # the reference log-probs: of this model, before any step
+        for shards in (s for s in (train_shards, val_shards) if s is not None):
+            pref.store_reference(sharded_root or model, shards, dist)  # FSDP: through its root, every rank
+        if sharded_root is not None:
+            # FSDP2 leaves the root's parameters gathered after a forward (for the backward that usually follows):
+            # sharded again, so that the optimizer below takes the shards, not the gathered copies.
+            sharded_root.reshard()
     optimizer = build_optimizer(cfg, model)
     run = _Run(
         cfg=cfg, run_dir=run_dir, dist=dist, device=device, train_shards=train_shards, val_shards=val_shards,
@@ -427,7 +435,9 @@ def _train_step(run: _Run, step: int, order_of: _EpochOrders) -> tuple[dict, flo
     # Validation every train.eval_every steps and after the last one.
     val_loss = None
     if run.val_shards is not None and (step % t.eval_every == 0 or step == run.num_steps):
-        val_loss = (run.pref.evaluate(run.model, run.val_shards, run.controller.micro_batch_size, run.autocast, dist)
+        # FSDP: pairs through its root, as every forward.
+        val_loss = (run.pref.evaluate(dist.root or run.model, run.val_shards, run.controller.micro_batch_size,
+                                      run.autocast, dist)
                     if run.pref else evaluate(run.forward_model, run.val_shards, run.controller.micro_batch_size,
                                               run.device, run.autocast, run.mask_dtype, run.attention, dist))
         line["val_loss"] = state.val_loss = val_loss
@@ -800,7 +810,7 @@ def _probe(run: _Run, indices: np.ndarray) -> None:
         items = [run.train_shards[int(i)] for i in indices]
         with run.autocast:
             if run.pref is not None:
-                loss = run.pref.loss(run.model, items, len(items))[0]
+                loss = run.pref.loss(run.forward_model or run.model, items, len(items))[0]  # FSDP: its root
             else:
                 inputs, labels = model_inputs(items, run.train_shards.pad_id, run.mask_dtype, run.attention, run.device,
                                               split_documents=run.moe is None)

@@ -59,7 +59,7 @@ def target_cross_entropy(model, inputs: dict, labels, chunk_logits: int = CHUNK_
     import torch
     import torch.nn.functional as F
 
-    if isinstance(model, _target_loss_class()):  # FSDP's root (fsdp.py): its hooks run around the whole loss
+    if is_target_loss_module(model):  # FSDP's root (fsdp.py): its hooks run around the whole loss
         return model(inputs, labels)
     rows, row_targets, head, logits_of, chunk = target_rows(model, inputs, labels, chunk_logits)
     params = [p for p in head.parameters() if p.requires_grad]
@@ -87,12 +87,18 @@ def target_rows(model, inputs: dict, labels, chunk_logits: int):
 
 
 def target_loss_module(model):
-    """A module whose forward(inputs, labels) is `target_cross_entropy(model, inputs, labels)`.
+    """A module whose forward(inputs, labels) is `target_cross_entropy(model, inputs, labels)`, and
+    forward(inputs, labels, compute) is `compute(model, inputs, labels)` (preference.sequence_logps).
 
     FSDP (fsdp.py) makes it the root, so that the decoder and the head run inside one forward of
     the root; `target_cross_entropy` called with it calls its forward.
     """
     return _target_loss_class()(model)
+
+
+def is_target_loss_module(model) -> bool:
+    """Whether `model` is a `target_loss_module` (FSDP's root): what runs through the model runs through its forward."""
+    return isinstance(model, _target_loss_class())
 
 
 @functools.cache
@@ -104,8 +110,8 @@ def _target_loss_class():
             super().__init__()
             self.model = model
 
-        def forward(self, inputs: dict, labels):
-            return target_cross_entropy(self.model, inputs, labels)
+        def forward(self, inputs: dict, labels, compute=None):
+            return (compute or target_cross_entropy)(self.model, inputs, labels)
 
     return TargetLoss
 

@@ -33,9 +33,11 @@ micro-batches (and the ranks) and metrics.jsonl reports them as `preference_metr
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from leantune.training.loss import CHUNK_LOGITS, target_rows
+from leantune.training.loss import CHUNK_LOGITS, is_target_loss_module, target_rows
 
 # Per micro-batch sums, added up over a step: loss, pairs ranked right (margin > 0), margin, and the
 # policy's log-probabilities of the chosen and of the rejected answers.
@@ -69,6 +71,8 @@ def sequence_logps(model, inputs: dict, labels, counts: list[int], chunk_logits:
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
+    if is_target_loss_module(model):  # FSDP's root (fsdp.py): its hooks run around the decoder and the head
+        return model(inputs, labels, functools.partial(sequence_logps, counts=counts, chunk_logits=chunk_logits))
     rows, row_targets, _, logits_of, chunk = target_rows(model, inputs, labels, chunk_logits)
 
     def token_logps(part, part_targets):
@@ -86,8 +90,9 @@ def sequence_logps(model, inputs: dict, labels, counts: list[int], chunk_logits:
 
 
 def adapter_disabled(model):
-    """The model with its LoRA adapter off (the DPO reference), seen through DDP."""
-    model = getattr(model, "module", model)
+    """The model with its LoRA adapter off (the DPO reference), seen through DDP and FSDP's root (which the
+    reference forward still runs through: it gathers the shards)."""
+    model = model.model if is_target_loss_module(model) else getattr(model, "module", model)
     if not hasattr(model, "disable_adapter"):
         raise AssertionError("train.objective=dpo needs a peft model (its reference is the adapter turned off)")
     return model.disable_adapter()
@@ -152,14 +157,15 @@ class PreferenceObjective:
         """Full fine-tuning's DPO reference: the log-probabilities of every pair of `shards` under `model` as it is
         now (before any step), written beside the shards once (shards.REFERENCE_LOGPS: 8 bytes a pair; one
         forward of every pair without gradients, about a third of an epoch's compute) and served with their
-        items from then on (a resume reads the file). Data parallel: rank 0 writes it while the others wait."""
+        items from then on (a resume reads the file). Data parallel: rank 0 writes it while the others wait; FSDP
+        (`model` its root): every rank runs every forward with rank 0, whose results it writes."""
         import torch
 
         from leantune.shards import REFERENCE_LOGPS
         from leantune.training.packed import model_inputs
 
         path = shards.directory / REFERENCE_LOGPS
-        if dist.is_main and not path.is_file():
+        if (dist.is_main or dist.sharded) and not path.is_file():
             logps = np.zeros((len(shards), 2), dtype=np.float32)
             autocast = torch.autocast(self.device.type, dtype=self.mask_dtype, enabled=self.mask_dtype != torch.float32)
             model.eval()
@@ -171,9 +177,10 @@ class PreferenceObjective:
                     logp = sequence_logps(model, inputs, labels, target_counts(rows), self.chunk_logits)
                     logps[start:start + len(items)] = logp.reshape(2, -1).T.cpu().numpy()
             model.train()
-            partial = path.with_name(".tmp-" + path.name)  # whole or not at all
-            np.save(partial, logps)
-            partial.replace(path)
+            if dist.is_main:
+                partial = path.with_name(".tmp-" + path.name)  # whole or not at all
+                np.save(partial, logps)
+                partial.replace(path)
         dist.broadcast(None)  # the others wait for rank 0's file
         shards.reference = np.load(path)
 
@@ -191,6 +198,10 @@ class PreferenceObjective:
             for start in range(0, len(order), batch_size):
                 with autocast:
                     total += float(self.loss(model, [shards[int(i)] for i in order[start:start + batch_size]], 1)[1][0])
+            # FSDP: a rank with fewer batches runs its first pair again as often as it is short, uncounted.
+            for _ in range(dist.missing_forwards(len(shards), batch_size) if dist is not None else 0):
+                with autocast:
+                    self.loss(model, [shards[int(order[0] if len(order) else 0)]], 1)
         model.train()
         count = len(order)
         if dist is not None:

@@ -70,7 +70,9 @@ def fsdp_runs(tokenized_run, tmp_path_factory) -> dict:
     plan = [{"run_dir": str(path)} for name, path in runs.items() if name != "oom"]
     rc, out, ended = torchrun([*plan, {"run_dir": str(runs["oom"]), "oom": "1:5"}], root / "plan-1.json")
     assert rc != 0 and (runs["reference"] / "training.json").is_file(), out[-4000:]
-    # Every run, QLoRA and cpu_offload too: rank 1 built its model on the meta device and got rank 0's weights.
+    # Every run, QLoRA and cpu_offload too: both ranks built the model on the meta device, rank 0 read the weights
+    # into host memory (fsdp.build_to_shard) and filled its shards and rank 1's from there.
+    assert out.count("rank 0 filled its shards from the weights it read into host memory") == len(TWO_PROCESS_RUNS)
     assert out.count("rank 1 received its shards of rank 0's weights") == len(TWO_PROCESS_RUNS), out[-4000:]
     oom_written = (runs["oom"] / "attempt_error.json").stat().st_mtime
 
@@ -136,6 +138,8 @@ def test_fsdp_full_fine_tuning_on_two_processes_gives_the_one_process_weights(fs
     assert_same_run(two, one_process("full"), "model.safetensors", 4 // micro)
     # The export is the model gathered on rank 0, loadable as the base's class.
     assert json.loads((two / "adapter" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    exported = (json.loads((run / "adapter" / "config.json").read_text()) for run in (two, one_process("full")))
+    assert next(exported) == next(exported)
 
 
 @pytest.mark.slow
@@ -148,6 +152,14 @@ def test_fsdp_with_cpu_offload_gives_the_one_process_weights(fsdp_runs, one_proc
 def test_one_qlora_step_under_fsdp_gives_the_one_process_adapter(fsdp_runs, one_process, name):
     """Rank 1 built the 4-bit model on the meta device and received its shards and the quantisation states."""
     assert_same_run(fsdp_runs["runs"][name], one_process("qlora"), "adapter_model.safetensors", 1)
+    two, one = (json.loads((run / "adapter" / "adapter_config.json").read_text())
+                for run in (fsdp_runs["runs"][name], one_process("qlora")))
+    # The same adapter config, but for the base: one process's scratch QLoRA model came from a temporary
+    # directory (modeling.build_model), gone since; the meta-built one names none (a hub model: its id, checked
+    # in test_a_rank_that_receives_rank_0s_weights_builds_the_same_model_on_the_meta_device).
+    assert two.pop("base_model_name_or_path") is None
+    assert Path(one.pop("base_model_name_or_path")).name.startswith("leantune-scratch-")
+    assert two == one
 
 
 @pytest.mark.slow
@@ -210,8 +222,8 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(fsdp_runs, tmp_path):
                                                ("qlora", True)])
 def test_a_rank_that_receives_rank_0s_weights_builds_the_same_model_on_the_meta_device(
         tokenized_run, tmp_path, method, pretrained):
-    """The other ranks of an FSDP run build the model's structure only (no weight read or allocated): the same
-    parameters (names, shapes, dtypes, trained or not) and buffers as rank 0's loaded model, on the meta device;
+    """Every rank of an FSDP run builds the model's structure only (no weight read or allocated): the same
+    parameters (names, shapes, dtypes, trained or not) and buffers as the model rank 0 reads, on the meta device;
     for QLoRA the same 4-bit layers, their packed weights marked quantised, their quantisation state still to
     come from rank 0."""
     import bitsandbytes as bnb
@@ -236,6 +248,8 @@ def test_a_rank_that_receives_rank_0s_weights_builds_the_same_model_on_the_meta_
         return [(n, p.shape, p.dtype, p.requires_grad, type(p).__name__) for n, p in model.named_parameters()]
 
     assert structure(meta) == structure(loaded) and all(p.is_meta for p in meta.parameters())
+    if pretrained:  # the base the adapter names: the model's directory
+        assert meta.name_or_path == loaded.name_or_path == str(tmp_path)
     assert [n for n, _ in meta.named_buffers()] == [n for n, _ in loaded.named_buffers()]
     assert repr(meta) == repr(loaded)  # the same module classes: bitsandbytes' and peft's 4-bit ones for QLoRA
     four_bit = [m for m in meta.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -244,6 +258,30 @@ def test_a_rank_that_receives_rank_0s_weights_builds_the_same_model_on_the_meta_
     assert loads_on_rank0(cfg) and loads_on_rank0(load_config(tokenized_run / "config.yaml", [
         "train.distributed.strategy=fsdp", "train.distributed.cpu_offload=true"]))
     assert not loads_on_rank0(load_config(tokenized_run / "config.yaml", ["train.distributed.nproc_per_node=2"]))
+
+
+def test_rank_0_reads_the_weights_into_host_memory_when_it_trains_on_a_gpu(tokenized_run, monkeypatch):
+    """FSDP QLoRA on a (simulated) RTX 4090: rank 0 reads and quantises the weights on the host, in the GPU's
+    dtype (bf16), and its model, like every rank's, is on the meta device until it is sharded; so no GPU ever
+    holds the whole model (fsdp.build_to_shard). Putting any weight on cuda would fail here: torch has no CUDA."""
+    import bitsandbytes as bnb
+    from fakes import simulate_cuda
+    from transformers import AutoTokenizer
+
+    from leantune.devices import KNOWN
+    from leantune.rundir import RunDir
+    from leantune.training.fsdp import build_to_shard
+
+    simulate_cuda(monkeypatch, next(card for card in KNOWN if card.name == "RTX 4090"))
+    cfg = load_config(tokenized_run / "config.yaml", ["train.distributed.strategy=fsdp", "model.dtype=bf16", *QLORA])
+    tokenizer = AutoTokenizer.from_pretrained(RunDir(tokenized_run).tokenizer)
+    model, source = build_to_shard(cfg, tokenizer, torch.device("cuda", 0), rank=0)
+    assert all(p.is_meta for p in model.parameters())
+    assert {p.device.type for p in source.parameters()} == {"cpu"}
+    four_bit = [m for m in source.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 14 and all(m.weight.bnb_quantized and m.weight.dtype == torch.bfloat16 for m in four_bit)
+    assert {m.quant_state.absmax.device.type for m in four_bit} == {"cpu"}
+    assert build_to_shard(cfg, tokenizer, torch.device("cuda", 1), rank=1)[1] is None  # the others read nothing
 
 
 def test_fsdp_evaluation_runs_as_many_forwards_on_every_rank():
@@ -309,15 +347,18 @@ def test_the_70b_qlora_config_fits_two_24gb_gpus_with_its_shards_offloaded_and_n
     four = per_gpu("train.distributed.cpu_offload=false", "train.distributed.nproc_per_node=4")
     short = per_gpu("train.distributed.cpu_offload=false", "tokenize.max_seq_len=512")
     replica = per_gpu("train.distributed.cpu_offload=false", "train.distributed.strategy=ddp")
-    # Offloaded, a GPU holds the gathered embedding, head and norms (bf16) and two 4-bit layers, LoRA's unsharded
-    # gradients and its micro-batch's activations; the shards (half the 4-bit layers, of the fp32 embedding and
-    # head, of LoRA's weights, gradients and AdamW state, and the CPU step's temporary) are on the host.
+    # Offloaded, a GPU holds the gathered embedding, head and norms (bf16, 3.92 GiB), two packed 4-bit layers
+    # (0.80) and all the quantisation constants (1.01: bitsandbytes keeps them outside the sharded parameters),
+    # LoRA's unsharded gradients and its micro-batch's activations; the shards (half the packed 4-bit layers, of
+    # the fp32 embedding and head, of LoRA's weights, gradients and AdamW state, and the CPU step's temporary) are
+    # on the host.
     assert [round(x / GIB, 2) for x in (offloaded.weights, offloaded.gradients, offloaded.activations,
-                                        offloaded.total, offloaded.offloaded_host)] == [4.74, 0.77, 3.9, 9.41, 22.29]
+                                        offloaded.total, offloaded.offloaded_host)] == [5.73, 0.77, 3.9, 10.4, 21.78]
     assert offloaded.optimizer == offloaded.trainable == 0
     # Sharded on the GPUs: a half (a quarter) of the 4-bit layers, of the fp32 embedding and head and of the
-    # adapter's optimizer state, plus the gathered layers and head in bf16 and the activations of one micro-batch.
-    assert [round(e.total / GIB, 2) for e in (on_gpu, four, short, replica)] == [30.93, 20.17, 28.33, 47.71]
+    # adapter's optimizer state, plus the gathered layers and head in bf16, the constants and the activations of
+    # one micro-batch.
+    assert [round(e.total / GIB, 2) for e in (on_gpu, four, short, replica)] == [31.41, 20.9, 28.81, 47.71]
     assert offloaded.total <= budget < short.total < on_gpu.total and four.total <= budget
     # The activations are every GPU's own: the same whatever the sharding.
     assert offloaded.activations == on_gpu.activations == replica.activations
@@ -342,47 +383,65 @@ def simulated_machine(monkeypatch, host_gib: float, gpu_gib: float = 80) -> None
                         lambda device_type, index=0: int((host_gib if device_type == "cpu" else gpu_gib) * GIB))
 
 
-def test_the_70b_config_is_refused_where_the_host_cannot_hold_its_offloaded_shards_or_a_gpu_its_load(monkeypatch):
+def test_the_70b_config_loads_on_two_24gb_gpus_where_the_host_holds_rank_0s_copy_and_the_offloaded_shards(
+        monkeypatch):
     from transformers import LlamaConfig
 
     from leantune.probe import ModelShape, load_memory_problems
 
     shape = ModelShape.from_hf_config(LlamaConfig(**LLAMA31_70B))
     cfg = load_config(CONFIG_70B)
-    # Each of the 2 processes keeps its half of the shards on the host: 22.29 GiB (the cost model's figure), 44.58
-    # for the machine. And rank 0 loads the whole model onto its GPU: 68,451,041,280 NF4 linear weights with double
-    # quantisation (0.515869 bytes each) plus 2,102,665,216 fp32 embedding, head and norm weights = 40.72 GiB.
-    simulated_machine(monkeypatch, host_gib=40, gpu_gib=23)
+    # Rank 0 reads the whole model into host memory: 68,451,041,280 NF4 linear weights with double quantisation
+    # (0.515869 bytes each) plus 2,102,665,216 fp32 embedding, head and norm weights = 40.72 GiB; beside it each of
+    # the 2 processes keeps its half of the shards there, 21.78 GiB (the cost model's figure), and copies there each
+    # whole tensor it receives to cut its shard, at most the fp32 embedding or head (3.91 GiB): 92.11 GiB in all.
+    # Each GPU (shards offloaded) holds the quantisation constants (1.01 GiB) and the tensor being sent: a 24 GB
+    # card holds that, 23.5 GiB free.
+    simulated_machine(monkeypatch, host_gib=92.2, gpu_gib=23.5)
+    assert load_memory_problems(cfg, shape, "cuda") == []
+    simulated_machine(monkeypatch, host_gib=92.1, gpu_gib=4.9)
     host, gpu = load_memory_problems(cfg, shape, "cuda")
     assert host.startswith("host memory: the 2 training processes of this machine (train.distributed.nproc_per_node "
-                           "2) need 44.58 GiB and 40.00 GiB is available: each keeps 22.29 GiB of shards")
+                           "2) need 92.11 GiB and 92.10 GiB is available: rank 0 reads the whole model into host "
+                           "memory (40.72 GiB; the ranks' shards are filled from it); each keeps 21.78 GiB of shards "
+                           "of the weights, gradients and optimizer state there (train.distributed.cpu_offload: "
+                           "true); each copies there the tensor it is loading, whole, to cut its shard (3.91 GiB at "
+                           "most)")
     assert "set train.distributed.cpu_offload=false" in host and "raise train.distributed.nnodes" in host
-    assert gpu.startswith("GPU memory: rank 0 loads the whole model onto its GPU before sharding it (40.72 GiB; the "
-                          "other ranks receive their shards from it), and GPU 0 has 23.00 GiB free")
-    simulated_machine(monkeypatch, host_gib=44.5, gpu_gib=40.7)
-    assert len(load_memory_problems(cfg, shape, "cuda")) == 2
-    simulated_machine(monkeypatch, host_gib=44.6, gpu_gib=40.8)
-    assert load_memory_problems(cfg, shape, "cuda") == []
-    # Over 2 machines each process keeps a quarter of the shards: 2 x 11.14 GiB on this one.
-    simulated_machine(monkeypatch, host_gib=22.3, gpu_gib=40.8)
+    assert gpu == ("GPU memory: while the model loads each GPU holds the quantisation constants (1.01 GiB), the "
+                   "largest tensor rank 0 sends, whole (3.91 GiB): 4.93 GiB, and GPU 0 has 4.90 GiB free. To fit: "
+                   "GPUs with more free memory")
+    # Without the offload the shards are on the GPUs too, 19.85 GiB each: 24.78 GiB does not load on 24 GB cards.
+    on_gpus = load_config(CONFIG_70B, ["train.distributed.cpu_offload=false"])
+    simulated_machine(monkeypatch, host_gib=40.8, gpu_gib=23.5)
+    assert load_memory_problems(on_gpus, shape, "cuda") == [
+        "GPU memory: while the model loads each GPU holds its shards (19.85 GiB), the quantisation constants (1.01 "
+        "GiB), the largest tensor rank 0 sends, whole (3.91 GiB): 24.78 GiB, and GPU 0 has 23.50 GiB free. To fit: "
+        "set train.distributed.cpu_offload=true (the shards in host memory), or raise "
+        "train.distributed.nproc_per_node, or GPUs with more free memory"]
+    # Over 2 machines each process keeps a quarter of the shards: rank 0's copy and 2 x (10.89 + 3.91) GiB on its
+    # machine.
     two_nodes = load_config(CONFIG_70B, ["train.distributed.nnodes=2", "train.distributed.rdzv_endpoint=node0:29400"])
+    simulated_machine(monkeypatch, host_gib=70.4, gpu_gib=23.5)
     assert load_memory_problems(two_nodes, shape, "cuda") == []
-    simulated_machine(monkeypatch, host_gib=22.2, gpu_gib=40.8)
-    assert "need 22.29 GiB and 22.20 GiB" in load_memory_problems(two_nodes, shape, "cuda")[0]
-    # Without the offload nothing stays on the host; LoRA's 140 GB of bf16 weights are loaded onto GPU 0 alike.
-    assert load_memory_problems(load_config(CONFIG_70B, ["train.distributed.cpu_offload=false"]), shape, "cuda") == []
-    lora = load_config(CONFIG_70B, ["train.distributed.cpu_offload=false", "model.method=lora"])
-    simulated_machine(monkeypatch, host_gib=1, gpu_gib=79)
-    assert load_memory_problems(lora, shape, "cuda") == [
-        "GPU memory: rank 0 loads the whole model onto its GPU before sharding it (131.42 GiB; the other ranks "
-        "receive their shards from it), and GPU 0 has 79.00 GiB free, so loading would run out of memory whatever "
-        "the per-GPU estimate of a step. To fit: GPUs with that much free memory, or a smaller model.name_or_path"]
-    # On the CPU the load is in host memory: rank 0's whole model beside the 2 processes' shards, 85.30 GiB.
-    simulated_machine(monkeypatch, host_gib=85.2)
+    simulated_machine(monkeypatch, host_gib=70.3, gpu_gib=23.5)
+    assert "need 70.33 GiB and 70.30 GiB" in load_memory_problems(two_nodes, shape, "cuda")[0]
+    # LoRA's 131.42 GiB of bf16 weights are read into host memory alike; its GPUs hold a quarter each (4 GPUs)
+    # and one bf16 linear or embedding (1.96 GiB) at a time.
+    lora = load_config(CONFIG_70B, ["train.distributed.cpu_offload=false", "model.method=lora",
+                                    "train.distributed.nproc_per_node=4"])
+    simulated_machine(monkeypatch, host_gib=131.4, gpu_gib=34.8)
+    host, gpu = load_memory_problems(lora, shape, "cuda")
+    assert "need 131.42 GiB and 131.40 GiB is available: rank 0 reads the whole model into host memory" in host
+    assert gpu.startswith("GPU memory: while the model loads each GPU holds its shards (32.85 GiB), the largest "
+                          "tensor rank 0 sends, whole (1.96 GiB): 34.81 GiB, and GPU 0 has 34.80 GiB free")
+    # On the CPU the load is in host memory too: rank 0's whole model beside the 2 processes' shards (each tensor
+    # is cut into shards where it arrives: no copy).
+    simulated_machine(monkeypatch, host_gib=84.2)
     assert load_memory_problems(cfg, shape, "cpu")[0].startswith(
-        "host memory: the 2 training processes of this machine (train.distributed.nproc_per_node 2) need 85.30 GiB "
-        "and 85.20 GiB is available: rank 0 loads the whole model into host memory (40.72 GiB; the other ranks "
-        "receive their shards from it); each keeps 22.29 GiB of shards")
+        "host memory: the 2 training processes of this machine (train.distributed.nproc_per_node 2) need 84.29 GiB "
+        "and 84.20 GiB is available: rank 0 reads the whole model into host memory (40.72 GiB; the ranks' shards "
+        "are filled from it); each keeps 21.78 GiB of shards")
 
 
 def test_the_preflight_refuses_a_host_too_small_for_the_processes_that_load_the_model(monkeypatch):
@@ -418,7 +477,7 @@ def test_cost_shows_the_gpus_a_sharded_config_needs_and_its_memory_per_gpu(tmp_p
     assert main(args) == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.startswith("GPU") and "fits memory (per GPU)" in header
-    assert row.startswith("2 x RTX 4090") and "yes (9.4 GiB, fsdp; 22.3 GiB host memory per GPU)" in row
+    assert row.startswith("2 x RTX 4090") and "yes (10.4 GiB, fsdp; 21.8 GiB host memory per GPU; 40.7 GiB on rank 0's host while loading)" in row
     assert main([*args, "--json"]) == 0
     two = json.loads(capsys.readouterr().out)[0]
     single = tmp_path / "one-gpu.yaml"
