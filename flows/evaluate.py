@@ -39,22 +39,23 @@ from leantune.rundir import RunDir
 from leantune.runlock import hold_run_dir
 from tasks.evaluate import evaluate_sycophancy
 from tasks.server import connect_to_prefect
+from tasks.stage import end_stop
 
 DEFAULT_RUN_CONFIG = load_config(DEFAULT_CONFIG)
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", on_crashed=[end_stop], on_cancellation=[end_stop])  # end_stop: tasks/stage.py
 def evaluate_flow(config: RunConfig = DEFAULT_RUN_CONFIG, run_dir: str | None = None, adapter: str | None = None,
                   out_dir: str | None = None) -> dict:
     """Evaluate sycophancy on config.eval.datasets.
 
     Args:
         config: the model and the eval section (datasets, items); with run_dir, the model is the run's own.
-        run_dir: a finetune run directory (runs/<name>): its adapter/ against its base (the model of the
+        run_dir: a finetune run directory (runs/NAME): its adapter/ against its base (the model of the
             run's own config.yaml); results in run_dir/eval/.
         adapter: a PEFT adapter directory (or a fully fine-tuned model) for the model of config. Leave
             both empty to evaluate the model of config alone.
-        out_dir: where the results go (default: run_dir/eval, else <run.output_dir>/eval-<model>-<time>).
+        out_dir: where the results go (default: run_dir/eval, else run.output_dir/eval-MODEL-TIME).
     """
     log = get_run_logger()
     if run_dir and adapter:

@@ -47,13 +47,14 @@ from leantune.preflight import check_before_data
 from leantune.resume import resume_refusal
 from leantune.rundir import RunDir, create_run_dir, data_stages_done, existing_run_dir, read_attempts
 from leantune.runlock import hold_run_dir
-from leantune.stopping import hang_up, raise_stopped, stop_signal, stopped_line
+from leantune.stopping import hang_up, holding_off_repeats, raise_stopped, stop_signal, stopped_line
 from tasks.attempts import after_failure, probe_memory, publish_attempts, record_interruption, record_success
 from tasks.evaluate import evaluate_sycophancy
 from tasks.filtration import filter_claims
 from tasks.prepare import prepare_data
 from tasks.report import report_run
 from tasks.server import connect_to_prefect, stop_temporary_server
+from tasks.stage import end_stop
 from tasks.tokenize import tokenize_data
 from tasks.track import end_tracking, finish_tracking, start_tracking
 from tasks.train import train_model
@@ -65,7 +66,9 @@ DEFAULT_RUN_CONFIG = load_config(DEFAULT_CONFIG)
 ConfigFile = Literal[tuple(sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.yaml")))]
 
 
-@flow(name="finetune", on_failure=[end_tracking], on_crashed=[end_tracking], on_cancellation=[end_tracking])
+# A stop's hooks: tracking ended first, while repeated signals are still held off; then the handlers are back.
+@flow(name="finetune", on_failure=[end_tracking], on_crashed=[end_tracking, end_stop],
+      on_cancellation=[end_tracking, end_stop])
 def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default", resume: bool = False,
              config_file: ConfigFile | None = None) -> Path:
     """Fine-tune a model as `config` says; returns the run directory.
@@ -73,9 +76,9 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
     Args:
         config: the run's whole config (every key documented in leantune/config.py); the form starts from
             configs/default.yaml. Not used when config_file is chosen.
-        config_name: the start of a new run's directory name, <config_name>-<date>-<time>, when run.name
-            is not set.
-        resume: continue the existing run <run.output_dir>/<run.name>/ (run.name must be set): training picks
+        config_name: the start of a new run's directory name, CONFIG_NAME-YYYYMMDD-HHMMSS (e.g.
+            adhoc-20250101-120000), when run.name is not set.
+        resume: continue the existing run run.output_dir/run.name/ (run.name must be set): training picks
             up from its newest checkpoint; data stages that did not finish run again first.
         config_file: run a config file of configs/ as it is (e.g. smoke, the tiny offline check) instead of
             the config above.
@@ -86,8 +89,9 @@ def finetune(config: RunConfig = DEFAULT_RUN_CONFIG, config_name: str = "default
     check_before_data(config)  # eval files, LoRA targets: refused before the run directory is made
     run_dir = existing_run_dir(config) if resume else create_run_dir(config, config_name)
     # One process at a time in a run, from the first stage to the report; a second command on the run is
-    # refused here, before it writes anything, tracking included (leantune/runlock.py).
-    with hold_run_dir(run_dir):
+    # refused here, before it writes anything, tracking included (leantune/runlock.py). A stop between
+    # stages holds off repeated signals, as one inside a stage does, until the lock is released (leantune/stopping.py).
+    with hold_run_dir(run_dir), holding_off_repeats():
         if resume:
             check_not_finished(run_dir)  # another --resume finished it while this one started
             if refusal := resume_refusal(config, run_dir):  # before its MLflow run is reopened
@@ -190,7 +194,10 @@ def main(argv: list[str] | None = None, request: FinetuneRequest | None = None) 
         for sig in handlers:  # stopped already: a repeated signal must not cut the last line short
             signal.signal(sig, signal.SIG_IGN)
         stop_temporary_server()
-        print(stopped_line(signum, Path(request.config.run.output_dir) / request.config.run.name), file=sys.stderr)
+        try:
+            print(stopped_line(signum, Path(request.config.run.output_dir) / request.config.run.name), file=sys.stderr)
+        except OSError:  # the terminal is gone (its window closed): the exit status still says how the run ended
+            pass
         return 128 + signum
     finally:
         for sig, handler in handlers.items():

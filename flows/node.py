@@ -19,10 +19,11 @@ set_up_flow_process()
 
 from prefect import flow
 
+from tasks.stage import end_stop
 from tasks.train import train_node_agent
 
 
-@flow(name="train-node")
+@flow(name="train-node", on_crashed=[end_stop], on_cancellation=[end_stop])  # end_stop: tasks/stage.py
 def train_node(run_dir: str, node_rank: int) -> None:
     """Run node `node_rank`'s torchrun agent for the run in `run_dir` (its config.yaml) until the attempt ends."""
     train_node_agent(Path(run_dir), node_rank)

@@ -60,12 +60,13 @@ from leantune.rundir import create_run_dir
 from tasks.prepare import prepare_data
 from tasks.profile import profile_combination, publish_profile, tokenize_seq_len
 from tasks.server import connect_to_prefect
+from tasks.stage import end_stop
 from tasks.validate import validate_data
 
 DEFAULT_RUN_CONFIG = load_config(DEFAULT_CONFIG)
 
 
-@flow(name="profile")
+@flow(name="profile", on_crashed=[end_stop], on_cancellation=[end_stop])  # end_stop: tasks/stage.py
 def profile(
     config: RunConfig = DEFAULT_RUN_CONFIG,
     micro_batch_sizes: list[int] = DEFAULT_MICRO_BATCH_SIZES,
@@ -93,7 +94,7 @@ def profile(
         steps: optimizer steps per combination; the first is warm-up and not measured.
         breakdown: also train each combination's steps under torch.profiler for the execution-time breakdown
             (attention / experts / router / optimizer / other per step); doubles the sweep's training time.
-        config_name: names the profile directory, profile-<config_name>-<time> (unless config.run.name is set).
+        config_name: names the profile directory, profile-CONFIG_NAME-TIME (unless config.run.name is set).
     """
     log = get_run_logger()
     combos = combinations(micro_batch_sizes, max_seq_lens, optimizers, precisions, power_limits_w, architectures)

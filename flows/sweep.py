@@ -39,7 +39,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
 
-from leantune.cli import DEFAULT_CONFIG, DEFAULT_POOLS, SweepRequest, sweep_members, sweep_request
+from leantune.cli import DEFAULT_CONFIG, DEFAULT_POOLS, SweepRequest, anchored_members, sweep_request
 from leantune.errors import UserError
 from leantune.routing import PoolClass, load_pool_classes, route
 from leantune.sweep import (
@@ -73,7 +73,8 @@ def sweep(configs: list[str] | None = None, grid: dict[str, list] | None = None,
     log = get_run_logger()
     sweep_name = name or time.strftime("sweep-%Y%m%d-%H%M%S")
     configs, grid, overrides = configs or [str(DEFAULT_CONFIG)], grid or {}, overrides or []
-    members = sweep_members(configs, grid, overrides, sweep_name)  # where this sweep finds them: its checkout
+    given = expand_members(configs, grid, overrides, sweep_name)
+    members = anchored_members(given)  # where this sweep finds them: its checkout
     catalogue = pools or load_pool_classes(DEFAULT_POOLS)
     log.info(f"sweep {sweep_name}: {len(members)} member(s) over pools "
              f"{', '.join(f'{p.name} ({p.memory_gb:g} GB)' for p in catalogue)}")
@@ -83,8 +84,7 @@ def sweep(configs: list[str] | None = None, grid: dict[str, list] | None = None,
     parent_run = start_parent_run(members[0].config, sweep_name, {"leantune.sweep": sweep_name})
     # Submitted as given: a worker puts a relative run.output_dir under its own checkout, as for any run (here
     # the same folder in this checkout; on Kubernetes the runs volume at the image's checkout).
-    given = as_children(expand_members(configs, grid, overrides, sweep_name), parent_run)
-    submitted = [submit(member, catalogue, deployment, sweep_name) for member in given]
+    submitted = [submit(member, catalogue, deployment, sweep_name) for member in as_children(given, parent_run)]
     finished = wait_for([s["flow_run"] for s in submitted if s["flow_run"] is not None], poll_seconds,
                         timeout_seconds)
     rows = []

@@ -345,30 +345,28 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     return grid
 
 
-def sweep_members(configs: list[str], grid: dict[str, list], overrides: list[str], name: str) -> list[Member]:
-    """The sweep's members (`expand_members`) as the sweep sees them, a relative run.output_dir `anchored` under
-    the checkout: where it reads the members' runs and writes its table and MLflow run, whatever the working
-    directory. (A member is submitted as given: its worker anchors it under the worker's own checkout.)"""
-    from leantune.sweep import expand_members
+def anchored_members(members: list[Member]) -> list[Member]:
+    """Copies of the sweep's members (`expand_members`) as the sweep sees them, a relative run.output_dir
+    `anchored` under the checkout: where it reads the members' runs and writes its table and MLflow run,
+    whatever the working directory. The members themselves are left as given: each is submitted so, and its
+    worker anchors it under the worker's own checkout."""
+    from dataclasses import replace
 
-    members = expand_members(configs, grid, overrides, name)
-    for member in members:
-        anchored(member.config)
-    return members
+    return [replace(m, config=anchored(m.config.model_copy(deep=True))) for m in members]
 
 
 def sweep_request(argv: list[str] | None = None) -> SweepRequest:
     """Parse and check a sweep command line: the grid, the pool catalogue and every member's config, before
     anything is submitted; raise UserError (ConfigError) for what is wrong."""
     from leantune.routing import load_pool_classes
-    from leantune.sweep import table_path
+    from leantune.sweep import expand_members, table_path
 
     args = sweep_parser().parse_args(argv)
     grid = parse_grid(args.grid)
     pools = load_pool_classes(args.pools)
     configs = [str(c) for c in (args.configs or [DEFAULT_CONFIG])]
     name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")  # fixed now: the table's path is known before it runs
-    members = sweep_members(configs, grid, args.overrides, name)
+    members = anchored_members(expand_members(configs, grid, args.overrides, name))
     return SweepRequest(configs, grid, args.overrides, name, pools, args.timeout, table_path(members, name))
 
 

@@ -12,7 +12,11 @@ terminal's session leader (the shell of `setsid bash -c '...'`) killed by it mak
 the terminal's foreground group, the flow's, whose default action kills the flow mid-stop (no last line, a
 stale lock). So the terminal's SIGHUP is a SIGTERM unless a stop begins with it (`hang_up`), and once a
 stop has begun a repeated SIGTERM or SIGHUP is ignored (`hold_off_repeats`); a second Ctrl-C still stops
-at once.
+at once. A stop begins wherever the flow is: in training, a data stage or between stages
+(`holding_off_repeats`, around every stage task and the flow's body), so a repeat cannot cut short Prefect's
+recording of the crash either (a task left "Running"). When the flow has ended, the handlers the hold-off
+replaced are put back (`release_repeats`, a flow state hook), so that a flow called from Python (a notebook,
+a test) leaves them as they were.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from leantune.rundir import RunDir, checkpointed_step
@@ -62,20 +67,49 @@ def ignore_repeat(_signum: int, _frame) -> None:
     """SIGTERM and SIGHUP once a stop has begun: nothing more to do."""
 
 
+# The handlers `hold_off_repeats` replaced, by signal, for `release_repeats` to put back.
+_held_off: dict[int, object] = {}
+
+
 def hold_off_repeats() -> None:
     """Once a stop has begun: a later SIGTERM or SIGHUP (see the module's docstring) must not cut it short,
-    so from here on they are ignored. Signals can be set in the main thread only; setting one first runs the
-    handlers of signals already received, so a repeat that came meanwhile is let pass here."""
+    so from here on they are ignored, until `release_repeats`. Signals can be set in the main thread only;
+    setting one first runs the handlers of signals already received, so a repeat that came meanwhile is let
+    pass here."""
     if threading.current_thread() is not threading.main_thread():
         return
     while True:
         try:
             for sig in (signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, ignore_repeat)
+                previous = signal.signal(sig, ignore_repeat)
+                if previous is not ignore_repeat:  # held off already: the first replaced handler is kept
+                    _held_off[sig] = previous
             return
         except BaseException as repeat:
             if stop_signal(repeat) in (None, signal.SIGINT):  # not a repeat: a second Ctrl-C, an error
                 raise
+
+
+def release_repeats() -> None:
+    """The stop is over: the handlers `hold_off_repeats` replaced are back, where it is still in place."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    while _held_off:
+        sig, previous = _held_off.popitem()
+        if signal.getsignal(sig) is ignore_repeat:
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+
+
+@contextmanager
+def holding_off_repeats():
+    """A stop (Ctrl-C, SIGTERM, a cancellation) that passes through here holds off repeats
+    (`hold_off_repeats`) before it goes on; also a decorator."""
+    try:
+        yield
+    except BaseException as stop:
+        if stop_signal(stop) is not None:
+            hold_off_repeats()
+        raise
 
 
 def stop_signal(error: BaseException) -> int | None:

@@ -22,9 +22,10 @@ What is logged:
   artifacts  (MLflow) config.yaml, report.md, the plots (*.png, eval/*.png), adapter/; the plots are
              TensorBoard images too (plots/loss, plots/memory, plots/eval/sycophancy, ...)
 
-TensorBoard's step charts are grouped in a few sections (TENSORBOARD_SECTIONS): train/loss, train/lr,
-train/grad_norm, val/loss, memory/peak_memory_mb, power/energy_j, preference/*, moe/*, speed/* (tokens/s,
-micro-batch, ...). MLflow keeps the names above.
+TensorBoard's step charts are grouped in a few sections (TENSORBOARD_SECTIONS), which it lists in
+alphabetical order: loss/train and loss/validation first, then memory/peak_memory_mb, moe/*, power/energy_j,
+preference/*, speed/* (tokens/s, micro-batch, ...), train/lr, train/grad_norm, train/epoch. MLflow keeps the
+names above.
 
 Steps are logged once a checkpoint holds them (the newest checkpoints/step-N). A training process killed
 after step N+k resumes from step N and runs N+1... again, possibly with other values (a NaN retry lowers
@@ -85,8 +86,14 @@ TENSORBOARD_SECTIONS = {
 }
 
 
+# The loss curves, training and validation side by side in the section TensorBoard lists first.
+TENSORBOARD_LOSS_TAGS = {LOSS_KEY: "loss/train", "val/loss": "loss/validation"}
+
+
 def tensorboard_tag(name: str) -> str:
     """The TensorBoard tag of a step metric (step_metrics' name): train/<key> moves to its section."""
+    if name in TENSORBOARD_LOSS_TAGS:
+        return TENSORBOARD_LOSS_TAGS[name]
     group, _, key = name.partition("/")
     return f"{TENSORBOARD_SECTIONS[key]}/{key}" if group == "train" and key in TENSORBOARD_SECTIONS else name
 

@@ -13,6 +13,7 @@ import pytest
 from leantune import cli, preflight
 from leantune.config import load_config
 from leantune.stagecache import cache_dir
+from leantune.sweep import expand_members
 from leantune.tracking import mlflow_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,10 +130,12 @@ def test_a_sweeps_runs_table_and_last_line_are_under_the_checkout_whatever_the_w
     request = cli.sweep_request(["--config", str(SMOKE), "--grid", "lora.r=8,16", "--name", "anchored-sweep"])
     assert request.table == ROOT / "runs" / "anchored-sweep" / "comparison.csv"
     # The flow's members (as it builds them from the request): runs under the checkout, the sweep's MLflow
-    # run in the store its members log to.
-    members = cli.sweep_members(request.configs, request.grid, request.overrides, request.name)
+    # run in the store its members log to; the members it submits stay as given, for their workers to anchor.
+    given = expand_members(request.configs, request.grid, request.overrides, request.name)
+    members = cli.anchored_members(given)
     assert [m.run_dir for m in members] == [ROOT / "runs" / "anchored-sweep-00", ROOT / "runs" / "anchored-sweep-01"]
     assert mlflow_uri(members[0].config) == f"sqlite:///{ROOT / 'runs' / 'mlflow.db'}"
+    assert [m.run_dir for m in given] == [Path("runs") / "anchored-sweep-00", Path("runs") / "anchored-sweep-01"]
     assert not (ROOT / "runs" / "anchored-sweep").exists() and not (tmp_path / "runs").exists()
     # An absolute run.output_dir stays; an unnamed sweep is named by the command, so its table is known now.
     unnamed = cli.sweep_request(["--config", str(SMOKE), "--set", f"run.output_dir={tmp_path}/x"])

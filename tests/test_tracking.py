@@ -98,7 +98,7 @@ def test_steps_reach_mlflow_once_a_checkpoint_holds_them_and_never_twice(tmp_pat
     assert run.data.params["train.lr"] == "0.003"
     assert run.info.status == "FINISHED"
     assert json.loads(RunDir(run_dir).tracking.read_text())["steps_logged"] == 8
-    tb = tensorboard_scalars(run_dir, "train/loss")
+    tb = tensorboard_scalars(run_dir, "loss/train")
     assert [s for s, _ in tb] == [m["step"] for m in final]
     assert [v for _, v in tb] == pytest.approx([m["loss"] for m in final], rel=1e-6)
 
@@ -156,7 +156,7 @@ def test_an_unreachable_mlflow_server_is_reported_once_and_tensorboard_goes_on(t
     warnings = [r.getMessage() for r in caplog.records if r.name == "leantune.tracking"]
     assert len(warnings) == 1 and url in warnings[0], warnings
     assert tracker.run_id is None
-    tb = tensorboard_scalars(run_dir, "train/loss")
+    tb = tensorboard_scalars(run_dir, "loss/train")
     assert [s for s, _ in tb] == [1, 2, 3]
     assert [v for _, v in tb] == pytest.approx([3.0 / s for s in range(1, 4)], rel=1e-6)
 
@@ -223,7 +223,7 @@ def test_the_flow_killed_and_resumed_is_one_mlflow_run_equal_to_its_files(tmp_pa
     assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert run.info.run_id in (run_dir / "report.md").read_text()
 
-    tb = tensorboard_scalars(run_dir, "train/loss")
+    tb = tensorboard_scalars(run_dir, "loss/train")
     assert [s for s, _ in tb] == [m["step"] for m in steps]
     assert [v for _, v in tb] == pytest.approx([m["loss"] for m in steps], rel=1e-6)
 
@@ -256,7 +256,7 @@ def test_the_flow_finishes_with_the_mlflow_server_unreachable(prefect_server, tm
     assert json.loads((run_dir / "training.json").read_text())["completed"] is True
     assert len(records.messages) == 1 and url in records.messages[0], records.messages
     assert "mlflow" not in json.loads(RunDir(run_dir).tracking.read_text())
-    assert [s for s, _ in tensorboard_scalars(run_dir, "train/loss")] == [1, 2, 3, 4]
+    assert [s for s, _ in tensorboard_scalars(run_dir, "loss/train")] == [1, 2, 3, 4]
 
 
 @pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs sysfs: a folder no one may create files in")
@@ -327,10 +327,12 @@ def test_tensorboard_holds_the_curves_in_few_sections_the_figures_as_text_and_th
     events.Reload()
     tags = events.Tags()
     assert set(tags["scalars"]) == {
-        "train/loss", "train/lr", "train/grad_norm", "train/epoch", "val/loss", "memory/peak_memory_mb",
+        "loss/train", "train/lr", "train/grad_norm", "train/epoch", "loss/validation", "memory/peak_memory_mb",
         "power/energy_j", "preference/pref_accuracy", "speed/tokens", "speed/tokens_per_s",
         "speed/micro_batch_size"}
-    assert [e.step for e in events.Scalars("val/loss")] == [2]
+    # TensorBoard lists its sections in alphabetical order: the loss curves' comes first.
+    assert min(tag.partition("/")[0] for tag in tags["scalars"] + tags["images"]) == "loss"
+    assert [e.step for e in events.Scalars("loss/validation")] == [2]
     assert set(tags["tensors"]) == {"config/text_summary", "figures/data/text_summary"}
     table = events.Tensors("figures/data/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| data/rows_read | 40 |" in table and "| data/kept | 38 |" in table

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -127,8 +128,6 @@ def test_the_readmes_server_steps_give_the_ui_the_servers_own_api_address(tmp_pa
 
 
 def test_field_descriptions_have_no_angle_bracket_placeholders_the_ui_form_would_strip():
-    import re
-
     from leantune.config import RunConfig
 
     descriptions = []
@@ -173,12 +172,15 @@ def test_every_form_parameter_is_described_and_a_config_file_is_picked_by_name(p
     sys.path.insert(0, str(ROOT))
     from flows.evaluate import evaluate_flow
     from flows.finetune import finetune
+    from flows.profiling import profile
     from leantune.config import load_config
     from leantune.errors import UserError
 
-    for flow in (finetune, evaluate_flow):
+    for flow in (finetune, evaluate_flow, profile):
         properties = flow.parameters.model_dump()["properties"]
         assert [name for name, p in properties.items() if not p.get("description")] == [], flow.name
+        # A tag-like placeholder is stripped by the form (config_name's "<config_name>-<date>-<time>" read "--").
+        assert [name for name, p in properties.items() if re.search(r"<[A-Za-z][^<>]*>", p["description"])] == []
     # lora.target_modules: the form edits 'all-linear' or a list; a "const" would be shown as not changeable.
     schema = finetune.parameters.model_dump()
     assert schema["definitions"]["LoraConfig"]["properties"]["target_modules"]["anyOf"] == [

@@ -2,8 +2,10 @@
 own temporary Prefect server), and a cancellation through a Prefect server. The training saves a
 checkpoint, the flow run ends in a final state, the MLflow run is not left RUNNING, the lock is free."""
 
+import contextlib
 import ctypes
 import fcntl
+import io
 import json
 import os
 import re
@@ -167,16 +169,70 @@ def test_sigterm_to_the_group_of_a_terminals_shell_stops_the_flow_as_to_the_flow
     """`setsid bash -c 'python flows/finetune.py ...; ...'` in a terminal, then `kill -TERM -<pgid>`: the shell, the
     session leader, dies of it, and the kernel sends the terminal's foreground group, the flow, SIGHUP in the
     middle of its stop. Before, that killed the flow: no `leantune:` line, a stale lock, no attempt recorded."""
+    import threading
+
+    with flow_in_a_terminal(tmp_path) as (terminal, shell, flow):
+        chunks = []
+        reader = threading.Thread(target=read_terminal, args=(terminal, chunks), daemon=True)
+        reader.start()
+        first_step_logged(tmp_path / "stopped", shell)
+        flow_pid = flow().pid
+        os.killpg(shell.pid, signal.SIGTERM)
+        started = time.monotonic()
+        assert shell.wait(timeout=30) == -signal.SIGTERM
+        status = wait_for_exit(flow_pid, timeout=120)
+        took = time.monotonic() - started
+    reader.join(timeout=10)
+    output = b"".join(chunks).decode(errors="replace")
+    assert "the shell went on" not in output
+    check_stopped(tmp_path / "stopped", signal.SIGTERM, output, status, took)
+
+
+@pytest.mark.slow
+def test_closing_the_terminal_window_stops_the_flow_after_a_checkpoint(tmp_path):
+    """A terminal window closed during training: the kernel hangs up the terminal (SIGHUP to its shell and its
+    foreground group, the flow's) and every later write to it fails. The flow stops as on SIGTERM: the training's
+    checkpoint, the attempt recorded as interrupted, the MLflow run KILLED, the lock released."""
+    import threading
+
+    run_dir = tmp_path / "stopped"
+    with flow_in_a_terminal(tmp_path) as (terminal, shell, flow):
+        closing = threading.Event()
+        # The window shows what the flow writes until it closes (a full terminal would block the flow's writes).
+        reader = threading.Thread(target=read_terminal, args=(terminal, [], closing), daemon=True)
+        reader.start()
+        first_step_logged(run_dir, shell)
+        flow_pid = flow().pid
+        closing.set()
+        reader.join(timeout=10)  # it closes the window's side of the terminal
+        started = time.monotonic()
+        assert shell.wait(timeout=30) == -signal.SIGHUP
+        status = wait_for_exit(flow_pid, timeout=120)
+        took = time.monotonic() - started
+    print(f"stopped {took:.1f} s after the hangup, exit status {status}")
+    # The newest checkpoint is the stop's (a slow stop may come after a best-validation checkpoint).
+    step = max(int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*"))
+    assert [(a["outcome"], a["step"], a["message"]) for a in read_attempts(run_dir)] == [
+        ("interrupted", step, "stopped by SIGTERM")]
+    assert mlflow_status(run_dir) == "KILLED"
+    check_run_dir_free(run_dir)
+    assert not (run_dir / ".lock").read_text()
+    assert status == 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def flow_in_a_terminal(tmp_path):
+    """`bash -c 'python flows/finetune.py ... --run-name stopped; echo the shell went on'` on a new pseudo-terminal
+    whose session the shell leads, as in a terminal window. Yields the terminal's side (its fd), the shell's Popen
+    and a function that returns the flow's psutil.Process; this process adopts the flow (a subreaper) when the
+    shell dies first, so that it can read its exit status."""
     import pty
     import termios
-    import threading
 
     import psutil
 
     command, env = flow_command(tmp_path, *ENDLESS_TRAINING)
-    run_dir = tmp_path / "stopped"
     terminal, flow_side = pty.openpty()
-    # The flow outlives the shell: this process adopts it (a subreaper), to read its exit status.
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     assert prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
     try:
@@ -185,31 +241,28 @@ def test_sigterm_to_the_group_of_a_terminals_shell_stops_the_flow_as_to_the_flow
             stdin=flow_side, stdout=flow_side, stderr=flow_side, env=env, start_new_session=True,
             preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the terminal is the session's
         os.close(flow_side)
-        chunks = []
-        reader = threading.Thread(target=read_terminal, args=(terminal, chunks), daemon=True)
-        reader.start()
-        first_step_logged(run_dir, shell)
-        [flow] = psutil.Process(shell.pid).children()
-        assert os.getpgid(flow.pid) == os.getpgid(shell.pid) == os.getsid(flow.pid) == shell.pid
-        os.killpg(shell.pid, signal.SIGTERM)
-        started = time.monotonic()
-        assert shell.wait(timeout=30) == -signal.SIGTERM
-        status = wait_for_exit(flow.pid, timeout=120)
-        took = time.monotonic() - started
+
+        def flow():
+            [process] = psutil.Process(shell.pid).children()
+            assert os.getpgid(process.pid) == os.getpgid(shell.pid) == os.getsid(process.pid) == shell.pid
+            return process
+
+        yield terminal, shell, flow
     finally:
         prctl(PR_SET_CHILD_SUBREAPER, 0)
-    reader.join(timeout=10)
-    output = b"".join(chunks).decode(errors="replace")
-    assert "the shell went on" not in output
-    check_stopped(run_dir, signal.SIGTERM, output, status, took)
 
 
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
-def read_terminal(fd: int, chunks: list[bytes]) -> None:
-    """What is written to the terminal, until its last writer is gone."""
-    while True:
+def read_terminal(fd: int, chunks: list[bytes], closing=None) -> None:
+    """What is written to the terminal, until its last writer is gone or `closing` (a threading.Event) is set;
+    then the terminal's fd is closed."""
+    import select
+
+    while closing is None or not closing.is_set():
+        if not select.select([fd], [], [], 0.2)[0]:
+            continue
         try:
             data = os.read(fd, 65536)
         except OSError:  # EIO: no process has the terminal open any more
@@ -280,3 +333,87 @@ def test_a_cancel_through_the_server_ends_the_run_cancelled_checkpointed_and_tra
     assert progress.description == (f"Training stopped at step {step} (the last checkpoint): the flow run "
                                      "ended cancelled; continue it with --resume cancelled")
     assert [(a["outcome"], a["step"]) for a in read_attempts(run_dir)] == [("interrupted", step)]
+
+
+def stop_the_validate_stage(monkeypatch, signum: int) -> None:
+    """The validate stage, once it starts, is stopped by `signum` (its work never begins)."""
+    import tasks.validate
+
+    def stopped(*_args):
+        signal.raise_signal(signum)
+        raise AssertionError(f"{signal.Signals(signum).name} did not stop the stage")
+
+    monkeypatch.setattr(tasks.validate, "cached", stopped)
+
+
+@pytest.mark.flow
+def test_a_sigterm_repeated_while_prefect_records_a_stages_crash_leaves_nothing_running(
+        prefect_server, tmp_path, monkeypatch):
+    """`timeout`'s second SIGTERM, or the terminal's hangup (a SIGTERM a second later), can come while Prefect
+    records the crash of the stage the first SIGTERM stopped, and of the flow run. Before, Prefect's own
+    handler was still in place there and raised in the middle of it: the task and the flow run were left
+    Running in the server's database. Here the repeat comes at the start of each recording."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.flow_engine import FlowRunEngine
+    from prefect.task_engine import SyncTaskRunEngine
+
+    from flows.finetune import main
+
+    def repeat_first(handle_crash):
+        def repeated(engine, exc):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return handle_crash(engine, exc)
+        return repeated
+
+    stop_the_validate_stage(monkeypatch, signal.SIGTERM)
+    for engine in (SyncTaskRunEngine, FlowRunEngine):
+        monkeypatch.setattr(engine, "handle_crash", repeat_first(engine.handle_crash))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # Its own capture: a capture fixture's stream, closed after the test, would be the one Prefect's log handler
+    # (set up by the first import of a flow module) writes to in later tests.
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        code = main(["--config", str(SMOKE), "--run-name", "stopped",
+                     *[f"--set={o}" for o in [*TINY, f"run.output_dir={tmp_path}"]]])
+    err = said.getvalue()
+    run_dir = tmp_path / "stopped"
+    assert code == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"leantune: stopped by SIGTERM before the first checkpoint (in {run_dir}); "
+                                            "resume with: python flows/finetune.py --resume stopped")
+    tracking = json.loads((run_dir / "tracking.json").read_text())["mlflow"]
+    mlflow_run = MlflowClient(tracking["tracking_uri"]).get_run(tracking["run_id"])
+    with get_client(sync_client=True) as client:
+        flow_run_id = mlflow_run.data.tags["prefect.flow_run_id"]
+        flow_run = client.read_flow_run(flow_run_id)
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert flow_run.state.name == "Crashed"
+    assert sorted((t.name.rsplit("-", 1)[0], t.state.name) for t in task_runs) == [
+        ("prepare", "Completed"), ("track", "Completed"), ("validate", "Crashed")]
+    assert mlflow_run.info.status == "KILLED"
+    check_run_dir_free(run_dir)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+
+
+@pytest.mark.flow
+def test_a_flow_called_from_python_and_stopped_leaves_the_signal_handlers_as_they_were(prefect_server, tmp_path,
+                                                                                        monkeypatch):
+    """A stop holds off repeated SIGTERMs and SIGHUPs (leantune/stopping.py) until the flow has ended; a flow
+    called from Python (a notebook, a test) then finds its handlers as they were, not ignored."""
+    from flows.finetune import finetune
+    from leantune.config import load_config
+    from leantune.stopping import ignore_repeat
+
+    stop_the_validate_stage(monkeypatch, signal.SIGINT)
+    config = load_config(SMOKE, [*TINY, f"run.output_dir={tmp_path}", "run.name=stopped"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    during_the_stop = []  # the handlers while Prefect records the crash: held off
+    monkeypatch.setattr(finetune, "on_crashed_hooks", [
+        lambda flow, flow_run, state: during_the_stop.extend(signal.getsignal(sig) for sig in handlers),
+        *finetune.on_crashed_hooks])
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config)
+    assert during_the_stop == [ignore_repeat, ignore_repeat]
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    check_run_dir_free(tmp_path / "stopped")
