@@ -339,3 +339,56 @@ def test_tensorboard_holds_the_curves_in_few_sections_the_figures_as_text_and_th
     assert set(tags["images"]) == {"plots/loss", "plots/eval/sycophancy"}
     image = events.Images("plots/loss")[0]
     assert (image.width, image.height) == (100, 50) and image.step == 2
+
+
+@pytest.mark.slow
+def test_the_readmes_mlflow_ui_command_installs_in_a_fresh_venv_and_serves_the_runs(tmp_path):
+    """The README's two MLflow UI lines, run as written but for the venv's folder, the store's path and the port:
+    a fresh venv installs the pinned `mlflow` from the package index, and its UI serves a run leantune logged
+    (read back through its REST API, as the runs view reads it) and its page. Needs the package index."""
+    import re
+    import urllib.request
+
+    readme = (ROOT / "README.md").read_text()
+    [install] = re.findall(r"^python3 -m venv ~/\.mlflow-ui && .*$", readme, re.M)
+    [serve] = re.findall(r"^~/\.mlflow-ui/bin/mlflow ui --backend-store-uri sqlite:///\$PWD/runs/mlflow\.db", readme,
+                         re.M)
+    cfg = load_config(SMOKE, [f"run.output_dir={tmp_path / 'runs'}", "run.name=r"])
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    write_steps(run_dir, [step_line(s, 2.0 - 0.1 * s) for s in range(1, 4)], checkpoint=3)
+    tracker = Tracker(cfg, run_dir)
+    tracker.start()
+    tracker.finish()
+
+    venv = tmp_path / "mlflow-ui"
+    # Without a pip.conf's constraints of this machine's: the fresh venv as a user's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+    subprocess.run(install.replace("~/.mlflow-ui", str(venv)), shell=True, check=True, env=env, cwd=tmp_path,
+                   capture_output=True, timeout=900)
+    port = closed_port()
+    server = subprocess.Popen(f"{serve.replace('~/.mlflow-ui', str(venv))} --port {port}", shell=True, env=env,
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
+                                                 data=json.dumps({"experiment_ids": ["1"]}).encode(),
+                                                 headers={"Content-Type": "application/json"})
+                runs = json.loads(urllib.request.urlopen(request, timeout=10).read())["runs"]
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow ui exited"
+                assert time.monotonic() < deadline, "mlflow ui did not answer within 180 s"
+                time.sleep(1)
+        [run] = runs
+        assert run["info"]["run_id"] == tracker.run_id and run["info"]["status"] == "FINISHED"
+        assert {m["key"]: m["value"] for m in run["data"]["metrics"]}["train/loss"] == pytest.approx(1.7)
+        page = urllib.request.urlopen(base, timeout=10).read().decode()
+        assert "<html" in page.lower()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
